@@ -1,0 +1,36 @@
+# Every target installs what it needs first (into .venv), so a fresh clone needs only `make demo` / `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := artifacts/demo
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/fcx train --data digits --epochs 15 --artifacts $(DEMO)
+	$(BIN)/fcx fuse-bn --verify --artifacts $(DEMO)
+	$(BIN)/fcx export --artifacts $(DEMO)
+	$(BIN)/fcx verify --artifacts $(DEMO) --data digits
+	$(BIN)/python -m fcexport.samples --data digits --out $(DEMO)/samples --count 4
+	$(BIN)/fcx predict $(DEMO)/samples --artifacts $(DEMO)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_inference.py
+
+clean:
+	rm -rf $(VENV) artifacts/demo

@@ -1,0 +1,1 @@
+"""The `fcx` command line: a thin Typer layer over the `fcexport` library."""

@@ -1,0 +1,92 @@
+"""`fcx`: parse options, call fcexport, render results. No logic lives here.
+
+Heavy modules (torch, onnxruntime) are imported inside each command so `fcx --help` and
+`fcx predict` on an ONNX model start fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli import render
+from cli.errors import DEBUG, handle_errors
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train small fully connected image classifiers, fold BatchNorm, export TorchScript/ONNX, verify, predict, bench.",
+)
+
+ArtifactsOpt = Annotated[Path, typer.Option("--artifacts", help="Folder for model.pt, model.fused.pt, model.ts, model.onnx, ...")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+
+
+@app.callback()
+def _global(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    DEBUG["enabled"] = debug
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got '{text}'", param_hint=option) from None
+    return values
+
+
+@app.command()
+@handle_errors
+def train(
+    data: Annotated[str, typer.Option(help="fashion-mnist, mnist, kmnist, digits, FILE.csv or an image folder")] = "fashion-mnist",
+    data_root: Annotated[Optional[str], typer.Option(help="Where torchvision datasets live [default: $FCX_DATA_ROOT or data/]")] = None,
+    model: Annotated[str, typer.Option(help="mlp or softmax (softmax regression)")] = "mlp",
+    hidden: Annotated[str, typer.Option(help="Hidden layer widths, comma-separated")] = "784,256",
+    bn: Annotated[bool, typer.Option("--bn/--no-bn", help="BatchNorm after each hidden Linear")] = True,
+    dropout: Annotated[float, typer.Option(help="Dropout after each hidden activation")] = 0.0,
+    activation: Annotated[str, typer.Option(help="relu, gelu, tanh or sigmoid")] = "relu",
+    optimizer: Annotated[str, typer.Option(help="sgd, momentum, rmsprop, adam or adamw")] = "adamw",
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: per optimizer]")] = None,
+    weight_decay: Annotated[float, typer.Option()] = 5e-4,
+    epochs: Annotated[int, typer.Option()] = 40,
+    batch_size: Annotated[int, typer.Option()] = 256,
+    label_smoothing: Annotated[float, typer.Option()] = 0.1,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips [default: on for fashion-mnist only]")] = None,
+    shift: Annotated[int, typer.Option(help="Random shifts of up to N pixels")] = 1,
+    val_split: Annotated[float, typer.Option(help="Share of training images held out for validation")] = 0.1,
+    folds: Annotated[int, typer.Option(help="K-fold cross-validation (0 = off); keeps the best fold's model")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: DeviceOpt = "auto",
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON")] = False,
+) -> None:
+    """Train a classifier and write model.pt, metrics.json, history.csv, curves.png, confusion.png."""
+    from fcexport.train import TrainOptions, run
+
+    opts = TrainOptions(
+        data=data, data_root=data_root, arch=model, hidden=_int_list(hidden, "--hidden"), batchnorm=bn,
+        dropout=dropout, activation=activation, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+        epochs=epochs, batch_size=batch_size, label_smoothing=label_smoothing, flip=flip, shift=shift,
+        val_split=val_split, folds=folds, seed=seed, device=device, artifacts=str(artifacts),
+    )
+    if quiet or json_out:
+        result = run(opts)
+    else:
+        with render.training_progress(epochs, folds) as on_epoch:
+            result = run(opts, on_epoch)
+    if json_out:
+        render.print_json(result["metrics"])
+    elif not quiet:
+        render.train_summary(result)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Error types the CLI maps to exit codes: user errors exit 2, failed verification exits 1."""
+
+
+class FcxError(Exception):
+    """A problem with the user's input (file, option, model): one clear line, exit code 2."""
+
+    exit_code = 2
+
+
+class VerificationFailed(FcxError):
+    """A candidate artifact does not match the reference within tolerance: exit code 1."""
+
+    exit_code = 1

@@ -1,0 +1,109 @@
+"""Model builders from a plain config dict, so a checkpoint can rebuild its model without pickles.
+
+Config keys: arch ("mlp" | "softmax"), input_shape [C, H, W], num_classes, hidden (list of widths),
+batchnorm (bool), dropout (float), activation, normalize ({"mean", "std"} or None).
+Layers get stable names (fc1, bn1, act1, drop1, ..., head) so a fused model's state dict
+loads straight into the same config with batchnorm/normalize/dropout switched off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from fcexport.errors import FcxError
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+ARCHS = ("mlp", "softmax")
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with fixed scalar statistics, so every model takes raw [0, 1] pixels.
+
+    At inference this is an affine map like BatchNorm, and `fcexport.fuse` folds it into fc1.
+    """
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def mlp_config(
+    input_shape: list[int],
+    num_classes: int,
+    hidden: list[int] | None = None,
+    batchnorm: bool = True,
+    dropout: float = 0.0,
+    activation: str = "relu",
+    normalize: dict | None = None,
+    arch: str = "mlp",
+) -> dict:
+    """A validated model config; `arch="softmax"` is softmax regression (one Linear layer)."""
+    config = {
+        "arch": arch,
+        "input_shape": [int(v) for v in input_shape],
+        "num_classes": int(num_classes),
+        "hidden": [int(h) for h in (hidden or [])] if arch == "mlp" else [],
+        "batchnorm": bool(batchnorm) and arch == "mlp",
+        "dropout": float(dropout) if arch == "mlp" else 0.0,
+        "activation": activation,
+        "normalize": normalize,
+    }
+    validate_config(config)
+    return config
+
+
+def validate_config(config: dict) -> None:
+    """Raise FcxError for a config this version cannot build (e.g. a checkpoint from another tool)."""
+    try:
+        arch, activation = config["arch"], config["activation"]
+        dims = [*config["input_shape"], config["num_classes"], *config["hidden"]]
+        dropout = float(config["dropout"])
+        normalize = config["normalize"]
+    except (KeyError, TypeError) as exc:
+        raise FcxError(f"model config is incomplete or malformed (missing {exc})") from exc
+    if arch not in ARCHS:
+        raise FcxError(f"unknown model arch '{arch}' (expected one of {', '.join(ARCHS)})")
+    if activation not in ACTIVATIONS:
+        raise FcxError(f"unknown activation '{activation}' (expected one of {', '.join(ACTIVATIONS)})")
+    if len(config["input_shape"]) != 3 or any(int(d) <= 0 for d in dims):
+        raise FcxError(f"model sizes must be positive and input_shape [C, H, W]: {config}")
+    if not 0.0 <= dropout < 1.0:
+        raise FcxError(f"dropout must be in [0, 1), got {dropout}")
+    if normalize is not None and not (float(normalize["std"]) > 0 and math.isfinite(float(normalize["mean"]))):
+        raise FcxError(f"normalize needs a finite mean and a positive std, got {normalize}")
+
+
+def build_model(config: dict) -> nn.Sequential:
+    """Flatten -> [Normalize] -> (fc -> [bn] -> act -> [dropout]) * len(hidden) -> head."""
+    validate_config(config)
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    if config["normalize"] is not None:
+        layers["normalize"] = Normalize(config["normalize"]["mean"], config["normalize"]["std"])
+    width = math.prod(config["input_shape"])
+    for i, out in enumerate(config["hidden"], start=1):
+        layers[f"fc{i}"] = nn.Linear(width, out)
+        if config["batchnorm"]:
+            layers[f"bn{i}"] = nn.BatchNorm1d(out)
+        layers[f"act{i}"] = ACTIVATIONS[config["activation"]]()
+        if config["dropout"] > 0:
+            layers[f"drop{i}"] = nn.Dropout(config["dropout"])
+        width = out
+    layers["head"] = nn.Linear(width, config["num_classes"])
+    return nn.Sequential(layers)
+
+
+def inference_config(config: dict) -> dict:
+    """The config of the same model after fusing: BatchNorm, Normalize and Dropout folded away."""
+    return {**config, "batchnorm": False, "dropout": 0.0, "normalize": None}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

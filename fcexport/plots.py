@@ -1,0 +1,62 @@
+"""Training plots (loss/accuracy curves, confusion matrix) rendered headless with matplotlib."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fcexport.files import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_curves(history: list[dict], path: Path) -> None:
+    """Loss and accuracy per epoch, train and validation side by side."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], label="train")
+        if history and history[0].get(f"val_{key}") is not None:
+            ax.plot(epochs, [r[f"val_{key}"] for r in history], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def save_confusion(labels, predictions, class_names: list[str], path: Path) -> None:
+    """Test-split confusion matrix with class names; cell text shows counts."""
+    import numpy as np
+
+    plt = _pyplot()
+    n = len(class_names)
+    matrix = np.zeros((n, n), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 1.0 + 0.6 * n))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set_title(f"test accuracy {np.trace(matrix) / max(matrix.sum(), 1):.2%}")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)

@@ -1,0 +1,121 @@
+"""Image file -> model input, with Pillow and NumPy only (no torch: `fcx predict` on ONNX stays fast).
+
+Fashion-MNIST is a light object on a dark background, centred and filling a 28x28 frame, so a
+file is turned to grayscale, inverted when its border is light, shrunk to fit (aspect kept) and
+padded with background.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from fcexport.errors import FcxError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MIN_SIDE = 4
+MAX_PIXELS = 40_000_000  # 40 megapixels: larger files are refused before decoding to bound memory
+INVERT_CHOICES = ("auto", "yes", "no")
+
+
+def load_image(path: str | os.PathLike, size: tuple[int, int], invert: str = "auto") -> np.ndarray:
+    """Read one image file and return float32 (H, W) pixels in [0, 1], light object on dark."""
+    gray = _read_grayscale(Path(path))
+    if invert == "yes" or (invert == "auto" and border_is_light(gray)):
+        gray = 1.0 - gray
+    return fit_and_pad(gray, size)
+
+
+def border_is_light(gray: np.ndarray) -> bool:
+    """True when the outer frame (about 5% of each side) is mostly light, i.e. a photo on white."""
+    h, w = gray.shape
+    m = max(1, min(h, w) // 20)
+    border = np.concatenate([gray[:m].ravel(), gray[-m:].ravel(), gray[:, :m].ravel(), gray[:, -m:].ravel()])
+    return float(np.median(border)) > 0.5
+
+
+def fit_and_pad(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize so the image fits inside `size` with its aspect ratio kept, then centre it on zeros."""
+    from PIL import Image
+
+    out_h, out_w = size
+    h, w = gray.shape
+    if (h, w) == (out_h, out_w):
+        return gray.astype(np.float32)
+    scale = min(out_h / h, out_w / w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    # BOX averages every source pixel when shrinking (no aliasing); BILINEAR is smooth when enlarging.
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+    resized = np.asarray(Image.fromarray(gray.astype(np.float32), mode="F").resize((new_w, new_h), resample))
+    canvas = np.zeros((out_h, out_w), dtype=np.float32)
+    top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = np.clip(resized, 0.0, 1.0)
+    return canvas
+
+
+def _read_grayscale(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise FcxError(f"{path}: file not found")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise FcxError(f"{path}: {w}x{h} pixels is too large (limit {MAX_PIXELS // 1_000_000} MP); downscale it first")
+            if min(w, h) < MIN_SIDE:
+                raise FcxError(f"{path}: {w}x{h} pixels is too small to classify (need at least {MIN_SIDE}x{MIN_SIDE})")
+            return _to_gray_array(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise FcxError(f"{path}: not a readable image ({type(exc).__name__}); pass a PNG, JPEG or BMP file") from exc
+
+
+def _to_gray_array(img) -> np.ndarray:
+    """Any Pillow mode (L, RGB, RGBA, P, LA, I;16, I, F) -> float (H, W) in [0, 1]."""
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent areas are background: composite on white, so auto-invert sees a light border.
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        return np.clip(arr / peak, 0.0, 1.0).astype(np.float32)
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+def collect_image_files(inputs: Iterable[str]) -> list[Path]:
+    """Expand files, directories (their images, sorted) and glob patterns into a list of image paths."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FcxError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(item) if Path(p).is_file())
+            if not matches:
+                raise FcxError(f"{item}: pattern matches no files")
+            files.extend(matches)
+        else:
+            raise FcxError(f"{path}: file not found; pass image files, folders or glob patterns")
+    return files
+
+
+def batches_of_images(
+    files: list[Path], size: tuple[int, int], invert: str, batch_size: int
+) -> Iterator[tuple[list[Path], np.ndarray]]:
+    """Yield (files, float32 (B, 1, H, W)) chunks, so memory stays bounded for any number of files."""
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        yield chunk, np.stack([load_image(f, size, invert) for f in chunk])[:, None]
