@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli import render
-from cli.errors import DEBUG, handle_errors
+from cli.errors import DEBUG, fail, handle_errors
 
 app = typer.Typer(
     add_completion=False,
@@ -82,6 +82,92 @@ def train(
         render.print_json(result["metrics"])
     elif not quiet:
         render.train_summary(result)
+
+
+AtolOpt = Annotated[float, typer.Option(help="Absolute tolerance")]
+RtolOpt = Annotated[float, typer.Option(help="Relative tolerance")]
+DataOpt = Annotated[Optional[str], typer.Option(help="Real data to compare on [default: the checkpoint's dataset, if on disk]")]
+DataRootOpt = Annotated[Optional[str], typer.Option(help="Where torchvision datasets live")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON")]
+
+
+def _checkpoint_arg(checkpoint: Optional[Path], artifacts: Path) -> Path:
+    return checkpoint if checkpoint is not None else artifacts / "model.pt"
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+@app.command("fuse-bn")
+@handle_errors
+def fuse_bn(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint to fuse [default: ARTIFACTS/model.pt]")] = None,
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    out: Annotated[Optional[Path], typer.Option(help="Output [default: ARTIFACTS/model.fused.pt]")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Compare fused against the original; exit 1 outside tolerance")] = False,
+    atol: AtolOpt = 1e-5,
+    rtol: RtolOpt = 1e-4,
+    device: Annotated[str, typer.Option(help="cpu or cuda (for latency and the fused side of --verify)")] = "cpu",
+    data: DataOpt = None,
+    data_root: DataRootOpt = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Fold every BatchNorm (and the input normalisation) into the Linear layers: model.fused.pt."""
+    from fcexport.fuse import run
+
+    result = run(_checkpoint_arg(checkpoint, artifacts), out or artifacts / "model.fused.pt", verify, atol, rtol, device, data, data_root)
+    if json_out:
+        render.print_json(result)
+    else:
+        render.fuse_summary(result)
+    if result["verification"] is not None and not result["verification"]["passed"]:
+        fail("fused model differs from the original beyond tolerance; nothing was written", 1)
+
+
+@app.command()
+@handle_errors
+def export(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint [default: ARTIFACTS/model.pt]")] = None,
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    format: Annotated[str, typer.Option("--format", help="torchscript, onnx or all")] = "all",
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
+    fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Fold BatchNorm and normalisation first")] = True,
+    json_out: JsonFlag = False,
+) -> None:
+    """Write model.ts (frozen TorchScript), model.onnx and manifest.json; inputs are [0, 1] pixels."""
+    from fcexport.export import FORMATS, run
+
+    formats = FORMATS if format == "all" else tuple(_names(format))
+    result = run(_checkpoint_arg(checkpoint, artifacts), artifacts, formats, opset, fuse)
+    if json_out:
+        render.print_json(result)
+    else:
+        render.export_summary(result)
+
+
+@app.command()
+@handle_errors
+def verify(
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    backends: Annotated[str, typer.Option(help="Comma-separated: eager, fused, torchscript, onnxruntime")] = "eager,fused,torchscript,onnxruntime",
+    devices: Annotated[str, typer.Option(help="Comma-separated: cpu, cuda (cuda is skipped when absent)")] = "cpu,cuda",
+    data: DataOpt = None,
+    data_root: DataRootOpt = None,
+    atol: AtolOpt = 1e-5,
+    rtol: RtolOpt = 1e-4,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file")] = None,
+) -> None:
+    """Compare every backend x device against the unfused checkpoint; exit 1 on any failure."""
+    from fcexport.files import write_json_atomic
+    from fcexport.verify import run
+
+    result = run(artifacts, _names(backends), _names(devices), data, data_root, atol, rtol)
+    render.verify_report(result)
+    if json_path is not None:
+        write_json_atomic(json_path, result)
+    if not result["passed"]:
+        fail("verification failed: a candidate differs from the reference beyond tolerance (see table)", 1)
 
 
 def main() -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-out = Console()
+# Piped output (CI logs, files) gets 120 columns instead of rich's 80, so tables are not truncated.
+out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 
@@ -16,7 +19,7 @@ def print_json(obj) -> None:
 
 
 def table(title: str, columns: list[str], rows: list[list], console: Console = out) -> None:
-    t = Table(title=title, title_justify="left")
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     for c in columns:
         t.add_column(c, justify="left" if c in columns[:1] else "right")
     for r in rows:
@@ -93,3 +96,60 @@ def train_summary(result: dict) -> None:
         items["note"] = "interrupted: kept the best epoch so far"
     items["artifacts"] = result["artifacts"]
     key_values("fcx train", items)
+
+
+ERROR_COLUMNS = {  # report key -> short header; needed_rtol and more are in --json
+    "max_abs": "max abs",
+    "mean_abs": "mean abs",
+    "p99_abs": "p99 abs",
+    "max_rel": "max rel",
+    "needed_atol": "atol needed",
+}
+
+
+def comparison_table(title: str, report: dict) -> None:
+    """One row per backend x device with Polygraphy-style error statistics; skips listed below."""
+    rows, skipped = [], []
+    for r in report["rows"]:
+        if r["status"] == "skipped":
+            skipped.append(f"skipped {r['backend']} on {r['device']}: {r['reason']}")
+            continue
+        status = "[green]pass[/]" if r["status"] == "pass" else "[red]FAIL[/]"
+        errors = [f"{r[c]:.1e}" if c in r else "-" for c in ERROR_COLUMNS]
+        accuracy = f"{r['accuracy']:.2%}" if r.get("accuracy") is not None else "-"
+        rows.append([r["backend"], r["device"], status, *errors, f"{r.get('top1_agreement', 0):.2%}", accuracy])
+    table(title, ["backend", "device", "status", *ERROR_COLUMNS.values(), "top-1 agree", "accuracy"], rows)
+    for line in skipped:
+        out.print(f"[yellow]{line}[/]")
+    ref = report.get("reference_accuracy")
+    out.print(f"inputs: {report['inputs']}")
+    out.print(f"pass when |diff| <= atol {report['atol']:g} or <= rtol {report['rtol']:g} * |reference|"
+              + (f"; reference accuracy {ref:.2%}" if ref is not None else ""))
+
+
+def fuse_summary(result: dict) -> None:
+    rep = result["report"]
+    rows = [[f["layer"], f["into"], f["direction"]] for f in rep["folded"]]
+    rows += [[x["layer"], "-", f"removed: {x['reason']}"] for x in rep["removed"]]
+    rows += [[x["layer"], "-", f"left in place: {x['reason']}"] for x in rep["left"]]
+    table("folds", ["layer", "into", "how"], rows)
+    lat = result["latency_ms"]
+    key_values("fcx fuse-bn", {
+        "parameters": f"{rep['parameters_before']:,} -> {rep['parameters_after']:,}",
+        f"batch-1 latency ({lat['device']}, p50)": f"{lat['before'] * 1e3:.1f} us -> {lat['after'] * 1e3:.1f} us",
+        "written": result["output"] if result["verification"] is None or result["verification"]["passed"] else "nothing (verification failed)",
+    })
+    for note in rep["notes"]:
+        out.print(f"note: {note}")
+    if result["verification"] is not None:
+        comparison_table("fused vs original", result["verification"])
+
+
+def export_summary(result: dict) -> None:
+    rows = [[path, "written"] for path in result["written"]] + [[result["manifest"], "sha256 + sizes"]]
+    table("fcx export" + (" (fused)" if result["fused"] else " (unfused)"), ["file", ""], rows)
+
+
+def verify_report(result: dict) -> None:
+    comparison_table("fcx verify: candidates vs unfused checkpoint (cpu)", result)
+    out.print("[green]PASSED[/]" if result["passed"] else "[red]FAILED[/]")

@@ -7,6 +7,7 @@ the dict describes itself (config, class names, input shape, normalisation, prov
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import pickle
 from pathlib import Path
 
@@ -28,20 +29,25 @@ def now_iso() -> str:
 
 
 def make_checkpoint(model: nn.Module, config: dict, class_names: list[str], **info) -> dict:
-    """Bundle a model with everything needed to use it later; `info` adds dataset, metrics, provenance..."""
-    normalize = config.get("normalize")
-    return {
+    """Bundle a model with everything needed to use it later; `info` adds dataset, metrics, provenance...
+
+    Everything but the state dict goes through a JSON round trip, so only plain types are stored
+    (e.g. torch.__version__ is a str subclass that weights_only loading would refuse).
+    """
+    described = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": config,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "class_names": list(class_names),
         "input_shape": list(config["input_shape"]),
-        "normalization": info.pop("normalization", normalize),
-        "provenance": {"created": now_iso(), "torch": torch.__version__, "fcexport": fcexport.__version__}
+        "normalization": info.pop("normalization", config.get("normalize")),
+        "provenance": {"created": now_iso(), "torch": str(torch.__version__), "fcexport": fcexport.__version__}
         | info.pop("provenance", {}),
         **info,
     }
+    plain = json.loads(json.dumps(described))
+    plain["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return plain
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:

@@ -56,12 +56,15 @@ def default_data_root() -> str:
     return os.environ.get("FCX_DATA_ROOT", "data")
 
 
-def load_dataset(name: str, root: str | None = None, image_size: int = 28) -> Dataset:
-    """Load a dataset by name (`fashion-mnist`, `mnist`, `kmnist`, `digits`) or path (CSV file, image folder)."""
+def load_dataset(name: str, root: str | None = None, image_size: int = 28, download: bool = True) -> Dataset:
+    """Load a dataset by name (`fashion-mnist`, `mnist`, `kmnist`, `digits`) or path (CSV file, image folder).
+
+    torchvision sets are downloaded into `root` when missing, unless `download=False`.
+    """
     root = root or default_data_root()
     key = name.lower()
     if key in TORCHVISION_SETS:
-        return _load_torchvision(key, Path(root))
+        return _load_torchvision(key, Path(root), download)
     if key == "digits":
         return _load_digits()
     path = Path(name)
@@ -119,7 +122,12 @@ def _holdout(images: torch.Tensor, labels: torch.Tensor) -> tuple[Split, Split]:
 # ---- loaders ----------------------------------------------------------------------------
 
 
-def _load_torchvision(key: str, root: Path) -> Dataset:
+def dataset_source(name: str) -> str:
+    """How to find the data again later (fcx verify): a built-in name, or an absolute path."""
+    return name.lower() if name.lower() in (*TORCHVISION_SETS, "digits") else str(Path(name).resolve())
+
+
+def _load_torchvision(key: str, root: Path, download: bool) -> Dataset:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, TORCHVISION_SETS[key])
@@ -127,7 +135,9 @@ def _load_torchvision(key: str, root: Path) -> Dataset:
     try:
         train = cls(str(root), train=True, download=False)
         test = cls(str(root), train=False, download=False)
-    except RuntimeError:
+    except RuntimeError as exc:
+        if not download:
+            raise FcxError(f"{cls.__name__} is not under {raw}/ (pass --data-root)") from exc
         train, test = _download(cls, root, raw)
     return Dataset(
         name=key,

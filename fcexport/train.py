@@ -16,7 +16,7 @@ from torch import nn
 
 from fcexport import plots
 from fcexport.checkpoint import make_checkpoint, save_checkpoint
-from fcexport.data import Dataset, Split, kfold_splits, load_dataset, normalization_stats, train_val_split
+from fcexport.data import Dataset, Split, dataset_source, kfold_splits, load_dataset, normalization_stats, train_val_split
 from fcexport.errors import FcxError
 from fcexport.files import write_json_atomic, write_text_atomic
 from fcexport.models import build_model, count_parameters, mlp_config
@@ -287,7 +287,13 @@ def run(opts: TrainOptions, on_epoch: EpochCallback | None = None) -> dict:
         result.model,
         config,
         dataset.class_names,
-        dataset={"name": dataset.name, "train": len(dataset.train), "test": len(dataset.test)},
+        dataset={
+            "name": dataset.name,
+            "source": dataset_source(opts.data),
+            "root": str(Path(opts.data_root).resolve()) if opts.data_root else None,
+            "train": len(dataset.train),
+            "test": len(dataset.test),
+        },
         metrics=metrics,
         training=asdict(opts),
     )
