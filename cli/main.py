@@ -170,6 +170,50 @@ def verify(
         fail("verification failed: a candidate differs from the reference beyond tolerance (see table)", 1)
 
 
+@app.command()
+@handle_errors
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns")],
+    model: Annotated[Optional[Path], typer.Option(help="model.onnx, model.ts, model.fused.pt or model.pt [default: best in ARTIFACTS]")] = None,
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    top_k: Annotated[int, typer.Option(help="Classes to show per image")] = 3,
+    invert: Annotated[str, typer.Option(help="auto (light border = light background), yes or no")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    json_out: JsonFlag = False,
+) -> None:
+    """Classify image files (any size, gray/RGB/RGBA/16-bit, light or dark background)."""
+    from fcexport.predict import open_model, predict_files
+
+    predictor = open_model(model, artifacts, device)
+    results = predict_files(predictor, images, top_k, invert)
+    if json_out:
+        render.print_json(list(results))
+    else:
+        render.predictions(predictor, results)
+
+
+@app.command()
+@handle_errors
+def bench(
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes")] = "1,64,1024",
+    backends: Annotated[str, typer.Option(help="Comma-separated: eager, fused, torchscript, onnxruntime")] = "eager,fused,torchscript,onnxruntime",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    warmup: Annotated[int, typer.Option(help="Untimed calls first")] = 20,
+    repeat: Annotated[int, typer.Option(help="Timed calls (at most; each batch size also stops after --seconds)")] = 200,
+    seconds: Annotated[float, typer.Option(help="Time budget per backend and batch size")] = 1.0,
+    json_out: JsonFlag = False,
+) -> None:
+    """Latency (p50/p90) and throughput per backend and batch size."""
+    from fcexport.bench import run
+
+    rows = run(artifacts, _int_list(batch_sizes, "--batch-sizes"), _names(backends), device, warmup, repeat, seconds)
+    if json_out:
+        render.print_json(rows)
+    else:
+        render.bench_table(rows)
+
+
 def main() -> None:
     app()
 

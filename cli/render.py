@@ -153,3 +153,22 @@ def export_summary(result: dict) -> None:
 def verify_report(result: dict) -> None:
     comparison_table("fcx verify: candidates vs unfused checkpoint (cpu)", result)
     out.print("[green]PASSED[/]" if result["passed"] else "[red]FAILED[/]")
+
+
+def predictions(predictor, results) -> None:
+    """Stream a row per image; the model used is named first."""
+    out.print(f"model: {predictor.source} ({predictor.backend}, {predictor.device})")
+    rows = [[r["file"], r["label"], f"{r['probability']:.1%}", ", ".join(f"{t['label']} {t['probability']:.1%}" for t in r["top"])] for r in results]
+    table("fcx predict", ["file", "class", "probability", "top"], rows)
+
+
+def bench_table(rows: list[dict]) -> None:
+    body, skipped = [], []
+    for r in rows:
+        if "skipped" in r:
+            skipped.append(f"skipped {r['backend']} on {r['device']}: {r['skipped']}")
+        else:
+            body.append([r["backend"], r["device"], r["batch_size"], f"{r['p50_ms'] * 1e3:,.1f}", f"{r['p90_ms'] * 1e3:,.1f}", f"{r['throughput']:,.0f}"])
+    table("fcx bench", ["backend", "device", "batch", "p50 (us)", "p90 (us)", "samples/s"], body)
+    for line in skipped:
+        out.print(f"[yellow]{line}[/]")

@@ -1,0 +1,94 @@
+"""Inference side by side in one run: eager unfused, eager fused, TorchScript, ONNX Runtime (fcexport's
+settings and ORT's defaults), and a plain NumPy matmul chain as the floor.
+
+    python benchmarks/bench_inference.py [--artifacts DIR]   (trains a model on digits-sized data if none)
+
+Prints p50 latency at batch 1 and throughput at batch 1024, and the ratios that matter. Machines are
+noisy: compare ratios from one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fcexport.backends import BACKENDS, Predictor, open_backend
+from fcexport.bench import measure
+
+
+def numpy_chain(onnx_path: Path) -> Predictor:
+    """The floor: the fused weights as a chain of NumPy matmuls + ReLU, no framework at all."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = [(weights[n.input[1]].T.copy(), weights[n.input[2]]) for n in model.graph.node if n.op_type == "Gemm"]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        h = x.reshape(len(x), -1)
+        for i, (w, b) in enumerate(layers):
+            h = h @ w + b
+            if i < len(layers) - 1:
+                np.maximum(h, 0, out=h)
+        return h
+
+    return Predictor("numpy-chain", "cpu", onnx_path, run, {"input_shape": [1, 28, 28], "class_names": []})
+
+
+def ort_default(onnx_path: Path) -> Predictor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return Predictor("onnxruntime-default", "cpu", onnx_path, lambda x: session.run(None, {name: x})[0], {})
+
+
+def ensure_artifacts(folder: Path) -> None:
+    if (folder / "model.onnx").is_file():
+        return
+    fcx = [sys.executable, "-m", "cli.main"]
+    data = ["--data-root", "../shared/data"] if Path("../shared/data/FashionMNIST").is_dir() else ["--data", "digits"]
+    subprocess.run([*fcx, "train", *data, "--epochs", "2", "--artifacts", str(folder), "-q"], check=True)
+    subprocess.run([*fcx, "fuse-bn", "--artifacts", str(folder), "--json"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*fcx, "export", "--artifacts", str(folder), "--json"], check=True, stdout=subprocess.DEVNULL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="inference benchmark")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts/bench"))
+    parser.add_argument("--seconds", type=float, default=3.0, help="time budget per backend and batch size")
+    args = parser.parse_args()
+    ensure_artifacts(args.artifacts)
+    predictors = [open_backend(b, args.artifacts, "cpu") for b in BACKENDS]
+    predictors += [ort_default(args.artifacts / "model.onnx"), numpy_chain(args.artifacts / "model.onnx")]
+    shape = predictors[0].input_shape
+    rng = np.random.default_rng(0)
+    results = {}
+    for batch, repeat in ((1, 5000), (1024, 200)):
+        x = rng.random((batch, *shape), dtype=np.float32)
+        for p in predictors:
+            results[(p.backend, batch)] = measure(p, x, warmup=50, repeat=repeat, max_seconds=args.seconds)
+    import onnxruntime
+    import torch
+
+    print(f"# inference benchmark: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, python {platform.python_version()}\n")
+    print("| backend | batch-1 p50 (us) | batch-1 speed-up vs eager | batch-1024 samples/s | batch-1024 vs ORT default |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    eager1 = results[("eager", 1)]["p50_ms"]
+    ort_default_tp = results[("onnxruntime-default", 1024)]["throughput"]
+    for p in predictors:
+        r1, rb = results[(p.backend, 1)], results[(p.backend, 1024)]
+        print(f"| {p.backend} | {r1['p50_ms'] * 1e3:.1f} | {eager1 / r1['p50_ms']:.2f}x | {rb['throughput']:,.0f} | {rb['throughput'] / ort_default_tp:.2f}x |")
+    best = min((b for b in BACKENDS), key=lambda b: results[(b, 1)]["p50_ms"])
+    print(f"\nbest fcexport backend at batch 1: {best}, {eager1 / results[(best, 1)]['p50_ms']:.2f}x faster than eager unfused")
+
+
+if __name__ == "__main__":
+    main()
