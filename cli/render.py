@@ -44,7 +44,10 @@ def key_values(title: str, items: dict, console: Console = out) -> None:
 
 
 class training_progress:
-    """Context manager yielding an on_epoch callback that drives a rich progress bar on stderr."""
+    """Context manager yielding an on_epoch callback that drives a rich progress bar on stderr.
+
+    The bar starts at the first finished epoch, so errors while loading data print cleanly.
+    """
 
     def __init__(self, epochs: int, folds: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,12 +57,13 @@ class training_progress:
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[status]}"), console=err,
         )
+        self.task = None
 
     def __enter__(self):
-        self.progress.start()
-        task = self.progress.add_task("train", total=self.total, status="")
-
         def on_epoch(record: dict) -> None:
+            if self.task is None:
+                self.progress.start()
+                self.task = self.progress.add_task("train", total=self.total, status="")
             fold = f"fold {record['fold']} " if "fold" in record else ""
             val = record["val_accuracy"]
             status = (
@@ -67,7 +71,7 @@ class training_progress:
                 + (f"val acc {val:.2%} " if val is not None else "")
                 + f"{record['samples_per_second']:,.0f} samples/s"
             )
-            self.progress.update(task, advance=1, status=status)
+            self.progress.update(self.task, advance=1, status=status)
 
         return on_epoch
 

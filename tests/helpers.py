@@ -1,0 +1,42 @@
+"""Test helpers: write real file formats (IDX, PNG) and call the CLI in-process."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from cli.main import app
+
+TINY = ["--hidden", "32", "--epochs", "3", "--batch-size", "64", "-q"]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX format as in the MNIST family: magic (0x08 = uint8, rank), big-endian dims, raw bytes."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def synthetic_images(n: int, classes: int = 10, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable images: class k lights up a bar at a class-specific position, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    images = rng.integers(0, 40, size=(n, size, size)).astype(np.float64)
+    band = max(1, size // classes)
+    for i, k in enumerate(labels):
+        images[i, :, k * band : (k + 1) * band] += 200
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def save_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+    return path
+
+
+def invoke(runner: CliRunner, *args: str):
+    return runner.invoke(app, [str(a) for a in args])
