@@ -111,6 +111,7 @@ def artifact_metadata(checkpoint: dict) -> dict:
         "input_shape": checkpoint["input_shape"],
         "input": "float32 pixels in [0, 1], shape (N, C, H, W); normalisation is folded into the model",
         "normalization": checkpoint.get("normalization"),
+        "preprocess": checkpoint.get("preprocess"),
         "config": checkpoint["config"],
         "dataset": checkpoint.get("dataset"),
         "provenance": checkpoint.get("provenance", {}),

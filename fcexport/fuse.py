@@ -245,6 +245,7 @@ def fused_checkpoint(checkpoint: dict, source_sha256: str, source_name: str) -> 
         inference_config(checkpoint["config"]),
         checkpoint["class_names"],
         normalization=checkpoint.get("normalization"),
+        preprocess=checkpoint.get("preprocess"),
         dataset=checkpoint.get("dataset"),
         metrics=checkpoint.get("metrics"),
         provenance={"fused": True, "source": source_name, "source_sha256": source_sha256, "folds": report.folded},

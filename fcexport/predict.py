@@ -39,7 +39,8 @@ def predict_files(
         raise FcxError(f"{predictor.source}: expects {channels}-channel input; fcx predict handles grayscale models")
     files = collect_image_files(inputs)
     k = min(top_k, len(names))
-    for chunk, pixels in batches_of_images(files, (height, width), invert, batch_size):
+    fill = (predictor.metadata.get("preprocess") or {}).get("object_fill", 1.0)
+    for chunk, pixels in batches_of_images(files, (height, width), invert, batch_size, fill):
         probabilities = softmax(predictor(pixels).astype(np.float64))
         for file, probs in zip(chunk, probabilities):
             order = np.argsort(-probs, kind="stable")[:k]

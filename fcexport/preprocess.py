@@ -1,8 +1,11 @@
 """Image file -> model input, with Pillow and NumPy only (no torch: `fcx predict` on ONNX stays fast).
 
-Fashion-MNIST is a light object on a dark background, centred and filling a 28x28 frame, so a
-file is turned to grayscale, inverted when its border is light, shrunk to fit (aspect kept) and
-padded with background.
+Fashion-MNIST was made by trimming each photo to the object, resizing its longest side to 28,
+and negating it: a light object on a dark background. We do the same to any file: grayscale,
+invert when its border is light, trim to the object, fit it (aspect kept) into the share of the
+frame that objects fill in the training data ("object_fill", 1.0 for Fashion-MNIST, about 0.7
+for MNIST's 20x20 box in 28x28), and centre it on background. A file already at the model's
+input size is taken to be dataset-style and only inverted if needed.
 """
 
 from __future__ import annotations
@@ -17,17 +20,45 @@ import numpy as np
 from fcexport.errors import FcxError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+OBJECT_THRESHOLD = 0.1  # a pixel brighter than this (after inversion) belongs to the object
 MIN_SIDE = 4
 MAX_PIXELS = 40_000_000  # 40 megapixels: larger files are refused before decoding to bound memory
 INVERT_CHOICES = ("auto", "yes", "no")
 
 
-def load_image(path: str | os.PathLike, size: tuple[int, int], invert: str = "auto") -> np.ndarray:
+def load_image(path: str | os.PathLike, size: tuple[int, int], invert: str = "auto", object_fill: float = 1.0) -> np.ndarray:
     """Read one image file and return float32 (H, W) pixels in [0, 1], light object on dark."""
     gray = _read_grayscale(Path(path))
     if invert == "yes" or (invert == "auto" and border_is_light(gray)):
         gray = 1.0 - gray
-    return fit_and_pad(gray, size)
+    if gray.shape == tuple(size):
+        return gray.astype(np.float32)
+    box = round(min(size) * object_fill)
+    return fit_and_pad(trim_to_object(gray), size, (box, box))
+
+
+def object_extent(gray: np.ndarray) -> tuple[slice, slice] | None:
+    """Rows and columns of the bounding box of object pixels, or None for a blank image."""
+    rows = np.flatnonzero((gray > OBJECT_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((gray > OBJECT_THRESHOLD).any(axis=0))
+    if len(rows) == 0:
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def object_fill(images: np.ndarray) -> float:
+    """Median share of the frame that the object's longest side fills, over (N, H, W) images."""
+    fills = []
+    for image in images:
+        extent = object_extent(image)
+        if extent is not None:
+            fills.append(max(extent[0].stop - extent[0].start, extent[1].stop - extent[1].start) / max(image.shape))
+    return float(np.median(fills)) if fills else 1.0
+
+
+def trim_to_object(gray: np.ndarray) -> np.ndarray:
+    extent = object_extent(gray)
+    return gray if extent is None else gray[extent]
 
 
 def border_is_light(gray: np.ndarray) -> bool:
@@ -38,19 +69,18 @@ def border_is_light(gray: np.ndarray) -> bool:
     return float(np.median(border)) > 0.5
 
 
-def fit_and_pad(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize so the image fits inside `size` with its aspect ratio kept, then centre it on zeros."""
+def fit_and_pad(gray: np.ndarray, size: tuple[int, int], box: tuple[int, int] | None = None) -> np.ndarray:
+    """Resize so the image fits inside `box` (default: all of `size`), aspect kept, centred on zeros."""
     from PIL import Image
 
     out_h, out_w = size
+    box_h, box_w = box or size
     h, w = gray.shape
-    if (h, w) == (out_h, out_w):
-        return gray.astype(np.float32)
-    scale = min(out_h / h, out_w / w)
+    scale = min(box_h / h, box_w / w)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
     # BOX averages every source pixel when shrinking (no aliasing); BILINEAR is smooth when enlarging.
     resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-    resized = np.asarray(Image.fromarray(gray.astype(np.float32), mode="F").resize((new_w, new_h), resample))
+    resized = np.asarray(Image.fromarray(gray.astype(np.float32)).resize((new_w, new_h), resample))
     canvas = np.zeros((out_h, out_w), dtype=np.float32)
     top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
     canvas[top : top + new_h, left : left + new_w] = np.clip(resized, 0.0, 1.0)
@@ -113,9 +143,9 @@ def collect_image_files(inputs: Iterable[str]) -> list[Path]:
 
 
 def batches_of_images(
-    files: list[Path], size: tuple[int, int], invert: str, batch_size: int
+    files: list[Path], size: tuple[int, int], invert: str, batch_size: int, object_fill: float = 1.0
 ) -> Iterator[tuple[list[Path], np.ndarray]]:
     """Yield (files, float32 (B, 1, H, W)) chunks, so memory stays bounded for any number of files."""
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        yield chunk, np.stack([load_image(f, size, invert) for f in chunk])[:, None]
+        yield chunk, np.stack([load_image(f, size, invert, object_fill) for f in chunk])[:, None]

@@ -14,8 +14,8 @@ from fcexport.data import load_dataset
 from fcexport.files import atomic_path
 
 
-def write_samples(data: str, out: Path, count: int, data_root: str | None = None, scale: int = 4) -> list[Path]:
-    """Save the first `count` test images, enlarged `scale` times, named <index>_<true label>.png."""
+def write_samples(data: str, out: Path, count: int, data_root: str | None = None) -> list[Path]:
+    """Save the first `count` test images at their own size, named <index>_<true label>.png."""
     from PIL import Image
 
     dataset = load_dataset(data, data_root, download=False)
@@ -23,7 +23,7 @@ def write_samples(data: str, out: Path, count: int, data_root: str | None = None
     for i in range(min(count, len(dataset.test))):
         pixels = (dataset.test.images[i, 0].numpy() * 255).round().astype(np.uint8)
         label = dataset.class_names[int(dataset.test.labels[i])].replace("/", "-").replace(" ", "_")
-        image = Image.fromarray(pixels, mode="L").resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.Resampling.NEAREST)
+        image = Image.fromarray(pixels)
         path = out / f"{i:03d}_{label}.png"
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")

@@ -20,6 +20,7 @@ from fcexport.data import Dataset, Split, dataset_source, kfold_splits, load_dat
 from fcexport.errors import FcxError
 from fcexport.files import write_json_atomic, write_text_atomic
 from fcexport.models import build_model, count_parameters, mlp_config
+from fcexport.preprocess import object_fill
 
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam", "adamw")
 # Learning rates that train the default MLP-BN well with the one-cycle schedule below (measured).
@@ -295,6 +296,7 @@ def run(opts: TrainOptions, on_epoch: EpochCallback | None = None) -> dict:
             "test": len(dataset.test),
         },
         metrics=metrics,
+        preprocess={"object_fill": object_fill(dataset.train.images[:2000, 0].numpy())},
         training=asdict(opts),
     )
     out = Path(opts.artifacts)

@@ -30,11 +30,12 @@ def synthetic_images(n: int, classes: int = 10, size: int = 28, seed: int = 0) -
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
 
 
-def save_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+def save_png(path: Path, array: np.ndarray) -> Path:
+    """uint8 (H, W) -> L, (H, W, 3) -> RGB, (H, W, 4) -> RGBA, uint16 (H, W) -> 16-bit gray."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode=mode).save(path)
+    Image.fromarray(array).save(path)
     return path
 
 

@@ -1,0 +1,160 @@
+"""`fcx export` artifacts and `fcx verify` parity, including plain consumers with no fcexport code."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from helpers import invoke
+
+from fcexport.backends import open_predictor
+from fcexport.files import sha256_file
+
+ONNX_CLIENT = """
+import json, sys
+import numpy as np, onnxruntime as ort
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+meta = session.get_modelmeta().custom_metadata_map
+names = json.loads(meta["class_names"])
+x = np.load(sys.argv[2])
+logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+assert "fcexport" not in sys.modules and "torch" not in sys.modules
+print(json.dumps([names[i] for i in logits.argmax(1)]))
+"""
+
+TORCHSCRIPT_CLIENT = """
+import json, sys
+import numpy as np, torch
+extra = {"metadata.json": ""}
+module = torch.jit.load(sys.argv[1], _extra_files=extra)
+names = json.loads(extra["metadata.json"])["class_names"]
+logits = module(torch.from_numpy(np.load(sys.argv[2])))
+assert "fcexport" not in sys.modules
+print(json.dumps([names[i] for i in logits.argmax(1).tolist()]))
+"""
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    from fcexport.data import load_dataset
+
+    x = load_dataset("digits").test.images[:25].numpy()
+    path = tmp_path_factory.mktemp("batch") / "x.npy"
+    np.save(path, x)
+    return x, path
+
+
+def test_onnx_contract(exported_dir):
+    model = onnx.load(str(exported_dir / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert [i.name for i in model.graph.input] == ["pixels"] and [o.name for o in model.graph.output] == ["logits"]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 8, 8]
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert meta["class_names"] == [str(i) for i in range(10)] and meta["input_shape"] == [1, 8, 8]
+    assert meta["provenance"]["source_sha256"] == sha256_file(exported_dir / "model.pt")
+    assert meta["provenance"]["fused"] is True and meta["provenance"]["onnx"] == onnx.__version__
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_onnx_runs_any_batch_size_and_matches_checkpoint(exported_dir, batch, n):
+    x = batch[0][:n]
+    onnx_logits = open_predictor(exported_dir / "model.onnx")(x)
+    eager_logits = open_predictor(exported_dir / "model.pt")(x)
+    assert onnx_logits.shape == (n, 10)
+    np.testing.assert_allclose(onnx_logits, eager_logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("artifact, client", [("model.onnx", ONNX_CLIENT), ("model.ts", TORCHSCRIPT_CLIENT)])
+def test_plain_consumers_agree_with_fcx(exported_dir, batch, artifact, client, tmp_path):
+    out = subprocess.run([sys.executable, "-c", client, str(exported_dir / artifact), str(batch[1])],
+                         capture_output=True, text=True, cwd=tmp_path, check=True)
+    theirs = json.loads(out.stdout)
+    predictor = open_predictor(exported_dir / "model.pt")
+    ours = [predictor.class_names[i] for i in predictor(batch[0]).argmax(1)]
+    assert theirs == ours
+
+
+def test_torchscript_metadata_and_frozen(exported_dir):
+    predictor = open_predictor(exported_dir / "model.ts")
+    assert predictor.backend == "torchscript" and predictor.input_shape == [1, 8, 8]
+    assert predictor.metadata["provenance"]["folds"]
+
+
+def test_manifest_lists_every_model_with_hashes(exported_dir):
+    manifest = json.loads((exported_dir / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.pt", "model.fused.pt", "model.ts", "model.onnx"}
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_file(exported_dir / name)
+        assert entry["bytes"] == (exported_dir / name).stat().st_size
+    assert set(manifest["versions"]) == {"torch", "onnx", "onnxruntime"}
+
+
+def test_export_no_fuse_and_single_format(tmp_path, runner, trained_dir):
+    r = invoke(runner, "export", trained_dir / "model.pt", "--artifacts", tmp_path, "--format", "onnx", "--no-fuse", "--json")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "model.onnx").is_file() and not (tmp_path / "model.ts").exists()
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    assert {"Sub", "Div"} <= ops  # the input normalisation was not folded
+    np.testing.assert_allclose(open_predictor(tmp_path / "model.onnx")(np.full((3, 1, 8, 8), 0.5, np.float32)),
+                               open_predictor(trained_dir / "model.pt")(np.full((3, 1, 8, 8), 0.5, np.float32)), atol=1e-5, rtol=1e-4)
+
+
+def test_export_rejects_low_opset(tmp_path, runner, trained_dir):
+    r = invoke(runner, "export", trained_dir / "model.pt", "--artifacts", tmp_path, "--opset", "11")
+    assert r.exit_code == 2 and "--opset" in r.stderr
+
+
+def test_verify_passes_with_table_and_json(exported_dir, runner, tmp_path):
+    report_path = tmp_path / "report.json"
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--json", report_path)
+    assert r.exit_code == 0, r.output
+    assert "PASSED" in r.stdout and "onnxruntime" in r.stdout
+    report = json.loads(report_path.read_text())
+    ran = {(row["backend"], row["device"]): row for row in report["rows"]}
+    for backend in ("fused", "torchscript", "onnxruntime"):
+        row = ran[(backend, "cpu")]
+        assert row["status"] == "pass" and row["max_abs"] <= 1e-4 and row["top1_agreement"] == 1.0
+        assert row["accuracy"] == pytest.approx(report["reference_accuracy"])
+        assert set(row) >= {"max_abs", "mean_abs", "p99_abs", "max_rel", "needed_atol", "needed_rtol"}
+    for device in ("cuda",):
+        assert all(row["status"] in ("pass", "skipped") for (b, d), row in ran.items() if d == device)
+
+
+def test_verify_without_cuda_reports_skipped_not_passed(exported_dir, runner, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--devices", "cuda", "--json", tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert all(row["status"] == "skipped" and row["reason"] for row in report["rows"])
+    assert r.exit_code == 1 and not report["passed"]  # nothing ran, so nothing was proven
+
+
+def test_sabotaged_onnx_fails_verification(artifacts_copy, runner):
+    path = artifacts_copy / "model.onnx"
+    model = onnx.load(str(path))
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data) if t.raw_data else len(t.float_data))
+    array = onnx.numpy_helper.to_array(weight).copy()
+    array.flat[0] += 0.01  # one weight nudged
+    weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+    onnx.save(model, str(path))
+    r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "onnxruntime,torchscript")
+    assert r.exit_code == 1
+    assert "FAIL" in r.stdout and "verification failed" in r.stderr
+
+
+def test_verify_reports_missing_artifacts_as_skipped(tmp_path, runner, trained_dir):
+    import shutil
+
+    shutil.copy(trained_dir / "model.pt", tmp_path / "model.pt")
+    r = invoke(runner, "verify", "--artifacts", tmp_path, "--devices", "cpu", "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output  # the fused model is checked in memory; absent exports are skipped
+    rows = {row["backend"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert rows["fused"]["status"] == "pass" and rows["onnxruntime"]["status"] == "skipped"
+    assert "fcx export" in rows["torchscript"]["reason"]

@@ -1,0 +1,118 @@
+"""`fcx predict` on real image files of every kind, and `fcx bench` (no timing assertions)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import invoke, save_png
+
+from fcexport.data import load_dataset
+from fcexport.preprocess import border_is_light, load_image
+
+
+@pytest.fixture(scope="module")
+def digit():
+    """A real digits test image (8x8, [0, 1]) and its label."""
+    ds = load_dataset("digits")
+    return ds.test.images[0, 0].numpy(), ds.class_names[int(ds.test.labels[0])]
+
+
+def to_u8(a: np.ndarray) -> np.ndarray:
+    return (a * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory, digit):
+    """The same digit as gray 8x8, large RGB on white, RGBA, and 16-bit gray."""
+    from PIL import Image
+
+    pixels = digit[0]
+    folder = tmp_path_factory.mktemp("images")
+    save_png(folder / "gray.png", to_u8(pixels))
+    big = np.kron(1.0 - pixels, np.ones((60, 60)))  # dark digit on white, 480x480
+    pad = np.ones((480, 160))
+    rgb = np.repeat(to_u8(np.hstack([pad, big, pad]))[..., None], 3, axis=2)  # 480x800, not square
+    save_png(folder / "photo.png", rgb)
+    Image.fromarray(rgb).save(folder / "photo.jpg", quality=95)
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 0
+    rgba[..., 3] = to_u8(pixels)  # a black digit drawn through alpha on transparency
+    save_png(folder / "alpha.png", rgba)
+    save_png(folder / "deep.png", (pixels * 65535).round().astype(np.uint16))
+    return folder
+
+
+def test_gray_image_round_trips_exactly(image_dir, digit):
+    np.testing.assert_allclose(load_image(image_dir / "gray.png", (8, 8)), digit[0], atol=1 / 255)
+
+
+@pytest.mark.parametrize("name", ["photo.png", "photo.jpg", "alpha.png", "deep.png"])
+def test_every_kind_of_file_becomes_a_light_object_on_dark(image_dir, digit, name):
+    x = load_image(image_dir / name, (8, 8))
+    assert x.shape == (8, 8) and x.dtype == np.float32 and not border_is_light(x)
+    assert np.corrcoef(x.ravel(), digit[0].ravel())[0, 1] > 0.75, name
+
+
+def test_invert_choices(image_dir):
+    auto = load_image(image_dir / "photo.png", (8, 8), "auto")
+    never = load_image(image_dir / "photo.png", (8, 8), "no")
+    forced = load_image(image_dir / "gray.png", (8, 8), "yes")
+    assert auto.mean() < 0.5 < never.mean() and forced.mean() > 0.5
+
+
+def test_each_model_format_gives_the_same_top1(exported_dir, image_dir, runner):
+    answers = {}
+    for name in ("model.onnx", "model.ts", "model.fused.pt", "model.pt"):
+        r = invoke(runner, "predict", image_dir, "--model", exported_dir / name, "--json")
+        assert r.exit_code == 0, r.output
+        answers[name] = [row["label"] for row in json.loads(r.stdout)]
+    assert len(set(map(tuple, answers.values()))) == 1 and len(answers["model.onnx"]) == 5
+
+
+def test_json_schema_top_k_order_and_sums(exported_dir, image_dir, runner):
+    r = invoke(runner, "predict", image_dir / "gray.png", image_dir / "photo.png", "--artifacts", exported_dir, "--top-k", "10", "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["file"] for row in rows] == [str(image_dir / "gray.png"), str(image_dir / "photo.png")]
+    for row in rows:
+        assert set(row) == {"file", "label", "index", "probability", "top"}
+        probs = [t["probability"] for t in row["top"]]
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0)
+        assert row["top"][0] == {"label": row["label"], "probability": row["probability"]}
+        assert all(set(t) == {"label", "probability"} for t in row["top"])
+
+
+def test_default_model_is_onnx_and_is_named(exported_dir, image_dir, runner):
+    r = invoke(runner, "predict", str(image_dir / "*.png"), "--artifacts", exported_dir)
+    assert r.exit_code == 0, r.output
+    assert "model.onnx (onnxruntime" in r.stdout and "gray.png" in r.stdout and "photo.jpg" not in r.stdout
+
+
+def test_predict_on_onnx_never_imports_torch(exported_dir, image_dir):
+    code = (
+        "import sys; from cli.main import app\n"
+        "try: app([ 'predict', sys.argv[1], '--artifacts', sys.argv[2], '--json'])\n"
+        "except SystemExit as e: assert e.code in (0, None), e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(image_dir / "gray.png"), str(exported_dir)], check=True, capture_output=True)
+
+
+def test_bench_runs_every_backend_with_tiny_counts(exported_dir, runner):
+    r = invoke(runner, "bench", "--artifacts", exported_dir, "--batch-sizes", "1,3", "--warmup", "1", "--repeat", "2", "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert {(row["backend"], row["batch_size"]) for row in rows} == {
+        (b, n) for b in ("eager", "fused", "torchscript", "onnxruntime") for n in (1, 3)
+    }
+    for row in rows:
+        assert set(row) >= {"backend", "device", "batch_size", "p50_ms", "p90_ms", "throughput"}
+        assert 0 < row["p50_ms"] <= row["p90_ms"] and row["throughput"] > 0
+
+
+def test_bench_table(exported_dir, runner):
+    r = invoke(runner, "bench", "--artifacts", exported_dir, "--batch-sizes", "2", "--warmup", "0", "--repeat", "1", "--backends", "onnxruntime")
+    assert r.exit_code == 0, r.output
+    assert "onnxruntime" in r.stdout and "p50" in r.stdout
