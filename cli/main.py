@@ -13,6 +13,7 @@ import typer
 
 from cli import render
 from cli.errors import DEBUG, fail, handle_errors
+from fcexport.errors import FcxError
 
 app = typer.Typer(
     add_completion=False,
@@ -32,10 +33,9 @@ def _global(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks
 
 def _int_list(text: str, option: str) -> list[int]:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got '{text}'", param_hint=option) from None
-    return values
+        raise FcxError(f"{option} expects comma-separated integers, got '{text}'") from None
 
 
 @app.command()

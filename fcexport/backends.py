@@ -26,8 +26,11 @@ BACKENDS = tuple(BACKEND_FILES)
 METADATA_FILE = "metadata.json"  # TorchScript _extra_files entry
 
 
-class BackendUnavailable(Exception):
-    """This backend/device pair cannot run here (no CUDA, no ORT CUDA provider, no artifact)."""
+class BackendUnavailable(FcxError):
+    """This backend/device pair cannot run here (no CUDA, no ORT CUDA provider, no artifact).
+
+    verify and bench list it as skipped; elsewhere (predict --device cuda) it is a user error.
+    """
 
 
 @dataclass

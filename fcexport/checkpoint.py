@@ -58,7 +58,11 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load and validate a checkpoint; every way it can be wrong becomes one FcxError line."""
+    """Load and fully validate a checkpoint (weights included); every way it can be wrong is one FcxError line."""
+    return load_model(path)[1]
+
+
+def _load_dict(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FcxError(f"{path}: checkpoint not found; run `fcx train` first or pass the checkpoint's path")
@@ -100,7 +104,8 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> 
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    checkpoint = load_checkpoint(path)
+    """The eval-mode model and its checkpoint dict."""
+    checkpoint = _load_dict(path)
     return model_from_checkpoint(checkpoint, path), checkpoint
 
 
