@@ -82,6 +82,9 @@ def train(
         render.print_json(result["metrics"])
     elif not quiet:
         render.train_summary(result)
+    if result["metrics"]["interrupted"]:
+        render.err.print(f"interrupted: kept the best epoch ({result['metrics']['best_epoch']}) in {artifacts}")
+        raise typer.Exit(130)
 
 
 AtolOpt = Annotated[float, typer.Option(help="Absolute tolerance")]

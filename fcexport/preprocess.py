@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -93,13 +94,19 @@ def _read_grayscale(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FcxError(f"{path}: file not found")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # Pillow warns about huge images on open; we refuse them below with a clear message instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise FcxError(f"{path}: {w}x{h} pixels is too large (limit {MAX_PIXELS // 1_000_000} MP); downscale it first")
             if min(w, h) < MIN_SIDE:
                 raise FcxError(f"{path}: {w}x{h} pixels is too small to classify (need at least {MIN_SIDE}x{MIN_SIDE})")
             return _to_gray_array(img)
+    except Image.DecompressionBombError as exc:
+        raise FcxError(f"{path}: image is too large to decode safely; downscale it first") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise FcxError(f"{path}: not a readable image ({type(exc).__name__}); pass a PNG, JPEG or BMP file") from exc
 

@@ -256,18 +256,28 @@ def run(opts: TrainOptions, on_epoch: EpochCallback | None = None) -> dict:
     """`fcx train`: load data, train (split or k-fold), evaluate on test, write every artifact."""
     opts.validate()
     resolve_device(opts.device)
+    out = Path(opts.artifacts)
+    log = []
+
+    def log_epoch(record: dict) -> None:
+        """history.csv grows after every epoch, so progress can be followed (tail -f) and survives a kill."""
+        log.append(record)
+        write_text_atomic(out / "history.csv", history_csv(log))
+        if on_epoch:
+            on_epoch(record)
+
     dataset = load_dataset(opts.data, opts.data_root)
     if opts.flip is None:
         opts.flip = dataset.name == "fashion-mnist"
     started = time.perf_counter()
     cv_summary = None
     if opts.folds:
-        result, config, cv_summary = cross_validate(dataset, opts, on_epoch)
+        result, config, cv_summary = cross_validate(dataset, opts, log_epoch)
         val = None
     else:
         train, val = train_val_split(dataset.train, opts.val_split, opts.seed)
         model, config = build_for(dataset, opts)
-        result = fit(model, train, val, opts, on_epoch)
+        result = fit(model, train, val, opts, log_epoch)
     seconds = time.perf_counter() - started
     device = next(result.model.parameters()).device
     test_loss, test_acc, test_pred = evaluate(result.model, dataset.test, device)
@@ -299,7 +309,6 @@ def run(opts: TrainOptions, on_epoch: EpochCallback | None = None) -> dict:
         preprocess={"object_fill": object_fill(dataset.train.images[:2000, 0].numpy())},
         training=asdict(opts),
     )
-    out = Path(opts.artifacts)
     save_checkpoint(checkpoint, out / "model.pt")
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "history.csv", history_csv(result.history))
