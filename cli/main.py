@@ -14,6 +14,7 @@ import typer
 from cli import render
 from cli.errors import DEBUG, fail, handle_errors
 from fcexport.errors import FcxError
+from fcexport.options import TrainOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -22,6 +23,7 @@ app = typer.Typer(
     help="Train small fully connected image classifiers, fold BatchNorm, export TorchScript/ONNX, verify, predict, bench.",
 )
 
+TRAIN = TrainOptions()  # one source of truth for defaults
 ArtifactsOpt = Annotated[Path, typer.Option("--artifacts", help="Folder for model.pt, model.fused.pt, model.ts, model.onnx, ...")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda")]
 
@@ -41,31 +43,31 @@ def _int_list(text: str, option: str) -> list[int]:
 @app.command()
 @handle_errors
 def train(
-    data: Annotated[str, typer.Option(help="fashion-mnist, mnist, kmnist, digits, FILE.csv or an image folder")] = "fashion-mnist",
+    data: Annotated[str, typer.Option(help="fashion-mnist, mnist, kmnist, digits, FILE.csv or an image folder")] = TRAIN.data,
     data_root: Annotated[Optional[str], typer.Option(help="Where torchvision datasets live [default: $FCX_DATA_ROOT or data/]")] = None,
-    model: Annotated[str, typer.Option(help="mlp or softmax (softmax regression)")] = "mlp",
-    hidden: Annotated[str, typer.Option(help="Hidden layer widths, comma-separated")] = "784,256",
-    bn: Annotated[bool, typer.Option("--bn/--no-bn", help="BatchNorm after each hidden Linear")] = True,
-    dropout: Annotated[float, typer.Option(help="Dropout after each hidden activation")] = 0.0,
-    activation: Annotated[str, typer.Option(help="relu, gelu, tanh or sigmoid")] = "relu",
-    optimizer: Annotated[str, typer.Option(help="sgd, momentum, rmsprop, adam or adamw")] = "adamw",
+    model: Annotated[str, typer.Option(help="mlp or softmax (softmax regression)")] = TRAIN.arch,
+    hidden: Annotated[str, typer.Option(help="Hidden layer widths, comma-separated")] = ",".join(map(str, TRAIN.hidden)),
+    bn: Annotated[bool, typer.Option("--bn/--no-bn", help="BatchNorm after each hidden Linear")] = TRAIN.batchnorm,
+    dropout: Annotated[float, typer.Option(help="Dropout after each hidden activation")] = TRAIN.dropout,
+    activation: Annotated[str, typer.Option(help="relu, gelu, tanh or sigmoid")] = TRAIN.activation,
+    optimizer: Annotated[str, typer.Option(help="sgd, momentum, rmsprop, adam or adamw")] = TRAIN.optimizer,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: per optimizer]")] = None,
-    weight_decay: Annotated[float, typer.Option()] = 5e-4,
-    epochs: Annotated[int, typer.Option()] = 40,
-    batch_size: Annotated[int, typer.Option()] = 256,
-    label_smoothing: Annotated[float, typer.Option()] = 0.1,
+    weight_decay: Annotated[float, typer.Option()] = TRAIN.weight_decay,
+    epochs: Annotated[int, typer.Option()] = TRAIN.epochs,
+    batch_size: Annotated[int, typer.Option()] = TRAIN.batch_size,
+    label_smoothing: Annotated[float, typer.Option()] = TRAIN.label_smoothing,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips [default: on for fashion-mnist only]")] = None,
-    shift: Annotated[int, typer.Option(help="Random shifts of up to N pixels")] = 1,
-    val_split: Annotated[float, typer.Option(help="Share of training images held out for validation")] = 0.1,
-    folds: Annotated[int, typer.Option(help="K-fold cross-validation (0 = off); keeps the best fold's model")] = 0,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: DeviceOpt = "auto",
-    artifacts: ArtifactsOpt = Path("artifacts"),
+    shift: Annotated[int, typer.Option(help="Random shifts of up to N pixels")] = TRAIN.shift,
+    val_split: Annotated[float, typer.Option(help="Share of training images held out for validation")] = TRAIN.val_split,
+    folds: Annotated[int, typer.Option(help="K-fold cross-validation (0 = off); keeps the best fold's model")] = TRAIN.folds,
+    seed: Annotated[int, typer.Option()] = TRAIN.seed,
+    device: DeviceOpt = TRAIN.device,
+    artifacts: ArtifactsOpt = Path(TRAIN.artifacts),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON")] = False,
 ) -> None:
     """Train a classifier and write model.pt, metrics.json, history.csv, curves.png, confusion.png."""
-    from fcexport.train import TrainOptions, run
+    from fcexport.train import run
 
     opts = TrainOptions(
         data=data, data_root=data_root, arch=model, hidden=_int_list(hidden, "--hidden"), batchnorm=bn,
