@@ -38,6 +38,6 @@ def handle_errors(command):
             if DEBUG["enabled"]:
                 raise
             typer.echo("interrupted", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper

@@ -93,6 +93,8 @@ AtolOpt = Annotated[float, typer.Option(help="Absolute tolerance")]
 RtolOpt = Annotated[float, typer.Option(help="Relative tolerance")]
 DataOpt = Annotated[Optional[str], typer.Option(help="Real data to compare on [default: the checkpoint's dataset, if on disk]")]
 DataRootOpt = Annotated[Optional[str], typer.Option(help="Where torchvision datasets live")]
+ALL_BACKENDS = "eager,fused,torchscript,onnxruntime"
+BackendsOpt = Annotated[str, typer.Option(help=f"Comma-separated, from: {ALL_BACKENDS}")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON")]
 
 
@@ -155,7 +157,7 @@ def export(
 @handle_errors
 def verify(
     artifacts: ArtifactsOpt = Path("artifacts"),
-    backends: Annotated[str, typer.Option(help="Comma-separated: eager, fused, torchscript, onnxruntime")] = "eager,fused,torchscript,onnxruntime",
+    backends: BackendsOpt = ALL_BACKENDS,
     devices: Annotated[str, typer.Option(help="Comma-separated: cpu, cuda (cuda is skipped when absent)")] = "cpu,cuda",
     data: DataOpt = None,
     data_root: DataRootOpt = None,
@@ -202,7 +204,7 @@ def predict(
 def bench(
     artifacts: ArtifactsOpt = Path("artifacts"),
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes")] = "1,64,1024",
-    backends: Annotated[str, typer.Option(help="Comma-separated: eager, fused, torchscript, onnxruntime")] = "eager,fused,torchscript,onnxruntime",
+    backends: BackendsOpt = ALL_BACKENDS,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     warmup: Annotated[int, typer.Option(help="Untimed calls first")] = 20,
     repeat: Annotated[int, typer.Option(help="Timed calls (at most; each batch size also stops after --seconds)")] = 200,

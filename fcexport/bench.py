@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fcexport.backends import BACKENDS, BackendUnavailable, find_default_model, open_backend
-from fcexport.errors import FcxError
+from fcexport.errors import FcxError, check_choices
 
 
 def measure(predictor, x: np.ndarray, warmup: int = 20, repeat: int = 200, max_seconds: float = 1.0) -> dict:
@@ -29,9 +29,7 @@ def measure(predictor, x: np.ndarray, warmup: int = 20, repeat: int = 200, max_s
 def run(artifacts: Path, batch_sizes=(1, 64, 1024), backends=BACKENDS, device: str = "cpu",
         warmup: int = 20, repeat: int = 200, max_seconds: float = 1.0, seed: int = 0) -> list[dict]:
     """`fcx bench`: one row per backend x batch size; unavailable backends are rows with a reason."""
-    bad = set(backends) - set(BACKENDS)
-    if bad or not backends:
-        raise FcxError(f"--backends takes {', '.join(BACKENDS)}; got {', '.join(sorted(bad)) or 'nothing'}")
+    check_choices("--backends", backends, BACKENDS)
     if not batch_sizes or min(batch_sizes) < 1:
         raise FcxError(f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
     find_default_model(artifacts)  # a clear error when the folder holds no model at all

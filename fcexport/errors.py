@@ -11,3 +11,10 @@ class VerificationFailed(FcxError):
     """A candidate artifact does not match the reference within tolerance: exit code 1."""
 
     exit_code = 1
+
+
+def check_choices(option: str, given, allowed) -> None:
+    """Raise FcxError unless `given` is a non-empty selection from `allowed` (e.g. --backends)."""
+    bad = set(given) - set(allowed)
+    if bad or not given:
+        raise FcxError(f"{option} takes {', '.join(allowed)}; got {', '.join(sorted(bad)) or 'nothing'}")

@@ -290,8 +290,7 @@ def run(
         inputs = verification.make_inputs(checkpoint, data, data_root)
         reference = module_predictor(original.to("cpu"), "eager", "cpu", checkpoint_path, metadata)(inputs.x)
         rows = verification.compare_predictors(reference, [after], inputs, atol, rtol)
-        reference_accuracy = verification.compare(reference, reference, inputs.labels, atol, rtol)["accuracy"]
-        result["verification"] = verification.report(rows, inputs, reference_accuracy, atol, rtol)
+        result["verification"] = verification.report(rows, inputs, verification.accuracy(reference, inputs.labels), atol, rtol)
         if not result["verification"]["passed"]:
             return result  # a failed fold is reported, never written
     save_checkpoint(new_checkpoint, out_path)

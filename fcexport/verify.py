@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fcexport.backends import BACKENDS, BackendUnavailable, Predictor, module_predictor, open_backend
-from fcexport.errors import FcxError
+from fcexport.errors import FcxError, check_choices
 
 RANDOM_INPUTS = 256
 CANDIDATES = BACKENDS
@@ -62,10 +62,16 @@ def compare(candidate: np.ndarray, reference: np.ndarray, labels: np.ndarray | N
     row = error_stats(candidate, reference, atol, rtol)
     if "shape_mismatch" in row:
         return row
-    top1 = candidate.argmax(1)
-    row["top1_agreement"] = float((top1 == reference.argmax(1)).mean())
-    row["accuracy"] = float((top1[: len(labels)] == labels).mean()) if labels is not None and len(labels) else None
+    row["top1_agreement"] = float((candidate.argmax(1) == reference.argmax(1)).mean())
+    row["accuracy"] = accuracy(candidate, labels)
     return row
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
+    """Top-1 accuracy on the first len(labels) rows (the real images), None without labels."""
+    if labels is None or not len(labels):
+        return None
+    return float((logits[: len(labels)].argmax(1) == labels).mean())
 
 
 def make_inputs(checkpoint: dict, data: str | None = None, data_root: str | None = None, seed: int = 0) -> Inputs:
@@ -129,10 +135,8 @@ def run(
     from fcexport.checkpoint import artifact_metadata, load_model
 
     check_tolerances(atol, rtol)
-    for name, allowed, given in (("--backends", CANDIDATES, backends), ("--devices", DEVICES, devices)):
-        bad = set(given) - set(allowed)
-        if bad or not given:
-            raise FcxError(f"{name} takes {', '.join(allowed)}; got {', '.join(sorted(bad)) or 'nothing'}")
+    check_choices("--backends", backends, CANDIDATES)
+    check_choices("--devices", devices, DEVICES)
     reference_path = artifacts / "model.pt"
     model, checkpoint = load_model(reference_path)
     inputs = make_inputs(checkpoint, data, data_root)
@@ -147,5 +151,4 @@ def run(
             except BackendUnavailable as exc:
                 candidates.append((backend, device, str(exc)))
     rows = compare_predictors(reference, candidates, inputs, atol, rtol)
-    reference_accuracy = compare(reference, reference, inputs.labels, atol, rtol)["accuracy"]
-    return report(rows, inputs, reference_accuracy, atol, rtol)
+    return report(rows, inputs, accuracy(reference, inputs.labels), atol, rtol)

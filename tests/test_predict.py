@@ -116,3 +116,28 @@ def test_bench_table(exported_dir, runner):
     r = invoke(runner, "bench", "--artifacts", exported_dir, "--batch-sizes", "2", "--warmup", "0", "--repeat", "1", "--backends", "onnxruntime")
     assert r.exit_code == 0, r.output
     assert "onnxruntime" in r.stdout and "p50" in r.stdout
+
+
+def test_predicting_10000_files_streams_in_bounded_batches(exported_dir, image_dir, tmp_path):
+    """10,000 files: decoded and scored 256 at a time, so peak memory does not grow with the folder."""
+    import shutil
+    import tracemalloc
+
+    from fcexport.predict import BATCH_SIZE, open_model, predict_files
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    source = save_png(tmp_path / "one.png", np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+    for i in range(10_000):
+        shutil.copyfile(source, folder / f"{i:05d}.png")
+    predictor = open_model(None, exported_dir)
+    batch_sizes = []
+    run = predictor.run
+    predictor.run = lambda x: batch_sizes.append(len(x)) or run(x)
+    tracemalloc.start()
+    count = sum(1 for _ in predict_files(predictor, [str(folder)]))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == 10_000 and max(batch_sizes) == BATCH_SIZE and sum(batch_sizes) == 10_000
+    # decoding all 10,000 64x64 images up front would hold >= 160 MiB of float32 pixels
+    assert peak < 20 * 2**20, f"peak {peak / 2**20:.1f} MiB"
