@@ -194,7 +194,9 @@ def predict(
     predictor = open_model(model, artifacts, device)
     results = predict_files(predictor, images, top_k, invert)
     if json_out:
-        render.print_json(list(results))
+        rows = list(results)
+        render.err.print(f"model: {predictor.source} ({predictor.backend}, {predictor.device})")
+        render.print_json(rows)
     else:
         render.predictions(predictor, results)
 

@@ -142,7 +142,7 @@ def _remove_dropout(gm: fx.GraphModule, report: FuseReport) -> None:
 
 
 def _fold_node(gm, node, modules, calls, shapes_known, report) -> str | None:
-    """Fold one BN/Normalize node into its producer or its single consumer; return why not, or None."""
+    """Fold one BN/Normalize node into its producer, else its single consumer; return why not, or None."""
     norm = modules[node.target]
     if isinstance(norm, BATCHNORMS) and (not norm.track_running_stats or norm.running_mean is None):
         return "track_running_stats=False: it normalises with batch statistics at inference, which is not an affine map"
@@ -151,7 +151,7 @@ def _fold_node(gm, node, modules, calls, shapes_known, report) -> str | None:
     if _can_fold_into_producer(norm, source, producer, calls, shapes_known):
         scale, shift = _affine(norm, producer.weight.shape[0])
         _assign(producer, *fold_into_preceding(producer.weight, producer.bias, scale, shift))
-        direction = "into preceding"
+        fold = {"layer": node.target, "into": source.target, "direction": "into preceding"}
     else:
         users = list(node.users)
         if len(users) != 1:
@@ -163,11 +163,11 @@ def _fold_node(gm, node, modules, calls, shapes_known, report) -> str | None:
             return why_not
         scale, shift = _affine(norm, consumer.in_features)
         _assign(consumer, *fold_into_following(consumer.weight, consumer.bias, scale, shift))
-        direction, source_name = "into following", user.target
+        fold = {"layer": node.target, "into": user.target, "direction": "into following"}
+    # the norm is now inside a neighbour's weights: route its input straight to its users
     node.replace_all_uses_with(source)
     gm.graph.erase_node(node)
-    into = source.target if direction == "into preceding" else source_name
-    report.folded.append({"layer": node.target, "into": into, "direction": direction})
+    report.folded.append(fold)
     return None
 
 

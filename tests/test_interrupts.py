@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,18 @@ def test_ctrl_c_stops_training_cleanly_and_keeps_the_best_epoch(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["interrupted"] is True and 1 <= metrics["epochs_run"] < 100000
     assert checkpoint["metrics"]["best_epoch"] == metrics["best_epoch"]
+
+
+def test_sigkill_during_training_keeps_the_previous_run(tmp_path, exported_dir):
+    shutil.copy(exported_dir / "model.pt", tmp_path / "model.pt")
+    old = (tmp_path / "model.pt").read_bytes()
+    proc = start("train", "--data", "digits", "--hidden", "16", "--epochs", "100000", "--artifacts", tmp_path, "-q")
+    wait_for(tmp_path / "history.csv")
+    proc.kill()
+    proc.wait(timeout=30)
+    assert (tmp_path / "model.pt").read_bytes() == old  # the new run never finished: the old model stands
+    load_checkpoint(tmp_path / "model.pt")
+    assert (tmp_path / "history.csv").read_text().startswith("epoch,")  # whole, never half-written
 
 
 @pytest.mark.parametrize("delay", [0.5, 2.0, 3.5])
