@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ORDER = ("model.onnx", "model.ts", "model.fused.pt", "model.pt")
 # What each backend name stands for in an artifacts folder.
 BACKEND_FILES = {"eager": "model.pt", "fused": "model.fused.pt", "torchscript": "model.ts", "onnxruntime": "model.onnx"}
+BACKEND_MADE_BY = {"eager": "fcx train", "fused": "fcx fuse-bn", "torchscript": "fcx export", "onnxruntime": "fcx export"}
 BACKENDS = tuple(BACKEND_FILES)
 METADATA_FILE = "metadata.json"  # TorchScript _extra_files entry
 
@@ -97,7 +98,7 @@ def open_backend(backend: str, artifacts: Path, device: str) -> Predictor:
         fused, _ = fuse_checkpoint_model(checkpoint)
         return module_predictor(fused, "fused", device, Path("(fused in memory from model.pt)"), artifact_metadata(checkpoint))
     if not path.is_file():
-        raise BackendUnavailable(f"{path} not found; run `fcx {'export' if backend in ('torchscript', 'onnxruntime') else 'fuse-bn'}`")
+        raise BackendUnavailable(f"{path} not found; run `{BACKEND_MADE_BY[backend]}`")
     return open_predictor(path, device)
 
 
@@ -107,10 +108,10 @@ def open_backend(backend: str, artifacts: Path, device: str) -> Predictor:
 def torch_device(device: str):
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailable("no CUDA device (torch.cuda.is_available() is False)")
     if device not in ("cpu", "cuda"):
         raise FcxError(f"--device must be cpu or cuda, got {device}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("--device cuda: no CUDA device here (torch.cuda.is_available() is False); use --device cpu")
     return torch.device(device)
 
 
