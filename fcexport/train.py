@@ -25,7 +25,7 @@ from fcexport.options import TrainOptions
 from fcexport.preprocess import object_fill
 
 # Peak learning rates for the one-cycle schedule below; with each, 20 epochs of the default MLP-BN on
-# the Fashion-MNIST subset reach 87.1-87.5% test accuracy (measured; 0.3 for sgd or 3e-4 for rmsprop do no better).
+# the Fashion-MNIST subset reach 87.1-87.5% test accuracy (measured; 0.3 for sgd and 3e-4 for rmsprop were within noise of these).
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "rmsprop": 1e-3, "adam": 2e-3, "adamw": 2e-3}
 EVAL_BATCH = 4096
 
