@@ -113,17 +113,19 @@ ERROR_COLUMNS = {  # report key -> short header; needed_rtol and more are in --j
 
 def comparison_table(title: str, report: dict) -> None:
     """One row per backend x device with Polygraphy-style error statistics; skips listed below."""
-    rows, skipped = [], []
+    rows, remarks = [], []
     for r in report["rows"]:
         if r["status"] == "skipped":
-            skipped.append(f"skipped {r['backend']} on {r['device']}: {r['reason']}")
+            remarks.append(f"skipped {r['backend']} on {r['device']}: {r['reason']}")
             continue
+        if r.get("note"):
+            remarks.append(f"note {r['backend']} on {r['device']}: {r['note']}")
         status = "[green]pass[/]" if r["status"] == "pass" else "[red]FAIL[/]"
         errors = [f"{r[c]:.1e}" if c in r else "-" for c in ERROR_COLUMNS]
         accuracy = f"{r['accuracy']:.2%}" if r.get("accuracy") is not None else "-"
         rows.append([r["backend"], r["device"], status, *errors, f"{r.get('top1_agreement', 0):.2%}", accuracy])
     table(title, ["backend", "device", "status", *ERROR_COLUMNS.values(), "top-1 agree", "accuracy"], rows)
-    for line in skipped:
+    for line in remarks:
         out.print(f"[yellow]{line}[/]")
     ref = report.get("reference_accuracy")
     out.print(f"inputs: {report['inputs']}")

@@ -14,6 +14,7 @@ import numpy as np
 
 from fcexport.backends import BACKENDS, BackendUnavailable, Predictor, module_predictor, open_backend
 from fcexport.errors import FcxError, check_choices
+from fcexport.files import sha256_file
 
 RANDOM_INPUTS = 256
 CANDIDATES = BACKENDS
@@ -151,4 +152,13 @@ def run(
             except BackendUnavailable as exc:
                 candidates.append((backend, device, str(exc)))
     rows = compare_predictors(reference, candidates, inputs, atol, rtol)
+    note_other_sources(rows, candidates, sha256_file(reference_path))
     return report(rows, inputs, accuracy(reference, inputs.labels), atol, rtol)
+
+
+def note_other_sources(rows: list[dict], candidates: list, reference_sha256: str) -> None:
+    """Flag artifacts made from another checkpoint than the reference: the usual cause of a failure is a stale export."""
+    for row, candidate in zip(rows, candidates, strict=True):
+        source = candidate.metadata.get("provenance", {}).get("source_sha256") if isinstance(candidate, Predictor) else None
+        if source and source != reference_sha256:
+            row["note"] = f"made from another checkpoint than this model.pt (source sha256 {source[:12]}); re-run fuse-bn/export?"

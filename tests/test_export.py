@@ -158,3 +158,13 @@ def test_verify_reports_missing_artifacts_as_skipped(tmp_path, runner, trained_d
     rows = {row["backend"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
     assert rows["fused"]["status"] == "pass" and rows["onnxruntime"]["status"] == "skipped"
     assert "fcx export" in rows["torchscript"]["reason"]
+
+
+def test_verify_flags_a_stale_export(artifacts_copy, runner, tmp_path):
+    """Retrain model.pt but keep the old model.onnx: verify fails and says the export is stale."""
+    r = invoke(runner, "train", "--data", "digits", "--hidden", "32", "--epochs", "1", "--seed", "9", "--artifacts", artifacts_copy, "-q")
+    assert r.exit_code == 0, r.output
+    r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "onnxruntime", "--devices", "cpu", "--json", tmp_path / "r.json")
+    row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
+    assert r.exit_code == 1 and row["status"] == "fail"
+    assert "another checkpoint" in row["note"] and "another checkpoint" in r.stdout
