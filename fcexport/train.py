@@ -18,7 +18,6 @@ from fcexport import plots
 from fcexport.backends import torch_device
 from fcexport.checkpoint import make_checkpoint, save_checkpoint
 from fcexport.data import Dataset, Split, dataset_source, kfold_splits, load_dataset, normalization_stats, train_val_split
-from fcexport.errors import FcxError
 from fcexport.files import write_json_atomic, write_text_atomic
 from fcexport.models import build_model, count_parameters, mlp_config
 from fcexport.options import TrainOptions
