@@ -76,7 +76,8 @@ class training_progress:
         return on_epoch
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        if self.task is not None:
+            self.progress.stop()
         return False
 
 

@@ -161,3 +161,18 @@ def test_debug_shows_the_traceback(runner, tmp_path):
     result = CliRunner().invoke(app, ["--debug", "fuse-bn", str(tmp_path / "missing.pt")])
     assert result.exit_code != 0 and isinstance(result.exception, Exception)
     assert "checkpoint not found" in str(result.exception)
+
+
+@pytest.mark.parametrize("command, bad_name, expected", [("train", "bad.csv", "line 2 has 2 columns"), ("predict", "bad.png", "not a readable image")])
+def test_real_process_prints_exactly_one_line(tmp_path, exported_dir, command, bad_name, expected):
+    """Outside CliRunner too (progress bar, warnings, logging): stderr holds the one error line and nothing else."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / bad_name
+    bad.write_text("1,0,0\n2,0\n")
+    argv = {"train": ["train", "--data", bad, "--artifacts", tmp_path / "out"], "predict": ["predict", bad, "--artifacts", exported_dir]}[command]
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *map(str, argv)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {bad}: ") and expected in proc.stderr, proc.stderr
