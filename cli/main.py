@@ -192,11 +192,10 @@ def predict(
     from fcexport.predict import open_model, predict_files
 
     predictor = open_model(model, artifacts, device)
-    results = predict_files(predictor, images, top_k, invert)
+    results = list(predict_files(predictor, images, top_k, invert))  # images stream in batches; results are small
     if json_out:
-        rows = list(results)
         render.err.print(f"model: {predictor.source} ({predictor.backend}, {predictor.device})")
-        render.print_json(rows)
+        render.print_json(results)
     else:
         render.predictions(predictor, results)
 

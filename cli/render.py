@@ -162,8 +162,8 @@ def verify_report(result: dict) -> None:
     out.print("[green]PASSED[/]" if result["passed"] else "[red]FAILED[/]")
 
 
-def predictions(predictor, results) -> None:
-    """Stream a row per image; the model used is named first."""
+def predictions(predictor, results: list[dict]) -> None:
+    """A row per image; the model used is named first."""
     out.print(f"model: {predictor.source} ({predictor.backend}, {predictor.device})")
     rows = [[r["file"], r["label"], f"{r['probability']:.1%}", ", ".join(f"{t['label']} {t['probability']:.1%}" for t in r["top"])] for r in results]
     table("fcx predict", ["file", "class", "probability", "top"], rows)
