@@ -141,3 +141,19 @@ def test_predicting_10000_files_streams_in_bounded_batches(exported_dir, image_d
     assert count == 10_000 and max(batch_sizes) == BATCH_SIZE and sum(batch_sizes) == 10_000
     # decoding all 10,000 64x64 images up front would hold >= 160 MiB of float32 pixels
     assert peak < 20 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_object_fill_is_measured_and_used_like_mnist_20_in_28(tmp_path):
+    """MNIST digits fill a 20x20 box of a 28x28 frame; a big photo is fitted to that same share."""
+    from fcexport.preprocess import object_extent, object_fill
+
+    frames = np.zeros((5, 28, 28), np.float32)
+    frames[:, 4:24, 6:22] = 1.0  # 20 rows tall: the longest side fills 20/28
+    fill = object_fill(frames)
+    assert fill == pytest.approx(20 / 28)
+    photo = np.full((500, 700), 255, np.uint8)
+    photo[100:400, 200:350] = 0  # a dark 300x150 object on white, off-centre
+    x = load_image(save_png(tmp_path / "photo.png", photo), (28, 28), "auto", fill)
+    rows, cols = object_extent(x)
+    assert rows.stop - rows.start == 20 and cols.stop - cols.start == 10  # aspect kept, fitted to 20 px
+    assert abs((rows.start + rows.stop) / 2 - 14) <= 1 and abs((cols.start + cols.stop) / 2 - 14) <= 1  # centred
