@@ -23,7 +23,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fcx train --data digits --epochs 15 --artifacts $(DEMO)
 	$(BIN)/fcx fuse-bn --verify --artifacts $(DEMO)
-	$(BIN)/fcx export --artifacts $(DEMO)
+	$(BIN)/fcx export --int8 --artifacts $(DEMO)
 	$(BIN)/fcx verify --artifacts $(DEMO)
 	$(BIN)/python -m fcexport.samples --data digits --out $(DEMO)/samples --count 4
 	$(BIN)/fcx predict $(DEMO)/samples --artifacts $(DEMO)

@@ -1,5 +1,6 @@
 """Inference side by side in one run: eager unfused, eager fused, TorchScript, ONNX Runtime (fcexport's
-settings and ORT's defaults), and a plain NumPy matmul chain as the floor.
+settings and ORT's defaults), ONNX Runtime int8 (approximate, when model.int8.onnx exists), and a
+plain NumPy matmul chain as the float32 floor.
 
     python benchmarks/bench_inference.py [--artifacts DIR]   (trains a model on digits-sized data if none)
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcexport.backends import BACKENDS, Predictor, open_backend
+from fcexport.backends import APPROXIMATE_BACKENDS, BACKENDS, BackendUnavailable, Predictor, open_backend
 from fcexport.bench import measure
 
 
@@ -56,7 +57,7 @@ def ensure_artifacts(folder: Path) -> None:
     data = ["--data-root", "../shared/data"] if Path("../shared/data/FashionMNIST").is_dir() else ["--data", "digits"]
     subprocess.run([*fcx, "train", *data, "--epochs", "2", "--artifacts", str(folder), "-q"], check=True)
     subprocess.run([*fcx, "fuse-bn", "--artifacts", str(folder), "--json"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([*fcx, "export", "--artifacts", str(folder), "--json"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*fcx, "export", "--int8", "--artifacts", str(folder), "--json"], check=True, stdout=subprocess.DEVNULL)
 
 
 def main() -> None:
@@ -65,7 +66,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per backend and batch size")
     args = parser.parse_args()
     ensure_artifacts(args.artifacts)
-    predictors = [open_backend(b, args.artifacts, "cpu") for b in BACKENDS]
+    predictors = []
+    for backend in BACKENDS:
+        try:
+            predictors.append(open_backend(backend, args.artifacts, "cpu"))
+        except BackendUnavailable as exc:
+            if backend not in APPROXIMATE_BACKENDS:
+                raise
+            print(f"(skipping {backend}: {exc})")
     predictors += [ort_default(args.artifacts / "model.onnx"), numpy_chain(args.artifacts / "model.onnx")]
     shape = predictors[0].input_shape
     rng = np.random.default_rng(0)
@@ -86,8 +94,13 @@ def main() -> None:
     for p in predictors:
         r1, rb = results[(p.backend, 1)], results[(p.backend, 1024)]
         print(f"| {p.backend} | {r1['p50_ms'] * 1e3:.1f} | {eager1 / r1['p50_ms']:.2f}x | {rb['throughput']:,.0f} | {rb['throughput'] / ort_default_tp:.2f}x |")
-    best = min((b for b in BACKENDS), key=lambda b: results[(b, 1)]["p50_ms"])
-    print(f"\nbest fcexport backend at batch 1: {best}, {eager1 / results[(best, 1)]['p50_ms']:.2f}x faster than eager unfused")
+    exact = [p.backend for p in predictors if p.backend in BACKENDS and p.backend not in APPROXIMATE_BACKENDS]
+    approximate = [p.backend for p in predictors if p.backend in APPROXIMATE_BACKENDS]
+    print()
+    for label, names in (("exact (float32)", exact), ("approximate (int8)", approximate)):
+        if names:
+            best = min(names, key=lambda b: results[(b, 1)]["p50_ms"])
+            print(f"best {label} fcexport backend at batch 1: {best}, {eager1 / results[(best, 1)]['p50_ms']:.2f}x faster than eager unfused")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ AtolOpt = Annotated[float, typer.Option(help="Absolute tolerance")]
 RtolOpt = Annotated[float, typer.Option(help="Relative tolerance")]
 DataOpt = Annotated[Optional[str], typer.Option(help="Real data to compare on [default: the checkpoint's dataset, if on disk]")]
 DataRootOpt = Annotated[Optional[str], typer.Option(help="Where torchvision datasets live")]
-ALL_BACKENDS = "eager,fused,torchscript,onnxruntime"
+ALL_BACKENDS = "eager,fused,torchscript,onnxruntime,onnxruntime-int8"
 BackendsOpt = Annotated[str, typer.Option(help=f"Comma-separated, from: {ALL_BACKENDS}")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON")]
 
@@ -140,13 +140,14 @@ def export(
     format: Annotated[str, typer.Option("--format", help="torchscript, onnx or all")] = "all",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
     fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Fold BatchNorm and normalisation first")] = True,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx: int8 weights, ~2x faster on CPU, approximate")] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Write model.ts (frozen TorchScript), model.onnx and manifest.json; inputs are [0, 1] pixels."""
     from fcexport.export import FORMATS, run
 
     formats = FORMATS if format == "all" else tuple(_names(format))
-    result = run(_checkpoint_arg(checkpoint, artifacts), artifacts, formats, opset, fuse)
+    result = run(_checkpoint_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, int8)
     if json_out:
         render.print_json(result)
     else:
@@ -163,13 +164,16 @@ def verify(
     data_root: DataRootOpt = None,
     atol: AtolOpt = 1e-5,
     rtol: RtolOpt = 1e-4,
+    int8_agreement: Annotated[float, typer.Option(help="int8 model: least share of inputs with the reference's top-1 class")] = 0.99,
+    int8_max_drop: Annotated[float, typer.Option(help="int8 model: most accuracy lost vs the reference (0.01 = 1 point)")] = 0.01,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file")] = None,
 ) -> None:
     """Compare every backend x device against the unfused checkpoint; exit 1 on any failure."""
     from fcexport.files import write_json_atomic
-    from fcexport.verify import run
+    from fcexport.verify import Tolerance, run
 
-    result = run(artifacts, _names(backends), _names(devices), data, data_root, atol, rtol)
+    tolerance = Tolerance(atol, rtol, int8_agreement, int8_max_drop)
+    result = run(artifacts, _names(backends), _names(devices), data, data_root, tolerance)
     render.verify_report(result)
     if json_path is not None:
         write_json_atomic(json_path, result)

@@ -132,6 +132,9 @@ def comparison_table(title: str, report: dict) -> None:
     out.print(f"inputs: {report['inputs']}")
     out.print(f"pass when |diff| <= atol {report['atol']:g} or <= rtol {report['rtol']:g} * |reference|"
               + (f"; reference accuracy {ref:.2%}" if ref is not None else ""))
+    if any(r.get("criterion") == "agreement" for r in report["rows"]):
+        out.print(f"int8 passes on top-1 agreement >= {report['int8_min_agreement']:.1%} and accuracy drop "
+                  f"<= {report['int8_max_accuracy_drop'] * 100:g} pt; its float errors are shown, not judged")
 
 
 def fuse_summary(result: dict) -> None:
@@ -154,6 +157,7 @@ def fuse_summary(result: dict) -> None:
 
 def export_summary(result: dict) -> None:
     rows = [[path, "written"] for path in result["written"]] + [[result["manifest"], "sha256 + sizes"]]
+    rows += [[path, "removed (quantized from the previous model.onnx; use --int8 to rebuild)"] for path in result["removed"]]
     table("fcx export" + (" (fused)" if result["fused"] else " (unfused)"), ["file", ""], rows)
 
 

@@ -21,8 +21,21 @@ from fcexport.errors import FcxError
 log = logging.getLogger(__name__)
 DEFAULT_ORDER = ("model.onnx", "model.ts", "model.fused.pt", "model.pt")
 # What each backend name stands for in an artifacts folder.
-BACKEND_FILES = {"eager": "model.pt", "fused": "model.fused.pt", "torchscript": "model.ts", "onnxruntime": "model.onnx"}
-BACKEND_MADE_BY = {"eager": "fcx train", "fused": "fcx fuse-bn", "torchscript": "fcx export", "onnxruntime": "fcx export"}
+BACKEND_FILES = {
+    "eager": "model.pt",
+    "fused": "model.fused.pt",
+    "torchscript": "model.ts",
+    "onnxruntime": "model.onnx",
+    "onnxruntime-int8": "model.int8.onnx",  # opt-in, approximate: see fcexport.export.export_int8_onnx
+}
+BACKEND_MADE_BY = {
+    "eager": "fcx train",
+    "fused": "fcx fuse-bn",
+    "torchscript": "fcx export",
+    "onnxruntime": "fcx export",
+    "onnxruntime-int8": "fcx export --int8",
+}
+APPROXIMATE_BACKENDS = ("onnxruntime-int8",)  # judged by top-1 agreement and accuracy, not float tolerances
 BACKENDS = tuple(BACKEND_FILES)
 METADATA_FILE = "metadata.json"  # TorchScript _extra_files entry
 
@@ -197,21 +210,25 @@ def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None) 
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise BackendUnavailable("onnxruntime could not start its CUDA provider")
     metadata = read_onnx_metadata(session.get_modelmeta().custom_metadata_map, path)
+    backend = "onnxruntime-int8" if "quantization" in metadata else "onnxruntime"
+    if backend == "onnxruntime-int8" and device != "cpu":
+        raise BackendUnavailable(f"{path.name} is quantized for CPU inference; use --device cpu")
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run([output_name], {input_name: x})[0]
 
-    return Predictor("onnxruntime", device, path, run, metadata)
+    return Predictor(backend, device, path, run, metadata)
 
 
 def read_onnx_metadata(props: dict, path: Path) -> dict:
-    """Decode the JSON values that `fcexport.export` stores in ONNX metadata_props."""
-    try:
-        metadata = {key: json.loads(value) for key, value in props.items()}
-    except ValueError:
-        metadata = {}
+    """Decode the JSON values that `fcexport.export` stores in ONNX metadata_props; other tools'
+    plain-text entries (the quantizer's `onnx.infer`) are skipped."""
+    metadata = {}
+    for key, value in props.items():
+        with contextlib.suppress(ValueError):
+            metadata[key] = json.loads(value)
     if "class_names" not in metadata or "input_shape" not in metadata:
         raise FcxError(f"{path}: ONNX model lacks fcexport metadata (class_names, input_shape); export it with `fcx export`")
     return metadata

@@ -2,17 +2,20 @@
 
 Exported models take float32 pixels in [0, 1] of shape (N, C, H, W) and return logits: the
 input normalisation and every BatchNorm are folded into the Linear layers first (fcexport.fuse).
+With --int8, an approximate int8 copy of the ONNX model is written as well (model.int8.onnx).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fcexport.backends import METADATA_FILE, quiet_torchscript_deprecation
+from fcexport.backends import BACKEND_FILES, METADATA_FILE, quiet_torchscript_deprecation
 from fcexport.checkpoint import artifact_metadata, load_checkpoint, model_from_checkpoint, now_iso
 from fcexport.errors import FcxError
 from fcexport.files import atomic_path, sha256_file, write_json_atomic
@@ -21,7 +24,15 @@ from fcexport.fuse import fuse_checkpoint_model
 FORMATS = ("torchscript", "onnx")
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; 17 works through onnx's version converter
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
-MANIFEST_FILES = ("model.pt", "model.fused.pt", "model.ts", "model.onnx")
+INT8_FILE = BACKEND_FILES["onnxruntime-int8"]
+MANIFEST_FILES = ("model.pt", "model.fused.pt", "model.ts", "model.onnx", INT8_FILE)
+# What model.int8.onnx holds, stored in its metadata; the backend is recognised by this key.
+INT8_QUANTIZATION = {
+    "method": "onnxruntime dynamic quantization",
+    "weights": "int8, per tensor, symmetric",
+    "activations": "uint8, scale computed per call",
+    "exact": False,
+}
 
 
 def versions() -> dict:
@@ -71,6 +82,43 @@ def export_onnx(model: nn.Module, metadata: dict, path: Path, opset: int = DEFAU
     return path
 
 
+def export_int8_onnx(onnx_path: Path, path: Path) -> Path:
+    """Quantize an exported ONNX model to int8 weights with dynamic (per-call) activation scales.
+
+    No calibration data is needed. The weights shrink 4x (3.3 MB -> 0.8 MB for the default MLP), so
+    they fit in a core's L2 cache: measured ~2x faster at batch 1 and ~3.5x at batch 1024 on CPU. The
+    outputs are approximate, so `fcx verify` judges this model by top-1 agreement and accuracy.
+    Per-tensor, full-range weights: per-channel was slower (21 vs 17 us) for no accuracy gain, and
+    reduce_range (7-bit, for CPUs without VNNI) doubled the logit error (benchmarks/RESULTS.md).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with atomic_path(path) as tmp, _without_preprocessing_hint():
+        quantize_dynamic(onnx_path, tmp, weight_type=QuantType.QInt8, per_channel=False, reduce_range=False)
+        proto = onnx.load(str(tmp))
+        proto.metadata_props.add(key="quantization", value=json.dumps(INT8_QUANTIZATION))
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+    return path
+
+
+@contextlib.contextmanager
+def _without_preprocessing_hint():
+    """The quantizer suggests shape-inference pre-processing on the root logger; a chain of Gemms
+    has nothing for it to do, so the hint is kept out of our output."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def write_manifest(folder: Path) -> Path:
     """manifest.json: every model file in the folder with its sha256 and size, plus tool versions."""
     files = {
@@ -83,11 +131,14 @@ def write_manifest(folder: Path) -> Path:
     return path
 
 
-def run(checkpoint_path: Path, artifacts: Path, formats=FORMATS, opset: int = DEFAULT_OPSET, fuse: bool = True) -> dict:
-    """`fcx export`: checkpoint -> (fused) model -> model.ts / model.onnx -> manifest.json."""
+def run(checkpoint_path: Path, artifacts: Path, formats=FORMATS, opset: int = DEFAULT_OPSET, fuse: bool = True,
+        int8: bool = False) -> dict:
+    """`fcx export`: checkpoint -> (fused) model -> model.ts / model.onnx [/ model.int8.onnx] -> manifest.json."""
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise FcxError(f"--format must be torchscript, onnx or all, got {', '.join(sorted(unknown)) or 'nothing'}")
+    if int8 and "onnx" not in formats:
+        raise FcxError("--int8 quantizes model.onnx: add onnx to --format (or use --format all)")
     checkpoint = load_checkpoint(checkpoint_path)
     if fuse:
         model, report = fuse_checkpoint_model(checkpoint)
@@ -104,10 +155,16 @@ def run(checkpoint_path: Path, artifacts: Path, formats=FORMATS, opset: int = DE
         "folds": folds or metadata["provenance"].get("folds", []),
         **versions(),
     }
-    written = []
+    written, removed = [], []
     if "torchscript" in formats:
         written.append(export_torchscript(model, metadata, artifacts / "model.ts"))
     if "onnx" in formats:
         written.append(export_onnx(model, metadata, artifacts / "model.onnx", opset))
+        int8_path = artifacts / INT8_FILE
+        if int8:
+            written.append(export_int8_onnx(written[-1], int8_path))
+        elif int8_path.is_file():  # quantized from the model.onnx just replaced: it would answer for an old model
+            int8_path.unlink()
+            removed.append(str(int8_path))
     manifest = write_manifest(artifacts)
-    return {"written": [str(p) for p in written], "manifest": str(manifest), "fused": fuse, "folds": folds}
+    return {"written": [str(p) for p in written], "removed": removed, "manifest": str(manifest), "fused": fuse, "folds": folds}

@@ -272,7 +272,7 @@ def run(
     from fcexport.checkpoint import artifact_metadata, load_model, save_checkpoint
     from fcexport.files import sha256_file
 
-    verification.check_tolerances(atol, rtol)
+    tolerance = verification.Tolerance(atol, rtol)
     original, checkpoint = load_model(checkpoint_path)
     new_checkpoint, fused, report = fused_checkpoint(checkpoint, sha256_file(checkpoint_path), checkpoint_path.name)
     metadata = artifact_metadata(checkpoint)
@@ -289,8 +289,8 @@ def run(
     if verify:
         inputs = verification.make_inputs(checkpoint, data, data_root)
         reference = module_predictor(original.to("cpu"), "eager", "cpu", checkpoint_path, metadata)(inputs.x)
-        rows = verification.compare_predictors(reference, [after], inputs, atol, rtol)
-        result["verification"] = verification.report(rows, inputs, verification.accuracy(reference, inputs.labels), atol, rtol)
+        rows = verification.compare_predictors(reference, [after], inputs, tolerance)
+        result["verification"] = verification.report(rows, inputs, verification.accuracy(reference, inputs.labels), tolerance)
         if not result["verification"]["passed"]:
             return result  # a failed fold is reported, never written
     save_checkpoint(new_checkpoint, out_path)

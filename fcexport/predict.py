@@ -42,7 +42,7 @@ def predict_files(
     fill = (predictor.metadata.get("preprocess") or {}).get("object_fill", 1.0)
     for chunk, pixels in batches_of_images(files, (height, width), invert, batch_size, fill):
         probabilities = softmax(predictor(pixels).astype(np.float64))
-        for file, probs in zip(chunk, probabilities):
+        for file, probs in zip(chunk, probabilities, strict=True):
             order = np.argsort(-probs, kind="stable")[:k]
             yield {
                 "file": str(file),

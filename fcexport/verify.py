@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcexport.backends import BACKENDS, BackendUnavailable, Predictor, module_predictor, open_backend
+from fcexport.backends import APPROXIMATE_BACKENDS, BACKENDS, BackendUnavailable, Predictor, module_predictor, open_backend
 from fcexport.errors import FcxError, check_choices
 from fcexport.files import sha256_file
 
@@ -30,9 +30,22 @@ class Inputs:
     description: str
 
 
-def check_tolerances(atol: float, rtol: float) -> None:
-    if not (atol >= 0 and rtol >= 0):
-        raise FcxError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
+@dataclass(frozen=True)
+class Tolerance:
+    """When a candidate passes. atol/rtol apply to exact backends, element by element; an approximate
+    (int8) backend must agree on the top-1 class for `min_agreement` of the inputs and lose at most
+    `max_accuracy_drop` accuracy (a fraction: 0.01 = one point) on the labelled ones."""
+
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    min_agreement: float = 0.99
+    max_accuracy_drop: float = 0.01
+
+    def __post_init__(self):
+        if not (self.atol >= 0 and self.rtol >= 0):
+            raise FcxError(f"--atol and --rtol must be >= 0, got {self.atol} and {self.rtol}")
+        if not (0 <= self.min_agreement <= 1 and 0 <= self.max_accuracy_drop <= 1):
+            raise FcxError(f"--int8-agreement and --int8-max-drop must be in [0, 1], got {self.min_agreement} and {self.max_accuracy_drop}")
 
 
 def error_stats(candidate: np.ndarray, reference: np.ndarray, atol: float, rtol: float) -> dict:
@@ -58,13 +71,28 @@ def error_stats(candidate: np.ndarray, reference: np.ndarray, atol: float, rtol:
     }
 
 
-def compare(candidate: np.ndarray, reference: np.ndarray, labels: np.ndarray | None, atol: float, rtol: float) -> dict:
-    """error_stats plus top-1 agreement with the reference and accuracy on the labelled rows."""
-    row = error_stats(candidate, reference, atol, rtol)
+def compare(candidate: np.ndarray, reference: np.ndarray, labels: np.ndarray | None, tolerance: Tolerance,
+            approximate: bool = False) -> dict:
+    """error_stats plus top-1 agreement with the reference and accuracy on the labelled rows.
+
+    `passed` follows atol/rtol, or for an approximate candidate, agreement and accuracy drop.
+    """
+    row = error_stats(candidate, reference, tolerance.atol, tolerance.rtol)
     if "shape_mismatch" in row:
         return row
     row["top1_agreement"] = float((candidate.argmax(1) == reference.argmax(1)).mean())
     row["accuracy"] = accuracy(candidate, labels)
+    row["criterion"] = "agreement" if approximate else "tolerance"
+    if approximate:
+        reference_accuracy = accuracy(reference, labels)
+        drop = None if reference_accuracy is None else reference_accuracy - row["accuracy"]
+        row["accuracy_drop"] = drop
+        slack = 1e-9  # shares are k/n in float64: exactly-at-the-limit must not fail on rounding
+        row["passed"] = (
+            bool(np.isfinite(candidate).all())
+            and row["top1_agreement"] >= tolerance.min_agreement - slack
+            and (drop is None or drop <= tolerance.max_accuracy_drop + slack)
+        )
     return row
 
 
@@ -97,7 +125,7 @@ def make_inputs(checkpoint: dict, data: str | None = None, data_root: str | None
     return Inputs(np.concatenate([real, random]), test.labels.numpy(), f"{len(real)} test images of {source} + {RANDOM_INPUTS} random inputs")
 
 
-def compare_predictors(reference: np.ndarray, candidates: list, inputs: Inputs, atol: float, rtol: float) -> list[dict]:
+def compare_predictors(reference: np.ndarray, candidates: list, inputs: Inputs, tolerance: Tolerance) -> list[dict]:
     """Run each candidate (a Predictor, or (backend, device, reason) when unavailable) and compare it."""
     rows = []
     for candidate in candidates:
@@ -105,18 +133,21 @@ def compare_predictors(reference: np.ndarray, candidates: list, inputs: Inputs, 
             backend, device, reason = candidate
             rows.append({"backend": backend, "device": device, "status": "skipped", "reason": reason})
             continue
-        stats = compare(candidate(inputs.x), reference, inputs.labels, atol, rtol)
+        approximate = candidate.backend in APPROXIMATE_BACKENDS
+        stats = compare(candidate(inputs.x), reference, inputs.labels, tolerance, approximate)
         status = "pass" if stats["passed"] else "fail"
         rows.append({"backend": candidate.backend, "device": candidate.device, "status": status, "source": str(candidate.source), **stats})
     return rows
 
 
-def report(rows: list[dict], inputs: Inputs, reference_accuracy: float | None, atol: float, rtol: float) -> dict:
+def report(rows: list[dict], inputs: Inputs, reference_accuracy: float | None, tolerance: Tolerance) -> dict:
     ran = [r for r in rows if r["status"] != "skipped"]
     return {
         "passed": bool(ran) and all(r["status"] == "pass" for r in ran),
-        "atol": atol,
-        "rtol": rtol,
+        "atol": tolerance.atol,
+        "rtol": tolerance.rtol,
+        "int8_min_agreement": tolerance.min_agreement,
+        "int8_max_accuracy_drop": tolerance.max_accuracy_drop,
         "inputs": inputs.description,
         "reference_accuracy": reference_accuracy,
         "rows": rows,
@@ -129,13 +160,10 @@ def run(
     devices=DEVICES,
     data: str | None = None,
     data_root: str | None = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
+    tolerance: Tolerance = Tolerance(),
 ) -> dict:
     """`fcx verify`: the unfused model.pt on cpu is the reference; every other backend x device is compared."""
     from fcexport.checkpoint import artifact_metadata, load_model
-
-    check_tolerances(atol, rtol)
     check_choices("--backends", backends, CANDIDATES)
     check_choices("--devices", devices, DEVICES)
     reference_path = artifacts / "model.pt"
@@ -151,9 +179,9 @@ def run(
                 candidates.append(open_backend(backend, artifacts, device))
             except BackendUnavailable as exc:
                 candidates.append((backend, device, str(exc)))
-    rows = compare_predictors(reference, candidates, inputs, atol, rtol)
+    rows = compare_predictors(reference, candidates, inputs, tolerance)
     note_other_sources(rows, candidates, sha256_file(reference_path))
-    return report(rows, inputs, accuracy(reference, inputs.labels), atol, rtol)
+    return report(rows, inputs, accuracy(reference, inputs.labels), tolerance)
 
 
 def note_other_sources(rows: list[dict], candidates: list, reference_sha256: str) -> None:

@@ -32,7 +32,7 @@ def csv_file(tmp_path_factory) -> Path:
     images, labels = synthetic_images(120, classes=4, seed=2)
     path = tmp_path_factory.mktemp("csv") / "fashion.csv"
     rows = ["label," + ",".join(f"pixel{i}" for i in range(1, 785))]
-    rows += [f"{lab}," + ",".join(map(str, img.ravel())) for img, lab in zip(images, labels)]
+    rows += [f"{lab}," + ",".join(map(str, img.ravel())) for img, lab in zip(images, labels, strict=True)]
     path.write_text("\n".join(rows) + "\n")
     return path
 
@@ -42,7 +42,7 @@ def image_folder(tmp_path_factory) -> Path:
     """Class sub-folders of 28x28 grayscale PNGs."""
     root = tmp_path_factory.mktemp("folder") / "shapes"
     images, labels = synthetic_images(60, classes=3, seed=3)
-    for i, (img, lab) in enumerate(zip(images, labels)):
+    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
         save_png(root / f"class{lab}" / f"{i}.png", img)
     return root
 
@@ -76,3 +76,12 @@ def exported_dir(tmp_path_factory, trained_dir, runner) -> Path:
 def artifacts_copy(tmp_path, exported_dir) -> Path:
     """A private copy of the exported folder, for tests that damage or rewrite files."""
     return Path(shutil.copytree(exported_dir, tmp_path / "artifacts"))
+
+
+@pytest.fixture(scope="session")
+def int8_dir(tmp_path_factory, exported_dir, runner) -> Path:
+    """exported_dir plus model.int8.onnx, from `fcx export --int8`."""
+    out = Path(shutil.copytree(exported_dir, tmp_path_factory.mktemp("int8") / "artifacts"))
+    result = invoke(runner, "export", "--int8", "--artifacts", out)
+    assert result.exit_code == 0, result.output
+    return out

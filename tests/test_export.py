@@ -1,8 +1,10 @@
 """`fcx export` artifacts and `fcx verify` parity, including plain consumers with no fcexport code."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -168,3 +170,75 @@ def test_verify_flags_a_stale_export(artifacts_copy, runner, tmp_path):
     row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
     assert r.exit_code == 1 and row["status"] == "fail"
     assert "another checkpoint" in row["note"] and "another checkpoint" in r.stdout
+
+
+# ---- int8 (approximate) ONNX ---------------------------------------------------------------
+
+
+def test_int8_export_contract(int8_dir):
+    model = onnx.load(str(int8_dir / "model.int8.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    weights = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
+    assert weights and all(t.data_type == onnx.TensorProto.INT8 for t in weights.values())  # no float matrix left
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {n.op_type for n in model.graph.node}
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["quantization"])["exact"] is False
+    assert json.loads(meta["class_names"]) == [str(i) for i in range(10)]
+    assert json.loads(meta["provenance"])["source_sha256"] == sha256_file(int8_dir / "model.pt")
+    manifest = json.loads((int8_dir / "manifest.json").read_text())
+    assert manifest["files"]["model.int8.onnx"]["sha256"] == sha256_file(int8_dir / "model.int8.onnx")
+
+
+def test_int8_runs_in_plain_onnxruntime_like_fcx(int8_dir, batch, tmp_path):
+    out = subprocess.run([sys.executable, "-c", ONNX_CLIENT, str(int8_dir / "model.int8.onnx"), str(batch[1])],
+                         capture_output=True, text=True, cwd=tmp_path, check=True)
+    predictor = open_predictor(int8_dir / "model.int8.onnx")
+    assert predictor.backend == "onnxruntime-int8"
+    assert json.loads(out.stdout) == [predictor.class_names[i] for i in predictor(batch[0]).argmax(1)]
+
+
+def test_verify_judges_int8_by_agreement_not_float_tolerance(int8_dir, runner, tmp_path):
+    r = invoke(runner, "verify", "--artifacts", int8_dir, "--devices", "cpu", "--int8-agreement", "0.9",
+               "--int8-max-drop", "0.05", "--json", tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    row = {row["backend"]: row for row in report["rows"]}["onnxruntime-int8"]
+    assert row["criterion"] == "agreement" and row["max_abs"] > report["atol"]  # atol/rtol alone would fail it
+    assert row["top1_agreement"] >= 0.9 and row["accuracy_drop"] <= 0.05
+    assert row["status"] == "pass" and r.exit_code == 0, r.output
+    assert "int8 passes on top-1 agreement >= 90.0%" in r.stdout
+
+
+def test_sabotaged_int8_fails_verification(int8_dir, runner, tmp_path):
+    path = Path(shutil.copytree(int8_dir, tmp_path / "a")) / "model.int8.onnx"
+    model = onnx.load(str(path))
+    for t in model.graph.initializer:
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2:  # scramble every weight matrix
+            array = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(np.random.default_rng(0).permutation(array.ravel()).reshape(array.shape), t.name))
+    onnx.save(model, str(path))
+    r = invoke(runner, "verify", "--artifacts", path.parent, "--backends", "onnxruntime-int8", "--devices", "cpu")
+    assert r.exit_code == 1 and "FAIL" in r.stdout
+
+
+def test_export_without_int8_removes_a_stale_int8_model(int8_dir, runner, tmp_path):
+    folder = Path(shutil.copytree(int8_dir, tmp_path / "a"))
+    r = invoke(runner, "export", "--artifacts", folder)
+    assert r.exit_code == 0, r.output
+    assert not (folder / "model.int8.onnx").exists() and "removed" in r.stdout
+    assert "model.int8.onnx" not in json.loads((folder / "manifest.json").read_text())["files"]
+
+
+def test_judging_an_approximate_candidate():
+    from fcexport.verify import Tolerance, compare
+
+    reference = np.eye(10, dtype=np.float32)[np.arange(100) % 10]
+    labels = np.arange(100) % 10
+    candidate = reference + 0.05  # every element off by more than atol
+    candidate[0] = np.roll(candidate[0], 1)  # one top-1 flip: 99% agreement, accuracy 100% -> 99%
+    exact = compare(candidate, reference, labels, Tolerance())
+    assert not exact["passed"] and exact["criterion"] == "tolerance"
+    assert compare(candidate, reference, labels, Tolerance(), approximate=True)["passed"]
+    assert not compare(candidate, reference, labels, Tolerance(min_agreement=0.995), approximate=True)["passed"]
+    assert not compare(candidate, reference, labels, Tolerance(max_accuracy_drop=0.005), approximate=True)["passed"]
+    candidate[1, 0] = np.nan
+    assert not compare(candidate, reference, labels, Tolerance(), approximate=True)["passed"]

@@ -100,12 +100,12 @@ def test_predict_on_onnx_never_imports_torch(exported_dir, image_dir):
     subprocess.run([sys.executable, "-c", code, str(image_dir / "gray.png"), str(exported_dir)], check=True, capture_output=True)
 
 
-def test_bench_runs_every_backend_with_tiny_counts(exported_dir, runner):
-    r = invoke(runner, "bench", "--artifacts", exported_dir, "--batch-sizes", "1,3", "--warmup", "1", "--repeat", "2", "--json")
+def test_bench_runs_every_backend_with_tiny_counts(int8_dir, runner):
+    r = invoke(runner, "bench", "--artifacts", int8_dir, "--batch-sizes", "1,3", "--warmup", "1", "--repeat", "2", "--json")
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     assert {(row["backend"], row["batch_size"]) for row in rows} == {
-        (b, n) for b in ("eager", "fused", "torchscript", "onnxruntime") for n in (1, 3)
+        (b, n) for b in ("eager", "fused", "torchscript", "onnxruntime", "onnxruntime-int8") for n in (1, 3)
     }
     for row in rows:
         assert set(row) >= {"backend", "device", "batch_size", "p50_ms", "p90_ms", "throughput"}
@@ -157,3 +157,16 @@ def test_object_fill_is_measured_and_used_like_mnist_20_in_28(tmp_path):
     rows, cols = object_extent(x)
     assert rows.stop - rows.start == 20 and cols.stop - cols.start == 10  # aspect kept, fitted to 20 px
     assert abs((rows.start + rows.stop) / 2 - 14) <= 1 and abs((cols.start + cols.stop) / 2 - 14) <= 1  # centred
+
+
+def test_predict_with_the_int8_model(int8_dir, image_dir, runner):
+    r = invoke(runner, "predict", image_dir / "gray.png", "--model", int8_dir / "model.int8.onnx")
+    assert r.exit_code == 0, r.output
+    assert "model.int8.onnx (onnxruntime-int8, cpu)" in r.stdout
+
+
+def test_bench_lists_a_missing_int8_model_as_skipped(exported_dir, runner):
+    r = invoke(runner, "bench", "--artifacts", exported_dir, "--batch-sizes", "1", "--warmup", "0", "--repeat", "1",
+               "--backends", "onnxruntime-int8", "--json")
+    assert r.exit_code == 0, r.output
+    assert "fcx export --int8" in json.loads(r.stdout)[0]["skipped"]
