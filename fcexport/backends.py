@@ -112,6 +112,8 @@ def open_backend(backend: str, artifacts: Path, device: str) -> Predictor:
         return module_predictor(fused, "fused", device, Path("(fused in memory from model.pt)"), artifact_metadata(checkpoint))
     if not path.is_file():
         raise BackendUnavailable(f"{path} not found; run `{BACKEND_MADE_BY[backend]}`")
+    if backend in APPROXIMATE_BACKENDS and device != "cpu":
+        raise BackendUnavailable(f"{path.name} is quantized for CPU inference only")
     return open_predictor(path, device)
 
 
@@ -212,7 +214,7 @@ def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None) 
     metadata = read_onnx_metadata(session.get_modelmeta().custom_metadata_map, path)
     backend = "onnxruntime-int8" if "quantization" in metadata else "onnxruntime"
     if backend == "onnxruntime-int8" and device != "cpu":
-        raise BackendUnavailable(f"{path.name} is quantized for CPU inference; use --device cpu")
+        raise BackendUnavailable(f"{path.name} is quantized for CPU inference only; use --device cpu")
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
 

@@ -242,3 +242,10 @@ def test_judging_an_approximate_candidate():
     assert not compare(candidate, reference, labels, Tolerance(max_accuracy_drop=0.005), approximate=True)["passed"]
     candidate[1, 0] = np.nan
     assert not compare(candidate, reference, labels, Tolerance(), approximate=True)["passed"]
+
+
+def test_int8_is_listed_as_cpu_only_on_cuda(int8_dir, runner, tmp_path):
+    invoke(runner, "verify", "--artifacts", int8_dir, "--backends", "onnxruntime-int8", "--devices", "cpu,cuda", "--json", tmp_path / "r.json")
+    rows = {row["device"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert rows["cpu"]["status"] in ("pass", "fail") and rows["cuda"]["status"] == "skipped"
+    assert "CPU inference only" in rows["cuda"]["reason"]
