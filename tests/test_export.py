@@ -249,3 +249,12 @@ def test_int8_is_listed_as_cpu_only_on_cuda(int8_dir, runner, tmp_path):
     rows = {row["device"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
     assert rows["cpu"]["status"] in ("pass", "fail") and rows["cuda"]["status"] == "skipped"
     assert "CPU inference only" in rows["cuda"]["reason"]
+
+
+def test_cli_default_backends_are_every_library_backend():
+    """The CLI spells the list out so `fcx --help` need not import numpy; it must not drift."""
+    from cli.main import ALL_BACKENDS
+
+    from fcexport.backends import BACKENDS
+
+    assert ALL_BACKENDS.split(",") == list(BACKENDS)
