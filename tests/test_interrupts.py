@@ -67,9 +67,13 @@ def test_sigkill_during_export_leaves_old_or_new_files(artifacts_copy, delay):
     proc.wait(timeout=30)
     for name in ("model.onnx", "model.ts", "model.pt"):
         open_predictor(artifacts_copy / name)  # raises if a half-written file were left in place
-    # a kill can leave a hidden temp file behind, but never under a name that anything loads
+    # a kill can leave a hidden temp file behind, but never under a name that anything loads ...
     assert find_default_model(artifacts_copy).name == "model.onnx"
     assert all(p.name.endswith(".tmp") for p in artifacts_copy.iterdir() if p.name.startswith("."))
+    # ... and the next export removes it
+    again = start("export", "--artifacts", artifacts_copy)
+    assert again.wait(timeout=120) == 0, again.stderr.read()
+    assert not [p.name for p in artifacts_copy.iterdir() if p.name.startswith(".")]
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -80,3 +84,18 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
             tmp.write_bytes(b"half")
             raise KeyboardInterrupt
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "model.onnx"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that has just exited: nobody is writing with it
+    orphan = tmp_path / f".model.onnx.{dead.pid}.abc123.tmp"
+    alive = tmp_path / f".model.onnx.{os.getpid()}.def456.tmp"  # a writer still running (this process)
+    other = tmp_path / f".model.ts.{dead.pid}.ghi789.tmp"  # another target's: left to that target's next write
+    for p in (orphan, alive, other):
+        p.write_bytes(b"half")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert not orphan.exists() and alive.exists() and other.exists()
