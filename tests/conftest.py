@@ -84,4 +84,5 @@ def int8_dir(tmp_path_factory, exported_dir, runner) -> Path:
     out = Path(shutil.copytree(exported_dir, tmp_path_factory.mktemp("int8") / "artifacts"))
     result = invoke(runner, "export", "--int8", "--artifacts", out)
     assert result.exit_code == 0, result.output
+    assert "pre-processing" not in result.stderr  # the quantizer's hint is filtered out
     return out
