@@ -18,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fcexport.backends import APPROXIMATE_BACKENDS, BACKENDS, BackendUnavailable, Predictor, open_backend
-from fcexport.bench import measure
+from fcexport.artifacts import APPROXIMATE_BACKENDS, BACKENDS
+from fcexport.pipeline import open_backend
+from fcexport.runtimes import DeviceUnavailable, Predictor
+from fcexport.spec import ModelSpec
+from fcexport.timing import measure
 
 
 def numpy_chain(onnx_path: Path) -> Predictor:
@@ -39,7 +42,7 @@ def numpy_chain(onnx_path: Path) -> Predictor:
                 np.maximum(h, 0, out=h)
         return h
 
-    return Predictor("numpy-chain", "cpu", onnx_path, run, {"input_shape": [1, 28, 28], "class_names": []})
+    return Predictor("numpy-chain", "cpu", onnx_path, run, ModelSpec([1, 28, 28], [str(i) for i in range(10)]))
 
 
 def ort_default(onnx_path: Path) -> Predictor:
@@ -47,7 +50,8 @@ def ort_default(onnx_path: Path) -> Predictor:
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return Predictor("onnxruntime-default", "cpu", onnx_path, lambda x: session.run(None, {name: x})[0], {})
+    spec = ModelSpec([1, 28, 28], [str(i) for i in range(10)])
+    return Predictor("onnxruntime-default", "cpu", onnx_path, lambda x: session.run(None, {name: x})[0], spec)
 
 
 def ensure_artifacts(folder: Path) -> None:
@@ -70,12 +74,12 @@ def main() -> None:
     for backend in BACKENDS:
         try:
             predictors.append(open_backend(backend, args.artifacts, "cpu"))
-        except BackendUnavailable as exc:
+        except DeviceUnavailable as exc:
             if backend not in APPROXIMATE_BACKENDS:
                 raise
             print(f"(skipping {backend}: {exc})")
     predictors += [ort_default(args.artifacts / "model.onnx"), numpy_chain(args.artifacts / "model.onnx")]
-    shape = predictors[0].input_shape
+    shape = predictors[0].spec.input_shape
     rng = np.random.default_rng(0)
     results = {}
     for batch, repeat in ((1, 5000), (1024, 200)):

@@ -45,7 +45,7 @@ def naive_samples_per_second(root: str, epochs: int) -> float:
 
 def fcexport_samples_per_second(root: str, epochs: int) -> float:
     from fcexport.data import load_dataset, train_val_split
-    from fcexport.train import TrainOptions, build_for, fit
+    from fcexport.training import TrainOptions, build_for, fit
 
     opts = TrainOptions(data_root=root, epochs=epochs, device="cpu", flip=True)
     dataset = load_dataset("fashion-mnist", root)

@@ -10,6 +10,27 @@ from fcexport.errors import FcxError
 
 DEBUG = {"enabled": False}
 INTERNAL_ERROR = 3  # a bug in fcx, not in the user's input
+# errors.HINTS step -> what to run; only the CLI knows commands and flag names.
+HINTS = {
+    "train-or-import": "run `fcx train`, or `fcx import WEIGHTS --model-def FILE.py:NAME --input-shape C,H,W` for your own model",
+    "import": "run `fcx import WEIGHTS --model-def FILE.py:NAME --input-shape C,H,W` (see `fcx import --help`)",
+    "fuse": "run `fcx fuse-bn`",
+    "export": "run `fcx export`",
+    "export-int8": "run `fcx export --int8`",
+    "cpu": "use --device cpu",
+}
+
+
+def with_hint(message: str, hint: str | None) -> str:
+    return f"{message}; {HINTS[hint]}" if hint in HINTS else message
+
+
+def resolve_hints(rows: list[dict]) -> list[dict]:
+    """Replace each row's hint key (from the library) with the command that fixes it, for tables and JSON."""
+    for row in rows:
+        if row.get("hint") in HINTS:
+            row["hint"] = HINTS[row["hint"]]
+    return rows
 
 
 def fail(message: str, code: int) -> None:
@@ -30,7 +51,7 @@ def handle_errors(command):
             if DEBUG["enabled"]:
                 raise
             if isinstance(exc, FcxError):
-                fail(str(exc), exc.exit_code)
+                fail(with_hint(str(exc), exc.hint), exc.exit_code)
             if isinstance(exc, MemoryError):
                 fail("out of memory; use a smaller --batch-size or fewer inputs", 2)
             fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug and report it)", INTERNAL_ERROR)

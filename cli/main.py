@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli import render
-from cli.errors import DEBUG, fail, handle_errors
+from cli.errors import DEBUG, fail, handle_errors, resolve_hints
 from fcexport.errors import FcxError
 from fcexport.options import TrainOptions
 
@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Train small fully connected image classifiers, fold BatchNorm, export TorchScript/ONNX, verify, predict, bench.",
+    help="Ship small image classifiers: train or import, fold BatchNorm, export TorchScript/ONNX, verify, predict, bench.",
 )
 
 TRAIN = TrainOptions()  # one source of truth for defaults
@@ -67,7 +67,7 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON")] = False,
 ) -> None:
     """Train a classifier and write model.pt, metrics.json, history.csv, curves.png, confusion.png."""
-    from fcexport.train import run
+    from fcexport.pipeline import train as run
 
     opts = TrainOptions(
         data=data, data_root=data_root, arch=model, hidden=_int_list(hidden, "--hidden"), batchnorm=bn,
@@ -106,10 +106,51 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise FcxError(f"{option} expects one number or comma-separated numbers (one per channel), got '{text}'") from None
+
+
+@app.command("import")
+@handle_errors
+def import_(
+    weights: Annotated[Path, typer.Argument(help="State dict saved with torch.save(model.state_dict(), ...), or a training checkpoint that nests one")],
+    model_def: Annotated[str, typer.Option("--model-def", help="FILE.py:NAME or package.module:NAME: an nn.Module class or factory. This is your own code: it runs once, here")],
+    input_shape: Annotated[str, typer.Option("--input-shape", help="C,H,W of one input image, e.g. 1,28,28 or 3,224,224")],
+    model_args: Annotated[Optional[str], typer.Option("--model-args", help='Keyword arguments for NAME as a JSON object, e.g. \'{"num_classes": 10}\'')] = None,
+    key: Annotated[Optional[str], typer.Option("--key", help="Key of the state dict inside a training checkpoint [default: found automatically]")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated names, a text file (one per line), or fashion-mnist, mnist, kmnist, digits [default: 0..N-1]")] = None,
+    mean: Annotated[Optional[str], typer.Option(help="Normalisation the model expects on [0, 1] pixels: one value or one per channel")] = None,
+    std: Annotated[Optional[str], typer.Option(help="Standard deviation to go with --mean")] = None,
+    artifacts: ArtifactsOpt = Path("artifacts"),
+) -> None:
+    """Bring your own model: its weights + code -> ARTIFACTS/model.pt, used by every later command without your code."""
+    import json
+
+    from fcexport.pipeline import import_weights
+    from fcexport.sources import parse_class_names
+
+    try:
+        kwargs = json.loads(model_args) if model_args else {}
+    except json.JSONDecodeError as exc:
+        raise FcxError(f"--model-args is not valid JSON ({exc.msg}); pass an object such as '{{\"num_classes\": 10}}'") from None
+    if not isinstance(kwargs, dict):
+        raise FcxError("--model-args must be a JSON object of keyword arguments")
+    mean_values, std_values = _floats(mean, "--mean"), _floats(std, "--std")
+    if (mean_values is None) != (std_values is None):
+        raise FcxError("--mean and --std go together")
+    path = import_weights(weights, model_def, input_shape, kwargs, key, parse_class_names(classes), mean_values, std_values, artifacts)
+    render.import_summary(path)
+
+
 @app.command("fuse-bn")
 @handle_errors
 def fuse_bn(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint to fuse [default: ARTIFACTS/model.pt]")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Model to fuse [default: ARTIFACTS/model.pt]")] = None,
     artifacts: ArtifactsOpt = Path("artifacts"),
     out: Annotated[Optional[Path], typer.Option(help="Output [default: ARTIFACTS/model.fused.pt]")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Compare fused against the original; exit 1 outside tolerance")] = False,
@@ -120,10 +161,12 @@ def fuse_bn(
     data_root: DataRootOpt = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Fold every BatchNorm (and the input normalisation) into the Linear layers: model.fused.pt."""
-    from fcexport.fuse import run
+    """Fold every BatchNorm (and the input normalisation) into neighbouring Linear/Conv layers: model.fused.pt."""
+    from fcexport.compare import Tolerance
+    from fcexport.pipeline import fuse
 
-    result = run(_checkpoint_arg(checkpoint, artifacts), out or artifacts / "model.fused.pt", verify, atol, rtol, device, data, data_root)
+    result = fuse(_checkpoint_arg(checkpoint, artifacts), out or artifacts / "model.fused.pt", verify, Tolerance(atol, rtol),
+                  device, data, data_root)
     if json_out:
         render.print_json(result)
     else:
@@ -135,7 +178,7 @@ def fuse_bn(
 @app.command()
 @handle_errors
 def export(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint [default: ARTIFACTS/model.pt]")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Model [default: ARTIFACTS/model.pt]")] = None,
     artifacts: ArtifactsOpt = Path("artifacts"),
     format: Annotated[str, typer.Option("--format", help="torchscript, onnx or all")] = "all",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
@@ -144,8 +187,10 @@ def export(
     json_out: JsonFlag = False,
 ) -> None:
     """Write model.ts (frozen TorchScript), model.onnx and manifest.json; inputs are [0, 1] pixels."""
-    from fcexport.export import FORMATS, run
+    from fcexport.pipeline import FORMATS, export as run
 
+    if int8 and format == "torchscript":
+        raise FcxError("--int8 quantizes model.onnx: add onnx to --format (or use --format all)")
     formats = FORMATS if format == "all" else tuple(_names(format))
     result = run(_checkpoint_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, int8)
     if json_out:
@@ -169,11 +214,13 @@ def verify(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file")] = None,
 ) -> None:
     """Compare every backend x device against the unfused checkpoint; exit 1 on any failure."""
+    from fcexport.compare import Tolerance
     from fcexport.files import write_json_atomic
-    from fcexport.verify import Tolerance, run
+    from fcexport.pipeline import verify as run
 
     tolerance = Tolerance(atol, rtol, int8_agreement, int8_max_drop)
     result = run(artifacts, _names(backends), _names(devices), data, data_root, tolerance)
+    resolve_hints(result["rows"])
     render.verify_report(result)
     if json_path is not None:
         write_json_atomic(json_path, result)
@@ -193,7 +240,8 @@ def predict(
     json_out: JsonFlag = False,
 ) -> None:
     """Classify image files (any size, gray/RGB/RGBA/16-bit, light or dark background)."""
-    from fcexport.predict import open_model, predict_files
+    from fcexport.pipeline import open_model
+    from fcexport.classify import predict_files
 
     predictor = open_model(model, artifacts, device)
     results = list(predict_files(predictor, images, top_k, invert))  # images stream in batches; results are small
@@ -217,9 +265,9 @@ def bench(
     json_out: JsonFlag = False,
 ) -> None:
     """Latency (p50/p90) and throughput per backend and batch size."""
-    from fcexport.bench import run
+    from fcexport.pipeline import bench as run
 
-    rows = run(artifacts, _int_list(batch_sizes, "--batch-sizes"), _names(backends), device, warmup, repeat, seconds)
+    rows = resolve_hints(run(artifacts, _int_list(batch_sizes, "--batch-sizes"), _names(backends), device, warmup, repeat, seconds))
     if json_out:
         render.print_json(rows)
     else:

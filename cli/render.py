@@ -117,7 +117,7 @@ def comparison_table(title: str, report: dict) -> None:
     rows, remarks = [], []
     for r in report["rows"]:
         if r["status"] == "skipped":
-            remarks.append(f"skipped {r['backend']} on {r['device']}: {r['reason']}")
+            remarks.append(f"skipped {r['backend']} on {r['device']}: {r['reason']}{'; ' + r['hint'] if r.get('hint') else ''}")
             continue
         if r.get("note"):
             remarks.append(f"note {r['backend']} on {r['device']}: {r['note']}")
@@ -135,6 +135,11 @@ def comparison_table(title: str, report: dict) -> None:
     if any(r.get("criterion") == "agreement" for r in report["rows"]):
         out.print(f"int8 passes on top-1 agreement >= {report['int8_min_agreement']:.1%} and accuracy drop "
                   f"<= {report['int8_max_accuracy_drop'] * 100:g} pt; its float errors are shown, not judged")
+
+
+def import_summary(path) -> None:
+    out.print(f"wrote {path}: next, `fcx fuse-bn --verify`, `fcx export`, `fcx verify`, `fcx predict IMAGE`"
+              + ("" if str(path) == "artifacts/model.pt" else f" (with --artifacts {path.parent})"))
 
 
 def fuse_summary(result: dict) -> None:
@@ -177,7 +182,7 @@ def bench_table(rows: list[dict]) -> None:
     body, skipped = [], []
     for r in rows:
         if "skipped" in r:
-            skipped.append(f"skipped {r['backend']} on {r['device']}: {r['skipped']}")
+            skipped.append(f"skipped {r['backend']} on {r['device']}: {r['skipped']}{'; ' + r['hint'] if r.get('hint') else ''}")
         else:
             body.append([r["backend"], r["device"], r["batch_size"], f"{r['p50_ms'] * 1e3:,.1f}", f"{r['p90_ms'] * 1e3:,.1f}", f"{r['throughput']:,.0f}"])
     table("fcx bench", ["backend", "device", "batch", "p50 (us)", "p90 (us)", "samples/s"], body)

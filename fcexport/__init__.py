@@ -1,22 +1,45 @@
-"""fcexport: train small fully connected image classifiers and ship them as verified artifacts.
+"""fcexport: ship small image classifiers as verified TorchScript and ONNX artifacts.
 
-The package is imported by `fcx --help` and `fcx predict` on ONNX models, which must not pay
-for importing torch, so heavy names are resolved lazily on first use.
+Ways in: `import_model(module, input_shape, ...)` for a live nn.Module, `import_weights(...)` for a
+state dict plus the model's code, `train(TrainOptions(...))`. Each writes ARTIFACTS/model.pt, which
+`fuse`, `export`, `verify`, `bench` and `predict` take from there; `fuse_batchnorm(module)` folds
+BatchNorm in any fx-traceable module. Each function is also an `fcx` command.
+
+The package is imported by `fcx --help` and `fcx predict` on ONNX models, which must not pay for
+importing torch, so these names are resolved on first use.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["__version__", "fuse_batchnorm", "FcxError"]
+# public name -> module that defines it
+_EXPORTS = {
+    "import_model": "fcexport.pipeline",
+    "import_weights": "fcexport.pipeline",
+    "train": "fcexport.pipeline",
+    "fuse": "fcexport.pipeline",
+    "export": "fcexport.pipeline",
+    "verify": "fcexport.pipeline",
+    "bench": "fcexport.pipeline",
+    "predict": "fcexport.pipeline",
+    "open_model": "fcexport.pipeline",
+    "load_model": "fcexport.checkpoint",
+    "fuse_batchnorm": "fcexport.folding",
+    "fuse_with_report": "fcexport.folding",
+    "ModelSpec": "fcexport.spec",
+    "Tolerance": "fcexport.compare",
+    "TrainOptions": "fcexport.options",
+    "FcxError": "fcexport.errors",
+}
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
-    # Lazy re-exports: `fcexport.fuse_batchnorm` without importing torch at package import.
-    if name == "fuse_batchnorm":
-        from fcexport.fuse import fuse_batchnorm
+    if name in _EXPORTS:
+        import importlib
 
-        return fuse_batchnorm
-    if name == "FcxError":
-        from fcexport.errors import FcxError
-
-        return FcxError
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'fcexport' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -52,6 +52,18 @@ class Dataset:
         return list(self.train.images.shape[1:])
 
 
+def known_class_names(name: str) -> list[str] | None:
+    """Class names of a built-in dataset, without loading it; None for other names."""
+    key = name.lower()
+    if key == "digits":
+        return [str(i) for i in range(10)]
+    if key in TORCHVISION_SETS:
+        import torchvision.datasets as tvd
+
+        return [str(c) for c in getattr(tvd, TORCHVISION_SETS[key]).classes]
+    return None
+
+
 def default_data_root() -> str:
     return os.environ.get("FCX_DATA_ROOT", "data")
 

@@ -1,4 +1,11 @@
-"""Error types the CLI maps to exit codes: user errors exit 2, failed verification exits 1."""
+"""Error types the CLI maps to exit codes: user errors exit 2, failed verification exits 1.
+
+The library says what went wrong in its own terms; `hint` names the step that fixes it (one of
+HINTS), and only the CLI turns that into a command line (`fcx export`, `--model-def`, ...).
+"""
+
+# Steps a user can take to fix an error; cli/errors.py has the command for each.
+HINTS = ("train-or-import", "import", "fuse", "export", "export-int8", "cpu")
 
 
 class FcxError(Exception):
@@ -6,11 +13,10 @@ class FcxError(Exception):
 
     exit_code = 2
 
-
-class VerificationFailed(FcxError):
-    """A candidate artifact does not match the reference within tolerance: exit code 1."""
-
-    exit_code = 1
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        assert hint is None or hint in HINTS, hint
+        self.hint = hint
 
 
 def check_choices(option: str, given, allowed) -> None:

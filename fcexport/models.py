@@ -2,8 +2,7 @@
 
 Config keys: arch ("mlp" | "softmax"), input_shape [C, H, W], num_classes, hidden (list of widths),
 batchnorm (bool), dropout (float), activation, normalize ({"mean", "std"} or None).
-Layers get stable names (fc1, bn1, act1, drop1, ..., head) so a fused model's state dict
-loads straight into the same config with batchnorm/normalize/dropout switched off.
+Layers get stable names (fc1, bn1, act1, drop1, ..., head), which the stored graph keeps.
 """
 
 from __future__ import annotations
@@ -21,15 +20,20 @@ ARCHS = ("mlp", "softmax")
 
 
 class Normalize(nn.Module):
-    """(x - mean) / std with fixed scalar statistics, so every model takes raw [0, 1] pixels.
-
-    At inference this is an affine map like BatchNorm, and `fcexport.fuse` folds it into fc1.
+    """(x - mean) / std with fixed statistics, one value or one per channel of (N, C, ...) input, so
+    every model takes raw [0, 1] pixels. It is an affine map like BatchNorm: `fcexport.folding` folds it
+    into the next layer where that is exact.
     """
 
-    def __init__(self, mean: float, std: float):
+    def __init__(self, mean: float | list[float], std: float | list[float]):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(float(mean)))
-        self.register_buffer("std", torch.tensor(float(std)))
+        mean_t, std_t = (torch.tensor(v, dtype=torch.float32).flatten() for v in (mean, std))
+        if mean_t.numel() != std_t.numel() or mean_t.numel() == 0:
+            raise ValueError(f"mean and std need the same number of values, got {mean_t.numel()} and {std_t.numel()}")
+        # one value: a scalar that broadcasts anywhere; per channel: (C, 1, 1) against (N, C, H, W)
+        shape = () if mean_t.numel() == 1 else (-1, 1, 1)
+        self.register_buffer("mean", mean_t.reshape(shape))
+        self.register_buffer("std", std_t.reshape(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -98,11 +102,6 @@ def build_model(config: dict) -> nn.Sequential:
         width = out
     layers["head"] = nn.Linear(width, config["num_classes"])
     return nn.Sequential(layers)
-
-
-def inference_config(config: dict) -> dict:
-    """The config of the same model after fusing: BatchNorm, Normalize and Dropout folded away."""
-    return {**config, "batchnorm": False, "dropout": 0.0, "normalize": None}
 
 
 def count_parameters(model: nn.Module) -> int:

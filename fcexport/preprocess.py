@@ -6,10 +6,15 @@ invert when its border is light, trim to the object, fit it (aspect kept) into t
 frame that objects fill in the training data ("object_fill", 1.0 for Fashion-MNIST, about 0.7
 for MNIST's 20x20 box in 28x28), and centre it on background. A file already at the model's
 input size is taken to be dataset-style and only inverted if needed.
+
+Models whose spec asks for "letterbox" (colour models, imported ones) get the plain preparation
+instead: the model's channels, resized with aspect kept, padded with black. Either way the
+image's EXIF orientation is applied first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import warnings
@@ -27,9 +32,36 @@ MAX_PIXELS = 40_000_000  # 40 megapixels: larger files are refused before decodi
 INVERT_CHOICES = ("auto", "yes", "no")
 
 
+def prepare_image(path: str | os.PathLike, input_shape: list[int], preprocess: dict, invert: str = "auto") -> np.ndarray:
+    """One image file -> float32 (C, H, W) in [0, 1], prepared as the model's spec says (fcexport.spec)."""
+    channels, height, width = input_shape
+    if preprocess.get("mode") == "letterbox":
+        return letterbox_image(Path(path), channels, (height, width))
+    gray = load_image(path, (height, width), invert, preprocess.get("object_fill", 1.0))
+    return np.repeat(gray[None], channels, axis=0)
+
+
+def letterbox_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Colour (or gray) pixels resized with aspect kept into `size`, centred on black: (C, H, W)."""
+    from PIL import Image
+
+    with _open_image(path) as img:
+        rgb = img.convert("RGB" if channels == 3 else "L")
+        out_h, out_w = size
+        scale = min(out_h / rgb.height, out_w / rgb.width)
+        new_w, new_h = max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))
+        resized = np.asarray(rgb.resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    resized = resized.reshape(new_h, new_w, -1).transpose(2, 0, 1)
+    canvas = np.zeros((resized.shape[0], out_h, out_w), dtype=np.float32)
+    top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
+    canvas[:, top : top + new_h, left : left + new_w] = resized
+    return np.repeat(canvas, channels, axis=0) if canvas.shape[0] != channels else canvas
+
+
 def load_image(path: str | os.PathLike, size: tuple[int, int], invert: str = "auto", object_fill: float = 1.0) -> np.ndarray:
     """Read one image file and return float32 (H, W) pixels in [0, 1], light object on dark."""
-    gray = _read_grayscale(Path(path))
+    with _open_image(Path(path)) as img:
+        gray = _to_gray_array(img)
     if invert == "yes" or (invert == "auto" and border_is_light(gray)):
         gray = 1.0 - gray
     if gray.shape == tuple(size):
@@ -88,8 +120,10 @@ def fit_and_pad(gray: np.ndarray, size: tuple[int, int], box: tuple[int, int] | 
     return canvas
 
 
-def _read_grayscale(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+@contextlib.contextmanager
+def _open_image(path: Path) -> Iterator:
+    """A decoded Pillow image, upright per its EXIF orientation; size-checked before decoding."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.is_file():
         raise FcxError(f"{path}: file not found")
@@ -104,11 +138,13 @@ def _read_grayscale(path: Path) -> np.ndarray:
                 raise FcxError(f"{path}: {w}x{h} pixels is too large (limit {MAX_PIXELS // 1_000_000} MP); downscale it first")
             if min(w, h) < MIN_SIDE:
                 raise FcxError(f"{path}: {w}x{h} pixels is too small to classify (need at least {MIN_SIDE}x{MIN_SIDE})")
-            return _to_gray_array(img)
+            upright = ImageOps.exif_transpose(img)
+            upright.load()
     except Image.DecompressionBombError as exc:
         raise FcxError(f"{path}: image is too large to decode safely; downscale it first") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise FcxError(f"{path}: not a readable image ({type(exc).__name__}); pass a PNG, JPEG or BMP file") from exc
+    yield upright
 
 
 def _to_gray_array(img) -> np.ndarray:
@@ -150,9 +186,9 @@ def collect_image_files(inputs: Iterable[str]) -> list[Path]:
 
 
 def batches_of_images(
-    files: list[Path], size: tuple[int, int], invert: str, batch_size: int, object_fill: float = 1.0
+    files: list[Path], input_shape: list[int], preprocess: dict, invert: str, batch_size: int
 ) -> Iterator[tuple[list[Path], np.ndarray]]:
-    """Yield (files, float32 (B, 1, H, W)) chunks, so memory stays bounded for any number of files."""
+    """Yield (files, float32 (B, C, H, W)) chunks, so memory stays bounded for any number of files."""
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        yield chunk, np.stack([load_image(f, size, invert, object_fill) for f in chunk])[:, None]
+        yield chunk, np.stack([prepare_image(f, input_shape, preprocess, invert) for f in chunk])

@@ -31,7 +31,7 @@ def make_nan_checkpoint(folder: Path) -> Path:
 
 def make_other_architecture(folder: Path) -> Path:
     checkpoint = torch.load(folder / "model.pt", weights_only=True)
-    checkpoint["config"]["hidden"] = [64]  # weights are for [32]
+    checkpoint["graph"]["modules"]["fc1"]["args"]["out_features"] = 64  # weights are for 32
     path = folder / "other.pt"
     torch.save(checkpoint, path)
     return path
@@ -84,25 +84,25 @@ CASES = [
     ("train: zero batch size", lambda a, s: ["train", "--data", "digits", "--batch-size", "0", "--artifacts", a], "--batch-size must be >= 1"),
     ("train: bad hidden", lambda a, s: ["train", "--data", "digits", "--hidden", "12,x", "--artifacts", a], "--hidden"),
     ("train: empty folder", lambda a, s: ["train", "--data", s, "--artifacts", a], "expected at least 2 class sub-folders"),
-    ("fuse-bn: missing checkpoint", lambda a, s: ["fuse-bn", s / "nope.pt", "--out", s / "f.pt"], "nope.pt: checkpoint not found"),
+    ("fuse-bn: missing checkpoint", lambda a, s: ["fuse-bn", s / "nope.pt", "--out", s / "f.pt"], "nope.pt: file not found"),
     ("fuse-bn: empty checkpoint", lambda a, s: ["fuse-bn", write(s, "empty.pt", b""), "--out", s / "f.pt"], "empty.pt: file is empty"),
     ("fuse-bn: truncated checkpoint", lambda a, s: ["fuse-bn", truncate(Path(shutil.copy(a / "model.pt", s / "t.pt"))), "--out", s / "f.pt"], "t.pt: corrupt or truncated"),
     ("fuse-bn: text as checkpoint", lambda a, s: ["fuse-bn", write(s, "notes.pt", b"hello world"), "--out", s / "f.pt"], "notes.pt: corrupt or truncated"),
     ("fuse-bn: pickle payload", lambda a, s: ["fuse-bn", make_pickle_payload(s), "--out", s / "f.pt"], "evil.pt: refused"),
     ("fuse-bn: other architecture", lambda a, s: ["fuse-bn", make_other_architecture(s if False else a), "--out", s / "f.pt"], "other.pt: weights do not match"),
-    ("fuse-bn: another tool's file", lambda a, s: ["fuse-bn", make_bare_state_dict(s), "--out", s / "f.pt"], "bare.pt: not an fcexport checkpoint"),
+    ("fuse-bn: another tool's file", lambda a, s: ["fuse-bn", make_bare_state_dict(s), "--out", s / "f.pt"], "bare.pt: not an fcexport model"),
     ("fuse-bn: NaN weights", lambda a, s: ["fuse-bn", make_nan_checkpoint(a), "--out", s / "f.pt"], "nan.pt: weight 'fc1.weight' holds NaN"),
-    ("fuse-bn: negative tolerance", lambda a, s: ["fuse-bn", a / "model.pt", "--out", s / "f.pt", "--verify", "--atol", "-1"], "--atol and --rtol must be >= 0"),
+    ("fuse-bn: negative tolerance", lambda a, s: ["fuse-bn", a / "model.pt", "--out", s / "f.pt", "--verify", "--atol", "-1"], "atol and rtol must be finite and >= 0"),
     ("export: NaN weights", lambda a, s: ["export", make_nan_checkpoint(a), "--artifacts", s], "nan.pt: weight 'fc1.weight'"),
-    ("export: bad format", lambda a, s: ["export", "--artifacts", a, "--format", "tflite"], "--format"),
+    ("export: bad format", lambda a, s: ["export", "--artifacts", a, "--format", "tflite"], "formats are torchscript and onnx"),
     ("export: --int8 without onnx", lambda a, s: ["export", a / "model.pt", "--artifacts", s, "--int8", "--format", "torchscript"], "--int8 quantizes model.onnx"),
-    ("export: missing checkpoint", lambda a, s: ["export", "--artifacts", s], "model.pt: checkpoint not found"),
-    ("verify: folder without model.pt", lambda a, s: ["verify", "--artifacts", s], "model.pt: checkpoint not found"),
+    ("export: missing checkpoint", lambda a, s: ["export", "--artifacts", s], "model.pt: file not found"),
+    ("verify: folder without model.pt", lambda a, s: ["verify", "--artifacts", s], "model.pt: file not found"),
     ("verify: truncated onnx", lambda a, s: ["verify", "--artifacts", a, "--backends", "onnxruntime"] if truncate(a / "model.onnx") else [], "model.onnx: not a valid ONNX model"),
     ("verify: corrupt torchscript", lambda a, s: ["verify", "--artifacts", a, "--backends", "torchscript"] if write(a, "model.ts", b"PK\x03\x04junk") else [], "model.ts: not a valid fcexport TorchScript"),
-    ("verify: negative tolerance", lambda a, s: ["verify", "--artifacts", a, "--rtol", "-0.1"], "--atol and --rtol must be >= 0"),
-    ("verify: int8 agreement above 1", lambda a, s: ["verify", "--artifacts", a, "--int8-agreement", "99"], "--int8-agreement and --int8-max-drop must be in [0, 1]"),
-    ("verify: unknown backend", lambda a, s: ["verify", "--artifacts", a, "--backends", "tensorrt"], "--backends takes"),
+    ("verify: negative tolerance", lambda a, s: ["verify", "--artifacts", a, "--rtol", "-0.1"], "atol and rtol must be finite and >= 0"),
+    ("verify: int8 agreement above 1", lambda a, s: ["verify", "--artifacts", a, "--int8-agreement", "99"], "int8 agreement and max drop must be in [0, 1]"),
+    ("verify: unknown backend", lambda a, s: ["verify", "--artifacts", a, "--backends", "tensorrt"], "backends takes"),
     ("verify: data of another shape", lambda a, s: ["verify", "--artifacts", a, "--data", write(s, "x.csv", b"1," + b",".join([b"0"] * 16) + b"\n0," + b",".join([b"9"] * 16) + b"\n")], "the model expects [1, 8, 8]"),
     ("predict: missing image", lambda a, s: ["predict", s / "cat.png", "--artifacts", a], "cat.png: file not found"),
     ("predict: text named .png", lambda a, s: ["predict", write(s, "fake.png", b"not an image"), "--artifacts", a], "fake.png: not a readable image"),
@@ -113,12 +113,12 @@ CASES = [
     ("predict: unknown model format", lambda a, s: ["predict", a / "samples", "--model", write(s, "m.h5", b"x")], "m.h5: unknown model format"),
     ("predict: empty artifacts", lambda a, s: ["predict", a / "samples", "--artifacts", s], "no model found"),
     ("predict: folder without images", lambda a, s: ["predict", s, "--artifacts", a], "folder holds no images"),
-    ("predict: top-k zero", lambda a, s: ["predict", a / "samples", "--artifacts", a, "--top-k", "0"], "--top-k must be >= 1"),
-    ("predict: bad invert", lambda a, s: ["predict", a / "samples", "--artifacts", a, "--invert", "maybe"], "--invert must be one of"),
+    ("predict: top-k zero", lambda a, s: ["predict", a / "samples", "--artifacts", a, "--top-k", "0"], "top-k must be >= 1"),
+    ("predict: bad invert", lambda a, s: ["predict", a / "samples", "--artifacts", a, "--invert", "maybe"], "invert must be one of"),
     ("predict: cuda without GPU", lambda a, s: ["predict", a / "samples", "--artifacts", a, "--device", "cuda"] if not torch.cuda.is_available() else [], "CUDA"),
     ("bench: empty folder", lambda a, s: ["bench", "--artifacts", s], "no model found"),
-    ("bench: zero batch", lambda a, s: ["bench", "--artifacts", a, "--batch-sizes", "0"], "--batch-sizes must be positive"),
-    ("bench: unknown backend", lambda a, s: ["bench", "--artifacts", a, "--backends", "tvm"], "--backends takes"),
+    ("bench: zero batch", lambda a, s: ["bench", "--artifacts", a, "--batch-sizes", "0"], "batch sizes must be positive"),
+    ("bench: unknown backend", lambda a, s: ["bench", "--artifacts", a, "--backends", "tvm"], "backends takes"),
 ]
 
 
@@ -162,7 +162,7 @@ def test_debug_shows_the_traceback(runner, tmp_path):
 
     result = CliRunner().invoke(app, ["--debug", "fuse-bn", str(tmp_path / "missing.pt")])
     assert result.exit_code != 0 and isinstance(result.exception, Exception)
-    assert "checkpoint not found" in str(result.exception)
+    assert "missing.pt: file not found" in str(result.exception)
 
 
 @pytest.mark.parametrize("command, bad_name, expected", [("train", "bad.csv", "line 2 has 2 columns"), ("predict", "bad.png", "not a readable image")])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import invoke
 
-from fcexport.backends import open_backend
+from fcexport.pipeline import open_backend
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

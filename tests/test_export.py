@@ -11,7 +11,7 @@ import onnx
 import pytest
 from helpers import invoke
 
-from fcexport.backends import open_predictor
+from fcexport.runtimes import open_predictor
 from fcexport.files import sha256_file
 
 ONNX_CLIENT = """
@@ -77,14 +77,14 @@ def test_plain_consumers_agree_with_fcx(exported_dir, batch, artifact, client, t
                          capture_output=True, text=True, cwd=tmp_path, check=True)
     theirs = json.loads(out.stdout)
     predictor = open_predictor(exported_dir / "model.pt")
-    ours = [predictor.class_names[i] for i in predictor(batch[0]).argmax(1)]
+    ours = [predictor.spec.class_names[i] for i in predictor(batch[0]).argmax(1)]
     assert theirs == ours
 
 
 def test_torchscript_metadata_and_frozen(exported_dir):
     predictor = open_predictor(exported_dir / "model.ts")
-    assert predictor.backend == "torchscript" and predictor.input_shape == [1, 8, 8]
-    assert predictor.metadata["provenance"]["folds"]
+    assert predictor.backend == "torchscript" and predictor.spec.input_shape == [1, 8, 8]
+    assert predictor.spec.provenance["folds"]
 
 
 def test_manifest_lists_every_model_with_hashes(exported_dir):
@@ -108,7 +108,7 @@ def test_export_no_fuse_and_single_format(tmp_path, runner, trained_dir):
 
 def test_export_rejects_low_opset(tmp_path, runner, trained_dir):
     r = invoke(runner, "export", trained_dir / "model.pt", "--artifacts", tmp_path, "--opset", "11")
-    assert r.exit_code == 2 and "--opset" in r.stderr
+    assert r.exit_code == 2 and "opset must be >= 17" in r.stderr
 
 
 def test_verify_passes_with_table_and_json(exported_dir, runner, tmp_path):
@@ -159,7 +159,7 @@ def test_verify_reports_missing_artifacts_as_skipped(tmp_path, runner, trained_d
     assert r.exit_code == 0, r.output  # the fused model is checked in memory; absent exports are skipped
     rows = {row["backend"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
     assert rows["fused"]["status"] == "pass" and rows["onnxruntime"]["status"] == "skipped"
-    assert "fcx export" in rows["torchscript"]["reason"]
+    assert "fcx export" in rows["torchscript"]["hint"] and "model.ts not found" in rows["torchscript"]["reason"]
 
 
 def test_verify_flags_a_stale_export(artifacts_copy, runner, tmp_path):
@@ -169,7 +169,7 @@ def test_verify_flags_a_stale_export(artifacts_copy, runner, tmp_path):
     r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "onnxruntime", "--devices", "cpu", "--json", tmp_path / "r.json")
     row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
     assert r.exit_code == 1 and row["status"] == "fail"
-    assert "another checkpoint" in row["note"] and "another checkpoint" in r.stdout
+    assert "another model.pt" in row["note"] and "another model.pt" in r.stdout
 
 
 # ---- int8 (approximate) ONNX ---------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_int8_runs_in_plain_onnxruntime_like_fcx(int8_dir, batch, tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, check=True)
     predictor = open_predictor(int8_dir / "model.int8.onnx")
     assert predictor.backend == "onnxruntime-int8"
-    assert json.loads(out.stdout) == [predictor.class_names[i] for i in predictor(batch[0]).argmax(1)]
+    assert json.loads(out.stdout) == [predictor.spec.class_names[i] for i in predictor(batch[0]).argmax(1)]
 
 
 def test_verify_judges_int8_by_agreement_not_float_tolerance(int8_dir, runner, tmp_path):
@@ -229,7 +229,7 @@ def test_export_without_int8_removes_a_stale_int8_model(int8_dir, runner, tmp_pa
 
 
 def test_judging_an_approximate_candidate():
-    from fcexport.verify import Tolerance, compare
+    from fcexport.compare import Tolerance, compare
 
     reference = np.eye(10, dtype=np.float32)[np.arange(100) % 10]
     labels = np.arange(100) % 10
@@ -255,6 +255,6 @@ def test_cli_default_backends_are_every_library_backend():
     """The CLI spells the list out so `fcx --help` need not import numpy; it must not drift."""
     from cli.main import ALL_BACKENDS
 
-    from fcexport.backends import BACKENDS
+    from fcexport.artifacts import BACKENDS
 
     assert ALL_BACKENDS.split(",") == list(BACKENDS)

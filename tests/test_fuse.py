@@ -11,7 +11,7 @@ from torch import nn
 import fcexport
 from fcexport.checkpoint import load_model
 from fcexport.errors import FcxError
-from fcexport.fuse import batchnorm_affine, fold_into_following, fold_into_preceding, fuse_with_report
+from fcexport.folding import batchnorm_affine, fold_into_following, fold_into_preceding, fuse_with_report
 from fcexport.models import Normalize
 
 
@@ -138,9 +138,9 @@ def test_fuse_bn_cli_writes_a_fused_checkpoint(tmp_path, runner, trained_dir):
     assert {f["layer"] for f in result["report"]["folded"]} == {"normalize", "bn1"}
     assert result["verification"]["passed"] and result["verification"]["rows"][0]["top1_agreement"] == 1.0
     assert "359 test images of digits" in result["verification"]["inputs"]
-    fused, checkpoint = load_model(tmp_path / "model.fused.pt")
-    assert bn_count(fused) == 0 and checkpoint["provenance"]["fused"] is True
-    assert len(checkpoint["provenance"]["source_sha256"]) == 64
+    fused, spec = load_model(tmp_path / "model.fused.pt")
+    assert bn_count(fused) == 0 and spec.provenance["fused"] is True
+    assert len(spec.provenance["source_sha256"]) == 64
     original, _ = load_model(tmp_path / "model.pt")
     x = torch.rand(20, 1, 8, 8)
     torch.testing.assert_close(fused(x), original(x), atol=1e-5, rtol=1e-4)
@@ -154,7 +154,7 @@ def test_fuse_bn_table_output(tmp_path, runner, trained_dir):
 
 
 def test_verify_catches_a_wrong_fold_and_writes_nothing(tmp_path, runner, trained_dir, monkeypatch):
-    import fcexport.fuse as fuse
+    import fcexport.folding as fuse
 
     real = fuse.fold_into_preceding
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fcexport.checkpoint import load_checkpoint
+from fcexport.checkpoint import load_model
 from fcexport.files import atomic_path
 
 FCX = [sys.executable, "-m", "cli.main"]
@@ -38,10 +38,10 @@ def test_ctrl_c_stops_training_cleanly_and_keeps_the_best_epoch(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    checkpoint = load_checkpoint(tmp_path / "model.pt")
+    _, spec = load_model(tmp_path / "model.pt")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["interrupted"] is True and 1 <= metrics["epochs_run"] < 100000
-    assert checkpoint["metrics"]["best_epoch"] == metrics["best_epoch"]
+    assert spec.metrics["best_epoch"] == metrics["best_epoch"]
 
 
 def test_sigkill_during_training_keeps_the_previous_run(tmp_path, exported_dir):
@@ -52,14 +52,15 @@ def test_sigkill_during_training_keeps_the_previous_run(tmp_path, exported_dir):
     proc.kill()
     proc.wait(timeout=30)
     assert (tmp_path / "model.pt").read_bytes() == old  # the new run never finished: the old model stands
-    load_checkpoint(tmp_path / "model.pt")
+    load_model(tmp_path / "model.pt")
     assert (tmp_path / "history.csv").read_text().startswith("epoch,")  # whole, never half-written
 
 
 @pytest.mark.parametrize("delay", [0.5, 2.0, 3.5])
 def test_sigkill_during_export_leaves_old_or_new_files(artifacts_copy, delay):
     """Export repeatedly and kill it at different moments: every model file that exists must load."""
-    from fcexport.backends import find_default_model, open_predictor
+    from fcexport.artifacts import find_default_model
+    from fcexport.runtimes import open_predictor
 
     proc = start("export", "--artifacts", artifacts_copy)
     time.sleep(2.0 + delay)  # torch import takes about 2 s; then the writes begin

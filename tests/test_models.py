@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fcexport.errors import FcxError
-from fcexport.models import build_model, count_parameters, inference_config, mlp_config
+from fcexport.models import build_model, count_parameters, mlp_config
 
 
 def test_default_mlp_is_784_784_256_10_with_batchnorm():
@@ -25,13 +25,6 @@ def test_activations_and_dropout(activation):
 def test_softmax_regression_is_one_linear_layer():
     model = build_model(mlp_config([1, 8, 8], 10, [64], arch="softmax"))
     assert [type(m) for m in model.children()] == [nn.Flatten, nn.Linear]
-
-
-def test_inference_config_drops_bn_dropout_and_normalize():
-    config = mlp_config([1, 8, 8], 10, [16], dropout=0.2, normalize={"mean": 0.1, "std": 0.2})
-    fused = build_model(inference_config(config))
-    assert not any(isinstance(m, (nn.BatchNorm1d, nn.Dropout)) for m in fused.modules())
-    assert not hasattr(fused, "normalize")
 
 
 @pytest.mark.parametrize(

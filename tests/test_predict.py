@@ -123,7 +123,8 @@ def test_predicting_10000_files_streams_in_bounded_batches(exported_dir, image_d
     import shutil
     import tracemalloc
 
-    from fcexport.predict import BATCH_SIZE, open_model, predict_files
+    from fcexport.pipeline import open_model
+    from fcexport.classify import BATCH_SIZE, predict_files
 
     folder = tmp_path / "many"
     folder.mkdir()
@@ -169,4 +170,4 @@ def test_bench_lists_a_missing_int8_model_as_skipped(exported_dir, runner):
     r = invoke(runner, "bench", "--artifacts", exported_dir, "--batch-sizes", "1", "--warmup", "0", "--repeat", "1",
                "--backends", "onnxruntime-int8", "--json")
     assert r.exit_code == 0, r.output
-    assert "fcx export --int8" in json.loads(r.stdout)[0]["skipped"]
+    assert "fcx export --int8" in json.loads(r.stdout)[0]["hint"]

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from fcexport.checkpoint import load_checkpoint, load_model
+from fcexport.checkpoint import load_model
 from fcexport.errors import FcxError
-from fcexport.train import TrainOptions, augment
+from fcexport.training import TrainOptions, augment
 
 from helpers import TINY, invoke
 
@@ -25,11 +25,14 @@ def test_train_writes_every_artifact(trained_dir):
 
 def test_checkpoint_is_plain_and_self_describing(trained_dir):
     raw = torch.load(trained_dir / "model.pt", weights_only=True)
-    assert raw["format"] == "fcexport.checkpoint"
-    assert raw["class_names"] == [str(i) for i in range(10)] and raw["input_shape"] == [1, 8, 8]
-    assert set(raw["normalization"]) == {"mean", "std"}
-    assert raw["dataset"]["source"] == "digits"
-    assert raw["config"]["hidden"] == [32] and raw["config"]["batchnorm"] is True
+    assert raw["format"] == "fcexport.checkpoint" and set(raw) == {"format", "format_version", "spec", "graph", "state_dict"}
+    spec = raw["spec"]
+    assert spec["class_names"] == [str(i) for i in range(10)] and spec["input_shape"] == [1, 8, 8]
+    assert set(spec["normalization"]) == {"mean", "std"}
+    assert spec["dataset"]["source"] == "digits"
+    assert spec["architecture"]["hidden"] == [32] and spec["architecture"]["batchnorm"] is True
+    assert [n["op"] for n in raw["graph"]["nodes"]][0] == "placeholder"
+    assert raw["graph"]["modules"]["fc1"] == {"type": "Linear", "args": {"in_features": 64, "out_features": 32, "bias": True}}
     model, _ = load_model(trained_dir / "model.pt")
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
@@ -114,7 +117,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "fcexport.checkpoint", "payload": Payload()}, path, pickle_protocol=2)
     with pytest.raises(FcxError, match="refused"):
-        load_checkpoint(path)
+        load_model(path)
     assert not marker.exists()
 
 

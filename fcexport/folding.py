@@ -2,9 +2,10 @@
 
 At inference BatchNorm is the per-channel affine map y = scale * x + shift. After a Linear/Conv
 it folds into that layer's output rows; before a Linear it folds into that layer's input columns
-(so Linear -> ReLU -> BN -> Linear folds into the second Linear). The maths runs in float64 and
-is cast back once, so folding adds no more rounding than one float32 cast. Any module that
-torch.fx can trace works, not only nn.Sequential.
+(so Linear -> ReLU -> BN -> Linear folds into the second Linear), and before a Conv without
+padding into its input channels (zero padding would turn into a non-zero border, so a padded Conv
+keeps it). The maths runs in float64 and is cast back once, so folding adds no more rounding than
+one float32 cast. Any module that torch.fx can trace works, not only nn.Sequential.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fcexport.errors import FcxError
+from fcexport.graph import Tracer
 from fcexport.models import Normalize
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -39,9 +40,11 @@ def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor,
 
 
 def normalize_affine(norm: Normalize, features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) in float64 for (x - mean) / std, broadcast to `features` channels."""
-    std, mean = norm.std.detach().double(), norm.mean.detach().double()
-    return torch.full((features,), 1.0, dtype=torch.float64) / std, torch.full((features,), 1.0, dtype=torch.float64) * (-mean / std)
+    """(scale, shift) in float64 for (x - mean) / std over `features` values: one statistic for all,
+    one per channel, or (after a Flatten of (N, C, H, W)) each channel's value repeated H * W times."""
+    std, mean = norm.std.detach().double().flatten(), norm.mean.detach().double().flatten()
+    scale, shift = 1.0 / std, -mean / std
+    return scale.repeat_interleave(features // len(scale)), shift.repeat_interleave(features // len(shift))
 
 
 def fold_into_preceding(weight, bias, scale, shift) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +55,12 @@ def fold_into_preceding(weight, bias, scale, shift) -> tuple[torch.Tensor, torch
 
 
 def fold_into_following(weight, bias, scale, shift) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (scale * x + shift) + b == W' x + b' for a Linear weight (out, in)."""
+    """W (scale * x + shift) + b == W' x + b' for a Linear weight (out, in), or a Conv weight
+    (out, in, *k) without padding (every output sums every input channel times its kernel)."""
     w64 = weight.detach().double()
-    b = (bias.detach().double() if bias is not None else torch.zeros(w64.shape[0], dtype=torch.float64)) + w64 @ shift
-    return w64 * scale.view(1, -1), b
+    per_input = (1, -1, *([1] * (w64.dim() - 2)))
+    b = (bias.detach().double() if bias is not None else torch.zeros(w64.shape[0], dtype=torch.float64))
+    return w64 * scale.view(per_input), b + (w64 * shift.view(per_input)).flatten(1).sum(1)
 
 
 # ---- report ------------------------------------------------------------------------------
@@ -79,13 +84,6 @@ class FuseReport:
 # ---- graph pass --------------------------------------------------------------------------
 
 
-class _Tracer(fx.Tracer):
-    """Keeps Normalize as one node so it can be folded like a BatchNorm."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Normalize) or super().is_leaf_module(m, qualname)
-
-
 def fuse_batchnorm(model: nn.Module, example_input: torch.Tensor | None = None, strict: bool = False) -> nn.Module:
     """A new eval-mode model with every legal BatchNorm folded; the input model is untouched."""
     return fuse_with_report(model, example_input, strict)[0]
@@ -104,7 +102,7 @@ def fuse_with_report(
         report.notes.append("model was in training mode: folded its eval-mode behaviour (running statistics)")
     work.eval()
     try:
-        gm = fx.GraphModule(work, _Tracer().trace(work))
+        gm = fx.GraphModule(work, Tracer().trace(work))
     except Exception as exc:
         raise FcxError(f"cannot trace the model with torch.fx ({type(exc).__name__}: {exc}); nothing was folded") from exc
     shapes_known = example_input is not None
@@ -156,12 +154,14 @@ def _fold_node(gm, node, modules, calls, shapes_known, report) -> str | None:
         users = list(node.users)
         if len(users) != 1:
             return f"its output has {len(users)} users, so no single layer can absorb it"
-        user = users[0]
+        user, through = users[0], node
+        if isinstance(norm, Normalize) and _is_flatten(user, modules) and len(user.users) == 1:
+            through, user = user, next(iter(user.users))  # (x - m) / s commutes with Flatten
         consumer = modules.get(user.target) if user.op == "call_module" else None
-        why_not = _why_not_consumer(norm, node, user, consumer, calls, shapes_known)
+        why_not = _why_not_consumer(norm, through, user, consumer, calls, shapes_known)
         if why_not:
             return why_not
-        scale, shift = _affine(norm, consumer.in_features)
+        scale, shift = _affine(norm, _input_features(consumer))
         _assign(consumer, *fold_into_following(consumer.weight, consumer.bias, scale, shift))
         fold = {"layer": node.target, "into": user.target, "direction": "into following"}
     # the norm is now inside a neighbour's weights: route its input straight to its users
@@ -182,20 +182,51 @@ def _can_fold_into_producer(norm, source, producer, calls, shapes_known) -> bool
 
 
 def _why_not_consumer(norm, node, user, consumer, calls, shapes_known) -> str | None:
-    if not isinstance(consumer, nn.Linear):
+    if isinstance(consumer, CONVS) and not (consumer.groups == 1 and all(p == 0 for p in _padding(consumer))):
+        return (f"the following Conv '{user.target}' pads with zeros (or is grouped): folding would change its border, "
+                "so it stays an explicit op")
+    if not isinstance(consumer, (nn.Linear, *CONVS)):
         kind = type(consumer).__name__ if consumer is not None else user.op
         return f"no neighbouring Linear/Conv: its input comes from a shared or non-linear op and its output feeds {kind}"
     if user.args[0] is not node or calls[user.target] != 1:
-        return f"the following Linear '{user.target}' is shared or takes it as a non-input argument"
-    if not _features(norm, consumer.in_features):
-        return f"its {norm.num_features} features do not match '{user.target}' in_features={consumer.in_features}"
-    if not _rank_ok(node, 2, shapes_known):
-        return "its output is not 2-D (N, features), so the channel axis is not the Linear's input axis"
+        return f"the following layer '{user.target}' is shared or takes it as a non-input argument"
+    features = _input_features(consumer)
+    if not _features(norm, features):
+        return f"its {_norm_size(norm)} features do not match '{user.target}' input size {features}"
+    rank = 2 if isinstance(consumer, nn.Linear) else consumer.weight.dim()
+    if not _rank_ok(node, rank, shapes_known):
+        return f"its output is not {rank}-D, so the channel axis is not the next layer's input axis"
     return None
 
 
 def _features(norm, count: int) -> bool:
-    return isinstance(norm, Normalize) or norm.num_features == count
+    """A BN must match exactly; a Normalize has one statistic, one per channel, or channels that tile `count`."""
+    if isinstance(norm, Normalize):
+        return count % norm.mean.numel() == 0
+    return norm.num_features == count
+
+
+def _norm_size(norm) -> int:
+    return norm.mean.numel() if isinstance(norm, Normalize) else norm.num_features
+
+
+def _input_features(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def _padding(conv) -> tuple:
+    return (1,) if conv.padding == "same" else (0,) if conv.padding == "valid" else tuple(conv.padding)
+
+
+def _is_flatten(node: fx.Node, modules: dict) -> bool:
+    """nn.Flatten() or torch.flatten(x, 1): keeps the batch axis, flattens the rest."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    if node.op == "call_function" and node.target is torch.flatten:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        return start == 1 and len(node.args) <= 2 and "end_dim" not in node.kwargs
+    return False
 
 
 def _rank_ok(node: fx.Node, rank: int, shapes_known: bool) -> bool:
@@ -212,86 +243,3 @@ def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
     dtype, device = layer.weight.dtype, layer.weight.device
     layer.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=layer.weight.requires_grad)
     layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype))
-
-
-# ---- checkpoints -------------------------------------------------------------------------
-
-
-def fuse_checkpoint_model(checkpoint: dict, strict: bool = True) -> tuple[nn.Module, FuseReport]:
-    """Fuse an fcexport checkpoint's model into the plain MLP of its inference config.
-
-    Rebuilding from the config (rather than keeping the fx GraphModule) gives a model that a
-    fused checkpoint can describe and that scripts and exports like any nn.Sequential.
-    """
-    from fcexport.checkpoint import model_from_checkpoint
-    from fcexport.models import build_model, inference_config
-
-    model = model_from_checkpoint(checkpoint)
-    example = torch.zeros(2, *checkpoint["input_shape"])
-    graph, report = fuse_with_report(model, example, strict=strict)
-    fused = build_model(inference_config(checkpoint["config"]))
-    fused.load_state_dict(graph.state_dict(), strict=True)
-    return fused.eval(), report
-
-
-def fused_checkpoint(checkpoint: dict, source_sha256: str, source_name: str) -> tuple[dict, nn.Module, FuseReport]:
-    """The fused model as a new checkpoint whose config rebuilds it (no BatchNorm, no Normalize)."""
-    from fcexport.checkpoint import make_checkpoint
-    from fcexport.models import inference_config
-
-    fused, report = fuse_checkpoint_model(checkpoint)
-    new = make_checkpoint(
-        fused,
-        inference_config(checkpoint["config"]),
-        checkpoint["class_names"],
-        normalization=checkpoint.get("normalization"),
-        preprocess=checkpoint.get("preprocess"),
-        dataset=checkpoint.get("dataset"),
-        metrics=checkpoint.get("metrics"),
-        provenance={"fused": True, "source": source_name, "source_sha256": source_sha256, "folds": report.folded},
-    )
-    return new, fused, report
-
-
-def run(
-    checkpoint_path: Path,
-    out_path: Path,
-    verify: bool = False,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
-    device: str = "cpu",
-    data: str | None = None,
-    data_root: str | None = None,
-) -> dict:
-    """`fcx fuse-bn`: write the fused checkpoint, time both models at batch 1, optionally verify parity."""
-    import numpy as np
-
-    from fcexport import verify as verification
-    from fcexport.backends import module_predictor
-    from fcexport.bench import measure
-    from fcexport.checkpoint import artifact_metadata, load_model, save_checkpoint
-    from fcexport.files import sha256_file
-
-    tolerance = verification.Tolerance(atol, rtol)
-    original, checkpoint = load_model(checkpoint_path)
-    new_checkpoint, fused, report = fused_checkpoint(checkpoint, sha256_file(checkpoint_path), checkpoint_path.name)
-    metadata = artifact_metadata(checkpoint)
-    before = module_predictor(original, "eager", device, checkpoint_path, metadata)
-    after = module_predictor(fused, "fused", device, out_path, metadata)
-    one = np.random.default_rng(0).random((1, *checkpoint["input_shape"]), dtype=np.float32)
-    result = {
-        "source": str(checkpoint_path),
-        "output": str(out_path),
-        "report": report.as_dict(),
-        "latency_ms": {"before": measure(before, one)["p50_ms"], "after": measure(after, one)["p50_ms"], "device": device},
-        "verification": None,
-    }
-    if verify:
-        inputs = verification.make_inputs(checkpoint, data, data_root)
-        reference = module_predictor(original.to("cpu"), "eager", "cpu", checkpoint_path, metadata)(inputs.x)
-        rows = verification.compare_predictors(reference, [after], inputs, tolerance)
-        result["verification"] = verification.report(rows, inputs, verification.accuracy(reference, inputs.labels), tolerance)
-        if not result["verification"]["passed"]:
-            return result  # a failed fold is reported, never written
-    save_checkpoint(new_checkpoint, out_path)
-    return result

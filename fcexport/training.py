@@ -7,21 +7,16 @@ import csv
 import io
 import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fcexport import plots
-from fcexport.backends import torch_device
-from fcexport.checkpoint import make_checkpoint, save_checkpoint
-from fcexport.data import Dataset, Split, dataset_source, kfold_splits, load_dataset, normalization_stats, train_val_split
-from fcexport.files import write_json_atomic, write_text_atomic
-from fcexport.models import build_model, count_parameters, mlp_config
+from fcexport.data import Dataset, Split, kfold_splits, normalization_stats
+from fcexport.models import build_model, mlp_config
 from fcexport.options import TrainOptions
-from fcexport.preprocess import object_fill
+from fcexport.runtimes import torch_device
 
 # Peak learning rates for the one-cycle schedule below; with each, 20 epochs of the default MLP-BN on
 # the Fashion-MNIST subset reach 87.1-87.5% test accuracy (measured; 0.3 for sgd and 3e-4 for rmsprop were within noise of these).
@@ -206,71 +201,6 @@ def cross_validate(dataset: Dataset, opts: TrainOptions, on_epoch: EpochCallback
     }
     result, config = runs[best_index]
     return result, config, summary
-
-
-def run(opts: TrainOptions, on_epoch: EpochCallback | None = None) -> dict:
-    """`fcx train`: load data, train (split or k-fold), evaluate on test, write every artifact."""
-    opts.validate()
-    resolve_device(opts.device)
-    out = Path(opts.artifacts)
-    log = []
-
-    def log_epoch(record: dict) -> None:
-        """history.csv grows after every epoch, so progress can be followed (tail -f) and survives a kill."""
-        log.append(record)
-        write_text_atomic(out / "history.csv", history_csv(log))
-        if on_epoch:
-            on_epoch(record)
-
-    dataset = load_dataset(opts.data, opts.data_root)
-    if opts.flip is None:
-        opts.flip = dataset.name == "fashion-mnist"
-    started = time.perf_counter()
-    cv_summary = None
-    if opts.folds:
-        result, config, cv_summary = cross_validate(dataset, opts, log_epoch)
-        val = None
-    else:
-        train, val = train_val_split(dataset.train, opts.val_split, opts.seed)
-        model, config = build_for(dataset, opts)
-        result = fit(model, train, val, opts, log_epoch)
-    seconds = time.perf_counter() - started
-    device = next(result.model.parameters()).device
-    test_loss, test_acc, test_pred = evaluate(result.model, dataset.test, device)
-    metrics = {
-        "test_accuracy": test_acc,
-        "test_loss": test_loss,
-        "val_accuracy": result.best_val_accuracy,
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "interrupted": result.interrupted,
-        "train_seconds": seconds,
-        "samples_per_second": result.samples_per_second,
-        "parameters": count_parameters(result.model),
-        "device": str(device),
-        "cross_validation": cv_summary,
-    }
-    checkpoint = make_checkpoint(
-        result.model,
-        config,
-        dataset.class_names,
-        dataset={
-            "name": dataset.name,
-            "source": dataset_source(opts.data),
-            "root": str(Path(opts.data_root).resolve()) if opts.data_root else None,
-            "train": len(dataset.train),
-            "test": len(dataset.test),
-        },
-        metrics=metrics,
-        preprocess={"object_fill": object_fill(dataset.train.images[:2000, 0].numpy())},
-        training=asdict(opts),
-    )
-    save_checkpoint(checkpoint, out / "model.pt")
-    write_json_atomic(out / "metrics.json", metrics)
-    write_text_atomic(out / "history.csv", history_csv(result.history))
-    plots.save_curves(result.history, out / "curves.png")
-    plots.save_confusion(dataset.test.labels, test_pred, dataset.class_names, out / "confusion.png")
-    return {"metrics": metrics, "history": result.history, "artifacts": str(out), "dataset": dataset.name}
 
 
 def history_csv(history: list[dict]) -> str:

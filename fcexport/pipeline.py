@@ -1,0 +1,337 @@
+"""Orchestration: the one module that calls several stages. Each public function is one `fcx` command.
+
+Every way in (train, import) writes the same model.pt; every later step reads it with
+`checkpoint.load_model` and never needs to know how the model came in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from fcexport import artifacts as names
+from fcexport.compare import Tolerance, accuracy
+from fcexport.errors import FcxError, check_choices
+from fcexport.runtimes import DEVICES, RUNTIME_DEVICES, DeviceUnavailable, Predictor, module_predictor, open_predictor
+
+DEFAULT_TOLERANCE = Tolerance()
+
+# ---- ways in -----------------------------------------------------------------------------
+
+
+def train(opts, on_epoch=None) -> dict:
+    """`fcx train`: load data, train (split or k-fold), evaluate on test, write model.pt, metrics and plots."""
+    from fcexport import plots
+    from fcexport.checkpoint import save_model
+    from fcexport.data import dataset_source, load_dataset, train_val_split
+    from fcexport.files import write_json_atomic, write_text_atomic
+    from fcexport.models import count_parameters
+    from fcexport.preprocess import object_fill
+    from fcexport.spec import ModelSpec
+    from fcexport.training import build_for, cross_validate, evaluate, fit, history_csv, resolve_device
+
+    opts.validate()
+    resolve_device(opts.device)
+    out = Path(opts.artifacts)
+    log = []
+
+    def log_epoch(record: dict) -> None:
+        """history.csv grows after every epoch, so progress can be followed (tail -f) and survives a kill."""
+        log.append(record)
+        write_text_atomic(out / "history.csv", history_csv(log))
+        if on_epoch:
+            on_epoch(record)
+
+    dataset = load_dataset(opts.data, opts.data_root)
+    if opts.flip is None:
+        opts.flip = dataset.name == "fashion-mnist"
+    started = time.perf_counter()
+    cv_summary = None
+    if opts.folds:
+        result, config, cv_summary = cross_validate(dataset, opts, log_epoch)
+    else:
+        train_split, val = train_val_split(dataset.train, opts.val_split, opts.seed)
+        model, config = build_for(dataset, opts)
+        result = fit(model, train_split, val, opts, log_epoch)
+    seconds = time.perf_counter() - started
+    device = next(result.model.parameters()).device
+    test_loss, test_acc, test_pred = evaluate(result.model, dataset.test, device)
+    metrics = {
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "val_accuracy": result.best_val_accuracy,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "interrupted": result.interrupted,
+        "train_seconds": seconds,
+        "samples_per_second": result.samples_per_second,
+        "parameters": count_parameters(result.model),
+        "device": str(device),
+        "cross_validation": cv_summary,
+    }
+    normalize = config["normalize"]
+    spec = ModelSpec(
+        input_shape=list(config["input_shape"]),
+        class_names=list(dataset.class_names),
+        preprocess={"mode": "object", "object_fill": object_fill(dataset.train.images[:2000, 0].numpy())},
+        normalization={"mean": [normalize["mean"]], "std": [normalize["std"]]} if normalize else None,
+        architecture={"kind": "mlp", **config},
+        dataset={
+            "name": dataset.name,
+            "source": dataset_source(opts.data),
+            "root": str(Path(opts.data_root).resolve()) if opts.data_root else None,
+            "train": len(dataset.train),
+            "test": len(dataset.test),
+        },
+        metrics=metrics,
+        training=asdict(opts),
+    )
+    save_model(result.model.cpu().eval(), spec, out / names.MODEL)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_text_atomic(out / "history.csv", history_csv(result.history))
+    plots.save_curves(result.history, out / "curves.png")
+    plots.save_confusion(dataset.test.labels, test_pred, dataset.class_names, out / "confusion.png")
+    return {"metrics": metrics, "history": result.history, "artifacts": str(out), "dataset": dataset.name}
+
+
+def import_weights(
+    weights: str | Path,
+    model_def: str,
+    input_shape,
+    model_args: dict | None = None,
+    key: str | None = None,
+    class_names: list[str] | None = None,
+    mean=None,
+    std=None,
+    artifacts: str | Path = "artifacts",
+) -> Path:
+    """`fcx import`: a state dict plus the model's code -> ARTIFACTS/model.pt (no code needed afterwards)."""
+    from fcexport.checkpoint import save_model
+    from fcexport.sources import from_state_dict
+
+    model, spec = from_state_dict(weights, model_def, input_shape, model_args, key, class_names, mean, std)
+    return save_model(model, spec, Path(artifacts) / names.MODEL)
+
+
+def import_model(
+    module,
+    input_shape,
+    class_names: list[str] | None = None,
+    mean=None,
+    std=None,
+    artifacts: str | Path = "artifacts",
+) -> Path:
+    """A live nn.Module (a notebook's model) -> ARTIFACTS/model.pt, ready for fuse, export, verify, predict, bench.
+
+    `input_shape` is (C, H, W); `mean`/`std` (one value or one per channel) is the normalisation the
+    model expects on [0, 1] pixels: it becomes part of the stored model, so artifacts take [0, 1] pixels.
+    """
+    from fcexport.checkpoint import save_model
+    from fcexport.sources import from_module
+
+    model, spec = from_module(module, input_shape, class_names, mean, std)
+    return save_model(model, spec, Path(artifacts) / names.MODEL)
+
+
+# ---- fuse --------------------------------------------------------------------------------
+
+
+def fused_model(model, spec, source: Path | None = None):
+    """(fused module, FuseReport, spec of the fused module) for a model loaded from `source`."""
+    import torch
+
+    from fcexport.files import sha256_file
+    from fcexport.folding import fuse_with_report
+    from fcexport.spec import ModelSpec
+
+    fused, report = fuse_with_report(model, torch.zeros(2, *spec.input_shape))
+    provenance = {**spec.provenance, "fused": True, "folds": report.folded, "left": report.left}
+    if source is not None:
+        provenance |= {"source": source.name, "source_sha256": sha256_file(source)}
+    return fused, report, ModelSpec.from_dict({**spec.to_dict(), "provenance": provenance})
+
+
+def fuse(
+    model_path: Path,
+    out_path: Path,
+    verify: bool = False,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    device: str = "cpu",
+    data: str | None = None,
+    data_root: str | None = None,
+) -> dict:
+    """`fcx fuse-bn`: write the fused model, time both at batch 1, optionally verify parity first."""
+    from fcexport import parity
+    from fcexport.timing import measure
+    from fcexport.checkpoint import load_model, save_model
+
+    model_path, out_path = Path(model_path), Path(out_path)
+    if out_path.resolve() == model_path.resolve():
+        raise FcxError(f"{out_path}: the fused model would overwrite its own source; write it elsewhere")
+    original, spec = load_model(model_path)
+    fused, report, fused_spec = fused_model(original, spec, model_path)
+    before = module_predictor(original, "eager", device, model_path, spec)
+    after = module_predictor(fused, "fused", device, out_path, fused_spec)
+    one = np.random.default_rng(0).random((1, *spec.input_shape), dtype=np.float32)
+    result = {
+        "source": str(model_path),
+        "output": str(out_path),
+        "report": report.as_dict(),
+        "latency_ms": {"before": measure(before, one)["p50_ms"], "after": measure(after, one)["p50_ms"], "device": device},
+        "verification": None,
+    }
+    if verify:
+        inputs = parity.make_inputs(spec, data, data_root)
+        reference = module_predictor(original.to("cpu"), "eager", "cpu", model_path, spec)(inputs.x)
+        rows = parity.compare_predictors(reference, [after], inputs, tolerance)
+        result["verification"] = parity.report(rows, inputs, accuracy(reference, inputs.labels), tolerance)
+        if not result["verification"]["passed"]:
+            return result  # a failed fold is reported, never written
+    save_model(fused.cpu(), fused_spec, out_path)
+    return result
+
+
+# ---- export ------------------------------------------------------------------------------
+
+FORMATS = ("torchscript", "onnx")
+
+
+def export(model_path: Path, artifacts: Path, formats=FORMATS, opset: int | None = None, fuse: bool = True,
+           int8: bool = False) -> dict:
+    """`fcx export`: model.pt -> (fused) module -> model.ts / model.onnx [/ model.int8.onnx] -> manifest.json."""
+    from fcexport.checkpoint import load_model, now_iso
+    from fcexport.export_onnx import DEFAULT_OPSET, export_int8_onnx, export_onnx, versions
+    from fcexport.export_torchscript import export_torchscript
+    from fcexport.files import sha256_file
+
+    unknown = set(formats) - set(FORMATS)
+    if unknown or not formats:
+        raise FcxError(f"formats are torchscript and onnx, got {', '.join(sorted(unknown)) or 'nothing'}")
+    if int8 and "onnx" not in formats:
+        raise FcxError("the int8 model is quantized from model.onnx: export onnx as well")
+    model_path, artifacts = Path(model_path), Path(artifacts)
+    model, spec = load_model(model_path)
+    folds = []
+    if fuse:
+        model, report, spec = fused_model(model, spec)
+        folds = report.folded
+    spec.provenance = {
+        **spec.provenance,
+        "exported": now_iso(),
+        "source": model_path.name,
+        "source_sha256": sha256_file(model_path),
+        "fused": bool(fuse or spec.provenance.get("fused")),
+        **versions(),
+    }
+    written, removed = [], []
+    if "torchscript" in formats:
+        written.append(export_torchscript(model, spec, artifacts / names.BACKEND_FILES["torchscript"]))
+    if "onnx" in formats:
+        onnx_path = export_onnx(model, spec, artifacts / names.BACKEND_FILES["onnxruntime"], opset or DEFAULT_OPSET)
+        written.append(onnx_path)
+        int8_path = artifacts / names.BACKEND_FILES["onnxruntime-int8"]
+        if int8:
+            written.append(export_int8_onnx(onnx_path, int8_path))
+        elif int8_path.is_file():  # quantized from the model.onnx just replaced: it would answer for an old model
+            int8_path.unlink()
+            removed.append(str(int8_path))
+    manifest = names.write_manifest(artifacts, versions(), now_iso())
+    return {"written": [str(p) for p in written], "removed": removed, "manifest": str(manifest), "fused": fuse, "folds": folds}
+
+
+# ---- use ---------------------------------------------------------------------------------
+
+
+def open_backend(backend: str, artifacts: Path, device: str) -> Predictor:
+    """A backend's artifact from a folder. Without model.fused.pt, `fused` folds model.pt in memory."""
+    path = Path(artifacts) / names.BACKEND_FILES[backend]
+    model_path = Path(artifacts) / names.MODEL
+    if backend == "fused" and not path.is_file() and model_path.is_file():
+        from fcexport.checkpoint import load_model
+
+        fused, _, spec = fused_model(*load_model(model_path), model_path)
+        return module_predictor(fused, "fused", device, Path("(fused in memory from model.pt)"), spec)
+    if not path.is_file():
+        raise DeviceUnavailable(f"{path} not found", hint=names.BACKEND_MADE_BY[backend])
+    if backend in RUNTIME_DEVICES and device not in RUNTIME_DEVICES[backend]:
+        raise DeviceUnavailable(f"{path.name} is quantized for CPU inference only")
+    return open_predictor(path, device)
+
+
+def open_model(model: str | Path | None = None, artifacts: str | Path = "artifacts", device: str = "cpu") -> Predictor:
+    """`model` if given, else the best artifact in the folder (ONNX > TorchScript > fused > model)."""
+    return open_predictor(Path(model) if model is not None else names.find_default_model(Path(artifacts)), device)
+
+
+def predict(images: list[str | Path], model: str | Path | None = None, artifacts: str | Path = "artifacts",
+            top_k: int = 3, invert: str = "auto", device: str = "cpu") -> Iterator[dict]:
+    """Classify image files: one dict per image (file, label, index, probability, top)."""
+    from fcexport.classify import predict_files
+
+    return predict_files(open_model(model, artifacts, device), images, top_k, invert)
+
+
+def verify(
+    artifacts: str | Path = "artifacts",
+    backends=names.BACKENDS,
+    devices=DEVICES,
+    data: str | None = None,
+    data_root: str | None = None,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+) -> dict:
+    """`fcx verify`: model.pt on cpu is the reference; every other backend x device is compared with it."""
+    from fcexport import parity
+    from fcexport.checkpoint import load_model
+    from fcexport.files import sha256_file
+
+    check_choices("backends", backends, names.BACKENDS)
+    check_choices("devices", devices, DEVICES)
+    artifacts = Path(artifacts)
+    reference_path = artifacts / names.MODEL
+    model, spec = load_model(reference_path)
+    inputs = parity.make_inputs(spec, data, data_root)
+    reference = module_predictor(model, "eager", "cpu", reference_path, spec)(inputs.x)
+    candidates = []
+    for device in devices:
+        for backend in backends:
+            if (backend, device) == ("eager", "cpu"):
+                continue  # that is the reference itself
+            try:
+                candidates.append(open_backend(backend, artifacts, device))
+            except DeviceUnavailable as exc:
+                candidates.append(parity.Skipped(backend, device, str(exc), exc.hint))
+    rows = parity.compare_predictors(reference, candidates, inputs, tolerance)
+    model_sha256 = sha256_file(reference_path)
+    for row, candidate in zip(rows, candidates, strict=True):
+        note = names.made_from_other_model(candidate.spec.provenance, model_sha256) if isinstance(candidate, Predictor) else None
+        if note:
+            row["note"] = note
+    return parity.report(rows, inputs, accuracy(reference, inputs.labels), tolerance)
+
+
+def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backends=names.BACKENDS, device: str = "cpu",
+          warmup: int = 20, repeat: int = 200, max_seconds: float = 1.0, seed: int = 0) -> list[dict]:
+    """`fcx bench`: one row per backend x batch size; unavailable backends are rows with a reason."""
+    from fcexport.timing import measure
+
+    check_choices("backends", backends, names.BACKENDS)
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise FcxError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    artifacts = Path(artifacts)
+    names.find_default_model(artifacts)  # a clear error when the folder holds no model at all
+    rng = np.random.default_rng(seed)
+    rows = []
+    for backend in backends:
+        try:
+            predictor = open_backend(backend, artifacts, device)
+        except DeviceUnavailable as exc:
+            rows.append({"backend": backend, "device": device, "batch_size": None, "skipped": str(exc), "hint": exc.hint})
+            continue
+        for batch in batch_sizes:
+            x = rng.random((batch, *predictor.spec.input_shape), dtype=np.float32)
+            rows.append({"backend": backend, "device": device, "batch_size": batch, **measure(predictor, x, warmup, repeat, max_seconds)})
+    return rows
