@@ -72,6 +72,7 @@ METHODS = frozenset({
 OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method", "output")
 _QUALNAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 MAX_NODES = 20_000
+NOT_ALLOWED = "is not on fcexport's allow-list (see fcexport.graph: MODULES, FUNCTIONS, METHODS)"
 
 
 class Tracer(fx.Tracer):
@@ -141,23 +142,26 @@ def to_data(gm: fx.GraphModule) -> dict:
         if node.op == "call_module":
             module = gm.get_submodule(target)
             if type(module) not in MODULES:
-                raise FcxError(f"{where}: layer type {type(module).__module__}.{type(module).__name__} is not supported "
-                               f"(supported: {', '.join(sorted(MODULE_TYPES))})")
+                raise FcxError(f"{where}: layer type {type(module).__module__}.{type(module).__name__} {NOT_ALLOWED}")
             args = {name: _encode(value, where) for name, value in module_arguments(module).items()}
             modules[target] = {"type": type(module).__name__, "args": args}
         elif node.op == "call_function":
             target = _function_name(node.target)
             if target is None:
-                raise FcxError(f"{where}: function is not supported (supported: {', '.join(sorted([*FUNCTIONS, *LAZY_FUNCTIONS]))})")
+                raise FcxError(f"{where}: function {NOT_ALLOWED}")
         elif node.op == "call_method" and target not in METHODS:
-            raise FcxError(f"{where}: tensor method is not supported (supported: {', '.join(sorted(METHODS))})")
+            raise FcxError(f"{where}: tensor method {NOT_ALLOWED}")
         nodes.append({"name": node.name, "op": node.op, "target": target,
                       "args": _encode(node.args, where), "kwargs": _encode(dict(node.kwargs), where)})
     return {"nodes": nodes, "modules": modules}
 
 
 def _target_text(target) -> str:
-    return target if isinstance(target, str) else getattr(target, "__qualname__", None) or repr(target)
+    if isinstance(target, str):
+        return target
+    name = getattr(target, "__name__", None) or repr(target)
+    module = getattr(target, "__module__", None)
+    return f"{module}.{name}" if module else name
 
 
 # ---- data -> graph -----------------------------------------------------------------------

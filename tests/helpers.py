@@ -5,7 +5,10 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import copy
+
 import numpy as np
+import torch
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -37,6 +40,28 @@ def save_png(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
+
+
+def settle_batchnorms(model: torch.nn.Module, *inputs, steps: int = 20) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial running stats and affine params, then switch to eval."""
+    torch.manual_seed(0)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine:
+            torch.nn.init.uniform_(m.weight, 0.5, 2.0)
+            torch.nn.init.uniform_(m.bias, -1.0, 1.0)
+    with torch.no_grad():
+        for _ in range(steps):
+            model(*[x * 3 + 1 for x in inputs])
+    return model.eval()
+
+
+def float64_error(model: torch.nn.Module, candidate: torch.nn.Module, *inputs) -> tuple[float, float]:
+    """(max error of the float32 original, max error of the candidate), both against float64 maths."""
+    ref = copy.deepcopy(model).double()(*[x.double() for x in inputs])
+    original = (model(*inputs).double() - ref).abs().max().item()
+    fused = (candidate(*inputs).double() - ref).abs().max().item()
+    return original, fused
 
 
 def invoke(runner: CliRunner, *args: str):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import invoke
+from helpers import float64_error, invoke, settle_batchnorms
 from torch import nn
 
 import fcexport
@@ -13,28 +13,6 @@ from fcexport.checkpoint import load_model
 from fcexport.errors import FcxError
 from fcexport.folding import batchnorm_affine, fold_into_following, fold_into_preceding, fuse_with_report
 from fcexport.models import Normalize
-
-
-def settle_batchnorms(model: nn.Module, *inputs, steps: int = 20) -> nn.Module:
-    """Give every BatchNorm non-trivial running stats and affine params, then switch to eval."""
-    torch.manual_seed(0)
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-            nn.init.uniform_(m.weight, 0.5, 2.0)
-            nn.init.uniform_(m.bias, -1.0, 1.0)
-    with torch.no_grad():
-        for _ in range(steps):
-            model(*[x * 3 + 1 for x in inputs])
-    return model.eval()
-
-
-def float64_error(model: nn.Module, candidate: nn.Module, *inputs) -> tuple[float, float]:
-    """(max error of the float32 original, max error of the candidate), both against float64 maths."""
-    ref = copy.deepcopy(model).double()(*[x.double() for x in inputs])
-    original = (model(*inputs).double() - ref).abs().max().item()
-    fused = (candidate(*inputs).double() - ref).abs().max().item()
-    return original, fused
 
 
 def bn_count(model: nn.Module) -> int:
