@@ -18,6 +18,8 @@ HINTS = {
     "export": "run `fcx export`",
     "export-int8": "run `fcx export --int8`",
     "cpu": "use --device cpu",
+    "data-root": "pass --data-root DIR (or set FCX_DATA_ROOT) where that folder lives",
+    "offline-data": "or pass --data-root DIR, or train offline with --data digits (bundled), --data FILE.csv or --data DIR",
 }
 
 

@@ -240,10 +240,11 @@ def predict(
     json_out: JsonFlag = False,
 ) -> None:
     """Classify image files (any size, gray/RGB/RGBA/16-bit, light or dark background)."""
-    from fcexport.pipeline import open_model
+    from fcexport.artifacts import find_default_model
+    from fcexport.runtimes import open_predictor
     from fcexport.classify import predict_files
 
-    predictor = open_model(model, artifacts, device)
+    predictor = open_predictor(model if model is not None else find_default_model(artifacts), device)
     results = list(predict_files(predictor, images, top_k, invert))  # images stream in batches; results are small
     if json_out:
         render.err.print(f"model: {predictor.source} ({predictor.backend}, {predictor.device})")

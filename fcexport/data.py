@@ -19,7 +19,6 @@ from fcexport.errors import FcxError
 from fcexport.preprocess import IMAGE_SUFFIXES, load_image
 
 TORCHVISION_SETS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "kmnist": "KMNIST"}
-OFFLINE_CHOICES = "--data digits (bundled with scikit-learn), --data FILE.csv or --data DIR"
 # Sets without an official test split get this deterministic share held out as "test".
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0
@@ -110,7 +109,7 @@ def train_val_split(split: Split, val_fraction: float, seed: int) -> tuple[Split
     order = permutation(len(split), seed)
     n_val = max(1, int(round(len(split) * val_fraction)))
     if n_val >= len(split):
-        raise FcxError(f"--val-split {val_fraction} leaves no training images ({len(split)} in total)")
+        raise FcxError(f"validation split {val_fraction} leaves no training images ({len(split)} in total)")
     return split.subset(order[n_val:]), split.subset(order[:n_val])
 
 
@@ -119,7 +118,7 @@ def kfold_splits(split: Split, folds: int, seed: int) -> list[tuple[Split, Split
     from sklearn.model_selection import KFold
 
     if folds < 2 or folds > len(split):
-        raise FcxError(f"--folds must be between 2 and the number of training images ({len(split)}), got {folds}")
+        raise FcxError(f"folds must be between 2 and the number of training images ({len(split)}), got {folds}")
     kfold = KFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(split.subset(tr), split.subset(va)) for tr, va in kfold.split(np.zeros(len(split)))]
 
@@ -149,7 +148,7 @@ def _load_torchvision(key: str, root: Path, download: bool) -> Dataset:
         test = cls(str(root), train=False, download=False)
     except RuntimeError as exc:
         if not download:
-            raise FcxError(f"{cls.__name__} is not under {raw}/ (pass --data-root)") from exc
+            raise FcxError(f"{cls.__name__} is not under {raw}/", hint="data-root") from exc
         train, test = _download(cls, root, raw)
     return Dataset(
         name=key,
@@ -167,9 +166,8 @@ def _download(cls, root: Path, raw: Path):
         return cls(str(root), train=True, download=True), cls(str(root), train=False, download=True)
     except Exception as exc:  # network errors come in many types (URLError, timeout, HTTPError)
         raise FcxError(
-            f"{cls.__name__} is not under {raw}/ and could not be downloaded ({type(exc).__name__}). "
-            f"Put the IDX files (train-images-idx3-ubyte, ...) in {raw}/ (or pass --data-root), "
-            f"or train offline with {OFFLINE_CHOICES}"
+            f"{cls.__name__} is not under {raw}/ and could not be downloaded ({type(exc).__name__}: {exc}). "
+            f"Put the IDX files (train-images-idx3-ubyte, ...) in {raw}/", hint="offline-data"
         ) from exc
     finally:
         socket.setdefaulttimeout(previous)
@@ -195,7 +193,7 @@ def _load_digits() -> Dataset:
 def _load_csv(path: Path) -> Dataset:
     """Label column then pixels (0-255, or 0-1 floats), with or without a header row (Kaggle layout)."""
     if not path.is_file():
-        raise FcxError(f"{path}: file not found; pass an existing CSV with --data")
+        raise FcxError(f"{path}: file not found; pass an existing CSV file")
     table = _parse_csv(path)
     if table.shape[0] < 2:
         raise FcxError(f"{path}: needs at least 2 data rows, found {table.shape[0]}")

@@ -125,7 +125,7 @@ def fuse_with_report(
     report.parameters_after = sum(p.numel() for p in gm.parameters())
     if strict and report.left:
         details = "; ".join(f"{x['layer']}: {x['reason']}" for x in report.left)
-        raise FcxError(f"--strict: {len(report.left)} BatchNorm layer(s) cannot be folded ({details})")
+        raise FcxError(f"strict folding: {len(report.left)} BatchNorm layer(s) cannot be folded ({details})")
     return gm, report
 
 

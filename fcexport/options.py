@@ -12,7 +12,7 @@ OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam", "adamw")
 
 @dataclass
 class TrainOptions:
-    """Every `fcx train` option; defaults are the measured best for Fashion-MNIST on 2 CPU cores."""
+    """Every training option (one `fcx train` flag each); defaults are the measured best for Fashion-MNIST on 2 CPU cores."""
 
     data: str = "fashion-mnist"
     data_root: str | None = None
@@ -37,16 +37,16 @@ class TrainOptions:
 
     def validate(self) -> None:
         checks = [
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
-            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (0 <= self.shift <= 8, f"--shift must be in 0..8 pixels, got {self.shift}"),
-            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
-            (self.folds == 0 or self.folds >= 2, f"--folds must be 0 (off) or >= 2, got {self.folds}"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.val_split < 1, f"val split must be in [0, 1), got {self.val_split}"),
+            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.shift <= 8, f"shift must be in 0..8 pixels, got {self.shift}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.folds == 0 or self.folds >= 2, f"folds must be 0 (off) or >= 2, got {self.folds}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -262,17 +262,14 @@ def open_backend(backend: str, artifacts: Path, device: str) -> Predictor:
     return open_predictor(path, device)
 
 
-def open_model(model: str | Path | None = None, artifacts: str | Path = "artifacts", device: str = "cpu") -> Predictor:
-    """`model` if given, else the best artifact in the folder (ONNX > TorchScript > fused > model)."""
-    return open_predictor(Path(model) if model is not None else names.find_default_model(Path(artifacts)), device)
-
-
 def predict(images: list[str | Path], model: str | Path | None = None, artifacts: str | Path = "artifacts",
             top_k: int = 3, invert: str = "auto", device: str = "cpu") -> Iterator[dict]:
-    """Classify image files: one dict per image (file, label, index, probability, top)."""
+    """Classify image files with `model`, or the best artifact in the folder (ONNX > TorchScript > fused > model):
+    one dict per image (file, label, index, probability, top)."""
     from fcexport.classify import predict_files
 
-    return predict_files(open_model(model, artifacts, device), images, top_k, invert)
+    path = Path(model) if model is not None else names.find_default_model(Path(artifacts))
+    return predict_files(open_predictor(path, device), images, top_k, invert)
 
 
 def verify(

@@ -88,7 +88,7 @@ def torch_device(device: str):
     import torch
 
     if device not in ("cpu", "cuda"):
-        raise FcxError(f"--device must be cpu or cuda, got {device}")
+        raise FcxError(f"device must be cpu or cuda, got {device}")
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailable("no CUDA device here (torch.cuda.is_available() is False)", hint="cpu")
     return torch.device(device)
@@ -158,7 +158,7 @@ def ort_providers(device: str) -> list:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device != "cuda":
-        raise FcxError(f"--device must be cpu or cuda, got {device}")
+        raise FcxError(f"device must be cpu or cuda, got {device}")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise DeviceUnavailable("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)", hint="cpu")
     # TF32 would trade exactness for speed; verification compares at float32 tolerances.

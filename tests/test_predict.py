@@ -123,7 +123,8 @@ def test_predicting_10000_files_streams_in_bounded_batches(exported_dir, image_d
     import shutil
     import tracemalloc
 
-    from fcexport.pipeline import open_model
+    from fcexport.artifacts import find_default_model
+    from fcexport.runtimes import open_predictor
     from fcexport.classify import BATCH_SIZE, predict_files
 
     folder = tmp_path / "many"
@@ -131,7 +132,7 @@ def test_predicting_10000_files_streams_in_bounded_batches(exported_dir, image_d
     source = save_png(tmp_path / "one.png", np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
     for i in range(10_000):
         shutil.copyfile(source, folder / f"{i:05d}.png")
-    predictor = open_model(None, exported_dir)
+    predictor = open_predictor(find_default_model(exported_dir))
     batch_sizes = []
     run = predictor.run
     predictor.run = lambda x: batch_sizes.append(len(x)) or run(x)
