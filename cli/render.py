@@ -144,9 +144,9 @@ def import_summary(path) -> None:
 
 def fuse_summary(result: dict) -> None:
     rep = result["report"]
-    rows = [[f["layer"], f["into"], f["direction"]] for f in rep["folded"]]
+    rows = [[f"{f['layer']} ({f['type']})", f["into"], f["direction"]] for f in rep["folded"]]
     rows += [[x["layer"], "-", f"removed: {x['reason']}"] for x in rep["removed"]]
-    rows += [[x["layer"], "-", f"left in place: {x['reason']}"] for x in rep["left"]]
+    rows += [[f"{x['layer']} ({x['type']})", "-", f"left in place: {x['reason']}"] for x in rep["left"]]
     table("folds", ["layer", "into", "how"], rows)
     lat = result["latency_ms"]
     key_values("fcx fuse-bn", {

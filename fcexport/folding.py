@@ -70,7 +70,7 @@ def fold_into_following(weight, bias, scale, shift) -> tuple[torch.Tensor, torch
 class FuseReport:
     """What was folded into what, what was left in place and why, and what was dropped."""
 
-    folded: list[dict] = field(default_factory=list)  # {"layer", "into", "direction"}
+    folded: list[dict] = field(default_factory=list)  # {"layer", "type", "into", "direction"}
     left: list[dict] = field(default_factory=list)  # {"layer", "reason"}
     removed: list[dict] = field(default_factory=list)  # {"layer", "reason"}: eval-mode identities
     notes: list[str] = field(default_factory=list)
@@ -118,7 +118,7 @@ def fuse_with_report(
             continue
         reason = _fold_node(gm, node, modules, calls, shapes_known, report)
         if reason:
-            report.left.append({"layer": node.target, "reason": reason})
+            report.left.append({"layer": node.target, "type": type(modules[node.target]).__name__, "reason": reason})
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -149,7 +149,8 @@ def _fold_node(gm, node, modules, calls, shapes_known, report) -> str | None:
     if _can_fold_into_producer(norm, source, producer, calls, shapes_known):
         scale, shift = _affine(norm, producer.weight.shape[0])
         _assign(producer, *fold_into_preceding(producer.weight, producer.bias, scale, shift))
-        fold = {"layer": node.target, "into": source.target, "direction": "into preceding"}
+        fold = {"layer": node.target, "type": type(norm).__name__, "into": f"{source.target} ({type(producer).__name__})",
+                "direction": "into preceding"}
     else:
         users = list(node.users)
         if len(users) != 1:
@@ -163,7 +164,8 @@ def _fold_node(gm, node, modules, calls, shapes_known, report) -> str | None:
             return why_not
         scale, shift = _affine(norm, _input_features(consumer))
         _assign(consumer, *fold_into_following(consumer.weight, consumer.bias, scale, shift))
-        fold = {"layer": node.target, "into": user.target, "direction": "into following"}
+        fold = {"layer": node.target, "type": type(norm).__name__, "into": f"{user.target} ({type(consumer).__name__})",
+                "direction": "into following"}
     # the norm is now inside a neighbour's weights: route its input straight to its users
     node.replace_all_uses_with(source)
     gm.graph.erase_node(node)

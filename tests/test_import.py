@@ -48,11 +48,7 @@ class ColourNet(nn.Module):
         return self.head(torch.flatten(self.pool(self.features(x)), 1))
 
 
-import torch  # noqa: E402  (after the classes on purpose: the file is read as a user would write it)
-'''
-
-
-class ResidualBNAfterAct(nn.Module):
+class ResidualNet(nn.Module):
     """Not a Sequential: BN after the activation (folds into the next Linear) and a residual add."""
 
     def __init__(self):
@@ -67,6 +63,17 @@ class ResidualBNAfterAct(nn.Module):
         a = torch.relu(self.fc1(torch.flatten(x, 1)))
         h = a + torch.relu(self.bn2(self.fc2(self.bn1(a))))
         return self.head(h)
+
+
+import torch  # noqa: E402  (after the classes on purpose: the file is read as a user would write it)
+'''
+
+
+def user_classes() -> dict:
+    """The classes of the model file, as the user's own code defines them."""
+    namespace: dict = {}
+    exec(compile(COURSE_FILE, "course_model.py", "exec"), namespace)
+    return namespace
 
 
 def write_course_model(folder: Path) -> tuple[Path, nn.Module]:
@@ -91,6 +98,26 @@ def onnx_ops(path: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
+def downstream(runner, art: Path, image: Path, shape: tuple[int, ...]) -> dict:
+    """fuse-bn --verify -> export -> verify -> predict through the CLI; returns fuse-bn's JSON.
+
+    Also checks that the fused model is as close to float64 maths as the model itself (<= 1.5x)."""
+    fused = json.loads(run_ok(runner, "fuse-bn", "--verify", "--artifacts", art, "--json").stdout)
+    assert fused["verification"]["passed"]
+    run_ok(runner, "export", "--artifacts", art)
+    assert "BatchNormalization" not in onnx_ops(art / "model.onnx") or fused["report"]["left"]
+    run_ok(runner, "verify", "--artifacts", art, "--devices", "cpu", "--json", art / "report.json")
+    report = json.loads((art / "report.json").read_text())
+    assert report["passed"] and {r["backend"] for r in report["rows"] if r["status"] == "pass"} == {"fused", "torchscript", "onnxruntime"}
+    rows = json.loads(run_ok(runner, "predict", image, "--artifacts", art, "--json").stdout)
+    model, spec = load_model(art / "model.pt")
+    assert rows[0]["label"] in spec.class_names
+    torch.manual_seed(0)
+    own, folded = float64_error(model, load_model(art / "model.fused.pt")[0], torch.rand(32, *shape))
+    assert folded <= 1.5 * own + 1e-7, (own, folded)
+    return fused
+
+
 def test_course_model_four_commands_to_verified_onnx_and_predictions(tmp_path, runner, image_folder):
     weights, model = write_course_model(tmp_path)
     art = tmp_path / "artifacts"
@@ -98,7 +125,7 @@ def test_course_model_four_commands_to_verified_onnx_and_predictions(tmp_path, r
            "--classes", "digits", "--mean", "0.3", "--std", "0.4", "--artifacts", art)
     fused = json.loads(run_ok(runner, "fuse-bn", "--verify", "--data", "digits", "--artifacts", art, "--json").stdout)
     folds = {f["layer"]: f["into"] for f in fused["report"]["folded"]}
-    assert folds == {"input_normalize": "1", "2": "1", "5": "4"} and not fused["report"]["left"]
+    assert folds == {"input_normalize": "1 (Linear)", "2": "1 (Linear)", "5": "4 (Linear)"} and not fused["report"]["left"]
     assert fused["verification"]["passed"] and "test images of digits" in fused["verification"]["inputs"]
     run_ok(runner, "export", "--artifacts", art)
     assert not {"BatchNormalization", "Sub", "Div"} & onnx_ops(art / "model.onnx")
@@ -122,6 +149,10 @@ def test_nested_training_checkpoint_is_found_or_named(tmp_path, runner):
     args = ["--model-def", f"{tmp_path}/course_model.py:course_mlp", "--input-shape", "1,8,8"]
     run_ok(runner, "import", nested, *args, "--artifacts", tmp_path / "a")
     run_ok(runner, "import", nested, *args, "--key", "model_state_dict", "--artifacts", tmp_path / "b")
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(load_model(tmp_path / "a" / "model.pt")[0](x), model(x))
+    image = save_png(tmp_path / "digit.png", np.random.default_rng(2).integers(0, 255, (8, 8), dtype=np.uint8))
+    downstream(runner, tmp_path / "a", image, (1, 8, 8))
     r = invoke(runner, "import", nested, *args, "--key", "ema", "--artifacts", tmp_path / "c")
     assert r.exit_code == 2 and "no state dict under key 'ema'" in r.stderr and "model_state_dict" in r.stderr
 
@@ -143,23 +174,18 @@ def test_strict_loading_lists_missing_unexpected_and_shape_mismatches(tmp_path, 
 
 def test_colour_cnn_folds_normalisation_into_unpadded_conv_and_predicts_colour(tmp_path, runner):
     write_course_model(tmp_path)
-    namespace: dict = {}
-    exec(compile(COURSE_FILE, "course_model.py", "exec"), namespace)
-    net = namespace["ColourNet"](classes=4)
+    net = user_classes()["ColourNet"](classes=4)
     settle_batchnorms(net, torch.rand(16, 3, 12, 12))
     torch.save(net.state_dict(), tmp_path / "cnn.pt")
     art = tmp_path / "cnn"
     run_ok(runner, "import", tmp_path / "cnn.pt", "--model-def", f"{tmp_path}/course_model.py:ColourNet",
            "--model-args", '{"classes": 4}', "--input-shape", "3,12,12", "--classes", "red,green,blue,gray",
            "--mean", "0.5,0.4,0.3", "--std", "0.2,0.25,0.3", "--artifacts", art)
-    fused = json.loads(run_ok(runner, "fuse-bn", "--verify", "--artifacts", art, "--json").stdout)
-    assert {f["layer"] for f in fused["report"]["folded"]} == {"input_normalize", "features.1", "features.5"}
-    run_ok(runner, "export", "--artifacts", art)
-    assert not {"BatchNormalization", "Sub", "Div"} & onnx_ops(art / "model.onnx")
-    run_ok(runner, "verify", "--artifacts", art, "--devices", "cpu", "--json", tmp_path / "r.json")
-    assert json.loads((tmp_path / "r.json").read_text())["passed"]
-    # colour files of any size: letterboxed to 12x12, the same answer as the user's model on that input
     photo = save_png(tmp_path / "photo.png", np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    fused = downstream(runner, art, photo, (3, 12, 12))
+    assert {f["layer"] for f in fused["report"]["folded"]} == {"input_normalize", "features.1", "features.5"}
+    assert not {"BatchNormalization", "Sub", "Div"} & onnx_ops(art / "model.onnx")
+    # colour files of any size: letterboxed to 12x12, the same answer as the user's model on that input
     row = json.loads(run_ok(runner, "predict", photo, "--artifacts", art, "--json").stdout)[0]
     from fcexport.preprocess import letterbox_image
 
@@ -179,29 +205,33 @@ def test_resnet18_through_the_cli(tmp_path, runner):
     run_ok(runner, "import", tmp_path / "resnet18.pt", "--model-def", "torchvision.models:resnet18",
            "--model-args", '{"num_classes": 10}', "--input-shape", "3,32,32", "--mean", "0.485,0.456,0.406",
            "--std", "0.229,0.224,0.225", "--artifacts", art)
-    fused = json.loads(run_ok(runner, "fuse-bn", "--verify", "--artifacts", art, "--json").stdout)
+    photo = save_png(tmp_path / "photo.png", np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    fused = downstream(runner, art, photo, (3, 32, 32))
     assert len(fused["report"]["folded"]) == 20  # every BatchNorm2d of resnet18
     left = fused["report"]["left"]
     assert [x["layer"] for x in left] == ["input_normalize"] and "pads with zeros" in left[0]["reason"]
-    run_ok(runner, "export", "--artifacts", art, "--format", "onnx")
     assert "BatchNormalization" not in onnx_ops(art / "model.onnx")
-    r = run_ok(runner, "verify", "--artifacts", art, "--backends", "fused,onnxruntime", "--devices", "cpu")
-    assert "PASSED" in r.stdout
-    stored, _ = load_model(art / "model.pt")
-    fused_model, _ = load_model(art / "model.fused.pt")
-    x = torch.rand(4, 3, 32, 32)
-    own, folded = float64_error(stored, fused_model, x)
-    assert folded <= 1.5 * own + 1e-7, (own, folded)
+
+
+def test_residual_model_with_bn_after_activation_through_the_cli(tmp_path, runner):
+    write_course_model(tmp_path)
+    model = settle_batchnorms(user_classes()["ResidualNet"](), torch.rand(32, 1, 8, 8))
+    torch.save(model.state_dict(), tmp_path / "res.pt")
+    run_ok(runner, "import", tmp_path / "res.pt", "--model-def", f"{tmp_path}/course_model.py:ResidualNet",
+           "--input-shape", "1,8,8", "--artifacts", tmp_path / "res")
+    image = save_png(tmp_path / "x.png", np.random.default_rng(1).integers(0, 255, (20, 20), dtype=np.uint8))
+    fused = downstream(runner, tmp_path / "res", image, (1, 8, 8))
+    assert {f["layer"]: f["direction"] for f in fused["report"]["folded"]} == {"bn1": "into following", "bn2": "into preceding"}
 
 
 def test_live_module_from_python_with_bn_after_activation_and_residual(tmp_path):
-    model = settle_batchnorms(ResidualBNAfterAct(), torch.rand(32, 1, 8, 8))
+    model = settle_batchnorms(user_classes()["ResidualNet"](), torch.rand(32, 1, 8, 8))
     path = fcexport.import_model(model, (1, 8, 8), class_names=[f"c{i}" for i in range(10)], artifacts=tmp_path)
     assert path == tmp_path / "model.pt"
     result = fcexport.fuse(path, tmp_path / "model.fused.pt", verify=True)
     assert result["verification"]["passed"]
     folded = {f["layer"]: (f["into"], f["direction"]) for f in result["report"]["folded"]}
-    assert folded["bn1"] == ("fc2", "into following") and folded["bn2"] == ("fc2", "into preceding")
+    assert folded["bn1"] == ("fc2 (Linear)", "into following") and folded["bn2"] == ("fc2 (Linear)", "into preceding")
     assert result["report"]["left"] == []
     fused, _ = load_model(tmp_path / "model.fused.pt")
     x = torch.rand(16, 1, 8, 8)
