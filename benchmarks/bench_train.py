@@ -22,12 +22,12 @@ def naive_samples_per_second(root: str, epochs: int) -> float:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from fcexport.models import build_model, mlp_config
+    from fcexport.models import build_model, model_config
 
     data = datasets.FashionMNIST(root, train=True, download=False, transform=transforms.ToTensor())
     loader = DataLoader(data, batch_size=64, shuffle=True)
     torch.manual_seed(0)
-    model = build_model(mlp_config([1, 28, 28], 10, [784, 256], normalize={"mean": 0.286, "std": 0.353}))
+    model = build_model(model_config([1, 28, 28], 10, [784, 256], normalize={"mean": 0.286, "std": 0.353}))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     model.train()

@@ -45,9 +45,10 @@ def _int_list(text: str, option: str) -> list[int]:
 def train(
     data: Annotated[str, typer.Option(help="fashion-mnist, mnist, kmnist, digits, FILE.csv or an image folder")] = TRAIN.data,
     data_root: Annotated[Optional[str], typer.Option(help="Where torchvision datasets live [default: $FCX_DATA_ROOT or data/]")] = None,
-    model: Annotated[str, typer.Option(help="mlp or softmax (softmax regression)")] = TRAIN.arch,
-    hidden: Annotated[str, typer.Option(help="Hidden layer widths, comma-separated")] = ",".join(map(str, TRAIN.hidden)),
-    bn: Annotated[bool, typer.Option("--bn/--no-bn", help="BatchNorm after each hidden Linear")] = TRAIN.batchnorm,
+    model: Annotated[str, typer.Option(help="mlp, cnn (conv stages + MLP head) or softmax (softmax regression)")] = TRAIN.arch,
+    hidden: Annotated[Optional[str], typer.Option(help="Hidden layer widths, comma-separated [default: 784,256 for mlp, 128 for cnn]")] = None,
+    channels: Annotated[str, typer.Option(help="cnn: output channels of each Conv3x3-BN-ReLU-MaxPool stage")] = ",".join(map(str, TRAIN.channels)),
+    bn: Annotated[bool, typer.Option("--bn/--no-bn", help="BatchNorm after each hidden Linear (and each Conv)")] = TRAIN.batchnorm,
     dropout: Annotated[float, typer.Option(help="Dropout after each hidden activation")] = TRAIN.dropout,
     activation: Annotated[str, typer.Option(help="relu, gelu, tanh or sigmoid")] = TRAIN.activation,
     optimizer: Annotated[str, typer.Option(help="sgd, momentum, rmsprop, adam or adamw")] = TRAIN.optimizer,
@@ -66,11 +67,12 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON")] = False,
 ) -> None:
-    """Train a classifier and write model.pt, metrics.json, history.csv, curves.png, confusion.png."""
+    """Train a classifier (MLP, CNN or softmax regression) and write model.pt, metrics.json, history.csv, curves.png, confusion.png."""
     from fcexport.pipeline import train as run
 
     opts = TrainOptions(
-        data=data, data_root=data_root, arch=model, hidden=_int_list(hidden, "--hidden"), batchnorm=bn,
+        data=data, data_root=data_root, arch=model, hidden=None if hidden is None else _int_list(hidden, "--hidden"),
+        channels=_int_list(channels, "--channels"), batchnorm=bn,
         dropout=dropout, activation=activation, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
         epochs=epochs, batch_size=batch_size, label_smoothing=label_smoothing, flip=flip, shift=shift,
         val_split=val_split, folds=folds, seed=seed, device=device, artifacts=str(artifacts),

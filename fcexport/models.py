@@ -1,7 +1,8 @@
-"""Model builders from a plain config dict, so a checkpoint can rebuild its model without pickles.
+"""`fcx train`'s model builders from a plain config dict (stored in the spec as the architecture).
 
-Config keys: arch ("mlp" | "softmax"), input_shape [C, H, W], num_classes, hidden (list of widths),
-batchnorm (bool), dropout (float), activation, normalize ({"mean", "std"} or None).
+Config keys: arch ("mlp" | "softmax" | "cnn"), input_shape [C, H, W], num_classes, channels (conv
+widths, cnn only), hidden (list of widths), batchnorm (bool), dropout (float), activation,
+normalize ({"mean", "std"} or None).
 Layers get stable names (fc1, bn1, act1, drop1, ..., head), which the stored graph keeps.
 """
 
@@ -16,7 +17,7 @@ from torch import nn
 from fcexport.errors import FcxError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
-ARCHS = ("mlp", "softmax")
+ARCHS = ("mlp", "softmax", "cnn")
 
 
 class Normalize(nn.Module):
@@ -39,7 +40,7 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def mlp_config(
+def model_config(
     input_shape: list[int],
     num_classes: int,
     hidden: list[int] | None = None,
@@ -48,15 +49,18 @@ def mlp_config(
     activation: str = "relu",
     normalize: dict | None = None,
     arch: str = "mlp",
+    channels: list[int] | None = None,
 ) -> dict:
-    """A validated model config; `arch="softmax"` is softmax regression (one Linear layer)."""
+    """A validated model config. `mlp`: hidden Linear layers; `softmax`: one Linear layer (softmax
+    regression); `cnn`: Conv3x3 -> BN -> act -> MaxPool2d per entry of `channels`, then the MLP head."""
     config = {
         "arch": arch,
         "input_shape": [int(v) for v in input_shape],
         "num_classes": int(num_classes),
-        "hidden": [int(h) for h in (hidden or [])] if arch == "mlp" else [],
-        "batchnorm": bool(batchnorm) and arch == "mlp",
-        "dropout": float(dropout) if arch == "mlp" else 0.0,
+        "channels": [int(c) for c in (channels or [])] if arch == "cnn" else [],
+        "hidden": [int(h) for h in (hidden or [])] if arch != "softmax" else [],
+        "batchnorm": bool(batchnorm) and arch != "softmax",
+        "dropout": float(dropout) if arch != "softmax" else 0.0,
         "activation": activation,
         "normalize": normalize,
     }
@@ -65,10 +69,10 @@ def mlp_config(
 
 
 def validate_config(config: dict) -> None:
-    """Raise FcxError for a config this version cannot build (e.g. a checkpoint from another tool)."""
+    """Raise FcxError for a config this version cannot build."""
     try:
         arch, activation = config["arch"], config["activation"]
-        dims = [*config["input_shape"], config["num_classes"], *config["hidden"]]
+        dims = [*config["input_shape"], config["num_classes"], *config["hidden"], *config.get("channels", [])]
         dropout = float(config["dropout"])
         normalize = config["normalize"]
     except (KeyError, TypeError) as exc:
@@ -79,6 +83,11 @@ def validate_config(config: dict) -> None:
         raise FcxError(f"unknown activation '{activation}' (expected one of {', '.join(ACTIVATIONS)})")
     if len(config["input_shape"]) != 3 or any(int(d) <= 0 for d in dims):
         raise FcxError(f"model sizes must be positive and input_shape [C, H, W]: {config}")
+    if arch == "cnn":
+        stages = len(config["channels"])
+        if not stages or min(config["input_shape"][1:]) >> stages < 1:
+            raise FcxError(f"a cnn needs 1 or more conv stages, each halving the image: {stages} stages on "
+                           f"{config['input_shape'][1]}x{config['input_shape'][2]} images")
     if not 0.0 <= dropout < 1.0:
         raise FcxError(f"dropout must be in [0, 1), got {dropout}")
     if normalize is not None and not (float(normalize["std"]) > 0 and math.isfinite(float(normalize["mean"]))):
@@ -86,21 +95,37 @@ def validate_config(config: dict) -> None:
 
 
 def build_model(config: dict) -> nn.Sequential:
-    """Flatten -> [Normalize] -> (fc -> [bn] -> act -> [dropout]) * len(hidden) -> head."""
+    """mlp/softmax: Flatten -> [Normalize] -> (fc -> [bn] -> act -> [dropout]) * len(hidden) -> head.
+    cnn: [Normalize] -> (conv -> [bn] -> act -> pool) * len(channels) -> Flatten -> the same head."""
     validate_config(config)
-    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
-    if config["normalize"] is not None:
-        layers["normalize"] = Normalize(config["normalize"]["mean"], config["normalize"]["std"])
-    width = math.prod(config["input_shape"])
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels, height, width = config["input_shape"]
+    normalize = Normalize(config["normalize"]["mean"], config["normalize"]["std"]) if config["normalize"] else None
+    if config["arch"] == "cnn":
+        if normalize is not None:
+            layers["normalize"] = normalize  # before a padded Conv it stays explicit: folding is exact only without padding
+        for i, out in enumerate(config["channels"], start=1):
+            layers[f"conv{i}"] = nn.Conv2d(channels, out, 3, padding=1)
+            if config["batchnorm"]:
+                layers[f"conv_bn{i}"] = nn.BatchNorm2d(out)
+            layers[f"conv_act{i}"] = ACTIVATIONS[config["activation"]]()
+            layers[f"pool{i}"] = nn.MaxPool2d(2)
+            channels, height, width = out, height // 2, width // 2
+        layers["flatten"] = nn.Flatten()
+    else:
+        layers["flatten"] = nn.Flatten()
+        if normalize is not None:
+            layers["normalize"] = normalize
+    features = channels * height * width
     for i, out in enumerate(config["hidden"], start=1):
-        layers[f"fc{i}"] = nn.Linear(width, out)
+        layers[f"fc{i}"] = nn.Linear(features, out)
         if config["batchnorm"]:
             layers[f"bn{i}"] = nn.BatchNorm1d(out)
         layers[f"act{i}"] = ACTIVATIONS[config["activation"]]()
         if config["dropout"] > 0:
             layers[f"drop{i}"] = nn.Dropout(config["dropout"])
-        width = out
-    layers["head"] = nn.Linear(width, config["num_classes"])
+        features = out
+    layers["head"] = nn.Linear(features, config["num_classes"])
     return nn.Sequential(layers)
 
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from fcexport.errors import FcxError
 
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam", "adamw")
+# Hidden widths of the classifier head when not given: the MLP's measured default, and a small head
+# after the CNN's conv stages (which already extract the features).
+DEFAULT_HIDDEN = {"mlp": [784, 256], "softmax": [], "cnn": [128]}
 
 
 @dataclass
@@ -17,7 +20,8 @@ class TrainOptions:
     data: str = "fashion-mnist"
     data_root: str | None = None
     arch: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [784, 256])
+    hidden: list[int] | None = None  # None: DEFAULT_HIDDEN[arch]
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn only
     batchnorm: bool = True
     dropout: float = 0.0
     activation: str = "relu"
@@ -34,6 +38,9 @@ class TrainOptions:
     seed: int = 0
     device: str = "auto"
     artifacts: str = "artifacts"
+
+    def hidden_widths(self) -> list[int]:
+        return list(self.hidden) if self.hidden is not None else list(DEFAULT_HIDDEN.get(self.arch, []))
 
     def validate(self) -> None:
         checks = [

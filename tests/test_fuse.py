@@ -25,6 +25,9 @@ PATTERNS = {
     "linear-without-bias": (lambda: nn.Sequential(nn.Linear(12, 16, bias=False), nn.BatchNorm1d(16), nn.Linear(16, 3, bias=False)), (6, 12)),
     "affine-false": (lambda: nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16, affine=False), nn.Tanh(), nn.Linear(16, 3)), (6, 12)),
     "conv-bn": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, bias=False), nn.BatchNorm2d(4)), (2, 3, 10, 10)),
+    "bn-into-unpadded-conv": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3)), (2, 3, 10, 10)),
+    "normalize-per-channel-into-unpadded-conv": (lambda: nn.Sequential(Normalize([0.5, 0.4, 0.3], [0.2, 0.3, 0.25]), nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8)), (2, 3, 9, 9)),
+    "normalize-through-flatten-into-linear": (lambda: nn.Sequential(Normalize([0.5, 0.2], [0.3, 0.1]), nn.Flatten(), nn.Linear(2 * 4 * 4, 5), nn.BatchNorm1d(5)), (6, 2, 4, 4)),
     "chain-with-dropout": (lambda: nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.BatchNorm1d(16), nn.Linear(16, 3)), (6, 12)),
 }
 
@@ -41,6 +44,22 @@ def test_each_pattern_folds_exactly(name):
     assert sum(t.numel() for t in fused.state_dict().values()) < sum(t.numel() for t in model.state_dict().values())
     original_err, fused_err = float64_error(model, fused, torch.randn(64, *shape[1:]))
     assert fused_err <= 1.5 * original_err + 1e-7, (original_err, fused_err)
+
+
+def test_normalisation_before_a_padded_conv_stays_explicit_because_folding_would_be_wrong():
+    x = torch.rand(4, 3, 6, 6)
+    model = settle_batchnorms(nn.Sequential(Normalize([0.5, 0.4, 0.3], [0.2, 0.3, 0.25]), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), x)
+    fused, report = fuse_with_report(model, x)
+    assert [r["layer"] for r in report.left] == ["0"] and "pads with zeros" in report.left[0]["reason"]
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-4)
+    # what a naive fold would compute: the padded border sees the shift it should not
+    conv = model[1]
+    scale, shift = 1 / model[0].std.flatten().double(), -model[0].mean.flatten().double() / model[0].std.flatten().double()
+    w, b = fold_into_following(conv.weight, conv.bias, scale, shift)
+    naive = nn.functional.conv2d(x.double(), w, b, padding=1)
+    exact = conv.double()(model[0].double()(x.double()))
+    border_error = (naive - exact).abs()
+    assert border_error[..., 1:-1, 1:-1].max() < 1e-9 and border_error.max() > 1e-3
 
 
 def test_input_model_is_untouched_and_result_is_eval():
