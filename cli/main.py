@@ -226,8 +226,10 @@ def verify(
     render.verify_report(result)
     if json_path is not None:
         write_json_atomic(json_path, result)
+    if not result["ran"]:
+        fail("nothing was verified: every candidate was skipped (see the reasons above)", 1)
     if not result["passed"]:
-        fail("verification failed: a candidate differs from the reference beyond tolerance (see table)", 1)
+        fail("verification failed: a candidate differs from the reference or fails its checks (see above)", 1)
 
 
 @app.command()

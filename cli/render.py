@@ -7,6 +7,7 @@ import sys
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Piped output (CI logs, files) gets 120 columns instead of rich's 80, so tables are not truncated.
@@ -114,20 +115,24 @@ ERROR_COLUMNS = {  # report key -> short header; needed_rtol and more are in --j
 
 def comparison_table(title: str, report: dict) -> None:
     """One row per backend x device with Polygraphy-style error statistics; skips listed below."""
-    rows, remarks = [], []
+    rows, remarks, skipped = [], [], {}
     for r in report["rows"]:
         if r["status"] == "skipped":
-            remarks.append(f"skipped {r['backend']} on {r['device']}: {r['reason']}{'; ' + r['hint'] if r.get('hint') else ''}")
+            # one line per reason: "no CUDA here" once for every backend it stops
+            reason = f"{r['reason']}{'; ' + r['hint'] if r.get('hint') else ''}"
+            skipped.setdefault((r["device"], reason), []).append(r["backend"])
             continue
-        if r.get("note"):
-            remarks.append(f"note {r['backend']} on {r['device']}: {r['note']}")
+        for problem in r.get("problems", []):
+            remarks.append(f"[red]FAIL[/] {r['backend']} on {r['device']}: {escape(problem)}")
         status = "[green]pass[/]" if r["status"] == "pass" else "[red]FAIL[/]"
         errors = [f"{r[c]:.1e}" if c in r else "-" for c in ERROR_COLUMNS]
         accuracy = f"{r['accuracy']:.2%}" if r.get("accuracy") is not None else "-"
         rows.append([r["backend"], r["device"], status, *errors, f"{r.get('top1_agreement', 0):.2%}", accuracy])
     table(title, ["backend", "device", "status", *ERROR_COLUMNS.values(), "top-1 agree", "accuracy"], rows)
     for line in remarks:
-        out.print(f"[yellow]{line}[/]")
+        out.print(line)
+    for (device, reason), backends in skipped.items():
+        out.print(f"[yellow]skipped {', '.join(backends)} on {device}: {escape(reason)}[/]")
     ref = report.get("reference_accuracy")
     out.print(f"inputs: {report['inputs']}")
     out.print(f"pass when |diff| <= atol {report['atol']:g} or <= rtol {report['rtol']:g} * |reference|"

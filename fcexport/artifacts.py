@@ -6,6 +6,7 @@ BatchNorm-folded copy, `torchscript`, `onnxruntime` and `onnxruntime-int8` the e
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fcexport.errors import FcxError
@@ -37,21 +38,54 @@ def find_default_model(artifacts: Path) -> Path:
     raise FcxError(f"{artifacts}: no model found ({', '.join(DEFAULT_ORDER)})", hint="train-or-import")
 
 
-def write_manifest(folder: Path, versions: dict, created: str) -> Path:
-    """manifest.json: every model file in the folder with its sha256 and size, plus tool versions."""
-    files = {
-        name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
-        for name in (*BACKEND_FILES.values(),)
-        if (folder / name).is_file()
-    }
+def read_manifest(folder: Path) -> dict | None:
+    """manifest.json as a dict, None when there is none; a damaged one is an error."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FcxError(f"{path}: unreadable manifest ({type(exc).__name__})", hint="export") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise FcxError(f"{path}: not an fcexport manifest (no 'files')", hint="export")
+    return manifest
+
+
+def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, created: str) -> Path:
+    """Add or refresh the entries of the files in `sources` (name -> sha256 of the model.pt each was made
+    from) with their own sha256 and size; keep the other entries whose files are still there, and
+    always describe the current model.pt. Written last, atomically: it is what readers trust."""
+    folder = Path(folder)
+    previous = (read_manifest(folder) or {}).get("files", {})
+    files = {}
+    for name in BACKEND_FILES.values():
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name == MODEL or name in sources:
+            files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            if name in sources:
+                files[name]["source_sha256"] = sources[name]
+        elif name in previous:
+            files[name] = previous[name]
     path = folder / MANIFEST
     write_json_atomic(path, {"created": created, "versions": versions, "files": files})
     return path
 
 
-def made_from_other_model(spec_provenance: dict, model_sha256: str) -> str | None:
-    """A note when an artifact records another source model.pt than this one: the usual stale export."""
-    source = spec_provenance.get("source_sha256")
-    if source and source != model_sha256:
-        return f"made from another model.pt than this one (source sha256 {source[:12]}); export it again?"
+def check_against_manifest(path: Path, manifest: dict | None, model_sha256: str | None) -> str | None:
+    """Why the artifact at `path` cannot be trusted, or None: not listed in the manifest, changed since it
+    was written, or made from another model.pt than the folder's current one."""
+    name = path.name
+    if manifest is None:
+        return f"{name}: no {MANIFEST} next to it, so where it came from cannot be checked"
+    entry = manifest["files"].get(name)
+    if not isinstance(entry, dict):
+        return f"{name} is not listed in {MANIFEST} (an interrupted export, or copied in from elsewhere)"
+    if entry.get("bytes") != path.stat().st_size or entry.get("sha256") != sha256_file(path):
+        return f"{name} changed after it was written (its sha256 differs from {MANIFEST})"
+    source = entry.get("source_sha256")
+    if model_sha256 is not None and source is not None and source != model_sha256:
+        return f"{name} was made from another model.pt than this one (source sha256 {source[:12]}); it is stale"
     return None

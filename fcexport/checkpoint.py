@@ -8,6 +8,7 @@ rebuilt by `fcexport.graph` from allow-listed layers, so a checkpoint from anywh
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import pickle
 import zipfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import fx, nn
 import fcexport
 from fcexport import graph
 from fcexport.errors import FcxError
-from fcexport.files import atomic_path
+from fcexport.files import write_bytes_atomic
 from fcexport.spec import ModelSpec
 
 FORMAT = "fcexport.checkpoint"
@@ -40,10 +41,10 @@ def save_model(model: nn.Module, spec: ModelSpec, path: str | Path) -> Path:
         "graph": graph.to_data(gm),
         "state_dict": {k: v.detach().cpu().clone() for k, v in gm.state_dict().items()},
     }
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-    return path
+    buffer = io.BytesIO()  # serialised in memory: a full disk is then a Python OSError, never a C++ abort
+    torch.save(checkpoint, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+    return Path(path)
 
 
 def load_model(path: str | Path) -> tuple[fx.GraphModule, ModelSpec]:

@@ -86,3 +86,37 @@ def accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
     if labels is None or not len(labels):
         return None
     return float((logits[: len(labels)].argmax(1) == labels).mean())
+
+
+def compare_weights(expected: dict[str, np.ndarray], found: list[np.ndarray], min_size: int = 2) -> list[str]:
+    """What an artifact's tensors lack or add against the reference's, as readable problems.
+
+    Every expected float tensor of `min_size` elements or more must appear in `found` with the same
+    shape (or transposed, for 2-D) and equal values within float32 rounding; any float tensor left
+    over that large is an addition (an extra unit, a changed layer). Swapped rows, an extra unit or a
+    changed weight all leave an expected tensor unmatched.
+    """
+    pool = [np.asarray(t) for t in found if np.issubdtype(np.asarray(t).dtype, np.floating)]
+    used = [False] * len(pool)
+    problems = []
+    for name, tensor in sorted(expected.items(), key=lambda kv: -kv[1].size):
+        if tensor.size < min_size:
+            continue
+        match = next((i for i, t in enumerate(pool) if not used[i] and _same_tensor(tensor, t)), None)
+        if match is None:
+            problems.append(f"{name} {tuple(tensor.shape)} is not in the artifact with its values")
+        else:
+            used[match] = True
+    extras = [t.shape for i, t in enumerate(pool) if not used[i] and t.size >= min_size]
+    if extras:
+        problems.append(f"the artifact holds {len(extras)} tensor(s) the model does not: {', '.join(str(tuple(s)) for s in extras[:3])}")
+    return problems
+
+
+def _same_tensor(expected: np.ndarray, candidate: np.ndarray) -> bool:
+    for view in (candidate, candidate.T if candidate.ndim == 2 else None):
+        if view is not None and view.shape == expected.shape:
+            scale = float(np.abs(expected).max(initial=0.0))
+            if np.allclose(view.astype(np.float64), expected.astype(np.float64), rtol=1e-6, atol=1e-7 * scale + 1e-30):
+                return True
+    return False

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fcexport.errors import FcxError
-from fcexport.files import atomic_path
+from fcexport.files import atomic_path, write_bytes_atomic
 from fcexport.runtimes import QUANTIZATION_KEY
 from fcexport.spec import ModelSpec
 
@@ -64,8 +64,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: Path, opset: int = DEFA
     for key, value in spec.to_dict().items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
     onnx.checker.check_model(proto, full_check=True)
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
+    write_bytes_atomic(path, proto.SerializeToString())
     return path
 
 

@@ -3,37 +3,122 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from fcexport.errors import FcxError
+
+
+def default_mode() -> int:
+    """The usual mode of a new file, 0666 & ~umask (mkstemp would leave 0600). os.umask can only be read
+    by setting it, so it is set back at once."""
+    current = os.umask(0)
+    os.umask(current)
+    return 0o666 & ~current
+
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full; free some space",
+    errno.EDQUOT: "the disk quota is used up; free some space",
+    errno.EROFS: "the folder is read-only; choose another one",
+    errno.EACCES: "permission denied; choose a folder you can write to",
+    errno.EPERM: "permission denied; choose a folder you can write to",
+    errno.EISDIR: "a folder has that name; choose another path",
+    errno.ENOTDIR: "a file is in the way of the folder; choose another path",
+    errno.EEXIST: "a file is in the way of the folder; choose another path",
+}
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> FcxError:
+    """One clear line for an OSError while writing `path`."""
+    advice = _ADVICE.get(exc.errno, "check the path and the disk")
+    return FcxError(f"{path}: cannot write ({exc.strerror or exc}); {advice}")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`.
+    """Yield a temporary path next to `path`; on success it is fsynced, given the usual mode and
+    renamed onto `path`.
 
     The temp file lives in the same folder so the final `os.replace` is an atomic rename.
-    On any exception (including KeyboardInterrupt) the temp file is removed and `path` is untouched.
+    On any exception (including KeyboardInterrupt) the temp file is removed and `path` is untouched;
+    an OSError (disk full, read-only folder, ...) becomes one FcxError line.
     The temp name carries our PID, so temp files left by a killed writer are removed on the next write.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
         remove_orphaned_temp_files(path)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """All of `data` or nothing at `path`. Serialisers write to memory first and call this, so a full
+    disk is a Python OSError we report, never an abort inside a C++ writer."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        _write_all(f, data)
+
+
+def _write_all(f, data: bytes) -> None:
+    f.write(data)
+    f.flush()
+
+
+@contextlib.contextmanager
+def staging_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """A private folder inside `folder` to write a set of files into; `publish` then moves them in.
+
+    Writing is what takes time (and what a kill or a full disk interrupts), so the previous set stays
+    whole until the moment of publishing. Removed afterwards in every case; one left by a killed
+    writer is removed by the next one.
+    """
+    folder = Path(folder)
+    stage = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for leftover in folder.glob(".staging.*"):
+            pid = leftover.name.split(".")[2]
+            if pid.isdigit() and not process_exists(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".staging.{os.getpid()}.", dir=folder))
+        yield stage
+    except OSError as exc:
+        raise write_error(folder, exc) from exc
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(stage: Path, folder: Path) -> list[Path]:
+    """Move every file of `stage` into `folder` (renames on one file system: milliseconds)."""
+    moved = []
+    for staged in sorted(stage.iterdir()):
+        if staged.is_file() and not staged.name.startswith("."):
+            os.replace(staged, folder / staged.name)
+            moved.append(folder / staged.name)
+    return moved
 
 
 def remove_orphaned_temp_files(path: Path) -> None:
@@ -53,11 +138,6 @@ def process_exists(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fcexport import artifacts as names
-from fcexport.compare import Tolerance, accuracy
+from fcexport.compare import Tolerance, accuracy, compare_weights
 from fcexport.errors import FcxError, check_choices
 from fcexport.runtimes import DEVICES, RUNTIME_DEVICES, DeviceUnavailable, Predictor, module_predictor, open_predictor
 
@@ -192,6 +192,11 @@ def fuse(
         if not result["verification"]["passed"]:
             return result  # a failed fold is reported, never written
     save_model(fused.cpu(), fused_spec, out_path)
+    if out_path.parent.resolve() == model_path.parent.resolve() and out_path.name == names.FUSED:
+        from fcexport.checkpoint import now_iso
+        from fcexport.export_onnx import versions
+
+        names.record_in_manifest(out_path.parent, {names.FUSED: fused_spec.provenance["source_sha256"]}, versions(), now_iso())
     return result
 
 
@@ -206,7 +211,7 @@ def export(model_path: Path, artifacts: Path, formats=FORMATS, opset: int | None
     from fcexport.checkpoint import load_model, now_iso
     from fcexport.export_onnx import DEFAULT_OPSET, export_int8_onnx, export_onnx, versions
     from fcexport.export_torchscript import export_torchscript
-    from fcexport.files import sha256_file
+    from fcexport.files import publish, sha256_file, staging_folder
 
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
@@ -227,19 +232,21 @@ def export(model_path: Path, artifacts: Path, formats=FORMATS, opset: int | None
         "fused": bool(fuse or spec.provenance.get("fused")),
         **versions(),
     }
-    written, removed = [], []
-    if "torchscript" in formats:
-        written.append(export_torchscript(model, spec, artifacts / names.BACKEND_FILES["torchscript"]))
-    if "onnx" in formats:
-        onnx_path = export_onnx(model, spec, artifacts / names.BACKEND_FILES["onnxruntime"], opset or DEFAULT_OPSET)
-        written.append(onnx_path)
-        int8_path = artifacts / names.BACKEND_FILES["onnxruntime-int8"]
-        if int8:
-            written.append(export_int8_onnx(onnx_path, int8_path))
-        elif int8_path.is_file():  # quantized from the model.onnx just replaced: it would answer for an old model
-            int8_path.unlink()
-            removed.append(str(int8_path))
-    manifest = names.write_manifest(artifacts, versions(), now_iso())
+    source_sha256 = spec.provenance["source_sha256"]
+    removed = []
+    with staging_folder(artifacts) as stage:  # the previous set stays whole until everything is written
+        if "torchscript" in formats:
+            export_torchscript(model, spec, stage / names.BACKEND_FILES["torchscript"])
+        if "onnx" in formats:
+            onnx_path = export_onnx(model, spec, stage / names.BACKEND_FILES["onnxruntime"], opset or DEFAULT_OPSET)
+            if int8:
+                export_int8_onnx(onnx_path, stage / names.BACKEND_FILES["onnxruntime-int8"])
+        written = publish(stage, artifacts)
+    int8_path = artifacts / names.BACKEND_FILES["onnxruntime-int8"]
+    if "onnx" in formats and not int8 and int8_path.is_file():  # quantized from the replaced model.onnx: stale
+        int8_path.unlink()
+        removed.append(str(int8_path))
+    manifest = names.record_in_manifest(artifacts, {p.name: source_sha256 for p in written}, versions(), now_iso())
     return {"written": [str(p) for p in written], "removed": removed, "manifest": str(manifest), "fused": fuse, "folds": folds}
 
 
@@ -289,9 +296,16 @@ def verify(
     check_choices("devices", devices, DEVICES)
     artifacts = Path(artifacts)
     reference_path = artifacts / names.MODEL
+    exported = [name for backend, name in names.BACKEND_FILES.items() if backend != "eager" and (artifacts / name).is_file()]
     model, spec = load_model(reference_path)
-    inputs = parity.make_inputs(spec, data, data_root)
+    if not exported:
+        raise FcxError(f"{artifacts}: nothing to verify: the folder holds model.pt but no fused or exported model", hint="export")
+    model_sha256 = sha256_file(reference_path)
+    manifest = names.read_manifest(artifacts)
+    inputs = parity.make_inputs(spec, data, data_root, probes=parity.probe_inputs(model, spec))
     reference = module_predictor(model, "eager", "cpu", reference_path, spec)(inputs.x)
+    fused, _, _ = fused_model(model, spec)
+    expected = {"fused": _float_tensors(fused), "unfused": _float_tensors(model)}
     candidates = []
     for device in devices:
         for backend in backends:
@@ -302,12 +316,22 @@ def verify(
             except DeviceUnavailable as exc:
                 candidates.append(parity.Skipped(backend, device, str(exc), exc.hint))
     rows = parity.compare_predictors(reference, candidates, inputs, tolerance)
-    model_sha256 = sha256_file(reference_path)
     for row, candidate in zip(rows, candidates, strict=True):
-        note = names.made_from_other_model(candidate.spec.provenance, model_sha256) if isinstance(candidate, Predictor) else None
-        if note:
-            row["note"] = note
+        if not isinstance(candidate, Predictor):
+            continue
+        problems = parity.spec_differences(spec, candidate.spec)
+        if candidate.source.is_file():
+            integrity = names.check_against_manifest(candidate.source, manifest, model_sha256)
+            problems += [integrity] if integrity else []
+        if candidate.weights is not None and candidate.backend not in names.APPROXIMATE_BACKENDS:
+            kind = "fused" if candidate.spec.provenance.get("fused") else "unfused"
+            problems += [f"{p} (compared with the {kind} model)" for p in compare_weights(expected[kind], candidate.weights())]
+        parity.add_problems(row, problems)
     return parity.report(rows, inputs, accuracy(reference, inputs.labels), tolerance)
+
+
+def _float_tensors(model) -> dict:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
 def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backends=names.BACKENDS, device: str = "cpu",

@@ -42,11 +42,15 @@ class DeviceUnavailable(FcxError):
 
 @dataclass
 class Predictor:
+    """Runs a model: float32 pixels (N, C, H, W) in [0, 1] -> logits. `weights`, where the format
+    allows it, lists the tensors the artifact holds, so verification can check its structure."""
+
     backend: str
     device: str
     source: Path
     run: Callable[[np.ndarray], np.ndarray]
     spec: ModelSpec
+    weights: Callable[[], list[np.ndarray]] | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.run(np.ascontiguousarray(x, dtype=np.float32))
@@ -113,7 +117,9 @@ def checkpoint_predictor(path: Path, device: str = "cpu") -> Predictor:
 
     model, spec = load_model(path)
     backend = "fused" if spec.provenance.get("fused") else "eager"
-    return module_predictor(model, backend, device, path, spec)
+    predictor = module_predictor(model, backend, device, path, spec)
+    predictor.weights = lambda: [t.detach().cpu().numpy() for t in model.state_dict().values()]
+    return predictor
 
 
 def torchscript_predictor(path: Path, device: str = "cpu") -> Predictor:
@@ -128,7 +134,18 @@ def torchscript_predictor(path: Path, device: str = "cpu") -> Predictor:
         metadata = json.loads(extra[METADATA_FILE])
     except Exception as exc:  # corrupt zip, bad pickle, missing metadata all mean an unusable file
         raise FcxError(f"{path}: not a valid fcexport TorchScript file ({type(exc).__name__})", hint="export") from exc
-    return module_predictor(module, "torchscript", device, path, ModelSpec.from_dict(metadata, str(path)))
+    predictor = module_predictor(module, "torchscript", device, path, ModelSpec.from_dict(metadata, str(path)))
+    predictor.weights = lambda: torchscript_weights(module)
+    return predictor
+
+
+def torchscript_weights(module) -> list[np.ndarray]:
+    """A frozen TorchScript module keeps its weights as tensor constants of its graph."""
+    tensors = [t.detach().cpu().numpy() for t in module.parameters()] + [b.detach().cpu().numpy() for b in module.buffers()]
+    for node in module.graph.nodes():
+        if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType":
+            tensors.append(node.t("value").detach().cpu().numpy())
+    return tensors
 
 
 # ---- onnx runtime ------------------------------------------------------------------------
@@ -186,7 +203,20 @@ def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None) 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run([output_name], {input_name: x})[0]
 
-    return Predictor(backend, device, path, run, spec)
+    return Predictor(backend, device, path, run, spec, weights=lambda: onnx_weights(path))
+
+
+def onnx_weights(path: Path) -> list[np.ndarray]:
+    """The initializers and Constant tensors of an ONNX file."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    tensors = [numpy_helper.to_array(t) for t in model.graph.initializer]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            tensors += [numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"]
+    return tensors
 
 
 def read_onnx_spec(props: dict, path: Path) -> ModelSpec:

@@ -151,12 +151,21 @@ def test_sabotaged_onnx_fails_verification(artifacts_copy, runner):
     assert "FAIL" in r.stdout and "verification failed" in r.stderr
 
 
-def test_verify_reports_missing_artifacts_as_skipped(tmp_path, runner, trained_dir):
+def test_verify_with_only_model_pt_is_not_a_pass(tmp_path, runner, trained_dir):
     import shutil
 
     shutil.copy(trained_dir / "model.pt", tmp_path / "model.pt")
+    r = invoke(runner, "verify", "--artifacts", tmp_path, "--devices", "cpu")
+    assert r.exit_code == 2 and "nothing to verify" in r.stderr and "fcx export" in r.stderr and "PASSED" not in r.stdout
+
+
+def test_verify_reports_missing_artifacts_as_skipped(tmp_path, runner, exported_dir):
+    import shutil
+
+    for name in ("model.pt", "model.fused.pt", "manifest.json"):
+        shutil.copy(exported_dir / name, tmp_path / name)
     r = invoke(runner, "verify", "--artifacts", tmp_path, "--devices", "cpu", "--json", tmp_path / "r.json")
-    assert r.exit_code == 0, r.output  # the fused model is checked in memory; absent exports are skipped
+    assert r.exit_code == 0, r.output
     rows = {row["backend"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
     assert rows["fused"]["status"] == "pass" and rows["onnxruntime"]["status"] == "skipped"
     assert "fcx export" in rows["torchscript"]["hint"] and "model.ts not found" in rows["torchscript"]["reason"]
@@ -169,7 +178,7 @@ def test_verify_flags_a_stale_export(artifacts_copy, runner, tmp_path):
     r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "onnxruntime", "--devices", "cpu", "--json", tmp_path / "r.json")
     row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
     assert r.exit_code == 1 and row["status"] == "fail"
-    assert "another model.pt" in row["note"] and "another model.pt" in r.stdout
+    assert "made from another model.pt" in row["problems"][0] and "another model.pt" in r.stdout
 
 
 # ---- int8 (approximate) ONNX ---------------------------------------------------------------

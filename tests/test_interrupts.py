@@ -57,9 +57,11 @@ def test_sigkill_during_training_keeps_the_previous_run(tmp_path, exported_dir):
 
 
 @pytest.mark.parametrize("delay", [0.5, 2.0, 3.5])
-def test_sigkill_during_export_leaves_old_or_new_files(artifacts_copy, delay):
-    """Export repeatedly and kill it at different moments: every model file that exists must load."""
-    from fcexport.artifacts import find_default_model
+def test_sigkill_during_export_leaves_a_consistent_set(artifacts_copy, delay):
+    """Export and kill it at different moments: every file loads, and every file agrees with the manifest
+    (the previous set stays whole until the new one is complete)."""
+    from fcexport.artifacts import check_against_manifest, find_default_model, read_manifest
+    from fcexport.files import sha256_file
     from fcexport.runtimes import open_predictor
 
     proc = start("export", "--artifacts", artifacts_copy)
@@ -68,9 +70,12 @@ def test_sigkill_during_export_leaves_old_or_new_files(artifacts_copy, delay):
     proc.wait(timeout=30)
     for name in ("model.onnx", "model.ts", "model.pt"):
         open_predictor(artifacts_copy / name)  # raises if a half-written file were left in place
-    # a kill can leave a hidden temp file behind, but never under a name that anything loads ...
+    manifest, model_sha = read_manifest(artifacts_copy), sha256_file(artifacts_copy / "model.pt")
+    mixed = [check_against_manifest(artifacts_copy / n, manifest, model_sha) for n in ("model.onnx", "model.ts", "model.fused.pt")]
+    assert not any(mixed), mixed
+    # a kill can leave a hidden staging folder or temp file behind, never under a name anything loads ...
     assert find_default_model(artifacts_copy).name == "model.onnx"
-    assert all(p.name.endswith(".tmp") for p in artifacts_copy.iterdir() if p.name.startswith("."))
+    assert all(p.name.endswith(".tmp") or p.name.startswith(".staging.") for p in artifacts_copy.iterdir() if p.name.startswith("."))
     # ... and the next export removes it
     again = start("export", "--artifacts", artifacts_copy)
     assert again.wait(timeout=120) == 0, again.stderr.read()
