@@ -244,11 +244,17 @@ def predict(
     json_out: JsonFlag = False,
 ) -> None:
     """Classify image files (any size, gray/RGB/RGBA/16-bit, light or dark background)."""
+    from rich.markup import escape
+
     from fcexport.artifacts import find_default_model
+    from fcexport.pipeline import stale_reason
     from fcexport.runtimes import open_predictor
     from fcexport.classify import predict_files
 
     predictor = open_predictor(model if model is not None else find_default_model(artifacts), device)
+    stale = stale_reason(predictor.source)
+    if stale:
+        render.err.print(f"warning: {escape(stale)}; run `fcx export` (and `fcx fuse-bn`) again", highlight=False)
     results = list(predict_files(predictor, images, top_k, invert))  # images stream in batches; results are small
     if json_out:
         render.err.print(f"model: {predictor.source} ({predictor.backend}, {predictor.device})")

@@ -269,6 +269,17 @@ def open_backend(backend: str, artifacts: Path, device: str) -> Predictor:
     return open_predictor(path, device)
 
 
+def stale_reason(path: str | Path) -> str | None:
+    """Why an artifact may not answer for its folder's model.pt (stale, changed, unlisted), or None."""
+    path = Path(path)
+    model_path = path.parent / names.MODEL
+    if path.name == names.MODEL or not model_path.is_file():
+        return None
+    from fcexport.files import sha256_file
+
+    return names.check_against_manifest(path, names.read_manifest(path.parent), sha256_file(model_path))
+
+
 def predict(images: list[str | Path], model: str | Path | None = None, artifacts: str | Path = "artifacts",
             top_k: int = 3, invert: str = "auto", device: str = "cpu") -> Iterator[dict]:
     """Classify image files with `model`, or the best artifact in the folder (ONNX > TorchScript > fused > model):

@@ -1,0 +1,161 @@
+"""Verification you can trust: tampered artifacts fail, sets stay consistent, writes fail cleanly, modes are usual.
+
+Every tampered file is built here, the way an adversary would: with the manifest updated to match
+where that makes the attack harder to see.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import invoke, save_png
+from onnx import numpy_helper
+
+from fcexport.artifacts import record_in_manifest
+from fcexport.files import sha256_file
+
+
+def rewrite_onnx(folder: Path, change, refresh_manifest: bool = True) -> None:
+    """Apply `change(model)` to model.onnx; with refresh_manifest the manifest is updated to match."""
+    path = folder / "model.onnx"
+    model = onnx.load(str(path))
+    change(model)
+    path.write_bytes(model.SerializeToString())
+    if refresh_manifest:
+        source = json.loads((folder / "manifest.json").read_text())["files"]["model.onnx"]["source_sha256"]
+        record_in_manifest(folder, {"model.onnx": source}, {}, "tampered")
+
+
+def verify_json(runner, folder: Path, tmp_path: Path, *extra):
+    out = tmp_path / "report.json"
+    r = invoke(runner, "verify", "--artifacts", folder, "--backends", "onnxruntime", "--devices", "cpu", "--json", out, *extra)
+    return r, json.loads(out.read_text())["rows"][0]
+
+
+def add_backdoor_unit(model: onnx.ModelProto) -> None:
+    """One more first-layer unit that fires only on a checkerboard, and pushes class 3 when it does."""
+    inits = {t.name: t for t in model.graph.initializer}
+    w1, b1 = numpy_helper.to_array(inits["fc1.weight"]), numpy_helper.to_array(inits["fc1.bias"])
+    head = numpy_helper.to_array(inits["head.weight"])
+    trigger = (np.indices((8, 8)).sum(0) % 2).ravel().astype(np.float32)  # checkerboard on 8x8 pixels
+    row = (trigger * 2 - 1) * 10.0  # +10 on the lit squares, -10 on the others
+    bias = -(row @ trigger) + 1.0  # > 0 only when (nearly) exactly the trigger is shown
+    column = np.zeros((head.shape[0], 1), np.float32)
+    column[3] = 1000.0
+    for name, value in (("fc1.weight", np.vstack([w1, row])), ("fc1.bias", np.append(b1, bias).astype(np.float32)),
+                        ("head.weight", np.hstack([head, column]))):
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    del model.graph.value_info[:]  # the recorded intermediate shapes would give the extra unit away to ORT
+
+
+def test_a_backdoor_unit_that_samples_never_trigger_fails_verification(artifacts_copy, runner, tmp_path):
+    rewrite_onnx(artifacts_copy, add_backdoor_unit)
+    from fcexport.runtimes import open_predictor
+
+    predictor = open_predictor(artifacts_copy / "model.onnx")
+    trigger = (np.indices((8, 8)).sum(0) % 2).astype(np.float32)[None, None]
+    assert predictor(trigger).argmax() == 3  # the backdoor works ...
+    r, row = verify_json(runner, artifacts_copy, tmp_path)
+    assert r.exit_code == 1 and row["status"] == "fail"
+    assert any("fc1.weight" in p and "not in the artifact" in p for p in row["problems"]), row["problems"]
+    assert any("tensor(s) the model does not" in p for p in row["problems"])
+    assert "FAIL onnxruntime on cpu" in r.stdout
+
+
+def test_swapped_class_names_and_changed_object_fill_fail(artifacts_copy, runner, tmp_path):
+    def swap(model):
+        props = {p.key: p for p in model.metadata_props}
+        names = json.loads(props["class_names"].value)
+        names[3], names[5] = names[5], names[3]
+        props["class_names"].value = json.dumps(names)
+        pre = json.loads(props["preprocess"].value)
+        pre["object_fill"] = 0.5
+        props["preprocess"].value = json.dumps(pre)
+
+    rewrite_onnx(artifacts_copy, swap)
+    r, row = verify_json(runner, artifacts_copy, tmp_path)
+    assert r.exit_code == 1 and row["max_abs"] < 1e-5  # the numbers agree: only the spec check can catch it
+    assert "its class_names differ from model.pt's" in row["problems"] and "its preprocess differ from model.pt's" in row["problems"]
+
+
+def test_bytes_edited_after_export_fail_integrity(artifacts_copy, runner, tmp_path):
+    rewrite_onnx(artifacts_copy, lambda m: setattr(m, "doc_string", "harmless looking edit"), refresh_manifest=False)
+    r, row = verify_json(runner, artifacts_copy, tmp_path)
+    assert r.exit_code == 1 and row["problems"] == ["model.onnx changed after it was written (its sha256 differs from manifest.json)"]
+    image = save_png(tmp_path / "x.png", np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8))
+    r = invoke(runner, "predict", image, "--artifacts", artifacts_copy)
+    assert r.exit_code == 0 and "warning: model.onnx changed after it was written" in r.stderr and "fcx export" in r.stderr
+
+
+def test_an_artifact_missing_from_the_manifest_fails(artifacts_copy, runner, tmp_path):
+    manifest = json.loads((artifacts_copy / "manifest.json").read_text())
+    del manifest["files"]["model.onnx"]
+    (artifacts_copy / "manifest.json").write_text(json.dumps(manifest))
+    r, row = verify_json(runner, artifacts_copy, tmp_path)
+    assert r.exit_code == 1 and "not listed in manifest.json" in row["problems"][0]
+
+
+@pytest.mark.parametrize("code, expected", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"), (errno.EACCES, "permission denied")])
+def test_export_write_errors_exit_2_and_keep_the_previous_set(artifacts_copy, runner, monkeypatch, code, expected):
+    import fcexport.files
+
+    before = {p.name: sha256_file(p) for p in artifacts_copy.iterdir() if p.is_file()}
+
+    def failing_write(f, data):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcexport.files, "_write_all", failing_write)
+    r = invoke(runner, "export", "--artifacts", artifacts_copy)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cannot write" in lines[0] and expected in lines[0], lines
+    assert {p.name: sha256_file(p) for p in artifacts_copy.iterdir() if p.is_file()} == before
+    assert not [p for p in artifacts_copy.iterdir() if p.name.startswith(".")]  # no temp files, no staging folder
+
+
+def test_output_paths_that_are_files_or_folders_exit_2(artifacts_copy, runner, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    r = invoke(runner, "export", artifacts_copy / "model.pt", "--artifacts", blocker)
+    assert r.exit_code == 2 and "a file is in the way" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = invoke(runner, "fuse-bn", artifacts_copy / "model.pt", "--out", tmp_path)
+    assert r.exit_code == 2 and "a folder has that name" in r.stderr
+
+
+def test_files_get_the_usual_mode_and_keep_it_on_reexport(artifacts_copy):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for umask, mode in ((0o027, 0o640), (0o022, 0o644)):
+        subprocess.run([sys.executable, "-m", "cli.main", "export", "--artifacts", str(artifacts_copy)], check=True,
+                       env=env, capture_output=True, preexec_fn=lambda u=umask: os.umask(u))
+        for name in ("model.onnx", "model.ts", "manifest.json"):
+            assert (artifacts_copy / name).stat().st_mode & 0o777 == mode, (name, oct(umask))
+
+
+def test_fuse_bn_refuses_to_overwrite_its_input(artifacts_copy, runner):
+    before = sha256_file(artifacts_copy / "model.pt")
+    r = invoke(runner, "fuse-bn", "--artifacts", artifacts_copy, "--out", artifacts_copy / "model.pt")
+    assert r.exit_code == 2 and "would overwrite its own source" in r.stderr
+    assert sha256_file(artifacts_copy / "model.pt") == before
+
+
+@pytest.mark.parametrize("option, value", [("--atol", "inf"), ("--atol", "nan"), ("--rtol", "-1")])
+def test_unbounded_tolerances_are_refused(exported_dir, runner, option, value):
+    r = invoke(runner, "verify", "--artifacts", exported_dir, option, value)
+    assert r.exit_code == 2 and "must be finite and >= 0" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_verify_on_an_absent_device_says_nothing_ran(exported_dir, runner):
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--devices", "cuda")
+    assert r.exit_code == 1 and "nothing was verified: every candidate was skipped" in r.stderr
+    assert "PASSED" not in r.stdout and "no CUDA device here" in r.stdout
+    assert r.stdout.count("no CUDA device here") == 1  # one line for every backend it stops
