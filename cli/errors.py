@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import sys
+import traceback
 
 import typer
 
@@ -41,7 +43,8 @@ def fail(message: str, code: int) -> None:
 
 
 def handle_errors(command):
-    """User errors exit 2, failed verification 1, Ctrl-C 130, bugs 3; --debug re-raises for the traceback."""
+    """User errors exit 2, failed verification 1, Ctrl-C 130, bugs 3. --debug also prints the traceback
+    first; the exit code stays the same, so scripts see the same result either way."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -49,18 +52,21 @@ def handle_errors(command):
             return command(*args, **kwargs)
         except typer.Exit:
             raise
+        except KeyboardInterrupt:
+            _traceback_if_debug()
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
         except Exception as exc:
-            if DEBUG["enabled"]:
-                raise
+            _traceback_if_debug()
             if isinstance(exc, FcxError):
                 fail(with_hint(str(exc), exc.hint), exc.exit_code)
             if isinstance(exc, MemoryError):
-                fail("out of memory; use a smaller --batch-size or fewer inputs", 2)
+                fail("out of memory; use fewer or smaller inputs", 2)
             fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug and report it)", INTERNAL_ERROR)
-        except KeyboardInterrupt:
-            if DEBUG["enabled"]:
-                raise
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _traceback_if_debug() -> None:
+    if DEBUG["enabled"]:
+        traceback.print_exc(file=sys.stderr)

@@ -9,6 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 # Piped output (CI logs, files) gets 120 columns instead of rich's 80, so tables are not truncated.
 out = Console(width=None if sys.stdout.isatty() else 120)
@@ -19,12 +20,21 @@ def print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
 
+def save_json(obj, path) -> None:
+    """--json-file PATH: the same JSON that --json prints, written atomically."""
+    from fcexport.files import write_json_atomic
+
+    write_json_atomic(path, obj)
+
+
 def table(title: str, columns: list[str], rows: list[list], console: Console = out) -> None:
+    """Cells are shown literally (a file named `photos [red]/a.png` stays as it is); pass rich Text
+    objects for styled cells."""
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     for c in columns:
         t.add_column(c, justify="left" if c in columns[:1] else "right")
     for r in rows:
-        t.add_row(*[fmt(v) for v in r])
+        t.add_row(*[v if isinstance(v, Text) else Text(fmt(v)) for v in r])
     console.print(t)
 
 
@@ -104,17 +114,17 @@ def train_summary(result: dict) -> None:
     key_values("fcx train", items)
 
 
-ERROR_COLUMNS = {  # report key -> short header; needed_rtol and more are in --json
-    "max_abs": "max abs",
-    "mean_abs": "mean abs",
-    "p99_abs": "p99 abs",
-    "max_rel": "max rel",
-    "needed_atol": "atol needed",
-}
+# report key -> short header; the first is always shown, the others with --wide (all are in --json)
+ERROR_COLUMNS = {"max_abs": "max abs", "mean_abs": "mean abs", "p99_abs": "p99 abs", "max_rel": "max rel", "needed_atol": "atol needed"}
 
 
-def comparison_table(title: str, report: dict) -> None:
-    """One row per backend x device with Polygraphy-style error statistics; skips listed below."""
+def status_text(status: str) -> Text:
+    return Text("pass", style="green") if status == "pass" else Text("FAIL", style="bold red")
+
+
+def comparison_table(title: str, report: dict, wide: bool = False) -> None:
+    """One row per backend x device; problems, then skips (one line per reason), below."""
+    columns = list(ERROR_COLUMNS) if wide else ["max_abs"]
     rows, remarks, skipped = [], [], {}
     for r in report["rows"]:
         if r["status"] == "skipped":
@@ -123,31 +133,30 @@ def comparison_table(title: str, report: dict) -> None:
             skipped.setdefault((r["device"], reason), []).append(r["backend"])
             continue
         for problem in r.get("problems", []):
-            remarks.append(f"[red]FAIL[/] {r['backend']} on {r['device']}: {escape(problem)}")
-        status = "[green]pass[/]" if r["status"] == "pass" else "[red]FAIL[/]"
-        errors = [f"{r[c]:.1e}" if c in r else "-" for c in ERROR_COLUMNS]
+            remarks.append(f"[bold red]FAIL[/] {escape(r['backend'])} on {r['device']}: {escape(problem)}")
+        errors = [f"{r[c]:.1e}" if c in r else "-" for c in columns]
         accuracy = f"{r['accuracy']:.2%}" if r.get("accuracy") is not None else "-"
-        rows.append([r["backend"], r["device"], status, *errors, f"{r.get('top1_agreement', 0):.2%}", accuracy])
-    table(title, ["backend", "device", "status", *ERROR_COLUMNS.values(), "top-1 agree", "accuracy"], rows)
+        rows.append([r["backend"], r["device"], status_text(r["status"]), *errors, f"{r.get('top1_agreement', 0):.2%}", accuracy])
+    table(title, ["backend", "device", "status", *[ERROR_COLUMNS[c] for c in columns], "top-1", "accuracy"], rows)
     for line in remarks:
-        out.print(line)
+        out.print(line, highlight=False)
     for (device, reason), backends in skipped.items():
-        out.print(f"[yellow]skipped {', '.join(backends)} on {device}: {escape(reason)}[/]")
+        out.print(f"[yellow]skipped {escape(', '.join(backends))} on {device}: {escape(reason)}[/]", highlight=False)
     ref = report.get("reference_accuracy")
-    out.print(f"inputs: {report['inputs']}")
-    out.print(f"pass when |diff| <= atol {report['atol']:g} or <= rtol {report['rtol']:g} * |reference|"
-              + (f"; reference accuracy {ref:.2%}" if ref is not None else ""))
+    out.print(f"inputs: {report['inputs']}", highlight=False)
+    out.print(f"pass: |diff| <= atol {report['atol']:g} or <= rtol {report['rtol']:g} * |reference|"
+              + (f"; reference accuracy {ref:.2%}" if ref is not None else ""), highlight=False)
     if any(r.get("criterion") == "agreement" for r in report["rows"]):
         out.print(f"int8 passes on top-1 agreement >= {report['int8_min_agreement']:.1%} and accuracy drop "
-                  f"<= {report['int8_max_accuracy_drop'] * 100:g} pt; its float errors are shown, not judged")
+                  f"<= {report['int8_max_accuracy_drop'] * 100:g} pt; its float errors are shown, not judged", highlight=False)
 
 
 def import_summary(path) -> None:
-    out.print(f"wrote {path}: next, `fcx fuse-bn --verify`, `fcx export`, `fcx verify`, `fcx predict IMAGE`"
-              + ("" if str(path) == "artifacts/model.pt" else f" (with --artifacts {path.parent})"))
+    where = "" if str(path) == "artifacts/model.pt" else f" (with --artifacts {path.parent})"
+    out.print(f"wrote {path}\nnext: fcx fuse-bn --verify, fcx export, fcx verify, fcx predict IMAGE{where}", highlight=False)
 
 
-def fuse_summary(result: dict) -> None:
+def fuse_summary(result: dict, wide: bool = False) -> None:
     rep = result["report"]
     rows = [[f"{f['layer']} ({f['type']})", f["into"], f["direction"]] for f in rep["folded"]]
     rows += [[x["layer"], "-", f"removed: {x['reason']}"] for x in rep["removed"]]
@@ -162,7 +171,7 @@ def fuse_summary(result: dict) -> None:
     for note in rep["notes"]:
         out.print(f"note: {note}")
     if result["verification"] is not None:
-        comparison_table("fused vs original", result["verification"])
+        comparison_table("fused vs original", result["verification"], wide)
 
 
 def export_summary(result: dict) -> None:
@@ -171,16 +180,19 @@ def export_summary(result: dict) -> None:
     table("fcx export" + (" (fused)" if result["fused"] else " (unfused)"), ["file", ""], rows)
 
 
-def verify_report(result: dict) -> None:
-    comparison_table("fcx verify: candidates vs unfused checkpoint (cpu)", result)
+def verify_report(result: dict, wide: bool = False) -> None:
+    comparison_table("fcx verify: each artifact vs model.pt on cpu", result, wide)
     out.print("[green]PASSED[/]" if result["passed"] else "[red]FAILED[/]")
 
 
-def predictions(predictor, results: list[dict]) -> None:
-    """A row per image; the model used is named first."""
-    out.print(f"model: {predictor.source} ({predictor.backend}, {predictor.device})")
-    rows = [[r["file"], r["label"], f"{r['probability']:.1%}", ", ".join(f"{t['label']} {t['probability']:.1%}" for t in r["top"])] for r in results]
-    table("fcx predict", ["file", "class", "probability", "top"], rows)
+def predictions(predictor, results: list[dict], wide: bool = False) -> None:
+    """A row per image (the runner-up classes with --wide); the model used is named first."""
+    out.print(f"model: {escape(str(predictor.source))} ({predictor.backend}, {predictor.device})", highlight=False)
+    rows = [[r["file"], r["label"], f"{r['probability']:.1%}"] for r in results]
+    if wide:
+        for row, r in zip(rows, results, strict=True):
+            row.append(", ".join(f"{t['label']} {t['probability']:.1%}" for t in r["top"][1:]))
+    table("fcx predict", ["file", "class", "probability", *(["runners-up"] if wide else [])], rows)
 
 
 def bench_table(rows: list[dict]) -> None:
@@ -192,4 +204,4 @@ def bench_table(rows: list[dict]) -> None:
             body.append([r["backend"], r["device"], r["batch_size"], f"{r['p50_ms'] * 1e3:,.1f}", f"{r['p90_ms'] * 1e3:,.1f}", f"{r['throughput']:,.0f}"])
     table("fcx bench", ["backend", "device", "batch", "p50 (us)", "p90 (us)", "samples/s"], body)
     for line in skipped:
-        out.print(f"[yellow]{line}[/]")
+        out.print(Text(line, style="yellow"))

@@ -67,25 +67,34 @@ def default_data_root() -> str:
     return os.environ.get("FCX_DATA_ROOT", "data")
 
 
-def load_dataset(name: str, root: str | None = None, image_size: int = 28, download: bool = True) -> Dataset:
+def load_dataset(name: str, root: str | None = None, image_size: int = 28, download: bool = True,
+                 test_data: str | None = None, class_names: list[str] | None = None) -> Dataset:
     """Load a dataset by name (`fashion-mnist`, `mnist`, `kmnist`, `digits`) or path (CSV file, image folder).
 
-    torchvision sets are downloaded into `root` when missing, unless `download=False`.
+    torchvision sets are downloaded into `root` when missing, unless `download=False`. For a CSV file
+    or a folder, `test_data` (the same kind) is the test set instead of a held-out 20%, and
+    `class_names` names the classes (CSV labels 0..N-1, or the folders in sorted order).
     """
     root = root or default_data_root()
     key = name.lower()
-    if key in TORCHVISION_SETS:
-        return _load_torchvision(key, Path(root), download)
-    if key == "digits":
-        return _load_digits()
+    if key in TORCHVISION_SETS or key == "digits":
+        if test_data is not None or class_names is not None:
+            raise FcxError(f"{name} has its own test split and class names; a test set and class names go with a CSV file or a folder")
+        return _load_torchvision(key, Path(root), download) if key != "digits" else _load_digits()
     path = Path(name)
     if path.is_dir():
-        return _load_image_folder(path, image_size)
-    if path.suffix.lower() == ".csv":
-        return _load_csv(path)
-    raise FcxError(
-        f"unknown dataset '{name}': use fashion-mnist, mnist, kmnist, digits, a .csv file or a folder of class sub-folders"
-    )
+        dataset = _load_image_folder(path, image_size, Path(test_data) if test_data else None)
+    elif path.suffix.lower() == ".csv":
+        dataset = _load_csv(path, Path(test_data) if test_data else None)
+    else:
+        raise FcxError(
+            f"unknown dataset '{name}': use fashion-mnist, mnist, kmnist, digits, a .csv file or a folder of class sub-folders"
+        )
+    if class_names is not None:
+        if len(class_names) != len(dataset.class_names):
+            raise FcxError(f"{name}: {len(class_names)} class names given for {len(dataset.class_names)} classes")
+        dataset.class_names = list(class_names)
+    return dataset
 
 
 def normalization_stats(images: torch.Tensor) -> tuple[float, float]:
@@ -190,8 +199,27 @@ def _load_digits() -> Dataset:
     return Dataset("digits", train, test, [str(int(c)) for c in bunch.target_names])
 
 
-def _load_csv(path: Path) -> Dataset:
-    """Label column then pixels (0-255, or 0-1 floats), with or without a header row (Kaggle layout)."""
+MAX_CSV_CLASSES = 1000
+
+
+def _load_csv(path: Path, test_path: Path | None = None) -> Dataset:
+    """Label column (integer class labels) then pixels (0-255, or 0-1 floats), with or without a header
+    row (Kaggle layout). With `test_path`, that CSV is the test set; else 20% are held out."""
+    images, raw_labels = _read_csv(path)
+    test_images, test_raw = _read_csv(test_path) if test_path is not None else (None, None)
+    if test_images is not None and test_images.shape[1:] != images.shape[1:]:
+        raise FcxError(f"{test_path}: images are {list(test_images.shape[1:])}, the training CSV's are {list(images.shape[1:])}")
+    # classes are the label values present (in either file), in order; labels become their indices
+    values = np.unique(np.concatenate([raw_labels, test_raw]) if test_raw is not None else raw_labels)
+    labels = torch.from_numpy(np.searchsorted(values, raw_labels))
+    if test_images is None:
+        train, test = _holdout(images, labels)
+    else:
+        train, test = Split(images, labels), Split(test_images, torch.from_numpy(np.searchsorted(values, test_raw)))
+    return Dataset(path.name, train, test, [str(v) for v in values])
+
+
+def _read_csv(path: Path) -> tuple[torch.Tensor, np.ndarray]:
     if not path.is_file():
         raise FcxError(f"{path}: file not found; pass an existing CSV file")
     table = _parse_csv(path)
@@ -201,15 +229,13 @@ def _load_csv(path: Path) -> Dataset:
     side = math.isqrt(pixels.shape[1])
     if side * side != pixels.shape[1] or side == 0:
         raise FcxError(f"{path}: {pixels.shape[1]} pixel columns is not a square image (e.g. 784 = 28x28)")
-    if np.any(labels_raw < 0) or np.any(labels_raw != np.round(labels_raw)):
-        raise FcxError(f"{path}: the first column must hold non-negative integer class labels")
+    if np.any(labels_raw < 0) or np.any(labels_raw != np.round(labels_raw)) or labels_raw.max() >= MAX_CSV_CLASSES:
+        raise FcxError(f"{path}: the first column must hold integer class labels 0..{MAX_CSV_CLASSES - 1}")
     if pixels.min() < 0 or pixels.max() > 255:
         raise FcxError(f"{path}: pixel values must lie in 0-255 (or 0-1), found {pixels.min()}..{pixels.max()}")
     scale = 1.0 if pixels.max() <= 1.0 else 255.0
-    classes, labels = np.unique(labels_raw.astype(np.int64), return_inverse=True)
     images = torch.tensor(pixels / scale, dtype=torch.float32).reshape(-1, 1, side, side)
-    train, test = _holdout(images, torch.tensor(labels, dtype=torch.long))
-    return Dataset(path.name, train, test, [str(c) for c in classes])
+    return images, labels_raw.astype(np.int64)
 
 
 def _parse_csv(path: Path) -> np.ndarray:
@@ -255,8 +281,23 @@ def _raise_first_bad_row(path: Path, header: int) -> None:
                 raise FcxError(f"{path}: line {number} holds a non-numeric value; fix or remove that row")
 
 
-def _load_image_folder(folder: Path, image_size: int) -> Dataset:
-    """A folder of class sub-folders of images, each preprocessed exactly as `fcx predict` does."""
+def _load_image_folder(folder: Path, image_size: int, test_folder: Path | None = None) -> Dataset:
+    """A folder of class sub-folders of images, each preprocessed exactly as `fcx predict` does; with
+    `test_folder` (the same class sub-folders), that is the test set, else 20% are held out."""
+    class_names, images, labels = _read_image_folder(folder, image_size)
+    if test_folder is None:
+        train, test = _holdout(images, labels)
+    else:
+        test_names, test_images, test_labels = _read_image_folder(test_folder, image_size)
+        if test_names != class_names:
+            raise FcxError(f"{test_folder}: class folders {test_names} differ from the training folder's {class_names}")
+        train, test = Split(images, labels), Split(test_images, test_labels)
+    return Dataset(folder.name, train, test, class_names)
+
+
+def _read_image_folder(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    if not folder.is_dir():
+        raise FcxError(f"{folder}: folder not found")
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
     images, labels = [], []
     for index, class_dir in enumerate(class_dirs):
@@ -269,5 +310,4 @@ def _load_image_folder(folder: Path, image_size: int) -> Dataset:
             f"{folder}: expected at least 2 class sub-folders holding images ({', '.join(IMAGE_SUFFIXES)})"
         )
     stacked = torch.from_numpy(np.stack(images)).unsqueeze(1)
-    train, test = _holdout(stacked, torch.tensor(labels, dtype=torch.long))
-    return Dataset(folder.name, train, test, [d.name for d in class_dirs])
+    return [d.name for d in class_dirs], stacked, torch.tensor(labels, dtype=torch.long)

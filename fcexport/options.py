@@ -19,6 +19,8 @@ class TrainOptions:
 
     data: str = "fashion-mnist"
     data_root: str | None = None
+    test_data: str | None = None  # CSV or folder data: its own test set instead of a held-out 20%
+    class_names: list[str] | None = None  # CSV or folder data: names of classes 0..N-1
     arch: str = "mlp"
     hidden: list[int] | None = None  # None: DEFAULT_HIDDEN[arch]
     channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn only

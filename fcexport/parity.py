@@ -80,7 +80,8 @@ def make_inputs(spec: ModelSpec, data: str | None = None, data_root: str | None 
     if source is None:
         return Inputs(random, None, f"{_extra(probes)} (no dataset recorded; name one to add real images)")
     try:
-        test = load_dataset(source, data_root or dataset.get("root"), image_size=shape[-1], download=False).test
+        test_source = None if data else dataset.get("test_source")
+        test = load_dataset(source, data_root or dataset.get("root"), image_size=shape[-1], download=False, test_data=test_source).test
     except FcxError as exc:
         if data:  # the user asked for this data explicitly: a problem with it is an error
             raise

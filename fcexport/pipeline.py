@@ -46,7 +46,7 @@ def train(opts, on_epoch=None) -> dict:
         if on_epoch:
             on_epoch(record)
 
-    dataset = load_dataset(opts.data, opts.data_root)
+    dataset = load_dataset(opts.data, opts.data_root, test_data=opts.test_data, class_names=opts.class_names)
     if opts.flip is None:
         opts.flip = dataset.name == "fashion-mnist"
     started = time.perf_counter()
@@ -83,6 +83,7 @@ def train(opts, on_epoch=None) -> dict:
         dataset={
             "name": dataset.name,
             "source": dataset_source(opts.data),
+            "test_source": dataset_source(opts.test_data) if opts.test_data else None,
             "root": str(Path(opts.data_root).resolve()) if opts.data_root else None,
             "train": len(dataset.train),
             "test": len(dataset.test),

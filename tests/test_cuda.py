@@ -29,7 +29,7 @@ def test_torch_backends_match_cpu_on_cuda(exported_dir, backend):
 
 
 def test_verify_runs_the_cuda_rows(exported_dir, runner, tmp_path):
-    r = invoke(runner, "verify", "--artifacts", exported_dir, "--json", tmp_path / "r.json")
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--json-file", tmp_path / "r.json")
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     cuda = {row["backend"]: row for row in rows if row["device"] == "cuda"}
     assert all(cuda[b]["status"] == "pass" for b in ("eager", "fused", "torchscript")), cuda

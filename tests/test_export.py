@@ -113,7 +113,7 @@ def test_export_rejects_low_opset(tmp_path, runner, trained_dir):
 
 def test_verify_passes_with_table_and_json(exported_dir, runner, tmp_path):
     report_path = tmp_path / "report.json"
-    r = invoke(runner, "verify", "--artifacts", exported_dir, "--json", report_path)
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--json-file", report_path)
     assert r.exit_code == 0, r.output
     assert "PASSED" in r.stdout and "onnxruntime" in r.stdout
     report = json.loads(report_path.read_text())
@@ -132,7 +132,7 @@ def test_verify_without_cuda_reports_skipped_not_passed(exported_dir, runner, tm
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    r = invoke(runner, "verify", "--artifacts", exported_dir, "--devices", "cuda", "--json", tmp_path / "r.json")
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--devices", "cuda", "--json-file", tmp_path / "r.json")
     report = json.loads((tmp_path / "r.json").read_text())
     assert all(row["status"] == "skipped" and row["reason"] for row in report["rows"])
     assert r.exit_code == 1 and not report["passed"]  # nothing ran, so nothing was proven
@@ -164,7 +164,7 @@ def test_verify_reports_missing_artifacts_as_skipped(tmp_path, runner, exported_
 
     for name in ("model.pt", "model.fused.pt", "manifest.json"):
         shutil.copy(exported_dir / name, tmp_path / name)
-    r = invoke(runner, "verify", "--artifacts", tmp_path, "--devices", "cpu", "--json", tmp_path / "r.json")
+    r = invoke(runner, "verify", "--artifacts", tmp_path, "--devices", "cpu", "--json-file", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     rows = {row["backend"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
     assert rows["fused"]["status"] == "pass" and rows["onnxruntime"]["status"] == "skipped"
@@ -175,7 +175,7 @@ def test_verify_flags_a_stale_export(artifacts_copy, runner, tmp_path):
     """Retrain model.pt but keep the old model.onnx: verify fails and says the export is stale."""
     r = invoke(runner, "train", "--data", "digits", "--hidden", "32", "--epochs", "1", "--seed", "9", "--artifacts", artifacts_copy, "-q")
     assert r.exit_code == 0, r.output
-    r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "onnxruntime", "--devices", "cpu", "--json", tmp_path / "r.json")
+    r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "onnxruntime", "--devices", "cpu", "--json-file", tmp_path / "r.json")
     row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
     assert r.exit_code == 1 and row["status"] == "fail"
     assert "made from another model.pt" in row["problems"][0] and "another model.pt" in r.stdout
@@ -208,7 +208,7 @@ def test_int8_runs_in_plain_onnxruntime_like_fcx(int8_dir, batch, tmp_path):
 
 def test_verify_judges_int8_by_agreement_not_float_tolerance(int8_dir, runner, tmp_path):
     r = invoke(runner, "verify", "--artifacts", int8_dir, "--devices", "cpu", "--int8-agreement", "0.9",
-               "--int8-max-drop", "0.05", "--json", tmp_path / "r.json")
+               "--int8-max-drop", "0.05", "--json-file", tmp_path / "r.json")
     report = json.loads((tmp_path / "r.json").read_text())
     row = {row["backend"]: row for row in report["rows"]}["onnxruntime-int8"]
     assert row["criterion"] == "agreement" and row["max_abs"] > report["atol"]  # atol/rtol alone would fail it
@@ -254,7 +254,7 @@ def test_judging_an_approximate_candidate():
 
 
 def test_int8_is_listed_as_cpu_only_on_cuda(int8_dir, runner, tmp_path):
-    invoke(runner, "verify", "--artifacts", int8_dir, "--backends", "onnxruntime-int8", "--devices", "cpu,cuda", "--json", tmp_path / "r.json")
+    invoke(runner, "verify", "--artifacts", int8_dir, "--backends", "onnxruntime-int8", "--devices", "cpu,cuda", "--json-file", tmp_path / "r.json")
     rows = {row["device"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
     assert rows["cpu"]["status"] in ("pass", "fail") and rows["cuda"]["status"] == "skipped"
     assert "CPU inference only" in rows["cuda"]["reason"]

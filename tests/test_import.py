@@ -106,7 +106,7 @@ def downstream(runner, art: Path, image: Path, shape: tuple[int, ...]) -> dict:
     assert fused["verification"]["passed"]
     run_ok(runner, "export", "--artifacts", art)
     assert "BatchNormalization" not in onnx_ops(art / "model.onnx") or fused["report"]["left"]
-    run_ok(runner, "verify", "--artifacts", art, "--devices", "cpu", "--json", art / "report.json")
+    run_ok(runner, "verify", "--artifacts", art, "--devices", "cpu", "--json-file", art / "report.json")
     report = json.loads((art / "report.json").read_text())
     assert report["passed"] and {r["backend"] for r in report["rows"] if r["status"] == "pass"} == {"fused", "torchscript", "onnxruntime"}
     rows = json.loads(run_ok(runner, "predict", image, "--artifacts", art, "--json").stdout)
@@ -129,7 +129,7 @@ def test_course_model_four_commands_to_verified_onnx_and_predictions(tmp_path, r
     assert fused["verification"]["passed"] and "test images of digits" in fused["verification"]["inputs"]
     run_ok(runner, "export", "--artifacts", art)
     assert not {"BatchNormalization", "Sub", "Div"} & onnx_ops(art / "model.onnx")
-    run_ok(runner, "verify", "--artifacts", art, "--data", "digits", "--json", tmp_path / "report.json")
+    run_ok(runner, "verify", "--artifacts", art, "--data", "digits", "--json-file", tmp_path / "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] and {r["backend"] for r in report["rows"] if r["status"] == "pass"} == {"fused", "torchscript", "onnxruntime"}
     predictions = json.loads(run_ok(runner, "predict", image_folder / "class0", "--artifacts", art, "--json").stdout)

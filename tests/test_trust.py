@@ -37,7 +37,7 @@ def rewrite_onnx(folder: Path, change, refresh_manifest: bool = True) -> None:
 
 def verify_json(runner, folder: Path, tmp_path: Path, *extra):
     out = tmp_path / "report.json"
-    r = invoke(runner, "verify", "--artifacts", folder, "--backends", "onnxruntime", "--devices", "cpu", "--json", out, *extra)
+    r = invoke(runner, "verify", "--artifacts", folder, "--backends", "onnxruntime", "--devices", "cpu", "--json-file", out, *extra)
     return r, json.loads(out.read_text())["rows"][0]
 
 
