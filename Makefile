@@ -27,6 +27,12 @@ demo: $(STAMP)
 	$(BIN)/fcx verify --artifacts $(DEMO)
 	$(BIN)/python -m fcexport.samples --data digits --out $(DEMO)/samples --count 4
 	$(BIN)/fcx predict $(DEMO)/samples --artifacts $(DEMO)
+	@echo
+	@echo "Done: a verified model in $(DEMO). Next, try:"
+	@echo "  $(BIN)/fcx predict YOUR_IMAGE.png --artifacts $(DEMO) --wide"
+	@echo "  $(BIN)/fcx bench --artifacts $(DEMO)"
+	@echo "  $(BIN)/fcx import -h        # bring your own PyTorch model"
+	@echo "  $(BIN)/fcx train -h         # Fashion-MNIST, MNIST, a CSV or an image folder; --model cnn"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py

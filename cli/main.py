@@ -24,8 +24,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Ship small image classifiers: train or import a model, fold BatchNorm, export TorchScript/ONNX, "
     "verify every artifact, predict on image files, benchmark.",
-    epilog="\b\nStart with `fcx train --data digits` (offline) or `fcx import` for your own model;\n"
-    "every command reads and writes ./artifacts unless --artifacts says otherwise.",
+    epilog="\b\nStart with `fcx train --data digits` (offline), or `fcx import` for your own\n"
+    "model. Every command reads and writes ./artifacts unless --artifacts says so.",
 )
 
 
@@ -119,7 +119,9 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON")] = False,
     json_file: JsonFileOpt = None,
 ) -> None:
-    """Train a classifier: model.pt, metrics.json, history.csv, curves.png, confusion.png."""
+    """Train a classifier (MLP, CNN or softmax regression).
+
+    Writes model.pt, metrics.json, history.csv, curves.png and confusion.png."""
     from fcexport.pipeline import train as run
     from fcexport.sources import parse_class_names
 
@@ -162,7 +164,9 @@ def import_(
     std: Annotated[Optional[str], typer.Option(help="Standard deviation to go with --mean")] = None,
     artifacts: ArtifactsOpt = Path("artifacts"),
 ) -> None:
-    """Bring your own model: weights + model code -> ARTIFACTS/model.pt, which every later command uses without your code."""
+    """Bring your own model: its weights and code -> model.pt.
+
+    Every later command then uses ARTIFACTS/model.pt without your code."""
     import json
 
     from fcexport.pipeline import import_weights
@@ -212,7 +216,9 @@ def fuse_bn(
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:
-    """Fold every BatchNorm (and the input normalisation) into neighbouring Linear/Conv layers: model.fused.pt."""
+    """Fold every BatchNorm exactly: model.fused.pt.
+
+    The input normalisation folds too where that is exact (a Linear, a Conv without padding)."""
     from fcexport.compare import Tolerance
     from fcexport.pipeline import fuse
 
@@ -241,7 +247,9 @@ def export(
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:
-    """Write model.ts (frozen TorchScript), model.onnx and manifest.json; they take [0, 1] pixels."""
+    """Write model.ts (TorchScript), model.onnx and manifest.json.
+
+    Both take float32 pixels in [0, 1], shape (N, C, H, W), and return logits."""
     from fcexport.pipeline import FORMATS, export as run
 
     if int8 and format == "torchscript":
@@ -273,7 +281,9 @@ def verify(
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:
-    """Check every artifact against model.pt: integrity, structure and numbers; exit 1 on any failure."""
+    """Prove each artifact computes what model.pt does.
+
+    Checks integrity (manifest.json), structure (weights and spec) and numbers (real and random inputs)."""
     from fcexport.compare import Tolerance
     from fcexport.pipeline import verify as run
 
@@ -306,7 +316,7 @@ def predict(
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:
-    """Classify image files (any size, gray or colour, light or dark background)."""
+    """Classify image files (any size, gray or colour)."""
     from rich.markup import escape
 
     from fcexport.artifacts import find_default_model

@@ -31,8 +31,8 @@ def table(title: str, columns: list[str], rows: list[list], console: Console = o
     """Cells are shown literally (a file named `photos [red]/a.png` stays as it is); pass rich Text
     objects for styled cells."""
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for c in columns:
-        t.add_column(c, justify="left" if c in columns[:1] else "right")
+    for c in columns:  # the first column (names, files) wraps rather than being cut
+        t.add_column(c, justify="left" if c in columns[:1] else "right", overflow="fold" if c in columns[:1] else "ellipsis")
     for r in rows:
         t.add_row(*[v if isinstance(v, Text) else Text(fmt(v)) for v in r])
     console.print(t)

@@ -152,6 +152,7 @@ def _load_torchvision(key: str, root: Path, download: bool) -> Dataset:
 
     cls = getattr(tvd, TORCHVISION_SETS[key])
     raw = root / cls.__name__ / "raw"
+    _extract_downloaded_archives(raw)
     try:
         train = cls(str(root), train=True, download=False)
         test = cls(str(root), train=False, download=False)
@@ -167,15 +168,35 @@ def _load_torchvision(key: str, root: Path, download: bool) -> Dataset:
     )
 
 
+def _extract_downloaded_archives(raw: Path) -> None:
+    """The IDX files are published gzipped; torchvision only reads them unpacked. Unpack what is there."""
+    import gzip
+    import shutil
+
+    for archive in raw.glob("*-ubyte.gz") if raw.is_dir() else []:
+        target = archive.with_suffix("")
+        if not target.exists():
+            try:
+                with gzip.open(archive, "rb") as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (OSError, EOFError) as exc:
+                target.unlink(missing_ok=True)
+                raise FcxError(f"{archive}: cannot unpack ({type(exc).__name__}: {exc}); download it again") from exc
+
+
 def _download(cls, root: Path, raw: Path):
     # Downloads hang forever on a blackholed network; a short socket timeout turns that into an error.
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(15)
+    existed = {p for p in (root, raw.parent, raw) if p.exists()}
     try:
         return cls(str(root), train=True, download=True), cls(str(root), train=False, download=True)
     except Exception as exc:  # network errors come in many types (URLError, timeout, HTTPError)
+        for folder in (raw, raw.parent, root):  # leave nothing behind: only folders this attempt made, if empty
+            if folder not in existed and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise FcxError(
-            f"{cls.__name__} is not under {raw}/ and could not be downloaded ({type(exc).__name__}: {exc}). "
+            f"{cls.__name__} is not under {raw}/ and could not be downloaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}). "
             f"Put the IDX files (train-images-idx3-ubyte, ...) in {raw}/", hint="offline-data"
         ) from exc
     finally:

@@ -94,7 +94,8 @@ def train(opts, on_epoch=None) -> dict:
     save_model(result.model.cpu().eval(), spec, out / names.MODEL)
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "history.csv", history_csv(result.history))
-    plots.save_curves(result.history, out / "curves.png")
+    title = f"{config['arch']} on {dataset.name}: test accuracy {test_acc:.2%}"
+    plots.save_curves(result.history, out / "curves.png", result.best_epoch, title)
     plots.save_confusion(dataset.test.labels, test_pred, dataset.class_names, out / "confusion.png")
     return {"metrics": metrics, "history": result.history, "artifacts": str(out), "dataset": dataset.name}
 
@@ -186,7 +187,7 @@ def fuse(
         "verification": None,
     }
     if verify:
-        inputs = parity.make_inputs(spec, data, data_root)
+        inputs = parity.make_inputs(spec, data, data_root, probes=parity.probe_inputs(original, spec))
         reference = module_predictor(original.to("cpu"), "eager", "cpu", model_path, spec)(inputs.x)
         rows = parity.compare_predictors(reference, [after], inputs, tolerance)
         result["verification"] = parity.report(rows, inputs, accuracy(reference, inputs.labels), tolerance)
@@ -326,7 +327,8 @@ def verify(
             try:
                 candidates.append(open_backend(backend, artifacts, device))
             except DeviceUnavailable as exc:
-                candidates.append(parity.Skipped(backend, device, str(exc), exc.hint))
+                hint = None if exc.hint == "cpu" else exc.hint  # verify chooses devices with its own option
+                candidates.append(parity.Skipped(backend, device, str(exc), hint))
     rows = parity.compare_predictors(reference, candidates, inputs, tolerance)
     for row, candidate in zip(rows, candidates, strict=True):
         if not isinstance(candidate, Predictor):

@@ -16,19 +16,25 @@ def _pyplot():
     return plt
 
 
-def save_curves(history: list[dict], path: Path) -> None:
-    """Loss and accuracy per epoch, train and validation side by side."""
+def save_curves(history: list[dict], path: Path, best_epoch: int | None = None, title: str = "training") -> None:
+    """Loss and accuracy per epoch, train and validation side by side; the kept epoch is marked."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
-        ax.plot(epochs, [r[f"train_{key}"] for r in history], label="train")
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], marker="." if len(epochs) < 30 else None, label="train")
         if history and history[0].get(f"val_{key}") is not None:
-            ax.plot(epochs, [r[f"val_{key}"] for r in history], label="validation")
+            ax.plot(epochs, [r[f"val_{key}"] for r in history], marker="." if len(epochs) < 30 else None, label="validation")
+        if best_epoch:
+            ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1, label=f"kept epoch {best_epoch}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 1.25, 1.5 ticks
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)
 

@@ -1,0 +1,74 @@
+"""Every `fcx` command in the README parses as written, and the ones that need only a model run as written."""
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import invoke
+from typer.main import get_command
+
+try:  # typer >= 0.20 ships its own copy of click
+    from typer import _click as click
+except ImportError:  # pragma: no cover
+    import click
+
+from cli.main import app
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def readme_commands() -> list[str]:
+    """`fcx ...` lines of the README's code blocks (continuation lines joined, comments dropped)."""
+    commands, blocks = [], re.findall(r"```[a-z]*\n(.*?)```", README.read_text(), re.S)
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            code = line.split("  #")[0].strip()
+            if code.startswith("fcx ") and "->" not in code and "|" not in code:
+                commands.append(code)
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_has_commands():
+    assert len(COMMANDS) > 25 and any(c.startswith("fcx import") for c in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_parses(command):
+    """Unknown options, values of the wrong type and stray arguments are usage errors here."""
+    group = get_command(app)
+    args = shlex.split(command)[1:]
+    ctx = group.make_context("fcx", list(args), resilient_parsing=False) if args[0].startswith("-") else None
+    if ctx is None:
+        name, *rest = args
+        sub = group.get_command(click.Context(group), name)
+        assert sub is not None, f"unknown command in README: {command}"
+        sub.make_context(name, rest)
+
+
+# Commands that need nothing but a trained model in ./artifacts (run in a copy of one, as written).
+RUNNABLE = [c for c in COMMANDS if c.split()[1] in ("fuse-bn", "export", "verify", "bench") and "../shared" not in c
+            and "other.pt" not in c]
+
+
+@pytest.mark.parametrize("command", RUNNABLE)
+def test_readme_command_runs(command, exported_dir, tmp_path, monkeypatch, runner):
+    shutil.copytree(exported_dir, tmp_path / "artifacts")
+    monkeypatch.chdir(tmp_path)
+    args = shlex.split(command)[1:]
+    if args[0] == "bench":
+        args += ["--seconds", "0.05", "--warmup", "1"]
+    r = invoke(runner, *args)
+    assert r.exit_code == 0, (command, r.output)
+
+
+def test_readme_fuse_example_with_its_tolerances_passes(exported_dir, tmp_path, runner):
+    command = next(c for c in COMMANDS if "other.pt" in c)
+    shutil.copy(exported_dir / "model.pt", tmp_path / "other.pt")
+    args = [a.replace("other.", str(tmp_path / "other.")) for a in shlex.split(command)[1:]]
+    r = invoke(runner, *args)
+    assert r.exit_code == 0, r.output
