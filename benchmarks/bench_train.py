@@ -10,9 +10,12 @@ fcexport's loop uses its defaults (tensors in memory, batch 256, flips and shift
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,7 +50,7 @@ def fcexport_samples_per_second(root: str, epochs: int) -> float:
     from fcexport.data import load_dataset, train_val_split
     from fcexport.training import TrainOptions, build_for, fit
 
-    opts = TrainOptions(data_root=root, epochs=epochs, device="cpu", flip=True)
+    opts = TrainOptions(data_root=root, epochs=epochs, device="cpu", flip=True).with_arch_defaults()
     dataset = load_dataset("fashion-mnist", root)
     train, val = train_val_split(dataset.train, opts.val_split, opts.seed)
     model, _ = build_for(dataset, opts)
@@ -57,9 +60,13 @@ def fcexport_samples_per_second(root: str, epochs: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="training throughput benchmark")
-    parser.add_argument("--data-root", default="../shared/data")
+    default_root = os.environ.get("FCX_DATA_ROOT") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--data-root", default=default_root, help=f"folder holding FashionMNIST/raw [default: {default_root}]")
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
+    if not (Path(args.data_root) / "FashionMNIST" / "raw").is_dir():
+        sys.exit(f"error: no FashionMNIST/raw under {args.data_root}; pass --data-root (or set FCX_DATA_ROOT) "
+                 "to the folder that holds it")
     # alternate the two loops and keep each one's median epoch, so machine noise hits both alike
     naive_runs, our_runs = [], []
     for _ in range(2):

@@ -105,8 +105,8 @@ def train(
     optimizer: Annotated[str, typer.Option(help="sgd, momentum, rmsprop, adam or adamw")] = TRAIN.optimizer,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the one-cycle schedule [default: 0.1 sgd, 0.05 momentum, 1e-3 rmsprop, 2e-3 adam/adamw]")] = None,
     weight_decay: Annotated[float, typer.Option(help="Weight decay")] = TRAIN.weight_decay,
-    epochs: Annotated[int, typer.Option(help="Passes over the training images; the best epoch is kept")] = TRAIN.epochs,
-    batch_size: Annotated[int, typer.Option(help="Images per training step")] = TRAIN.batch_size,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training images; the best epoch is kept [default: 60, cnn 20]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per training step [default: 256, cnn 128]")] = None,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss")] = TRAIN.label_smoothing,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips [default: on for fashion-mnist only]")] = None,
     shift: Annotated[int, typer.Option(help="Random shifts of up to N pixels")] = TRAIN.shift,
@@ -135,7 +135,7 @@ def train(
     if quiet or json_out:
         result = run(opts)
     else:
-        with render.training_progress(epochs, folds) as on_epoch:
+        with render.training_progress(opts.with_arch_defaults().epochs, folds) as on_epoch:
             result = run(opts, on_epoch)
     _emit_json(result["metrics"], json_out, json_file)
     if not (quiet or json_out):

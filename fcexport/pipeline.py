@@ -34,6 +34,7 @@ def train(opts, on_epoch=None) -> dict:
     from fcexport.spec import ModelSpec
     from fcexport.training import build_for, cross_validate, evaluate, fit, history_csv, resolve_device
 
+    opts = opts.with_arch_defaults()
     opts.validate()
     resolve_device(opts.device)
     out = Path(opts.artifacts)

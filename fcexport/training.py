@@ -172,7 +172,7 @@ def build_for(dataset: Dataset, opts: TrainOptions) -> tuple[nn.Module, dict]:
     config = model_config(
         dataset.input_shape,
         len(dataset.class_names),
-        hidden=opts.hidden_widths(),
+        hidden=opts.hidden,
         channels=opts.channels,
         batchnorm=opts.batchnorm,
         dropout=opts.dropout,
