@@ -21,6 +21,7 @@ HINTS = {
     "export-int8": "run `fcx export --int8`",
     "cpu": "use --device cpu",
     "data-root": "pass --data-root DIR (or set FCX_DATA_ROOT) where that folder lives",
+    "lower-lr": "try a lower --lr (e.g. a tenth) or --weight-decay",
     "offline-data": "or pass --data-root DIR, or train offline with --data digits (bundled), --data FILE.csv or --data DIR",
 }
 

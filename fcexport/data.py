@@ -231,6 +231,8 @@ def _load_csv(path: Path, test_path: Path | None = None) -> Dataset:
     if test_images is not None and test_images.shape[1:] != images.shape[1:]:
         raise FcxError(f"{test_path}: images are {list(test_images.shape[1:])}, the training CSV's are {list(images.shape[1:])}")
     # classes are the label values present (in either file), in order; labels become their indices
+    if test_raw is not None and raw_labels.dtype.kind != test_raw.dtype.kind:  # names in one file, numbers in the other
+        raw_labels, test_raw = raw_labels.astype(str), test_raw.astype(str)
     values = np.unique(np.concatenate([raw_labels, test_raw]) if test_raw is not None else raw_labels)
     labels = torch.from_numpy(np.searchsorted(values, raw_labels))
     if test_images is None:
@@ -240,43 +242,76 @@ def _load_csv(path: Path, test_path: Path | None = None) -> Dataset:
     return Dataset(path.name, train, test, [str(v) for v in values])
 
 
+MAX_CSV_LINE = 1 << 20  # 1 MB: a 1024x1024 image of 3-digit pixels; longer lines are refused before parsing
+
+
 def _read_csv(path: Path) -> tuple[torch.Tensor, np.ndarray]:
+    """(images, labels) of one CSV; labels are integers, or strings when any label is not a number."""
     if not path.is_file():
         raise FcxError(f"{path}: file not found; pass an existing CSV file")
-    table = _parse_csv(path)
-    if table.shape[0] < 2:
-        raise FcxError(f"{path}: needs at least 2 data rows, found {table.shape[0]}")
-    labels_raw, pixels = table[:, 0], table[:, 1:]
+    header, labels = _scan_csv(path)
+    if len(labels) < 2:
+        raise FcxError(f"{path}: needs at least 2 data rows, found {len(labels)}")
+    try:
+        pixels = np.loadtxt(path, delimiter=",", skiprows=header, usecols=range(1, _columns(path, header)),
+                            dtype=np.float64, ndmin=2, encoding="utf-8-sig")
+    except ValueError:
+        _raise_first_bad_row(path, header)
+        raise
+    if not np.all(np.isfinite(pixels)):
+        raise FcxError(f"{path}: contains NaN or infinite values")
     side = math.isqrt(pixels.shape[1])
     if side * side != pixels.shape[1] or side == 0:
         raise FcxError(f"{path}: {pixels.shape[1]} pixel columns is not a square image (e.g. 784 = 28x28)")
-    if np.any(labels_raw < 0) or np.any(labels_raw != np.round(labels_raw)) or labels_raw.max() >= MAX_CSV_CLASSES:
-        raise FcxError(f"{path}: the first column must hold integer class labels 0..{MAX_CSV_CLASSES - 1}")
     if pixels.min() < 0 or pixels.max() > 255:
         raise FcxError(f"{path}: pixel values must lie in 0-255 (or 0-1), found {pixels.min()}..{pixels.max()}")
     scale = 1.0 if pixels.max() <= 1.0 else 255.0
     images = torch.tensor(pixels / scale, dtype=torch.float32).reshape(-1, 1, side, side)
-    return images, labels_raw.astype(np.int64)
+    return images, _labels(path, labels)
 
 
-def _parse_csv(path: Path) -> np.ndarray:
-    """Parse with numpy (fast); on failure, rescan row by row to name the first bad line."""
+def _scan_csv(path: Path) -> tuple[int, list[str]]:
+    """(header rows, label cells), reading line by line with a bounded line length. The first row is a
+    header only when its pixel cells are not numbers (a class name as a label is data)."""
+    labels, header = [], 0
     try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline()
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a byte-order mark is dropped
+            for number, line in enumerate(iter(lambda: f.readline(MAX_CSV_LINE + 1), ""), start=1):
+                if len(line) > MAX_CSV_LINE:
+                    raise FcxError(f"{path}: line {number} is longer than {MAX_CSV_LINE:,} characters; is this a CSV of pixels?")
+                if not line.strip():
+                    continue
+                label, _, rest = line.partition(",")
+                if number == 1 and not _is_numeric_row(rest):
+                    header = 1
+                    continue
+                labels.append(label.strip())
     except (UnicodeDecodeError, OSError) as exc:
-        raise FcxError(f"{path}: cannot read as a text CSV ({exc})") from exc
-    if not first.strip():
+        raise FcxError(f"{path}: cannot read as a text CSV ({type(exc).__name__}); expected a label column then pixel columns") from exc
+    if not labels and not header:
         raise FcxError(f"{path}: the file is empty; expected a label column then pixel columns")
-    header = 1 if not _is_numeric_row(first) else 0
+    return header, labels
+
+
+def _columns(path: Path, header: int) -> int:
+    with open(path, encoding="utf-8-sig") as f:
+        for _ in range(header):
+            f.readline(MAX_CSV_LINE + 1)
+        return len(f.readline(MAX_CSV_LINE + 1).split(","))
+
+
+def _labels(path: Path, cells: list[str]) -> np.ndarray:
+    """Integer labels 0..MAX_CSV_CLASSES-1, or class names when any label is not a number."""
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=header, dtype=np.float64, ndmin=2)
+        values = np.array([float(c) for c in cells])
     except ValueError:
-        _raise_first_bad_row(path, header)
-        raise
-    if not np.all(np.isfinite(table)):
-        raise FcxError(f"{path}: contains NaN or infinite values")
-    return table
+        names = np.array(cells)
+        if len(np.unique(names)) > MAX_CSV_CLASSES:
+            raise FcxError(f"{path}: more than {MAX_CSV_CLASSES} distinct labels") from None
+        return names
+    if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values != np.round(values)) or values.max() >= MAX_CSV_CLASSES:
+        raise FcxError(f"{path}: the first column must hold integer class labels 0..{MAX_CSV_CLASSES - 1} (or class names)")
+    return values.astype(np.int64)
 
 
 def _is_numeric_row(line: str) -> bool:
@@ -289,7 +324,7 @@ def _is_numeric_row(line: str) -> bool:
 
 def _raise_first_bad_row(path: Path, header: int) -> None:
     width = None
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if number <= header or not line.strip():
                 continue
@@ -298,8 +333,8 @@ def _raise_first_bad_row(path: Path, header: int) -> None:
                 width = len(cells)
             if len(cells) != width:
                 raise FcxError(f"{path}: line {number} has {len(cells)} columns, expected {width}; fix or remove that row")
-            if not _is_numeric_row(line):
-                raise FcxError(f"{path}: line {number} holds a non-numeric value; fix or remove that row")
+            if not _is_numeric_row(line.partition(",")[2]):
+                raise FcxError(f"{path}: line {number} holds a non-numeric pixel value; fix or remove that row")
 
 
 def _load_image_folder(folder: Path, image_size: int, test_folder: Path | None = None) -> Dataset:

@@ -5,7 +5,7 @@ HINTS), and only the CLI turns that into a command line (`fcx export`, `--model-
 """
 
 # Steps a user can take to fix an error; cli/errors.py has the command for each.
-HINTS = ("train-or-import", "import", "fuse", "export", "export-int8", "cpu", "data-root", "offline-data")
+HINTS = ("train-or-import", "import", "fuse", "export", "export-int8", "cpu", "data-root", "offline-data", "lower-lr")
 
 
 class FcxError(Exception):

@@ -74,6 +74,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """Create `folder` if needed and make sure files can be written into it; one FcxError line if not."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise write_error(folder, exc) from exc
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """All of `data` or nothing at `path`. Serialisers write to memory first and call this, so a full
     disk is a Python OSError we report, never an abort inside a C++ writer."""
@@ -133,7 +147,7 @@ def remove_orphaned_temp_files(path: Path) -> None:
 def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: checks existence only
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # a PID too large to exist is not running
         return False
     except PermissionError:
         return True  # exists, owned by someone else

@@ -61,7 +61,11 @@ class TrainOptions:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.weight_decay < 1, f"weight decay must be in [0, 1), got {self.weight_decay}"),
+            (self.lr is None or self.lr <= 10, f"lr must be at most 10, got {self.lr}"),
+            (not (self.batchnorm and self.arch != "softmax" and self.batch_size < 2),
+             "batch size 1 cannot train BatchNorm: it normalises each batch by that batch's own mean and variance, "
+             "which one image does not have; use a batch size of 2 or more, or no BatchNorm"),
             (0 <= self.val_split < 1, f"val split must be in [0, 1), got {self.val_split}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.shift <= 8, f"shift must be in 0..8 pixels, got {self.shift}"),

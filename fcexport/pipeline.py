@@ -19,6 +19,7 @@ from fcexport.errors import FcxError, check_choices
 from fcexport.runtimes import DEVICES, RUNTIME_DEVICES, DeviceUnavailable, Predictor, module_predictor, open_predictor
 
 DEFAULT_TOLERANCE = Tolerance()
+MAX_BENCH_BATCH = 65536
 
 # ---- ways in -----------------------------------------------------------------------------
 
@@ -28,7 +29,7 @@ def train(opts, on_epoch=None) -> dict:
     from fcexport import plots
     from fcexport.checkpoint import save_model
     from fcexport.data import dataset_source, load_dataset, train_val_split
-    from fcexport.files import write_json_atomic, write_text_atomic
+    from fcexport.files import check_writable_folder, write_json_atomic, write_text_atomic
     from fcexport.models import count_parameters
     from fcexport.preprocess import object_fill
     from fcexport.spec import ModelSpec
@@ -38,6 +39,7 @@ def train(opts, on_epoch=None) -> dict:
     opts.validate()
     resolve_device(opts.device)
     out = Path(opts.artifacts)
+    check_writable_folder(out)  # before minutes of training, not after
     log = []
 
     def log_epoch(record: dict) -> None:
@@ -355,8 +357,10 @@ def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backen
     from fcexport.timing import measure
 
     check_choices("backends", backends, names.BACKENDS)
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise FcxError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BENCH_BATCH:
+        raise FcxError(f"batch sizes must be integers from 1 to {MAX_BENCH_BATCH}, got {list(batch_sizes)}")
+    if warmup < 0 or repeat < 1 or not 0 < max_seconds <= 600:
+        raise FcxError(f"warmup must be >= 0, repeat >= 1 and seconds in (0, 600], got {warmup}, {repeat}, {max_seconds}")
     artifacts = Path(artifacts)
     names.find_default_model(artifacts)  # a clear error when the folder holds no model at all
     rng = np.random.default_rng(seed)

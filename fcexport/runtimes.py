@@ -53,7 +53,12 @@ class Predictor:
     weights: Callable[[], list[np.ndarray]] | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.run(np.ascontiguousarray(x, dtype=np.float32))
+        logits = self.run(np.ascontiguousarray(x, dtype=np.float32))
+        expected = (len(x), len(self.spec.class_names))
+        if getattr(logits, "shape", None) != expected:
+            raise FcxError(f"{self.source}: the model returned shape {getattr(logits, 'shape', type(logits).__name__)} "
+                           f"for {len(x)} images, but its spec names {expected[1]} classes: expected {expected}")
+        return logits
 
 
 def open_predictor(path: str | Path, device: str = "cpu") -> Predictor:
@@ -182,10 +187,57 @@ def ort_providers(device: str) -> list:
     return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
 
 
+# What fcexport's exporters emit for the layers the graph allow-list admits (fcexport.graph), plus
+# BatchNormalization (--no-fuse) and the int8 quantizer's ops. Anything else (Loop, Scan, If,
+# ConstantOfShape, Expand, Tile, Resize, ...) could loop or allocate without bound: refused.
+ONNX_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Neg", "Relu", "LeakyRelu", "Elu", "Gelu", "Erf", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Tanh", "Clip", "Softmax", "LogSoftmax", "Gemm", "MatMul", "Conv", "MaxPool", "AveragePool",
+    "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "BatchNormalization", "LayerNormalization",
+    "GroupNormalization", "InstanceNormalization", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
+    "Concat", "Split", "Slice", "Gather", "Shape", "Identity", "Constant", "Cast", "Dropout", "Pow", "Sqrt",
+    "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMulInteger", "ConvInteger",
+})
+MAX_ONNX_BYTES = 1 << 30
+MAX_ATTRIBUTE = 4096  # kernel sizes, pads, strides, dilations
+
+
+def check_onnx_model(path: Path) -> None:
+    """Refuse an ONNX file that could hang or exhaust memory, before onnxruntime parses or folds it:
+    ops outside ONNX_OPS, subgraphs, external data, unbounded input shapes, outsized attributes."""
+    import onnx
+
+    if path.stat().st_size > MAX_ONNX_BYTES:
+        raise FcxError(f"{path}: {path.stat().st_size:,} bytes is larger than fcexport accepts ({MAX_ONNX_BYTES:,})")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise FcxError(f"{path}: not a valid ONNX model ({type(exc).__name__})", hint="export") from exc
+    graph = model.graph
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        raise FcxError(f"{path}: refers to external weight files, which fcexport does not load")
+    for node in graph.node:
+        where = f"{path}: node '{node.name or node.op_type}'"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ONNX_OPS:
+            raise FcxError(f"{where}: op {node.domain + '.' if node.domain else ''}{node.op_type} is not on fcexport's allow-list")
+        for attribute in node.attribute:
+            if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                raise FcxError(f"{where}: subgraphs are not allowed")
+            if attribute.ints and max(abs(v) for v in attribute.ints) > MAX_ATTRIBUTE:
+                raise FcxError(f"{where}: attribute {attribute.name} {list(attribute.ints)[:4]} is out of range")
+    if len(graph.input) != 1:
+        raise FcxError(f"{path}: the model must take one input (pixels), it takes {len(graph.input)}")
+    dims = graph.input[0].type.tensor_type.shape.dim
+    fixed = [d.dim_value for d in dims[1:]]
+    if len(dims) != 4 or not all(0 < v <= MAX_ATTRIBUTE for v in fixed):
+        raise FcxError(f"{path}: the input must be (N, C, H, W) with fixed C, H, W of at most {MAX_ATTRIBUTE}")
+
+
 def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None) -> Predictor:
     import onnxruntime as ort
 
     providers = ort_providers(device)
+    check_onnx_model(path)
     try:
         session = ort.InferenceSession(str(path), ort_session_options(threads), providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
@@ -194,6 +246,9 @@ def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None) 
         raise DeviceUnavailable("onnxruntime could not start its CUDA provider", hint="cpu")
     props = session.get_modelmeta().custom_metadata_map
     spec = read_onnx_spec(props, path)
+    declared = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape[1:]]
+    if declared != spec.input_shape:
+        raise FcxError(f"{path}: the model's input is {declared} but its metadata says {spec.input_shape}")
     backend = "onnxruntime-int8" if QUANTIZATION_KEY in props else "onnxruntime"
     if device not in RUNTIME_DEVICES[backend]:
         raise DeviceUnavailable(f"{path.name} is quantized for CPU inference only", hint="cpu")

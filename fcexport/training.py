@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fcexport.data import Dataset, Split, kfold_splits, normalization_stats
+from fcexport.errors import FcxError
 from fcexport.models import build_model, model_config
 from fcexport.options import TrainOptions
 from fcexport.runtimes import torch_device
@@ -106,6 +107,7 @@ def fit(model: nn.Module, train: Split, val: Split | None, opts: TrainOptions, o
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=opts.epochs * steps_per_epoch
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     history: list[dict] = []
     best = {"epoch": 0, "acc": -1.0, "state": None}
     seen, train_time, interrupted = 0, 0.0, False
@@ -117,7 +119,7 @@ def fit(model: nn.Module, train: Split, val: Split | None, opts: TrainOptions, o
             total_loss, correct = 0.0, 0
             for i in range(0, len(train), opts.batch_size):
                 idx = order[i : i + opts.batch_size]
-                if len(idx) < 2 and i > 0:  # BatchNorm cannot train on a batch of one
+                if len(idx) < 2 and has_batchnorm:  # BatchNorm cannot normalise a last partial batch of one image
                     continue
                 x, y = images[idx], labels[idx]
                 if opts.flip or opts.shift:
@@ -130,6 +132,10 @@ def fit(model: nn.Module, train: Split, val: Split | None, opts: TrainOptions, o
                 scheduler.step()
                 total_loss += loss.item() * len(idx)
                 correct += (logits.argmax(1) == y).sum().item()
+            if not math.isfinite(total_loss):
+                raise FcxError(f"training diverged in epoch {epoch}: the loss became {total_loss} (learning rate "
+                               f"{optimizer.param_groups[0]['lr']:.3g}, weight decay {opts.weight_decay:g}); nothing was saved",
+                               hint="lower-lr")
             elapsed = time.perf_counter() - start
             train_time += elapsed
             seen += len(train)

@@ -117,7 +117,7 @@ CASES = [
     ("predict: bad invert", lambda a, s: ["predict", a / "samples", "--artifacts", a, "--invert", "maybe"], "invert must be one of"),
     ("predict: cuda without GPU", lambda a, s: ["predict", a / "samples", "--artifacts", a, "--device", "cuda"] if not torch.cuda.is_available() else [], "CUDA"),
     ("bench: empty folder", lambda a, s: ["bench", "--artifacts", s], "no model found"),
-    ("bench: zero batch", lambda a, s: ["bench", "--artifacts", a, "--batch-sizes", "0"], "batch sizes must be positive"),
+    ("bench: zero batch", lambda a, s: ["bench", "--artifacts", a, "--batch-sizes", "0"], "batch sizes must be integers from 1"),
     ("bench: unknown backend", lambda a, s: ["bench", "--artifacts", a, "--backends", "tvm"], "backends takes"),
 ]
 

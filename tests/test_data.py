@@ -48,7 +48,7 @@ def test_csv_without_header_and_sparse_labels(tmp_path):
     "content, message",
     [
         ("label,p1,p2,p3,p4\n1,0,0,0,0\n2,0,0,0\n", "line 3 has 4 columns, expected 5"),
-        ("1,0,0,0,0\n2,0,x,0,0\n", "line 2 holds a non-numeric value"),
+        ("1,0,0,0,0\n2,0,x,0,0\n", "line 2 holds a non-numeric pixel value"),
         ("1,0,0,0\n2,0,0,0\n", "not a square image"),
         ("1,0,0,0,999\n2,0,0,0,0\n", "pixel values must lie in 0-255"),
         ("", "empty"),
