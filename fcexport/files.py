@@ -131,6 +131,7 @@ def publish(stage: Path, folder: Path) -> list[Path]:
     for staged in sorted(stage.iterdir()):
         if staged.is_file() and not staged.name.startswith("."):
             os.replace(staged, folder / staged.name)
+            remove_orphaned_temp_files(folder / staged.name)
             moved.append(folder / staged.name)
     return moved
 

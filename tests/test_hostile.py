@@ -1,0 +1,173 @@
+"""Hostile and broken inputs, each in a real `fcx` process under a memory limit and a time limit:
+exit 2, one line, no traceback, nothing allocated from what the file merely declares."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import save_png
+from onnx import TensorProto, helper
+
+MEMORY_LIMIT = 6 << 30  # bytes of address space: a CUDA build of torch maps ~4 GB just to load
+TIME_LIMIT = 60  # seconds per command
+ROOT = Path(__file__).parents[1]
+
+
+def run_limited(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True,
+                          timeout=TIME_LIMIT, preexec_fn=limit, env=env, cwd=cwd)
+
+
+def fcx_metadata(model: onnx.ModelProto, **fields) -> onnx.ModelProto:
+    spec = {"input_shape": [1, 8, 8], "class_names": [str(i) for i in range(10)], "preprocess": {"mode": "object", "object_fill": 1.0}}
+    spec.update(fields)
+    for key, value in spec.items():
+        model.metadata_props.add(key=key, value=json.dumps(value))
+    return model
+
+
+def loop_model(folder: Path) -> Path:
+    """pixels -> Loop(10**15 iterations of Identity) -> logits: hangs any runtime that runs it."""
+    body = helper.make_graph([helper.make_node("Identity", ["v"], ["v_out"]), helper.make_node("Identity", ["cond"], ["cond_out"])],
+                             "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                                      helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                                      helper.make_tensor_value_info("v", TensorProto.FLOAT, None)],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Constant", [], ["n"], value=helper.make_tensor("n", TensorProto.INT64, [], [10**15])),
+             helper.make_node("Constant", [], ["t"], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])),
+             helper.make_node("Reshape", ["pixels", "shape"], ["flat"]),
+             helper.make_node("Loop", ["n", "t", "flat"], ["looped"], body=body),
+             helper.make_node("Slice", ["looped", "start", "end", "axis"], ["logits"])]
+    inits = [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 64]), helper.make_tensor("start", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("end", TensorProto.INT64, [1], [10]), helper.make_tensor("axis", TensorProto.INT64, [1], [1])]
+    return save_onnx(folder / "loop.onnx", nodes, inits)
+
+
+def constant_of_shape_model(folder: Path) -> Path:
+    """A 4 GB tensor from a 100-byte file."""
+    nodes = [helper.make_node("ConstantOfShape", ["big_shape"], ["big"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+             helper.make_node("ReduceMean", ["big"], ["m"], keepdims=0),
+             helper.make_node("Reshape", ["pixels", "shape"], ["flat"]),
+             helper.make_node("Slice", ["flat", "start", "end", "axis"], ["cut"]),
+             helper.make_node("Add", ["cut", "m"], ["logits"])]
+    inits = [helper.make_tensor("big_shape", TensorProto.INT64, [1], [10**9]), helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 64]),
+             helper.make_tensor("start", TensorProto.INT64, [1], [0]), helper.make_tensor("end", TensorProto.INT64, [1], [10]),
+             helper.make_tensor("axis", TensorProto.INT64, [1], [1])]
+    return save_onnx(folder / "constant.onnx", nodes, inits)
+
+
+def save_onnx(path: Path, nodes, inits) -> Path:
+    graph = helper.make_graph(nodes, "hostile", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    onnx.save(fcx_metadata(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])), str(path))
+    return path
+
+
+def with_onnx_metadata(folder: Path, path: Path, **fields) -> Path:
+    """A copy of folder/model.onnx at `path` (outside the folder: no manifest there) with changed metadata."""
+    model = onnx.load(str(folder / "model.onnx"))
+    props = {p.key: p for p in model.metadata_props}
+    for key, value in fields.items():
+        props[key].value = json.dumps(value)
+    onnx.save(model, str(path))
+    return path
+
+
+def with_checkpoint(folder: Path, name: str, change) -> Path:
+    raw = torch.load(folder / "model.pt", weights_only=True)
+    change(raw)
+    path = folder / name
+    torch.save(raw, path)
+    return path
+
+
+def csv_file(folder: Path, name: str, text: str | bytes) -> Path:
+    path = folder / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+ROW = ",".join(["0"] * 16)
+CASES = [
+    ("onnx Loop of 1e15 iterations", lambda a, s: ["predict", a / "x.png", "--model", loop_model(s)], "op Loop is not on fcexport's allow-list"),
+    ("onnx ConstantOfShape of 4 GB", lambda a, s: ["predict", a / "x.png", "--model", constant_of_shape_model(s)], "op ConstantOfShape is not on"),
+    ("onnx input_shape 1x9999x9999", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "big.onnx", input_shape=[1, 9999, 9999])], "larger than fcexport supports"),
+    ("onnx short class_names", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "short.onnx", class_names=["a", "b"])], "spec names 2 classes"),
+    ("onnx empty class_names", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "empty.onnx", class_names=[])], "class_names must be a non-empty list"),
+    ("onnx class_names not a list", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "str.onnx", class_names="abc")], "class_names must be a non-empty list"),
+    ("onnx 2-D input_shape", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "2d.onnx", input_shape=[8, 8])], "input_shape must be [C, H, W]"),
+    ("onnx negative input_shape", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "neg.onnx", input_shape=[1, -8, 8])], "input_shape must be [C, H, W]"),
+    ("onnx metadata disagrees with the graph", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "lie.onnx", input_shape=[1, 9, 9])], "the model's input is [1, 8, 8] but its metadata says [1, 9, 9]"),
+    ("checkpoint declares 10**7 hidden units", lambda a, s: ["export", with_checkpoint(a, "wide.pt", lambda r: r["graph"]["modules"]["fc1"]["args"].update(out_features=10**7)), "--artifacts", s],
+     "weights do not match the model"),
+    ("checkpoint declares 10**9 hidden units", lambda a, s: ["fuse-bn", with_checkpoint(a, "wider.pt", lambda r: r["graph"]["modules"]["fc1"]["args"].update(out_features=10**9)), "--out", s / "f.pt"],
+     "weights do not match the model"),
+    ("checkpoint object_fill 5000", lambda a, s: ["predict", a / "x.png", "--model", with_checkpoint(a, "fill.pt", lambda r: r["spec"]["preprocess"].update(object_fill=5000))], "object_fill must be in [0.1, 1]"),
+    ("checkpoint sizes as strings", lambda a, s: ["export", with_checkpoint(a, "strings.pt", lambda r: r["graph"]["modules"]["fc1"]["args"].update(in_features="64")), "--artifacts", s], "cannot be built"),
+    ("checkpoint normalisation without std", lambda a, s: ["export", with_checkpoint(a, "nostd.pt", lambda r: r["spec"]["normalization"].pop("std")), "--artifacts", s], "std must be finite numbers"),
+    ("train --artifacts is a file", lambda a, s: ["train", "--data", "digits", "--artifacts", csv_file(s, "file", "x")], "a file is in the way"),
+    ("--json-file is a folder", lambda a, s: ["bench", "--artifacts", a, "--backends", "onnxruntime", "--batch-sizes", "1", "--seconds", "0.01", "--json-file", s], "a folder has that name"),
+    ("bench --repeat 0", lambda a, s: ["bench", "--artifacts", a, "--repeat", "0"], "repeat >= 1"),
+    ("train --lr 1e30", lambda a, s: ["train", "--data", "digits", "--lr", "1e30", "--artifacts", s], "lr must be at most 10"),
+    ("train --weight-decay inf", lambda a, s: ["train", "--data", "digits", "--weight-decay", "inf", "--artifacts", s], "weight decay must be in [0, 1)"),
+    ("train --batch-size 1 with BatchNorm", lambda a, s: ["train", "--data", "digits", "--batch-size", "1", "--artifacts", s], "batch size 1 cannot train BatchNorm"),
+    ("csv label 1e300", lambda a, s: ["train", "--data", csv_file(s, "big.csv", f"1e300,{ROW}\n1,{ROW}\n"), "--artifacts", s], "integer class labels"),
+    ("csv with a 5 MB line", lambda a, s: ["train", "--data", csv_file(s, "long.csv", "1," + "0," * 2_500_000 + "0\n"), "--artifacts", s], "line 1 is longer than"),
+]
+
+
+@pytest.fixture
+def folders(tmp_path, exported_dir):
+    artifacts = Path(shutil.copytree(exported_dir, tmp_path / "artifacts"))
+    save_png(artifacts / "x.png", (np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    return artifacts, scratch
+
+
+@pytest.mark.parametrize("case, make, expected", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input_exit_2_one_line_bounded(folders, case, make, expected):
+    artifacts, scratch = folders
+    started = time.monotonic()
+    r = run_limited(*make(artifacts, scratch))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert expected in lines[0], lines[0]
+    assert time.monotonic() - started < TIME_LIMIT
+
+
+def test_csv_with_bom_and_class_names_as_labels_trains(tmp_path):
+    rows = [f"{'shirt' if i % 2 else 'shoe'},{','.join(str((i * 7 + j) % 256) for j in range(16))}" for i in range(40)]
+    path = csv_file(tmp_path, "named.csv", b"\xef\xbb\xbf" + "\n".join(rows).encode())
+    r = run_limited("train", "--data", path, "--hidden", "8", "--epochs", "1", "--artifacts", tmp_path / "out", "--json")
+    assert r.returncode == 0, r.stderr
+    from fcexport.checkpoint import load_model
+
+    _, spec = load_model(tmp_path / "out" / "model.pt")
+    assert spec.class_names == ["shirt", "shoe"]  # the first row is data, not a header; the BOM is gone
+    assert json.loads(r.stdout)["test_accuracy"] is not None
+
+
+def test_stray_temp_file_with_a_huge_pid_does_not_break_writes(folders):
+    artifacts, _ = folders
+    (artifacts / f".model.onnx.{10**30}.abc.tmp").write_bytes(b"junk")
+    r = run_limited("export", "--artifacts", artifacts, "--format", "onnx")
+    assert r.returncode == 0, r.stderr
+    assert not (artifacts / f".model.onnx.{10**30}.abc.tmp").exists()  # no such process: its leftover is removed
