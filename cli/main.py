@@ -301,8 +301,9 @@ def verify(
 
 @app.command(epilog=examples(
     "fcx predict shoe.jpg                  # the best model in artifacts/",
-    "fcx predict photos/ 'more/*.png' --top-k 5 --json",
+    "fcx predict photos/ 'more/*.png' --top-k 5 --jsonl",
     "fcx predict scan.png --model artifacts/model.ts --invert no",
+    "fcx predict photos/ --save-prepared prepared/   # see what the model saw",
 ))
 @handle_errors
 def predict(
@@ -310,13 +311,18 @@ def predict(
     model: Annotated[Optional[Path], typer.Option(help="model.onnx, model.ts, model.fused.pt or model.pt [default: best in ARTIFACTS]")] = None,
     artifacts: ArtifactsOpt = Path("artifacts"),
     top_k: Annotated[int, typer.Option(help="Classes to keep per image (shown with --wide and in JSON)")] = 3,
-    invert: Annotated[str, typer.Option(help="auto (light border = light background), yes or no")] = "auto",
+    invert: Annotated[str, typer.Option(help="auto (from the background), yes (dark object on light) or no (light on dark)")] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    save_prepared: Annotated[Optional[Path], typer.Option("--save-prepared", help="Write the image fed to the model for each file into this folder (PNG)")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Also show the runner-up classes")] = False,
     json_out: JsonFlag = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per line, as each batch finishes")] = False,
     json_file: JsonFileOpt = None,
 ) -> None:
-    """Classify image files (any size, gray or colour)."""
+    """Classify image files (any size, gray or colour).
+
+    Results stream as each batch of 256 files is done. A file that cannot be read is an error row;
+    the others are classified, and the exit code is 2 at the end."""
     from rich.markup import escape
 
     from fcexport.artifacts import find_default_model
@@ -328,12 +334,12 @@ def predict(
     stale = stale_reason(predictor.source)
     if stale:
         render.err.print(f"warning: {escape(stale)}; run `fcx export` (and `fcx fuse-bn`) again", highlight=False)
-    results = list(predict_files(predictor, images, top_k, invert))  # images stream in batches; results are small
-    _emit_json(results, json_out, json_file)
-    if json_out:
-        render.err.print(f"model: {escape(str(predictor.source))} ({predictor.backend}, {predictor.device})", highlight=False)
-    else:
-        render.predictions(predictor, results, wide)
+    rows = predict_files(predictor, images, top_k, invert, save_prepared=save_prepared)
+    mode = "jsonl" if jsonl else "json" if json_out else "table"
+    errors = render.stream_predictions(predictor, rows, mode, wide, json_file)
+    if errors:
+        first = errors[0]
+        fail(f"{len(errors)} file(s) could not be classified (first: {first['error']})", 2)
 
 
 @app.command(epilog=examples(

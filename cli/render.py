@@ -185,14 +185,39 @@ def verify_report(result: dict, wide: bool = False) -> None:
     out.print("[green]PASSED[/]" if result["passed"] else "[red]FAILED[/]")
 
 
-def predictions(predictor, results: list[dict], wide: bool = False) -> None:
-    """A row per image (the runner-up classes with --wide); the model used is named first."""
-    out.print(f"model: {escape(str(predictor.source))} ({predictor.backend}, {predictor.device})", highlight=False)
-    rows = [[r["file"], r["label"], f"{r['probability']:.1%}"] for r in results]
-    if wide:
-        for row, r in zip(rows, results, strict=True):
-            row.append(", ".join(f"{t['label']} {t['probability']:.1%}" for t in r["top"][1:]))
-    table("fcx predict", ["file", "class", "probability", *(["runners-up"] if wide else [])], rows)
+def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file=None) -> list[dict]:
+    """Print each row as it comes (mode: table, json or jsonl); return the error rows.
+
+    Tables stream as aligned lines with the file name last, so no row waits for the widest name;
+    --json prints one JSON array, written as it goes."""
+    names_width = max(len("class"), *(len(n) for n in predictor.spec.class_names))
+    errors, saved = [], [] if json_file is not None else None
+    if mode == "table":
+        out.print(f"model: {escape(str(predictor.source))} ({predictor.backend}, {predictor.device})", highlight=False)
+        out.print(Text(f"{'class':<{names_width}}  {'prob':>6}  file" + ("  (runners-up)" if wide else ""), style="bold"))
+    elif mode == "json":
+        err.print(f"model: {escape(str(predictor.source))} ({predictor.backend}, {predictor.device})", highlight=False)
+        sys.stdout.write("[")
+    for number, row in enumerate(rows):
+        if saved is not None:
+            saved.append(row)
+        if "error" in row:
+            errors.append(row)
+        if mode == "jsonl":
+            print(json.dumps(row), flush=True)
+        elif mode == "json":
+            sys.stdout.write(("," if number else "") + "\n  " + json.dumps(row))
+        elif "error" in row:
+            out.print(Text(f"{'-':<{names_width}}  {'error':>6}  {row['error']}", style="red"))
+        else:
+            extra = "  (" + ", ".join(f"{t['label']} {t['probability']:.1%}" for t in row["top"][1:]) + ")" if wide else ""
+            out.print(Text(f"{row['label']:<{names_width}}  {row['probability']:>6.1%}  {row['file']}{extra}"))
+    if mode == "json":
+        sys.stdout.write("\n]\n")
+        sys.stdout.flush()
+    if saved is not None:
+        save_json(saved, json_file)
+    return errors
 
 
 def bench_table(rows: list[dict]) -> None:

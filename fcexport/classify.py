@@ -1,14 +1,20 @@
-"""Image files in, classes and probabilities out, from any predictor (ONNX path never imports torch)."""
+"""Image files in, classes and probabilities out, from any predictor (ONNX path never imports torch).
+
+Files are read, prepared and scored a batch at a time and each result is yielded as soon as its batch
+is done, so memory stays flat and output streams for folders of any size. A file that cannot be
+read or scored becomes an error row ({"file", "error"}); the others go on.
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from fcexport.errors import FcxError
-from fcexport.preprocess import INVERT_CHOICES, batches_of_images, collect_image_files
+from fcexport.preprocess import INVERT_CHOICES, collect_image_files, prepare_image
 from fcexport.runtimes import Predictor
 
 BATCH_SIZE = 256  # images decoded and scored at a time: bounds memory for folders of any size
@@ -21,25 +27,63 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def predict_files(
-    predictor: Predictor, inputs: list[str | Path], top_k: int = 3, invert: str = "auto", batch_size: int = BATCH_SIZE
+    predictor: Predictor,
+    inputs: list[str | Path],
+    top_k: int = 3,
+    invert: str = "auto",
+    batch_size: int = BATCH_SIZE,
+    save_prepared: Path | None = None,
 ) -> Iterator[dict]:
-    """Yield one result per image, in input order, batch by batch; preparation follows the model's spec."""
+    """Yield one row per image, in input order: a prediction, or {"file", "error"} for a bad file.
+
+    With `save_prepared`, the image actually fed to the model is written there as a PNG per file."""
     if invert not in INVERT_CHOICES:
         raise FcxError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert}")
     if top_k < 1:
         raise FcxError(f"top-k must be >= 1, got {top_k}")
     spec = predictor.spec
-    names = spec.class_names
     files = collect_image_files([str(i) for i in inputs])
-    k = min(top_k, len(names))
-    for chunk, pixels in batches_of_images(files, spec.input_shape, spec.preprocess, invert, batch_size):
-        probabilities = softmax(predictor(pixels).astype(np.float64))
-        for file, probs in zip(chunk, probabilities, strict=True):
-            order = np.argsort(-probs, kind="stable")[:k]
-            yield {
-                "file": str(file),
-                "label": names[order[0]],
-                "index": int(order[0]),
-                "probability": float(probs[order[0]]),
-                "top": [{"label": names[i], "probability": float(probs[i])} for i in order],
-            }
+    count = itertools.count()
+    while chunk := list(itertools.islice(files, batch_size)):
+        prepared: list[np.ndarray | FcxError] = []
+        for file in chunk:
+            try:
+                prepared.append(prepare_image(file, spec.input_shape, spec.preprocess, invert))
+            except FcxError as exc:
+                prepared.append(exc)
+        good = [p for p in prepared if not isinstance(p, FcxError)]
+        logits = iter(predictor(np.stack(good)).astype(np.float64) if good else [])
+        for file, pixels in zip(chunk, prepared, strict=True):
+            index = next(count)
+            if isinstance(pixels, FcxError):
+                yield {"file": str(file), "error": str(pixels)}
+                continue
+            if save_prepared is not None:
+                _save_prepared(pixels, Path(save_prepared) / f"{index:06d}_{file.stem}.png")
+            yield _row(file, next(logits), spec.class_names, top_k, predictor.source)
+
+
+def _row(file: Path, logits: np.ndarray, names: list[str], top_k: int, source: Path) -> dict:
+    if not np.isfinite(logits).all():
+        return {"file": str(file), "error": f"{source.name} returned non-finite logits (NaN or inf) for this image"}
+    probs = softmax(logits[None])[0]
+    order = np.argsort(-probs, kind="stable")[: min(top_k, len(names))]
+    return {
+        "file": str(file),
+        "label": names[order[0]],
+        "index": int(order[0]),
+        "probability": float(probs[order[0]]),
+        "top": [{"label": names[i], "probability": float(probs[i])} for i in order],
+    }
+
+
+def _save_prepared(pixels: np.ndarray, path: Path) -> None:
+    """(C, H, W) in [0, 1] -> an 8-bit PNG (gray or RGB), as the model saw it."""
+    from PIL import Image
+
+    from fcexport.files import atomic_path
+
+    array = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
+    image = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)[..., :3])
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -55,11 +55,18 @@ def test_every_kind_of_file_becomes_a_light_object_on_dark(image_dir, digit, nam
     assert np.corrcoef(x.ravel(), digit[0].ravel())[0, 1] > 0.75, name
 
 
-def test_invert_choices(image_dir):
-    auto = load_image(image_dir / "photo.png", (8, 8), "auto")
-    never = load_image(image_dir / "photo.png", (8, 8), "no")
-    forced = load_image(image_dir / "gray.png", (8, 8), "yes")
-    assert auto.mean() < 0.5 < never.mean() and forced.mean() > 0.5
+def test_invert_choices(image_dir, digit, tmp_path):
+    """auto reads the background; yes = dark object on light, no = light object on dark."""
+    def corr(x):
+        return np.corrcoef(x.ravel(), digit[0].ravel())[0, 1]
+
+    light_photo = image_dir / "photo.png"  # dark digit on white
+    dark_photo = save_png(tmp_path / "night.png", to_u8(np.pad(np.kron(digit[0], np.ones((60, 60))), 80)))  # light on black
+    assert corr(load_image(light_photo, (8, 8), "auto")) > 0.75 and corr(load_image(light_photo, (8, 8), "yes")) > 0.75
+    assert corr(load_image(dark_photo, (8, 8), "auto")) > 0.75 and corr(load_image(dark_photo, (8, 8), "no")) > 0.75
+    assert corr(load_image(light_photo, (8, 8), "no")) < 0.5  # told the wrong way round, it finds no object
+    forced = load_image(image_dir / "gray.png", (8, 8), "yes")  # dataset-sized files: yes/no invert or not
+    assert forced.mean() > 0.5
 
 
 def test_each_model_format_gives_the_same_top1(exported_dir, image_dir, runner):
