@@ -42,7 +42,7 @@ def predict_files(
     if top_k < 1:
         raise FcxError(f"top-k must be >= 1, got {top_k}")
     spec = predictor.spec
-    files = collect_image_files([str(i) for i in inputs])
+    files = collect_image_files(str(i) for i in inputs)
     count = itertools.count()
     while chunk := list(itertools.islice(files, batch_size)):
         prepared: list[np.ndarray | FcxError] = []
