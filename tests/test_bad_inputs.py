@@ -176,5 +176,9 @@ def test_real_process_prints_exactly_one_line(tmp_path, exported_dir, command, b
     argv = {"train": ["train", "--data", bad, "--artifacts", tmp_path / "out"], "predict": ["predict", bad, "--artifacts", exported_dir]}[command]
     proc = subprocess.run([sys.executable, "-m", "cli.main", *map(str, argv)], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {bad}: ") and expected in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
+    if command == "train":
+        assert proc.stdout == "" and proc.stderr.startswith(f"error: {bad}: ")
+    else:  # predict: the bad file is an error row on stdout, and the run ends with one line saying so
+        assert f"{bad}: not a readable image" in proc.stdout
+        assert proc.stderr.startswith(f"error: 1 file(s) could not be classified (first: {bad}: ")
