@@ -24,7 +24,7 @@ INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 # What model.int8.onnx holds, stored in its metadata; the runtime recognises it by this key.
 INT8_QUANTIZATION = {
     "method": "onnxruntime dynamic quantization",
-    "weights": "int8, per tensor, symmetric",
+    "weights": "int8, per tensor, symmetric (Gemm and MatMul layers)",
     "activations": "uint8, scale computed per call",
     "exact": False,
 }
@@ -81,7 +81,9 @@ def export_int8_onnx(onnx_path: Path, path: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with atomic_path(path) as tmp, _without_preprocessing_hint():
-        quantize_dynamic(onnx_path, tmp, weight_type=QuantType.QInt8, per_channel=False, reduce_range=False)
+        # Gemm/MatMul only: ORT's ConvInteger made a CNN 4.8x slower than float32 (318 vs 66 us, measured)
+        quantize_dynamic(onnx_path, tmp, weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
+                         op_types_to_quantize=["MatMul", "Gemm"])
         proto = onnx.load(str(tmp))
         proto.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(INT8_QUANTIZATION))
         onnx.checker.check_model(proto, full_check=True)
