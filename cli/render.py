@@ -140,8 +140,13 @@ def comparison_table(title: str, report: dict, wide: bool = False) -> None:
     table(title, ["backend", "device", "status", *[ERROR_COLUMNS[c] for c in columns], "top-1", "accuracy"], rows)
     for line in remarks:
         out.print(line, highlight=False)
-    for (device, reason), backends in skipped.items():
-        out.print(f"[yellow]skipped {escape(', '.join(backends))} on {device}: {escape(reason)}[/]", highlight=False)
+    ran_on = {r["device"] for r in report["rows"] if r["status"] != "skipped"}
+    for device in dict.fromkeys(d for d, _ in skipped):
+        reasons = [(reason, backends) for (d, reason), backends in skipped.items() if d == device]
+        if device not in ran_on and len(reasons) > 1:  # nothing ran there: the first reason says why, once
+            reasons = [(reasons[0][0], ["everything"])]
+        for reason, backends in reasons:
+            out.print(f"[yellow]skipped {escape(', '.join(backends))} on {device}: {escape(reason)}[/]", highlight=False)
     ref = report.get("reference_accuracy")
     out.print(f"inputs: {report['inputs']}", highlight=False)
     out.print(f"pass: |diff| <= atol {report['atol']:g} or <= rtol {report['rtol']:g} * |reference|"
