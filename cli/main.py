@@ -84,8 +84,8 @@ def _emit_json(obj, json_out: bool, json_file: Optional[Path]) -> None:
 
 
 @app.command(epilog=examples(
-    "fcx train --data-root ../shared/data            # Fashion-MNIST, MLP-BN",
-    "fcx train --data digits --epochs 15             # offline: scikit-learn's digits",
+    "fcx train --data-root ../shared/data      # Fashion-MNIST, MLP-BN",
+    "fcx train --data digits --epochs 15       # offline: scikit-learn's digits",
     "fcx train --model cnn --data-root ../shared/data",
     "fcx train --data train.csv --test-data test.csv --classes fashion-mnist",
     "fcx train --hidden 512,128 --no-bn --dropout 0.2 --folds 5 --json",
@@ -146,11 +146,13 @@ def train(
 
 
 @app.command("import", epilog=examples(
-    "fcx import course.pt --model-def course_model.py:course_mlp --input-shape 1,28,28 \\",
-    "    --classes fashion-mnist --mean 0.2855 --std 0.3536",
-    "fcx import resnet18.pt --model-def torchvision.models:resnet18 --model-args '{\"num_classes\": 10}' \\",
-    "    --input-shape 3,224,224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225",
-    "fcx import checkpoint.pt --key model_state_dict --model-def nets.py:Net --input-shape 1,28,28",
+    "fcx import course.pt --model-def course_model.py:course_mlp \\",
+    "    --input-shape 1,28,28 --classes fashion-mnist --mean 0.2855 --std 0.3536",
+    "fcx import resnet18.pt --model-def torchvision.models:resnet18 \\",
+    "    --model-args '{\"num_classes\": 10}' --input-shape 3,224,224 \\",
+    "    --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225",
+    "fcx import ckpt.pt --key model_state_dict --model-def nets.py:Net \\",
+    "    --input-shape 1,28,28",
 ))
 @handle_errors
 def import_(
@@ -197,13 +199,13 @@ def _model_arg(model: Optional[Path], artifacts: Path) -> Path:
 
 
 @app.command("fuse-bn", epilog=examples(
-    "fcx fuse-bn --verify                  # artifacts/model.pt -> artifacts/model.fused.pt",
-    "fcx fuse-bn other.pt --out other.fused.pt --atol 1e-5 --rtol 1e-3 --verify",
+    "fcx fuse-bn --verify        # artifacts/model.pt -> model.fused.pt",
+    "fcx fuse-bn other.pt --out other.fused.pt --rtol 1e-3 --verify",
     "fcx fuse-bn --verify --data fashion-mnist --data-root ../shared/data --json",
 ))
 @handle_errors
 def fuse_bn(
-    checkpoint: Annotated[Optional[Path], typer.Argument(metavar="[MODEL]", help="Model to fuse [default: ARTIFACTS/model.pt]")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(metavar="MODEL", help="Model to fuse [default: ARTIFACTS/model.pt]")] = None,
     artifacts: ArtifactsOpt = Path("artifacts"),
     out: Annotated[Optional[Path], typer.Option(help="Output [default: ARTIFACTS/model.fused.pt]")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Compare fused against the original first; exit 1 (and write nothing) outside tolerance")] = False,
@@ -232,13 +234,13 @@ def fuse_bn(
 
 
 @app.command(epilog=examples(
-    "fcx export                            # model.ts + model.onnx + manifest.json",
+    "fcx export                  # model.ts + model.onnx + manifest.json",
     "fcx export --format onnx --opset 18",
-    "fcx export --int8                     # also model.int8.onnx (approximate, CPU)",
+    "fcx export --int8           # also model.int8.onnx (approximate, CPU)",
 ))
 @handle_errors
 def export(
-    checkpoint: Annotated[Optional[Path], typer.Argument(metavar="[MODEL]", help="Model [default: ARTIFACTS/model.pt]")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(metavar="MODEL", help="Model [default: ARTIFACTS/model.pt]")] = None,
     artifacts: ArtifactsOpt = Path("artifacts"),
     format: Annotated[str, typer.Option("--format", help="torchscript, onnx or all")] = "all",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
@@ -262,8 +264,8 @@ def export(
 
 
 @app.command(epilog=examples(
-    "fcx verify                            # every backend x device against model.pt",
-    "fcx verify --backends onnxruntime --devices cpu --atol 1e-5 --json-file report.json",
+    "fcx verify                  # every backend x device against model.pt",
+    "fcx verify --backends onnxruntime --devices cpu --json-file report.json",
     "fcx verify --data fashion-mnist --data-root ../shared/data --wide",
 ))
 @handle_errors
@@ -300,7 +302,7 @@ def verify(
 
 
 @app.command(epilog=examples(
-    "fcx predict shoe.jpg                  # the best model in artifacts/",
+    "fcx predict shoe.jpg        # the best model in artifacts/",
     "fcx predict photos/ 'more/*.png' --top-k 5 --jsonl",
     "fcx predict scan.png --model artifacts/model.ts --invert no",
     "fcx predict photos/ --save-prepared prepared/   # see what the model saw",
@@ -343,7 +345,7 @@ def predict(
 
 
 @app.command(epilog=examples(
-    "fcx bench                             # every backend at batch 1, 64, 1024",
+    "fcx bench                   # every backend at batch 1, 64, 1024",
     "fcx bench --batch-sizes 1 --backends onnxruntime --json",
 ))
 @handle_errors
