@@ -120,6 +120,8 @@ def parse_class_names(text: str | None) -> list[str] | None:
     if known is not None:
         return known
     path = Path(text)
+    if path.suffix.lower() in (".txt", ".names", ".csv") and not path.is_file():
+        raise FcxError(f"{path}: class names file not found")
     if path.is_file():
         try:
             names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
@@ -178,7 +180,7 @@ def build_user_model(model_def: str, model_args: dict) -> nn.Module:
         raise FcxError(f"{location}: defines no class or function named {name!r}")
     try:
         module = factory(**model_args)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # the user's code may call sys.exit; that is its error, not ours
         raise FcxError(f"{model_def}({', '.join(f'{k}={v!r}' for k, v in model_args.items())}) failed: "
                        f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(module, nn.Module):
@@ -197,7 +199,7 @@ def _import_location(location: str):
         sys.modules[module_name] = namespace  # dataclasses and pickling look the module up by name
         try:
             spec.loader.exec_module(namespace)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise FcxError(f"{path}: running the model file failed: {type(exc).__name__}: {exc}") from exc
         return namespace
     try:

@@ -65,6 +65,10 @@ class ResidualNet(nn.Module):
         return self.head(h)
 
 
+def exits():
+    raise SystemExit(3)  # user code that ends the process must not end fcx's
+
+
 import torch  # noqa: E402  (after the classes on purpose: the file is read as a user would write it)
 '''
 
@@ -315,6 +319,8 @@ def test_torchscript_and_pickled_models_are_refused_with_the_way_in(tmp_path, ru
     (["--model-def", "COURSE:course_mlp", "--mean", "0.5", "--std", "0"], "std must be > 0"),
     (["--model-def", "COURSE:course_mlp", "--mean", "0.5,0.5", "--std", "1,1"], "needs 1 or 1 values"),
     (["--model-def", "COURSE:course_mlp", "--input-shape", "1,9,9"], "does not run on input of shape (N, 1, 9, 9)"),
+    (["--model-def", "COURSE:course_mlp", "--classes", "names.txt"], "names.txt: class names file not found"),
+    (["--model-def", "COURSE:exits"], "failed: SystemExit"),
 ])
 def test_import_bad_options_exit_2_with_one_line(tmp_path, runner, argv_tail, expected):
     weights, _ = write_course_model(tmp_path)
