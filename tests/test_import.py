@@ -249,6 +249,7 @@ def test_live_module_from_python_with_bn_after_activation_and_residual(tmp_path)
     image = save_png(tmp_path / "x.png", np.random.default_rng(1).integers(0, 255, (20, 20), dtype=np.uint8))
     assert next(iter(fcexport.predict([image], artifacts=tmp_path)))["label"].startswith("c")
     assert {"import_model", "fuse_batchnorm", "export", "verify", "predict", "bench"} <= set(dir(fcexport))
+    assert all(callable(getattr(fcexport, name)) for name in fcexport.__all__ if name != "__version__")
 
 
 class LSTMHead(nn.Module):
