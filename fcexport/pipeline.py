@@ -16,7 +16,7 @@ import numpy as np
 from fcexport import artifacts as names
 from fcexport.compare import Tolerance, accuracy, compare_weights
 from fcexport.errors import FcxError, check_choices
-from fcexport.runtimes import DEVICES, RUNTIME_DEVICES, DeviceUnavailable, Predictor, module_predictor, open_predictor
+from fcexport.runtimes import DEVICES, DeviceUnavailable, Predictor, module_predictor, open_predictor
 
 DEFAULT_TOLERANCE = Tolerance()
 MAX_BENCH_BATCH = 65536
@@ -269,8 +269,6 @@ def open_backend(backend: str, artifacts: Path, device: str) -> Predictor:
         return module_predictor(fused, "fused", device, Path("(fused in memory from model.pt)"), spec)
     if not path.is_file():
         raise DeviceUnavailable(f"{path} not found", hint=names.BACKEND_MADE_BY[backend])
-    if backend in RUNTIME_DEVICES and device not in RUNTIME_DEVICES[backend]:
-        raise DeviceUnavailable(f"{path.name} is quantized for CPU inference only")
     return open_predictor(path, device)
 
 

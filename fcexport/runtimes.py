@@ -175,12 +175,11 @@ def ort_session_options(threads: int | None = None):
 
 
 def ort_providers(device: str) -> list:
+    """Execution providers for "cpu" or "cuda" (the name is checked by the caller)."""
     import onnxruntime as ort
 
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    if device != "cuda":
-        raise FcxError(f"device must be cpu or cuda, got {device}")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise DeviceUnavailable("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)", hint="cpu")
     # TF32 would trade exactness for speed; verification compares at float32 tolerances.
@@ -202,9 +201,10 @@ MAX_ONNX_BYTES = 1 << 30
 MAX_ATTRIBUTE = 4096  # kernel sizes, pads, strides, dilations
 
 
-def check_onnx_model(path: Path) -> None:
+def check_onnx_model(path: Path) -> dict[str, str]:
     """Refuse an ONNX file that could hang or exhaust memory, before onnxruntime parses or folds it:
-    ops outside ONNX_OPS, subgraphs, external data, unbounded input shapes, outsized attributes."""
+    ops outside ONNX_OPS, subgraphs, external data, unbounded input shapes, outsized attributes.
+    Returns the file's metadata_props, read from the same parse."""
     import onnx
 
     if path.stat().st_size > MAX_ONNX_BYTES:
@@ -231,27 +231,29 @@ def check_onnx_model(path: Path) -> None:
     fixed = [d.dim_value for d in dims[1:]]
     if len(dims) != 4 or not all(0 < v <= MAX_ATTRIBUTE for v in fixed):
         raise FcxError(f"{path}: the input must be (N, C, H, W) with fixed C, H, W of at most {MAX_ATTRIBUTE}")
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None) -> Predictor:
     import onnxruntime as ort
 
+    if device not in DEVICES:
+        raise FcxError(f"device must be cpu or cuda, got {device}")
+    props = check_onnx_model(path)
+    spec = read_onnx_spec(props, path)
+    backend = "onnxruntime-int8" if QUANTIZATION_KEY in props else "onnxruntime"
+    if device not in RUNTIME_DEVICES[backend]:  # known before any session (or CUDA provider) is started
+        raise DeviceUnavailable(f"{path.name} is quantized for CPU inference only", hint="cpu")
     providers = ort_providers(device)
-    check_onnx_model(path)
     try:
         session = ort.InferenceSession(str(path), ort_session_options(threads), providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
         raise FcxError(f"{path}: not a valid ONNX model ({type(exc).__name__})", hint="export") from exc
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise DeviceUnavailable("onnxruntime could not start its CUDA provider", hint="cpu")
-    props = session.get_modelmeta().custom_metadata_map
-    spec = read_onnx_spec(props, path)
     declared = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape[1:]]
     if declared != spec.input_shape:
         raise FcxError(f"{path}: the model's input is {declared} but its metadata says {spec.input_shape}")
-    backend = "onnxruntime-int8" if QUANTIZATION_KEY in props else "onnxruntime"
-    if device not in RUNTIME_DEVICES[backend]:
-        raise DeviceUnavailable(f"{path.name} is quantized for CPU inference only", hint="cpu")
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
 
