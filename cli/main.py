@@ -187,8 +187,9 @@ def import_(
     render.import_summary(path)
 
 
-AtolOpt = Annotated[float, typer.Option(help="Absolute tolerance per element")]
-RtolOpt = Annotated[float, typer.Option(help="Relative tolerance per element")]
+AtolOpt = Annotated[Optional[float], typer.Option(help="Absolute tolerance per element (with --rtol: replaces the noise rule)")]
+RtolOpt = Annotated[Optional[float], typer.Option(help="Relative tolerance per element (with --atol: replaces the noise rule)")]
+NoiseOpt = Annotated[float, typer.Option("--noise-factor", help="Pass when the max error vs model.pt in float64 is at most this many times model.pt's own float32 error")]
 DataOpt = Annotated[Optional[str], typer.Option(help="Real test images to compare on: any --data of fcx train [default: the model's dataset, if on disk]")]
 ALL_BACKENDS = "eager,fused,torchscript,onnxruntime,onnxruntime-int8"
 BackendsOpt = Annotated[str, typer.Option(help=f"Comma-separated, from: {ALL_BACKENDS}")]
@@ -200,7 +201,7 @@ def _model_arg(model: Optional[Path], artifacts: Path) -> Path:
 
 @app.command("fuse-bn", epilog=examples(
     "fcx fuse-bn --verify        # artifacts/model.pt -> model.fused.pt",
-    "fcx fuse-bn other.pt --out other.fused.pt --rtol 1e-3 --verify",
+    "fcx fuse-bn other.pt --out other.fused.pt --noise-factor 4 --verify",
     "fcx fuse-bn --verify --data fashion-mnist --data-root ../shared/data --json",
 ))
 @handle_errors
@@ -209,8 +210,9 @@ def fuse_bn(
     artifacts: ArtifactsOpt = Path("artifacts"),
     out: Annotated[Optional[Path], typer.Option(help="Output [default: ARTIFACTS/model.fused.pt]")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Compare fused against the original first; exit 1 (and write nothing) outside tolerance")] = False,
-    atol: AtolOpt = 1e-5,
-    rtol: RtolOpt = 1e-4,
+    noise_factor: NoiseOpt = 2.0,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
     device: Annotated[str, typer.Option(help="cpu or cuda (for latency and the fused side of --verify)")] = "cpu",
     data: DataOpt = None,
     data_root: Annotated[Optional[str], typer.Option(help=DataRootHelp)] = None,
@@ -224,7 +226,7 @@ def fuse_bn(
     from fcexport.compare import Tolerance
     from fcexport.pipeline import fuse
 
-    result = fuse(_model_arg(checkpoint, artifacts), out or artifacts / "model.fused.pt", verify, Tolerance(atol, rtol),
+    result = fuse(_model_arg(checkpoint, artifacts), out or artifacts / "model.fused.pt", verify, Tolerance(noise_factor, atol, rtol),
                   device, data, data_root)
     _emit_json(result, json_out, json_file)
     if not json_out:
@@ -275,8 +277,9 @@ def verify(
     devices: Annotated[str, typer.Option(help="Comma-separated: cpu, cuda (cuda is skipped when absent)")] = "cpu,cuda",
     data: DataOpt = None,
     data_root: Annotated[Optional[str], typer.Option(help=DataRootHelp)] = None,
-    atol: AtolOpt = 1e-5,
-    rtol: RtolOpt = 1e-4,
+    noise_factor: NoiseOpt = 2.0,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
     int8_agreement: Annotated[float, typer.Option(help="int8 model: least share of inputs with the reference's top-1 class")] = 0.99,
     int8_max_drop: Annotated[float, typer.Option(help="int8 model: most accuracy lost vs the reference (0.01 = 1 point)")] = 0.01,
     wide: WideFlag = False,
@@ -289,7 +292,7 @@ def verify(
     from fcexport.compare import Tolerance
     from fcexport.pipeline import verify as run
 
-    tolerance = Tolerance(atol, rtol, int8_agreement, int8_max_drop)
+    tolerance = Tolerance(noise_factor, atol, rtol, int8_agreement, int8_max_drop)
     result = run(artifacts, _names(backends), _names(devices), data, data_root, tolerance)
     resolve_hints(result["rows"])
     _emit_json(result, json_out, json_file)

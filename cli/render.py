@@ -115,7 +115,7 @@ def train_summary(result: dict) -> None:
 
 
 # report key -> short header; the first is always shown, the others with --wide (all are in --json)
-ERROR_COLUMNS = {"max_abs": "max abs", "mean_abs": "mean abs", "p99_abs": "p99 abs", "max_rel": "max rel", "needed_atol": "atol needed"}
+ERROR_COLUMNS = {"max_abs": "max abs", "noise_ratio": "x own", "mean_abs": "mean abs", "p99_abs": "p99 abs", "max_rel": "max rel"}
 
 
 def status_text(status: str) -> Text:
@@ -124,7 +124,7 @@ def status_text(status: str) -> Text:
 
 def comparison_table(title: str, report: dict, wide: bool = False) -> None:
     """One row per backend x device; problems, then skips (one line per reason), below."""
-    columns = list(ERROR_COLUMNS) if wide else ["max_abs"]
+    columns = list(ERROR_COLUMNS) if wide else ["max_abs", "noise_ratio"]
     rows, remarks, skipped = [], [], {}
     for r in report["rows"]:
         if r["status"] == "skipped":
@@ -134,7 +134,7 @@ def comparison_table(title: str, report: dict, wide: bool = False) -> None:
             continue
         for problem in r.get("problems", []):
             remarks.append(f"[bold red]FAIL[/] {escape(r['backend'])} on {r['device']}: {escape(problem)}")
-        errors = [f"{r[c]:.1e}" if c in r else "-" for c in columns]
+        errors = [("-" if r.get(c) is None else f"{r[c]:.1f}" if c == "noise_ratio" else f"{r[c]:.1e}") for c in columns]
         accuracy = f"{r['accuracy']:.2%}" if r.get("accuracy") is not None else "-"
         rows.append([r["backend"], r["device"], status_text(r["status"]), *errors, f"{r.get('top1_agreement', 0):.2%}", accuracy])
     table(title, ["backend", "device", "status", *[ERROR_COLUMNS[c] for c in columns], "top-1", "accuracy"], rows)
@@ -149,7 +149,7 @@ def comparison_table(title: str, report: dict, wide: bool = False) -> None:
             out.print(f"[yellow]skipped {escape(', '.join(backends))} on {device}: {escape(reason)}[/]", highlight=False)
     ref = report.get("reference_accuracy")
     out.print(f"inputs: {report['inputs']}", highlight=False)
-    out.print(f"pass: |diff| <= atol {report['atol']:g} or <= rtol {report['rtol']:g} * |reference|"
+    out.print(f"pass: {report['criterion']}; model.pt's own float32 error {report['own_float32_error']:.1e}"
               + (f"; reference accuracy {ref:.2%}" if ref is not None else ""), highlight=False)
     if any(r.get("criterion") == "agreement" for r in report["rows"]):
         out.print(f"int8 passes on top-1 agreement >= {report['int8_min_agreement']:.1%} and accuracy drop "
@@ -163,9 +163,8 @@ def import_summary(path) -> None:
 
 def fuse_summary(result: dict, wide: bool = False) -> None:
     rep = result["report"]
-    rows = [[f"{f['layer']} ({f['type']})", f["into"], f["direction"]] for f in rep["folded"]]
-    rows += [[x["layer"], "-", f"removed: {x['reason']}"] for x in rep["removed"]]
-    rows += [[f"{x['layer']} ({x['type']})", "-", f"left in place: {x['reason']}"] for x in rep["left"]]
+    rows = [[f"{f['layer']} ({f['layer_type']})", f["into"], f["direction"]] for f in rep["folded"]]
+    rows += [[f"{x['layer']} ({x['layer_type']})", "-", f"left in place: {x['reason']}"] for x in rep["left"]]
     table("folds", ["layer", "into", "how"], rows)
     lat = result["latency_ms"]
     key_values("fcx fuse-bn", {
@@ -181,7 +180,8 @@ def fuse_summary(result: dict, wide: bool = False) -> None:
 
 def export_summary(result: dict) -> None:
     rows = [[path, "written"] for path in result["written"]] + [[result["manifest"], "sha256 + sizes"]]
-    rows += [[path, "removed (quantized from the previous model.onnx; use --int8 to rebuild)"] for path in result["removed"]]
+    rows += [[path, "removed (made from the previous model; export it again to rebuild)"] for path in result["removed"]]
+    rows += [[name, f"not written: {why}"] for name, why in result.get("skipped", {}).items()]
     table("fcx export" + (" (fused)" if result["fused"] else " (unfused)"), ["file", ""], rows)
 
 

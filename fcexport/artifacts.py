@@ -52,7 +52,7 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
-def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, created: str) -> Path:
+def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, created: str, model_sha256: str | None = None) -> Path:
     """Add or refresh the entries of the files in `sources` (name -> sha256 of the model.pt each was made
     from) with their own sha256 and size; keep the other entries whose files are still there, and
     always describe the current model.pt. Written last, atomically: it is what readers trust."""
@@ -63,7 +63,9 @@ def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, cr
         path = folder / name
         if not path.is_file():
             continue
-        if name == MODEL or name in sources:
+        if name == MODEL and model_sha256 is not None:  # the hash of the bytes the caller loaded, not a re-read
+            files[name] = {"sha256": model_sha256, "bytes": path.stat().st_size}
+        elif name == MODEL or name in sources:
             files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
             if name in sources:
                 files[name]["source_sha256"] = sources[name]

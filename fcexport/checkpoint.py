@@ -1,85 +1,163 @@
-"""model.pt: a model as data (spec + graph + tensors), loaded with `weights_only=True`.
+"""model.pt: a Program (fcexport.program) and its spec, stored as JSON text beside plain tensors.
 
-Every way in (`fcx train`, `fcx import`, `import_model`) ends in this one format, and every later
-step reads it the same way: nothing is unpickled beyond tensors and plain values, and the module is
-rebuilt by `fcexport.graph` from allow-listed layers, so a checkpoint from anywhere cannot run code.
+The file is a torch.save zip holding {format, format_version, spec (JSON text), program (JSON text),
+tensors (name -> tensor)}. It is read once into memory and hashed; every zip record is checked
+(stored, not compressed; sizes that add up) before `torch.load(weights_only=True)` unpickles it, every
+tensor is checked against what the program declares, and the program is run on the meta device to
+bound every intermediate, so a model.pt from anywhere can describe a network but never run code or
+make us allocate what it declares.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
+import json
 import pickle
+import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import fx, nn
 
 import fcexport
-from fcexport import graph
+from fcexport import program as programs
 from fcexport.errors import FcxError
 from fcexport.files import write_bytes_atomic
+from fcexport.program import Program, Shapes
 from fcexport.spec import ModelSpec
 
 FORMAT = "fcexport.checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+MAX_FILE_BYTES = 4 << 30  # a 60M-parameter float32 model is 240 MB
+MAX_RECORDS = 100_000
+MAX_PICKLE_BYTES = 32 << 20  # the pickle holds two JSON texts and the tensor table, not the tensors' bytes
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A checked model.pt: its program, spec, the sha256 of the bytes that were loaded, and its shapes."""
+
+    program: Program
+    spec: ModelSpec
+    sha256: str
+    shapes: Shapes
 
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def save_model(model: nn.Module, spec: ModelSpec, path: str | Path) -> Path:
-    """Trace `model` (any fx-traceable module of allow-listed layers) and write it with its spec, atomically."""
-    gm = model if isinstance(model, fx.GraphModule) else graph.trace(model)
-    spec.provenance = {"created": now_iso(), "torch": str(torch.__version__), "fcexport": fcexport.__version__} | spec.provenance
+def save_program(program: Program, spec: ModelSpec, path: str | Path) -> str:
+    """Write the program with its spec atomically; returns the sha256 of the bytes written."""
+    provenance = {"created": now_iso(), "torch": str(torch.__version__), "fcexport": fcexport.__version__} | spec.provenance
+    spec = ModelSpec.from_dict({**spec.to_dict(), "provenance": provenance})
     checkpoint = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "spec": spec.to_dict(),
-        "graph": graph.to_data(gm),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in gm.state_dict().items()},
+        "spec": json.dumps(spec.to_dict()),
+        "program": json.dumps(programs.to_data(program)),
+        "tensors": {k: v.detach().cpu().contiguous().clone() for k, v in program.tensors.items()},
     }
     buffer = io.BytesIO()  # serialised in memory: a full disk is then a Python OSError, never a C++ abort
     torch.save(checkpoint, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
-    return Path(path)
+    data = buffer.getvalue()
+    write_bytes_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
-def load_model(path: str | Path) -> tuple[fx.GraphModule, ModelSpec]:
-    """The eval-mode model and its spec; every way the file can be wrong is one FcxError line."""
+def read_model(path: str | Path) -> StoredModel:
+    """Read model.pt once, hash those bytes, check and load them; every way it can be wrong is one FcxError."""
     path = Path(path)
-    checkpoint = _load_dict(path)
-    spec = ModelSpec.from_dict(checkpoint.get("spec"), str(path))
-    model = graph.from_data(checkpoint.get("graph"), checkpoint.get("state_dict"), str(path))
-    return model, spec
+    data = read_file(path)
+    where = str(path)
+    checkpoint = _unpickle(data, path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise FcxError(f"{path}: not an fcexport model (a bare state dict or another tool's file?)", hint="import")
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise FcxError(f"{path}: written by another version of fcexport (format {checkpoint.get('format_version')!r}, "
+                       f"this one reads {FORMAT_VERSION}); import or train the model again", hint="train-or-import")
+    spec = ModelSpec.from_dict(_json(checkpoint.get("spec"), "spec", where), where)
+    program = programs.from_data(_json(checkpoint.get("program"), "program", where), checkpoint.get("tensors"), where)
+    shapes = programs.check_shapes(program, spec.input_shape, where)
+    if programs.class_count(program, shapes, where) != len(spec.class_names):
+        raise FcxError(f"{path}: the model returns {shapes.of[program.output][1]} logits but its spec names "
+                       f"{len(spec.class_names)} classes")
+    return StoredModel(program, spec, hashlib.sha256(data).hexdigest(), shapes)
 
 
-def is_torchscript(path: Path) -> bool:
+def load_model(path: str | Path):
+    """(eval-mode nn.Module that runs the stored program, ModelSpec): the model.pt as a live model."""
+    stored = read_model(path)
+    return programs.ProgramModule(stored.program).eval(), stored.spec
+
+
+def read_file(path: Path) -> bytes:
+    """The whole file, once; missing, empty and oversized files are named."""
+    if not path.is_file():
+        raise FcxError(f"{path}: file not found", hint="train-or-import")
+    size = path.stat().st_size
+    if size == 0:
+        raise FcxError(f"{path}: file is empty")
+    if size > MAX_FILE_BYTES:
+        raise FcxError(f"{path}: {size:,} bytes is larger than fcexport reads ({MAX_FILE_BYTES:,})")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FcxError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def check_archive(data: bytes, path: Path) -> None:
+    """A torch.save zip whose records are stored as they are: a compressed record could inflate far beyond
+    the file's size before anything is checked, so it is refused before anything is read from it."""
+    try:
+        records = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise FcxError(f"{path}: corrupt or truncated file (not a torch.save archive); copy or save it again") from exc
+    if len(records) > MAX_RECORDS:
+        raise FcxError(f"{path}: {len(records):,} records is more than a model file holds")
+    total = 0
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED or record.file_size != record.compress_size:
+            raise FcxError(f"{path}: record '{record.filename[:80]}' is compressed; torch.save never compresses, "
+                           "so the file was not written by torch (or was altered): refused")
+        if record.filename.endswith(".pkl") and record.file_size > MAX_PICKLE_BYTES:
+            raise FcxError(f"{path}: its pickle is {record.file_size:,} bytes (at most {MAX_PICKLE_BYTES:,})")
+        total += record.file_size
+    if total > len(data):
+        raise FcxError(f"{path}: its records claim {total:,} bytes but the file has {len(data):,}")
+
+
+def is_torchscript(data: bytes) -> bool:
     """TorchScript archives are zips with code/ and constants.pkl next to data.pkl."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except (zipfile.BadZipFile, ValueError, EOFError):
         return False
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
-def load_weights_file(path: Path) -> object:
-    """torch.load with weights_only=True, with TorchScript and pickled whole models refused by name."""
-    if not path.is_file():
-        raise FcxError(f"{path}: file not found", hint="train-or-import")
-    if path.stat().st_size == 0:
-        raise FcxError(f"{path}: file is empty")
+def load_weights_file(path: Path) -> tuple[object, str]:
+    """A user's weights file, read once: (torch.load(weights_only=True) of its checked bytes, their sha256).
+    TorchScript, torch.export programs and pickled whole models are refused by name with the way in."""
+    data = read_file(path)
     if path.suffix.lower() == ".pt2":
         raise FcxError(f"{path}: a torch.export program is compiled code, not weights; save model.state_dict() "
                        "with torch.save and import it with the model's code", hint="import")
-    if is_torchscript(path):
+    return _unpickle(data, path), hashlib.sha256(data).hexdigest()
+
+
+def _unpickle(data: bytes, path: Path):
+    if is_torchscript(data):
         raise FcxError(f"{path}: a TorchScript file is code, not weights, and is not loaded; save model.state_dict() "
                        "with torch.save and import it with the model's code", hint="import")
+    check_archive(data, path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about sparse tensors it validates; fcexport refuses them after
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise FcxError(
             f"{path}: refused: it holds pickled Python objects (a whole model saved with torch.save(model)?), which "
@@ -89,11 +167,10 @@ def load_weights_file(path: Path) -> object:
         raise FcxError(f"{path}: corrupt or truncated file ({type(exc).__name__}); copy or save it again") from exc
 
 
-def _load_dict(path: Path) -> dict:
-    checkpoint = load_weights_file(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise FcxError(f"{path}: not an fcexport model (a bare state dict or another tool's file?)", hint="import")
-    if checkpoint.get("format_version") != FORMAT_VERSION:
-        raise FcxError(f"{path}: written by another version of fcexport (format {checkpoint.get('format_version')!r}, "
-                       f"this one reads {FORMAT_VERSION})", hint="train-or-import")
-    return checkpoint
+def _json(text, field: str, where: str):
+    if not isinstance(text, str):
+        raise FcxError(f"{where}: its {field} must be JSON text")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise FcxError(f"{where}: its {field} is not valid JSON ({type(exc).__name__})") from exc

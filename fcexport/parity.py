@@ -17,18 +17,20 @@ from fcexport.runtimes import Predictor
 from fcexport.spec import ModelSpec
 
 RANDOM_INPUTS = 256
+MACS_BUDGET = 4 * 10**10  # multiply-accumulates per run over all inputs: resnet18 (1.8e9 per image) gets 22 inputs
+MIN_INPUTS, MAX_INPUTS = 8, 4096
 
 
-@dataclass
+@dataclass(frozen=True)
 class Inputs:
-    """Verification inputs: real images first (with labels when known), then uniform random pixels."""
+    """Verification inputs: real images first (with labels when known), then uniform random pixels, then probes."""
 
     x: np.ndarray
     labels: np.ndarray | None  # labels of the first len(labels) rows
     description: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Skipped:
     """A candidate that cannot run here, with the reason (and the errors.HINTS step that would fix it)."""
 
@@ -41,22 +43,37 @@ class Skipped:
 SPEC_FIELDS = ("class_names", "input_shape", "normalization", "preprocess")  # what must match the model's spec
 
 
-def probe_inputs(model, spec: ModelSpec) -> np.ndarray:
-    """One input per unit of the model's first Linear or Conv, lit where that unit's weights are
-    positive: real and random images may never drive some units hard, these do."""
+def input_budget(macs_per_image: int) -> int:
+    """How many inputs a verification run gets: all that cheap models need, fewer for big ones, so each
+    command stays within a minute on two cores."""
+    return int(min(MAX_INPUTS, max(MIN_INPUTS, MACS_BUDGET // max(macs_per_image, 1))))
+
+
+def probe_inputs(program, spec: ModelSpec, limit: int) -> np.ndarray:
+    """Up to `limit` inputs, one per unit of the model's first Linear or Conv, lit where that unit's
+    weights are positive: real and random images may never drive some units hard, these do."""
     import torch
 
-    first = next((m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))), None)
     channels, height, width = spec.input_shape
-    if isinstance(first, torch.nn.Linear) and first.in_features == channels * height * width:
-        lit = first.weight.detach() > 0
-    elif isinstance(first, torch.nn.Conv2d) and first.in_channels == channels and first.groups == 1:
-        kh, kw = first.kernel_size
-        tiles = (first.weight.detach() > 0).repeat(1, 1, -(-height // kh), -(-width // kw))
-        lit = tiles[:, :, :height, :width]
+    first = next((n for n in program.nodes if n.op in ("aten.convolution.default", "aten.linear.default",
+                                                         "aten.addmm.default", "aten.mm.default")), None)
+    weight = None
+    if first is not None and first.op in ("aten.convolution.default", "aten.linear.default"):
+        weight = program.tensors.get(getattr(first.args[1], "name", None))
+    elif first is not None:
+        transposed = program.node(getattr(first.args[-1], "name", ""))
+        if transposed is not None and transposed.op == "aten.permute.default":
+            weight = program.tensors.get(getattr(transposed.args[0], "name", None))
+    if weight is None or not weight.is_floating_point() or limit <= 0:
+        return np.zeros((0, *spec.input_shape), dtype=np.float32)
+    if weight.dim() == 2 and weight.shape[1] == channels * height * width:
+        lit = weight > 0
+    elif weight.dim() == 4 and first.op == "aten.convolution.default" and weight.shape[1] == channels and first.args[8] == 1:
+        kh, kw = weight.shape[2:]
+        lit = (weight > 0).repeat(1, 1, -(-height // kh), -(-width // kw))[:, :, :height, :width]
     else:
         return np.zeros((0, *spec.input_shape), dtype=np.float32)
-    return lit.float().reshape(-1, *spec.input_shape).numpy()
+    return lit[:limit].to(torch.float32).reshape(-1, *spec.input_shape).numpy()
 
 
 def spec_differences(reference: ModelSpec, candidate: ModelSpec) -> list[str]:
@@ -65,40 +82,39 @@ def spec_differences(reference: ModelSpec, candidate: ModelSpec) -> list[str]:
     return [f"its {name} differ from model.pt's" for name in SPEC_FIELDS if ref[name] != cand[name]]
 
 
-def make_inputs(spec: ModelSpec, data: str | None = None, data_root: str | None = None, seed: int = 0,
+def make_inputs(spec: ModelSpec, budget: int, data: str | None = None, data_root: str | None = None, seed: int = 0,
                 probes: np.ndarray | None = None) -> Inputs:
-    """Real test images (from `data`, or the model's dataset when it is on disk), then random pixels and
-    `probes` (see probe_inputs)."""
+    """Up to `budget` inputs: real test images (from `data`, or the model's dataset when it is on disk),
+    random pixels, then `probes` (see probe_inputs)."""
     from fcexport.data import load_dataset
 
     shape = spec.input_shape
-    random = np.random.default_rng(seed).random((RANDOM_INPUTS, *shape), dtype=np.float32)
-    if probes is not None and len(probes):
-        random = np.concatenate([random, probes])
+    probes = np.zeros((0, *shape), dtype=np.float32) if probes is None else probes
+    random_count = min(RANDOM_INPUTS, max(1, budget - len(probes)))
+    random = np.random.default_rng(seed).random((random_count, *shape), dtype=np.float32)
+    extra = np.concatenate([random, probes])
+    described = f"{random_count} random inputs" + (f" + {len(probes)} first-layer probes" if len(probes) else "")
     dataset = spec.dataset or {}
     source = data or dataset.get("source")
     if source is None:
-        return Inputs(random, None, f"{_extra(probes)} (no dataset recorded; name one to add real images)")
+        return Inputs(extra, None, f"{described} (no dataset recorded; name one to add real images)")
     try:
         test_source = None if data else dataset.get("test_source")
         test = load_dataset(source, data_root or dataset.get("root"), image_size=shape[-1], download=False, test_data=test_source).test
     except FcxError as exc:
         if data:  # the user asked for this data explicitly: a problem with it is an error
             raise
-        return Inputs(random, None, f"{_extra(probes)} (dataset not available here: {exc})")
+        return Inputs(extra, None, f"{described} (dataset not available here: {exc})")
     if list(test.images.shape[1:]) != list(shape):
         raise FcxError(f"data {source}: images are {list(test.images.shape[1:])} but the model expects {shape}")
-    real = test.images.numpy()
-    return Inputs(np.concatenate([real, random]), test.labels.numpy(), f"{len(real)} test images of {source} + {_extra(probes)}")
+    count = max(MIN_INPUTS, min(len(test), budget - len(extra)))
+    real = test.images[:count].numpy()
+    return Inputs(np.concatenate([real, extra]), test.labels[:count].numpy(), f"{len(real)} test images of {source} + {described}")
 
 
-def _extra(probes: np.ndarray | None) -> str:
-    count = 0 if probes is None else len(probes)
-    return f"{RANDOM_INPUTS} random inputs" + (f" + {count} first-layer probes" if count else "")
-
-
-def compare_predictors(reference: np.ndarray, candidates: list[Predictor | Skipped], inputs: Inputs, tolerance: Tolerance) -> list[dict]:
-    """Run each candidate and compare it with the reference logits; skipped ones keep their reason."""
+def compare_predictors(reference: np.ndarray, own_error: float, candidates: list[Predictor | Skipped], inputs: Inputs,
+                       tolerance: Tolerance) -> list[dict]:
+    """Run each candidate and compare it with the float64 reference; skipped ones keep their reason."""
     rows = []
     for candidate in candidates:
         if isinstance(candidate, Skipped):
@@ -106,7 +122,7 @@ def compare_predictors(reference: np.ndarray, candidates: list[Predictor | Skipp
                          "reason": candidate.reason, "hint": candidate.hint})
             continue
         approximate = candidate.backend in APPROXIMATE_BACKENDS
-        stats = compare(candidate(inputs.x), reference, inputs.labels, tolerance, approximate)
+        stats = compare(candidate(inputs.x), reference, own_error, inputs.labels, tolerance, approximate)
         status = "pass" if stats["passed"] else "fail"
         rows.append({"backend": candidate.backend, "device": candidate.device, "status": status, "source": str(candidate.source), **stats})
     return rows
@@ -118,19 +134,24 @@ def add_problems(row: dict, problems: list[str]) -> None:
         row["problems"] = problems
         row["status"] = "fail"
         row["passed"] = False
+        row.pop("hint", None)
 
 
-def report(rows: list[dict], inputs: Inputs, reference_accuracy: float | None, tolerance: Tolerance) -> dict:
+def report(rows: list[dict], inputs: Inputs, reference_accuracy: float | None, own_error: float, tolerance: Tolerance) -> dict:
     """Passed only when something ran and everything that ran passed."""
     ran = [r for r in rows if r["status"] != "skipped"]
     return {
         "passed": bool(ran) and all(r["status"] == "pass" for r in ran),
         "ran": len(ran),
+        "criterion": tolerance.describe(),
+        "own_float32_error": own_error,
+        "noise_factor": tolerance.factor,
         "atol": tolerance.atol,
         "rtol": tolerance.rtol,
         "int8_min_agreement": tolerance.min_agreement,
         "int8_max_accuracy_drop": tolerance.max_accuracy_drop,
         "inputs": inputs.description,
+        "input_count": len(inputs.x),
         "reference_accuracy": reference_accuracy,
         "rows": rows,
     }

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from fcexport import artifacts as names
-from fcexport.compare import Tolerance, accuracy, compare_weights
+from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError, check_choices
-from fcexport.runtimes import DEVICES, DeviceUnavailable, Predictor, module_predictor, open_predictor
+from fcexport import parity
+from fcexport.runtimes import DEVICES, DeviceUnavailable, Predictor, open_predictor, program_predictor
 
 DEFAULT_TOLERANCE = Tolerance()
 MAX_BENCH_BATCH = 65536
@@ -27,7 +28,8 @@ MAX_BENCH_BATCH = 65536
 def train(opts, on_epoch=None) -> dict:
     """`fcx train`: load data, train (split or k-fold), evaluate on test, write model.pt, metrics and plots."""
     from fcexport import plots
-    from fcexport.checkpoint import save_model
+    from fcexport.checkpoint import save_program
+    from fcexport.program import capture
     from fcexport.data import dataset_source, load_dataset, train_val_split
     from fcexport.files import check_writable_folder, write_json_atomic, write_text_atomic
     from fcexport.models import count_parameters
@@ -82,7 +84,7 @@ def train(opts, on_epoch=None) -> dict:
         class_names=list(dataset.class_names),
         preprocess={"mode": "object", "object_fill": object_fill(dataset.train.images[:2000, 0].numpy())},
         normalization={"mean": [normalize["mean"]], "std": [normalize["std"]]} if normalize else None,
-        architecture={"kind": "mlp", **config},
+        architecture={"kind": config["arch"], **config},
         dataset={
             "name": dataset.name,
             "source": dataset_source(opts.data),
@@ -94,7 +96,7 @@ def train(opts, on_epoch=None) -> dict:
         metrics=metrics,
         training=asdict(opts),
     )
-    save_model(result.model.cpu().eval(), spec, out / names.MODEL)
+    save_program(capture(result.model.cpu().eval(), spec.input_shape), spec, out / names.MODEL)
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "history.csv", history_csv(result.history))
     title = f"{config['arch']} on {dataset.name}: test accuracy {test_acc:.2%}"
@@ -115,11 +117,13 @@ def import_weights(
     artifacts: str | Path = "artifacts",
 ) -> Path:
     """`fcx import`: a state dict plus the model's code -> ARTIFACTS/model.pt (no code needed afterwards)."""
-    from fcexport.checkpoint import save_model
+    from fcexport.checkpoint import save_program
     from fcexport.sources import from_state_dict
 
-    model, spec = from_state_dict(weights, model_def, input_shape, model_args, key, class_names, mean, std)
-    return save_model(model, spec, Path(artifacts) / names.MODEL)
+    program, spec = from_state_dict(weights, model_def, input_shape, model_args, key, class_names, mean, std)
+    path = Path(artifacts) / names.MODEL
+    save_program(program, spec, path)
+    return path
 
 
 def import_model(
@@ -135,29 +139,28 @@ def import_model(
     `input_shape` is (C, H, W); `mean`/`std` (one value or one per channel) is the normalisation the
     model expects on [0, 1] pixels: it becomes part of the stored model, so artifacts take [0, 1] pixels.
     """
-    from fcexport.checkpoint import save_model
+    from fcexport.checkpoint import save_program
     from fcexport.sources import from_module
 
-    model, spec = from_module(module, input_shape, class_names, mean, std)
-    return save_model(model, spec, Path(artifacts) / names.MODEL)
+    program, spec = from_module(module, input_shape, class_names, mean, std)
+    path = Path(artifacts) / names.MODEL
+    save_program(program, spec, path)
+    return path
 
 
 # ---- fuse --------------------------------------------------------------------------------
 
 
-def fused_model(model, spec, source: Path | None = None):
-    """(fused module, FuseReport, spec of the fused module) for a model loaded from `source`."""
-    import torch
-
-    from fcexport.files import sha256_file
-    from fcexport.folding import fuse_with_report
+def fused_model(stored, source: Path | None = None):
+    """(fused Program, FuseReport, spec of the fused program) for a checked model.pt (StoredModel)."""
+    from fcexport.folding import fuse_program
     from fcexport.spec import ModelSpec
 
-    fused, report = fuse_with_report(model, torch.zeros(2, *spec.input_shape))
-    provenance = {**spec.provenance, "fused": True, "folds": report.folded, "left": report.left}
+    fused, report = fuse_program(stored.program, stored.spec.input_shape)
+    provenance = {**stored.spec.provenance, "fused": True, "folds": report.as_dict()["folded"], "left": report.as_dict()["left"]}
     if source is not None:
-        provenance |= {"source": source.name, "source_sha256": sha256_file(source)}
-    return fused, report, ModelSpec.from_dict({**spec.to_dict(), "provenance": provenance})
+        provenance |= {"source": source.name, "source_sha256": stored.sha256}
+    return fused, report, ModelSpec.from_dict({**stored.spec.to_dict(), "provenance": provenance})
 
 
 def fuse(
@@ -170,39 +173,51 @@ def fuse(
     data_root: str | None = None,
 ) -> dict:
     """`fcx fuse-bn`: write the fused model, time both at batch 1, optionally verify parity first."""
-    from fcexport import parity
+    from fcexport.checkpoint import read_model, save_program
     from fcexport.timing import measure
-    from fcexport.checkpoint import load_model, save_model
 
     model_path, out_path = Path(model_path), Path(out_path)
     if out_path.resolve() == model_path.resolve():
         raise FcxError(f"{out_path}: the fused model would overwrite its own source; write it elsewhere")
-    original, spec = load_model(model_path)
-    fused, report, fused_spec = fused_model(original, spec, model_path)
-    before = module_predictor(original, "eager", device, model_path, spec)
-    after = module_predictor(fused, "fused", device, out_path, fused_spec)
-    one = np.random.default_rng(0).random((1, *spec.input_shape), dtype=np.float32)
+    stored = read_model(model_path)
+    fused, report, fused_spec = fused_model(stored, model_path)
+    before = program_predictor(stored.program, "eager", device, model_path, stored.spec)
+    after = program_predictor(fused, "fused", device, out_path, fused_spec)
+    one = np.random.default_rng(0).random((1, *stored.spec.input_shape), dtype=np.float32)
     result = {
         "source": str(model_path),
         "output": str(out_path),
         "report": report.as_dict(),
-        "latency_ms": {"before": measure(before, one)["p50_ms"], "after": measure(after, one)["p50_ms"], "device": device},
+        "latency_ms": {"before": measure(before, one, max_seconds=0.5)["p50_ms"],
+                       "after": measure(after, one, max_seconds=0.5)["p50_ms"], "device": device},
         "verification": None,
     }
     if verify:
-        inputs = parity.make_inputs(spec, data, data_root, probes=parity.probe_inputs(original, spec))
-        reference = module_predictor(original.to("cpu"), "eager", "cpu", model_path, spec)(inputs.x)
-        rows = parity.compare_predictors(reference, [after], inputs, tolerance)
-        result["verification"] = parity.report(rows, inputs, accuracy(reference, inputs.labels), tolerance)
+        result["verification"] = _parity(stored, model_path, [after], data, data_root, tolerance)
         if not result["verification"]["passed"]:
             return result  # a failed fold is reported, never written
-    save_model(fused.cpu(), fused_spec, out_path)
+    save_program(fused, fused_spec, out_path)
     if out_path.parent.resolve() == model_path.parent.resolve() and out_path.name == names.FUSED:
         from fcexport.checkpoint import now_iso
         from fcexport.export_onnx import versions
 
-        names.record_in_manifest(out_path.parent, {names.FUSED: fused_spec.provenance["source_sha256"]}, versions(), now_iso())
+        names.record_in_manifest(out_path.parent, {names.FUSED: stored.sha256}, versions(), now_iso(), stored.sha256)
     return result
+
+
+def _parity(stored, model_path: Path, candidates: list, data, data_root, tolerance: Tolerance) -> dict:
+    """Compare candidates with model.pt in float64, judged against model.pt's own float32 error."""
+    from fcexport import parity
+    from fcexport.runtimes import float64_logits
+
+    budget = parity.input_budget(stored.shapes.macs)
+    probes = parity.probe_inputs(stored.program, stored.spec, budget // 4)
+    inputs = parity.make_inputs(stored.spec, budget, data, data_root, probes=probes)
+    reference = float64_logits(stored.program, inputs.x)
+    own = program_predictor(stored.program, "eager", "cpu", model_path, stored.spec)(inputs.x)
+    own_error = float(np.abs(own.astype(np.float64) - reference).max(initial=0.0))
+    rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance)
+    return parity.report(rows, inputs, accuracy(reference, inputs.labels), own_error, tolerance)
 
 
 # ---- export ------------------------------------------------------------------------------
@@ -210,63 +225,81 @@ def fuse(
 FORMATS = ("torchscript", "onnx")
 
 
+def export_files(program, spec, formats, opset: int, int8: bool) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Each requested backend's file as bytes (name -> bytes), and the formats that could not be made (name -> why)."""
+    from fcexport.export_onnx import int8_bytes, onnx_bytes
+    from fcexport.export_torchscript import torchscript_bytes
+
+    files, skipped = {}, {}
+    if "torchscript" in formats:
+        try:
+            files[names.BACKEND_FILES["torchscript"]] = torchscript_bytes(program, spec)
+        except FcxError as exc:
+            if formats == ("torchscript",):
+                raise
+            skipped[names.BACKEND_FILES["torchscript"]] = str(exc)
+    if "onnx" in formats:
+        onnx_data = files[names.BACKEND_FILES["onnxruntime"]] = onnx_bytes(program, spec, opset)
+        if int8:
+            files[names.BACKEND_FILES["onnxruntime-int8"]] = int8_bytes(onnx_data)
+    return files, skipped
+
+
 def export(model_path: Path, artifacts: Path, formats=FORMATS, opset: int | None = None, fuse: bool = True,
            int8: bool = False) -> dict:
-    """`fcx export`: model.pt -> (fused) module -> model.ts / model.onnx [/ model.int8.onnx] -> manifest.json."""
-    from fcexport.checkpoint import load_model, now_iso
-    from fcexport.export_onnx import DEFAULT_OPSET, export_int8_onnx, export_onnx, versions
-    from fcexport.export_torchscript import export_torchscript
-    from fcexport.files import publish, sha256_file, staging_folder
+    """`fcx export`: model.pt -> (fused) program -> model.ts / model.onnx [/ model.int8.onnx] -> manifest.json."""
+    from fcexport.checkpoint import now_iso, read_model
+    from fcexport.export_onnx import DEFAULT_OPSET, versions
+    from fcexport.files import publish, staging_folder, write_bytes_atomic
 
+    formats = tuple(formats)
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise FcxError(f"formats are torchscript and onnx, got {', '.join(sorted(unknown)) or 'nothing'}")
     if int8 and "onnx" not in formats:
         raise FcxError("the int8 model is quantized from model.onnx: export onnx as well")
     model_path, artifacts = Path(model_path), Path(artifacts)
-    model, spec = load_model(model_path)
-    folds = []
+    stored = read_model(model_path)  # read once: the hash below is of the bytes exported
+    program, spec, folds = stored.program, stored.spec, []
     if fuse:
-        model, report, spec = fused_model(model, spec)
-        folds = report.folded
-    spec.provenance = {
-        **spec.provenance,
-        "exported": now_iso(),
-        "source": model_path.name,
-        "source_sha256": sha256_file(model_path),
-        "fused": bool(fuse or spec.provenance.get("fused")),
-        **versions(),
-    }
-    source_sha256 = spec.provenance["source_sha256"]
+        program, report, spec = fused_model(stored)
+        folds = report.as_dict()["folded"]
+    spec = spec.with_provenance(exported=now_iso(), source=model_path.name, source_sha256=stored.sha256,
+                                fused=bool(fuse or spec.provenance.get("fused")), opset=opset or DEFAULT_OPSET, **versions())
+    files, skipped = export_files(program, spec, formats, opset or DEFAULT_OPSET, int8)
     removed = []
     with staging_folder(artifacts) as stage:  # the previous set stays whole until everything is written
-        if "torchscript" in formats:
-            export_torchscript(model, spec, stage / names.BACKEND_FILES["torchscript"])
-        if "onnx" in formats:
-            onnx_path = export_onnx(model, spec, stage / names.BACKEND_FILES["onnxruntime"], opset or DEFAULT_OPSET)
-            if int8:
-                export_int8_onnx(onnx_path, stage / names.BACKEND_FILES["onnxruntime-int8"])
+        for name, data in files.items():
+            write_bytes_atomic(stage / name, data)
         written = publish(stage, artifacts)
-    int8_path = artifacts / names.BACKEND_FILES["onnxruntime-int8"]
-    if "onnx" in formats and not int8 and int8_path.is_file():  # quantized from the replaced model.onnx: stale
-        int8_path.unlink()
-        removed.append(str(int8_path))
-    manifest = names.record_in_manifest(artifacts, {p.name: source_sha256 for p in written}, versions(), now_iso())
-    return {"written": [str(p) for p in written], "removed": removed, "manifest": str(manifest), "fused": fuse, "folds": folds}
+    stale = [artifacts / names.BACKEND_FILES["onnxruntime-int8"]] if "onnx" in formats and not int8 else []
+    stale += [artifacts / name for name in skipped]  # made from another model.pt: they would answer for the wrong one
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+            removed.append(str(path))
+    here = model_path.resolve() == (artifacts / names.MODEL).resolve()
+    manifest = names.record_in_manifest(artifacts, {p.name: stored.sha256 for p in written}, versions(), now_iso(),
+                                        stored.sha256 if here else None)
+    return {"written": [str(p) for p in written], "removed": removed, "skipped": skipped, "manifest": str(manifest),
+            "fused": fuse, "folds": folds}
 
 
 # ---- use ---------------------------------------------------------------------------------
 
 
-def open_backend(backend: str, artifacts: Path, device: str) -> Predictor:
-    """A backend's artifact from a folder. Without model.fused.pt, `fused` folds model.pt in memory."""
+def open_backend(backend: str, artifacts: Path, device: str, stored=None) -> Predictor:
+    """A backend's artifact from a folder. Without model.fused.pt, `fused` folds model.pt in memory
+    (`stored`, the already checked model.pt, saves reading it again)."""
+    from fcexport.checkpoint import read_model
+
     path = Path(artifacts) / names.BACKEND_FILES[backend]
     model_path = Path(artifacts) / names.MODEL
     if backend == "fused" and not path.is_file() and model_path.is_file():
-        from fcexport.checkpoint import load_model
-
-        fused, _, spec = fused_model(*load_model(model_path), model_path)
-        return module_predictor(fused, "fused", device, Path("(fused in memory from model.pt)"), spec)
+        fused, _, spec = fused_model(stored or read_model(model_path), model_path)
+        return program_predictor(fused, "fused", device, Path("(fused in memory from model.pt)"), spec)
+    if backend == "eager" and stored is not None:
+        return program_predictor(stored.program, "eager", device, model_path, stored.spec)
     if not path.is_file():
         raise DeviceUnavailable(f"{path} not found", hint=names.BACKEND_MADE_BY[backend])
     return open_predictor(path, device)
@@ -301,52 +334,109 @@ def verify(
     data_root: str | None = None,
     tolerance: Tolerance = DEFAULT_TOLERANCE,
 ) -> dict:
-    """`fcx verify`: model.pt on cpu is the reference; every other backend x device is compared with it."""
-    from fcexport import parity
-    from fcexport.checkpoint import load_model
-    from fcexport.files import sha256_file
+    """`fcx verify`: model.pt in float64 on cpu is the reference; every backend x device is compared with it,
+    after its file is checked against manifest.json and before its structure is compared with a fresh export."""
+    from fcexport.checkpoint import read_model
 
     check_choices("backends", backends, names.BACKENDS)
     check_choices("devices", devices, DEVICES)
     artifacts = Path(artifacts)
     reference_path = artifacts / names.MODEL
+    stored = read_model(reference_path)
     exported = [name for backend, name in names.BACKEND_FILES.items() if backend != "eager" and (artifacts / name).is_file()]
-    model, spec = load_model(reference_path)
     if not exported:
         raise FcxError(f"{artifacts}: nothing to verify: the folder holds model.pt but no fused or exported model", hint="export")
-    model_sha256 = sha256_file(reference_path)
     manifest = names.read_manifest(artifacts)
-    inputs = parity.make_inputs(spec, data, data_root, probes=parity.probe_inputs(model, spec))
-    reference = module_predictor(model, "eager", "cpu", reference_path, spec)(inputs.x)
-    fused, _, _ = fused_model(model, spec)
-    expected = {"fused": _float_tensors(fused), "unfused": _float_tensors(model)}
-    candidates = []
+    expected = _FreshExports(stored, artifacts)
+    candidates, problems = [], []
     for device in devices:
         for backend in backends:
             if (backend, device) == ("eager", "cpu"):
-                continue  # that is the reference itself
+                continue  # that is the reference itself (in float32: its error is the yardstick)
+            path = artifacts / names.BACKEND_FILES[backend]
+            integrity = names.check_against_manifest(path, manifest, stored.sha256) if path.is_file() and backend != "eager" else None
             try:
-                candidates.append(open_backend(backend, artifacts, device))
+                if integrity:  # a file that is not what was exported is never loaded, let alone run
+                    raise DeviceUnavailable(f"not loaded: {integrity}")
+                candidate = open_backend(backend, artifacts, device, stored)
             except DeviceUnavailable as exc:
+                if integrity:
+                    candidates.append(parity.Skipped(backend, device, str(exc)))
+                    problems.append([f"{integrity}: not loaded"])
+                    continue
                 hint = None if exc.hint == "cpu" else exc.hint  # verify chooses devices with its own option
                 candidates.append(parity.Skipped(backend, device, str(exc), hint))
-    rows = parity.compare_predictors(reference, candidates, inputs, tolerance)
-    for row, candidate in zip(rows, candidates, strict=True):
-        if not isinstance(candidate, Predictor):
-            continue
-        problems = parity.spec_differences(spec, candidate.spec)
-        if candidate.source.is_file():
-            integrity = names.check_against_manifest(candidate.source, manifest, model_sha256)
-            problems += [integrity] if integrity else []
-        if candidate.weights is not None and candidate.backend not in names.APPROXIMATE_BACKENDS:
-            kind = "fused" if candidate.spec.provenance.get("fused") else "unfused"
-            problems += [f"{p} (compared with the {kind} model)" for p in compare_weights(expected[kind], candidate.weights())]
-        parity.add_problems(row, problems)
-    return parity.report(rows, inputs, accuracy(reference, inputs.labels), tolerance)
+                problems.append([])
+                continue
+            candidates.append(candidate)
+            problems.append(parity.spec_differences(stored.spec, candidate.spec) + expected.differences(candidate))
+    result = _parity(stored, reference_path, candidates, data, data_root, tolerance)
+    for row, found in zip(result["rows"], problems, strict=True):
+        parity.add_problems(row, found)  # a file refused before loading is a failure, not a skip
+    ran = [r for r in result["rows"] if r["status"] != "skipped"]
+    return result | {"ran": len(ran), "passed": bool(ran) and all(r["status"] == "pass" for r in ran)}
 
 
-def _float_tensors(model) -> dict:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+class _FreshExports:
+    """What each artifact must contain: a fresh export of this model.pt with the artifact's own settings
+    (fused or not, opset), made once per format, compared by fingerprint (ops, wiring, every tensor)."""
+
+    def __init__(self, stored, artifacts: Path):
+        self.stored, self.artifacts, self.cache, self._fused = stored, artifacts, {}, None
+
+    def differences(self, candidate: Predictor) -> list[str]:
+        from fcexport.program import fingerprint
+
+        if candidate.fingerprint is None or candidate.backend == "eager":
+            return []
+        fused = bool(candidate.spec.provenance.get("fused"))
+        key = (candidate.backend, fused)
+        if key not in self.cache:
+            self.cache[key] = self._expected(candidate, fused, fingerprint)
+        expected = self.cache[key]
+        if isinstance(expected, str):
+            return [expected]
+        return [f"{p} (against a fresh export of model.pt)" for p in fingerprint_differences(candidate.fingerprint(), expected)]
+
+    def _expected(self, candidate: Predictor, fused: bool, fingerprint):
+        from fcexport.runtimes import onnx_fingerprint, torchscript_fingerprint
+
+        program, spec = self.stored.program, candidate.spec
+        if fused:
+            self._fused = self._fused or fused_model(self.stored)[0]
+            program = self._fused
+        if candidate.backend == "fused":
+            return fingerprint(program)
+        opset = int(spec.provenance.get("opset", 18))
+        backend_formats = {"torchscript": ("torchscript",), "onnxruntime": ("onnx",), "onnxruntime-int8": ("onnx",)}
+        try:
+            files, skipped = export_files(program, spec, backend_formats[candidate.backend], opset, candidate.backend == "onnxruntime-int8")
+        except FcxError as exc:
+            return f"a fresh export of model.pt to compare with failed: {exc}"
+        data = files[names.BACKEND_FILES[candidate.backend]]
+        if candidate.backend == "torchscript":
+            import io
+
+            import torch
+
+            from fcexport.runtimes import quiet_torchscript_deprecation
+
+            with quiet_torchscript_deprecation():
+                return torchscript_fingerprint(torch.jit.load(io.BytesIO(data), map_location="cpu"))
+        return onnx_fingerprint(data)
+
+
+def fingerprint_differences(found: dict[str, str], expected: dict[str, str], limit: int = 3) -> list[str]:
+    """What an artifact holds that a fresh export does not, and the other way round (first few of each)."""
+    changed = [k for k in expected if k in found and found[k] != expected[k]]
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    problems = []
+    for label, keys in (("differs", changed), ("is missing", missing), ("is extra", extra)):
+        if keys:
+            more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+            problems.append(f"{', '.join(keys[:limit])}{more} {label}")
+    return problems
 
 
 def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backends=names.BACKENDS, device: str = "cpu",

@@ -40,20 +40,24 @@ class DeviceUnavailable(FcxError):
     """
 
 
-@dataclass
+@dataclass(frozen=True)
 class Predictor:
-    """Runs a model: float32 pixels (N, C, H, W) in [0, 1] -> logits. `weights`, where the format
-    allows it, lists the tensors the artifact holds, so verification can check its structure."""
+    """Runs a model: float32 pixels (N, C, H, W) in [0, 1] -> logits, in batches of at most `batch`.
+    `fingerprint`, where the format allows it, describes what the artifact computes with (ops, wiring,
+    every tensor), so verification can compare it with a fresh export."""
 
     backend: str
     device: str
     source: Path
     run: Callable[[np.ndarray], np.ndarray]
     spec: ModelSpec
-    weights: Callable[[], list[np.ndarray]] | None = None
+    fingerprint: Callable[[], dict[str, str]] | None = None
+    batch: int = 256
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        logits = self.run(np.ascontiguousarray(x, dtype=np.float32))
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        parts = [self.run(x[i : i + self.batch]) for i in range(0, len(x), self.batch)] if len(x) else [self.run(x)]
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
         expected = (len(x), len(self.spec.class_names))
         if getattr(logits, "shape", None) != expected:
             raise FcxError(f"{self.source}: the model returned shape {getattr(logits, 'shape', type(logits).__name__)} "
@@ -103,32 +107,51 @@ def torch_device(device: str):
     return torch.device(device)
 
 
-def module_predictor(model, backend: str, device: str, source: Path, spec: ModelSpec) -> Predictor:
-    """Wrap an eval-mode nn.Module or ScriptModule; inference_mode skips autograd bookkeeping."""
+def module_predictor(module, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256,
+                     fingerprint=None) -> Predictor:
+    """Wrap an eval-mode nn.Module or ScriptModule that this predictor owns; inference_mode skips autograd."""
     import torch
 
     dev = torch_device(device)
-    model = model.to(dev).eval()
+    module = module.to(dev).eval()
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(x).to(dev)).float().cpu().numpy()
+            return module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
 
-    return Predictor(backend, device, source, run, spec)
+    return Predictor(backend, device, source, run, spec, fingerprint, batch)
+
+
+def program_predictor(program, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256) -> Predictor:
+    """Run a stored program (fcexport.program) through a fresh interpreter of its own on `device`."""
+    from fcexport.program import ProgramModule, fingerprint
+
+    return module_predictor(ProgramModule(program), backend, device, source, spec, batch, lambda: fingerprint(program))
+
+
+def float64_logits(program, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The reference: the program run in float64 on the CPU (every float32 tensor and op widened)."""
+    import torch
+
+    from fcexport.program import ProgramModule
+
+    module = ProgramModule(program).double().eval()
+    with torch.inference_mode():
+        parts = [module(torch.from_numpy(x[i : i + batch]).double()).numpy() for i in range(0, len(x), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float64)
 
 
 def checkpoint_predictor(path: Path, device: str = "cpu") -> Predictor:
-    from fcexport.checkpoint import load_model
+    from fcexport.checkpoint import read_model
 
-    model, spec = load_model(path)
-    backend = "fused" if spec.provenance.get("fused") else "eager"
-    predictor = module_predictor(model, backend, device, path, spec)
-    predictor.weights = lambda: [t.detach().cpu().numpy() for t in model.state_dict().values()]
-    return predictor
+    stored = read_model(path)
+    backend = "fused" if stored.spec.provenance.get("fused") else "eager"
+    return program_predictor(stored.program, backend, device, path, stored.spec)
 
 
 def torchscript_predictor(path: Path, device: str = "cpu") -> Predictor:
-    """Load a TorchScript file. TorchScript files are code: load only files from trusted sources."""
+    """Load a TorchScript file. TorchScript files are code: load only files from trusted sources
+    (fcx verify checks the file against manifest.json before it gets here)."""
     import torch
 
     dev = torch_device(device)
@@ -139,18 +162,32 @@ def torchscript_predictor(path: Path, device: str = "cpu") -> Predictor:
         metadata = json.loads(extra[METADATA_FILE])
     except Exception as exc:  # corrupt zip, bad pickle, missing metadata all mean an unusable file
         raise FcxError(f"{path}: not a valid fcexport TorchScript file ({type(exc).__name__})", hint="export") from exc
-    predictor = module_predictor(module, "torchscript", device, path, ModelSpec.from_dict(metadata, str(path)))
-    predictor.weights = lambda: torchscript_weights(module)
-    return predictor
+    return module_predictor(module, "torchscript", device, path, ModelSpec.from_dict(metadata, str(path)),
+                            fingerprint=lambda: torchscript_fingerprint(module))
 
 
-def torchscript_weights(module) -> list[np.ndarray]:
-    """A frozen TorchScript module keeps its weights as tensor constants of its graph."""
-    tensors = [t.detach().cpu().numpy() for t in module.parameters()] + [b.detach().cpu().numpy() for b in module.buffers()]
-    for node in module.graph.nodes():
-        if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType":
-            tensors.append(node.t("value").detach().cpu().numpy())
-    return tensors
+def torchscript_fingerprint(module) -> dict[str, str]:
+    """Every node of a frozen TorchScript graph: its kind, which earlier outputs it reads, and its constant
+    (tensors by their bytes), so a changed weight, op or wire shows up whatever its dtype or size."""
+    import hashlib
+
+    import torch
+
+    items, producers = {}, {}
+    for i, node in enumerate(module.graph.nodes()):
+        inputs = [producers.get(v.unique(), "input") for v in node.inputs()]
+        detail = [node.kind(), *inputs]
+        if node.kind() == "prim::Constant" and node.hasAttribute("value"):
+            value = node.output().toIValue()
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().contiguous()
+                detail += [str(value.dtype), str(tuple(value.shape)), hashlib.sha256(value.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()]
+            else:
+                detail.append(repr(value))
+        items[f"node {i} ({node.kind()})"] = "|".join(map(str, detail))
+        for j, output in enumerate(node.outputs()):
+            producers[output.unique()] = f"{i}:{j}"
+    return items
 
 
 # ---- onnx runtime ------------------------------------------------------------------------
@@ -186,43 +223,52 @@ def ort_providers(device: str) -> list:
     return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
 
 
-# What fcexport's exporters emit for the layers the graph allow-list admits (fcexport.graph), plus
-# BatchNormalization (--no-fuse) and the int8 quantizer's ops. Anything else (Loop, Scan, If,
-# ConstantOfShape, Expand, Tile, Resize, ...) could loop or allocate without bound: refused.
-ONNX_OPS = frozenset({
-    "Add", "Sub", "Mul", "Div", "Neg", "Relu", "LeakyRelu", "Elu", "Gelu", "Erf", "Sigmoid", "HardSigmoid",
-    "HardSwish", "Tanh", "Clip", "Softmax", "LogSoftmax", "Gemm", "MatMul", "Conv", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "BatchNormalization", "LayerNormalization",
-    "GroupNormalization", "InstanceNormalization", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
-    "Concat", "Split", "Slice", "Gather", "Shape", "Identity", "Constant", "Cast", "Dropout", "Pow", "Sqrt",
-    "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMulInteger", "ConvInteger",
-})
+# What torch's exporter emits for fcexport's opset (fcexport/opset.py) and the int8 quantizer's ops. Left out:
+# control flow and subgraphs (Loop, If, Scan), random numbers, sequences, strings, other domains. Ops whose
+# output size comes from their inputs' values (Expand, ConstantOfShape, Tile, Range, Resize, Pad, ...) are
+# allowed only where shape inference at batch 1 bounds that size (check_onnx_model).
+ONNX_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization BitwiseAnd BitwiseNot
+BitwiseOr BitwiseXor Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvInteger ConvTranspose Cos
+Cosh CumSum DepthToSpace DequantizeLinear Div Dropout DynamicQuantizeLinear Einsum Elu Equal Erf Exp Expand Flatten
+Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalMaxPool Greater GreaterOrEqual GridSample
+GroupNormalization HardSigmoid HardSwish Hardmax Identity InstanceNormalization IsInf IsNaN LayerNormalization
+LeakyRelu Less LessOrEqual Log LogSoftmax LpNormalization MatMul MatMulInteger Max MaxPool Mean Min Mish Mod Mul Neg
+Not Or Pad Pow PRelu QuantizeLinear Range Reciprocal ReduceL1 ReduceL2 ReduceLogSumExp ReduceMax ReduceMean ReduceMin
+ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize Round ScatterElements ScatterND Selu Shape Sigmoid Sign Sin
+Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh Tile TopK Transpose Trilu
+Unsqueeze Where Xor
+""".split())
 MAX_ONNX_BYTES = 1 << 30
 MAX_ATTRIBUTE = 4096  # kernel sizes, pads, strides, dilations
+MAX_ONNX_ELEMENTS = 1 << 26  # any one tensor at batch 1 (as fcexport.program bounds a stored model)
 
 
-def check_onnx_model(path: Path) -> dict[str, str]:
-    """Refuse an ONNX file that could hang or exhaust memory, before onnxruntime parses or folds it:
-    ops outside ONNX_OPS, subgraphs, external data, unbounded input shapes, outsized attributes.
+def check_onnx_model(data: bytes, path: Path) -> dict[str, str]:
+    """Refuse an ONNX file that could hang or exhaust memory, before onnxruntime parses or folds it: ops
+    outside ONNX_OPS, subgraphs, external data, sparse tensors, outsized attributes, an input that is not
+    (N, C, H, W), and any tensor that shape inference at batch 1 cannot bound or finds too large.
     Returns the file's metadata_props, read from the same parse."""
     import onnx
 
-    if path.stat().st_size > MAX_ONNX_BYTES:
-        raise FcxError(f"{path}: {path.stat().st_size:,} bytes is larger than fcexport accepts ({MAX_ONNX_BYTES:,})")
+    if len(data) > MAX_ONNX_BYTES:
+        raise FcxError(f"{path}: {len(data):,} bytes is larger than fcexport accepts ({MAX_ONNX_BYTES:,})")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf DecodeError and friends
         raise FcxError(f"{path}: not a valid ONNX model ({type(exc).__name__})", hint="export") from exc
     graph = model.graph
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
         raise FcxError(f"{path}: refers to external weight files, which fcexport does not load")
+    if len(graph.sparse_initializer) or model.functions:
+        raise FcxError(f"{path}: holds sparse initializers or functions, which fcexport never writes: refused")
     for node in graph.node:
         where = f"{path}: node '{node.name or node.op_type}'"
         if node.domain not in ("", "ai.onnx") or node.op_type not in ONNX_OPS:
             raise FcxError(f"{where}: op {node.domain + '.' if node.domain else ''}{node.op_type} is not on fcexport's allow-list")
         for attribute in node.attribute:
-            if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                raise FcxError(f"{where}: subgraphs are not allowed")
+            if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS, onnx.AttributeProto.SPARSE_TENSOR):
+                raise FcxError(f"{where}: subgraphs and sparse tensors are not allowed")
             if attribute.ints and max(abs(v) for v in attribute.ints) > MAX_ATTRIBUTE:
                 raise FcxError(f"{where}: attribute {attribute.name} {list(attribute.ints)[:4]} is out of range")
     if len(graph.input) != 1:
@@ -231,22 +277,71 @@ def check_onnx_model(path: Path) -> dict[str, str]:
     fixed = [d.dim_value for d in dims[1:]]
     if len(dims) != 4 or not all(0 < v <= MAX_ATTRIBUTE for v in fixed):
         raise FcxError(f"{path}: the input must be (N, C, H, W) with fixed C, H, W of at most {MAX_ATTRIBUTE}")
+    _check_inferred_sizes(model, path)
     return {p.key: p.value for p in model.metadata_props}
 
 
+def _check_inferred_sizes(model, path: Path) -> None:
+    """Shape inference at batch 1 (with constant propagation): every tensor it sizes must be within
+    MAX_ONNX_ELEMENTS, and every node whose output size depends on values must be sized."""
+    import onnx
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    probe.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    del probe.graph.value_info[:]  # recorded shapes could lie: infer them afresh
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise FcxError(f"{path}: shapes are inconsistent ({type(exc).__name__}: {str(exc).strip()[:160]})") from exc
+    sizes = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.output):
+        shape = value.type.tensor_type.shape
+        known = value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim)
+        sizes[value.name] = int(np.prod([d.dim_value for d in shape.dim], dtype=np.float64)) if known else None
+    for node in inferred.graph.node:
+        for output in node.output:
+            size = sizes.get(output)
+            if size is not None and size > MAX_ONNX_ELEMENTS:
+                raise FcxError(f"{path}: node '{node.name or node.op_type}' ({node.op_type}) makes {size:,} values for one "
+                               f"image (at most {MAX_ONNX_ELEMENTS:,})")
+            if size is None and node.op_type not in SIZE_OF_INPUT_OPS and output:
+                raise FcxError(f"{path}: node '{node.name or node.op_type}' ({node.op_type}): the size of its output cannot "
+                               "be bounded before running it; refused")
+
+
+# Ops whose output is never larger than their inputs (elementwise, reductions, views): an unknown shape there
+# follows from a bounded one before it. Everything else must be sized by shape inference.
+SIZE_OF_INPUT_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh BitwiseAnd BitwiseNot BitwiseOr BitwiseXor Cast CastLike
+Ceil Celu Clip Cos Cosh CumSum DequantizeLinear Div Dropout DynamicQuantizeLinear Elu Equal Erf Exp Flatten Floor Gather
+GatherElements GatherND Gelu Greater GreaterOrEqual HardSigmoid HardSwish Hardmax Identity IsInf IsNaN LeakyRelu Less
+LessOrEqual Log LogSoftmax Max Mean Min Mish Mod Mul Neg Not Or Pow PRelu QuantizeLinear Reciprocal ReduceL1 ReduceL2
+ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Round Selu Shape
+Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign Split Sqrt Squeeze Sub Sum Tan Tanh TopK Transpose Trilu
+Unsqueeze Where Xor
+""".split())
+
+
 def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None) -> Predictor:
+    """Read the file once; check those bytes, run those bytes, fingerprint those bytes."""
     import onnxruntime as ort
 
     if device not in DEVICES:
         raise FcxError(f"device must be cpu or cuda, got {device}")
-    props = check_onnx_model(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FcxError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    props = check_onnx_model(data, path)
     spec = read_onnx_spec(props, path)
     backend = "onnxruntime-int8" if QUANTIZATION_KEY in props else "onnxruntime"
     if device not in RUNTIME_DEVICES[backend]:  # known before any session (or CUDA provider) is started
         raise DeviceUnavailable(f"{path.name} is quantized for CPU inference only", hint="cpu")
     providers = ort_providers(device)
     try:
-        session = ort.InferenceSession(str(path), ort_session_options(threads), providers=providers)
+        session = ort.InferenceSession(data, ort_session_options(threads), providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
         raise FcxError(f"{path}: not a valid ONNX model ({type(exc).__name__})", hint="export") from exc
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
@@ -260,20 +355,32 @@ def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None) 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run([output_name], {input_name: x})[0]
 
-    return Predictor(backend, device, path, run, spec, weights=lambda: onnx_weights(path))
+    return Predictor(backend, device, path, run, spec, lambda: onnx_fingerprint(data))
 
 
-def onnx_weights(path: Path) -> list[np.ndarray]:
-    """The initializers and Constant tensors of an ONNX file."""
+def onnx_fingerprint(data: bytes) -> dict[str, str]:
+    """What an ONNX model computes with: every initializer (sparse ones included) by its bytes, every node
+    with its inputs, outputs and attributes (tensor attributes by their bytes), the graph's inputs and
+    outputs and opsets. Metadata is left out: the spec is compared on its own."""
+    import hashlib
+
     import onnx
-    from onnx import numpy_helper
 
-    model = onnx.load(str(path))
-    tensors = [numpy_helper.to_array(t) for t in model.graph.initializer]
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            tensors += [numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"]
-    return tensors
+    def digest(message) -> str:
+        return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    items = {"opsets": "|".join(sorted(f"{o.domain}:{o.version}" for o in model.opset_import)),
+             "inputs and outputs": "|".join(digest(v) for v in (*graph.input, *graph.output)),
+             "functions": "|".join(digest(f) for f in model.functions)}
+    for tensor in graph.initializer:
+        items[f"initializer '{tensor.name}' ({onnx.TensorProto.DataType.Name(tensor.data_type).lower()} {list(tensor.dims)})"] = digest(tensor)
+    for i, tensor in enumerate(graph.sparse_initializer):
+        items[f"sparse initializer {i}"] = digest(tensor)
+    for i, node in enumerate(graph.node):
+        items[f"node {i} ({node.op_type} '{node.name}')"] = digest(node)
+    return items
 
 
 def read_onnx_spec(props: dict, path: Path) -> ModelSpec:

@@ -1,7 +1,7 @@
-"""Ways in: a live module, or a state dict plus the model's code, -> (traced module, ModelSpec).
+"""Ways in: a live module, or a state dict plus the model's code, -> (Program, ModelSpec).
 
-`fcx train` builds its models from a config (fcexport.models); everything else enters here. The
-result is what `fcexport.checkpoint.save_model` stores: after that, no step needs the user's code.
+`fcx train` builds its models from a config (fcexport.models) and enters here too. The module is exported
+with torch.export and kept as a Program (fcexport.program): after that, no step needs the user's code.
 """
 
 from __future__ import annotations
@@ -14,18 +14,15 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from fcexport import graph
 from fcexport.checkpoint import load_weights_file
 from fcexport.data import known_class_names
 from fcexport.errors import FcxError
-from fcexport.files import sha256_file
-from fcexport.models import Normalize
+from fcexport.program import Program, capture, check_shapes, class_count, with_input_normalization
 from fcexport.spec import ModelSpec, check_normalization, default_preprocess
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
-NORMALIZE_NODE = "input_normalize"
 
 
 def from_module(
@@ -35,28 +32,27 @@ def from_module(
     mean=None,
     std=None,
     architecture: dict | None = None,
-) -> tuple[fx.GraphModule, ModelSpec]:
-    """Trace an eval-mode copy of `module`, put (x - mean) / std in front of it, and describe it.
+) -> tuple[Program, ModelSpec]:
+    """Export an eval-mode copy of `module`, put (x - mean) / std in front of it, and describe it.
 
-    The traced graph is checked against fcexport's allow-lists here, so a model that could not be
-    stored fails now, naming the node, rather than at the first later step.
-    """
+    Everything a later step needs is checked here (the opset, argument types, shapes on the meta device),
+    so a model that could not be stored fails now, naming the layer, rather than at a later step."""
     shape = parse_input_shape(input_shape)
     if not isinstance(module, nn.Module):
         raise FcxError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    gm = graph.trace(copy.deepcopy(module).eval())
-    if sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
-        raise FcxError("the model's forward() must take exactly one input tensor (N, C, H, W)")
     normalization = None
     if mean is not None or std is not None:
         if mean is None or std is None:
             raise FcxError("normalisation needs both mean and std")
-        means, stds = check_normalization(mean, std, shape[0])
-        insert_normalize(gm, means, stds)
-        normalization = {"mean": means, "std": stds}
-    graph.to_data(gm)  # allow-list check, naming the first node that cannot be stored
-    classes = _output_classes(gm, shape)
-    names = [str(i) for i in range(classes)] if class_names is None else list(class_names)
+        normalization = dict(zip(("mean", "std"), check_normalization(mean, std, shape[0])))
+    try:
+        program = capture(copy.deepcopy(module).eval(), shape)
+    except SystemExit as exc:  # the user's forward() may call sys.exit; that is its error, not fcx's exit
+        raise FcxError(f"the model's code called sys.exit({exc.code!r}) while it was exported") from exc
+    if normalization:
+        program = with_input_normalization(program, normalization["mean"], normalization["std"])
+    classes = class_count(program, check_shapes(program, shape, "the model"), "the model")
+    names = [str(i) for i in range(classes)] if class_names is None else _names_list(class_names)
     if len(names) != classes:
         raise FcxError(f"{len(names)} class names given but the model returns {classes} logits per image")
     spec = ModelSpec(
@@ -66,7 +62,17 @@ def from_module(
         normalization=normalization,
         architecture=architecture or {"kind": "imported", "module": f"{type(module).__module__}.{type(module).__qualname__}"},
     )
-    return gm, spec
+    return program, spec
+
+
+def _names_list(class_names) -> list[str]:
+    """A list of names, or one of the known set names (a string is never split into letters)."""
+    if isinstance(class_names, str):
+        known = known_class_names(class_names)
+        if known is None:
+            raise FcxError(f"class_names {class_names!r} is not a known set; pass a list of names")
+        return known
+    return [str(n) for n in class_names]
 
 
 def from_state_dict(
@@ -78,22 +84,42 @@ def from_state_dict(
     class_names: list[str] | None = None,
     mean=None,
     std=None,
-) -> tuple[fx.GraphModule, ModelSpec]:
+) -> tuple[Program, ModelSpec]:
     """Build the user's model from its code, load the weights strictly, then as `from_module`."""
     weights = Path(weights)
-    state_dict = find_state_dict(load_weights_file(weights), weights, key)
+    loaded, weights_sha256 = load_weights_file(weights)
+    state_dict = find_state_dict(loaded, weights, key)
     module = build_user_model(model_def, model_args or {})
     state_dict = _strip_prefix(state_dict, module)
-    graph.check_weights(module, state_dict, str(weights))
+    check_weights(module, state_dict, str(weights))
     module.load_state_dict(state_dict, strict=True)
     architecture = {
         "kind": "imported",
         "model_def": model_def,
         "model_args": model_args or {},
         "weights": weights.name,
-        "weights_sha256": sha256_file(weights),
+        "weights_sha256": weights_sha256,
     }
     return from_module(module, input_shape, class_names, mean, std, architecture)
+
+
+def check_weights(model: nn.Module, state_dict: dict, where: str) -> None:
+    """Strict comparison of a state dict with a model's own: missing and unexpected keys and shape
+    mismatches are listed, the first few of each with counts, in one FcxError."""
+    expected = model.state_dict()
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise FcxError(f"{where}: weights must be a dict of tensors")
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    problems = [f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if items]
+    if problems:
+        raise FcxError(f"{where}: weights do not match the model: {'; '.join(problems)}")
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FcxError(f"{where}: weight '{key}' holds NaN or Inf values; the model is unusable")
 
 
 # ---- pieces ------------------------------------------------------------------------------
@@ -206,32 +232,3 @@ def _import_location(location: str):
         return importlib.import_module(location)
     except Exception as exc:
         raise FcxError(f"cannot import {location!r} ({type(exc).__name__}: {exc})") from exc
-
-
-def insert_normalize(gm: fx.GraphModule, mean: list[float], std: list[float]) -> None:
-    """Put a Normalize layer between the input and the rest of the graph."""
-    name = NORMALIZE_NODE
-    while hasattr(gm, name):
-        name += "_"
-    gm.add_submodule(name, Normalize(mean, std))
-    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    with gm.graph.inserting_after(placeholder):
-        node = gm.graph.call_module(name, (placeholder,))
-    placeholder.replace_all_uses_with(node)
-    node.args = (placeholder,)
-    gm.recompile()
-
-
-def _output_classes(gm: fx.GraphModule, shape: list[int]) -> int:
-    """Run two zero images through the model: it must return logits of shape (2, classes)."""
-    try:
-        with torch.inference_mode():
-            out = gm(torch.zeros(2, *shape))
-    except Exception as exc:
-        raise FcxError(f"the model does not run on input of shape (N, {', '.join(map(str, shape))}) "
-                       f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
-                       "check the input shape") from exc
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise FcxError(f"the model must return logits of shape (N, classes); it returned {got}")
-    return int(out.shape[1])

@@ -20,6 +20,7 @@ from fcexport.errors import FcxError
 PREPROCESS_MODES = ("object", "letterbox")
 MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # (C, H, W) up to 3 x 1024 x 1024: bounds every buffer made from a spec
 MAX_CLASSES = 100_000
+MAX_NORMALIZATION, MIN_STD = 1e6, 1e-6  # mean/std on [0, 1] pixels; beyond these float32 models overflow
 
 
 @dataclass
@@ -72,6 +73,10 @@ class ModelSpec:
         """Plain JSON values only (a JSON round trip drops str subclasses such as torch.__version__)."""
         return json.loads(json.dumps(asdict(self)))
 
+    def with_provenance(self, **fields) -> "ModelSpec":
+        """A copy whose provenance has `fields` added; this spec is left as it is."""
+        return ModelSpec.from_dict({**self.to_dict(), "provenance": {**self.provenance, **fields}})
+
     @classmethod
     def from_dict(cls, data, where: str = "model spec") -> "ModelSpec":
         if not isinstance(data, dict):
@@ -91,16 +96,18 @@ def check_normalization(mean, std, channels: int, where: str = "normalization") 
     """mean/std as lists of floats: one value, or one per channel; std > 0, all finite."""
     values = []
     for name, given in (("mean", mean), ("std", std)):
-        items = given if isinstance(given, list) else [given]
+        items = list(given) if isinstance(given, (list, tuple)) else [given]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in items):
             raise FcxError(f"{where}: {name} must be finite numbers, got {given!r}")
+        if not all(abs(v) <= MAX_NORMALIZATION for v in items):
+            raise FcxError(f"{where}: {name} must be within +-{MAX_NORMALIZATION:g} (pixels are in [0, 1]), got {given!r}")
         if len(items) not in (1, channels):
             raise FcxError(f"{where}: {name} needs 1 or {channels} values (one per channel), got {len(items)}")
         values.append([float(v) for v in items])
     if len(values[0]) != len(values[1]):
         raise FcxError(f"{where}: mean and std need the same number of values")
-    if not all(s > 0 for s in values[1]):
-        raise FcxError(f"{where}: std must be > 0, got {values[1]}")
+    if not all(s >= MIN_STD for s in values[1]):
+        raise FcxError(f"{where}: std must be >= {MIN_STD:g} (smaller does not survive float32 division), got {values[1]}")
     return values[0], values[1]
 
 

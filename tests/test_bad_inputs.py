@@ -6,6 +6,7 @@ the exit code, that stderr is a single line mentioning what it should, and that 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def truncate(path: Path) -> Path:
 
 def make_nan_checkpoint(folder: Path) -> Path:
     checkpoint = torch.load(folder / "model.pt", weights_only=True)
-    checkpoint["state_dict"]["fc1.weight"][0, 0] = float("nan")
+    checkpoint["tensors"]["fc1.weight"][0, 0] = float("nan")
     path = folder / "nan.pt"
     torch.save(checkpoint, path)
     return path
@@ -31,7 +32,9 @@ def make_nan_checkpoint(folder: Path) -> Path:
 
 def make_other_architecture(folder: Path) -> Path:
     checkpoint = torch.load(folder / "model.pt", weights_only=True)
-    checkpoint["graph"]["modules"]["fc1"]["args"]["out_features"] = 64  # weights are for 32
+    program = json.loads(checkpoint["program"])
+    program["tensors"]["fc1.weight"]["shape"] = [64, 64]  # the weights are (32, 64)
+    checkpoint["program"] = json.dumps(program)
     path = folder / "other.pt"
     torch.save(checkpoint, path)
     return path
@@ -89,17 +92,15 @@ CASES = [
     ("fuse-bn: truncated checkpoint", lambda a, s: ["fuse-bn", truncate(Path(shutil.copy(a / "model.pt", s / "t.pt"))), "--out", s / "f.pt"], "t.pt: corrupt or truncated"),
     ("fuse-bn: text as checkpoint", lambda a, s: ["fuse-bn", write(s, "notes.pt", b"hello world"), "--out", s / "f.pt"], "notes.pt: corrupt or truncated"),
     ("fuse-bn: pickle payload", lambda a, s: ["fuse-bn", make_pickle_payload(s), "--out", s / "f.pt"], "evil.pt: refused"),
-    ("fuse-bn: other architecture", lambda a, s: ["fuse-bn", make_other_architecture(s if False else a), "--out", s / "f.pt"], "other.pt: weights do not match"),
+    ("fuse-bn: other architecture", lambda a, s: ["fuse-bn", make_other_architecture(s if False else a), "--out", s / "f.pt"], "other.pt: tensor 'fc1.weight' is float32 [32, 64] but the program declares"),
     ("fuse-bn: another tool's file", lambda a, s: ["fuse-bn", make_bare_state_dict(s), "--out", s / "f.pt"], "bare.pt: not an fcexport model"),
-    ("fuse-bn: NaN weights", lambda a, s: ["fuse-bn", make_nan_checkpoint(a), "--out", s / "f.pt"], "nan.pt: weight 'fc1.weight' holds NaN"),
+    ("fuse-bn: NaN weights", lambda a, s: ["fuse-bn", make_nan_checkpoint(a), "--out", s / "f.pt"], "nan.pt: tensor 'fc1.weight' holds NaN"),
     ("fuse-bn: negative tolerance", lambda a, s: ["fuse-bn", a / "model.pt", "--out", s / "f.pt", "--verify", "--atol", "-1"], "atol and rtol must be finite and >= 0"),
-    ("export: NaN weights", lambda a, s: ["export", make_nan_checkpoint(a), "--artifacts", s], "nan.pt: weight 'fc1.weight'"),
+    ("export: NaN weights", lambda a, s: ["export", make_nan_checkpoint(a), "--artifacts", s], "nan.pt: tensor 'fc1.weight' holds NaN"),
     ("export: bad format", lambda a, s: ["export", "--artifacts", a, "--format", "tflite"], "formats are torchscript and onnx"),
     ("export: --int8 without onnx", lambda a, s: ["export", a / "model.pt", "--artifacts", s, "--int8", "--format", "torchscript"], "--int8 quantizes model.onnx"),
     ("export: missing checkpoint", lambda a, s: ["export", "--artifacts", s], "model.pt: file not found"),
     ("verify: folder without model.pt", lambda a, s: ["verify", "--artifacts", s], "model.pt: file not found"),
-    ("verify: truncated onnx", lambda a, s: ["verify", "--artifacts", a, "--backends", "onnxruntime"] if truncate(a / "model.onnx") else [], "model.onnx: not a valid ONNX model"),
-    ("verify: corrupt torchscript", lambda a, s: ["verify", "--artifacts", a, "--backends", "torchscript"] if write(a, "model.ts", b"PK\x03\x04junk") else [], "model.ts: not a valid fcexport TorchScript"),
     ("verify: negative tolerance", lambda a, s: ["verify", "--artifacts", a, "--rtol", "-0.1"], "atol and rtol must be finite and >= 0"),
     ("verify: int8 agreement above 1", lambda a, s: ["verify", "--artifacts", a, "--int8-agreement", "99"], "int8 agreement and max drop must be in [0, 1]"),
     ("verify: unknown backend", lambda a, s: ["verify", "--artifacts", a, "--backends", "tensorrt"], "backends takes"),

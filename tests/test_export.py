@@ -122,7 +122,8 @@ def test_verify_passes_with_table_and_json(exported_dir, runner, tmp_path):
         row = ran[(backend, "cpu")]
         assert row["status"] == "pass" and row["max_abs"] <= 1e-4 and row["top1_agreement"] == 1.0
         assert row["accuracy"] == pytest.approx(report["reference_accuracy"])
-        assert set(row) >= {"max_abs", "mean_abs", "p99_abs", "max_rel", "needed_atol", "needed_rtol"}
+        assert set(row) >= {"max_abs", "mean_abs", "p99_abs", "max_rel", "noise_ratio", "allowed_max_abs"}
+        assert row["criterion"] == "noise" and row["max_abs"] <= row["allowed_max_abs"] <= 2 * report["own_float32_error"] + 1e-6
     for device in ("cuda",):
         assert all(row["status"] in ("pass", "skipped") for (b, d), row in ran.items() if d == device)
 
@@ -211,7 +212,7 @@ def test_verify_judges_int8_by_agreement_not_float_tolerance(int8_dir, runner, t
                "--int8-max-drop", "0.05", "--json-file", tmp_path / "r.json")
     report = json.loads((tmp_path / "r.json").read_text())
     row = {row["backend"]: row for row in report["rows"]}["onnxruntime-int8"]
-    assert row["criterion"] == "agreement" and row["max_abs"] > report["atol"]  # atol/rtol alone would fail it
+    assert row["criterion"] == "agreement" and row["max_abs"] > 2 * report["own_float32_error"]  # the noise rule would fail it
     assert row["top1_agreement"] >= 0.9 and row["accuracy_drop"] <= 0.05
     assert row["status"] == "pass" and r.exit_code == 0, r.output
     assert "int8 passes on top-1 agreement >= 90.0%" in r.stdout
@@ -244,13 +245,31 @@ def test_judging_an_approximate_candidate():
     labels = np.arange(100) % 10
     candidate = reference + 0.05  # every element off by more than atol
     candidate[0] = np.roll(candidate[0], 1)  # one top-1 flip: 99% agreement, accuracy 100% -> 99%
-    exact = compare(candidate, reference, labels, Tolerance())
-    assert not exact["passed"] and exact["criterion"] == "tolerance"
-    assert compare(candidate, reference, labels, Tolerance(), approximate=True)["passed"]
-    assert not compare(candidate, reference, labels, Tolerance(min_agreement=0.995), approximate=True)["passed"]
-    assert not compare(candidate, reference, labels, Tolerance(max_accuracy_drop=0.005), approximate=True)["passed"]
+    own = 1e-6  # the float32 model's own error
+    exact = compare(candidate, reference, own, labels, Tolerance())
+    assert not exact["passed"] and exact["criterion"] == "noise"
+    assert not compare(candidate, reference, own, labels, Tolerance(atol=1e-5, rtol=1e-4))["passed"]
+    assert compare(candidate, reference, own, labels, Tolerance(atol=1.1))["passed"]
+    assert compare(candidate, reference, own, labels, Tolerance(), approximate=True)["passed"]
+    assert not compare(candidate, reference, own, labels, Tolerance(min_agreement=0.995), approximate=True)["passed"]
+    assert not compare(candidate, reference, own, labels, Tolerance(max_accuracy_drop=0.005), approximate=True)["passed"]
     candidate[1, 0] = np.nan
-    assert not compare(candidate, reference, labels, Tolerance(), approximate=True)["passed"]
+    assert not compare(candidate, reference, own, labels, Tolerance(), approximate=True)["passed"]
+
+
+def test_the_noise_rule_scales_with_the_model_and_catches_what_exceeds_it():
+    from fcexport.compare import Tolerance, compare
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 1e4, (50, 10))  # a deep random net's logits
+    own = 3e-3  # float32 rounding at that size
+    noisy = reference + rng.uniform(-own, own, reference.shape)
+    assert compare(noisy, reference, own, None, Tolerance())["passed"]  # a fixed atol of 1e-5 would fail this
+    wrong = noisy.copy()
+    wrong[3, 4] += 10 * own  # one logit off by ten times the noise
+    row = compare(wrong, reference, own, None, Tolerance())
+    assert not row["passed"] and row["noise_ratio"] > 5
+    assert compare(wrong, reference, own, None, Tolerance(factor=20))["passed"]
 
 
 def test_int8_is_listed_as_cpu_only_on_cuda(int8_dir, runner, tmp_path):

@@ -11,11 +11,15 @@ from torch import nn
 import fcexport
 from fcexport.checkpoint import load_model
 from fcexport.errors import FcxError
-from fcexport.folding import batchnorm_affine, fold_into_following, fold_into_preceding, fuse_with_report
+from fcexport.folding import BATCHNORM, batchnorm_affine, fold_into_following, fold_into_preceding, fuse_with_report
 from fcexport.models import Normalize
+from fcexport.program import ProgramModule
 
 
 def bn_count(model: nn.Module) -> int:
+    """BatchNorm and normalisation layers of a module, or their ops in a stored program's interpreter."""
+    if isinstance(model, ProgramModule):
+        return sum(n.op == BATCHNORM or n.layer_type == "Normalize" for n in model.program.nodes)
     return sum(isinstance(m, (nn.modules.batchnorm._BatchNorm, Normalize)) for m in model.modules())
 
 
@@ -50,7 +54,7 @@ def test_normalisation_before_a_padded_conv_stays_explicit_because_folding_would
     x = torch.rand(4, 3, 6, 6)
     model = settle_batchnorms(nn.Sequential(Normalize([0.5, 0.4, 0.3], [0.2, 0.3, 0.25]), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), x)
     fused, report = fuse_with_report(model, x)
-    assert [r["layer"] for r in report.left] == ["0"] and "pads with zeros" in report.left[0]["reason"]
+    assert [r.layer for r in report.left] == ["0"] and "pads with zeros" in report.left[0].reason
     torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-4)
     # what a naive fold would compute: the padded border sees the shift it should not
     conv = model[1]
@@ -64,11 +68,13 @@ def test_normalisation_before_a_padded_conv_stays_explicit_because_folding_would
 
 def test_input_model_is_untouched_and_result_is_eval():
     make, shape = PATTERNS["linear-bn"]
-    model = settle_batchnorms(make(), torch.randn(*shape)).train()
+    x = torch.randn(*shape)
+    model = settle_batchnorms(make(), x).train()
     before = copy.deepcopy(model.state_dict())
-    fused, report = fuse_with_report(model)
+    fused, report = fuse_with_report(model, x)  # folds the eval-mode behaviour (running statistics)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not fused.training and any("training mode" in n for n in report.notes)
+    assert not fused.training and report.folded
+    torch.testing.assert_close(fused(x), copy.deepcopy(model).eval()(x), atol=1e-5, rtol=1e-4)
 
 
 class TwoBranch(nn.Module):
@@ -92,8 +98,8 @@ def test_non_sequential_model_folds_legal_and_reports_the_rest():
     x = torch.randn(8, 10)
     model = settle_batchnorms(TwoBranch(), x)
     fused, report = fuse_with_report(model, x)
-    assert [f["layer"] for f in report.folded] == ["bn"]
-    reasons = {r["layer"]: r["reason"] for r in report.left}
+    assert [f.layer for f in report.folded] == ["bn"]
+    reasons = {r.layer: r.reason for r in report.left}
     assert "2 users" in reasons["pre"] and "track_running_stats=False" in reasons["live"]
     torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-4)
 
@@ -106,8 +112,10 @@ def test_strict_refuses_unfoldable_batchnorm_naming_it():
 def test_bn_on_3d_input_is_not_folded_into_a_linear_when_shapes_are_known():
     model = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 2)).eval()
     model[0].running_mean.fill_(2.0)
-    _, report = fuse_with_report(model, torch.randn(3, 6, 6))  # (N, C=6, L=6): channel axis != Linear axis
-    assert report.left and "not 2-D" in report.left[0]["reason"]
+    x = torch.randn(3, 6, 6)
+    fused, report = fuse_with_report(model, x)  # (N, C=6, L=6): channel axis != Linear axis
+    assert report.left and not report.folded and "not 2-D" in report.left[0].reason
+    torch.testing.assert_close(fused(x), model(x))
 
 
 def test_pure_fold_maths_against_hand_computation():
@@ -116,8 +124,7 @@ def test_pure_fold_maths_against_hand_computation():
     bn.running_var.copy_(torch.tensor([4.0, 0.25]))
     bn.weight.data.copy_(torch.tensor([2.0, 1.0]))
     bn.bias.data.copy_(torch.tensor([0.5, 0.0]))
-    bn.eps = 0.0
-    scale, shift = batchnorm_affine(bn)
+    scale, shift = batchnorm_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.0)
     assert scale.tolist() == [1.0, 2.0] and shift.tolist() == [-0.5, 4.0]
     w, b = fold_into_preceding(torch.eye(2), None, scale, shift)
     assert w.tolist() == [[1.0, 0.0], [0.0, 2.0]] and b.tolist() == [-0.5, 4.0]

@@ -19,18 +19,37 @@ import torch
 from helpers import save_png
 from onnx import TensorProto, helper
 
-MEMORY_LIMIT = 6 << 30  # bytes of address space: a CUDA build of torch maps ~4 GB just to load
+MEMORY_LIMIT = 6 << 30  # bytes of address space: a CUDA build of torch maps ~4 GB just to load; the rest is 1.5 GB
 TIME_LIMIT = 60  # seconds per command
 ROOT = Path(__file__).parents[1]
 
 
+PEAK_RSS_LIMIT = 1536 << 20  # bytes actually used by one command, imports included
+# Runs `fcx ARGS` and, as it exits, writes its peak resident memory (KiB) to the file named first.
+LAUNCHER = """
+import atexit, resource, runpy, sys
+peak_file = sys.argv[1]
+sys.argv = ["fcx", *sys.argv[2:]]
+atexit.register(lambda: open(peak_file, "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+runpy.run_module("cli.main", run_name="__main__")
+"""
+
+
 def run_limited(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`fcx ARGS` in a real process under RLIMIT_AS and a time limit; fails the test if it used over 1.5 GB."""
+    import tempfile
+
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True,
-                          timeout=TIME_LIMIT, preexec_fn=limit, env=env, cwd=cwd)
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        result = subprocess.run([sys.executable, "-c", LAUNCHER, str(peak_file), *map(str, args)], capture_output=True,
+                                text=True, timeout=TIME_LIMIT, preexec_fn=limit, env=env, cwd=cwd)
+        peak = int(peak_file.read_text()) * 1024 if peak_file.is_file() else 0
+    assert peak < PEAK_RSS_LIMIT, f"fcx {' '.join(map(str, args))}: peak memory {peak >> 20} MiB"
+    return result
 
 
 def fcx_metadata(model: onnx.ModelProto, **fields) -> onnx.ModelProto:
@@ -90,10 +109,37 @@ def with_onnx_metadata(folder: Path, path: Path, **fields) -> Path:
 
 
 def with_checkpoint(folder: Path, name: str, change) -> Path:
+    """A copy of model.pt whose parts (spec and program as parsed JSON, tensors) went through `change`."""
     raw = torch.load(folder / "model.pt", weights_only=True)
-    change(raw)
+    parts = {"spec": json.loads(raw["spec"]), "program": json.loads(raw["program"]), "tensors": raw["tensors"]}
+    change(parts)
+    raw.update(spec=json.dumps(parts["spec"]), program=json.dumps(parts["program"]), tensors=parts["tensors"])
     path = folder / name
     torch.save(raw, path)
+    return path
+
+
+def node(parts: dict, op: str) -> dict:
+    """The first node of the stored program that calls `op`."""
+    return next(n for n in parts["program"]["nodes"] if n["op"] == op)
+
+
+def widen(parts: dict, name: str, rows: int) -> None:
+    """Declare (and store, as a stride-0 view of one row) a weight of `rows` rows: a huge tensor in a few bytes."""
+    tensor = parts["tensors"][name]
+    parts["tensors"][name] = tensor[:1].expand(rows, *tensor.shape[1:])
+    parts["program"]["tensors"][name]["shape"] = [rows, *tensor.shape[1:]]
+
+
+def zip_bomb(folder: Path) -> Path:
+    """model.pt re-zipped with its records deflated: a small file that inflates far beyond its size."""
+    import zipfile
+
+    source, path = folder / "model.pt", folder / "bomb.pt"
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+        dst.writestr(src.namelist()[0].split("/")[0] + "/data/padding", b"\0" * (200 << 20))
     return path
 
 
@@ -106,7 +152,7 @@ def csv_file(folder: Path, name: str, text: str | bytes) -> Path:
 ROW = ",".join(["0"] * 16)
 CASES = [
     ("onnx Loop of 1e15 iterations", lambda a, s: ["predict", a / "x.png", "--model", loop_model(s)], "op Loop is not on fcexport's allow-list"),
-    ("onnx ConstantOfShape of 4 GB", lambda a, s: ["predict", a / "x.png", "--model", constant_of_shape_model(s)], "op ConstantOfShape is not on"),
+    ("onnx ConstantOfShape of 4 GB", lambda a, s: ["predict", a / "x.png", "--model", constant_of_shape_model(s)], "(ConstantOfShape) makes 1,000,000,000 values for one image"),
     ("onnx input_shape 1x9999x9999", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "big.onnx", input_shape=[1, 9999, 9999])], "larger than fcexport supports"),
     ("onnx short class_names", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "short.onnx", class_names=["a", "b"])], "spec names 2 classes"),
     ("onnx empty class_names", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "empty.onnx", class_names=[])], "class_names must be a non-empty list"),
@@ -114,13 +160,37 @@ CASES = [
     ("onnx 2-D input_shape", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "2d.onnx", input_shape=[8, 8])], "input_shape must be [C, H, W]"),
     ("onnx negative input_shape", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "neg.onnx", input_shape=[1, -8, 8])], "input_shape must be [C, H, W]"),
     ("onnx metadata disagrees with the graph", lambda a, s: ["predict", a / "x.png", "--model", with_onnx_metadata(a, s / "lie.onnx", input_shape=[1, 9, 9])], "the model's input is [1, 8, 8] but its metadata says [1, 9, 9]"),
-    ("checkpoint declares 10**7 hidden units", lambda a, s: ["export", with_checkpoint(a, "wide.pt", lambda r: r["graph"]["modules"]["fc1"]["args"].update(out_features=10**7)), "--artifacts", s],
-     "weights do not match the model"),
-    ("checkpoint declares 10**9 hidden units", lambda a, s: ["fuse-bn", with_checkpoint(a, "wider.pt", lambda r: r["graph"]["modules"]["fc1"]["args"].update(out_features=10**9)), "--out", s / "f.pt"],
-     "weights do not match the model"),
-    ("checkpoint object_fill 5000", lambda a, s: ["predict", a / "x.png", "--model", with_checkpoint(a, "fill.pt", lambda r: r["spec"]["preprocess"].update(object_fill=5000))], "object_fill must be in [0.1, 1]"),
-    ("checkpoint sizes as strings", lambda a, s: ["export", with_checkpoint(a, "strings.pt", lambda r: r["graph"]["modules"]["fc1"]["args"].update(in_features="64")), "--artifacts", s], "cannot be built"),
-    ("checkpoint normalisation without std", lambda a, s: ["export", with_checkpoint(a, "nostd.pt", lambda r: r["spec"]["normalization"].pop("std")), "--artifacts", s], "std must be finite numbers"),
+    ("checkpoint declares 10**7 hidden units (stride-0 weight)", lambda a, s: ["export", with_checkpoint(a, "wide.pt", lambda p: widen(p, "fc1.weight", 10**7)), "--artifacts", s],
+     "does not match its 8,192 stored bytes"),
+    ("checkpoint declares 10**9 hidden units", lambda a, s: ["fuse-bn", with_checkpoint(a, "wider.pt", lambda p: p["program"]["tensors"]["fc1.weight"].update(shape=[10**9, 64])), "--out", s / "f.pt"],
+     "tensor 'fc1.weight' is float32 [32, 64] but the program declares"),
+    ("checkpoint object_fill 5000", lambda a, s: ["predict", a / "x.png", "--model", with_checkpoint(a, "fill.pt", lambda p: p["spec"]["preprocess"].update(object_fill=5000))], "object_fill must be in [0.1, 1]"),
+    ("checkpoint sizes as strings", lambda a, s: ["export", with_checkpoint(a, "strings.pt", lambda p: node(p, "aten.view.default")["args"].__setitem__(1, ["-1", "64"])), "--artifacts", s],
+     "argument 'size' must be List[int]"),
+    ("checkpoint normalisation without std", lambda a, s: ["export", with_checkpoint(a, "nostd.pt", lambda p: p["spec"]["normalization"].pop("std")), "--artifacts", s], "std must be finite numbers"),
+    ("checkpoint: code in a keyword argument's name", lambda a, s: ["predict", a / "x.png", "--model", with_checkpoint(a, "kw.pt", lambda p: node(p, "aten.linear.default")["kwargs"].update(
+        {"inplace=False)\n__import__('os').system('touch " + str(s / "MARKER") + "')\n#": True}))], "unknown or repeated argument"),
+    ("checkpoint: code in a node name", lambda a, s: ["verify", "--artifacts", a] if with_checkpoint(a, "model.pt", lambda p: p["program"]["nodes"][0].update(name="x = __import__('os')")) else [],
+     "invalid or repeated node name"),
+    ("checkpoint: an op that is not in the opset", lambda a, s: ["export", with_checkpoint(a, "op.pt", lambda p: node(p, "aten.linear.default").update(op="aten.empty.memory_format")), "--artifacts", s],
+     "op is not in fcexport's opset"),
+    ("checkpoint: size arithmetic on a list (3e8 copies)", lambda a, s: ["export", with_checkpoint(a, "mul.pt", lambda p: p["program"]["nodes"].insert(0, {"name": "boom", "op": "sym.mul", "args": [[{"ref": "x"}], 300000000]})), "--artifacts", s],
+     "size arithmetic takes two integers"),
+    ("checkpoint: a string times 2e9", lambda a, s: ["export", with_checkpoint(a, "str.pt", lambda p: p["program"]["nodes"].insert(0, {"name": "boom", "op": "sym.mul", "args": ["ab", 2000000000]})), "--artifacts", s],
+     "size arithmetic takes two integers"),
+    ("checkpoint: padding 20000", lambda a, s: ["export", with_checkpoint(a, "pad.pt", lambda p: p["program"]["nodes"].insert(0, {"name": "boom", "op": "aten.constant_pad_nd.default", "args": [{"ref": "x"}, [20000, 20000, 20000, 20000]]})), "--artifacts", s],
+     "makes a tensor of shape (1, 1, 40008, 40008) for one image"),
+    ("checkpoint: a shape that does not fit", lambda a, s: ["export", with_checkpoint(a, "fit.pt", lambda p: node(p, "aten.view.default")["args"].__setitem__(1, [-1, 63])), "--artifacts", s],
+     "failed on input of shape (1, 1, 8, 8)"),
+    ("checkpoint: BatchNorm eps < 0", lambda a, s: ["export", with_checkpoint(a, "eps.pt", lambda p: node(p, "aten._native_batch_norm_legit_no_training.default")["args"].__setitem__(6, -1.0)), "--artifacts", s],
+     "argument 'eps' must be a finite number >= 0"),
+    ("checkpoint: deeply nested arguments", lambda a, s: ["export", with_checkpoint(a, "deep.pt", lambda p: node(p, "aten.view.default")["args"].__setitem__(1, [[[[[[[1]]]]]]])), "--artifacts", s],
+     "nested too deeply"),
+    ("checkpoint: a layer named training", lambda a, s: ["export", with_checkpoint(a, "names.pt", lambda p: p["program"]["nodes"].insert(0, {"name": "training", "op": "aten.relu.default", "args": [{"ref": "_forward_hooks"}]})), "--artifacts", s],
+     "uses '_forward_hooks' before it is defined"),
+    ("checkpoint: a sparse tensor", lambda a, s: ["export", with_checkpoint(a, "sparse.pt", lambda p: p["tensors"].update({"fc1.weight": p["tensors"]["fc1.weight"].to_sparse()})), "--artifacts", s],
+     "only dense CPU tensors are stored"),
+    ("checkpoint: a compressed (zip bomb) record", lambda a, s: ["export", zip_bomb(a), "--artifacts", s], "is compressed"),
     ("train --artifacts is a file", lambda a, s: ["train", "--data", "digits", "--artifacts", csv_file(s, "file", "x")], "a file is in the way"),
     ("--json-file is a folder", lambda a, s: ["bench", "--artifacts", a, "--backends", "onnxruntime", "--batch-sizes", "1", "--seconds", "0.01", "--json-file", s], "a folder has that name"),
     ("bench --repeat 0", lambda a, s: ["bench", "--artifacts", a, "--repeat", "0"], "repeat >= 1"),
@@ -151,6 +221,18 @@ def test_hostile_input_exit_2_one_line_bounded(folders, case, make, expected):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
     assert expected in lines[0], lines[0]
     assert time.monotonic() - started < TIME_LIMIT
+
+
+def test_code_in_a_stored_name_never_runs(folders):
+    artifacts, scratch = folders
+    marker = scratch / "MARKER"
+    payload = {"inplace=False)\n__import__('os').system('touch " + str(marker) + "')\n#": True}
+    hostile = with_checkpoint(artifacts, "model.pt", lambda p: node(p, "aten.linear.default")["kwargs"].update(payload))
+    for argv in (["predict", artifacts / "x.png", "--model", hostile], ["fuse-bn", "--artifacts", artifacts, "--out", scratch / "f.pt"],
+                 ["export", "--artifacts", artifacts], ["bench", "--artifacts", artifacts, "--backends", "eager"], ["verify", "--artifacts", artifacts]):
+        r = run_limited(*argv)
+        assert r.returncode == 2 and "unknown or repeated argument" in r.stderr, (argv, r.stderr)
+    assert not marker.exists()
 
 
 def test_csv_with_bom_and_class_names_as_labels_trains(tmp_path):

@@ -140,10 +140,11 @@ def test_predicting_2000_photos_streams_in_bounded_batches(exported_dir, image_d
     source = save_png(tmp_path / "one.png", np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
     for i in range(2_000):
         shutil.copyfile(source, folder / f"{i:05d}.png")
+    import dataclasses
+
     predictor = open_predictor(find_default_model(exported_dir))
     batch_sizes = []
-    run = predictor.run
-    predictor.run = lambda x: batch_sizes.append(len(x)) or run(x)
+    predictor = dataclasses.replace(predictor, run=lambda x, run=predictor.run: batch_sizes.append(len(x)) or run(x))
     tracemalloc.start()
     count = sum(1 for _ in predict_files(predictor, [str(folder)]))
     peak = tracemalloc.get_traced_memory()[1]

@@ -25,14 +25,18 @@ def test_train_writes_every_artifact(trained_dir):
 
 def test_checkpoint_is_plain_and_self_describing(trained_dir):
     raw = torch.load(trained_dir / "model.pt", weights_only=True)
-    assert raw["format"] == "fcexport.checkpoint" and set(raw) == {"format", "format_version", "spec", "graph", "state_dict"}
-    spec = raw["spec"]
+    assert raw["format"] == "fcexport.checkpoint" and set(raw) == {"format", "format_version", "spec", "program", "tensors"}
+    spec = json.loads(raw["spec"])
     assert spec["class_names"] == [str(i) for i in range(10)] and spec["input_shape"] == [1, 8, 8]
     assert set(spec["normalization"]) == {"mean", "std"}
     assert spec["dataset"]["source"] == "digits"
     assert spec["architecture"]["hidden"] == [32] and spec["architecture"]["batchnorm"] is True
-    assert [n["op"] for n in raw["graph"]["nodes"]][0] == "placeholder"
-    assert raw["graph"]["modules"]["fc1"] == {"type": "Linear", "args": {"in_features": 64, "out_features": 32, "bias": True}}
+    assert spec["architecture"]["kind"] == "mlp"
+    program = json.loads(raw["program"])
+    linears = [n for n in program["nodes"] if n["op"] == "aten.linear.default"]
+    assert [(n["layer"], n["layer_type"]) for n in linears] == [("fc1", "Linear"), ("head", "Linear")]
+    assert program["tensors"]["fc1.weight"] == {"dtype": "float32", "shape": [32, 64]}
+    assert raw["tensors"]["fc1.weight"].shape == (32, 64)
     model, _ = load_model(trained_dir / "model.pt")
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
@@ -45,8 +49,8 @@ def test_same_seed_same_metrics(tmp_path, runner):
         results.append(json.loads(r.stdout))
     for key in ("test_accuracy", "test_loss", "val_accuracy", "best_epoch"):
         assert results[0][key] == results[1][key]
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["tensors"]
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["tensors"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -66,8 +66,9 @@ def test_a_backdoor_unit_that_samples_never_trigger_fails_verification(artifacts
     assert predictor(trigger).argmax() == 3  # the backdoor works ...
     r, row = verify_json(runner, artifacts_copy, tmp_path)
     assert r.exit_code == 1 and row["status"] == "fail"
-    assert any("fc1.weight" in p and "not in the artifact" in p for p in row["problems"]), row["problems"]
-    assert any("tensor(s) the model does not" in p for p in row["problems"])
+    assert any("initializer 'fc1.weight' (float [32, 64])" in p and "is missing" in p for p in row["problems"]), row["problems"]
+    assert any("initializer 'fc1.weight' (float [33, 64])" in p and "is extra" in p for p in row["problems"])
+    assert any("fresh export of model.pt" in p for p in row["problems"])
     assert "FAIL onnxruntime on cpu" in r.stdout
 
 
@@ -90,7 +91,7 @@ def test_swapped_class_names_and_changed_object_fill_fail(artifacts_copy, runner
 def test_bytes_edited_after_export_fail_integrity(artifacts_copy, runner, tmp_path):
     rewrite_onnx(artifacts_copy, lambda m: setattr(m, "doc_string", "harmless looking edit"), refresh_manifest=False)
     r, row = verify_json(runner, artifacts_copy, tmp_path)
-    assert r.exit_code == 1 and row["problems"] == ["model.onnx changed after it was written (its sha256 differs from manifest.json)"]
+    assert r.exit_code == 1 and row["problems"] == ["model.onnx changed after it was written (its sha256 differs from manifest.json): not loaded"]
     image = save_png(tmp_path / "x.png", np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8))
     r = invoke(runner, "predict", image, "--artifacts", artifacts_copy)
     assert r.exit_code == 0 and "warning: model.onnx changed after it was written" in r.stderr and "fcx export" in r.stderr
@@ -159,3 +160,48 @@ def test_verify_on_an_absent_device_says_nothing_ran(exported_dir, runner):
     assert r.exit_code == 1 and "nothing was verified: every candidate was skipped" in r.stderr
     assert "PASSED" not in r.stdout and "no CUDA device here" in r.stdout
     assert r.stdout.count("no CUDA device here") == 1  # one line for every backend it stops
+
+
+def add_dormant_branch(model: onnx.ModelProto) -> None:
+    """An int8 initializer turned into floats by Cast, and a Constant(value_floats), added to the logits as
+    zeros: the numbers do not move, so only the structure check can see the extra weights."""
+    graph = model.graph
+    output = graph.output[0].name
+    producer = next(n for n in graph.node if output in n.output)
+    producer.output[list(producer.output).index(output)] = "honest_logits"
+    graph.initializer.append(numpy_helper.from_array(np.zeros((1, 10), np.int8), "dormant_int8"))
+    graph.node.extend([
+        onnx.helper.make_node("Cast", ["dormant_int8"], ["dormant_float"], to=onnx.TensorProto.FLOAT),
+        onnx.helper.make_node("Constant", [], ["dormant_scale"], value_floats=[0.0]),
+        onnx.helper.make_node("Mul", ["dormant_float", "dormant_scale"], ["dormant"]),
+        onnx.helper.make_node("Add", ["honest_logits", "dormant"], [output]),
+    ])
+
+
+def test_weights_of_any_dtype_behind_a_cast_fail_structure_while_numbers_pass(artifacts_copy, runner, tmp_path):
+    rewrite_onnx(artifacts_copy, add_dormant_branch)
+    r, row = verify_json(runner, artifacts_copy, tmp_path)
+    assert r.exit_code == 1 and row["status"] == "fail"
+    assert row["max_abs"] <= row["allowed_max_abs"]  # the numbers alone would pass
+    problems = " ".join(row["problems"])
+    assert "initializer 'dormant_int8' (int8 [1, 10])" in problems and "(Cast" in problems and "(Constant" in problems
+
+
+def test_a_damaged_artifact_is_refused_before_it_is_loaded(artifacts_copy, runner, tmp_path, monkeypatch):
+    import fcexport.runtimes as runtimes
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a file that fails its integrity check was loaded")
+
+    monkeypatch.setattr(runtimes, "torchscript_predictor", must_not_load)
+    monkeypatch.setattr(runtimes, "onnx_predictor", must_not_load)
+    (artifacts_copy / "model.ts").write_bytes(b"PK\x03\x04junk")
+    (artifacts_copy / "model.onnx").write_bytes((artifacts_copy / "model.onnx").read_bytes()[:100])
+    out = tmp_path / "r.json"
+    r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "torchscript,onnxruntime", "--devices", "cpu",
+               "--json-file", out)
+    assert r.exit_code == 1, r.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["status"] for row in rows] == ["fail", "fail"]
+    assert all("changed after it was written" in " ".join(row["problems"]) for row in rows)
+    assert "not loaded" in r.stdout

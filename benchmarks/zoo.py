@@ -1,0 +1,152 @@
+"""Coverage on models fcexport did not write: torchvision's classifiers and popular timm models, each through
+the README's Python API (import_model -> fuse(verify=True) -> export -> verify), with seconds per step.
+
+    python benchmarks/zoo.py                      # every model, one fresh process each, a table at the end
+    python benchmarks/zoo.py resnet18 timm:efficientnet_b0 --untrained
+
+Weights are random (no download); BatchNorm statistics are set to non-trivial values so folding is tested
+for real (--untrained keeps torchvision's/timm's own initialisation: zero biases, unit variances).
+`make zoo` runs the same list as tests (tests/test_zoo.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MAX_PARAMETERS = 60_000_000
+CLASSES = 10
+# Popular small timm models (families torchvision does not have, and timm's own variants of those it does).
+TIMM_MODELS = (
+    "resnet18", "resnet50d", "efficientnet_b0", "tf_efficientnet_lite0", "mobilenetv3_large_100", "mobilenetv4_conv_small",
+    "ghostnet_100", "mixnet_s", "regnetx_002", "mnasnet_100", "levit_128s", "rexnet_100", "fbnetc_100", "tinynet_a",
+    "lcnet_050", "convnext_atto", "edgenext_xx_small", "mobilevit_xs", "deit_tiny_patch16_224", "vit_tiny_patch16_224",
+    "efficientformer_l1", "repvgg_a0", "dla34", "densenet121", "cspresnet50", "hrnet_w18_small", "dpn68", "res2net50_14w_8s",
+    "resnest14d", "seresnext26d_32x4d", "coat_lite_tiny", "poolformer_s12", "convmixer_768_32", "xcit_nano_12_p16_224",
+)
+
+
+def torchvision_models() -> list[str]:
+    """Every torchvision classifier with at most MAX_PARAMETERS parameters at CLASSES classes."""
+    import torch
+    import torchvision
+
+    import warnings
+
+    names = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with torch.device("meta"):  # sizes without allocating
+                    model = torchvision.models.get_model(name, weights=None, num_classes=CLASSES)
+            except NotImplementedError:  # RegNet computes its widths from tensors: build it for real
+                model = torchvision.models.get_model(name, weights=None, num_classes=CLASSES)
+        if sum(p.numel() for p in model.parameters()) <= MAX_PARAMETERS:
+            names.append(name)
+    return names
+
+
+def build(name: str, untrained: bool = False):
+    """`name` or `timm:name` with random weights; BatchNorm statistics set unless `untrained`."""
+    import torch
+
+    if name.startswith("timm:"):
+        import timm
+
+        model = timm.create_model(name[5:], pretrained=False, num_classes=CLASSES)
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, num_classes=CLASSES)
+    if not untrained:
+        generator = torch.Generator().manual_seed(0)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+                if module.affine:
+                    module.weight.data.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                    module.bias.data.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def run(name: str, folder: Path, untrained: bool = False) -> dict:
+    """The README's Python API on one model; raises on the first step that fails."""
+    import fcexport
+
+    model = build(name, untrained)
+    seconds = {}
+    started = time.perf_counter()
+    fcexport.import_model(model, (3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), artifacts=folder)
+    seconds["import"] = time.perf_counter() - started
+    started = time.perf_counter()
+    fused = fcexport.fuse(folder / "model.pt", folder / "model.fused.pt", verify=True)
+    seconds["fuse"] = time.perf_counter() - started
+    if not fused["verification"]["passed"]:
+        raise AssertionError(f"fuse --verify failed: {fused['verification']['rows']}")
+    started = time.perf_counter()
+    exported = fcexport.export(folder / "model.pt", folder)
+    seconds["export"] = time.perf_counter() - started
+    started = time.perf_counter()
+    report = fcexport.verify(folder, devices=("cpu",))
+    seconds["verify"] = time.perf_counter() - started
+    rows = {r["backend"]: r for r in report["rows"] if r["status"] != "skipped"}
+    if not report["passed"]:
+        failed = {b: (r.get("problems"), r.get("max_abs"), r.get("allowed_max_abs")) for b, r in rows.items() if r["status"] != "pass"}
+        raise AssertionError(f"verify failed: {failed}")
+    return {
+        "model": name,
+        "folds": len(fused["report"]["folded"]),
+        "left": [f"{x['layer']}: {x['reason']}" for x in fused["report"]["left"]],
+        "max_abs": {b: r["max_abs"] for b, r in rows.items()},
+        "noise_ratio": {b: r["noise_ratio"] for b, r in rows.items()},
+        "own_error": report["own_float32_error"],
+        "inputs": report["input_count"],
+        "skipped": exported["skipped"],
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", help="torchvision names or timm:NAME [default: every one]")
+    parser.add_argument("--untrained", action="store_true", help="keep the libraries' own initialisation")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process: one model, JSON out
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per model")
+    args = parser.parse_args()
+    if args.one:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                print(json.dumps(run(args.models[0], Path(tmp), args.untrained)))
+            except Exception as exc:  # the table reports it; the traceback's last line says which step and why
+                print(json.dumps({"model": args.models[0], "error": f"{type(exc).__name__}: {str(exc)[:600]}"}))
+        return
+    names = args.models or [*torchvision_models(), *(f"timm:{n}" for n in TIMM_MODELS)]
+    print("| model | folds | max abs: fused / torchscript / onnxruntime (x own float32 error) | s: import / fuse / export / verify |")
+    print("| --- | --- | --- | --- |", flush=True)
+    for name in names:
+        command = [sys.executable, __file__, name, "--one", *(["--untrained"] if args.untrained else [])]
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout).stdout.strip().splitlines()
+            result = json.loads(out[-1]) if out else {"model": name, "error": "no output (crashed)"}
+        except subprocess.TimeoutExpired:
+            result = {"model": name, "error": f"over {args.timeout:.0f} s"}
+        if "error" in result:
+            print(f"| {name} | FAILED | {result['error'][:300]} | |", flush=True)
+            continue
+        errors = " / ".join(f"{result['max_abs'].get(b, float('nan')):.1e} ({result['noise_ratio'].get(b) or 0:.1f}x)"
+                            for b in ("fused", "torchscript", "onnxruntime"))
+        s = result["seconds"]
+        skipped = f"; not written: {', '.join(result['skipped'])}" if result["skipped"] else ""
+        print(f"| {name} | {result['folds']} | {errors}{skipped} | {s['import']:.0f} / {s['fuse']:.0f} / {s['export']:.0f} / "
+              f"{s['verify']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

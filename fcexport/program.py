@@ -1,0 +1,703 @@
+"""A model as data: a program over fcexport.opset's operations, its tensors, and an interpreter that runs it.
+
+`capture` exports a live nn.Module with `torch.export` (dynamic batch), lowers it to the core ATen opset and
+keeps each node as (op name, typed arguments, the layer the user wrote). `to_data` / `from_data` turn a
+Program into JSON-able values and back; `from_data` checks every op against the allow-list and every
+argument against the op's schema, and `check_shapes` runs the program on the meta device to bound every
+intermediate tensor before anything real is allocated. `ProgramModule` runs a Program by calling the
+`torch.ops.aten` overloads one after another: no code is ever generated from the file's contents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from fcexport.errors import FcxError
+from fcexport.opset import ATEN_OPS, GETITEM, SIZE_OP_NAMES, SIZE_OPS, aten_op
+
+INPUT = "x"
+MAX_NODES = 20_000
+MAX_LIST = 4096
+MAX_INT = 1 << 40
+MAX_BYTES = 1 << 28  # the memory of any one intermediate at batch 1: 256 MiB
+MAX_VIEW_ELEMENTS = 1 << 31  # a view (expand) may repeat its source's memory, up to this many values
+MAX_TOTAL_BYTES = 1 << 32  # the memory of all intermediates of one image together
+MAX_MACS = 10**11  # multiply-accumulates of one image (densenet121: 2.9e9, a 60M-parameter ViT: about 1.5e10)
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
+TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool)}
+MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
+                  "preserve_format": torch.preserve_format}
+_ALLOWED = frozenset(ATEN_OPS)
+SHAPE_READERS = frozenset({"aten.sym_size.int", "aten.sym_numel.default"})  # read a tensor's shape, never its values
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An argument that is the value of an earlier node, the input, or a stored tensor."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Node:
+    """One call: `op` (an opset name) on typed arguments; `layer` is the module path the user wrote."""
+
+    name: str
+    op: str
+    args: tuple
+    kwargs: tuple = ()  # ((name, value), ...)
+    layer: str = ""
+    layer_type: str = ""
+
+    @property
+    def label(self) -> str:
+        where = f"{self.layer} ({self.layer_type})" if self.layer else "top level"
+        return f"node '{self.name}' ({self.op}, layer {where})"
+
+
+@dataclass(frozen=True)
+class Program:
+    """Nodes in execution order, the name of the returned node, and the tensors the nodes read by name."""
+
+    nodes: tuple[Node, ...]
+    output: str
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)  # treated as read-only: passes make new ones
+
+    def node(self, name: str) -> Node | None:
+        return self._index().get(name)
+
+    def _index(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes}
+
+    def users(self) -> dict[str, list[Node]]:
+        """Name (node, tensor or input) -> the nodes that read it."""
+        users: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            for ref in refs_in((node.args, node.kwargs)):
+                users.setdefault(ref.name, []).append(node)
+        return users
+
+    def parameter_count(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def without_unused(self) -> "Program":
+        """Drop nodes whose values nobody reads and tensors no node reads."""
+        needed = {self.output}
+        kept = []
+        for node in reversed(self.nodes):
+            if node.name in needed:
+                kept.append(node)
+                needed |= {r.name for r in refs_in((node.args, node.kwargs))}
+        tensors = {k: v for k, v in self.tensors.items() if k in needed}
+        return replace(self, nodes=tuple(reversed(kept)), tensors=tensors)
+
+
+def refs_in(value):
+    """Every Ref inside a (nested) argument value."""
+    if isinstance(value, Ref):
+        yield value
+    elif isinstance(value, tuple):
+        for item in value:
+            yield from refs_in(item)
+
+
+def kwarg(node: Node, name: str, default=None):
+    return dict(node.kwargs).get(name, default)
+
+
+# ---- capture: nn.Module -> Program ------------------------------------------------------------
+
+
+def capture(module: nn.Module, input_shape) -> Program:
+    """Export an eval-mode module with a dynamic batch, lower it to core ATen, keep it as a Program."""
+    example = torch.rand(2, *input_shape)
+    try:
+        with _quiet_torch():
+            exported = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
+            exported = exported.run_decompositions(_decompositions())
+    except Exception as exc:
+        raise FcxError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}); "
+                       "fcexport takes every model torch.export.export(model, (x,)) accepts") from exc
+    return from_exported(exported)
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch.export logs failed meta kernels, prints graphs and warns about model attributes on its own;
+    fcexport reports one line instead. Scoped: logging, warning filters and stderr are restored afterwards."""
+    disabled = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(disabled)
+
+
+def _decompositions():
+    """The core ATen decompositions, but `linear` kept whole: exported files then hold Gemm on the layer's
+    own `fc1.weight` instead of a transposed copy, and folding sees the layer as the user wrote it."""
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.linear.default, None)
+    return table
+
+
+def from_exported(exported) -> Program:
+    """A Program from a torch.export ExportedProgram already decomposed to core ATen."""
+    from torch.export.graph_signature import InputKind
+
+    signature = exported.graph_signature
+    if signature.buffers_to_mutate or signature.user_inputs_to_mutate:
+        changed = ", ".join(list(signature.buffers_to_mutate.values())[:3])
+        raise FcxError(f"the model changes its own tensors in forward() ({changed}); put it in eval mode or remove that")
+    names: dict[str, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    inputs = []
+    for spec in signature.input_specs:
+        placeholder = spec.arg.name
+        if spec.kind == InputKind.USER_INPUT:
+            inputs.append(placeholder)
+            names[placeholder] = INPUT
+        elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            value = exported.state_dict.get(spec.target, exported.constants.get(spec.target))
+            if not isinstance(value, torch.Tensor):
+                raise FcxError(f"the model holds a {type(value).__name__} as '{spec.target}', not a tensor")
+            name = _unique(_tensor_name(spec.target), tensors)
+            tensors[name] = value.detach().to("cpu").contiguous().clone()
+            names[placeholder] = name
+        else:
+            raise FcxError(f"the model takes a {spec.kind.name.lower()} input ('{spec.target}'), which fcexport cannot store")
+    if len(inputs) != 1:
+        raise FcxError(f"the model's forward() must take exactly one input tensor (N, C, H, W), it takes {len(inputs)}")
+    nodes = []
+    output = None
+    for fx_node in exported.graph.nodes:
+        if fx_node.op == "placeholder":
+            continue
+        if fx_node.op == "output":
+            outputs = fx_node.args[0]
+            if len(outputs) != 1 or getattr(outputs[0], "op", None) is None:
+                raise FcxError(f"the model must return one tensor of logits, it returns {len(outputs)} values")
+            output = names[outputs[0].name]
+            continue
+        layer, layer_type = _layer_of(fx_node)
+        op = _op_name(fx_node.target)
+        if op is None:
+            where = f"layer '{layer}' ({layer_type})" if layer else "the model's own forward()"
+            raise FcxError(f"{where}: {fx_node.target} is not in fcexport's opset of pure tensor functions "
+                           "(fcexport/opset.py: no random numbers, no data-dependent shapes, no Python scalars read from tensors)")
+        names[fx_node.name] = fx_node.name
+        nodes.append(Node(fx_node.name, op, _encode(fx_node.args, names), tuple((k, _encode(v, names)) for k, v in fx_node.kwargs.items()),
+                          layer, layer_type))
+    if output is None or output == INPUT:
+        raise FcxError("the model returns its input unchanged")
+    program = Program(tuple(nodes), output, tensors).without_unused()
+    check_program(program, "the model")
+    return program
+
+
+def _op_name(target) -> str | None:
+    if isinstance(target, torch._ops.OpOverload):
+        name = str(target)
+        return name if name in _ALLOWED else None
+    if target is _getitem:
+        return GETITEM
+    return SIZE_OP_NAMES.get(target)
+
+
+def _getitem_fn():
+    import operator
+
+    return operator.getitem
+
+
+_getitem = _getitem_fn()
+
+
+def _layer_of(fx_node) -> tuple[str, str]:
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, kind = list(stack.values())[-1]
+    kind = kind if isinstance(kind, str) else getattr(kind, "__qualname__", str(kind))
+    return _printable(str(path)), _printable(kind.rsplit(".", 1)[-1])
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def _tensor_name(target: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", target)[:200] or "tensor"
+    return name if TENSOR_NAME.match(name) else f"t_{name}"[:200]
+
+
+def _unique(name: str, taken) -> str:
+    candidate, i = name, 1
+    while candidate in taken or candidate == INPUT:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+def _encode(value, names: dict):
+    import torch.fx as fx
+
+    if isinstance(value, fx.Node):
+        return Ref(names[value.name])
+    if isinstance(value, (list, tuple)):
+        return tuple(_encode(v, names) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.layout, torch.memory_format, torch.device)):
+        return value
+    raise FcxError(f"an argument of type {type(value).__name__} cannot be stored")
+
+
+def with_input_normalization(program: Program, mean: list[float], std: list[float], layer: str = "input_normalize") -> Program:
+    """(x - mean) / std in front of the program, as two nodes on stored (C, 1, 1) or scalar tensors."""
+    shape = () if len(mean) == 1 else (-1, 1, 1)
+    mean_name = _unique(f"{layer}.mean", program.tensors)
+    std_name = _unique(f"{layer}.std", program.tensors)
+    taken = {n.name for n in program.nodes}
+    sub, div = _unique(f"{layer}_sub", taken), _unique(f"{layer}_div", taken)
+
+    def rewire(value):
+        if isinstance(value, Ref) and value.name == INPUT:
+            return Ref(div)
+        return tuple(rewire(v) for v in value) if isinstance(value, tuple) else value
+
+    nodes = [n if n.op in SHAPE_READERS else replace(n, args=rewire(n.args), kwargs=rewire(n.kwargs)) for n in program.nodes]
+    head = (Node(sub, "aten.sub.Tensor", (Ref(INPUT), Ref(mean_name)), (), layer, "Normalize"),
+            Node(div, "aten.div.Tensor", (Ref(sub), Ref(std_name)), (), layer, "Normalize"))
+    tensors = {**program.tensors, mean_name: torch.tensor(mean, dtype=torch.float32).reshape(shape),
+               std_name: torch.tensor(std, dtype=torch.float32).reshape(shape)}
+    return Program((*head, *nodes), program.output, tensors)
+
+
+# ---- data <-> Program -------------------------------------------------------------------------
+
+
+def to_data(program: Program) -> dict:
+    """Plain JSON values: nodes with encoded arguments, the output, each tensor's dtype and shape."""
+    return {
+        "input": INPUT,
+        "nodes": [{"name": n.name, "op": n.op, "args": _to_json(n.args), "kwargs": {k: _to_json(v) for k, v in n.kwargs},
+                   "layer": n.layer, "layer_type": n.layer_type} for n in program.nodes],
+        "output": program.output,
+        "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in program.tensors.items()},
+    }
+
+
+def _to_json(value):
+    if isinstance(value, Ref):
+        return {"ref": value.name}
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"float": repr(value)}
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.memory_format):
+        return {"memory_format": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.layout):
+        return {"layout": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": value.type}
+    return value
+
+
+def from_data(data, tensors, where: str) -> Program:
+    """A checked Program from JSON values and a dict of tensors; anything unexpected is one FcxError line."""
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or not isinstance(data.get("tensors"), dict):
+        raise FcxError(f"{where}: the program must be {{'nodes': [...], 'tensors': {{...}}, 'output': name}}")
+    if data.get("input", INPUT) != INPUT:
+        raise FcxError(f"{where}: the program's input must be named {INPUT!r}")
+    if not 0 < len(data["nodes"]) <= MAX_NODES:
+        raise FcxError(f"{where}: the program has {len(data['nodes'])} nodes (1..{MAX_NODES} allowed)")
+    if not isinstance(tensors, dict) or set(tensors) != set(data["tensors"]):
+        extra = sorted(set(tensors) ^ set(data["tensors"])) if isinstance(tensors, dict) else ["(not a dict)"]
+        raise FcxError(f"{where}: the tensors do not match the program's list ({', '.join(map(str, extra[:3]))})")
+    for name, declared in data["tensors"].items():
+        check_tensor(name, tensors[name], declared, where)
+    nodes = []
+    for raw in data["nodes"]:
+        if not isinstance(raw, dict) or not isinstance(raw.get("op"), str) or not isinstance(raw.get("name"), str):
+            raise FcxError(f"{where}: malformed program node {_printable(str(raw), 80)!r}")
+        label = f"{where}: node {_printable(raw['name'], 100)!r}"
+        args, kwargs = raw.get("args", []), raw.get("kwargs", {})
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise FcxError(f"{label}: arguments must be a list and keyword arguments an object")
+        layer, layer_type = raw.get("layer", ""), raw.get("layer_type", "")
+        if not isinstance(layer, str) or not isinstance(layer_type, str):
+            raise FcxError(f"{label}: layer names must be strings")
+        nodes.append(Node(raw["name"], raw["op"], _from_json(args, label, 0), tuple((str(k), _from_json(v, label, 0)) for k, v in kwargs.items()),
+                          _printable(layer), _printable(layer_type, 100)))
+    program = Program(tuple(nodes), data.get("output"), tensors)
+    check_program(program, where)
+    return program
+
+
+def _from_json(value, label: str, depth: int):
+    if depth > 4:
+        raise FcxError(f"{label}: arguments are nested too deeply")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        if len(value) > MAX_LIST:
+            raise FcxError(f"{label}: a list of {len(value)} values is longer than {MAX_LIST}")
+        return tuple(_from_json(v, label, depth + 1) for v in value)
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, inner), = value.items()
+        if kind == "ref" and isinstance(inner, str):
+            return Ref(inner)
+        if kind == "float" and inner in ("inf", "-inf", "nan"):
+            return float(inner)
+        if kind == "dtype" and inner in DTYPES:
+            return DTYPES[inner]
+        if kind == "memory_format" and inner in MEMORY_FORMATS:
+            return MEMORY_FORMATS[inner]
+        if kind == "layout" and inner == "strided":
+            return torch.strided
+        if kind == "device" and inner in ("cpu", "cuda", "meta"):
+            return torch.device("cpu")  # the interpreter runs every op on the input's device
+    raise FcxError(f"{label}: unsupported argument value {_printable(str(value), 80)!r}")
+
+
+def check_tensor(name, tensor, declared, where: str) -> None:
+    """A stored tensor must be a plain dense CPU tensor that owns exactly its bytes (no stride tricks)."""
+    if not isinstance(name, str) or not TENSOR_NAME.match(name):
+        raise FcxError(f"{where}: invalid tensor name {_printable(str(name), 80)!r}")
+    label = f"{where}: tensor '{name}'"
+    if type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter):
+        raise FcxError(f"{label} is a {type(tensor).__name__}, not a tensor")
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested or tensor.device.type != "cpu":
+        raise FcxError(f"{label}: only dense CPU tensors are stored (got {tensor.layout}, {tensor.device.type})")
+    if tensor.dtype not in DTYPES.values():
+        raise FcxError(f"{label}: dtype {tensor.dtype} is not supported")
+    storage_bytes = tensor.untyped_storage().nbytes()
+    if not tensor.is_contiguous() or tensor.storage_offset() != 0 or storage_bytes != tensor.numel() * tensor.element_size():
+        raise FcxError(f"{label}: its shape {tuple(tensor.shape)} does not match its {storage_bytes:,} stored bytes "
+                       "(strides or offsets that repeat or skip data)")
+    expected = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+    if declared != expected:
+        raise FcxError(f"{label} is {expected['dtype']} {expected['shape']} but the program declares {_printable(str(declared), 80)}")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise FcxError(f"{label} holds NaN or Inf values; the model is unusable")
+
+
+# ---- static checks: names, ops, argument types ------------------------------------------------
+
+
+def check_program(program: Program, where: str) -> None:
+    """Every node: a fresh valid name, an allow-listed op, arguments of its schema's types, refs to earlier values."""
+    kinds: dict[str, object] = {INPUT: "tensor", **{name: "tensor" for name in program.tensors}}
+    for node in program.nodes:
+        label = f"{where}: {node.label}"
+        if not NAME.match(node.name) or node.name in kinds:
+            raise FcxError(f"{where}: invalid or repeated node name {_printable(node.name, 80)!r}")
+        for ref in refs_in((node.args, node.kwargs)):
+            if ref.name not in kinds:
+                raise FcxError(f"{label}: uses {_printable(ref.name, 80)!r} before it is defined")
+        kinds[node.name] = _check_node(node, kinds, label)
+    if not isinstance(program.output, str) or kinds.get(program.output) != "tensor" or program.output not in {n.name for n in program.nodes}:
+        raise FcxError(f"{where}: the program's output must be a tensor computed by one of its nodes")
+
+
+def _check_node(node: Node, kinds: dict, label: str):
+    if node.op == GETITEM:
+        if len(node.args) != 2 or node.kwargs or not isinstance(node.args[0], Ref) or type(node.args[1]) is not int:
+            raise FcxError(f"{label}: getitem takes a node and an index")
+        source = kinds[node.args[0].name]
+        if source == "tensors":
+            return "tensor"
+        if isinstance(source, tuple) and 0 <= node.args[1] < len(source):
+            return source[node.args[1]]
+        raise FcxError(f"{label}: index {node.args[1]} is out of range for its source")
+    if node.op in SIZE_OPS:
+        if len(node.args) != 2 or node.kwargs or not all(_is_int(a, kinds) for a in node.args):
+            raise FcxError(f"{label}: size arithmetic takes two integers")
+        return "int"
+    if node.op not in _ALLOWED:
+        raise FcxError(f"{label}: op is not in fcexport's opset (fcexport/opset.py)")
+    schema = aten_op(node.op)._schema
+    arguments = schema.arguments
+    positional = [a for a in arguments if not a.kwarg_only]
+    if len(node.args) > len(positional):
+        raise FcxError(f"{label}: {len(node.args)} arguments for {len(positional)} parameters")
+    by_name = {a.name: a for a in arguments}
+    given = {a.name: v for a, v in zip(positional, node.args)}
+    for key, value in node.kwargs:
+        if key not in by_name or key in given:
+            raise FcxError(f"{label}: unknown or repeated argument {_printable(key, 40)!r}")
+        given[key] = value
+    for argument in arguments:
+        if argument.name == "eps" and argument.name in given:  # batch/layer/group norm: a negative eps is NaN
+            eps = given["eps"]
+            if type(eps) not in (int, float) or not (math.isfinite(eps) and eps >= 0):
+                raise FcxError(f"{label}: argument 'eps' must be a finite number >= 0, got {_printable(repr(eps), 40)}")
+        if argument.name in given:
+            if not _matches(str(argument.real_type), given[argument.name], kinds):
+                raise FcxError(f"{label}: argument '{argument.name}' must be {argument.real_type}, got "
+                               f"{_printable(repr(given[argument.name]), 60)}")
+        elif not argument.has_default_value():
+            raise FcxError(f"{label}: argument '{argument.name}' is missing")
+    returns = [str(r.real_type) for r in schema.returns]
+    if returns == ["Tensor"]:
+        return "tensor"
+    if returns == ["List[Tensor]"]:
+        return "tensors"
+    if returns in (["int"], ["SymInt"]):
+        return "int"
+    if all(r == "Tensor" for r in returns):
+        return tuple("tensor" for _ in returns)
+    raise FcxError(f"{label}: returns {returns}, which fcexport does not run")
+
+
+def _is_int(value, kinds) -> bool:
+    if isinstance(value, Ref):
+        return kinds.get(value.name) == "int"
+    return type(value) is int and -(1 << 63) <= value < (1 << 63)  # int64, as the schema (slice's end is INT64_MAX)
+
+
+def _matches(kind: str, value, kinds: dict) -> bool:
+    if kind.startswith("Optional[") and kind.endswith("]"):
+        return value is None or _matches(kind[len("Optional["):-1], value, kinds)
+    if kind.startswith("List[") and kind.endswith("]"):
+        return isinstance(value, tuple) and len(value) <= MAX_LIST and all(_matches(kind[5:-1], v, kinds) for v in value)
+    if kind == "Tensor":  # torch.export passes Python numbers where a schema says Tensor (add.Tensor(x, 3))
+        return (isinstance(value, Ref) and kinds.get(value.name) == "tensor") or type(value) in (int, float, bool)
+    if kind in ("int", "SymInt"):
+        return _is_int(value, kinds)
+    if kind == "float":
+        return type(value) in (int, float)
+    if kind == "bool":
+        return type(value) is bool
+    if kind == "number":
+        return type(value) in (int, float, bool) and (type(value) is not int or abs(value) < (1 << 63))
+    if kind == "ScalarType":
+        return isinstance(value, torch.dtype) and value in DTYPES.values()
+    if kind == "MemoryFormat":
+        return isinstance(value, torch.memory_format)
+    if kind == "Layout":
+        return value == torch.strided
+    if kind == "Device":
+        return isinstance(value, torch.device)
+    if kind == "str":
+        return isinstance(value, str) and bool(re.fullmatch(r"[a-z_]{1,16}", value))
+    return False
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+
+class ProgramModule(nn.Module):
+    """Runs a Program op by op (an interpreter: no code is generated). Its tensors are buffers, so
+    `.to(device)` / `.double()` move them; a float64 input runs every float32 op in float64 too."""
+
+    def __init__(self, program: Program):
+        super().__init__()
+        self.program = program
+        self._slots = {}  # program tensor name -> the buffer's dotted path in this module
+        for name, tensor in program.tensors.items():
+            self._slots[name] = self._register(name, tensor)
+        last_use = {}
+        for i, node in enumerate(program.nodes):
+            for ref in refs_in((node.args, node.kwargs)):
+                last_use[ref.name] = i
+        self._steps = []
+        for i, node in enumerate(program.nodes):
+            frees = tuple(n for n, at in last_use.items() if at == i and n not in self._slots and n != program.output)
+            self._steps.append((node, _callable(node.op), frees))
+
+    def _register(self, name: str, tensor: torch.Tensor) -> str:
+        """Keep the tensor's own dotted name where it fits (exported files then read `features.0.weight`);
+        a name that would clash with an attribute (`training`, `forward`) gets a plain slot instead."""
+        *parents, leaf = name.split(".")
+        owner = self
+        try:
+            for part in parents:
+                child = owner._modules.get(part)
+                if child is None:
+                    if hasattr(owner, part):
+                        raise KeyError(part)
+                    child = nn.Module()
+                    owner.add_module(part, child)
+                owner = child
+            if hasattr(owner, leaf) or leaf in owner._modules:
+                raise KeyError(leaf)
+            owner.register_buffer(leaf, tensor)
+            return name
+        except (KeyError, TypeError, ValueError):
+            slot = _unique("tensor_" + re.sub(r"\W", "_", name), {n.split(".")[0] for n in self._slots.values()} | set(dir(self)))
+            self.register_buffer(slot, tensor)
+            return slot
+
+    def named_program_tensors(self) -> dict[str, torch.Tensor]:
+        """The program's tensors by their stored names, as they are now (device, dtype)."""
+        return {name: self.get_buffer(path) for name, path in self._slots.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_steps(self, x)
+
+
+def _callable(op: str):
+    if op == GETITEM:
+        return _getitem
+    if op in SIZE_OPS:
+        return SIZE_OPS[op]
+    return aten_op(op)
+
+
+# torch.jit.trace records sizes as values only through Tensor methods (x.size(0), x.view(n, -1)); while
+# tracing, the ops that take sizes are called that way, so model.ts keeps a dynamic batch.
+_TRACEABLE = {
+    "aten.sym_size.int": lambda x, dim: x.size(dim),
+    "aten.view.default": lambda x, size: x.view(size),
+    "aten.expand.default": lambda x, size, implicit=False: x.expand(size),
+    "aten.repeat.default": lambda x, size: x.repeat(size),
+    "aten.full.default": lambda size, value, **kw: torch.full(size, value, **{k: v for k, v in kw.items() if k in ("dtype", "device")}),
+}
+
+
+def run_steps(module: ProgramModule, x: torch.Tensor, check=None) -> torch.Tensor:
+    """Run every node; `check(node, value)` (shape bounds on meta) sees each result before the next op."""
+    env = {INPUT: x}
+    stored = module.named_program_tensors()
+    tracing = torch.jit.is_tracing()
+    widen = x.dtype == torch.float64  # a float64 reference: float32 constants in op arguments follow it
+    device = x.device
+
+    def value(arg):
+        if isinstance(arg, Ref):
+            return stored[arg.name] if arg.name in stored else env[arg.name]
+        if isinstance(arg, tuple):
+            return [value(a) for a in arg]
+        if isinstance(arg, torch.device):
+            return device
+        if widen and arg is torch.float32:
+            return torch.float64
+        return arg
+
+    node = None
+    try:
+        for node, fn, frees in module._steps:
+            if tracing and node.op in _TRACEABLE:
+                fn = _TRACEABLE[node.op]
+            result = fn(*[value(a) for a in node.args], **{k: value(v) for k, v in node.kwargs})
+            if check is not None:
+                check(node, result)
+            env[node.name] = result
+            for name in frees:
+                del env[name]
+    except FcxError:
+        raise
+    except Exception as exc:
+        if node is None or isinstance(exc, (MemoryError, KeyboardInterrupt)):
+            raise
+        raise FcxError(f"{node.label} failed on input of shape {tuple(x.shape)} ({type(exc).__name__}: "
+                       f"{_first_line(exc)})") from exc
+    return env[module.program.output]
+
+
+def fingerprint(program: Program) -> dict[str, str]:
+    """Every node (op, arguments, layer) and every tensor (dtype, shape, bytes) of a program, for comparing
+    a stored program with a fresh one: a changed weight of any dtype or size, op or wire shows up."""
+    import hashlib
+
+    items = {f"node '{n.name}' ({n.op})": repr((n.op, n.args, n.kwargs)) for n in program.nodes}
+    items["output"] = program.output
+    for name, tensor in program.tensors.items():
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        items[f"tensor '{name}' ({str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)})"] = hashlib.sha256(data).hexdigest()
+    return items
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What a meta-device run at batch 1 found: each tensor node's shape, and the multiply-accumulates."""
+
+    of: Mapping[str, tuple]
+    macs: int
+
+
+def check_shapes(program: Program, input_shape, where: str) -> Shapes:
+    """Run the program on the meta device at batch 1 and refuse any intermediate over the bounds: an
+    oversized tensor, too much work, or an op that fails, naming the node. Nothing real is allocated."""
+    with torch.device("meta"):
+        meta_tensors = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in program.tensors.items()}
+    module = ProgramModule(Program(program.nodes, program.output, meta_tensors))
+    shapes: dict[str, tuple] = {}
+    totals = {"bytes": 0, "macs": 0}
+
+    def check(node: Node, result) -> None:
+        values = result if isinstance(result, (tuple, list)) else [result]
+        for item in values:
+            if isinstance(item, torch.Tensor):
+                owned = item.untyped_storage().nbytes() if item._base is None else 0
+                if owned > MAX_BYTES or item.numel() > MAX_VIEW_ELEMENTS:
+                    raise FcxError(f"{where}: {node.label} makes a tensor of shape {tuple(item.shape)} for one image "
+                                   f"({item.numel():,} values; at most {MAX_BYTES:,} bytes)")
+                totals["bytes"] += owned
+            elif isinstance(item, (int, torch.SymInt)) and abs(int(item)) > MAX_INT:
+                raise FcxError(f"{where}: {node.label} computes the size {int(item):,}, which is out of range")
+        if isinstance(result, torch.Tensor):
+            shapes[node.name] = tuple(result.shape)
+            totals["macs"] += _macs(node, result, module, shapes)
+        if totals["bytes"] > MAX_TOTAL_BYTES or totals["macs"] > MAX_MACS:
+            raise FcxError(f"{where}: the program needs more memory or work per image than fcexport allows "
+                           f"(at {node.label})")
+
+    x = torch.empty((1, *input_shape), device="meta")
+    try:
+        out = run_steps(module, x, check)
+    except FcxError as exc:
+        raise FcxError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from exc
+    if not isinstance(out, torch.Tensor):
+        raise FcxError(f"{where}: the program must return a tensor")
+    return Shapes(MappingProxyType(shapes), totals["macs"])
+
+
+def class_count(program: Program, shapes: Shapes, where: str) -> int:
+    """The number of logits per image of a classifier: its output must be (N, classes)."""
+    out = shapes.of.get(program.output, ())
+    if len(out) != 2 or out[0] != 1:
+        raise FcxError(f"{where}: the model must return logits of shape (N, classes); it returns {tuple(out)} for one image")
+    return int(out[1])
+
+
+def _macs(node: Node, result: torch.Tensor, module: ProgramModule, shapes: dict) -> int:
+    """Multiply-accumulates of the ops that dominate cost (convolutions and matrix products)."""
+    def shape_of(arg):
+        if not isinstance(arg, Ref):
+            return None
+        if arg.name in module.program.tensors:
+            return tuple(module.program.tensors[arg.name].shape)
+        return shapes.get(arg.name)
+
+    if node.op == "aten.convolution.default":
+        weight = shape_of(node.args[1]) or ()
+        return result.numel() * math.prod(weight[1:]) if not node.args[6] else math.prod(shape_of(node.args[0]) or ()) * math.prod(weight[1:])
+    if node.op in ("aten.mm.default", "aten.addmm.default", "aten.bmm.default"):
+        left = shape_of(node.args[-2]) or (0,)
+        return result.numel() * left[-1]
+    if node.op == "aten.linear.default":
+        return result.numel() * (shape_of(node.args[1]) or (0, 0))[-1]
+    return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return _printable(text.splitlines()[0], 200) if text else ""
