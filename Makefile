@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO := artifacts/demo
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test zoo bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+zoo: $(STAMP)
+	$(BIN)/python -m pytest -q -m zoo tests/test_zoo.py
 
 demo: $(STAMP)
 	$(BIN)/fcx train --data digits --epochs 15 --artifacts $(DEMO)

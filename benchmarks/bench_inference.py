@@ -33,7 +33,11 @@ def numpy_chain(onnx_path: Path) -> Predictor:
 
     model = onnx.load(str(onnx_path))
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    layers = [(weights[n.input[1]].T.copy(), weights[n.input[2]]) for n in model.graph.node if n.op_type == "Gemm"]
+    def transposed(node) -> bool:
+        return any(a.name == "transB" and a.i for a in node.attribute)
+
+    layers = [((weights[n.input[1]].T if transposed(n) else weights[n.input[1]]).copy(), weights[n.input[2]])
+              for n in model.graph.node if n.op_type == "Gemm"]
 
     def run(x: np.ndarray) -> np.ndarray:
         h = x.reshape(len(x), -1)

@@ -2,8 +2,8 @@
 
 `torch.export` + `run_decompositions()` lowers any exportable model to the core ATen opset; fcexport keeps
 the overloads of it that are functional (no argument is written to), deterministic (no random numbers)
-and whose output shape follows from the input shapes and arguments (and `linear`, kept whole so that a
-Linear layer stays one op), plus the integer arithmetic that
+and whose output shape follows from the input shapes and arguments (and `linear` and `adaptive_avg_pool2d`,
+kept whole so that a Linear layer stays one op and a pool stays a pool), plus the integer arithmetic that
 a dynamic batch size needs (`aten.sym_size.int` and Python's +, -, *, //, % on sizes) and tuple indexing.
 Left out on purpose: random ops, in-place and `out=` ops, uninitialised memory (`empty`), strides read back
 (`sym_stride`), data-dependent shapes (`nonzero`) and reading a tensor into Python
@@ -16,7 +16,7 @@ from __future__ import annotations
 import operator
 
 ATEN_OPS = tuple(f"aten.{name}" for name in """
-_adaptive_avg_pool2d.default _adaptive_avg_pool3d.default _cdist_forward.default _log_softmax.default
+_adaptive_avg_pool2d.default _adaptive_avg_pool3d.default adaptive_avg_pool2d.default _cdist_forward.default _log_softmax.default
 _native_batch_norm_legit.no_stats _native_batch_norm_legit_no_training.default _pdist_forward.default
 _softmax.default _to_copy.default abs.default acos.default acosh.default add.Tensor add.Scalar addmm.default
 alias.default amax.default amin.default any.default any.dim any.dims arange.start_step argmax.default

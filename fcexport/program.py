@@ -42,6 +42,7 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (
 MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
                   "preserve_format": torch.preserve_format}
 _ALLOWED = frozenset(ATEN_OPS)
+GUARDS = frozenset({"aten._assert_tensor_metadata.default", "aten._assert_scalar.default"})
 SHAPE_READERS = frozenset({"aten.sym_size.int", "aten.sym_numel.default"})  # read a tensor's shape, never its values
 
 
@@ -149,11 +150,16 @@ def _quiet_torch():
         logging.disable(disabled)
 
 
+KEPT_WHOLE = (torch.ops.aten.linear.default, torch.ops.aten.adaptive_avg_pool2d.default)
+
+
 def _decompositions():
-    """The core ATen decompositions, but `linear` kept whole: exported files then hold Gemm on the layer's
-    own `fc1.weight` instead of a transposed copy, and folding sees the layer as the user wrote it."""
+    """The core ATen decompositions, but `linear` and `adaptive_avg_pool2d` kept whole: exported files then
+    hold Gemm on the layer's own `fc1.weight` instead of a transposed copy (and folding sees the layer as the
+    user wrote it), and a global average pool instead of `as_strided` views that ONNX can only size at run time."""
     table = torch.export.default_decompositions()
-    table.pop(torch.ops.aten.linear.default, None)
+    for op in KEPT_WHOLE:
+        table.pop(op, None)
     return table
 
 
@@ -195,6 +201,8 @@ def from_exported(exported) -> Program:
                 raise FcxError(f"the model must return one tensor of logits, it returns {len(outputs)} values")
             output = names[outputs[0].name]
             continue
+        if str(fx_node.target) in GUARDS and not fx_node.users:
+            continue  # a check torch.export proved at export time (a dtype after .to()); it computes nothing
         layer, layer_type = _layer_of(fx_node)
         op = _op_name(fx_node.target)
         if op is None:
@@ -553,7 +561,26 @@ class ProgramModule(nn.Module):
         return run_steps(self, x)
 
 
+def _global_average_pool(x: torch.Tensor, output_size) -> torch.Tensor:
+    """adaptive_avg_pool2d to 1x1 is the mean over H and W; said so, exporters write a plain ReduceMean
+    instead of the strided views they lower the general op to (which ONNX can only size at run time)."""
+    if tuple(output_size) == (1, 1):
+        return torch.ops.aten.mean.dim(x, [-2, -1], True)
+    return torch.ops.aten.adaptive_avg_pool2d.default(x, output_size)
+
+
+def _functional_copy(target: torch.Tensor, source: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """`copy(target, source)` as torch.export writes it for `mask[a:b] = value`: `source` broadcast to `target`'s
+    shape and dtype. Said with expand, exporters keep the shapes (ONNX's constant folder loses a 0-d source)."""
+    return source.to(dtype=target.dtype, device=target.device).expand_as(target)
+
+
+SPELLED_OUT = {"aten.adaptive_avg_pool2d.default": _global_average_pool, "aten.copy.default": _functional_copy}
+
+
 def _callable(op: str):
+    if op in SPELLED_OUT:
+        return SPELLED_OUT[op]
     if op == GETITEM:
         return _getitem
     if op in SIZE_OPS:

@@ -34,3 +34,10 @@ def test_verify_runs_the_cuda_rows(exported_dir, runner, tmp_path):
     cuda = {row["backend"]: row for row in rows if row["device"] == "cuda"}
     assert all(cuda[b]["status"] == "pass" for b in ("eager", "fused", "torchscript")), cuda
     assert r.exit_code == 0, r.output
+
+
+def test_fuse_bn_verify_on_cuda_leaves_nothing_on_the_gpu(trained_dir, runner, tmp_path):
+    r = invoke(runner, "fuse-bn", trained_dir / "model.pt", "--out", tmp_path / "f.pt", "--verify", "--device", "cuda", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["verification"]["passed"] and result["latency_ms"]["device"] == "cuda"

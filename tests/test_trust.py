@@ -205,3 +205,31 @@ def test_a_damaged_artifact_is_refused_before_it_is_loaded(artifacts_copy, runne
     assert [row["status"] for row in rows] == ["fail", "fail"]
     assert all("changed after it was written" in " ".join(row["problems"]) for row in rows)
     assert "not loaded" in r.stdout
+
+
+def test_export_vouches_only_for_the_model_pt_bytes_it_loaded(tmp_path, trained_dir, runner, monkeypatch):
+    """model.pt replaced while export runs: the manifest names the bytes that were exported, so the swap shows."""
+    import shutil
+
+    import fcexport
+    import fcexport.checkpoint as checkpoint
+    from torch import nn
+
+    folder = Path(shutil.copytree(trained_dir, tmp_path / "a"))
+    fcexport.import_model(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), (1, 8, 8), artifacts=tmp_path / "other")
+    exported_sha = sha256_file(folder / "model.pt")
+    real = checkpoint.read_model
+
+    def read_then_swap(path):
+        stored = real(path)
+        shutil.copy(tmp_path / "other" / "model.pt", path)  # another model.pt lands mid-export
+        return stored
+
+    monkeypatch.setattr(checkpoint, "read_model", read_then_swap)
+    fcexport.export(folder / "model.pt", folder, formats=("onnx",))
+    monkeypatch.undo()
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    assert files["model.onnx"]["source_sha256"] == exported_sha and files["model.pt"]["sha256"] == exported_sha
+    image = save_png(tmp_path / "x.png", np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8))
+    r = invoke(runner, "predict", image, "--artifacts", folder)
+    assert "warning: model.onnx was made from another model.pt" in r.stderr, r.stderr
