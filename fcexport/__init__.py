@@ -2,8 +2,8 @@
 
 Ways in: `import_model(module, input_shape, ...)` for a live nn.Module, `import_weights(...)` for a
 state dict plus the model's code, `train(TrainOptions(...))`. Each writes ARTIFACTS/model.pt, which
-`fuse`, `export`, `verify`, `bench` and `predict` take from there; `fuse_batchnorm(module)` folds
-BatchNorm in any fx-traceable module. Each function is also an `fcx` command.
+`fuse`, `export`, `verify`, `bench` and `predict` take from there; `fuse_batchnorm(module, x)` folds
+BatchNorm in any module torch.export can export. Each function is also an `fcx` command.
 
 The package is imported by `fcx --help` and `fcx predict` on ONNX models, which must not pay for
 importing torch, so these names are resolved on first use.

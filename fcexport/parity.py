@@ -18,6 +18,7 @@ from fcexport.spec import ModelSpec
 
 RANDOM_INPUTS = 256
 MACS_BUDGET = 4 * 10**10  # multiply-accumulates per run over all inputs: resnet18 (1.8e9 per image) gets 22 inputs
+REFERENCE_SECONDS = 8.0  # the float64 reference's share of a run; the float32 candidates together take about as long
 MIN_INPUTS, MAX_INPUTS = 8, 4096
 
 
@@ -43,10 +44,12 @@ class Skipped:
 SPEC_FIELDS = ("class_names", "input_shape", "normalization", "preprocess")  # what must match the model's spec
 
 
-def input_budget(macs_per_image: int) -> int:
-    """How many inputs a verification run gets: all that cheap models need, fewer for big ones, so each
-    command stays within a minute on two cores."""
-    return int(min(MAX_INPUTS, max(MIN_INPUTS, MACS_BUDGET // max(macs_per_image, 1))))
+def input_budget(macs_per_image: int, reference_seconds_per_image: float) -> int:
+    """How many inputs a verification run gets: all that cheap models need, fewer for big ones (by their
+    multiply-accumulates, and by how long the float64 reference took per image here: float64 convolutions
+    have no fast CPU kernels), so each command stays within a minute on two cores."""
+    by_time = REFERENCE_SECONDS / max(reference_seconds_per_image, 1e-9)
+    return int(min(MAX_INPUTS, max(MIN_INPUTS, min(MACS_BUDGET // max(macs_per_image, 1), by_time))))
 
 
 def probe_inputs(program, spec: ModelSpec, limit: int) -> np.ndarray:

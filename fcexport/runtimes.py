@@ -89,12 +89,17 @@ def quiet_torchscript_deprecation():
     log.debug("TorchScript is deprecated upstream in favour of torch.export; model.onnx is the long-term format")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
-        # scripting an fx GraphModule of nested plain containers triggers a harmless annotation warning
-        warnings.filterwarnings("ignore", message=r".*instance-level annotations", category=UserWarning)
+        warnings.filterwarnings("ignore", category=torch_tracer_warning())  # the exporter checks its trace itself
         yield
 
 
 # ---- torch -------------------------------------------------------------------------------
+
+
+def torch_tracer_warning():
+    import torch
+
+    return torch.jit.TracerWarning
 
 
 def torch_device(device: str):
