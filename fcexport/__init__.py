@@ -9,7 +9,7 @@ The package is imported by `fcx --help` and `fcx predict` on ONNX models, which 
 importing torch, so these names are resolved on first use.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # public name -> module that defines it
 _EXPORTS = {

@@ -28,7 +28,7 @@ class Tolerance:
     agree on the top-1 class for `min_agreement` of the inputs and lose at most `max_accuracy_drop`
     accuracy (a fraction: 0.01 = one point) on the labelled ones."""
 
-    factor: float = 2.0
+    factor: float = 4.0
     atol: float | None = None
     rtol: float | None = None
     min_agreement: float = 0.99

@@ -266,7 +266,9 @@ def export(model_path: Path, artifacts: Path, formats=FORMATS, opset: int | None
     if fuse:
         program, report, spec = fused_model(stored)
         folds = report.as_dict()["folded"]
-    spec = spec.with_provenance(exported=now_iso(), source=model_path.name, source_sha256=stored.sha256,
+    import fcexport
+
+    spec = spec.with_provenance(exported=now_iso(), source=model_path.name, source_sha256=stored.sha256, fcexport=fcexport.__version__,
                                 fused=bool(fuse or spec.provenance.get("fused")), opset=opset or DEFAULT_OPSET, **versions())
     files, skipped = export_files(program, spec, formats, opset or DEFAULT_OPSET, int8)
     removed = []
@@ -349,7 +351,7 @@ def verify(
     if not exported:
         raise FcxError(f"{artifacts}: nothing to verify: the folder holds model.pt but no fused or exported model", hint="export")
     manifest = names.read_manifest(artifacts)
-    expected = _FreshExports(stored, artifacts)
+    expected = _FreshExports(stored)
     candidates, problems = [], []
     for device in devices:
         for backend in backends:
@@ -381,51 +383,52 @@ def verify(
 
 class _FreshExports:
     """What each artifact must contain: a fresh export of this model.pt with the artifact's own settings
-    (fused or not, opset), made once per format, compared by fingerprint (ops, wiring, every tensor)."""
+    (fused or not, opset), made once, compared by fingerprint (ops, wiring, every tensor and constant)."""
 
-    def __init__(self, stored, artifacts: Path):
-        self.stored, self.artifacts, self.cache, self._fused = stored, artifacts, {}, None
+    def __init__(self, stored):
+        self.stored, self.fingerprints, self.fused = stored, {}, None
 
     def differences(self, candidate: Predictor) -> list[str]:
-        from fcexport.program import fingerprint
-
         if candidate.fingerprint is None or candidate.backend == "eager":
             return []
         fused = bool(candidate.spec.provenance.get("fused"))
-        key = (candidate.backend, fused)
-        if key not in self.cache:
-            self.cache[key] = self._expected(candidate, fused, fingerprint)
-        expected = self.cache[key]
-        if isinstance(expected, str):
-            return [expected]
-        return [f"{p} (against a fresh export of model.pt)" for p in fingerprint_differences(candidate.fingerprint(), expected)]
+        opset = int(candidate.spec.provenance.get("opset", 18))
+        key = (candidate.backend, fused, opset)
+        if key not in self.fingerprints:
+            try:
+                self.fingerprints[key] = self._fingerprint(candidate, fused, opset)
+            except FcxError as exc:
+                return [f"a fresh export of model.pt to compare with failed: {exc}"]
+        found = fingerprint_differences(candidate.fingerprint(), self.fingerprints[key])
+        problems = [f"{p} (against a fresh export of model.pt)" for p in found]
+        note = self._versions_note(candidate) if problems else None
+        return problems + ([note] if note else [])
 
-    def _expected(self, candidate: Predictor, fused: bool, fingerprint):
-        from fcexport.runtimes import onnx_fingerprint, torchscript_fingerprint
+    def _fingerprint(self, candidate: Predictor, fused: bool, opset: int) -> dict[str, str]:
+        from fcexport.program import fingerprint
+        from fcexport.runtimes import onnx_fingerprint, torchscript_fingerprint_of
 
-        program, spec = self.stored.program, candidate.spec
+        program = self.stored.program
         if fused:
-            self._fused = self._fused or fused_model(self.stored)[0]
-            program = self._fused
+            self.fused = self.fused or fused_model(self.stored)[0]
+            program = self.fused
         if candidate.backend == "fused":
             return fingerprint(program)
-        opset = int(spec.provenance.get("opset", 18))
-        backend_formats = {"torchscript": ("torchscript",), "onnxruntime": ("onnx",), "onnxruntime-int8": ("onnx",)}
-        try:
-            files, skipped = export_files(program, spec, backend_formats[candidate.backend], opset, candidate.backend == "onnxruntime-int8")
-        except FcxError as exc:
-            return f"a fresh export of model.pt to compare with failed: {exc}"
+        formats = ("torchscript",) if candidate.backend == "torchscript" else ("onnx",)
+        files, _ = export_files(program, candidate.spec, formats, opset, candidate.backend == "onnxruntime-int8")
         data = files[names.BACKEND_FILES[candidate.backend]]
-        if candidate.backend == "torchscript":
-            import io
+        return torchscript_fingerprint_of(data) if candidate.backend == "torchscript" else onnx_fingerprint(data)
 
-            import torch
+    @staticmethod
+    def _versions_note(candidate: Predictor) -> str | None:
+        """Another exporter may write another graph: say so when the artifact was made with other versions."""
+        import fcexport
+        from fcexport.export_onnx import versions
 
-            from fcexport.runtimes import quiet_torchscript_deprecation
-
-            with quiet_torchscript_deprecation():
-                return torchscript_fingerprint(torch.jit.load(io.BytesIO(data), map_location="cpu"))
-        return onnx_fingerprint(data)
+        made = candidate.spec.provenance
+        now = {**versions(), "fcexport": fcexport.__version__}
+        changed = [f"{k} {made.get(k)} (now {v})" for k, v in now.items() if made.get(k) not in (None, v)]
+        return f"it was exported with {', '.join(changed)}: export it again with these versions" if changed else None
 
 
 def fingerprint_differences(found: dict[str, str], expected: dict[str, str], limit: int = 3) -> list[str]:

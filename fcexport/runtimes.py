@@ -171,6 +171,16 @@ def torchscript_predictor(path: Path, device: str = "cpu") -> Predictor:
                             fingerprint=lambda: torchscript_fingerprint(module))
 
 
+def torchscript_fingerprint_of(data: bytes) -> dict[str, str]:
+    """The fingerprint of a serialised TorchScript module (a fresh export, loaded the way model.ts is)."""
+    import io
+
+    import torch
+
+    with quiet_torchscript_deprecation():
+        return torchscript_fingerprint(torch.jit.load(io.BytesIO(data), map_location="cpu"))
+
+
 def torchscript_fingerprint(module) -> dict[str, str]:
     """Every node of a frozen TorchScript graph: its kind, which earlier outputs it reads, and its constant
     (tensors by their bytes), so a changed weight, op or wire shows up whatever its dtype or size."""

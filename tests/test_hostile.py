@@ -9,7 +9,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from helpers import save_png
 from onnx import TensorProto, helper
 
 MEMORY_LIMIT = 6 << 30  # bytes of address space: a CUDA build of torch maps ~4 GB just to load; the rest is 1.5 GB
-TIME_LIMIT = 60  # seconds per command
+TIME_LIMIT = 30  # seconds per command: subprocess.run's timeout fails the test beyond it
 ROOT = Path(__file__).parents[1]
 
 
@@ -214,13 +213,11 @@ def folders(tmp_path, exported_dir):
 @pytest.mark.parametrize("case, make, expected", CASES, ids=[c[0] for c in CASES])
 def test_hostile_input_exit_2_one_line_bounded(folders, case, make, expected):
     artifacts, scratch = folders
-    started = time.monotonic()
     r = run_limited(*make(artifacts, scratch))
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
     assert expected in lines[0], lines[0]
-    assert time.monotonic() - started < TIME_LIMIT
 
 
 def test_code_in_a_stored_name_never_runs(folders):

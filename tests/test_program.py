@@ -1,0 +1,77 @@
+"""The stored program: capture, JSON round trip, checks, meta-device bounds, the interpreter."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fcexport.errors import FcxError
+from fcexport.program import (INPUT, Node, Program, ProgramModule, Ref, capture, check_program, check_shapes, fingerprint,
+                              from_data, to_data, with_input_normalization)
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+
+
+def test_capture_round_trips_through_json_and_runs_like_the_module():
+    model = small_net()
+    program = capture(model, (3, 8, 8))
+    data = json.loads(json.dumps(to_data(program)))  # plain JSON, nothing else
+    again = from_data(data, dict(program.tensors), "test")
+    assert fingerprint(again) == fingerprint(program)
+    x = torch.rand(5, 3, 8, 8)  # another batch size than the export's: the batch is dynamic
+    torch.testing.assert_close(ProgramModule(again)(x), model(x))
+    layers = {n.layer: n.layer_type for n in program.nodes if n.layer}
+    assert layers["0"] == "Conv2d" and layers["1"] == "BatchNorm2d" and layers["4"] == "Linear"
+    assert set(program.tensors) >= {"0.weight", "1.running_mean", "4.weight"}
+
+
+def test_float64_run_widens_every_op():
+    program = capture(small_net(), (3, 8, 8))
+    out = ProgramModule(program).double()(torch.rand(2, 3, 8, 8, dtype=torch.float64))
+    assert out.dtype == torch.float64
+
+
+def test_tensor_names_that_clash_with_module_attributes_still_run():
+    program = Program(
+        (Node("relu", "aten.relu.default", (Ref("training"),)), Node("out", "aten.add.Tensor", (Ref(INPUT), Ref("relu")))),
+        "out", {"training": torch.ones(3), "_forward_hooks": torch.zeros(1)})
+    check_program(program, "test")
+    module = ProgramModule(program)
+    assert module.training is True and isinstance(module._forward_hooks, dict)  # nn.Module's own attributes intact
+    torch.testing.assert_close(module(torch.zeros(2, 3)), torch.ones(2, 3))
+
+
+def test_normalisation_goes_in_front_and_keeps_shape_readers_on_the_input():
+    program = with_input_normalization(capture(small_net(), (3, 8, 8)), [0.5, 0.4, 0.3], [0.2, 0.3, 0.25])
+    assert [n.layer_type for n in program.nodes[:2]] == ["Normalize", "Normalize"]
+    sizes = [n for n in program.nodes if n.op == "aten.sym_size.int"]
+    assert all(n.args[0] == Ref(INPUT) for n in sizes)
+
+
+@pytest.mark.parametrize("node, expected", [
+    (Node("a", "aten.empty.memory_format", ((2, 2),)), "op is not in fcexport's opset"),
+    (Node("a", "aten.relu.default", (Ref("nowhere"),)), "uses 'nowhere' before it is defined"),
+    (Node("a b", "aten.relu.default", (Ref(INPUT),)), "invalid or repeated node name"),
+    (Node("a", "aten.view.default", (Ref(INPUT), ("2", 3))), "argument 'size' must be List[int]"),
+    (Node("a", "aten.relu.default", (Ref(INPUT),), (("inplace", True),)), "unknown or repeated argument 'inplace'"),
+    (Node("a", "sym.mul", ((Ref(INPUT),), 300000000)), "size arithmetic takes two integers"),
+    (Node("a", "getitem", (Ref(INPUT), 0)), "index 0 is out of range"),
+])
+def test_static_checks_refuse_with_the_node(node, expected):
+    with pytest.raises(FcxError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        check_program(Program((node,), "a", {}), "test")
+
+
+def test_meta_run_bounds_every_intermediate_before_anything_is_allocated():
+    huge = Program((Node("pad", "aten.constant_pad_nd.default", (Ref(INPUT), (20000, 20000, 20000, 20000))),), "pad", {})
+    check_program(huge, "test")
+    with pytest.raises(FcxError, match=r"makes a tensor of shape \(1, 3, 40008, 40008\)"):
+        check_shapes(huge, (3, 8, 8), "test")
+    # each under the bound alone (265 MB), 20 of them over the total: refused at the 17th, before any is real
+    many = Program(tuple(Node(f"pad{i}", "aten.constant_pad_nd.default", (Ref(INPUT), (2346,) * 4)) for i in range(20)), "pad19", {})
+    with pytest.raises(FcxError, match=r"more memory or work per image than fcexport allows \(at node 'pad16'"):
+        check_shapes(many, (3, 8, 8), "test")
