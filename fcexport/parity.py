@@ -89,30 +89,40 @@ def make_inputs(spec: ModelSpec, budget: int, data: str | None = None, data_root
                 probes: np.ndarray | None = None) -> Inputs:
     """Up to `budget` inputs: real test images (from `data`, or the model's dataset when it is on disk),
     random pixels, then `probes` (see probe_inputs)."""
-    from fcexport.data import load_dataset
-
     shape = spec.input_shape
     probes = np.zeros((0, *shape), dtype=np.float32) if probes is None else probes
-    random_count = min(RANDOM_INPUTS, max(1, budget - len(probes)))
+    test, source, unavailable = _test_images(spec, data, data_root)
+    real = test.images[: max(0, min(len(test), budget - len(probes) - MIN_INPUTS))] if test is not None else None
+    taken = len(probes) + (0 if real is None else len(real))
+    random_count = min(RANDOM_INPUTS, max(MIN_INPUTS, budget - taken))
     random = np.random.default_rng(seed).random((random_count, *shape), dtype=np.float32)
     extra = np.concatenate([random, probes])
     described = f"{random_count} random inputs" + (f" + {len(probes)} first-layer probes" if len(probes) else "")
+    if real is None:
+        return Inputs(extra, None, f"{described} ({unavailable})")
+    labels = test.labels[: len(real)].numpy()
+    return Inputs(np.concatenate([real.numpy(), extra]), labels, f"{len(real)} test images of {source} + {described}")
+
+
+def _test_images(spec: ModelSpec, data: str | None, data_root: str | None):
+    """(the test split of `data` or of the model's own dataset, its source, why there is none)."""
+    from fcexport.data import load_dataset
+
     dataset = spec.dataset or {}
     source = data or dataset.get("source")
     if source is None:
-        return Inputs(extra, None, f"{described} (no dataset recorded; name one to add real images)")
+        return None, None, "no dataset recorded; name one to add real images"
     try:
         test_source = None if data else dataset.get("test_source")
-        test = load_dataset(source, data_root or dataset.get("root"), image_size=shape[-1], download=False, test_data=test_source).test
+        test = load_dataset(source, data_root or dataset.get("root"), image_size=spec.input_shape[-1], download=False,
+                            test_data=test_source).test
     except FcxError as exc:
         if data:  # the user asked for this data explicitly: a problem with it is an error
             raise
-        return Inputs(extra, None, f"{described} (dataset not available here: {exc})")
-    if list(test.images.shape[1:]) != list(shape):
-        raise FcxError(f"data {source}: images are {list(test.images.shape[1:])} but the model expects {shape}")
-    count = max(MIN_INPUTS, min(len(test), budget - len(extra)))
-    real = test.images[:count].numpy()
-    return Inputs(np.concatenate([real, extra]), test.labels[:count].numpy(), f"{len(real)} test images of {source} + {described}")
+        return None, source, f"dataset not available here: {exc}"
+    if list(test.images.shape[1:]) != list(spec.input_shape):
+        raise FcxError(f"data {source}: images are {list(test.images.shape[1:])} but the model expects {spec.input_shape}")
+    return test, source, None
 
 
 def compare_predictors(reference: np.ndarray, own_error: float, candidates: list[Predictor | Skipped], inputs: Inputs,

@@ -210,8 +210,10 @@ def _parity(stored, model_path: Path, candidates: list, data, data_root, toleran
     from fcexport import parity
     from fcexport.runtimes import float64_logits
 
+    sample = np.random.default_rng(1).random((2, *stored.spec.input_shape), dtype=np.float32)
+    float64_logits(stored.program, sample)  # the first call pays one-off costs; the second is timed
     started = time.perf_counter()
-    float64_logits(stored.program, np.random.default_rng(1).random((2, *stored.spec.input_shape), dtype=np.float32))
+    float64_logits(stored.program, sample)
     budget = parity.input_budget(stored.shapes.macs, (time.perf_counter() - started) / 2)
     probes = parity.probe_inputs(stored.program, stored.spec, budget // 4)
     inputs = parity.make_inputs(stored.spec, budget, data, data_root, probes=probes)

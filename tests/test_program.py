@@ -75,3 +75,16 @@ def test_meta_run_bounds_every_intermediate_before_anything_is_allocated():
     many = Program(tuple(Node(f"pad{i}", "aten.constant_pad_nd.default", (Ref(INPUT), (2346,) * 4)) for i in range(20)), "pad19", {})
     with pytest.raises(FcxError, match=r"more memory or work per image than fcexport allows \(at node 'pad16'"):
         check_shapes(many, (3, 8, 8), "test")
+
+
+@pytest.mark.parametrize("node, expected", [
+    (Node("p", "aten.avg_pool2d.default", (Ref(INPUT), (2, 2), (0, 0))), "stride should not be zero"),
+    (Node("p", "aten.constant_pad_nd.default", (Ref(INPUT), (-20000, -20000))), "length must be non-negative"),
+    (Node("p", "aten.convolution.default", (Ref(INPUT), Ref("w"), None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1)), "failed on input"),
+    (Node("p", "aten.view.default", (Ref(INPUT), (-1, 63))), "is invalid for input of size 64"),
+])
+def test_operands_that_cannot_work_are_one_line_naming_the_node(node, expected):
+    program = Program((node,), "p", {"w": torch.zeros(4, 1, 20, 20)})  # a kernel larger than the image
+    check_program(program, "test")
+    with pytest.raises(FcxError, match=f"node 'p' .*{expected}"):
+        check_shapes(program, (1, 8, 8), "test")
