@@ -575,7 +575,18 @@ def _functional_copy(target: torch.Tensor, source: torch.Tensor, non_blocking: b
     return source.to(dtype=target.dtype, device=target.device).expand_as(target)
 
 
-SPELLED_OUT = {"aten.adaptive_avg_pool2d.default": _global_average_pool, "aten.copy.default": _functional_copy}
+def _repeat(x: torch.Tensor, repeats) -> torch.Tensor:
+    """`x.repeat(repeats)` as a view, an expand and a reshape (the same values): ONNX can size an Expand from a
+    batch-sized shape before running it, but not a Tile."""
+    repeats = list(repeats)
+    shape = [1] * (len(repeats) - x.dim()) + list(x.shape)
+    spread = [v for size in shape for v in (1, size)]
+    copies = [v for count, size in zip(repeats, shape) for v in (count, size)]
+    return x.reshape(spread).expand(copies).reshape([count * size for count, size in zip(repeats, shape)])
+
+
+SPELLED_OUT = {"aten.adaptive_avg_pool2d.default": _global_average_pool, "aten.copy.default": _functional_copy,
+               "aten.repeat.default": _repeat}
 
 
 def _callable(op: str):
@@ -594,8 +605,10 @@ _TRACEABLE = {
     "aten.sym_size.int": lambda x, dim: x.size(dim),
     "aten.view.default": lambda x, size: x.view(size),
     "aten.expand.default": lambda x, size, implicit=False: x.expand(size),
-    "aten.repeat.default": lambda x, size: x.repeat(size),
     "aten.full.default": lambda size, value, **kw: torch.full(size, value, **{k: v for k, v in kw.items() if k in ("dtype", "device")}),
+    # group norm's schema takes the batch size; the functional form reads it from x (same kernel underneath)
+    "aten.native_group_norm.default": lambda x, weight, bias, n, c, hw, groups, eps: (
+        torch.nn.functional.group_norm(x, groups, weight, bias, eps), None, None),
 }
 
 
