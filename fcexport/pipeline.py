@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from fcexport import artifacts as names
+from fcexport import parity
 from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError, check_choices
-from fcexport import parity
 from fcexport.runtimes import DEVICES, DeviceUnavailable, Predictor, open_predictor, program_predictor
 
 DEFAULT_TOLERANCE = Tolerance()
@@ -157,7 +157,8 @@ def fused_model(stored, source: Path | None = None):
     from fcexport.spec import ModelSpec
 
     fused, report = fuse_program(stored.program, stored.spec.input_shape)
-    provenance = {**stored.spec.provenance, "fused": True, "folds": report.as_dict()["folded"], "left": report.as_dict()["left"]}
+    described = report.as_dict()
+    provenance = {**stored.spec.provenance, "fused": True, "folds": described["folded"], "left": described["left"]}
     if source is not None:
         provenance |= {"source": source.name, "source_sha256": stored.sha256}
     return fused, report, ModelSpec.from_dict({**stored.spec.to_dict(), "provenance": provenance})
@@ -205,9 +206,10 @@ def fuse(
     return result
 
 
-def _parity(stored, model_path: Path, candidates: list, data, data_root, tolerance: Tolerance) -> dict:
-    """Compare candidates with model.pt in float64, judged against model.pt's own float32 error."""
-    from fcexport import parity
+def _parity(stored, model_path: Path, candidates: list, data, data_root, tolerance: Tolerance,
+            problems: list[list[str]] | None = None) -> dict:
+    """Compare candidates with model.pt in float64, judged against model.pt's own float32 error; `problems`
+    (one list per candidate: integrity, structure, spec) fail their rows whatever the numbers say."""
     from fcexport.runtimes import float64_logits
 
     sample = np.random.default_rng(1).random((2, *stored.spec.input_shape), dtype=np.float32)
@@ -221,6 +223,8 @@ def _parity(stored, model_path: Path, candidates: list, data, data_root, toleran
     own = program_predictor(stored.program, "eager", "cpu", model_path, stored.spec)(inputs.x)
     own_error = float(np.abs(own.astype(np.float64) - reference).max(initial=0.0))
     rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance)
+    for row, found in zip(rows, problems or [[] for _ in rows], strict=True):
+        parity.add_problems(row, found)  # a file refused before loading is a failure, not a skip
     return parity.report(rows, inputs, accuracy(reference, inputs.labels), own_error, tolerance)
 
 
@@ -252,6 +256,7 @@ def export_files(program, spec, formats, opset: int, int8: bool) -> tuple[dict[s
 def export(model_path: Path, artifacts: Path, formats=FORMATS, opset: int | None = None, fuse: bool = True,
            int8: bool = False) -> dict:
     """`fcx export`: model.pt -> (fused) program -> model.ts / model.onnx [/ model.int8.onnx] -> manifest.json."""
+    import fcexport
     from fcexport.checkpoint import now_iso, read_model
     from fcexport.export_onnx import DEFAULT_OPSET, versions
     from fcexport.files import publish, staging_folder, write_bytes_atomic
@@ -268,8 +273,6 @@ def export(model_path: Path, artifacts: Path, formats=FORMATS, opset: int | None
     if fuse:
         program, report, spec = fused_model(stored)
         folds = report.as_dict()["folded"]
-    import fcexport
-
     spec = spec.with_provenance(exported=now_iso(), source=model_path.name, source_sha256=stored.sha256, fcexport=fcexport.__version__,
                                 fused=bool(fuse or spec.provenance.get("fused")), opset=opset or DEFAULT_OPSET, **versions())
     files, skipped = export_files(program, spec, formats, opset or DEFAULT_OPSET, int8)
@@ -361,26 +364,20 @@ def verify(
                 continue  # that is the reference itself (in float32: its error is the yardstick)
             path = artifacts / names.BACKEND_FILES[backend]
             integrity = names.check_against_manifest(path, manifest, stored.sha256) if path.is_file() and backend != "eager" else None
+            if integrity:  # a file that is not what was exported is never loaded, let alone run
+                candidates.append(parity.Skipped(backend, device, f"not loaded: {integrity}"))
+                problems.append([f"{integrity}: not loaded"])
+                continue
             try:
-                if integrity:  # a file that is not what was exported is never loaded, let alone run
-                    raise DeviceUnavailable(f"not loaded: {integrity}")
                 candidate = open_backend(backend, artifacts, device, stored)
             except DeviceUnavailable as exc:
-                if integrity:
-                    candidates.append(parity.Skipped(backend, device, str(exc)))
-                    problems.append([f"{integrity}: not loaded"])
-                    continue
                 hint = None if exc.hint == "cpu" else exc.hint  # verify chooses devices with its own option
                 candidates.append(parity.Skipped(backend, device, str(exc), hint))
                 problems.append([])
                 continue
             candidates.append(candidate)
             problems.append(parity.spec_differences(stored.spec, candidate.spec) + expected.differences(candidate))
-    result = _parity(stored, reference_path, candidates, data, data_root, tolerance)
-    for row, found in zip(result["rows"], problems, strict=True):
-        parity.add_problems(row, found)  # a file refused before loading is a failure, not a skip
-    ran = [r for r in result["rows"] if r["status"] != "skipped"]
-    return result | {"ran": len(ran), "passed": bool(ran) and all(r["status"] == "pass" for r in ran)}
+    return _parity(stored, reference_path, candidates, data, data_root, tolerance, problems)
 
 
 class _FreshExports:

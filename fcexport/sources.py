@@ -1,7 +1,8 @@
 """Ways in: a live module, or a state dict plus the model's code, -> (Program, ModelSpec).
 
-`fcx train` builds its models from a config (fcexport.models) and enters here too. The module is exported
-with torch.export and kept as a Program (fcexport.program): after that, no step needs the user's code.
+`fcx train` builds its models from a config (fcexport.models) and stores them through the same capture. The
+module is exported with torch.export and kept as a Program (fcexport.program): after that, no step needs the
+user's code.
 """
 
 from __future__ import annotations
