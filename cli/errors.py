@@ -8,6 +8,7 @@ import traceback
 
 import typer
 
+from cli.render import shown
 from fcexport.errors import FcxError
 
 DEBUG = {"enabled": False}
@@ -39,7 +40,7 @@ def resolve_hints(rows: list[dict]) -> list[dict]:
 
 
 def fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {shown(message)}", err=True)
     raise typer.Exit(code)
 
 

@@ -39,6 +39,7 @@ ArtifactsOpt = Annotated[Path, typer.Option("--artifacts", help="Folder for mode
 DataRootHelp = "Where torchvision datasets live [default: $FCX_DATA_ROOT, else data/]"
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout instead of tables")]
 JsonFileOpt = Annotated[Optional[Path], typer.Option("--json-file", help="Also write the result as JSON to this file")]
+SignKeyOpt = Annotated[Optional[Path], typer.Option("--sign-key", help="Sign the folder with this elliptic-curve private key (PEM): model.sig")]
 WideFlag = Annotated[bool, typer.Option("--wide", help="Show every column (mean/p99 error, max rel, atol needed)")]
 
 
@@ -239,6 +240,7 @@ def fuse_bn(
     "fcx export                  # model.ts + model.onnx + manifest.json",
     "fcx export --format onnx --opset 18",
     "fcx export --int8           # also model.int8.onnx (approximate, CPU)",
+    "fcx export --sign-key key.pem   # + model.sig (verify with --public-key key.pub)",
 ))
 @handle_errors
 def export(
@@ -248,27 +250,57 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
     fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Fold BatchNorm and normalisation first")] = True,
     int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx: int8 weights, ~2x faster on CPU, approximate")] = False,
+    sign_key: SignKeyOpt = None,
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:
-    """Write model.ts (TorchScript), model.onnx and manifest.json.
+    """Write model.ts (TorchScript), model.onnx and manifest.json [and model.sig].
 
-    Both take float32 pixels in [0, 1], shape (N, C, H, W), and return logits."""
+    Both take float32 pixels in [0, 1], shape (N, C, H, W), and return logits. The manifest's sha256 is
+    printed: `fcx verify --expect-digest` checks a copy of the folder against it."""
     from fcexport.pipeline import FORMATS, export as run
 
     if int8 and format == "torchscript":
         raise FcxError("--int8 quantizes model.onnx: add onnx to --format (or use --format all)")
     formats = FORMATS if format == "all" else tuple(_names(format))
-    result = run(_model_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, int8)
+    result = run(_model_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, int8, sign_key)
     _emit_json(result, json_out, json_file)
     if not json_out:
         render.export_summary(result)
 
 
 @app.command(epilog=examples(
+    "openssl ecparam -name prime256v1 -genkey -noout -out key.pem   # once: a key pair",
+    "openssl ec -in key.pem -pubout -out key.pub",
+    "fcx sign --key key.pem      # artifacts/model.sig",
+    "fcx verify --public-key key.pub",
+))
+@handle_errors
+def sign(
+    key: Annotated[Path, typer.Option("--key", help="Elliptic-curve private key (PEM) to sign with")],
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    signature: Annotated[Optional[Path], typer.Option(help="Where to write the signature [default: ARTIFACTS/model.sig]")] = None,
+    json_out: JsonFlag = False,
+    json_file: JsonFileOpt = None,
+) -> None:
+    """Sign an exported folder (OpenSSF Model Signing): every file in it, as it is now.
+
+    Its files must match its manifest. Adding, removing or changing any file afterwards fails
+    `fcx verify --public-key`."""
+    from fcexport.pipeline import sign as run
+
+    result = run(artifacts, key, signature)
+    _emit_json(result, json_out, json_file)
+    if not json_out:
+        render.sign_summary(result)
+
+
+@app.command(epilog=examples(
     "fcx verify                  # every backend x device against model.pt",
     "fcx verify --backends onnxruntime --devices cpu --json-file report.json",
     "fcx verify --data fashion-mnist --data-root ../shared/data --wide",
+    "fcx verify --public-key key.pub   # the folder is exactly what was signed",
+    "fcx verify --expect-digest SHA    # its manifest is the one fcx export printed",
 ))
 @handle_errors
 def verify(
@@ -282,22 +314,32 @@ def verify(
     rtol: RtolOpt = None,
     int8_agreement: Annotated[float, typer.Option(help="int8 model: least share of inputs with the reference's top-1 class")] = 0.99,
     int8_max_drop: Annotated[float, typer.Option(help="int8 model: most accuracy lost vs the reference (0.01 = 1 point)")] = 0.01,
+    public_key: Annotated[Optional[Path], typer.Option("--public-key", help="Check the folder against its signature first (PEM public key)")] = None,
+    signature: Annotated[Optional[Path], typer.Option(help="The signature to check [default: ARTIFACTS/model.sig]")] = None,
+    expect_digest: Annotated[Optional[str], typer.Option("--expect-digest", help="Check that manifest.json has this sha256 (printed by fcx export) and that every file matches it")] = None,
     wide: WideFlag = False,
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:
     """Prove each artifact computes what model.pt does.
 
-    Checks integrity (manifest.json), structure (weights and spec) and numbers (real and random inputs)."""
+    Checks the signature or digest (given one), integrity (manifest.json), structure (a fresh export's
+    ops, weights and spec) and numbers (real and random inputs). Nothing is loaded before its checks pass."""
     from fcexport.compare import Tolerance
     from fcexport.pipeline import verify as run
 
+    if signature is not None and public_key is None:
+        raise FcxError("--signature needs --public-key: the key the signature is checked with")
     tolerance = Tolerance(noise_factor, atol, rtol, int8_agreement, int8_max_drop)
-    result = run(artifacts, _names(backends), _names(devices), data, data_root, tolerance)
+    result = run(artifacts, _names(backends), _names(devices), data, data_root, tolerance, public_key, signature, expect_digest)
     resolve_hints(result["rows"])
     _emit_json(result, json_out, json_file)
     if not json_out:
         render.verify_report(result, wide)
+    failed = [c["check"] for c in result.get("trust", []) if c["status"] == "fail"]
+    if failed:
+        fail(f"the folder is not what was {'signed' if 'signature' in failed else 'exported'} ({', '.join(failed)} check failed); "
+             "nothing in it was loaded", 1)
     if not result["ran"]:
         fail("nothing was verified: every candidate was skipped (see the reasons above)", 1)
     if not result["passed"]:
@@ -328,17 +370,12 @@ def predict(
 
     Results stream as each batch of 256 files is done. A file that cannot be read is an error row;
     the others are classified, and the exit code is 2 at the end."""
-    from rich.markup import escape
-
-    from fcexport.artifacts import find_default_model
     from fcexport.classify import predict_files
-    from fcexport.pipeline import stale_reason
-    from fcexport.runtimes import open_predictor
+    from fcexport.pipeline import open_for_predict
 
-    predictor = open_predictor(model if model is not None else find_default_model(artifacts), device)
-    stale = stale_reason(predictor.source)
+    predictor, stale = open_for_predict(model, artifacts, device)
     if stale:
-        render.err.print(f"warning: {escape(stale)}; run `fcx export` (and `fcx fuse-bn`) again", highlight=False)
+        render.warning(f"{stale}; run `fcx export` (and `fcx fuse-bn`) again")
     rows = predict_files(predictor, images, top_k, invert, save_prepared=save_prepared)
     mode = "jsonl" if jsonl else "json" if json_out else "table"
     errors = render.stream_predictions(predictor, rows, mode, wide, json_file)

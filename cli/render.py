@@ -27,14 +27,28 @@ def save_json(obj, path) -> None:
     write_json_atomic(path, obj)
 
 
-def table(title: str, columns: list[str], rows: list[list], console: Console = out) -> None:
-    """Cells are shown literally (a file named `photos [red]/a.png` stays as it is); pass rich Text
-    objects for styled cells."""
+def shown(text) -> str:
+    """Text safe for a terminal: control and other unprintable characters (ESC, newlines, bidi overrides) are
+    shown escaped, as `ls` does, so a file or class name cannot clear the screen or forge a row. JSON stays exact."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def warning(message: str) -> None:
+    err.print(Text(f"warning: {shown(message)}", style="yellow"))
+
+
+def table(title: str, columns: list[str], rows: list[list], console: Console = out, text_columns: int = 1) -> None:
+    """Cells are shown literally (a file named `photos [red]/a.png` stays as it is) and escaped (`shown`);
+    pass rich Text objects for styled cells."""
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for c in columns:  # the first column (names, files) wraps rather than being cut
-        t.add_column(c, justify="left" if c in columns[:1] else "right", overflow="fold" if c in columns[:1] else "ellipsis")
+    for i, c in enumerate(columns):  # the first column (names, files) wraps rather than being cut; numbers align right
+        left = i < text_columns or i == len(columns) - 1 and text_columns > 1
+        t.add_column(c, justify="left" if left else "right", overflow="fold" if left else "ellipsis")
     for r in rows:
-        t.add_row(*[v if isinstance(v, Text) else Text(fmt(v)) for v in r])
+        t.add_row(*[v if isinstance(v, Text) else Text(shown(fmt(v))) for v in r])
     console.print(t)
 
 
@@ -119,6 +133,8 @@ ERROR_COLUMNS = {"max_abs": "max abs", "noise_ratio": "x own", "mean_abs": "mean
 
 
 def status_text(status: str) -> Text:
+    if status == "skipped":
+        return Text("skipped", style="yellow")
     return Text("pass", style="green") if status == "pass" else Text("FAIL", style="bold red")
 
 
@@ -133,7 +149,7 @@ def comparison_table(title: str, report: dict, wide: bool = False) -> None:
             skipped.setdefault((r["device"], reason), []).append(r["backend"])
             continue
         for problem in r.get("problems", []):
-            remarks.append(f"[bold red]FAIL[/] {escape(r['backend'])} on {r['device']}: {escape(problem)}")
+            remarks.append(f"[bold red]FAIL[/] {escape(r['backend'])} on {r['device']}: {escape(shown(problem))}")
         errors = [("-" if r.get(c) is None else f"{r[c]:.1f}" if c == "noise_ratio" else f"{r[c]:.1e}") for c in columns]
         accuracy = f"{r['accuracy']:.2%}" if r.get("accuracy") is not None else "-"
         rows.append([r["backend"], r["device"], status_text(r["status"]), *errors, f"{r.get('top1_agreement', 0):.2%}", accuracy])
@@ -146,9 +162,9 @@ def comparison_table(title: str, report: dict, wide: bool = False) -> None:
         if device not in ran_on and len(reasons) > 1:  # nothing ran there: the first reason says why, once
             reasons = [(reasons[0][0], ["everything"])]
         for reason, backends in reasons:
-            out.print(f"[yellow]skipped {escape(', '.join(backends))} on {device}: {escape(reason)}[/]", highlight=False)
+            out.print(f"[yellow]skipped {escape(', '.join(backends))} on {device}: {escape(shown(reason))}[/]", highlight=False)
     ref = report.get("reference_accuracy")
-    out.print(f"inputs: {report['inputs']}", highlight=False)
+    out.print(Text(f"inputs: {shown(report['inputs'])}"))
     out.print(f"pass: {report['criterion']}; model.pt's own float32 error {report['own_float32_error']:.1e}"
               + (f"; reference accuracy {ref:.2%}" if ref is not None else ""), highlight=False)
     if any(r.get("criterion") == "agreement" for r in report["rows"]):
@@ -158,7 +174,7 @@ def comparison_table(title: str, report: dict, wide: bool = False) -> None:
 
 def import_summary(path) -> None:
     where = "" if str(path) == "artifacts/model.pt" else f" (with --artifacts {path.parent})"
-    out.print(f"wrote {path}\nnext: fcx fuse-bn --verify, fcx export, fcx verify, fcx predict IMAGE{where}", highlight=False)
+    out.print(Text(f"wrote {shown(path)}\nnext: fcx fuse-bn --verify, fcx export, fcx verify, fcx predict IMAGE{where}"))
 
 
 def fuse_summary(result: dict, wide: bool = False) -> None:
@@ -173,20 +189,45 @@ def fuse_summary(result: dict, wide: bool = False) -> None:
         "written": result["output"] if result["verification"] is None or result["verification"]["passed"] else "nothing (verification failed)",
     })
     for note in rep["notes"]:
-        out.print(f"note: {note}")
+        out.print(Text(f"note: {shown(note)}"))
     if result["verification"] is not None:
         comparison_table("fused vs original", result["verification"], wide)
 
 
 def export_summary(result: dict) -> None:
     rows = [[path, "written"] for path in result["written"]] + [[result["manifest"], "sha256 + sizes"]]
-    rows += [[path, "removed (made from the previous model; export it again to rebuild)"] for path in result["removed"]]
+    if result.get("signature"):
+        rows.append([result["signature"], "signature over every file (OpenSSF Model Signing)"])
+    rows += [[path, "removed (it vouched for the previous set)" if path.endswith(".sig") else
+              "removed (made from the previous model; export it again to rebuild)"] for path in result["removed"]]
     rows += [[name, f"not written: {why}"] for name, why in result.get("skipped", {}).items()]
     table("fcx export" + (" (fused)" if result["fused"] else " (unfused)"), ["file", ""], rows)
+    manifest_digest(result)
+
+
+def manifest_digest(result: dict) -> None:
+    """The digest to keep elsewhere; `fcx verify --expect-digest` checks a folder against it."""
+    out.print(Text(f"manifest sha256: {result['manifest_sha256']}"))
+    out.print(Text("keep it (or the public key) elsewhere: fcx verify --expect-digest SHA checks a copy of this folder",
+                   style="dim"))
+
+
+def sign_summary(result: dict) -> None:
+    out.print(Text(f"signed {shown(result['folder'])}: {shown(result['signature'])}"))
+    manifest_digest(result)
+
+
+def trust_table(checks: list[dict]) -> None:
+    """Signature and digest checks, which come before anything in the folder is loaded."""
+    if checks:
+        rows = [[c["check"], status_text(c["status"]), c["detail"]] for c in checks]
+        table("fcx verify: the folder as a whole", ["check", "status", "detail"], rows, text_columns=2)
 
 
 def verify_report(result: dict, wide: bool = False) -> None:
-    comparison_table("fcx verify: each artifact vs model.pt on cpu", result, wide)
+    trust_table(result.get("trust", []))
+    if result["rows"]:
+        comparison_table("fcx verify: each artifact vs model.pt on cpu", result, wide)
     out.print("[green]PASSED[/]" if result["passed"] else "[red]FAILED[/]")
 
 
@@ -195,13 +236,14 @@ def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file
 
     Tables stream as aligned lines with the file name last, so no row waits for the widest name;
     --json prints one JSON array, written as it goes."""
-    names_width = max(len("class"), *(len(n) for n in predictor.spec.class_names))
+    labels = {name: shown(name) for name in predictor.spec.class_names}
+    names_width = max(len("class"), *(len(n) for n in labels.values()))
     errors, saved = [], [] if json_file is not None else None
     if mode == "table":
-        out.print(f"model: {escape(str(predictor.source))} ({predictor.backend}, {predictor.device})", highlight=False)
+        out.print(Text(f"model: {shown(predictor.source)} ({predictor.backend}, {predictor.device})"))
         out.print(Text(f"{'class':<{names_width}}  {'prob':>6}  file" + ("  (runners-up)" if wide else ""), style="bold"))
     elif mode == "json":
-        err.print(f"model: {escape(str(predictor.source))} ({predictor.backend}, {predictor.device})", highlight=False)
+        err.print(Text(f"model: {shown(predictor.source)} ({predictor.backend}, {predictor.device})"))
         sys.stdout.write("[")
     for number, row in enumerate(rows):
         if saved is not None:
@@ -213,10 +255,10 @@ def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file
         elif mode == "json":
             sys.stdout.write(("," if number else "") + "\n  " + json.dumps(row))
         elif "error" in row:
-            out.print(Text(f"{'-':<{names_width}}  {'error':>6}  {row['error']}", style="red"))
+            out.print(Text(f"{'-':<{names_width}}  {'error':>6}  {shown(row['error'])}", style="red"))
         else:
-            extra = "  (" + ", ".join(f"{t['label']} {t['probability']:.1%}" for t in row["top"][1:]) + ")" if wide else ""
-            out.print(Text(f"{row['label']:<{names_width}}  {row['probability']:>6.1%}  {row['file']}{extra}"))
+            extra = "  (" + ", ".join(f"{labels[t['label']]} {t['probability']:.1%}" for t in row["top"][1:]) + ")" if wide else ""
+            out.print(Text(f"{labels[row['label']]:<{names_width}}  {row['probability']:>6.1%}  {shown(row['file'])}{extra}"))
     if mode == "json":
         sys.stdout.write("\n]\n")
         sys.stdout.flush()
@@ -229,7 +271,7 @@ def bench_table(rows: list[dict]) -> None:
     body, skipped = [], []
     for r in rows:
         if "skipped" in r:
-            skipped.append(f"skipped {r['backend']} on {r['device']}: {r['skipped']}{'; ' + r['hint'] if r.get('hint') else ''}")
+            skipped.append(shown(f"skipped {r['backend']} on {r['device']}: {r['skipped']}{'; ' + r['hint'] if r.get('hint') else ''}"))
         else:
             body.append([r["backend"], r["device"], r["batch_size"], f"{r['p50_ms'] * 1e3:,.1f}", f"{r['p90_ms'] * 1e3:,.1f}", f"{r['throughput']:,.0f}"])
     table("fcx bench", ["backend", "device", "batch", "p50 (us)", "p90 (us)", "samples/s"], body)

@@ -1,4 +1,4 @@
-"""An artifacts folder: which file each backend reads, the manifest, and which files are stale.
+"""An artifacts folder: which file each backend reads, the manifest, its signature, and which files are stale.
 
 Backends are named for what they run: `eager` the model as stored (model.pt), `fused` its
 BatchNorm-folded copy, `torchscript`, `onnxruntime` and `onnxruntime-int8` the exported files.
@@ -6,7 +6,9 @@ BatchNorm-folded copy, `torchscript`, `onnxruntime` and `onnxruntime-int8` the e
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
 from fcexport.errors import FcxError
@@ -15,6 +17,7 @@ from fcexport.files import sha256_file, write_json_atomic
 MODEL = "model.pt"
 FUSED = "model.fused.pt"
 MANIFEST = "manifest.json"
+SIGNATURE = "model.sig"  # the OpenSSF Model Signing default name
 BACKEND_FILES = {
     "eager": MODEL,
     "fused": FUSED,
@@ -27,11 +30,12 @@ BACKENDS = tuple(BACKEND_FILES)
 BACKEND_MADE_BY = {"eager": "train-or-import", "fused": "fuse", "torchscript": "export", "onnxruntime": "export",
                    "onnxruntime-int8": "export-int8"}
 APPROXIMATE_BACKENDS = ("onnxruntime-int8",)  # judged by top-1 agreement and accuracy, not float tolerances
-DEFAULT_ORDER = ("model.onnx", "model.ts", FUSED, MODEL)  # what predict uses when not told
+# What predict uses when not told. TorchScript is never picked unasked: loading it runs code from the file.
+DEFAULT_ORDER = ("model.onnx", FUSED, MODEL)
 
 
 def find_default_model(artifacts: Path) -> Path:
-    """The best artifact present: ONNX, then TorchScript, then fused model, then model."""
+    """The best artifact present: ONNX, then the fused model, then the model."""
     for name in DEFAULT_ORDER:
         if (artifacts / name).is_file():
             return artifacts / name
@@ -40,16 +44,23 @@ def find_default_model(artifacts: Path) -> Path:
 
 def read_manifest(folder: Path) -> dict | None:
     """manifest.json as a dict, None when there is none; a damaged one is an error."""
+    found = read_manifest_bytes(folder)
+    return None if found is None else found[0]
+
+
+def read_manifest_bytes(folder: Path) -> tuple[dict, str] | None:
+    """(manifest.json as a dict, the sha256 of the bytes parsed), read once; None when there is none."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        manifest = json.loads(data.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FcxError(f"{path}: unreadable manifest ({type(exc).__name__})", hint="export") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise FcxError(f"{path}: not an fcexport manifest (no 'files')", hint="export")
-    return manifest
+    return manifest, hashlib.sha256(data).hexdigest()
 
 
 def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, created: str, model_sha256: str | None = None) -> Path:
@@ -79,15 +90,136 @@ def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, cr
 def check_against_manifest(path: Path, manifest: dict | None, model_sha256: str | None) -> str | None:
     """Why the artifact at `path` cannot be trusted, or None: not listed in the manifest, changed since it
     was written, or made from another model.pt than the folder's current one."""
-    name = path.name
     if manifest is None:
-        return f"{name}: no {MANIFEST} next to it, so where it came from cannot be checked"
+        return f"{path.name}: no {MANIFEST} next to it, so where it came from cannot be checked"
+    return integrity_problem(path, manifest) or stale_problem(path, manifest, model_sha256)
+
+
+def integrity_problem(path: Path, manifest: dict) -> str | None:
+    """Why the bytes at `path` are not the ones the manifest lists (not listed, or changed), or None."""
+    name = path.name
     entry = manifest["files"].get(name)
     if not isinstance(entry, dict):
         return f"{name} is not listed in {MANIFEST} (an interrupted export, or copied in from elsewhere)"
     if entry.get("bytes") != path.stat().st_size or entry.get("sha256") != sha256_file(path):
         return f"{name} changed after it was written (its sha256 differs from {MANIFEST})"
-    source = entry.get("source_sha256")
-    if model_sha256 is not None and source is not None and source != model_sha256:
-        return f"{name} was made from another model.pt than this one (source sha256 {source[:12]}); it is stale"
     return None
+
+
+def stale_problem(path: Path, manifest: dict, model_sha256: str | None) -> str | None:
+    """Why a listed artifact may answer for another model.pt than the folder's current one, or None."""
+    source = (manifest["files"].get(path.name) or {}).get("source_sha256")
+    if model_sha256 is not None and source is not None and source != model_sha256:
+        return f"{path.name} was made from another model.pt than this one (source sha256 {source[:12]}); it is stale"
+    return None
+
+
+def folder_problems(folder: Path, manifest: dict) -> list[str]:
+    """Every file the manifest lists that is missing or differs from its entry (for a digest check, where
+    the manifest is all that vouches for the set)."""
+    problems = []
+    for name, entry in manifest["files"].items():
+        path = Path(folder) / str(name)
+        if Path(str(name)).name != name or not path.is_file():
+            problems.append(f"{name} is listed in {MANIFEST} but not in the folder")
+        elif not isinstance(entry, dict) or entry.get("bytes") != path.stat().st_size or entry.get("sha256") != sha256_file(path):
+            problems.append(f"{name} differs from its entry in {MANIFEST}")
+    return problems
+
+
+def check_digest(folder: Path, expected: str) -> str | None:
+    """Why the folder is not the one whose manifest.json has sha256 `expected`, or None."""
+    expected = expected.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise FcxError(f"the expected digest must be 64 hex digits (a sha256), got '{expected[:80]}'")
+    found = read_manifest_bytes(folder)
+    if found is None:
+        return f"no {MANIFEST} in {folder}"
+    manifest, digest = found
+    if digest != expected:
+        return f"{MANIFEST} has sha256 {digest[:16]}..., not the expected {expected[:16]}..."
+    problems = folder_problems(folder, manifest)
+    return "; ".join(problems) if problems else None
+
+
+# ---- signing (OpenSSF Model Signing, bring-your-own elliptic-curve key) ----------------------------
+# The whole folder is signed, every file but the signature itself: a file changed, added or removed
+# after signing fails verification. model_signing writes a sigstore bundle (DSSE over in-toto).
+
+
+def _hashing_config(folder: Path, signature: Path):
+    """sha256 of every file in `folder` (git files and symlinks included: a symlink fails), but the signature."""
+    from model_signing import hashing
+
+    inside = signature.resolve().is_relative_to(folder.resolve())
+    ignored = [signature.resolve().relative_to(folder.resolve())] if inside else []
+    return hashing.Config().set_ignored_paths(paths=ignored, ignore_git_paths=False)
+
+
+def sign_folder(folder: Path, private_key: Path, signature: Path | None = None) -> Path:
+    """Sign every file in `folder` with an elliptic-curve private key (PEM), after checking that the files
+    match the manifest; the signature goes to `signature` (default FOLDER/model.sig), written atomically."""
+    import tempfile
+
+    from model_signing import signing
+
+    from fcexport.files import write_bytes_atomic
+
+    folder, private_key = Path(folder), Path(private_key)
+    signature = Path(signature) if signature is not None else folder / SIGNATURE
+    if problem := key_problem(private_key, private=True):
+        raise FcxError(problem)
+    manifest = read_manifest(folder)
+    problems = folder_problems(folder, manifest) if manifest is not None else [f"there is no {MANIFEST}"]
+    if problems:
+        raise FcxError(f"{folder}: will not sign a folder that does not match its manifest: {'; '.join(problems)}", hint="export")
+    with tempfile.TemporaryDirectory() as scratch:  # outside the folder, so nothing half-written is hashed
+        written = Path(scratch) / SIGNATURE
+        config = signing.Config().use_elliptic_key_signer(private_key=private_key)
+        config.set_hashing_config(_hashing_config(folder, signature)).sign(folder, written)
+        write_bytes_atomic(signature, written.read_bytes())
+    return signature
+
+
+def check_signature(folder: Path, public_key: Path, signature: Path | None = None) -> str | None:
+    """Why `folder` is not exactly what `public_key`'s owner signed (a file changed, added or removed, or
+    the signature is not theirs), or None."""
+    from model_signing import verifying
+
+    folder, public_key = Path(folder), Path(public_key)
+    signature = Path(signature) if signature is not None else folder / SIGNATURE
+    if problem := key_problem(public_key, private=False):
+        raise FcxError(problem)
+    if not signature.is_file():
+        return f"no signature at {signature}: sign the folder with its private key"
+    try:
+        config = verifying.Config().use_elliptic_key_verifier(public_key=public_key)
+        config.set_hashing_config(_hashing_config(folder, signature)).verify(folder, signature)
+    except Exception as exc:  # model_signing raises ValueError and library-specific errors alike
+        return f"the signature does not match: {_signature_mismatch(str(exc))}"
+    return None
+
+
+def key_problem(path: Path, private: bool) -> str | None:
+    """Why `path` is not a PEM elliptic-curve key of the wanted kind, or None (read before model_signing sees it)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    kind = "private" if private else "public"
+    try:
+        data = path.read_bytes()
+        key = serialization.load_pem_private_key(data, None) if private else serialization.load_pem_public_key(data)
+    except (OSError, ValueError, TypeError) as exc:
+        return f"{path}: not a readable PEM {kind} key ({type(exc).__name__}); make one with openssl (see the README)"
+    wanted = ec.EllipticCurvePrivateKey if private else ec.EllipticCurvePublicKey
+    if not isinstance(key, wanted):
+        return f"{path}: a {type(key).__name__.removeprefix('_')}, but signing uses an elliptic-curve key (openssl ecparam -name prime256v1)"
+    return None
+
+
+def _signature_mismatch(message: str) -> str:
+    """model_signing's diff in a line: which files changed, appeared or went missing."""
+    changed = re.findall(r"Hash mismatch for '([^']+)'", message)
+    parts = [f"{', '.join(changed)} changed since signing"] if changed else []
+    parts += [m.strip() for m in re.findall(r"((?:Extra|Missing) files found in model '[^']*': [^\"\]]+|Missing files in model '[^']*': [^\"\]]+)", message)]
+    return "; ".join(parts) if parts else message.splitlines()[0][:300] if message else "verification failed"

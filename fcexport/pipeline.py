@@ -254,8 +254,9 @@ def export_files(program, spec, formats, opset: int, int8: bool) -> tuple[dict[s
 
 
 def export(model_path: Path, artifacts: Path, formats=FORMATS, opset: int | None = None, fuse: bool = True,
-           int8: bool = False) -> dict:
-    """`fcx export`: model.pt -> (fused) program -> model.ts / model.onnx [/ model.int8.onnx] -> manifest.json."""
+           int8: bool = False, sign_key: Path | None = None) -> dict:
+    """`fcx export`: model.pt -> (fused) program -> model.ts / model.onnx [/ model.int8.onnx] -> manifest.json
+    [-> model.sig, signed with `sign_key`]; the result carries the manifest's sha256 for out-of-band checks."""
     import fcexport
     from fcexport.checkpoint import now_iso, read_model
     from fcexport.export_onnx import DEFAULT_OPSET, versions
@@ -268,6 +269,8 @@ def export(model_path: Path, artifacts: Path, formats=FORMATS, opset: int | None
     if int8 and "onnx" not in formats:
         raise FcxError("the int8 model is quantized from model.onnx: export onnx as well")
     model_path, artifacts = Path(model_path), Path(artifacts)
+    if sign_key is not None and (problem := names.key_problem(Path(sign_key), private=True)):
+        raise FcxError(problem)  # before minutes of exporting
     stored = read_model(model_path)  # read once: the hash below is of the bytes exported
     program, spec, folds = stored.program, stored.spec, []
     if fuse:
@@ -290,8 +293,22 @@ def export(model_path: Path, artifacts: Path, formats=FORMATS, opset: int | None
     here = model_path.resolve() == (artifacts / names.MODEL).resolve()
     manifest = names.record_in_manifest(artifacts, {p.name: stored.sha256 for p in written}, versions(), now_iso(),
                                         stored.sha256 if here else None)
+    signature = artifacts / names.SIGNATURE
+    if sign_key is not None:
+        names.sign_folder(artifacts, Path(sign_key))
+    elif signature.is_file():  # it vouches for the previous set: it would only fail
+        signature.unlink()
+        removed.append(str(signature))
     return {"written": [str(p) for p in written], "removed": removed, "skipped": skipped, "manifest": str(manifest),
+            "manifest_sha256": names.read_manifest_bytes(artifacts)[1], "signature": str(signature) if sign_key else None,
             "fused": fuse, "folds": folds}
+
+
+def sign(artifacts: Path, private_key: Path, signature: Path | None = None) -> dict:
+    """`fcx sign`: sign an exported folder as it is (its files must match its manifest)."""
+    artifacts = Path(artifacts)
+    path = names.sign_folder(artifacts, Path(private_key), signature)
+    return {"signature": str(path), "folder": str(artifacts), "manifest_sha256": names.read_manifest_bytes(artifacts)[1]}
 
 
 # ---- use ---------------------------------------------------------------------------------
@@ -314,25 +331,44 @@ def open_backend(backend: str, artifacts: Path, device: str, stored=None) -> Pre
     return open_predictor(path, device)
 
 
-def stale_reason(path: str | Path) -> str | None:
-    """Why an artifact may not answer for its folder's model.pt (stale, changed, unlisted), or None."""
-    path = Path(path)
-    model_path = path.parent / names.MODEL
-    if path.name == names.MODEL or not model_path.is_file():
-        return None
+def model_to_run(model: str | Path | None, artifacts: str | Path) -> tuple[Path, str | None]:
+    """The file predict runs (`model`, or the best in the folder) and a warning when it is stale. Nothing is
+    loaded from a folder with a manifest unless its bytes match it; a file in a folder without one runs only
+    when named (`model`): then it is the user's own file."""
     from fcexport.files import sha256_file
 
-    return names.check_against_manifest(path, names.read_manifest(path.parent), sha256_file(model_path))
+    path = Path(model) if model is not None else names.find_default_model(Path(artifacts))
+    folder = path.parent
+    if path.name == names.MODEL or not path.is_file():
+        return path, None  # model.pt is data, checked as it is read; a missing file is the loader's error
+    manifest = names.read_manifest(folder)
+    if manifest is None:
+        if model is None:
+            raise FcxError(f"{path}: no {names.MANIFEST} next to it, so it is not loaded unasked; name it as the model "
+                           "to run it as it is", hint="export")
+        return path, None
+    problem = names.integrity_problem(path, manifest)
+    if problem:
+        raise FcxError(f"{folder}: {problem}; it was not loaded", hint="export")
+    model_path = folder / names.MODEL
+    return path, names.stale_problem(path, manifest, sha256_file(model_path)) if model_path.is_file() else None
+
+
+def open_for_predict(model: str | Path | None, artifacts: str | Path, device: str = "cpu") -> tuple[Predictor, str | None]:
+    """(the checked model to predict with, opened; a staleness warning or None)."""
+    from fcexport.runtimes import open_predictor
+
+    path, warning = model_to_run(model, artifacts)
+    return open_predictor(path, device), warning
 
 
 def predict(images: list[str | Path], model: str | Path | None = None, artifacts: str | Path = "artifacts",
             top_k: int = 3, invert: str = "auto", device: str = "cpu") -> Iterator[dict]:
-    """Classify image files with `model`, or the best artifact in the folder (ONNX > TorchScript > fused > model):
+    """Classify image files with `model`, or the best artifact in the folder (ONNX > fused > model):
     one dict per image (file, label, index, probability, top)."""
     from fcexport.classify import predict_files
 
-    path = Path(model) if model is not None else names.find_default_model(Path(artifacts))
-    return predict_files(open_predictor(path, device), images, top_k, invert)
+    return predict_files(open_for_predict(model, artifacts, device)[0], images, top_k, invert)
 
 
 def verify(
@@ -342,14 +378,22 @@ def verify(
     data: str | None = None,
     data_root: str | None = None,
     tolerance: Tolerance = DEFAULT_TOLERANCE,
+    public_key: Path | None = None,
+    signature: Path | None = None,
+    expect_digest: str | None = None,
 ) -> dict:
-    """`fcx verify`: model.pt in float64 on cpu is the reference; every backend x device is compared with it,
-    after its file is checked against manifest.json and before its structure is compared with a fresh export."""
+    """`fcx verify`: the folder against its signature (`public_key`) or manifest digest (`expect_digest`) first,
+    loading nothing if it fails; then model.pt in float64 on cpu is the reference and every backend x device is
+    compared with it, after its file is checked against manifest.json and before its structure is compared with a
+    fresh export."""
     from fcexport.checkpoint import read_model
 
     check_choices("backends", backends, names.BACKENDS)
     check_choices("devices", devices, DEVICES)
     artifacts = Path(artifacts)
+    trust = trust_checks(artifacts, public_key, signature, expect_digest)
+    if any(check["status"] == "fail" for check in trust):
+        return {"passed": False, "ran": 0, "trust": trust, "rows": []}  # nothing in the folder is loaded
     reference_path = artifacts / names.MODEL
     stored = read_model(reference_path)
     exported = [name for backend, name in names.BACKEND_FILES.items() if backend != "eager" and (artifacts / name).is_file()]
@@ -377,7 +421,25 @@ def verify(
                 continue
             candidates.append(candidate)
             problems.append(parity.spec_differences(stored.spec, candidate.spec) + expected.differences(candidate))
-    return _parity(stored, reference_path, candidates, data, data_root, tolerance, problems)
+    return {"trust": trust, **_parity(stored, reference_path, candidates, data, data_root, tolerance, problems)}
+
+
+def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | None, expect_digest: str | None) -> list[dict]:
+    """Whether the folder is exactly what was signed (given a public key) and what the digest kept elsewhere
+    names: one row each, status pass / fail / skipped with the reason."""
+    rows = []
+    signature = Path(signature) if signature is not None else artifacts / names.SIGNATURE
+    if public_key is not None:
+        why = names.check_signature(artifacts, Path(public_key), signature)
+        rows.append({"check": "signature", "status": "fail" if why else "pass",
+                     "detail": why or f"every file in {artifacts} is what {Path(public_key).name}'s owner signed ({signature.name})"})
+    elif signature.is_file():
+        rows.append({"check": "signature", "status": "skipped", "detail": f"{signature.name} not checked: no public key given"})
+    if expect_digest is not None:
+        why = names.check_digest(artifacts, expect_digest)
+        rows.append({"check": "digest", "status": "fail" if why else "pass",
+                     "detail": why or f"{names.MANIFEST} has the expected sha256 and every file it lists matches it"})
+    return rows
 
 
 class _FreshExports:

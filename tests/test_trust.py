@@ -94,7 +94,8 @@ def test_bytes_edited_after_export_fail_integrity(artifacts_copy, runner, tmp_pa
     assert r.exit_code == 1 and row["problems"] == ["model.onnx changed after it was written (its sha256 differs from manifest.json): not loaded"]
     image = save_png(tmp_path / "x.png", np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8))
     r = invoke(runner, "predict", image, "--artifacts", artifacts_copy)
-    assert r.exit_code == 0 and "warning: model.onnx changed after it was written" in r.stderr and "fcx export" in r.stderr
+    assert r.exit_code == 2 and "model.onnx changed after it was written" in r.stderr and "not loaded" in r.stderr
+    assert "fcx export" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_an_artifact_missing_from_the_manifest_fails(artifacts_copy, runner, tmp_path):
