@@ -116,11 +116,12 @@ def import_weights(
     std=None,
     artifacts: str | Path = "artifacts",
 ) -> Path:
-    """`fcx import`: a state dict plus the model's code -> ARTIFACTS/model.pt (no code needed afterwards)."""
+    """`fcx import`: a state dict plus the model's code -> ARTIFACTS/model.pt (no code needed afterwards). The
+    code runs in a child process: whatever it does, it cannot end this one."""
     from fcexport.checkpoint import save_program
-    from fcexport.sources import from_state_dict
+    from fcexport.sources import from_state_dict_isolated
 
-    program, spec = from_state_dict(weights, model_def, input_shape, model_args, key, class_names, mean, std)
+    program, spec = from_state_dict_isolated(weights, model_def, input_shape, model_args, key, class_names, mean, std)
     path = Path(artifacts) / names.MODEL
     save_program(program, spec, path)
     return path

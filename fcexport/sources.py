@@ -19,7 +19,7 @@ from torch import nn
 
 from fcexport.checkpoint import load_weights_file
 from fcexport.data import known_class_names
-from fcexport.errors import FcxError
+from fcexport.errors import HINTS, FcxError
 from fcexport.program import Program, capture, check_shapes, class_count, with_input_normalization
 from fcexport.spec import ModelSpec, check_normalization, default_preprocess
 
@@ -49,7 +49,8 @@ def from_module(
     try:
         program = capture(copy.deepcopy(module).eval(), shape)
     except SystemExit as exc:  # the user's forward() may call sys.exit; that is its error, not fcx's exit
-        raise FcxError(f"the model's code called sys.exit({exc.code!r}) while it was exported") from exc
+        where = (architecture or {}).get("model_def", "the model")
+        raise FcxError(f"{where}: the model's code called sys.exit({exc.code!r}) while it was exported") from exc
     if normalization:
         program = with_input_normalization(program, normalization["mean"], normalization["std"])
     classes = class_count(program, check_shapes(program, shape, "the model"), "the model")
@@ -102,6 +103,83 @@ def from_state_dict(
         "weights_sha256": weights_sha256,
     }
     return from_module(module, input_shape, class_names, mean, std, architecture)
+
+
+def from_state_dict_isolated(weights, model_def: str, input_shape, model_args: dict | None = None, key: str | None = None,
+                             class_names: list[str] | None = None, mean=None, std=None) -> tuple[Program, ModelSpec]:
+    """`from_state_dict` in a child process, so the user's code cannot end fcx: sys.exit, os._exit or any
+    BaseException there is an error naming the model. What the child writes is read back as an untrusted
+    model.pt (every check of checkpoint.read_model)."""
+    import multiprocessing
+    import tempfile
+
+    from fcexport.checkpoint import read_model
+
+    _check_arguments(weights, model_def, input_shape, mean, std)  # the usual mistakes, without a child's start-up
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or state inherited
+    receive, send = context.Pipe(duplex=False)
+    with tempfile.TemporaryDirectory(prefix="fcx-import-") as scratch:
+        staged = Path(scratch) / "model.pt"
+        child = context.Process(target=_from_state_dict_child, daemon=True, args=(
+            send, staged, weights, model_def, input_shape, model_args, key, class_names, mean, std))
+        child.start()
+        send.close()
+        try:
+            try:
+                answer = json.loads(receive.recv_bytes().decode("utf-8"))  # JSON, not pickle: the child ran user code
+            except EOFError:
+                answer = None
+            child.join()
+        finally:
+            if child.is_alive():  # Ctrl-C, or an error here: never leave the user's code running
+                child.terminate()
+                child.join(5)
+        if answer is None or not isinstance(answer, dict):
+            raise FcxError(f"{model_def}: the model's code ended the process (exit code {child.exitcode}) before the model "
+                           "was stored; nothing was written")
+        if "error" in answer:
+            hint = answer.get("hint")
+            raise FcxError(str(answer["error"]), hint=hint if hint in HINTS else None)
+        stored = read_model(staged)
+    return stored.program, stored.spec
+
+
+def _check_arguments(weights, model_def: str, input_shape, mean, std) -> None:
+    """What can be checked without the user's code: the shape, the normalisation, that the files are there."""
+    shape = parse_input_shape(input_shape)
+    if (mean is None) != (std is None):
+        raise FcxError("normalisation needs both mean and std")
+    if mean is not None:
+        check_normalization(mean, std, shape[0])
+    if not Path(weights).is_file():
+        raise FcxError(f"{weights}: weights file not found")
+    split_model_def(model_def)
+
+
+def split_model_def(model_def: str) -> tuple[str, str]:
+    """`path/to/file.py:NAME` or `package.module:NAME` -> (location, NAME); a missing file is an error."""
+    if not isinstance(model_def, str) or ":" not in model_def:
+        raise FcxError(f"model definition must be FILE.py:NAME or package.module:NAME, got {model_def!r}")
+    location, name = model_def.rsplit(":", 1)
+    if location.endswith(".py") and not Path(location).is_file():
+        raise FcxError(f"{location}: model file not found")
+    return location, name
+
+
+def _from_state_dict_child(send, staged: Path, weights, model_def, *args) -> None:
+    """The child's side: build, export and store the model, then say how it went (JSON on `send`)."""
+    from fcexport.checkpoint import save_program
+
+    try:
+        program, spec = from_state_dict(weights, model_def, *args)
+        save_program(program, spec, staged)
+        answer = {"ok": True}
+    except FcxError as exc:
+        answer = {"error": str(exc), "hint": exc.hint}
+    except BaseException as exc:  # KeyboardInterrupt, GeneratorExit, the user's own BaseException subclasses
+        answer = {"error": f"{model_def}: the model's code raised {type(exc).__name__}: {str(exc)[:500]}"}
+    send.send_bytes(json.dumps(answer).encode("utf-8"))
+    send.close()
 
 
 def check_weights(model: nn.Module, state_dict: dict, where: str) -> None:
@@ -196,9 +274,7 @@ def build_user_model(model_def: str, model_args: dict) -> nn.Module:
 
     This runs the user's own model code (their file or an installed package), once, at import time.
     """
-    if not isinstance(model_def, str) or ":" not in model_def:
-        raise FcxError(f"model definition must be FILE.py:NAME or package.module:NAME, got {model_def!r}")
-    location, name = model_def.rsplit(":", 1)
+    location, name = split_model_def(model_def)
     if not isinstance(model_args, dict):
         raise FcxError(f"model arguments must be a JSON object of keyword arguments, got {json.dumps(model_args)}")
     namespace = _import_location(location)
@@ -218,8 +294,6 @@ def build_user_model(model_def: str, model_args: dict) -> nn.Module:
 def _import_location(location: str):
     if location.endswith(".py"):
         path = Path(location)
-        if not path.is_file():
-            raise FcxError(f"{path}: model file not found")
         module_name = f"fcexport_user_model_{abs(hash(str(path.resolve())))}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         namespace = importlib.util.module_from_spec(spec)

@@ -372,3 +372,47 @@ def test_hostile_program_data_is_refused_before_anything_runs(tmp_path, trained_
         with pytest.raises(FcxError) as info:
             load_model(path)
         assert str(path) in str(info.value), name
+
+
+ENDING_MODEL = '''
+import os, sys
+import torch
+from torch import nn
+
+class Ending(BaseException):
+    pass
+
+if os.environ.get("FCX_TEST_END_AT_IMPORT"):
+    sys.exit(0)
+
+class Net(nn.Module):
+    def __init__(self, how="none"):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "sys.exit":
+            sys.exit(0)
+        if self.how == "os._exit":
+            os._exit(0)
+        if self.how == "BaseException":
+            raise Ending("the user's own")
+        if self.how == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        return self.fc(x.flatten(1))
+'''
+
+
+@pytest.mark.parametrize("how", ["sys.exit", "os._exit", "BaseException", "KeyboardInterrupt", "at import"])
+def test_the_models_code_cannot_end_fcx(how, tmp_path, runner, monkeypatch):
+    """sys.exit(0), os._exit(0) or a BaseException in forward() or at import: exit 2 naming the file, nothing
+    written (the code runs in a child process, so even os._exit ends only that)."""
+    (tmp_path / "ending.py").write_text(ENDING_MODEL)
+    torch.save({f"fc.{k}": v for k, v in nn.Linear(64, 10).state_dict().items()}, tmp_path / "w.pt")
+    monkeypatch.setenv("FCX_TEST_END_AT_IMPORT", "1" if how == "at import" else "")
+    r = invoke(runner, "import", tmp_path / "w.pt", "--model-def", f"{tmp_path}/ending.py:Net", "--model-args",
+               json.dumps({"how": how}), "--input-shape", "1,8,8", "--artifacts", tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert "ending.py" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out" / "model.pt").exists()
