@@ -51,6 +51,8 @@ def predict_files(
                 prepared.append(prepare_image(file, spec.input_shape, spec.preprocess, invert))
             except FcxError as exc:
                 prepared.append(exc)
+            except Exception as exc:  # a decoder or NumPy failing on one odd file is that file's error, not the batch's
+                prepared.append(FcxError(f"{file}: could not be prepared ({type(exc).__name__}: {str(exc)[:200]})"))
         good = [p for p in prepared if not isinstance(p, FcxError)]
         logits = iter(predictor(np.stack(good)).astype(np.float64) if good else [])
         for file, pixels in zip(chunk, prepared, strict=True):

@@ -30,6 +30,7 @@ OBJECT_THRESHOLD = 0.1  # a pixel brighter than this (after inversion) belongs t
 MIN_SIDE = 4
 MAX_PIXELS = 40_000_000  # 40 megapixels: larger files are refused before decoding to bound memory
 INVERT_CHOICES = ("auto", "yes", "no")
+MAX_MATCHES = 100_000  # files one glob pattern or folder may name: a bound on what is listed and sorted
 
 
 def prepare_image(path: str | os.PathLike, input_shape: list[int], preprocess: dict, invert: str = "auto") -> np.ndarray:
@@ -249,6 +250,8 @@ def _open_image(path: Path) -> Iterator:
                 raise FcxError(f"{path}: {w}x{h} pixels is too small to classify (need at least {MIN_SIDE}x{MIN_SIDE})")
             upright = ImageOps.exif_transpose(img)
             upright.load()
+            if upright.mode == "F" and not np.isfinite(np.asarray(upright)).all():
+                raise FcxError(f"{path}: holds NaN or infinite pixel values; save it with finite values")
     except Image.DecompressionBombError as exc:
         raise FcxError(f"{path}: image is too large to decode safely; downscale it first") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -276,18 +279,31 @@ def _to_rgb_array(img) -> np.ndarray:
 def collect_image_files(inputs: Iterable[str]) -> Iterator[Path]:
     """Expand files, directories (their images, sorted) and glob patterns into image paths, lazily.
     A path that does not exist is passed on, to become that file's error; a folder without images or
-    a pattern that matches nothing is a usage error."""
+    a pattern that matches nothing is a usage error. Folders are not walked into and patterns are not
+    recursive, so a symlink loop cannot make the listing endless; each is bounded by MAX_MATCHES."""
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            with os.scandir(path) as entries:
+                images = (Path(e.path) for e in entries if Path(e.name).suffix.lower() in IMAGE_SUFFIXES and e.is_file())
+                found = sorted(_first(images, item))
             if not found:
                 raise FcxError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             yield from found
         elif not path.exists() and glob.has_magic(item):
-            matches = sorted(Path(p) for p in glob.glob(item) if Path(p).is_file())
+            matches = sorted(_first((Path(p) for p in glob.iglob(item) if os.path.isfile(p)), item))
             if not matches:
                 raise FcxError(f"{item}: pattern matches no files")
             yield from matches
         else:
             yield path
+
+
+def _first(entries: Iterator, item: str) -> list:
+    """At most MAX_MATCHES entries; more is a usage error naming the folder or pattern."""
+    import itertools
+
+    found = list(itertools.islice(entries, MAX_MATCHES + 1))
+    if len(found) > MAX_MATCHES:
+        raise FcxError(f"{item}: names more than {MAX_MATCHES:,} files; split it into smaller folders or patterns")
+    return found
