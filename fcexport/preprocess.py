@@ -30,7 +30,7 @@ OBJECT_THRESHOLD = 0.1  # a pixel brighter than this (after inversion) belongs t
 MIN_SIDE = 4
 MAX_PIXELS = 40_000_000  # 40 megapixels: larger files are refused before decoding to bound memory
 INVERT_CHOICES = ("auto", "yes", "no")
-MAX_MATCHES = 100_000  # files one glob pattern or folder may name: a bound on what is listed and sorted
+MAX_MATCHES = 500_000  # files one glob pattern or folder may name: bounds what is listed and sorted (~0.5 GB)
 
 
 def prepare_image(path: str | os.PathLike, input_shape: list[int], preprocess: dict, invert: str = "auto") -> np.ndarray:

@@ -225,9 +225,13 @@ def parse_class_names(text: str | None) -> list[str] | None:
     if known is not None:
         return known
     path = Path(text)
-    if path.suffix.lower() in (".txt", ".names", ".csv") and not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long for a path (or otherwise impossible) is a list of names, not a file
+        is_file = False
+    if path.suffix.lower() in (".txt", ".names", ".csv") and not is_file:
         raise FcxError(f"{path}: class names file not found")
-    if path.is_file():
+    if is_file:
         try:
             names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:

@@ -20,6 +20,7 @@ from fcexport.errors import FcxError
 PREPROCESS_MODES = ("object", "letterbox")
 MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # (C, H, W) up to 3 x 1024 x 1024: bounds every buffer made from a spec
 MAX_CLASSES = 100_000
+MAX_CLASS_NAME = 256  # characters: a label, not a payload (a 50 MB name would take minutes to print)
 MAX_NORMALIZATION, MIN_STD = 1e6, 1e-6  # mean/std on [0, 1] pixels; beyond these float32 models overflow
 
 
@@ -57,6 +58,9 @@ class ModelSpec:
             raise FcxError(f"{where}: class_names must be a non-empty list of strings")
         if len(set(names)) != len(names):
             raise FcxError(f"{where}: class_names has duplicates")
+        long = next((n for n in names if len(n) > MAX_CLASS_NAME or not n), None)
+        if long is not None:
+            raise FcxError(f"{where}: class names must be 1 to {MAX_CLASS_NAME} characters, one is {len(long):,}")
         mode = self.preprocess.get("mode") if isinstance(self.preprocess, dict) else None
         if mode not in PREPROCESS_MODES:
             raise FcxError(f"{where}: preprocess mode must be one of {', '.join(PREPROCESS_MODES)}, got {mode!r}")

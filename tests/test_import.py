@@ -338,6 +338,7 @@ def test_torchscript_and_pickled_models_are_refused_with_the_way_in(tmp_path, ru
     (["--model-def", "COURSE:course_mlp", "--mean", "0.5,0.5", "--std", "1,1"], "needs 1 or 1 values"),
     (["--model-def", "COURSE:course_mlp", "--input-shape", "1,9,9"], "torch.export cannot export the model"),
     (["--model-def", "COURSE:course_mlp", "--classes", "names.txt"], "names.txt: class names file not found"),
+    (["--model-def", "COURSE:course_mlp", "--classes", ",".join(["x" * 300] + list("123456789"))], "1 to 256 characters, one is 300"),
     (["--model-def", "COURSE:exits"], "failed: SystemExit"),
 ])
 def test_import_bad_options_exit_2_with_one_line(tmp_path, runner, argv_tail, expected):

@@ -51,15 +51,24 @@ def test_readme_command_parses(command):
 
 
 # Commands that need nothing but a trained model in ./artifacts (run in a copy of one, as written).
-RUNNABLE = [c for c in COMMANDS if c.split()[1] in ("fuse-bn", "export", "verify", "bench") and "../shared" not in c
+RUNNABLE = [c for c in COMMANDS if c.split()[1] in ("fuse-bn", "export", "sign", "verify", "bench") and "../shared" not in c
             and "other.pt" not in c]
 
 
 @pytest.mark.parametrize("command", RUNNABLE)
 def test_readme_command_runs(command, exported_dir, tmp_path, monkeypatch, runner):
+    import hashlib
+
+    from test_signing import write_key_pair
+
     shutil.copytree(exported_dir, tmp_path / "artifacts")
     monkeypatch.chdir(tmp_path)
+    write_key_pair(tmp_path)  # key.pem / key.pub, as the README's openssl lines make them
     args = shlex.split(command)[1:]
+    if "key.pub" in args:  # the README signs before it verifies
+        assert invoke(runner, "sign", "--key", "key.pem").exit_code == 0
+    if "--expect-digest" in args:  # the README's digest stands for the one fcx export printed
+        args[args.index("--expect-digest") + 1] = hashlib.sha256(Path("artifacts/manifest.json").read_bytes()).hexdigest()
     if args[0] == "bench":
         args += ["--seconds", "0.05", "--warmup", "1"]
     r = invoke(runner, *args)
