@@ -333,9 +333,9 @@ def open_backend(backend: str, artifacts: Path, device: str, stored=None) -> Pre
 
 
 def model_to_run(model: str | Path | None, artifacts: str | Path) -> tuple[Path, str | None]:
-    """The file predict runs (`model`, or the best in the folder) and a warning when it is stale. Nothing is
-    loaded from a folder with a manifest unless its bytes match it; a file in a folder without one runs only
-    when named (`model`): then it is the user's own file."""
+    """The file predict runs (`model`, or the best in the folder) and a warning when it is stale. A file the
+    folder's manifest lists is loaded only when its bytes match it; one it does not list runs only when named
+    (`model`): then it is the user's own file."""
     from fcexport.files import sha256_file
 
     path = Path(model) if model is not None else names.find_default_model(Path(artifacts))
@@ -343,11 +343,11 @@ def model_to_run(model: str | Path | None, artifacts: str | Path) -> tuple[Path,
     if path.name == names.MODEL or not path.is_file():
         return path, None  # model.pt is data, checked as it is read; a missing file is the loader's error
     manifest = names.read_manifest(folder)
-    if manifest is None:
+    if manifest is None or path.name not in manifest["files"]:
         if model is None:
-            raise FcxError(f"{path}: no {names.MANIFEST} next to it, so it is not loaded unasked; name it as the model "
-                           "to run it as it is", hint="export")
-        return path, None
+            raise FcxError(f"{path}: {names.MANIFEST} does not vouch for it, so it is not loaded unasked; name it as the "
+                           "model to run it as it is", hint="export")
+        return path, None  # named by the user and not part of the exported set: their own file
     problem = names.integrity_problem(path, manifest)
     if problem:
         raise FcxError(f"{folder}: {problem}; it was not loaded", hint="export")

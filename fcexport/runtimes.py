@@ -222,7 +222,7 @@ def ort_session_options(threads: int | None = None):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only
+    options.log_severity_level = 4  # fatal only: its errors come back as exceptions, said in one line by fcx
     return options
 
 
@@ -368,7 +368,11 @@ def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None) 
     output_name = session.get_outputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
-        return session.run([output_name], {input_name: x})[0]
+        try:
+            return session.run([output_name], {input_name: x})[0]
+        except Exception as exc:  # ORT's Fail / RuntimeException: the model cannot run on this input
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise FcxError(f"{path}: onnxruntime could not run the model on a batch of {len(x)}: {first}") from exc
 
     return Predictor(backend, device, path, run, spec, lambda: onnx_fingerprint(data))
 

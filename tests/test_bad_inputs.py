@@ -16,6 +16,11 @@ import torch
 from helpers import invoke, save_png
 
 
+def copy(path: Path, folder: Path) -> Path:
+    """The file, copied into a folder without a manifest (a file of the user's own)."""
+    return Path(shutil.copy(path, folder / path.name))
+
+
 def truncate(path: Path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -109,7 +114,10 @@ CASES = [
     ("predict: text named .png", lambda a, s: ["predict", write(s, "fake.png", b"not an image"), "--artifacts", a], "fake.png: not a readable image"),
     ("predict: 1x1 image", lambda a, s: ["predict", save_png(s / "dot.png", np.zeros((1, 1), np.uint8)), "--artifacts", a], "dot.png: 1x1 pixels is too small"),
     ("predict: 10000x10000 image", lambda a, s: ["predict", huge_png(s), "--artifacts", a], "huge.png: 10000x10000 pixels is too large"),
-    ("predict: truncated onnx", lambda a, s: ["predict", a / "samples", "--model", truncate(a / "model.onnx")], "model.onnx: not a valid ONNX model"),
+    ("predict: truncated onnx in its folder", lambda a, s: ["predict", a / "samples", "--model", truncate(a / "model.onnx")],
+     "model.onnx changed after it was written (its sha256 differs from manifest.json); it was not loaded"),
+    ("predict: truncated onnx of one's own", lambda a, s: ["predict", a / "samples", "--model", truncate(copy(a / "model.onnx", s))],
+     "model.onnx: not a valid ONNX model"),
     ("predict: onnx from elsewhere", lambda a, s: ["predict", a / "samples", "--model", foreign_onnx(s)], "foreign.onnx: ONNX model lacks fcexport metadata"),
     ("predict: unknown model format", lambda a, s: ["predict", a / "samples", "--model", write(s, "m.h5", b"x")], "m.h5: unknown model format"),
     ("predict: empty artifacts", lambda a, s: ["predict", a / "samples", "--artifacts", s], "no model found"),
