@@ -25,6 +25,7 @@ from torch import nn
 
 from fcexport.errors import FcxError
 from fcexport.opset import ATEN_OPS, GETITEM, SIZE_OP_NAMES, SIZE_OPS, aten_op
+from fcexport.spec import MAX_MACS
 
 INPUT = "x"
 MAX_NODES = 20_000
@@ -33,7 +34,6 @@ MAX_INT = 1 << 40
 MAX_BYTES = 1 << 28  # the memory of any one intermediate at batch 1: 256 MiB
 MAX_VIEW_ELEMENTS = 1 << 31  # a view (expand) may repeat its source's memory, up to this many values
 MAX_TOTAL_BYTES = 1 << 32  # the memory of all intermediates of one image together
-MAX_MACS = 10**11  # multiply-accumulates of one image (densenet121: 2.9e9, a 60M-parameter ViT: about 1.5e10)
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 DTYPES = {str(d).removeprefix("torch."): d for d in (

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from fcexport.errors import FcxError
-from fcexport.spec import ModelSpec
+from fcexport.spec import MAX_MACS, ModelSpec
 
 log = logging.getLogger(__name__)
 METADATA_FILE = "metadata.json"  # TorchScript _extra_files entry holding the spec
@@ -257,6 +257,7 @@ Unsqueeze Where Xor
 MAX_ONNX_BYTES = 1 << 30
 MAX_ATTRIBUTE = 4096  # kernel sizes, pads, strides, dilations
 MAX_ONNX_ELEMENTS = 1 << 26  # any one tensor at batch 1 (as fcexport.program bounds a stored model)
+MAX_ONNX_TOTAL = 1 << 30  # all values of one image together (4 GiB of float32, fcexport.program's total)
 
 
 def check_onnx_model(data: bytes, path: Path) -> dict[str, str]:
@@ -297,8 +298,11 @@ def check_onnx_model(data: bytes, path: Path) -> dict[str, str]:
 
 
 def _check_inferred_sizes(model, path: Path) -> None:
-    """Shape inference at batch 1 (with constant propagation): every tensor it sizes must be within
-    MAX_ONNX_ELEMENTS, and every node whose output size depends on values must be sized."""
+    """Shape inference at batch 1 (with constant propagation), then a bound for every value: its inferred
+    size, or (unknown) one derived from its inputs by what the op can do (SIZE_OF_INPUT_OPS never grow their
+    largest input; broadcasting ops at most the product of their inputs; Gather and friends data x indices).
+    Each value must stay within MAX_ONNX_ELEMENTS, all of them together within MAX_ONNX_TOTAL, and the
+    multiply-accumulates of Conv / MatMul / Gemm within MAX_MACS (the budget of a stored model too)."""
     import onnx
 
     probe = onnx.ModelProto()
@@ -310,32 +314,74 @@ def _check_inferred_sizes(model, path: Path) -> None:
         inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise FcxError(f"{path}: shapes are inconsistent ({type(exc).__name__}: {str(exc).strip()[:160]})") from exc
-    sizes = {}
-    for value in (*inferred.graph.value_info, *inferred.graph.output):
+    shapes = {t.name: list(t.dims) for t in inferred.graph.initializer}
+    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         shape = value.type.tensor_type.shape
-        known = value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim)
-        sizes[value.name] = int(np.prod([d.dim_value for d in shape.dim], dtype=np.float64)) if known else None
+        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim):
+            shapes[value.name] = [d.dim_value for d in shape.dim]
+    bounds = {name: float(np.prod(shape, dtype=np.float64)) for name, shape in shapes.items()}
+    total = macs = 0.0
     for node in inferred.graph.node:
-        for output in node.output:
-            size = sizes.get(output)
-            if size is not None and size > MAX_ONNX_ELEMENTS:
-                raise FcxError(f"{path}: node '{node.name or node.op_type}' ({node.op_type}) makes {size:,} values for one "
-                               f"image (at most {MAX_ONNX_ELEMENTS:,})")
-            if size is None and node.op_type not in SIZE_OF_INPUT_OPS and output:
-                raise FcxError(f"{path}: node '{node.name or node.op_type}' ({node.op_type}): the size of its output cannot "
-                               "be bounded before running it; refused")
+        where = f"{path}: node '{node.name or node.op_type}' ({node.op_type})"
+        given = [bounds.get(name) for name in node.input if name]
+        for output in (o for o in node.output if o):
+            bound = bounds.get(output)
+            if bound is None:
+                bound = _unknown_size_bound(node.op_type, given)
+                if bound is None:
+                    raise FcxError(f"{where}: the size of its output cannot be bounded before running it; refused")
+                bounds[output] = bound
+            if bound > MAX_ONNX_ELEMENTS:
+                raise FcxError(f"{where} makes {bound:,.0f} values for one image (at most {MAX_ONNX_ELEMENTS:,})")
+            total += bound
+            macs += _macs(node, shapes, bound)
+        if total > MAX_ONNX_TOTAL:
+            raise FcxError(f"{where}: the values of one image reach {total:,.0f} in all (at most {MAX_ONNX_TOTAL:,}); refused")
+        if macs > MAX_MACS:
+            raise FcxError(f"{where}: one image takes more than {MAX_MACS:.0e} multiply-accumulates; refused")
 
 
-# Ops whose output is never larger than their inputs (elementwise, reductions, views): an unknown shape there
-# follows from a bounded one before it. Everything else must be sized by shape inference.
+BROADCASTING_OPS = frozenset("Add And BitwiseAnd BitwiseOr BitwiseXor Div Equal Greater GreaterOrEqual Less LessOrEqual Max "
+                             "Mean Min Mod Mul Or Pow PRelu Sub Sum Where Xor".split())
+GATHERING_OPS = frozenset("Gather GatherElements GatherND".split())
+
+
+def _unknown_size_bound(op: str, inputs: list) -> float | None:
+    """The most elements an output of `op` can have, from its inputs' bounds; None when it cannot be bounded."""
+    if not inputs or any(b is None for b in inputs):
+        return None
+    if op in BROADCASTING_OPS:
+        return float(np.prod(inputs, dtype=np.float64))
+    if op in GATHERING_OPS:
+        return inputs[0] * inputs[1]
+    if op in SIZE_OF_INPUT_OPS:
+        return max(inputs)
+    return None
+
+
+def _macs(node, shapes: dict, size: float) -> float:
+    """Multiply-accumulates behind `size` output values of a Conv / MatMul / Gemm (0 for other ops); an operand
+    of unknown shape counts MAX_ONNX_ELEMENTS per output value, so it cannot hide."""
+    if node.op_type in ("Conv", "ConvTranspose", "ConvInteger"):
+        weight = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        return size * (float(np.prod(weight[1:], dtype=np.float64)) if weight else MAX_ONNX_ELEMENTS)
+    if node.op_type in ("MatMul", "MatMulInteger", "Gemm"):
+        first = shapes.get(node.input[0])
+        transposed = node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute)
+        return size * ((first[-2] if transposed else first[-1]) if first else MAX_ONNX_ELEMENTS)
+    return 0.0
+
+
+# Ops whose output is never larger than their largest input (unary elementwise, reductions, views): an unknown
+# shape there follows from a bounded one before it. BROADCASTING_OPS and GATHERING_OPS get looser bounds;
+# everything else must be sized by shape inference.
 SIZE_OF_INPUT_OPS = frozenset("""
-Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh BitwiseAnd BitwiseNot BitwiseOr BitwiseXor Cast CastLike
-Ceil Celu Clip Cos Cosh CumSum DequantizeLinear Div Dropout DynamicQuantizeLinear Elu Equal Erf Exp Flatten Floor Gather
-GatherElements GatherND Gelu Greater GreaterOrEqual HardSigmoid HardSwish Hardmax Identity IsInf IsNaN LeakyRelu Less
-LessOrEqual Log LogSoftmax Max Mean Min Mish Mod Mul Neg Not Or Pow PRelu QuantizeLinear Reciprocal ReduceL1 ReduceL2
+Abs Acos Acosh ArgMax ArgMin Asin Asinh Atan Atanh BitwiseNot Cast CastLike Ceil Celu Clip Cos Cosh CumSum
+DequantizeLinear Dropout DynamicQuantizeLinear Elu Erf Exp Flatten Floor Gelu HardSigmoid HardSwish Hardmax
+Identity IsInf IsNaN LeakyRelu Log LogSoftmax Mish Neg Not QuantizeLinear Reciprocal ReduceL1 ReduceL2
 ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Round Selu Shape
-Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign Split Sqrt Squeeze Sub Sum Tan Tanh TopK Transpose Trilu
-Unsqueeze Where Xor
+Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign Split Sqrt Squeeze Tan Tanh TopK Transpose Trilu
+Unsqueeze
 """.split())
 
 
