@@ -30,6 +30,7 @@ OBJECT_THRESHOLD = 0.1  # a pixel brighter than this (after inversion) belongs t
 MIN_SIDE = 4
 MAX_PIXELS = 40_000_000  # 40 megapixels: larger files are refused before decoding to bound memory
 INVERT_CHOICES = ("auto", "yes", "no")
+MAX_FOLDERS = 20_000  # folders one glob pattern may read
 MAX_MATCHES = 500_000  # files one glob pattern or folder may name: bounds what is listed and sorted (~0.5 GB)
 
 
@@ -291,12 +292,45 @@ def collect_image_files(inputs: Iterable[str]) -> Iterator[Path]:
                 raise FcxError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             yield from found
         elif not path.exists() and glob.has_magic(item):
-            matches = sorted(_first((Path(p) for p in glob.iglob(item) if os.path.isfile(p)), item))
+            matches = sorted(_first((p for p in _glob(item) if p.is_file()), item))
             if not matches:
                 raise FcxError(f"{item}: pattern matches no files")
             yield from matches
         else:
             yield path
+
+
+def _glob(pattern: str) -> Iterator[Path]:
+    """What glob.glob(pattern) matches (not recursive: `**` is `*`; hidden names only when the pattern starts
+    with a dot), level by level, reading at most MAX_FOLDERS folders: a pattern through symlink loops that
+    matches nothing ends too, where glob would read folders for ever."""
+    import fnmatch
+
+    parts = Path(pattern).parts
+    level = [Path(parts[0])] if Path(pattern).is_absolute() else [Path(".")]
+    visited = 0
+    for part in parts[1:] if Path(pattern).is_absolute() else parts:
+        if not glob.has_magic(part):
+            level = [folder / part for folder in level if os.path.lexists(folder / part)]
+            continue
+        following = []
+        for folder in level:
+            if not folder.is_dir():
+                continue
+            visited += 1
+            if visited > MAX_FOLDERS:
+                raise FcxError(f"{pattern}: reads more than {MAX_FOLDERS:,} folders; narrow the pattern")
+            try:
+                with os.scandir(folder) as entries:
+                    names = [e.name for e in entries if fnmatch.fnmatch(e.name, part)
+                             and (part.startswith(".") or not e.name.startswith("."))]
+            except OSError:
+                continue  # unreadable, as glob skips it
+            following += [folder / name for name in names]
+            if len(following) > MAX_MATCHES:
+                raise FcxError(f"{pattern}: names more than {MAX_MATCHES:,} files; split it into smaller folders or patterns")
+        level = following
+    return iter(Path(os.path.normpath(p)) if str(p).startswith("./") else p for p in level)
 
 
 def _first(entries: Iterator, item: str) -> list:

@@ -101,3 +101,17 @@ def test_symlink_loops_do_not_make_a_listing_endless(exported_dir, tmp_path, run
     for _ in range(3):
         r = invoke(runner, "predict", f"{loops}/*/*/*.png", "--artifacts", exported_dir)
         assert r.exit_code == 2 and "names more than 1 files" in r.stderr
+
+
+def test_a_pattern_through_loops_that_matches_nothing_ends(exported_dir, tmp_path, runner):
+    """Ten links to `.`: eight wildcard levels are 10^8 folders for glob; fcx stops at MAX_FOLDERS."""
+    import time
+
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    for i in range(10):
+        (dense / f"l{i}").symlink_to(".")
+    started = time.perf_counter()
+    r = invoke(runner, "predict", f"{dense}/*/*/*/*/*/*/*/*/zzz.png", "--artifacts", exported_dir)
+    assert r.exit_code == 2 and f"reads more than {preprocess.MAX_FOLDERS:,} folders" in r.stderr
+    assert time.perf_counter() - started < 30
