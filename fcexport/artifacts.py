@@ -219,7 +219,7 @@ def key_problem(path: Path, private: bool) -> str | None:
 
 def _signature_mismatch(message: str) -> str:
     """model_signing's diff in a line: which files changed, appeared or went missing."""
-    changed = re.findall(r"Hash mismatch for '([^']+)'", message)
+    changed = re.findall(r"Hash mismatch for \\?'([^'\\]+)\\?'", message)  # quotes escaped when repr() chose '...'
     parts = [f"{', '.join(changed)} changed since signing"] if changed else []
     parts += [m.strip() for m in re.findall(r"((?:Extra|Missing) files found in model '[^']*': [^\"\]]+|Missing files in model '[^']*': [^\"\]]+)", message)]
     return "; ".join(parts) if parts else message.splitlines()[0][:300] if message else "verification failed"

@@ -17,7 +17,7 @@ from fcexport import artifacts as names
 from fcexport import parity
 from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError, check_choices
-from fcexport.runtimes import DEVICES, DeviceUnavailable, Predictor, open_predictor, program_predictor
+from fcexport.runtimes import DEVICES, DeviceUnavailable, Predictor, Refused, open_predictor, program_predictor
 
 DEFAULT_TOLERANCE = Tolerance()
 MAX_BENCH_BATCH = 65536
@@ -315,9 +315,10 @@ def sign(artifacts: Path, private_key: Path, signature: Path | None = None) -> d
 # ---- use ---------------------------------------------------------------------------------
 
 
-def open_backend(backend: str, artifacts: Path, device: str, stored=None) -> Predictor:
+def open_backend(backend: str, artifacts: Path, device: str, stored=None, admit=None) -> Predictor:
     """A backend's artifact from a folder. Without model.fused.pt, `fused` folds model.pt in memory
-    (`stored`, the already checked model.pt, saves reading it again)."""
+    (`stored`, the already checked model.pt, saves reading it again); `admit` checks an exported file before
+    it is loaded (runtimes.open_predictor)."""
     from fcexport.checkpoint import read_model
 
     path = Path(artifacts) / names.BACKEND_FILES[backend]
@@ -329,7 +330,7 @@ def open_backend(backend: str, artifacts: Path, device: str, stored=None) -> Pre
         return program_predictor(stored.program, "eager", device, model_path, stored.spec)
     if not path.is_file():
         raise DeviceUnavailable(f"{path} not found", hint=names.BACKEND_MADE_BY[backend])
-    return open_predictor(path, device)
+    return open_predictor(path, device, admit)
 
 
 def model_to_run(model: str | Path | None, artifacts: str | Path) -> tuple[Path, str | None]:
@@ -413,17 +414,19 @@ def verify(
                 candidates.append(parity.Skipped(backend, device, f"not loaded: {integrity}"))
                 problems.append([f"{integrity}: not loaded"])
                 continue
-            try:
-                candidate = open_backend(backend, artifacts, device, stored)
+            try:  # a file that differs from a fresh export is refused before it is loaded (TorchScript is code)
+                candidate = open_backend(backend, artifacts, device, stored, admit=expected.admit)
             except DeviceUnavailable as exc:
                 hint = None if exc.hint == "cpu" else exc.hint  # verify chooses devices with its own option
                 candidates.append(parity.Skipped(backend, device, str(exc), hint))
                 problems.append([])
                 continue
-            found = parity.spec_differences(stored.spec, candidate.spec) + expected.differences(candidate)
-            # an artifact that is not what a fresh export makes is never run: what it would compute is unknown
-            candidates.append(parity.Skipped(backend, device, "not run: it differs from model.pt") if found else candidate)
-            problems.append(found)
+            except Refused as exc:
+                candidates.append(parity.Skipped(backend, device, "not loaded: it differs from model.pt"))
+                problems.append(exc.problems)
+                continue
+            candidates.append(candidate)  # admitted, or made in memory from the checked model.pt
+            problems.append([])
     return {"trust": trust, **_parity(stored, reference_path, candidates, data, data_root, tolerance, problems)}
 
 
@@ -447,53 +450,57 @@ def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | Non
 
 class _FreshExports:
     """What each artifact must contain: a fresh export of this model.pt with the artifact's own settings
-    (fused or not, opset), made once, compared by fingerprint (ops, wiring, every tensor and constant)."""
+    (fused or not, opset), made once, compared by fingerprint (ops, wiring, every tensor and constant). Used as
+    an `admit` check, so an artifact that differs is never loaded."""
 
     def __init__(self, stored):
         self.stored, self.fingerprints, self.fused = stored, {}, None
 
-    def differences(self, candidate: Predictor) -> list[str]:
-        if candidate.fingerprint is None or candidate.backend == "eager":
+    def admit(self, backend: str, spec, found: dict[str, str]) -> list[str]:
+        """Problems of an artifact with this spec and fingerprint: its spec against model.pt's, its contents
+        against a fresh export's."""
+        return parity.spec_differences(self.stored.spec, spec) + self.differences(backend, spec, found)
+
+    def differences(self, backend: str, spec, found: dict[str, str] | None) -> list[str]:
+        if found is None or backend == "eager":
             return []
-        fused = bool(candidate.spec.provenance.get("fused"))
-        opset = int(candidate.spec.provenance.get("opset", 18))
-        key = (candidate.backend, fused, opset)
+        fused = bool(spec.provenance.get("fused"))
+        opset = int(spec.provenance.get("opset", 18))
+        key = (backend, fused, opset)
         if key not in self.fingerprints:
             try:
-                self.fingerprints[key] = self._fingerprint(candidate, fused, opset)
+                self.fingerprints[key] = self._fingerprint(backend, spec, fused, opset)
             except FcxError as exc:
                 return [f"a fresh export of model.pt to compare with failed: {exc}"]
-        found = fingerprint_differences(candidate.fingerprint(), self.fingerprints[key])
-        problems = [f"{p} (against a fresh export of model.pt)" for p in found]
-        note = self._versions_note(candidate) if problems else None
+        problems = [f"{p} (against a fresh export of model.pt)" for p in fingerprint_differences(found, self.fingerprints[key])]
+        note = self._versions_note(spec) if problems else None
         return problems + ([note] if note else [])
 
-    def _fingerprint(self, candidate: Predictor, fused: bool, opset: int) -> dict[str, str]:
+    def _fingerprint(self, backend: str, spec, fused: bool, opset: int) -> dict[str, str]:
         from fcexport.program import fingerprint
-        from fcexport.runtimes import onnx_fingerprint, torchscript_fingerprint_of
+        from fcexport.runtimes import onnx_fingerprint, torchscript_archive
 
         program = self.stored.program
         if fused:
             self.fused = self.fused or fused_model(self.stored)[0]
             program = self.fused
-        if candidate.backend == "fused":
+        if backend == "fused":
             return fingerprint(program)
-        formats = ("torchscript",) if candidate.backend == "torchscript" else ("onnx",)
-        files, _ = export_files(program, candidate.spec, formats, opset, candidate.backend == "onnxruntime-int8")
-        data = files[names.BACKEND_FILES[candidate.backend]]
-        return torchscript_fingerprint_of(data) if candidate.backend == "torchscript" else onnx_fingerprint(data)
+        formats = ("torchscript",) if backend == "torchscript" else ("onnx",)
+        files, _ = export_files(program, spec, formats, opset, backend == "onnxruntime-int8")
+        data = files[names.BACKEND_FILES[backend]]
+        return torchscript_archive(data)[1] if backend == "torchscript" else onnx_fingerprint(data)
 
     @staticmethod
-    def _versions_note(candidate: Predictor) -> str | None:
+    def _versions_note(spec) -> str | None:
         """Another exporter may write another graph: say so when the artifact was made with other versions."""
         import fcexport
         from fcexport.export_onnx import versions
 
-        made = candidate.spec.provenance
+        made = spec.provenance
         now = {**versions(), "fcexport": fcexport.__version__}
         changed = [f"{k} {made.get(k)} (now {v})" for k, v in now.items() if made.get(k) not in (None, v)]
         return f"it was exported with {', '.join(changed)}: export it again with these versions" if changed else None
-
 
 def fingerprint_differences(found: dict[str, str], expected: dict[str, str], limit: int = 3) -> list[str]:
     """What an artifact holds that a fresh export does not, and the other way round (first few of each)."""

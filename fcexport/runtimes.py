@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,16 +43,14 @@ class DeviceUnavailable(FcxError):
 
 @dataclass(frozen=True)
 class Predictor:
-    """Runs a model: float32 pixels (N, C, H, W) in [0, 1] -> logits, in batches of at most `batch`.
-    `fingerprint`, where the format allows it, describes what the artifact computes with (ops, wiring,
-    every tensor), so verification can compare it with a fresh export."""
+    """Runs a model: float32 pixels (N, C, H, W) in [0, 1] -> logits, in batches of at most `batch`. (What an
+    artifact computes with is checked before it becomes one: see `Admit`.)"""
 
     backend: str
     device: str
     source: Path
     run: Callable[[np.ndarray], np.ndarray]
     spec: ModelSpec
-    fingerprint: Callable[[], dict[str, str]] | None = None
     batch: int = 256
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -65,18 +64,19 @@ class Predictor:
         return logits
 
 
-def open_predictor(path: str | Path, device: str = "cpu") -> Predictor:
-    """Open any artifact by its suffix: .onnx, .ts, or an fcexport model .pt."""
+def open_predictor(path: str | Path, device: str = "cpu", admit: Admit | None = None) -> Predictor:
+    """Open any artifact by its suffix: .onnx, .ts, or an fcexport model .pt (data: checked as it is read);
+    `admit` checks an exported file's spec and fingerprint before it is loaded."""
     path = Path(path)
     if not path.is_file():
         raise FcxError(f"{path}: model file not found; pass an existing .onnx, .ts or .pt file")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return onnx_predictor(path, device)
+        return onnx_predictor(path, device, admit=admit)
     if suffix == ".ts":
-        return torchscript_predictor(path, device)
+        return torchscript_predictor(path, device, admit)
     if suffix == ".pt":
-        return checkpoint_predictor(path, device)
+        return checkpoint_predictor(path, device, admit)
     if suffix == ".pt2":
         raise FcxError(f"{path}: a torch.export program is not a way in; save model.state_dict() and import it", hint="import")
     raise FcxError(f"{path}: unknown model format '{suffix}'; expected .onnx, .ts or .pt")
@@ -112,8 +112,7 @@ def torch_device(device: str):
     return torch.device(device)
 
 
-def module_predictor(module, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256,
-                     fingerprint=None) -> Predictor:
+def module_predictor(module, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256) -> Predictor:
     """Wrap an eval-mode nn.Module or ScriptModule that this predictor owns; inference_mode skips autograd."""
     import torch
 
@@ -124,14 +123,14 @@ def module_predictor(module, backend: str, device: str, source: Path, spec: Mode
         with torch.inference_mode():
             return module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
 
-    return Predictor(backend, device, source, run, spec, fingerprint, batch)
+    return Predictor(backend, device, source, run, spec, batch)
 
 
 def program_predictor(program, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256) -> Predictor:
     """Run a stored program (fcexport.program) through a fresh interpreter of its own on `device`."""
-    from fcexport.program import ProgramModule, fingerprint
+    from fcexport.program import ProgramModule
 
-    return module_predictor(ProgramModule(program), backend, device, source, spec, batch, lambda: fingerprint(program))
+    return module_predictor(ProgramModule(program), backend, device, source, spec, batch)
 
 
 def float64_logits(program, x: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -146,63 +145,95 @@ def float64_logits(program, x: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float64)
 
 
-def checkpoint_predictor(path: Path, device: str = "cpu") -> Predictor:
+def checkpoint_predictor(path: Path, device: str = "cpu", admit: Admit | None = None) -> Predictor:
+    """An fcexport model .pt (data, checked as it is read); `admit` sees its spec and fingerprint first."""
     from fcexport.checkpoint import read_model
+    from fcexport.program import fingerprint
 
     stored = read_model(path)
     backend = "fused" if stored.spec.provenance.get("fused") else "eager"
+    problems = admit(backend, stored.spec, fingerprint(stored.program)) if admit else []
+    if problems:
+        raise Refused(path, problems)
     return program_predictor(stored.program, backend, device, path, stored.spec)
 
 
-def torchscript_predictor(path: Path, device: str = "cpu") -> Predictor:
-    """Load a TorchScript file. TorchScript files are code: load only files from trusted sources
-    (fcx verify checks the file against manifest.json before it gets here)."""
-    import torch
+class Refused(FcxError):
+    """An artifact that `admit` turned away before it was loaded, with the reasons (fcx verify's structure check)."""
 
-    dev = torch_device(device)
-    extra = {METADATA_FILE: ""}
-    try:
-        with quiet_torchscript_deprecation():
-            module = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
-        metadata = json.loads(extra[METADATA_FILE])
-    except Exception as exc:  # corrupt zip, bad pickle, missing metadata all mean an unusable file
-        raise FcxError(f"{path}: not a valid fcexport TorchScript file ({type(exc).__name__})", hint="export") from exc
-    return module_predictor(module, "torchscript", device, path, ModelSpec.from_dict(metadata, str(path)),
-                            fingerprint=lambda: torchscript_fingerprint(module))
+    def __init__(self, path: Path, problems: list[str]):
+        super().__init__(f"{path}: not loaded: {'; '.join(problems)}")
+        self.problems = problems
 
 
-def torchscript_fingerprint_of(data: bytes) -> dict[str, str]:
-    """The fingerprint of a serialised TorchScript module (a fresh export, loaded the way model.ts is)."""
+# admit(backend, spec, fingerprint) -> problems: a check that runs on an artifact's bytes before it is loaded
+Admit = Callable[[str, ModelSpec, dict], list]
+
+
+def torchscript_predictor(path: Path, device: str = "cpu", admit: Admit | None = None) -> Predictor:
+    """Load a TorchScript file, read once. TorchScript files are code: `admit` sees the archive's spec and
+    fingerprint first (fcx verify: the file must equal a fresh export), so nothing else is ever loaded."""
     import io
 
     import torch
 
-    with quiet_torchscript_deprecation():
-        return torchscript_fingerprint(torch.jit.load(io.BytesIO(data), map_location="cpu"))
+    dev = torch_device(device)
+    data = _read(path)
+    spec, fingerprint = torchscript_archive(data, path)
+    problems = admit("torchscript", spec, fingerprint) if admit else []
+    if problems:
+        raise Refused(path, problems)
+    try:
+        with quiet_torchscript_deprecation():
+            module = torch.jit.load(io.BytesIO(data), map_location=dev)
+    except Exception as exc:  # corrupt zip, bad pickle: an unusable file
+        raise FcxError(f"{path}: not a valid fcexport TorchScript file ({type(exc).__name__})", hint="export") from exc
+    return module_predictor(module, "torchscript", device, path, spec)
 
 
-def torchscript_fingerprint(module) -> dict[str, str]:
-    """Every node of a frozen TorchScript graph: its kind, which earlier outputs it reads, and its constant
-    (tensors by their bytes), so a changed weight, op or wire shows up whatever its dtype or size."""
+MAX_ARCHIVE_RECORDS = 100_000
+TORCH_MANGLE = re.compile(rb"___torch_mangle_\d+")
+
+
+def torchscript_archive(data: bytes, path: Path | str = "model.ts") -> tuple[ModelSpec, dict[str, str]]:
+    """(spec, fingerprint) of a TorchScript archive from its bytes, without loading it: every record (code,
+    pickles, tensors) by its sha256, with torch's per-process class-name counters (`___torch_mangle_N`) and the
+    debug source ranges (`.debug_pkl`, offsets into the code, only read for error messages) left out, so two
+    exports of one program match and any other change does not."""
     import hashlib
+    import io
+    import zipfile
 
-    import torch
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        records = archive.infolist()
+        unpacked = sum(r.file_size for r in records)  # zipfile reads no more than each record declares
+        if len(records) > MAX_ARCHIVE_RECORDS or unpacked > 2 * len(data) + (16 << 20):
+            raise ValueError(f"{len(records):,} records unpacking to {unpacked:,} bytes")
+        items, spec = {}, None
+        for record in records:
+            name = TORCH_MANGLE.sub(b"___torch_mangle_N", record.filename.split("/", 1)[-1].encode()).decode()
+            if name.endswith(".debug_pkl") or name == ".data/serialization_id":
+                continue
+            body = archive.read(record)
+            if name == f"extra/{METADATA_FILE}":
+                spec = ModelSpec.from_dict(json.loads(body.decode("utf-8")), str(path))
+                continue  # the spec is compared on its own
+            items[f"record '{name}'"] = hashlib.sha256(TORCH_MANGLE.sub(b"___torch_mangle_N", body)).hexdigest()
+    except FcxError:
+        raise
+    except Exception as exc:  # BadZipFile, JSON, UTF-8, the checks above
+        raise FcxError(f"{path}: not a valid fcexport TorchScript file ({type(exc).__name__}: {str(exc)[:100]})", hint="export") from exc
+    if spec is None:
+        raise FcxError(f"{path}: not a valid fcexport TorchScript file (no fcexport metadata)", hint="export")
+    return spec, items
 
-    items, producers = {}, {}
-    for i, node in enumerate(module.graph.nodes()):
-        inputs = [producers.get(v.unique(), "input") for v in node.inputs()]
-        detail = [node.kind(), *inputs]
-        if node.kind() == "prim::Constant" and node.hasAttribute("value"):
-            value = node.output().toIValue()
-            if isinstance(value, torch.Tensor):
-                value = value.detach().cpu().contiguous()
-                detail += [str(value.dtype), str(tuple(value.shape)), hashlib.sha256(value.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()]
-            else:
-                detail.append(repr(value))
-        items[f"node {i} ({node.kind()})"] = "|".join(map(str, detail))
-        for j, output in enumerate(node.outputs()):
-            producers[output.unique()] = f"{i}:{j}"
-    return items
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FcxError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
 
 # ---- onnx runtime ------------------------------------------------------------------------
@@ -385,19 +416,19 @@ Unsqueeze
 """.split())
 
 
-def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None) -> Predictor:
-    """Read the file once; check those bytes, run those bytes, fingerprint those bytes."""
+def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None, admit: Admit | None = None) -> Predictor:
+    """Read the file once; check those bytes (bounds, then `admit`), run those bytes, fingerprint those bytes."""
     import onnxruntime as ort
 
     if device not in DEVICES:
         raise FcxError(f"device must be cpu or cuda, got {device}")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise FcxError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    data = _read(path)
     props = check_onnx_model(data, path)
     spec = read_onnx_spec(props, path)
     backend = "onnxruntime-int8" if QUANTIZATION_KEY in props else "onnxruntime"
+    problems = admit(backend, spec, onnx_fingerprint(data)) if admit else []
+    if problems:
+        raise Refused(path, problems)
     if device not in RUNTIME_DEVICES[backend]:  # known before any session (or CUDA provider) is started
         raise DeviceUnavailable(f"{path.name} is quantized for CPU inference only", hint="cpu")
     providers = ort_providers(device)
@@ -420,7 +451,7 @@ def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None) 
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise FcxError(f"{path}: onnxruntime could not run the model on a batch of {len(x)}: {first}") from exc
 
-    return Predictor(backend, device, path, run, spec, lambda: onnx_fingerprint(data))
+    return Predictor(backend, device, path, run, spec)
 
 
 def onnx_fingerprint(data: bytes) -> dict[str, str]:

@@ -93,7 +93,7 @@ def test_swapped_class_names_and_changed_object_fill_fail(artifacts_copy, export
 
     rewrite_onnx(artifacts_copy, swap)
     r, row = verify_json(runner, artifacts_copy, tmp_path)
-    assert r.exit_code == 1 and row["status"] == "fail" and "not run" in row["reason"]
+    assert r.exit_code == 1 and row["status"] == "fail" and "not loaded" in row["reason"]
     assert same_numbers(artifacts_copy, exported_dir)  # the numbers agree: only the spec check can catch it
     assert "its class_names differ from model.pt's" in row["problems"] and "its preprocess differ from model.pt's" in row["problems"]
 
@@ -244,3 +244,31 @@ def test_export_vouches_only_for_the_model_pt_bytes_it_loaded(tmp_path, trained_
     image = save_png(tmp_path / "x.png", np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8))
     r = invoke(runner, "predict", image, "--artifacts", folder)
     assert "warning: model.onnx was made from another model.pt" in r.stderr, r.stderr
+
+
+def test_a_torchscript_file_that_is_not_a_fresh_export_is_never_loaded(artifacts_copy, runner, monkeypatch):
+    """TorchScript is code (forward, __setstate__): a model.ts with a loop, its manifest entry refreshed and the
+    real spec copied in, is refused from its bytes alone; torch.jit.load is never called."""
+    import zipfile
+
+    class Loops(torch.nn.Module):
+        def forward(self, x):
+            while True:
+                x = x + 1
+            return x
+
+    spec = zipfile.ZipFile(artifacts_copy / "model.ts").read("archive/extra/metadata.json").decode()
+    with pytest.warns(FutureWarning):
+        torch.jit.save(torch.jit.script(Loops()), str(artifacts_copy / "model.ts"), _extra_files={"metadata.json": spec})
+    source = json.loads((artifacts_copy / "manifest.json").read_text())["files"]["model.ts"]["source_sha256"]
+    record_in_manifest(artifacts_copy, {"model.ts": source}, {}, "tampered")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a TorchScript file that differs from a fresh export was loaded")
+
+    monkeypatch.setattr(torch.jit, "load", must_not_load)
+    r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "torchscript", "--devices", "cpu", "--json")
+    assert r.exit_code == 1, r.output
+    row = json.loads(r.stdout)["rows"][0]
+    assert row["status"] == "fail" and "not loaded" in row["reason"]
+    assert any("record 'code/" in p for p in row["problems"]), row["problems"]
