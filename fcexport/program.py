@@ -525,10 +525,11 @@ class ProgramModule(nn.Module):
         for i, node in enumerate(program.nodes):
             for ref in refs_in((node.args, node.kwargs)):
                 last_use[ref.name] = i
-        self._steps = []
-        for i, node in enumerate(program.nodes):
-            frees = tuple(n for n, at in last_use.items() if at == i and n not in self._slots and n != program.output)
-            self._steps.append((node, _callable(node.op), frees))
+        freed_at: dict[int, list[str]] = {}  # step -> the values no later step reads (dropped there to save memory)
+        for name, at in last_use.items():
+            if name not in self._slots and name != program.output:
+                freed_at.setdefault(at, []).append(name)
+        self._steps = [(node, _callable(node.op), tuple(freed_at.get(i, ()))) for i, node in enumerate(program.nodes)]
 
     def _register(self, name: str, tensor: torch.Tensor) -> str:
         """Keep the tensor's own dotted name where it fits (exported files then read `features.0.weight`);

@@ -177,7 +177,8 @@ def _from_state_dict_child(send, staged: Path, weights, model_def, *args) -> Non
     except FcxError as exc:
         answer = {"error": str(exc), "hint": exc.hint}
     except BaseException as exc:  # KeyboardInterrupt, GeneratorExit, the user's own BaseException subclasses
-        answer = {"error": f"{model_def}: the model's code raised {type(exc).__name__}: {str(exc)[:500]}"}
+        said = f": {str(exc)[:500]}" if str(exc) else ""
+        answer = {"error": f"{model_def}: the model's code raised {type(exc).__name__}{said}"}
     send.send_bytes(json.dumps(answer).encode("utf-8"))
     send.close()
 

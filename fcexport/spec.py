@@ -107,7 +107,8 @@ def check_normalization(mean, std, channels: int, where: str = "normalization") 
         if not all(abs(v) <= MAX_NORMALIZATION for v in items):
             raise FcxError(f"{where}: {name} must be within +-{MAX_NORMALIZATION:g} (pixels are in [0, 1]), got {given!r}")
         if len(items) not in (1, channels):
-            raise FcxError(f"{where}: {name} needs 1 or {channels} values (one per channel), got {len(items)}")
+            wanted = "1 value" if channels == 1 else f"1 or {channels} values (one per channel)"
+            raise FcxError(f"{where}: {name} needs {wanted}, got {len(items)}")
         values.append([float(v) for v in items])
     if len(values[0]) != len(values[1]):
         raise FcxError(f"{where}: mean and std need the same number of values")

@@ -335,7 +335,7 @@ def test_torchscript_and_pickled_models_are_refused_with_the_way_in(tmp_path, ru
     (["--model-def", "COURSE:course_mlp", "--mean", "0.5", "--std", "0"], "std must be >= 1e-06"),
     (["--model-def", "COURSE:course_mlp", "--mean", "0.5", "--std", "1e-40"], "does not survive float32"),
     (["--model-def", "COURSE:course_mlp", "--mean", "1e300", "--std", "1"], "mean must be within"),
-    (["--model-def", "COURSE:course_mlp", "--mean", "0.5,0.5", "--std", "1,1"], "needs 1 or 1 values"),
+    (["--model-def", "COURSE:course_mlp", "--mean", "0.5,0.5", "--std", "1,1"], "mean needs 1 value, got 2"),
     (["--model-def", "COURSE:course_mlp", "--input-shape", "1,9,9"], "torch.export cannot export the model"),
     (["--model-def", "COURSE:course_mlp", "--classes", "names.txt"], "names.txt: class names file not found"),
     (["--model-def", "COURSE:course_mlp", "--classes", ",".join(["x" * 300] + list("123456789"))], "1 to 256 characters, one is 300"),
@@ -405,7 +405,7 @@ class Net(nn.Module):
 '''
 
 
-@pytest.mark.parametrize("how", ["sys.exit", "os._exit", "BaseException", "KeyboardInterrupt", "at import"])
+@pytest.mark.parametrize("how", ["sys.exit", "os._exit", "BaseException", "at import"])
 def test_the_models_code_cannot_end_fcx(how, tmp_path, runner, monkeypatch):
     """sys.exit(0), os._exit(0) or a BaseException in forward() or at import: exit 2 naming the file, nothing
     written (the code runs in a child process, so even os._exit ends only that)."""
