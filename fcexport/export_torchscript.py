@@ -18,9 +18,16 @@ from fcexport.program import Program, ProgramModule
 from fcexport.runtimes import METADATA_FILE, quiet_torchscript_deprecation
 from fcexport.spec import ModelSpec
 
+# TorchScript's passes recurse over the graph: a 10,003-node program exported in 3.5 s, a 19,990-node one
+# segfaulted inside torch (benchmarks/graph_size.py). Longer programs are refused with a reason instead.
+MAX_TORCHSCRIPT_NODES = 10_000
+
 
 def torchscript_bytes(program: Program, spec: ModelSpec) -> bytes:
     """Trace, freeze and serialise in memory (a full disk is then a Python OSError, never a C++ abort)."""
+    if len(program.nodes) > MAX_TORCHSCRIPT_NODES:
+        raise FcxError(f"the program has {len(program.nodes):,} nodes; TorchScript export is limited to "
+                       f"{MAX_TORCHSCRIPT_NODES:,} (torch crashes on much longer graphs): use model.onnx")
     module = ProgramModule(program).eval()
     shape = tuple(spec.input_shape)
     generator = torch.Generator().manual_seed(0)

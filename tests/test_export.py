@@ -286,3 +286,16 @@ def test_cli_default_backends_are_every_library_backend():
     from fcexport.artifacts import BACKENDS
 
     assert ALL_BACKENDS.split(",") == list(BACKENDS)
+
+
+def test_a_program_too_long_for_torchscript_is_skipped_with_the_reason(artifacts_copy, runner, monkeypatch):
+    """Beyond MAX_TORCHSCRIPT_NODES torch's own passes crash: the export says why and writes model.onnx."""
+    import fcexport.export_torchscript as export_torchscript
+
+    monkeypatch.setattr(export_torchscript, "MAX_TORCHSCRIPT_NODES", 3)
+    (artifacts_copy / "model.ts").unlink()
+    r = invoke(runner, "export", "--artifacts", artifacts_copy, "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert "TorchScript export is limited to 3" in result["skipped"]["model.ts"]
+    assert not (artifacts_copy / "model.ts").exists() and (artifacts_copy / "model.onnx").is_file()
