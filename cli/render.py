@@ -207,9 +207,8 @@ def export_summary(result: dict) -> None:
 
 def manifest_digest(result: dict) -> None:
     """The digest to keep elsewhere; `fcx verify --expect-digest` checks a folder against it."""
-    out.print(Text(f"manifest sha256: {result['manifest_sha256']}"))
-    out.print(Text("keep it (or the public key) elsewhere: fcx verify --expect-digest SHA checks a copy of this folder",
-                   style="dim"))
+    out.print(Text(f"manifest sha256: {result['manifest_sha256']}"), soft_wrap=True)  # one line, to copy whole
+    out.print(Text("keep it elsewhere: fcx verify --expect-digest SHA checks a copy", style="dim"))
 
 
 def sign_summary(result: dict) -> None:
