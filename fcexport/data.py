@@ -234,6 +234,9 @@ def _load_csv(path: Path, test_path: Path | None = None) -> Dataset:
     if test_raw is not None and raw_labels.dtype.kind != test_raw.dtype.kind:  # names in one file, numbers in the other
         raw_labels, test_raw = raw_labels.astype(str), test_raw.astype(str)
     values = np.unique(np.concatenate([raw_labels, test_raw]) if test_raw is not None else raw_labels)
+    if len(values) < 2:
+        raise FcxError(f"{path}: the first column holds one value ({values[0]}) in every row, so it cannot be the label; "
+                       "fcx reads the label from the first column: put the label column first")
     labels = torch.from_numpy(np.searchsorted(values, raw_labels))
     if test_images is None:
         train, test = _holdout(images, labels)
@@ -284,6 +287,7 @@ def _scan_csv(path: Path) -> tuple[int, list[str]]:
                 label, _, rest = line.partition(",")
                 if number == 1 and not _is_numeric_row(rest):
                     header = 1
+                    _check_label_first(path, line)
                     continue
                 labels.append(label.strip())
     except (UnicodeDecodeError, OSError) as exc:
@@ -291,6 +295,18 @@ def _scan_csv(path: Path) -> tuple[int, list[str]]:
     if not labels and not header:
         raise FcxError(f"{path}: the file is empty; expected a label column then pixel columns")
     return header, labels
+
+
+LABEL_NAMES = ("label", "labels", "class", "target", "y", "category")
+
+
+def _check_label_first(path: Path, header_line: str) -> None:
+    """A header that names its label column elsewhere than first: training would read a pixel as the label."""
+    cells = [c.strip().strip('"').lower() for c in header_line.split(",")]
+    named = next((i for i, c in enumerate(cells) if c in LABEL_NAMES), None)
+    if named not in (None, 0):
+        raise FcxError(f"{path}: the label column '{header_line.split(',')[named].strip()}' is column {named + 1} of "
+                       f"{len(cells)}, but fcx reads the label from the first column; move that column to the front")
 
 
 def _columns(path: Path, header: int) -> int:

@@ -82,7 +82,7 @@ def probe_inputs(program, spec: ModelSpec, limit: int) -> np.ndarray:
 def spec_differences(reference: ModelSpec, candidate: ModelSpec) -> list[str]:
     """The spec fields an artifact must carry unchanged (a swapped class name relabels every answer)."""
     ref, cand = reference.to_dict(), candidate.to_dict()
-    return [f"its {name} differ from model.pt's" for name in SPEC_FIELDS if ref[name] != cand[name]]
+    return [f"its {name} differs from model.pt's" for name in SPEC_FIELDS if ref[name] != cand[name]]
 
 
 def make_inputs(spec: ModelSpec, budget: int, data: str | None = None, data_root: str | None = None, seed: int = 0,

@@ -52,6 +52,9 @@ def test_csv_without_header_and_sparse_labels(tmp_path):
         ("1,0,0,0\n2,0,0,0\n", "not a square image"),
         ("1,0,0,0,999\n2,0,0,0,0\n", "pixel values must lie in 0-255"),
         ("", "empty"),
+        # label last (a common export layout): the header says so, or the first column is one value throughout
+        ("p1,p2,p3,p4,label\n0,0,0,0,1\n0,0,0,0,2\n", "the label column 'label' is column 5 of 5"),
+        ("0,10,20,30,1\n0,40,50,60,2\n0,70,80,90,1\n", "the first column holds one value \\(0\\) in every row"),
     ],
 )
 def test_bad_csv_names_the_problem(tmp_path, content, message):

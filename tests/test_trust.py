@@ -95,7 +95,7 @@ def test_swapped_class_names_and_changed_object_fill_fail(artifacts_copy, export
     r, row = verify_json(runner, artifacts_copy, tmp_path)
     assert r.exit_code == 1 and row["status"] == "fail" and "not loaded" in row["reason"]
     assert same_numbers(artifacts_copy, exported_dir)  # the numbers agree: only the spec check can catch it
-    assert "its class_names differ from model.pt's" in row["problems"] and "its preprocess differ from model.pt's" in row["problems"]
+    assert "its class_names differs from model.pt's" in row["problems"] and "its preprocess differs from model.pt's" in row["problems"]
 
 
 def test_bytes_edited_after_export_fail_integrity(artifacts_copy, runner, tmp_path):
@@ -272,3 +272,19 @@ def test_a_torchscript_file_that_is_not_a_fresh_export_is_never_loaded(artifacts
     row = json.loads(r.stdout)["rows"][0]
     assert row["status"] == "fail" and "not loaded" in row["reason"]
     assert any("record 'code/" in p for p in row["problems"]), row["problems"]
+
+
+def test_a_model_onnx_of_another_model_is_a_clear_failure(artifacts_copy, tmp_path, runner):
+    """Another model's model.onnx (28x28 input) with the manifest refreshed: exit 1 naming the spec, not exit 3."""
+    import shutil
+
+    import fcexport
+
+    other = tmp_path / "other"
+    fcexport.import_model(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), (1, 28, 28), artifacts=other)
+    fcexport.export(other / "model.pt", other, formats=("onnx",))
+    shutil.copy(other / "model.onnx", artifacts_copy / "model.onnx")
+    source = json.loads((artifacts_copy / "manifest.json").read_text())["files"]["model.onnx"]["source_sha256"]
+    record_in_manifest(artifacts_copy, {"model.onnx": source}, {}, "swapped")
+    r, row = verify_json(runner, artifacts_copy, tmp_path)
+    assert r.exit_code == 1 and "its input_shape differs from model.pt's" in row["problems"], r.output
