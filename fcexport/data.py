@@ -19,6 +19,7 @@ from fcexport.errors import FcxError
 from fcexport.preprocess import IMAGE_SUFFIXES, load_image
 
 TORCHVISION_SETS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "kmnist": "KMNIST"}
+KNOWN_CLASS_SETS = (*TORCHVISION_SETS, "digits")  # names `--classes` accepts for their class names
 # Sets without an official test split get this deterministic share held out as "test".
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fcexport.checkpoint import load_weights_file
-from fcexport.data import known_class_names
+from fcexport.data import KNOWN_CLASS_SETS, known_class_names
 from fcexport.errors import HINTS, FcxError
 from fcexport.program import Program, capture, check_shapes, class_count, with_input_normalization
 from fcexport.spec import ModelSpec, check_normalization, default_preprocess
@@ -72,7 +72,8 @@ def _names_list(class_names) -> list[str]:
     if isinstance(class_names, str):
         known = known_class_names(class_names)
         if known is None:
-            raise FcxError(f"class_names {class_names!r} is not a known set; pass a list of names")
+            _refuse_misspelt_set([class_names])
+            raise FcxError(f"class_names {class_names!r} is not a known set ({', '.join(KNOWN_CLASS_SETS)}); pass a list of names")
         return known
     return [str(n) for n in class_names]
 
@@ -239,9 +240,20 @@ def parse_class_names(text: str | None) -> list[str] | None:
             raise FcxError(f"{path}: cannot read class names ({type(exc).__name__}); one UTF-8 name per line") from exc
     else:
         names = [name.strip() for name in text.split(",") if name.strip()]
+        _refuse_misspelt_set(names)
     if not names:
         raise FcxError(f"no class names in {text!r}")
     return names
+
+
+def _refuse_misspelt_set(names: list[str]) -> None:
+    """One "name" that is nearly a known set (`fashion_mnist`) is a typo, not a one-class model."""
+    import difflib
+
+    close = difflib.get_close_matches(names[0].lower(), KNOWN_CLASS_SETS, n=1, cutoff=0.8) if len(names) == 1 else []
+    if close:
+        raise FcxError(f"class names {names[0]!r} is not a known set (did you mean {close[0]}?); the known sets are "
+                       f"{', '.join(KNOWN_CLASS_SETS)}, or give a comma-separated list or a text file")
 
 
 def find_state_dict(loaded, path: Path, key: str | None = None) -> dict[str, torch.Tensor]:
@@ -310,5 +322,10 @@ def _import_location(location: str):
         return namespace
     try:
         return importlib.import_module(location)
+    except ModuleNotFoundError as exc:
+        here = Path(*location.split(".")).with_suffix(".py")
+        if exc.name == location.split(".")[0] and here.is_file():  # a module in the current folder, named like a package
+            return _import_location(str(here))
+        raise FcxError(f"cannot import {location!r} ({type(exc).__name__}: {exc}); for a file, write FILE.py:NAME") from exc
     except Exception as exc:
         raise FcxError(f"cannot import {location!r} ({type(exc).__name__}: {exc})") from exc

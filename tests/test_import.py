@@ -338,6 +338,7 @@ def test_torchscript_and_pickled_models_are_refused_with_the_way_in(tmp_path, ru
     (["--model-def", "COURSE:course_mlp", "--mean", "0.5,0.5", "--std", "1,1"], "mean needs 1 value, got 2"),
     (["--model-def", "COURSE:course_mlp", "--input-shape", "1,9,9"], "torch.export cannot export the model"),
     (["--model-def", "COURSE:course_mlp", "--classes", "names.txt"], "names.txt: class names file not found"),
+    (["--model-def", "COURSE:course_mlp", "--classes", "fashion_mnist"], "(did you mean fashion-mnist?); the known sets are"),
     (["--model-def", "COURSE:course_mlp", "--classes", ",".join(["x" * 300] + list("123456789"))], "1 to 256 characters, one is 300"),
     (["--model-def", "COURSE:exits"], "failed: SystemExit"),
 ])
@@ -417,3 +418,13 @@ def test_the_models_code_cannot_end_fcx(how, tmp_path, runner, monkeypatch):
     assert r.exit_code == 2, r.output
     assert "ending.py" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_model_def_finds_a_module_in_the_current_folder(tmp_path, runner, monkeypatch):
+    """`--model-def course_model:course_mlp` next to course_model.py works as `course_model.py:course_mlp` does."""
+    weights, _ = write_course_model(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run_ok(runner, "import", weights, "--model-def", "course_model:course_mlp", "--input-shape", "1,8,8", "--artifacts", "out")
+    assert (tmp_path / "out" / "model.pt").is_file()
+    r = invoke(runner, "import", weights, "--model-def", "no_such_module:net", "--input-shape", "1,8,8", "--artifacts", "out2")
+    assert r.exit_code == 2 and "for a file, write FILE.py:NAME" in r.stderr
