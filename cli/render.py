@@ -64,6 +64,13 @@ def fmt(value) -> str:
     return str(value)
 
 
+def duration(ms: float) -> str:
+    """A time in the unit that fits it: 85.3 us, 12.4 ms, 1.10 s."""
+    if ms < 1:
+        return f"{ms * 1e3:.1f} us"
+    return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1e3:.2f} s"
+
+
 def key_values(title: str, items: dict, console: Console = out) -> None:
     table(title, ["", "value"], [[k, v] for k, v in items.items()], console)
 
@@ -185,7 +192,7 @@ def fuse_summary(result: dict, wide: bool = False) -> None:
     lat = result["latency_ms"]
     key_values("fcx fuse-bn", {
         "parameters": f"{rep['parameters_before']:,} -> {rep['parameters_after']:,}",
-        f"batch-1 latency ({lat['device']}, p50)": f"{lat['before'] * 1e3:.1f} us -> {lat['after'] * 1e3:.1f} us",
+        f"batch-1 latency ({lat['device']}, p50)": f"{duration(lat['before'])} -> {duration(lat['after'])}",
         "written": result["output"] if result["verification"] is None or result["verification"]["passed"] else "nothing (verification failed)",
     })
     for note in rep["notes"]:
@@ -272,7 +279,7 @@ def bench_table(rows: list[dict]) -> None:
         if "skipped" in r:
             skipped.append(shown(f"skipped {r['backend']} on {r['device']}: {r['skipped']}{'; ' + r['hint'] if r.get('hint') else ''}"))
         else:
-            body.append([r["backend"], r["device"], r["batch_size"], f"{r['p50_ms'] * 1e3:,.1f}", f"{r['p90_ms'] * 1e3:,.1f}", f"{r['throughput']:,.0f}"])
-    table("fcx bench", ["backend", "device", "batch", "p50 (us)", "p90 (us)", "samples/s"], body)
+            body.append([r["backend"], r["device"], r["batch_size"], duration(r["p50_ms"]), duration(r["p90_ms"]), f"{r['throughput']:,.0f}"])
+    table("fcx bench", ["backend", "device", "batch", "p50", "p90", "samples/s"], body)
     for line in skipped:
         out.print(Text(line, style="yellow"))

@@ -181,3 +181,10 @@ def test_bench_lists_a_missing_int8_model_as_skipped(exported_dir, runner):
                "--backends", "onnxruntime-int8", "--json")
     assert r.exit_code == 0, r.output
     assert "fcx export --int8" in json.loads(r.stdout)[0]["hint"]
+
+
+@pytest.mark.parametrize("ms, shown", [(0.0853, "85.3 us"), (12.44, "12.4 ms"), (1103.7, "1.10 s")])
+def test_times_print_in_the_unit_that_fits(ms, shown):
+    from cli.render import duration
+
+    assert duration(ms) == shown
