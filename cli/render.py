@@ -40,13 +40,13 @@ def warning(message: str) -> None:
     err.print(Text(f"warning: {shown(message)}", style="yellow"))
 
 
-def table(title: str, columns: list[str], rows: list[list], console: Console = out, text_columns: int = 1) -> None:
+def table(title: str, columns: list[str], rows: list[list], console: Console = out, text: tuple[int, ...] = (0,)) -> None:
     """Cells are shown literally (a file named `photos [red]/a.png` stays as it is) and escaped (`shown`);
-    pass rich Text objects for styled cells."""
+    pass rich Text objects for styled cells. Columns numbered in `text` (names, files) align left and wrap
+    rather than being cut; the others (numbers) align right."""
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for i, c in enumerate(columns):  # the first column (names, files) wraps rather than being cut; numbers align right
-        left = i < text_columns or i == len(columns) - 1 and text_columns > 1
-        t.add_column(c, justify="left" if left else "right", overflow="fold" if left else "ellipsis")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i in text else "right", overflow="fold" if i in text else "ellipsis")
     for r in rows:
         t.add_row(*[v if isinstance(v, Text) else Text(shown(fmt(v))) for v in r])
     console.print(t)
@@ -227,7 +227,7 @@ def trust_table(checks: list[dict]) -> None:
     """Signature and digest checks, which come before anything in the folder is loaded."""
     if checks:
         rows = [[c["check"], status_text(c["status"]), c["detail"]] for c in checks]
-        table("fcx verify: the folder as a whole", ["check", "status", "detail"], rows, text_columns=2)
+        table("fcx verify: the folder as a whole", ["check", "status", "detail"], rows, text=(0, 1, 2))
 
 
 def verify_report(result: dict, wide: bool = False) -> None:

@@ -101,9 +101,14 @@ def integrity_problem(path: Path, manifest: dict) -> str | None:
     entry = manifest["files"].get(name)
     if not isinstance(entry, dict):
         return f"{name} is not listed in {MANIFEST} (an interrupted export, or copied in from elsewhere)"
-    if entry.get("bytes") != path.stat().st_size or entry.get("sha256") != sha256_file(path):
+    if not _matches_entry(path, entry):
         return f"{name} changed after it was written (its sha256 differs from {MANIFEST})"
     return None
+
+
+def _matches_entry(path: Path, entry) -> bool:
+    """The file at `path` has the size and sha256 its manifest entry records."""
+    return isinstance(entry, dict) and entry.get("bytes") == path.stat().st_size and entry.get("sha256") == sha256_file(path)
 
 
 def stale_problem(path: Path, manifest: dict, model_sha256: str | None) -> str | None:
@@ -122,7 +127,7 @@ def folder_problems(folder: Path, manifest: dict) -> list[str]:
         path = Path(folder) / str(name)
         if Path(str(name)).name != name or not path.is_file():
             problems.append(f"{name} is listed in {MANIFEST} but not in the folder")
-        elif not isinstance(entry, dict) or entry.get("bytes") != path.stat().st_size or entry.get("sha256") != sha256_file(path):
+        elif not _matches_entry(path, entry):
             problems.append(f"{name} differs from its entry in {MANIFEST}")
     return problems
 

@@ -292,7 +292,7 @@ def collect_image_files(inputs: Iterable[str]) -> Iterator[Path]:
                 raise FcxError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             yield from found
         elif not path.exists() and glob.has_magic(item):
-            matches = sorted(_first((p for p in _glob(item) if p.is_file()), item))
+            matches = sorted(p for p in _glob(item) if p.is_file())
             if not matches:
                 raise FcxError(f"{item}: pattern matches no files")
             yield from matches
@@ -300,10 +300,10 @@ def collect_image_files(inputs: Iterable[str]) -> Iterator[Path]:
             yield path
 
 
-def _glob(pattern: str) -> Iterator[Path]:
+def _glob(pattern: str) -> list[Path]:
     """What glob.glob(pattern) matches (not recursive: `**` is `*`; hidden names only when the pattern starts
-    with a dot), level by level, reading at most MAX_FOLDERS folders: a pattern through symlink loops that
-    matches nothing ends too, where glob would read folders for ever."""
+    with a dot), level by level, reading at most MAX_FOLDERS folders and keeping at most MAX_MATCHES paths: a
+    pattern through symlink loops that matches nothing ends too, where glob would read folders for ever."""
     import fnmatch
 
     parts = Path(pattern).parts
@@ -328,16 +328,20 @@ def _glob(pattern: str) -> Iterator[Path]:
                 continue  # unreadable, as glob skips it
             following += [folder / name for name in names]
             if len(following) > MAX_MATCHES:
-                raise FcxError(f"{pattern}: names more than {MAX_MATCHES:,} files; split it into smaller folders or patterns")
+                raise _too_many(pattern)
         level = following
-    return iter(Path(os.path.normpath(p)) if str(p).startswith("./") else p for p in level)
+    return level
 
 
 def _first(entries: Iterator, item: str) -> list:
-    """At most MAX_MATCHES entries; more is a usage error naming the folder or pattern."""
+    """At most MAX_MATCHES entries of a folder; more is a usage error naming it."""
     import itertools
 
     found = list(itertools.islice(entries, MAX_MATCHES + 1))
     if len(found) > MAX_MATCHES:
-        raise FcxError(f"{item}: names more than {MAX_MATCHES:,} files; split it into smaller folders or patterns")
+        raise _too_many(item)
     return found
+
+
+def _too_many(item: str) -> FcxError:
+    return FcxError(f"{item}: names more than {MAX_MATCHES:,} files; split it into smaller folders or patterns")

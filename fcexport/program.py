@@ -25,15 +25,13 @@ from torch import nn
 
 from fcexport.errors import FcxError
 from fcexport.opset import ATEN_OPS, GETITEM, SIZE_OP_NAMES, SIZE_OPS, aten_op
-from fcexport.spec import MAX_MACS
+from fcexport.spec import MAX_MACS, MAX_TENSOR_BYTES, MAX_TOTAL_BYTES
 
 INPUT = "x"
 MAX_NODES = 20_000
 MAX_LIST = 4096
 MAX_INT = 1 << 40
-MAX_BYTES = 1 << 28  # the memory of any one intermediate at batch 1: 256 MiB
 MAX_VIEW_ELEMENTS = 1 << 31  # a view (expand) may repeat its source's memory, up to this many values
-MAX_TOTAL_BYTES = 1 << 32  # the memory of all intermediates of one image together
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -688,9 +686,9 @@ def check_shapes(program: Program, input_shape, where: str) -> Shapes:
         for item in values:
             if isinstance(item, torch.Tensor):
                 owned = item.untyped_storage().nbytes() if item._base is None else 0
-                if owned > MAX_BYTES or item.numel() > MAX_VIEW_ELEMENTS:
+                if owned > MAX_TENSOR_BYTES or item.numel() > MAX_VIEW_ELEMENTS:
                     raise FcxError(f"{where}: {node.label} makes a tensor of shape {tuple(item.shape)} for one image "
-                                   f"({item.numel():,} values; at most {MAX_BYTES:,} bytes)")
+                                   f"({item.numel():,} values; at most {MAX_TENSOR_BYTES:,} bytes)")
                 totals["bytes"] += owned
             elif isinstance(item, (int, torch.SymInt)) and abs(int(item)) > MAX_INT:
                 raise FcxError(f"{where}: {node.label} computes the size {int(item):,}, which is out of range")

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from fcexport.errors import FcxError
-from fcexport.spec import MAX_MACS, ModelSpec
+from fcexport.spec import MAX_MACS, MAX_TENSOR_BYTES, MAX_TOTAL_BYTES, ModelSpec
 
 log = logging.getLogger(__name__)
 METADATA_FILE = "metadata.json"  # TorchScript _extra_files entry holding the spec
@@ -287,15 +287,15 @@ Unsqueeze Where Xor
 """.split())
 MAX_ONNX_BYTES = 1 << 30
 MAX_ATTRIBUTE = 4096  # kernel sizes, pads, strides, dilations
-MAX_ONNX_ELEMENTS = 1 << 26  # any one tensor at batch 1 (as fcexport.program bounds a stored model)
-MAX_ONNX_TOTAL = 1 << 30  # all values of one image together (4 GiB of float32, fcexport.program's total)
+MAX_ONNX_ELEMENTS = MAX_TENSOR_BYTES // 4  # values of any one tensor at batch 1 (float32: a stored model's bound)
+MAX_ONNX_TOTAL = MAX_TOTAL_BYTES // 4  # values of one image together
 
 
-def check_onnx_model(data: bytes, path: Path) -> dict[str, str]:
+def check_onnx_model(data: bytes, path: Path):
     """Refuse an ONNX file that could hang or exhaust memory, before onnxruntime parses or folds it: ops
     outside ONNX_OPS, subgraphs, external data, sparse tensors, outsized attributes, an input that is not
     (N, C, H, W), and any tensor that shape inference at batch 1 cannot bound or finds too large.
-    Returns the file's metadata_props, read from the same parse."""
+    Returns the parsed onnx.ModelProto, so nothing parses the bytes again."""
     import onnx
 
     if len(data) > MAX_ONNX_BYTES:
@@ -325,7 +325,7 @@ def check_onnx_model(data: bytes, path: Path) -> dict[str, str]:
     if len(dims) != 4 or not all(0 < v <= MAX_ATTRIBUTE for v in fixed):
         raise FcxError(f"{path}: the input must be (N, C, H, W) with fixed C, H, W of at most {MAX_ATTRIBUTE}")
     _check_inferred_sizes(model, path)
-    return {p.key: p.value for p in model.metadata_props}
+    return model
 
 
 def _check_inferred_sizes(model, path: Path) -> None:
@@ -423,10 +423,11 @@ def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None, 
     if device not in DEVICES:
         raise FcxError(f"device must be cpu or cuda, got {device}")
     data = _read(path)
-    props = check_onnx_model(data, path)
+    model = check_onnx_model(data, path)
+    props = {p.key: p.value for p in model.metadata_props}
     spec = read_onnx_spec(props, path)
     backend = "onnxruntime-int8" if QUANTIZATION_KEY in props else "onnxruntime"
-    problems = admit(backend, spec, onnx_fingerprint(data)) if admit else []
+    problems = admit(backend, spec, onnx_fingerprint(model)) if admit else []
     if problems:
         raise Refused(path, problems)
     if device not in RUNTIME_DEVICES[backend]:  # known before any session (or CUDA provider) is started
@@ -454,10 +455,10 @@ def onnx_predictor(path: Path, device: str = "cpu", threads: int | None = None, 
     return Predictor(backend, device, path, run, spec)
 
 
-def onnx_fingerprint(data: bytes) -> dict[str, str]:
-    """What an ONNX model computes with: every initializer (sparse ones included) by its bytes, every node
-    with its inputs, outputs and attributes (tensor attributes by their bytes), the graph's inputs and
-    outputs and opsets. Metadata is left out: the spec is compared on its own."""
+def onnx_fingerprint(model) -> dict[str, str]:
+    """What an ONNX model (an onnx.ModelProto, or its bytes) computes with: every initializer (sparse ones
+    included) by its bytes, every node with its inputs, outputs and attributes (tensor attributes by their
+    bytes), the graph's inputs and outputs and opsets. Metadata is left out: the spec is compared on its own."""
     import hashlib
 
     import onnx
@@ -465,7 +466,8 @@ def onnx_fingerprint(data: bytes) -> dict[str, str]:
     def digest(message) -> str:
         return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
 
-    model = onnx.load_from_string(data)
+    if isinstance(model, bytes):
+        model = onnx.load_from_string(model)
     graph = model.graph
     items = {"opsets": "|".join(sorted(f"{o.domain}:{o.version}" for o in model.opset_import)),
              "inputs and outputs": "|".join(digest(v) for v in (*graph.input, *graph.output)),

@@ -41,11 +41,7 @@ def from_module(
     shape = parse_input_shape(input_shape)
     if not isinstance(module, nn.Module):
         raise FcxError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    normalization = None
-    if mean is not None or std is not None:
-        if mean is None or std is None:
-            raise FcxError("normalisation needs both mean and std")
-        normalization = dict(zip(("mean", "std"), check_normalization(mean, std, shape[0])))
+    normalization = _normalization(mean, std, shape[0])
     try:
         program = capture(copy.deepcopy(module).eval(), shape)
     except SystemExit as exc:  # the user's forward() may call sys.exit; that is its error, not fcx's exit
@@ -65,6 +61,15 @@ def from_module(
         architecture=architecture or {"kind": "imported", "module": f"{type(module).__module__}.{type(module).__qualname__}"},
     )
     return program, spec
+
+
+def _normalization(mean, std, channels: int) -> dict | None:
+    """{"mean", "std"} checked for `channels` (fcexport.spec.check_normalization), or None when neither is given."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise FcxError("normalisation needs both mean and std")
+    return dict(zip(("mean", "std"), check_normalization(mean, std, channels)))
 
 
 def _names_list(class_names) -> list[str]:
@@ -147,11 +152,7 @@ def from_state_dict_isolated(weights, model_def: str, input_shape, model_args: d
 
 def _check_arguments(weights, model_def: str, input_shape, mean, std) -> None:
     """What can be checked without the user's code: the shape, the normalisation, that the files are there."""
-    shape = parse_input_shape(input_shape)
-    if (mean is None) != (std is None):
-        raise FcxError("normalisation needs both mean and std")
-    if mean is not None:
-        check_normalization(mean, std, shape[0])
+    _normalization(mean, std, parse_input_shape(input_shape)[0])
     if not Path(weights).is_file():
         raise FcxError(f"{weights}: weights file not found")
     split_model_def(model_def)

@@ -20,6 +20,8 @@ from fcexport.errors import FcxError
 PREPROCESS_MODES = ("object", "letterbox")
 MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # (C, H, W) up to 3 x 1024 x 1024: bounds every buffer made from a spec
 MAX_CLASSES = 100_000
+MAX_TENSOR_BYTES = 1 << 28  # the memory of any one intermediate of one image, in any format: 256 MiB
+MAX_TOTAL_BYTES = 1 << 32  # the memory of all intermediates of one image together: 4 GiB
 MAX_MACS = 10**11  # multiply-accumulates of one image, in any format (densenet121: 2.9e9, a 60M-parameter ViT: ~1.5e10)
 MAX_CLASS_NAME = 256  # characters: a label, not a payload (a 50 MB name would take minutes to print)
 MAX_NORMALIZATION, MIN_STD = 1e6, 1e-6  # mean/std on [0, 1] pixels; beyond these float32 models overflow
