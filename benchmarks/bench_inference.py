@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from fcexport.artifacts import APPROXIMATE_BACKENDS, BACKENDS
+from fcexport import registry
 from fcexport.pipeline import open_backend
-from fcexport.runtimes import DeviceUnavailable, Predictor
+from fcexport.targets import DeviceUnavailable, Predictor
 from fcexport.spec import ModelSpec
 from fcexport.timing import measure
 
@@ -59,30 +59,32 @@ def ort_default(onnx_path: Path) -> Predictor:
     return Predictor("onnxruntime-default", "cpu", onnx_path, lambda x: session.run(None, {name: x})[0], spec)
 
 
-def ensure_artifacts(folder: Path) -> None:
+def ensure_artifacts(folder: Path, arch: str) -> None:
     if (folder / "model.onnx").is_file():
         return
     fcx = [sys.executable, "-m", "cli.main"]
     data = ["--data-root", "../shared/data"] if Path("../shared/data/FashionMNIST").is_dir() else ["--data", "digits"]
-    subprocess.run([*fcx, "train", *data, "--epochs", "2", "--artifacts", str(folder), "-q"], check=True)
+    subprocess.run([*fcx, "train", *data, "--model", arch, "--epochs", "2", "--artifacts", str(folder), "-q"], check=True)
     subprocess.run([*fcx, "fuse-bn", "--artifacts", str(folder), "--json"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([*fcx, "export", "--int8", "--artifacts", str(folder), "--json"], check=True, stdout=subprocess.DEVNULL)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="inference benchmark")
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts/bench"))
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="the default MLP or the default CNN")
+    parser.add_argument("--artifacts", type=Path, default=None, help="[default: artifacts/bench-MODEL]")
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per backend and batch size")
     args = parser.parse_args()
-    ensure_artifacts(args.artifacts)
+    args.artifacts = args.artifacts or Path(f"artifacts/bench-{args.model}")
+    ensure_artifacts(args.artifacts, args.model)
     predictors = []
-    for backend in BACKENDS:
+    for backend in registry.backends().values():
         try:
-            predictors.append(open_backend(backend, args.artifacts, "cpu"))
+            predictors.append(open_backend(backend.name, args.artifacts, "cpu"))
         except DeviceUnavailable as exc:
-            if backend not in APPROXIMATE_BACKENDS:
+            if not backend.approximate:
                 raise
-            print(f"(skipping {backend}: {exc})")
+            print(f"(skipping {backend.name}: {exc})")
     predictors.append(ort_default(args.artifacts / "model.onnx"))
     if {n.op_type for n in onnx.load(str(args.artifacts / "model.onnx")).graph.node} <= {"Reshape", "Gemm", "Relu"}:
         predictors.append(numpy_chain(args.artifacts / "model.onnx"))  # the floor exists for a chain of Linear+ReLU only
@@ -94,10 +96,11 @@ def main() -> None:
         for p in predictors:
             results[(p.backend, batch)] = measure(p, x, warmup=50, repeat=repeat, max_seconds=args.seconds)
     import onnxruntime
+    import openvino
     import torch
 
-    print(f"# inference benchmark: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, python {platform.python_version()}\n")
+    print(f"# inference benchmark, default {args.model}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__.split('-')[0]}, python {platform.python_version()}\n")
     print("| backend | batch-1 p50 (us) | batch-1 speed-up vs eager | batch-1024 samples/s | batch-1024 vs ORT default |")
     print("| --- | ---: | ---: | ---: | ---: |")
     eager1 = results[("eager", 1)]["p50_ms"]
@@ -105,8 +108,8 @@ def main() -> None:
     for p in predictors:
         r1, rb = results[(p.backend, 1)], results[(p.backend, 1024)]
         print(f"| {p.backend} | {r1['p50_ms'] * 1e3:.1f} | {eager1 / r1['p50_ms']:.2f}x | {rb['throughput']:,.0f} | {rb['throughput'] / ort_default_tp:.2f}x |")
-    exact = [p.backend for p in predictors if p.backend in BACKENDS and p.backend not in APPROXIMATE_BACKENDS]
-    approximate = [p.backend for p in predictors if p.backend in APPROXIMATE_BACKENDS]
+    exact = [p.backend for p in predictors if p.backend in registry.backends() and not p.approximate]
+    approximate = [p.backend for p in predictors if p.approximate]
     print()
     for label, names in (("exact (float32)", exact), ("approximate (int8)", approximate)):
         if names:

@@ -22,7 +22,7 @@ import numpy as np
 from fcexport.artifacts import find_default_model
 from fcexport.classify import predict_files
 from fcexport.data import load_dataset
-from fcexport.runtimes import open_predictor
+from fcexport.registry import open_predictor
 from fcexport.samples import write_photos
 
 

@@ -14,9 +14,9 @@ from torch import nn
 
 import fcexport
 from fcexport.checkpoint import read_model
-from fcexport.export_onnx import onnx_bytes
-from fcexport.export_torchscript import torchscript_bytes
 from fcexport.pipeline import fused_model
+from fcexport.targets.onnx import onnx_bytes
+from fcexport.targets.torchscript import torchscript_bytes
 
 
 class Chain(nn.Module):

@@ -27,15 +27,25 @@ HINTS = {
 }
 
 
+def command_for(hint: str | None) -> str | None:
+    """The command line that takes the step `hint` names (errors.HINTS, or export-NAME for an opt-in exporter)."""
+    if hint in HINTS:
+        return HINTS[hint]
+    if hint and hint.startswith("export-"):
+        return f"run `fcx export --format all,{hint.removeprefix('export-')}`"
+    return None
+
+
 def with_hint(message: str, hint: str | None) -> str:
-    return f"{message}; {HINTS[hint]}" if hint in HINTS else message
+    command = command_for(hint)
+    return f"{message}; {command}" if command else message
 
 
 def resolve_hints(rows: list[dict]) -> list[dict]:
     """Replace each row's hint key (from the library) with the command that fixes it, for tables and JSON."""
     for row in rows:
-        if row.get("hint") in HINTS:
-            row["hint"] = HINTS[row["hint"]]
+        if command_for(row.get("hint")):
+            row["hint"] = command_for(row["hint"])
     return rows
 
 

@@ -13,7 +13,7 @@ import typer
 
 from cli import render
 from cli.errors import DEBUG, fail, handle_errors, resolve_hints
-from fcexport import __version__
+from fcexport import __version__, registry
 from fcexport.errors import FcxError
 from fcexport.options import TrainOptions
 
@@ -192,8 +192,9 @@ AtolOpt = Annotated[Optional[float], typer.Option(help="Absolute tolerance per e
 RtolOpt = Annotated[Optional[float], typer.Option(help="Relative tolerance per element (with --atol: replaces the noise rule)")]
 NoiseOpt = Annotated[float, typer.Option("--noise-factor", help="Pass when the max error vs model.pt in float64 is at most this many times model.pt's own float32 error")]
 DataOpt = Annotated[Optional[str], typer.Option(help="Real test images to compare on: any --data of fcx train [default: the model's dataset, if on disk]")]
-ALL_BACKENDS = "eager,fused,torchscript,onnxruntime,onnxruntime-int8"
+ALL_BACKENDS = ",".join(registry.backends())
 BackendsOpt = Annotated[str, typer.Option(help=f"Comma-separated, from: {ALL_BACKENDS}")]
+FORMATS_HELP = (f"Comma-separated, from: {', '.join(registry.exporters())}; all = {','.join(registry.default_exporters())}")
 
 
 def _model_arg(model: Optional[Path], artifacts: Path) -> Path:
@@ -237,8 +238,9 @@ def fuse_bn(
 
 
 @app.command(epilog=examples(
-    "fcx export                  # model.ts + model.onnx + manifest.json",
+    "fcx export                  # model.ts + model.onnx + model.pt2 + manifest.json",
     "fcx export --format onnx --opset 18",
+    "fcx export --format all,int8    # the same as --int8",
     "fcx export --int8           # also model.int8.onnx (approximate, CPU)",
     "fcx export --sign-key key.pem   # + model.sig (verify with --public-key key.pub)",
 ))
@@ -246,7 +248,7 @@ def fuse_bn(
 def export(
     checkpoint: Annotated[Optional[Path], typer.Argument(metavar="MODEL", help="Model [default: ARTIFACTS/model.pt]")] = None,
     artifacts: ArtifactsOpt = Path("artifacts"),
-    format: Annotated[str, typer.Option("--format", help="torchscript, onnx or all")] = "all",
+    format: Annotated[str, typer.Option("--format", help=FORMATS_HELP)] = "all",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
     fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Fold BatchNorm and normalisation first")] = True,
     int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx: int8 weights, ~2x faster on CPU, approximate")] = False,
@@ -254,16 +256,14 @@ def export(
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:
-    """Write model.ts (TorchScript), model.onnx and manifest.json [and model.sig].
+    """Write model.ts (TorchScript), model.onnx, model.pt2 (torch.export) and manifest.json [and model.sig].
 
-    Both take float32 pixels in [0, 1], shape (N, C, H, W), and return logits. The manifest's sha256 is
+    Each takes float32 pixels in [0, 1], shape (N, C, H, W), and returns logits. The manifest's sha256 is
     printed: `fcx verify --expect-digest` checks a copy of the folder against it."""
-    from fcexport.pipeline import FORMATS, export as run
+    from fcexport.pipeline import export as run
 
-    if int8 and format == "torchscript":
-        raise FcxError("--int8 quantizes model.onnx: add onnx to --format (or use --format all)")
-    formats = FORMATS if format == "all" else tuple(_names(format))
-    result = run(_model_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, int8, sign_key)
+    formats = [f for name in _names(format) for f in (registry.default_exporters() if name == "all" else [name])]
+    result = run(_model_arg(checkpoint, artifacts), artifacts, [*formats, *(["int8"] if int8 else [])], opset, fuse, sign_key)
     _emit_json(result, json_out, json_file)
     if not json_out:
         render.export_summary(result)
@@ -355,7 +355,8 @@ def verify(
 @handle_errors
 def predict(
     images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="Image files, folders or glob patterns")],
-    model: Annotated[Optional[Path], typer.Option(help="model.onnx, model.ts, model.fused.pt or model.pt [default: best in ARTIFACTS]")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="model.onnx, model.ts, model.pt2, model.fused.pt or model.pt [default: best in ARTIFACTS]")] = None,
+    runtime: Annotated[Optional[str], typer.Option(help=f"Runtime: {', '.join(registry.runtimes())} [default: the fastest `fcx bench` measured here for this many images, else the first that runs the file]")] = None,
     artifacts: ArtifactsOpt = Path("artifacts"),
     top_k: Annotated[int, typer.Option(help="Classes to keep per image (shown with --wide and in JSON)")] = 3,
     invert: Annotated[str, typer.Option(help="auto (from the background), yes (dark object on light) or no (light on dark)")] = "auto",
@@ -370,13 +371,12 @@ def predict(
 
     Results stream as each batch of 256 files is done. A file that cannot be read is an error row;
     the others are classified, and the exit code is 2 at the end."""
-    from fcexport.classify import predict_files
-    from fcexport.pipeline import open_for_predict
+    from fcexport.pipeline import predict as run
 
-    predictor, stale = open_for_predict(model, artifacts, device)
-    if stale:
-        render.warning(f"{stale}; run `fcx export` (and `fcx fuse-bn`) again")
-    rows = predict_files(predictor, images, top_k, invert, save_prepared=save_prepared)
+    predictions = run(images, model, artifacts, top_k, invert, device, runtime, save_prepared)
+    if predictions.stale:
+        render.warning(f"{predictions.stale}; run `fcx export` (and `fcx fuse-bn`) again")
+    rows, predictor = predictions.rows, predictions.predictor
     mode = "jsonl" if jsonl else "json" if json_out else "table"
     errors = render.stream_predictions(predictor, rows, mode, wide, json_file)
     if errors:

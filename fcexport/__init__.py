@@ -21,7 +21,7 @@ _EXPORTS = {
     "verify": "fcexport.pipeline",
     "bench": "fcexport.pipeline",
     "predict": "fcexport.pipeline",
-    "open_predictor": "fcexport.runtimes",
+    "open_predictor": "fcexport.registry",
     "load_model": "fcexport.checkpoint",
     "fuse_batchnorm": "fcexport.folding",
     "fuse_with_report": "fcexport.folding",

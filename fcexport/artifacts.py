@@ -1,7 +1,7 @@
-"""An artifacts folder: which file each backend reads, the manifest, its signature, and which files are stale.
+"""An artifacts folder: which files each backend reads, the manifest, its signature, and which files are stale.
 
-Backends are named for what they run: `eager` the model as stored (model.pt), `fused` its
-BatchNorm-folded copy, `torchscript`, `onnxruntime` and `onnxruntime-int8` the exported files.
+The artifacts and backends themselves are declared in fcexport.registry; this module says what a folder
+holds and whether each file can be trusted.
 """
 
 from __future__ import annotations
@@ -11,35 +11,30 @@ import json
 import re
 from pathlib import Path
 
+from fcexport import registry
 from fcexport.errors import FcxError
 from fcexport.files import sha256_file, write_json_atomic
+from fcexport.registry import FUSED, MODEL
 
-MODEL = "model.pt"
-FUSED = "model.fused.pt"
 MANIFEST = "manifest.json"
 SIGNATURE = "model.sig"  # the OpenSSF Model Signing default name
-BACKEND_FILES = {
-    "eager": MODEL,
-    "fused": FUSED,
-    "torchscript": "model.ts",
-    "onnxruntime": "model.onnx",
-    "onnxruntime-int8": "model.int8.onnx",  # opt-in, approximate: see fcexport.export_onnx.export_int8_onnx
-}
-BACKENDS = tuple(BACKEND_FILES)
-# The step that writes each backend's file (an errors.HINTS key).
-BACKEND_MADE_BY = {"eager": "train-or-import", "fused": "fuse", "torchscript": "export", "onnxruntime": "export",
-                   "onnxruntime-int8": "export-int8"}
-APPROXIMATE_BACKENDS = ("onnxruntime-int8",)  # judged by top-1 agreement and accuracy, not float tolerances
-# What predict uses when not told. TorchScript is never picked unasked: loading it runs code from the file.
-DEFAULT_ORDER = ("model.onnx", FUSED, MODEL)
+# What predict uses when not told (artifact names, best first). TorchScript is never picked unasked: loading it
+# runs code from the file; model.pt2 is rebuilt from model.pt, so model.pt is as good and cheaper.
+DEFAULT_ORDER = ("onnx", "fused", "model")
+
+
+def backend_files(backend: str) -> tuple[str, ...]:
+    """The files a backend reads (relative paths)."""
+    return registry.backend(backend).files
 
 
 def find_default_model(artifacts: Path) -> Path:
     """The best artifact present: ONNX, then the fused model, then the model."""
-    for name in DEFAULT_ORDER:
+    names = [registry.artifacts()[a][0] for a in DEFAULT_ORDER]
+    for name in names:
         if (artifacts / name).is_file():
             return artifacts / name
-    raise FcxError(f"{artifacts}: no model found ({', '.join(DEFAULT_ORDER)})", hint="train-or-import")
+    raise FcxError(f"{artifacts}: no model found ({', '.join(names)})", hint="train-or-import")
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -70,7 +65,7 @@ def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, cr
     folder = Path(folder)
     previous = (read_manifest(folder) or {}).get("files", {})
     files = {}
-    for name in BACKEND_FILES.values():
+    for name in dict.fromkeys(f for files in registry.artifacts().values() for f in files):
         path = folder / name
         if not path.is_file():
             continue

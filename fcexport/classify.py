@@ -15,7 +15,7 @@ import numpy as np
 
 from fcexport.errors import FcxError
 from fcexport.preprocess import INVERT_CHOICES, collect_image_files, prepare_image
-from fcexport.runtimes import Predictor
+from fcexport.targets import Predictor
 
 BATCH_SIZE = 256  # images decoded and scored at a time: bounds memory for folders of any size
 

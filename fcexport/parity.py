@@ -1,6 +1,6 @@
 """Parity of candidates against a reference: inputs, one comparison row per backend x device, a report.
 
-Runners (fcexport.runtimes) produce logits and fcexport.compare judges them; this module only picks
+Runtimes (fcexport.targets) produce logits and fcexport.compare judges them; this module only picks
 the inputs, runs each candidate and collects typed rows into the report.
 """
 
@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fcexport.artifacts import APPROXIMATE_BACKENDS
 from fcexport.compare import Tolerance, compare
 from fcexport.errors import FcxError
-from fcexport.runtimes import Predictor
+from fcexport.targets import Predictor
 from fcexport.spec import ModelSpec
 
 RANDOM_INPUTS = 256
@@ -134,8 +133,7 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
             rows.append({"backend": candidate.backend, "device": candidate.device, "status": "skipped",
                          "reason": candidate.reason, "hint": candidate.hint})
             continue
-        approximate = candidate.backend in APPROXIMATE_BACKENDS
-        stats = compare(candidate(inputs.x), reference, own_error, inputs.labels, tolerance, approximate)
+        stats = compare(candidate(inputs.x), reference, own_error, inputs.labels, tolerance, candidate.approximate)
         status = "pass" if stats["passed"] else "fail"
         rows.append({"backend": candidate.backend, "device": candidate.device, "status": status, "source": str(candidate.source), **stats})
     return rows

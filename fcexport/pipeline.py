@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fcexport import artifacts as names
-from fcexport import parity
+from fcexport import parity, registry
 from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError, check_choices
-from fcexport.runtimes import DEVICES, DeviceUnavailable, Predictor, Refused, open_predictor, program_predictor
+from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings, Predictor, Refused
+from fcexport.targets.program import program_predictor
 
 DEFAULT_TOLERANCE = Tolerance()
 MAX_BENCH_BATCH = 65536
@@ -165,6 +166,52 @@ def fused_model(stored, source: Path | None = None):
     return fused, report, ModelSpec.from_dict({**stored.spec.to_dict(), "provenance": provenance})
 
 
+class _Model:
+    """One command's model.pt: read and hashed once, folded at most once (a model.fused.pt that the manifest
+    says was made from these bytes is read instead of folding again)."""
+
+    def __init__(self, path: Path, stored=None):
+        from fcexport.checkpoint import read_model
+
+        self.path = Path(path)
+        self.stored = stored or read_model(self.path)
+        self._fused = None
+
+    @property
+    def fused(self):
+        """(program, spec, folds) of the fused model."""
+        if self._fused is None:
+            self._fused = self._proved_fused() or self._fold()
+        return self._fused
+
+    def _fold(self):
+        program, report, spec = fused_model(self.stored, self.path)
+        return program, spec, report.as_dict()["folded"]
+
+    def _proved_fused(self):
+        """model.fused.pt beside model.pt, when the manifest lists it as made from this model.pt and it matches."""
+        from fcexport.checkpoint import read_model
+
+        path = self.path.parent / names.FUSED
+        manifest = names.read_manifest(self.path.parent) if path.is_file() else None
+        if manifest is None or names.check_against_manifest(path, manifest, self.stored.sha256):
+            return None
+        entry = manifest["files"].get(names.FUSED, {})
+        if entry.get("source_sha256") != self.stored.sha256:
+            return None
+        fused = read_model(path)
+        return fused.program, fused.spec, fused.spec.provenance.get("folds", [])
+
+    def program_for(self, spec):
+        """The checked program an artifact with this spec was exported from (fused or not), for runtimes that
+        rebuild it (pt2) rather than unpickle it."""
+        wanted = spec.provenance.get("source_sha256")
+        if wanted != self.stored.sha256:
+            raise FcxError(f"{self.path}: not the model.pt this artifact was exported from (it names sha256 "
+                           f"{str(wanted)[:12]}); export again", hint="export")
+        return self.fused[0] if spec.provenance.get("fused") else self.stored.program
+
+
 def fuse(
     model_path: Path,
     out_path: Path,
@@ -201,17 +248,25 @@ def fuse(
     save_program(fused, fused_spec, out_path)
     if out_path.parent.resolve() == model_path.parent.resolve() and out_path.name == names.FUSED:
         from fcexport.checkpoint import now_iso
-        from fcexport.export_onnx import versions
 
         names.record_in_manifest(out_path.parent, {names.FUSED: stored.sha256}, versions(), now_iso(), stored.sha256)
     return result
+
+
+def versions() -> dict:
+    """The versions that shape what an export writes (recorded in every manifest and artifact)."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": str(torch.__version__), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def _parity(stored, model_path: Path, candidates: list, data, data_root, tolerance: Tolerance,
             problems: list[list[str]] | None = None) -> dict:
     """Compare candidates with model.pt in float64, judged against model.pt's own float32 error; `problems`
     (one list per candidate: integrity, structure, spec) fail their rows whatever the numbers say."""
-    from fcexport.runtimes import float64_logits
+    from fcexport.targets.program import float64_logits
 
     sample = np.random.default_rng(1).random((2, *stored.spec.input_shape), dtype=np.float32)
     float64_logits(stored.program, sample)  # the first call pays one-off costs; the second is timed
@@ -231,63 +286,72 @@ def _parity(stored, model_path: Path, candidates: list, data, data_root, toleran
 
 # ---- export ------------------------------------------------------------------------------
 
-FORMATS = ("torchscript", "onnx")
 
-
-def export_files(program, spec, formats, opset: int, int8: bool) -> tuple[dict[str, bytes], dict[str, str]]:
-    """Each requested backend's file as bytes (name -> bytes), and the formats that could not be made (name -> why)."""
-    from fcexport.export_onnx import int8_bytes, onnx_bytes
-    from fcexport.export_torchscript import torchscript_bytes
-
-    files, skipped = {}, {}
-    if "torchscript" in formats:
-        try:
-            files[names.BACKEND_FILES["torchscript"]] = torchscript_bytes(program, spec)
-        except FcxError as exc:
-            if formats == ("torchscript",):
-                raise
-            skipped[names.BACKEND_FILES["torchscript"]] = str(exc)
-    if "onnx" in formats:
-        onnx_data = files[names.BACKEND_FILES["onnxruntime"]] = onnx_bytes(program, spec, opset)
-        if int8:
-            files[names.BACKEND_FILES["onnxruntime-int8"]] = int8_bytes(onnx_data)
-    return files, skipped
-
-
-def export(model_path: Path, artifacts: Path, formats=FORMATS, opset: int | None = None, fuse: bool = True,
-           int8: bool = False, sign_key: Path | None = None) -> dict:
-    """`fcx export`: model.pt -> (fused) program -> model.ts / model.onnx [/ model.int8.onnx] -> manifest.json
-    [-> model.sig, signed with `sign_key`]; the result carries the manifest's sha256 for out-of-band checks."""
-    import fcexport
-    from fcexport.checkpoint import now_iso, read_model
-    from fcexport.export_onnx import DEFAULT_OPSET, versions
-    from fcexport.files import publish, staging_folder, write_bytes_atomic
-
+def export_formats(formats) -> tuple[str, ...]:
+    """The exporters to run, in registry order, with those they build on (int8 needs onnx)."""
+    known = registry.exporters()
     formats = tuple(formats)
-    unknown = set(formats) - set(FORMATS)
+    unknown = sorted(set(formats) - set(known))
     if unknown or not formats:
-        raise FcxError(f"formats are torchscript and onnx, got {', '.join(sorted(unknown)) or 'nothing'}")
-    if int8 and "onnx" not in formats:
-        raise FcxError("the int8 model is quantized from model.onnx: export onnx as well")
+        raise FcxError(f"formats are {', '.join(known)}, got {', '.join(unknown) or 'nothing'}")
+    wanted = set(formats)
+    for name in formats:
+        while known[name].builds_on:
+            name = known[name].builds_on
+            wanted.add(name)
+    return tuple(name for name in known if name in wanted)
+
+
+def export_files(program, spec, formats, settings: ExportSettings, stage: Path) -> dict[str, str]:
+    """Run each exporter into `stage`; returns the formats that could not be made (name -> why), and those that
+    build on them are skipped too."""
+    skipped = {}
+    for name in formats:
+        exporter = registry.exporters()[name]
+        if exporter.builds_on in skipped:
+            skipped[name] = f"it is made from {exporter.builds_on}, which failed"
+            continue
+        try:
+            exporter.write(program, spec, stage, settings)
+        except FcxError as exc:
+            skipped[name] = str(exc)
+    return skipped
+
+
+def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = None, fuse: bool = True,
+           sign_key: Path | None = None) -> dict:
+    """`fcx export`: model.pt -> (fused) program -> each format's files (default: torchscript, onnx, pt2) ->
+    manifest.json [-> model.sig, signed with `sign_key`]; the result carries the manifest's sha256 for out-of-band
+    checks. A model.fused.pt proved from this model.pt (fcx fuse-bn) is used instead of folding again."""
+    import fcexport
+    from fcexport.checkpoint import now_iso
+    from fcexport.files import publish, staging_folder
+
+    formats = export_formats(formats or registry.default_exporters())
     model_path, artifacts = Path(model_path), Path(artifacts)
     if sign_key is not None and (problem := names.key_problem(Path(sign_key), private=True)):
         raise FcxError(problem)  # before minutes of exporting
-    stored = read_model(model_path)  # read once: the hash below is of the bytes exported
+    model = _Model(model_path)  # read once: the hash below is of the bytes exported
+    stored = model.stored
     program, spec, folds = stored.program, stored.spec, []
     if fuse:
-        program, report, spec = fused_model(stored)
-        folds = report.as_dict()["folded"]
+        program, spec, folds = model.fused
+    settings = ExportSettings(opset or ExportSettings.opset)
     spec = spec.with_provenance(exported=now_iso(), source=model_path.name, source_sha256=stored.sha256, fcexport=fcexport.__version__,
-                                fused=bool(fuse or spec.provenance.get("fused")), opset=opset or DEFAULT_OPSET, **versions())
-    files, skipped = export_files(program, spec, formats, opset or DEFAULT_OPSET, int8)
-    removed = []
+                                fused=bool(fuse or spec.provenance.get("fused")), opset=settings.opset, **versions())
     with staging_folder(artifacts) as stage:  # the previous set stays whole until everything is written
-        for name, data in files.items():
-            write_bytes_atomic(stage / name, data)
+        skipped = export_files(program, spec, formats, settings, stage)
+        if len(skipped) == len(formats):
+            raise FcxError(next(iter(skipped.values())) if len(formats) == 1 else
+                           "no format could be exported: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         written = publish(stage, artifacts)
-    stale = [artifacts / names.BACKEND_FILES["onnxruntime-int8"]] if "onnx" in formats and not int8 else []
-    stale += [artifacts / name for name in skipped]  # made from another model.pt: they would answer for the wrong one
-    for path in stale:
+    # Files this export did not write but that would now answer for another model.pt: formats that failed, and
+    # those built on a format written again (an old model.int8.onnx next to a new model.onnx).
+    rewritten = set(formats) - set(skipped)
+    stale = [name for name, e in registry.exporters().items()
+             if name in skipped or (name not in rewritten and e.builds_on in rewritten)]
+    removed = []
+    for path in (artifacts / f for name in stale for f in registry.exporters()[name].files):
         if path.is_file():
             path.unlink()
             removed.append(str(path))
@@ -315,22 +379,21 @@ def sign(artifacts: Path, private_key: Path, signature: Path | None = None) -> d
 # ---- use ---------------------------------------------------------------------------------
 
 
-def open_backend(backend: str, artifacts: Path, device: str, stored=None, admit=None) -> Predictor:
-    """A backend's artifact from a folder. Without model.fused.pt, `fused` folds model.pt in memory
-    (`stored`, the already checked model.pt, saves reading it again); `admit` checks an exported file before
-    it is loaded (runtimes.open_predictor)."""
-    from fcexport.checkpoint import read_model
-
-    path = Path(artifacts) / names.BACKEND_FILES[backend]
-    model_path = Path(artifacts) / names.MODEL
-    if backend == "fused" and not path.is_file() and model_path.is_file():
-        fused, _, spec = fused_model(stored or read_model(model_path), model_path)
-        return program_predictor(fused, "fused", device, Path("(fused in memory from model.pt)"), spec)
-    if backend == "eager" and stored is not None:
-        return program_predictor(stored.program, "eager", device, model_path, stored.spec)
-    if not path.is_file():
-        raise DeviceUnavailable(f"{path} not found", hint=names.BACKEND_MADE_BY[backend])
-    return open_predictor(path, device, admit)
+def open_backend(backend: str, artifacts: Path, device: str, model: _Model | None = None, admit=None) -> Predictor:
+    """A backend's files from a folder (fcexport.registry). Without model.fused.pt, `fused` is model.pt folded in
+    memory; `model` (this command's checked model.pt) saves reading it again and lets pt2 rebuild from it; `admit`
+    vets an exported file before it is loaded."""
+    artifacts = Path(artifacts)
+    model_path = artifacts / names.MODEL
+    if model is None and model_path.is_file() and backend in ("fused", "pt2"):
+        model = _Model(model_path)
+    if backend == "fused" and not (artifacts / names.FUSED).is_file() and model is not None:
+        program, spec, _ = model.fused
+        return program_predictor(program, "fused", device, Path("(fused in memory from model.pt)"), spec)
+    if backend == "eager" and model is not None:
+        return program_predictor(model.stored.program, "eager", device, model_path, model.stored.spec)
+    checks = Checks(admit, model.program_for if model is not None else None)
+    return registry.open_backend(backend, artifacts, device, checks)
 
 
 def model_to_run(model: str | Path | None, artifacts: str | Path) -> tuple[Path, str | None]:
@@ -356,26 +419,51 @@ def model_to_run(model: str | Path | None, artifacts: str | Path) -> tuple[Path,
     return path, names.stale_problem(path, manifest, sha256_file(model_path)) if model_path.is_file() else None
 
 
-def open_for_predict(model: str | Path | None, artifacts: str | Path, device: str = "cpu") -> tuple[Predictor, str | None]:
-    """(the checked model to predict with, opened; a staleness warning or None)."""
-    from fcexport.runtimes import open_predictor
+def open_for_predict(model: str | Path | None, artifacts: str | Path, device: str = "cpu",
+                     runtime: str | None = None, batch: int | None = None) -> tuple[Predictor, str | None]:
+    """(the checked model to predict with, opened; a staleness warning or None). The runtime is `runtime`, else
+    the fastest that `fcx bench` measured on this machine for this file at `batch`, else the first registered."""
+    from fcexport import speeds
 
     path, warning = model_to_run(model, artifacts)
-    return open_predictor(path, device), warning
+    if runtime is None and batch is not None and path.is_file():
+        runtime = speeds.fastest_runtime(path, batch, device)
+    model_path = path.parent / names.MODEL
+    source = _Model(model_path).program_for if registry.artifact_of(path) == "pt2" and model_path.is_file() else None
+    return registry.open_predictor(path, device, Checks(source=source), runtime), warning
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What predict returns: iterate it for one dict per image as its batch is done (file, label, index,
+    probability, top; or file, error); `predictor` is the model that answers, `stale` a warning or None."""
+
+    rows: Iterator[dict]
+    predictor: Predictor
+    stale: str | None
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.rows)
 
 
 def predict(images: list[str | Path], model: str | Path | None = None, artifacts: str | Path = "artifacts",
-            top_k: int = 3, invert: str = "auto", device: str = "cpu") -> Iterator[dict]:
-    """Classify image files with `model`, or the best artifact in the folder (ONNX > fused > model):
-    one dict per image (file, label, index, probability, top)."""
-    from fcexport.classify import predict_files
+            top_k: int = 3, invert: str = "auto", device: str = "cpu", runtime: str | None = None,
+            save_prepared: Path | None = None) -> Predictions:
+    """Classify image files with `model`, or the best artifact in the folder (ONNX > fused > model), with
+    `runtime` or the fastest measured here; `save_prepared` gets the image each file became, as PNG."""
+    from fcexport.classify import BATCH_SIZE, predict_files
+    from fcexport.preprocess import collect_image_files
 
-    return predict_files(open_for_predict(model, artifacts, device)[0], images, top_k, invert)
+    files = list(collect_image_files(str(i) for i in images)) if runtime is None else None
+    batch = min(BATCH_SIZE, max(1, len(files))) if files is not None else None
+    predictor, warning = open_for_predict(model, artifacts, device, runtime, batch)
+    rows = predict_files(predictor, files if files is not None else images, top_k, invert, save_prepared=save_prepared)
+    return Predictions(rows, predictor, warning)
 
 
 def verify(
     artifacts: str | Path = "artifacts",
-    backends=names.BACKENDS,
+    backends=None,
     devices=DEVICES,
     data: str | None = None,
     data_root: str | None = None,
@@ -386,36 +474,35 @@ def verify(
 ) -> dict:
     """`fcx verify`: the folder against its signature (`public_key`) or manifest digest (`expect_digest`) first,
     loading nothing if it fails; then model.pt in float64 on cpu is the reference and every backend x device is
-    compared with it, after its file is checked against manifest.json and before its structure is compared with a
-    fresh export."""
-    from fcexport.checkpoint import read_model
-
-    check_choices("backends", backends, names.BACKENDS)
+    compared with it, after its files are checked against manifest.json and before their structure is compared
+    with a fresh export."""
+    backends = tuple(backends or registry.backends())
+    check_choices("backends", backends, tuple(registry.backends()))
     check_choices("devices", devices, DEVICES)
     artifacts = Path(artifacts)
     trust = trust_checks(artifacts, public_key, signature, expect_digest)
     if any(check["status"] == "fail" for check in trust):
         return {"passed": False, "ran": 0, "trust": trust, "rows": []}  # nothing in the folder is loaded
-    reference_path = artifacts / names.MODEL
-    stored = read_model(reference_path)
-    exported = [name for backend, name in names.BACKEND_FILES.items() if backend != "eager" and (artifacts / name).is_file()]
+    model = _Model(artifacts / names.MODEL)
+    stored = model.stored
+    exported = {f for name, files in registry.artifacts().items() if name != "model" for f in files if (artifacts / f).is_file()}
     if not exported:
         raise FcxError(f"{artifacts}: nothing to verify: the folder holds model.pt but no fused or exported model", hint="export")
     manifest = names.read_manifest(artifacts)
-    expected = _FreshExports(stored)
+    expected = _FreshExports(model)
     candidates, problems = [], []
     for device in devices:
         for backend in backends:
             if (backend, device) == ("eager", "cpu"):
                 continue  # that is the reference itself (in float32: its error is the yardstick)
-            path = artifacts / names.BACKEND_FILES[backend]
-            integrity = names.check_against_manifest(path, manifest, stored.sha256) if path.is_file() and backend != "eager" else None
+            paths = [artifacts / f for f in names.backend_files(backend)] if backend != "eager" else []
+            integrity = next(filter(None, (names.check_against_manifest(p, manifest, stored.sha256) for p in paths if p.is_file())), None)
             if integrity:  # a file that is not what was exported is never loaded, let alone run
                 candidates.append(parity.Skipped(backend, device, f"not loaded: {integrity}"))
                 problems.append([f"{integrity}: not loaded"])
                 continue
             try:  # a file that differs from a fresh export is refused before it is loaded (TorchScript is code)
-                candidate = open_backend(backend, artifacts, device, stored, admit=expected.admit)
+                candidate = open_backend(backend, artifacts, device, model, admit=expected.admit)
             except DeviceUnavailable as exc:
                 hint = None if exc.hint == "cpu" else exc.hint  # verify chooses devices with its own option
                 candidates.append(parity.Skipped(backend, device, str(exc), hint))
@@ -427,7 +514,7 @@ def verify(
                 continue
             candidates.append(candidate)  # admitted, or made in memory from the checked model.pt
             problems.append([])
-    return {"trust": trust, **_parity(stored, reference_path, candidates, data, data_root, tolerance, problems)}
+    return {"trust": trust, **_parity(stored, model.path, candidates, data, data_root, tolerance, problems)}
 
 
 def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | None, expect_digest: str | None) -> list[dict]:
@@ -453,54 +540,55 @@ class _FreshExports:
     (fused or not, opset), made once, compared by fingerprint (ops, wiring, every tensor and constant). Used as
     an `admit` check, so an artifact that differs is never loaded."""
 
-    def __init__(self, stored):
-        self.stored, self.fingerprints, self.fused = stored, {}, None
+    def __init__(self, model: _Model):
+        self.model, self.fingerprints = model, {}
 
     def admit(self, backend: str, spec, found: dict[str, str]) -> list[str]:
         """Problems of an artifact with this spec and fingerprint: its spec against model.pt's, its contents
         against a fresh export's."""
-        return parity.spec_differences(self.stored.spec, spec) + self.differences(backend, spec, found)
+        return parity.spec_differences(self.model.stored.spec, spec) + self.differences(backend, spec, found)
 
     def differences(self, backend: str, spec, found: dict[str, str] | None) -> list[str]:
         if found is None or backend == "eager":
             return []
+        artifact = registry.backend(backend).artifact
         fused = bool(spec.provenance.get("fused"))
-        opset = int(spec.provenance.get("opset", 18))
-        key = (backend, fused, opset)
+        settings = ExportSettings(int(spec.provenance.get("opset", ExportSettings.opset)))
+        key = (artifact, fused, settings)
         if key not in self.fingerprints:
             try:
-                self.fingerprints[key] = self._fingerprint(backend, spec, fused, opset)
+                self.fingerprints[key] = self._fingerprint(artifact, spec, fused, settings)
             except FcxError as exc:
                 return [f"a fresh export of model.pt to compare with failed: {exc}"]
         problems = [f"{p} (against a fresh export of model.pt)" for p in fingerprint_differences(found, self.fingerprints[key])]
         note = self._versions_note(spec) if problems else None
         return problems + ([note] if note else [])
 
-    def _fingerprint(self, backend: str, spec, fused: bool, opset: int) -> dict[str, str]:
-        from fcexport.program import fingerprint
-        from fcexport.runtimes import onnx_fingerprint, torchscript_archive
+    def _fingerprint(self, artifact: str, spec, fused: bool, settings: ExportSettings) -> dict[str, str]:
+        import tempfile
 
-        program = self.stored.program
-        if fused:
-            self.fused = self.fused or fused_model(self.stored)[0]
-            program = self.fused
-        if backend == "fused":
+        from fcexport.program import fingerprint
+
+        program = self.model.fused[0] if fused else self.model.stored.program
+        if artifact == "fused":
             return fingerprint(program)
-        formats = ("torchscript",) if backend == "torchscript" else ("onnx",)
-        files, _ = export_files(program, spec, formats, opset, backend == "onnxruntime-int8")
-        data = files[names.BACKEND_FILES[backend]]
-        return torchscript_archive(data)[1] if backend == "torchscript" else onnx_fingerprint(data)
+        exporter = registry.exporters()[artifact]
+        with tempfile.TemporaryDirectory(prefix="fcx-fresh-") as stage:
+            skipped = export_files(program, spec, export_formats([artifact]), settings, Path(stage))
+            if skipped:
+                raise FcxError(skipped.get(artifact) or next(iter(skipped.values())))
+            return exporter.fingerprint((Path(stage) / exporter.files[0]).read_bytes())
 
     @staticmethod
     def _versions_note(spec) -> str | None:
         """Another exporter may write another graph: say so when the artifact was made with other versions."""
         import fcexport
-        from fcexport.export_onnx import versions
 
         made = spec.provenance
         now = {**versions(), "fcexport": fcexport.__version__}
         changed = [f"{k} {made.get(k)} (now {v})" for k, v in now.items() if made.get(k) not in (None, v)]
         return f"it was exported with {', '.join(changed)}: export it again with these versions" if changed else None
+
 
 def fingerprint_differences(found: dict[str, str], expected: dict[str, str], limit: int = 3) -> list[str]:
     """What an artifact holds that a fresh export does not, and the other way round (first few of each)."""
@@ -515,27 +603,33 @@ def fingerprint_differences(found: dict[str, str], expected: dict[str, str], lim
     return problems
 
 
-def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backends=names.BACKENDS, device: str = "cpu",
+def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backends=None, device: str = "cpu",
           warmup: int = 20, repeat: int = 200, max_seconds: float = 1.0, seed: int = 0) -> list[dict]:
-    """`fcx bench`: one row per backend x batch size; unavailable backends are rows with a reason."""
+    """`fcx bench`: one row per backend x batch size; unavailable backends are rows with a reason. Each
+    throughput is recorded for this machine, so `fcx predict` can pick the fastest runtime for a file."""
+    from fcexport import speeds
     from fcexport.timing import measure
 
-    check_choices("backends", backends, names.BACKENDS)
+    backends = tuple(backends or registry.backends())
+    check_choices("backends", backends, tuple(registry.backends()))
     if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BENCH_BATCH:
         raise FcxError(f"batch sizes must be integers from 1 to {MAX_BENCH_BATCH}, got {list(batch_sizes)}")
     if warmup < 0 or repeat < 1 or not 0 < max_seconds <= 600:
         raise FcxError(f"warmup must be >= 0, repeat >= 1 and seconds in (0, 600], got {warmup}, {repeat}, {max_seconds}")
     artifacts = Path(artifacts)
     names.find_default_model(artifacts)  # a clear error when the folder holds no model at all
+    model = _Model(artifacts / names.MODEL) if (artifacts / names.MODEL).is_file() else None
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, measured = [], []
     for backend in backends:
         try:
-            predictor = open_backend(backend, artifacts, device)
+            predictor = open_backend(backend, artifacts, device, model)
         except DeviceUnavailable as exc:
             rows.append({"backend": backend, "device": device, "batch_size": None, "skipped": str(exc), "hint": exc.hint})
             continue
         for batch in batch_sizes:
             x = rng.random((batch, *predictor.spec.input_shape), dtype=np.float32)
             rows.append({"backend": backend, "device": device, "batch_size": batch, **measure(predictor, x, warmup, repeat, max_seconds)})
+            measured.append((predictor, rows[-1]))
+    speeds.record(measured)
     return rows

@@ -17,7 +17,7 @@ from fcexport.data import Dataset, Split, kfold_splits, normalization_stats
 from fcexport.errors import FcxError
 from fcexport.models import build_model, model_config
 from fcexport.options import TrainOptions
-from fcexport.runtimes import torch_device
+from fcexport.targets import torch_device
 
 # Peak learning rates for the one-cycle schedule below; with each, 20 epochs of the default MLP-BN on
 # the Fashion-MNIST subset reach 87.1-87.5% test accuracy (measured; 0.3 for sgd and 3e-4 for rmsprop were within noise of these).

@@ -86,3 +86,12 @@ def int8_dir(tmp_path_factory, exported_dir, runner) -> Path:
     assert result.exit_code == 0, result.output
     assert "pre-processing" not in result.stderr  # the quantizer's hint is filtered out
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_speed_cache(tmp_path_factory):
+    """`fcx bench` records speeds for predict's runtime choice in the user's cache: keep the tests' out of it."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("FCX_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    yield
+    patch.undo()

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from helpers import invoke
 
-from fcexport.runtimes import open_predictor
+from fcexport.registry import open_predictor
 from fcexport.files import sha256_file
 
 ONNX_CLIENT = """
@@ -89,7 +89,7 @@ def test_torchscript_metadata_and_frozen(exported_dir):
 
 def test_manifest_lists_every_model_with_hashes(exported_dir):
     manifest = json.loads((exported_dir / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.pt", "model.fused.pt", "model.ts", "model.onnx"}
+    assert set(manifest["files"]) == {"model.pt", "model.fused.pt", "model.ts", "model.onnx", "model.pt2"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(exported_dir / name)
         assert entry["bytes"] == (exported_dir / name).stat().st_size
@@ -108,7 +108,14 @@ def test_export_no_fuse_and_single_format(tmp_path, runner, trained_dir):
 
 def test_export_rejects_low_opset(tmp_path, runner, trained_dir):
     r = invoke(runner, "export", trained_dir / "model.pt", "--artifacts", tmp_path, "--opset", "11")
-    assert r.exit_code == 2 and "opset must be >= 17" in r.stderr
+    assert r.exit_code == 2 and "opset must be from 17" in r.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything was exported
+
+
+def test_int8_brings_the_onnx_it_is_made_from(tmp_path, runner, trained_dir):
+    r = invoke(runner, "export", trained_dir / "model.pt", "--artifacts", tmp_path, "--format", "torchscript", "--int8", "--json")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.glob("model.*")) == ["model.int8.onnx", "model.onnx", "model.ts"]
 
 
 def test_verify_passes_with_table_and_json(exported_dir, runner, tmp_path):
@@ -273,29 +280,20 @@ def test_the_noise_rule_scales_with_the_model_and_catches_what_exceeds_it():
 
 
 def test_int8_is_listed_as_cpu_only_on_cuda(int8_dir, runner, tmp_path):
-    invoke(runner, "verify", "--artifacts", int8_dir, "--backends", "onnxruntime-int8", "--devices", "cpu,cuda", "--json-file", tmp_path / "r.json")
-    rows = {row["device"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
-    assert rows["cpu"]["status"] in ("pass", "fail") and rows["cuda"]["status"] == "skipped"
-    assert "CPU inference only" in rows["cuda"]["reason"]
-
-
-def test_cli_default_backends_are_every_library_backend():
-    """The CLI spells the list out so `fcx --help` need not import numpy; it must not drift."""
-    from cli.main import ALL_BACKENDS
-
-    from fcexport.artifacts import BACKENDS
-
-    assert ALL_BACKENDS.split(",") == list(BACKENDS)
+    r = invoke(runner, "verify", "--artifacts", int8_dir, "--backends", "onnxruntime-int8", "--devices", "cuda", "--json-file", tmp_path / "r.json")
+    [row] = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert r.exit_code == 1 and "nothing was verified" in r.stderr  # a skip is never a pass
+    assert row["status"] == "skipped" and "onnxruntime-int8 runs on cpu only" in row["reason"]
 
 
 def test_a_program_too_long_for_torchscript_is_skipped_with_the_reason(artifacts_copy, runner, monkeypatch):
     """Beyond MAX_TORCHSCRIPT_NODES torch's own passes crash: the export says why and writes model.onnx."""
-    import fcexport.export_torchscript as export_torchscript
+    import fcexport.targets.torchscript as export_torchscript
 
     monkeypatch.setattr(export_torchscript, "MAX_TORCHSCRIPT_NODES", 3)
     (artifacts_copy / "model.ts").unlink()
     r = invoke(runner, "export", "--artifacts", artifacts_copy, "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
-    assert "TorchScript export is limited to 3" in result["skipped"]["model.ts"]
+    assert "TorchScript export is limited to 3" in result["skipped"]["torchscript"]
     assert not (artifacts_copy / "model.ts").exists() and (artifacts_copy / "model.onnx").is_file()

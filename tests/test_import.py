@@ -23,6 +23,9 @@ import fcexport
 from fcexport.checkpoint import load_model
 from fcexport.errors import FcxError
 
+EXACT_BACKENDS = {"fused", "torchscript", "pt2", "onnxruntime", "openvino"}  # every backend on cpu but int8 and the reference
+
+
 COURSE_FILE = '''
 from torch import nn
 
@@ -112,7 +115,7 @@ def downstream(runner, art: Path, image: Path, shape: tuple[int, ...]) -> dict:
     assert "BatchNormalization" not in onnx_ops(art / "model.onnx") or fused["report"]["left"]
     run_ok(runner, "verify", "--artifacts", art, "--devices", "cpu", "--json-file", art / "report.json")
     report = json.loads((art / "report.json").read_text())
-    assert report["passed"] and {r["backend"] for r in report["rows"] if r["status"] == "pass"} == {"fused", "torchscript", "onnxruntime"}
+    assert report["passed"] and {r["backend"] for r in report["rows"] if r["status"] == "pass"} == EXACT_BACKENDS
     rows = json.loads(run_ok(runner, "predict", image, "--artifacts", art, "--json").stdout)
     model, spec = load_model(art / "model.pt")
     assert rows[0]["label"] in spec.class_names
@@ -135,7 +138,7 @@ def test_course_model_four_commands_to_verified_onnx_and_predictions(tmp_path, r
     assert not {"BatchNormalization", "Sub", "Div"} & onnx_ops(art / "model.onnx")
     run_ok(runner, "verify", "--artifacts", art, "--data", "digits", "--json-file", tmp_path / "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["passed"] and {r["backend"] for r in report["rows"] if r["status"] == "pass"} == {"fused", "torchscript", "onnxruntime"}
+    assert report["passed"] and {r["backend"] for r in report["rows"] if r["status"] == "pass"} == EXACT_BACKENDS
     predictions = json.loads(run_ok(runner, "predict", image_folder / "class0", "--artifacts", art, "--json").stdout)
     assert len(predictions) == 20 and {p["label"] for p in predictions} <= {str(i) for i in range(10)}
     # the stored model computes what the user's model computed, on [0, 1] pixels

@@ -62,7 +62,7 @@ def test_sigkill_during_export_leaves_a_consistent_set(artifacts_copy, delay):
     (the previous set stays whole until the new one is complete)."""
     from fcexport.artifacts import check_against_manifest, find_default_model, read_manifest
     from fcexport.files import sha256_file
-    from fcexport.runtimes import open_predictor
+    from fcexport.registry import open_predictor
 
     proc = start("export", "--artifacts", artifacts_copy)
     time.sleep(2.0 + delay)  # torch import takes about 2 s; then the writes begin

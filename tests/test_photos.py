@@ -16,7 +16,7 @@ from PIL import Image
 from fcexport import classify
 from fcexport.data import load_dataset
 from fcexport.preprocess import fit_and_pad, load_image, object_on_black
-from fcexport.runtimes import open_predictor
+from fcexport.registry import open_predictor
 from fcexport.samples import stage_photo
 
 

@@ -71,7 +71,7 @@ def test_invert_choices(image_dir, digit, tmp_path):
 
 def test_each_model_format_gives_the_same_top1(exported_dir, image_dir, runner):
     answers = {}
-    for name in ("model.onnx", "model.ts", "model.fused.pt", "model.pt"):
+    for name in ("model.onnx", "model.ts", "model.pt2", "model.fused.pt", "model.pt"):
         r = invoke(runner, "predict", image_dir, "--model", exported_dir / name, "--json")
         assert r.exit_code == 0, r.output
         answers[name] = [row["label"] for row in json.loads(r.stdout)]
@@ -112,7 +112,7 @@ def test_bench_runs_every_backend_with_tiny_counts(int8_dir, runner):
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     assert {(row["backend"], row["batch_size"]) for row in rows} == {
-        (b, n) for b in ("eager", "fused", "torchscript", "onnxruntime", "onnxruntime-int8") for n in (1, 3)
+        (b, n) for b in ("eager", "fused", "torchscript", "pt2", "onnxruntime", "onnxruntime-int8", "openvino") for n in (1, 3)
     }
     for row in rows:
         assert set(row) >= {"backend", "device", "batch_size", "p50_ms", "p90_ms", "throughput"}
@@ -132,7 +132,7 @@ def test_predicting_2000_photos_streams_in_bounded_batches(exported_dir, image_d
     import tracemalloc
 
     from fcexport.artifacts import find_default_model
-    from fcexport.runtimes import open_predictor
+    from fcexport.registry import open_predictor
     from fcexport.classify import BATCH_SIZE, predict_files
 
     folder = tmp_path / "many"

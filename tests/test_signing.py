@@ -44,12 +44,12 @@ def nothing_loaded(monkeypatch):
     """Fail the test if verify reads model.pt or opens any artifact."""
     import fcexport.checkpoint as checkpoint
     import fcexport.pipeline as pipeline
-    import fcexport.runtimes as runtimes
+    import fcexport.registry as registry
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("something in a folder that failed its signature or digest check was loaded")
 
-    for module, name in ((checkpoint, "read_model"), (runtimes, "open_predictor"), (pipeline, "open_backend")):
+    for module, name in ((checkpoint, "read_model"), (registry, "open_predictor"), (registry, "open_backend"), (pipeline, "open_backend")):
         monkeypatch.setattr(module, name, must_not_load)
 
 

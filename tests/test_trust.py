@@ -59,7 +59,7 @@ def add_backdoor_unit(model: onnx.ModelProto) -> None:
 
 def test_a_backdoor_unit_that_samples_never_trigger_fails_verification(artifacts_copy, runner, tmp_path):
     rewrite_onnx(artifacts_copy, add_backdoor_unit)
-    from fcexport.runtimes import open_predictor
+    from fcexport.registry import open_predictor
 
     predictor = open_predictor(artifacts_copy / "model.onnx")
     trigger = (np.indices((8, 8)).sum(0) % 2).astype(np.float32)[None, None]
@@ -75,7 +75,7 @@ def test_a_backdoor_unit_that_samples_never_trigger_fails_verification(artifacts
 def same_numbers(folder: Path, original: Path) -> bool:
     """The tampered model.onnx computes what the exported one does (so only the structure or spec check can
     catch it); verify itself never runs a file that fails those."""
-    from fcexport.runtimes import open_predictor
+    from fcexport.registry import open_predictor
 
     x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
     return np.allclose(open_predictor(folder / "model.onnx")(x), open_predictor(original / "model.onnx")(x), atol=1e-5)
@@ -199,13 +199,14 @@ def test_weights_of_any_dtype_behind_a_cast_fail_structure_while_numbers_pass(ar
 
 
 def test_a_damaged_artifact_is_refused_before_it_is_loaded(artifacts_copy, runner, tmp_path, monkeypatch):
-    import fcexport.runtimes as runtimes
+    import onnxruntime
+    import torch
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("a file that fails its integrity check was loaded")
 
-    monkeypatch.setattr(runtimes, "torchscript_predictor", must_not_load)
-    monkeypatch.setattr(runtimes, "onnx_predictor", must_not_load)
+    monkeypatch.setattr(torch.jit, "load", must_not_load)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", must_not_load)
     (artifacts_copy / "model.ts").write_bytes(b"PK\x03\x04junk")
     (artifacts_copy / "model.onnx").write_bytes((artifacts_copy / "model.onnx").read_bytes()[:100])
     out = tmp_path / "r.json"

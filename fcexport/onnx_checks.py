@@ -1,0 +1,203 @@
+"""ONNX files from anywhere, checked before any runtime parses them: an op allow-list, no subgraphs or external
+data, and a bound for every value, multiply-accumulate and byte (onnxruntime and OpenVINO both read model.onnx);
+what a model computes with (its fingerprint) and its spec from metadata_props.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fcexport.errors import FcxError
+from fcexport.spec import MAX_MACS, MAX_TENSOR_BYTES, MAX_TOTAL_BYTES, ModelSpec
+
+QUANTIZATION_KEY = "quantization"  # ONNX metadata entry that marks the int8 model
+INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+ONNX_FILE = "model.onnx"  # written by the onnx exporter, read by the int8 one
+
+# What torch's exporter emits for fcexport's opset (fcexport/opset.py) and the int8 quantizer's ops. Left out:
+# control flow and subgraphs (Loop, If, Scan), random numbers, sequences, strings, other domains. Ops whose
+# output size comes from their inputs' values (Expand, ConstantOfShape, Tile, Range, Resize, Pad, ...) are
+# allowed only where shape inference at batch 1 bounds that size (check_onnx_model).
+ONNX_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization BitwiseAnd BitwiseNot
+BitwiseOr BitwiseXor Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvInteger ConvTranspose Cos
+Cosh CumSum DepthToSpace DequantizeLinear Div Dropout DynamicQuantizeLinear Einsum Elu Equal Erf Exp Expand Flatten
+Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalMaxPool Greater GreaterOrEqual GridSample
+GroupNormalization HardSigmoid HardSwish Hardmax Identity InstanceNormalization IsInf IsNaN LayerNormalization
+LeakyRelu Less LessOrEqual Log LogSoftmax LpNormalization MatMul MatMulInteger Max MaxPool Mean Min Mish Mod Mul Neg
+Not Or Pad Pow PRelu QuantizeLinear Range Reciprocal ReduceL1 ReduceL2 ReduceLogSumExp ReduceMax ReduceMean ReduceMin
+ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize Round ScatterElements ScatterND Selu Shape Sigmoid Sign Sin
+Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh Tile TopK Transpose Trilu
+Unsqueeze Where Xor
+""".split())
+MAX_ONNX_BYTES = 1 << 30
+MAX_ATTRIBUTE = 4096  # kernel sizes, pads, strides, dilations
+MAX_ONNX_ELEMENTS = MAX_TENSOR_BYTES // 4  # values of any one tensor at batch 1 (float32: a stored model's bound)
+MAX_ONNX_TOTAL = MAX_TOTAL_BYTES // 4  # values of one image together
+
+
+def check_onnx_model(data: bytes, path: Path):
+    """Refuse an ONNX file that could hang or exhaust memory, before onnxruntime parses or folds it: ops
+    outside ONNX_OPS, subgraphs, external data, sparse tensors, outsized attributes, an input that is not
+    (N, C, H, W), and any tensor that shape inference at batch 1 cannot bound or finds too large.
+    Returns the parsed onnx.ModelProto, so nothing parses the bytes again."""
+    import onnx
+
+    if len(data) > MAX_ONNX_BYTES:
+        raise FcxError(f"{path}: {len(data):,} bytes is larger than fcexport accepts ({MAX_ONNX_BYTES:,})")
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise FcxError(f"{path}: not a valid ONNX model ({type(exc).__name__})", hint="export") from exc
+    graph = model.graph
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        raise FcxError(f"{path}: refers to external weight files, which fcexport does not load")
+    if len(graph.sparse_initializer) or model.functions:
+        raise FcxError(f"{path}: holds sparse initializers or functions, which fcexport never writes: refused")
+    for node in graph.node:
+        where = f"{path}: node '{node.name or node.op_type}'"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ONNX_OPS:
+            raise FcxError(f"{where}: op {node.domain + '.' if node.domain else ''}{node.op_type} is not on fcexport's allow-list")
+        for attribute in node.attribute:
+            if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS, onnx.AttributeProto.SPARSE_TENSOR):
+                raise FcxError(f"{where}: subgraphs and sparse tensors are not allowed")
+            if attribute.ints and max(abs(v) for v in attribute.ints) > MAX_ATTRIBUTE:
+                raise FcxError(f"{where}: attribute {attribute.name} {list(attribute.ints)[:4]} is out of range")
+    if len(graph.input) != 1:
+        raise FcxError(f"{path}: the model must take one input (pixels), it takes {len(graph.input)}")
+    dims = graph.input[0].type.tensor_type.shape.dim
+    fixed = [d.dim_value for d in dims[1:]]
+    if len(dims) != 4 or not all(0 < v <= MAX_ATTRIBUTE for v in fixed):
+        raise FcxError(f"{path}: the input must be (N, C, H, W) with fixed C, H, W of at most {MAX_ATTRIBUTE}")
+    _check_inferred_sizes(model, path)
+    return model
+
+
+def _check_inferred_sizes(model, path: Path) -> None:
+    """Shape inference at batch 1 (with constant propagation), then a bound for every value: its inferred
+    size, or (unknown) one derived from its inputs by what the op can do (SIZE_OF_INPUT_OPS never grow their
+    largest input; broadcasting ops at most the product of their inputs; Gather and friends data x indices).
+    Each value must stay within MAX_ONNX_ELEMENTS, all of them together within MAX_ONNX_TOTAL, and the
+    multiply-accumulates of Conv / MatMul / Gemm within MAX_MACS (the budget of a stored model too)."""
+    import onnx
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    probe.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    del probe.graph.value_info[:]  # recorded shapes could lie: infer them afresh
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise FcxError(f"{path}: shapes are inconsistent ({type(exc).__name__}: {str(exc).strip()[:160]})") from exc
+    shapes = {t.name: list(t.dims) for t in inferred.graph.initializer}
+    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        shape = value.type.tensor_type.shape
+        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim):
+            shapes[value.name] = [d.dim_value for d in shape.dim]
+    bounds = {name: float(np.prod(shape, dtype=np.float64)) for name, shape in shapes.items()}
+    total = macs = 0.0
+    for node in inferred.graph.node:
+        where = f"{path}: node '{node.name or node.op_type}' ({node.op_type})"
+        given = [bounds.get(name) for name in node.input if name]
+        for output in (o for o in node.output if o):
+            bound = bounds.get(output)
+            if bound is None:
+                bound = _unknown_size_bound(node.op_type, given)
+                if bound is None:
+                    raise FcxError(f"{where}: the size of its output cannot be bounded before running it; refused")
+                bounds[output] = bound
+            if bound > MAX_ONNX_ELEMENTS:
+                raise FcxError(f"{where} makes {bound:,.0f} values for one image (at most {MAX_ONNX_ELEMENTS:,})")
+            total += bound
+            macs += _macs(node, shapes, bound)
+        if total > MAX_ONNX_TOTAL:
+            raise FcxError(f"{where}: the values of one image reach {total:,.0f} in all (at most {MAX_ONNX_TOTAL:,}); refused")
+        if macs > MAX_MACS:
+            raise FcxError(f"{where}: one image takes more than {MAX_MACS:.0e} multiply-accumulates; refused")
+
+
+BROADCASTING_OPS = frozenset("Add And BitwiseAnd BitwiseOr BitwiseXor Div Equal Greater GreaterOrEqual Less LessOrEqual Max "
+                             "Mean Min Mod Mul Or Pow PRelu Sub Sum Where Xor".split())
+GATHERING_OPS = frozenset("Gather GatherElements GatherND".split())
+
+
+def _unknown_size_bound(op: str, inputs: list) -> float | None:
+    """The most elements an output of `op` can have, from its inputs' bounds; None when it cannot be bounded."""
+    if not inputs or any(b is None for b in inputs):
+        return None
+    if op in BROADCASTING_OPS:
+        return float(np.prod(inputs, dtype=np.float64))
+    if op in GATHERING_OPS:
+        return inputs[0] * inputs[1]
+    if op in SIZE_OF_INPUT_OPS:
+        return max(inputs)
+    return None
+
+
+def _macs(node, shapes: dict, size: float) -> float:
+    """Multiply-accumulates behind `size` output values of a Conv / MatMul / Gemm (0 for other ops); an operand
+    of unknown shape counts MAX_ONNX_ELEMENTS per output value, so it cannot hide."""
+    if node.op_type in ("Conv", "ConvTranspose", "ConvInteger"):
+        weight = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        return size * (float(np.prod(weight[1:], dtype=np.float64)) if weight else MAX_ONNX_ELEMENTS)
+    if node.op_type in ("MatMul", "MatMulInteger", "Gemm"):
+        first = shapes.get(node.input[0])
+        transposed = node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute)
+        return size * ((first[-2] if transposed else first[-1]) if first else MAX_ONNX_ELEMENTS)
+    return 0.0
+
+
+# Ops whose output is never larger than their largest input (unary elementwise, reductions, views): an unknown
+# shape there follows from a bounded one before it. BROADCASTING_OPS and GATHERING_OPS get looser bounds;
+# everything else must be sized by shape inference.
+SIZE_OF_INPUT_OPS = frozenset("""
+Abs Acos Acosh ArgMax ArgMin Asin Asinh Atan Atanh BitwiseNot Cast CastLike Ceil Celu Clip Cos Cosh CumSum
+DequantizeLinear Dropout DynamicQuantizeLinear Elu Erf Exp Flatten Floor Gelu HardSigmoid HardSwish Hardmax
+Identity IsInf IsNaN LeakyRelu Log LogSoftmax Mish Neg Not QuantizeLinear Reciprocal ReduceL1 ReduceL2
+ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Round Selu Shape
+Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign Split Sqrt Squeeze Tan Tanh TopK Transpose Trilu
+Unsqueeze
+""".split())
+
+
+def onnx_fingerprint(model) -> dict[str, str]:
+    """What an ONNX model (an onnx.ModelProto, or its bytes) computes with: every initializer (sparse ones
+    included) by its bytes, every node with its inputs, outputs and attributes (tensor attributes by their
+    bytes), the graph's inputs and outputs and opsets. Metadata is left out: the spec is compared on its own."""
+    import hashlib
+
+    import onnx
+
+    def digest(message) -> str:
+        return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+    if isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    graph = model.graph
+    items = {"opsets": "|".join(sorted(f"{o.domain}:{o.version}" for o in model.opset_import)),
+             "inputs and outputs": "|".join(digest(v) for v in (*graph.input, *graph.output)),
+             "functions": "|".join(digest(f) for f in model.functions)}
+    for tensor in graph.initializer:
+        items[f"initializer '{tensor.name}' ({onnx.TensorProto.DataType.Name(tensor.data_type).lower()} {list(tensor.dims)})"] = digest(tensor)
+    for i, tensor in enumerate(graph.sparse_initializer):
+        items[f"sparse initializer {i}"] = digest(tensor)
+    for i, node in enumerate(graph.node):
+        items[f"node {i} ({node.op_type} '{node.name}')"] = digest(node)
+    return items
+
+
+def read_onnx_spec(props: dict, path: Path) -> ModelSpec:
+    """The spec from ONNX metadata_props, where each field is one JSON-valued entry; other tools'
+    plain-text entries (the quantizer's `onnx.infer`) are skipped."""
+    fields = {}
+    for key, value in props.items():
+        with contextlib.suppress(ValueError):
+            fields[key] = json.loads(value)
+    if "class_names" not in fields or "input_shape" not in fields:
+        raise FcxError(f"{path}: ONNX model lacks fcexport metadata (class_names, input_shape)", hint="export")
+    return ModelSpec.from_dict(fields, str(path))

@@ -1,0 +1,214 @@
+"""What a target is. An exporter turns a program into files; a runtime turns files into a Predictor.
+
+Each target is one module in this package that declares `EXPORTER = Exporter(...)` and/or
+`RUNTIME = Runtime(...)`, plus one line in `fcexport.registry.PLUGINS`. Plugins import nothing heavy
+at module level (torch, onnxruntime, openvino are imported when used), so listing them is free and
+`fcx predict` on an ONNX model never imports torch.
+
+Vocabulary: an *artifact* is a named set of files (`model`, `fused`, or an exporter's name such as
+`onnx`); its *format* says which runtimes can read it; a *backend* is one runtime on one artifact
+(`onnxruntime` on model.onnx, `openvino` on the same file), the name verify, bench and predict rows use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fcexport.errors import FcxError
+from fcexport.spec import ModelSpec
+
+DEVICES = ("cpu", "cuda")
+METADATA_FILE = "metadata.json"  # the archive record (TorchScript extra file, pt2 extra file) holding the spec
+
+
+class DeviceUnavailable(FcxError):
+    """This runtime/device pair cannot run here (no CUDA, no ORT CUDA provider, a runtime not installed).
+
+    verify and bench list it as skipped; elsewhere (predict on cuda) it is a user error.
+    """
+
+
+class Refused(FcxError):
+    """An artifact that `admit` turned away before it was loaded, with the reasons (fcx verify's structure check)."""
+
+    def __init__(self, path: Path, problems: list[str]):
+        super().__init__(f"{path}: not loaded: {'; '.join(problems)}")
+        self.problems = problems
+
+
+# admit(backend, spec, fingerprint) -> problems: a check on an artifact's bytes that runs before it is loaded
+Admit = Callable[[str, ModelSpec, dict], list]
+# source(spec) -> the checked program an artifact says it was exported from (for runtimes that rebuild from it)
+Source = Callable[[ModelSpec], object]
+
+
+@dataclass(frozen=True)
+class Checks:
+    """What the caller lets a runtime lean on: `admit` vets an artifact before it is loaded; `source` gives the
+    checked program the artifact was exported from, for runtimes that rebuild rather than unpickle (pt2)."""
+
+    admit: Admit | None = None
+    source: Source | None = None
+
+    def vet(self, path: Path, backend: str, spec: ModelSpec, fingerprint: dict) -> None:
+        problems = self.admit(backend, spec, fingerprint) if self.admit else []
+        if problems:
+            raise Refused(path, problems)
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """Runs a model: float32 pixels (N, C, H, W) in [0, 1] -> logits, in batches of at most `batch`. (What an
+    artifact computes with is checked before it becomes one: see `Checks`.)"""
+
+    backend: str
+    device: str
+    source: Path
+    run: Callable[[np.ndarray], np.ndarray]
+    spec: ModelSpec
+    batch: int = 256
+    approximate: bool = False  # judged by top-1 agreement and accuracy, not float tolerances (int8)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        parts = [self.run(x[i : i + self.batch]) for i in range(0, len(x), self.batch)] if len(x) else [self.run(x)]
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        expected = (len(x), len(self.spec.class_names))
+        if getattr(logits, "shape", None) != expected:
+            raise FcxError(f"{self.source}: the model returned shape {getattr(logits, 'shape', type(logits).__name__)} "
+                           f"for {len(x)} images, but its spec names {expected[1]} classes: expected {expected}")
+        return logits
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What the user chose for an export; each exporter reads what applies to it."""
+
+    opset: int = 18
+
+    def __post_init__(self):
+        if not isinstance(self.opset, int) or not 17 <= self.opset <= 30:
+            raise FcxError(f"ONNX opset must be from 17 to 30 (18 is the exporter's own), got {self.opset}")
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """Writes `files` (paths relative to the folder) into a staging folder from a program and its spec.
+    `fingerprint(data)` says what a written file computes with (the runtime reports the same for a file it
+    opens, so verify can compare an artifact with a fresh export). `builds_on` names an exporter whose files
+    this one reads from the staging folder."""
+
+    name: str
+    files: tuple[str, ...]
+    format: str
+    write: Callable[[object, ModelSpec, Path, ExportSettings], None]
+    fingerprint: Callable[[bytes], dict]
+    summary: str
+    builds_on: str | None = None
+    by_default: bool = True
+    approximate: bool = False
+    devices: tuple[str, ...] = DEVICES  # where its files can run at all (int8: CPU kernels only)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Opens an artifact of `format` on one of `devices`: `open(files, device, checks) -> Predictor`. `runs` maps
+    each backend it provides to the artifact it reads; `missing()` says why it cannot run here (not installed)."""
+
+    name: str
+    format: str
+    devices: tuple[str, ...]
+    open: Callable[[tuple[Path, ...], str, Checks, str], Predictor]
+    runs: dict[str, str]
+    summary: str
+    missing: Callable[[], str | None] = field(default=lambda: None)
+
+
+# ---- helpers the plugins share ------------------------------------------------------------
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise FcxError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def torch_device(device: str):
+    import torch
+
+    if device not in DEVICES:
+        raise FcxError(f"device must be {' or '.join(DEVICES)}, got {device}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("no CUDA device here (torch.cuda.is_available() is False)", hint="cpu")
+    return torch.device(device)
+
+
+def module_predictor(module, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256) -> Predictor:
+    """Wrap an nn.Module or ScriptModule that the predictor owns (made for it: it is moved to `device` and put in
+    eval mode); inference_mode skips autograd."""
+    import torch
+
+    dev = torch_device(device)
+    module = module.to(dev).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
+
+    return Predictor(backend, device, source, run, spec, batch)
+
+
+MAX_ARCHIVE_RECORDS = 100_000
+TORCH_MANGLE = re.compile(rb"___torch_mangle_\d+")
+
+
+def archive_fingerprint(data: bytes, path: Path | str, metadata: str, ignored=lambda name: False) -> tuple[ModelSpec, dict[str, str]]:
+    """(spec, fingerprint) of a torch zip archive (TorchScript, pt2) from its bytes, without loading it: every
+    record by its sha256, but the one named `metadata` (the spec, compared on its own) and those `ignored`
+    (per-save ids). torch's per-process class-name counters (`___torch_mangle_N`) are normalised, so two exports
+    of one program match and any other change does not."""
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        records = archive.infolist()
+        unpacked = sum(r.file_size for r in records)  # zipfile reads no more than each record declares
+        if len(records) > MAX_ARCHIVE_RECORDS or unpacked > 2 * len(data) + (16 << 20):
+            raise ValueError(f"{len(records):,} records unpacking to {unpacked:,} bytes")
+        items, spec = {}, None
+        for record in records:
+            name = TORCH_MANGLE.sub(b"___torch_mangle_N", record.filename.split("/", 1)[-1].encode()).decode()
+            if ignored(name):
+                continue
+            body = archive.read(record)
+            if name == metadata:
+                spec = ModelSpec.from_dict(json.loads(body.decode("utf-8")), str(path))
+                continue
+            items[f"record '{name}'"] = hashlib.sha256(TORCH_MANGLE.sub(b"___torch_mangle_N", body)).hexdigest()
+    except FcxError:
+        raise
+    except Exception as exc:  # BadZipFile, JSON, UTF-8, the checks above
+        raise FcxError(f"{path}: not a valid fcexport archive ({type(exc).__name__}: {str(exc)[:100]})", hint="export") from exc
+    if spec is None:
+        raise FcxError(f"{path}: not a valid fcexport archive (no fcexport metadata)", hint="export")
+    return spec, items
+
+
+@contextlib.contextmanager
+def quiet_warnings(*categories):
+    """Warnings torch and its exporters print on every call (fcx reports results itself), kept to this block."""
+    with warnings.catch_warnings():
+        for category in categories or (Warning,):
+            warnings.simplefilter("ignore", category)
+        yield

@@ -1,0 +1,49 @@
+"""Runtime: fcexport's own interpreter (fcexport.program.ProgramModule) on model.pt and model.fused.pt.
+
+Both files are data, checked as they are read (fcexport.checkpoint); nothing in them is code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fcexport.spec import ModelSpec
+from fcexport.targets import Checks, Predictor, Runtime, module_predictor
+
+
+def program_predictor(program, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256) -> Predictor:
+    """Run a program through a fresh interpreter of its own on `device` (the program itself is not moved)."""
+    from fcexport.program import ProgramModule
+
+    return module_predictor(ProgramModule(program), backend, device, source, spec, batch)
+
+
+def float64_logits(program, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The reference: the program run in float64 on the CPU (every float32 tensor and op widened)."""
+    import torch
+
+    from fcexport.program import ProgramModule
+
+    module = ProgramModule(program).double().eval()
+    with torch.inference_mode():
+        parts = [module(torch.from_numpy(x[i : i + batch]).double()).numpy() for i in range(0, len(x), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float64)
+
+
+def open_checkpoint(files: tuple[Path, ...], device: str, checks: Checks, backend: str) -> Predictor:
+    """An fcexport model .pt (data, checked as it is read); `checks` see its spec and fingerprint first."""
+    from fcexport.checkpoint import read_model
+    from fcexport.program import fingerprint
+
+    path = files[0]
+    stored = read_model(path)
+    if backend == "eager" and stored.spec.provenance.get("fused"):
+        backend = "fused"  # a fused model under another name
+    checks.vet(path, backend, stored.spec, fingerprint(stored.program))
+    return program_predictor(stored.program, backend, device, path, stored.spec)
+
+
+RUNTIME = Runtime(name="torch", format="fcexport", devices=("cpu", "cuda"), open=open_checkpoint,
+                  runs={"eager": "model", "fused": "fused"}, summary="fcexport's interpreter over the stored program (eager PyTorch)")

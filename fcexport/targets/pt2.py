@@ -1,0 +1,97 @@
+"""Exporter and runtime: a program -> model.pt2, torch.export's ExportedProgram (dynamic batch, spec as an extra file).
+
+model.pt2 is torch.export.save's archive, so `torch.export.load` reads it where the file is trusted. fcx never
+calls that: it unpickles (and falls back to `weights_only=False`). The runtime instead rebuilds the program from
+the model.pt the file names (data, checked as it is read), exports it again, requires the result to equal the
+file record for record, and runs that ExportedProgram: what runs is exactly what the file holds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fcexport.errors import FcxError
+from fcexport.spec import ModelSpec
+from fcexport.targets import (METADATA_FILE, Checks, Exporter, ExportSettings, Predictor, Refused, Runtime,
+                              archive_fingerprint, quiet_warnings, torch_device)
+
+FILE = "model.pt2"
+
+
+def exported_program(program, spec: ModelSpec):
+    """torch.export of the program's interpreter with a symbolic batch; source locations are dropped (they name
+    this machine's paths and would make two machines' exports differ)."""
+    import torch
+
+    from fcexport.program import ProgramModule
+
+    example = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))  # batch >= 2: not specialised
+    try:
+        with quiet_warnings():
+            exported = torch.export.export(ProgramModule(program).eval(), (example,),
+                                           dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise FcxError(f"torch.export cannot export this model ({type(exc).__name__}: {first}); use model.onnx") from exc
+    for node in exported.graph.nodes:
+        node.meta.pop("stack_trace", None)
+    return exported
+
+
+def pt2_bytes(exported, spec: ModelSpec) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    with quiet_warnings():
+        torch.export.save(exported, buffer, extra_files={METADATA_FILE: json.dumps(spec.to_dict())})
+    return buffer.getvalue()
+
+
+def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> None:
+    from fcexport.files import write_bytes_atomic
+
+    write_bytes_atomic(stage / FILE, pt2_bytes(exported_program(program, spec), spec))
+
+
+def pt2_fingerprint(data: bytes, path: Path | str = FILE) -> tuple[ModelSpec, dict[str, str]]:
+    """(spec, fingerprint) of a pt2 archive from its bytes: graph, weights, constants, sample inputs, unloaded."""
+    return archive_fingerprint(data, path, f"extra/{METADATA_FILE}", lambda name: name == ".data/serialization_id")
+
+
+def open_pt2(files: tuple[Path, ...], device: str, checks: Checks, backend: str) -> Predictor:
+    """Vet the file, rebuild it from the model.pt it came from (`checks.source`), and run the rebuilt program
+    only when its archive equals the file's."""
+    import torch
+
+    from fcexport.targets import read_bytes
+
+    path = files[0]
+    dev = torch_device(device)
+    data = read_bytes(path)
+    spec, found = pt2_fingerprint(data, path)
+    checks.vet(path, backend, spec, found)
+    if checks.source is None:
+        raise FcxError(f"{path}: fcx runs model.pt2 by rebuilding it from the model.pt it was exported from "
+                       "(torch.export.load unpickles): keep it in its exported folder")
+    exported = exported_program(checks.source(spec), spec)
+    _, rebuilt = pt2_fingerprint(pt2_bytes(exported, spec), path)
+    if rebuilt != found:
+        changed = sorted(k for k in {*found, *rebuilt} if found.get(k) != rebuilt.get(k))
+        raise Refused(path, [f"it is not what its model.pt exports to ({', '.join(changed[:3])} differ)"])
+    module = exported.module().to(dev)  # an ExportedProgram's module is inference-only already (no .eval())
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
+
+    return Predictor(backend, device, path, run, spec)
+
+
+EXPORTER = Exporter(name="pt2", files=(FILE,), format="pt2", write=write, fingerprint=lambda data: pt2_fingerprint(data)[1],
+                    summary="torch.export ExportedProgram (dynamic batch): TorchScript's successor")
+RUNTIME = Runtime(name="torch-export", format="pt2", devices=("cpu", "cuda"), open=open_pt2, runs={"pt2": "pt2"},
+                  summary="torch.export's ExportedProgram, rebuilt from model.pt (never unpickled)")

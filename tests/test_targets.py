@@ -1,0 +1,209 @@
+"""Targets as plugins: the registry, torch.export's model.pt2, OpenVINO, and predict's runtime choice."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from helpers import invoke, save_png
+
+from fcexport import registry, speeds
+
+
+def test_every_backend_is_one_runtime_on_one_artifact():
+    backends = registry.backends()
+    assert {"eager", "fused", "torchscript", "onnxruntime", "onnxruntime-int8", "openvino", "pt2"} <= set(backends)
+    assert backends["openvino"].files == backends["onnxruntime"].files == ("model.onnx",)  # two runtimes, one file
+    assert backends["openvino"].runtime.name != backends["onnxruntime"].runtime.name
+    assert backends["onnxruntime-int8"].approximate and backends["onnxruntime-int8"].devices == ("cpu",)
+    assert backends["pt2"].made_by == "export" and backends["onnxruntime-int8"].made_by == "export-int8"
+    assert registry.default_exporters() == ("torchscript", "onnx", "pt2")
+
+
+def test_cli_choices_come_from_the_registry(runner):
+    from cli.main import ALL_BACKENDS
+
+    assert ALL_BACKENDS.split(",") == list(registry.backends())
+    r = invoke(runner, "export", "--help")
+    assert all(name in r.stdout for name in registry.exporters())
+
+
+def test_a_new_runtime_is_one_module_and_one_registry_line(exported_dir, runner, tmp_path, monkeypatch):
+    """A plugin outside fcexport: a second backend on model.onnx, in verify like the built-in ones."""
+    (tmp_path / "one_thread_plugin.py").write_text(
+        "from fcexport.targets import Runtime\n"
+        "from fcexport.targets import onnxruntime as ort\n"
+        "def open_one_thread(files, device, checks, backend):\n"
+        "    import dataclasses\n"
+        "    predictor = ort.open_onnx(files, device, checks, backend)\n"
+        "    return dataclasses.replace(predictor, backend=backend)\n"
+        "RUNTIME = Runtime(name='ort-1', format='onnx', devices=('cpu',), open=open_one_thread,\n"
+        "                  runs={'ort-1': 'onnx'}, summary='onnxruntime under another name')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "PLUGINS", (*registry.PLUGINS, "one_thread_plugin"))
+    for cached in (registry._plugins, registry.exporters, registry.runtimes, registry.artifacts, registry.backends):
+        cached.cache_clear()
+    try:
+        r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", "ort-1", "--devices", "cpu", "--json")
+        assert r.exit_code == 0, r.output
+        assert [(row["backend"], row["status"]) for row in json.loads(r.stdout)["rows"]] == [("ort-1", "pass")]
+    finally:
+        monkeypatch.undo()
+        for cached in (registry._plugins, registry.exporters, registry.runtimes, registry.artifacts, registry.backends):
+            cached.cache_clear()
+        sys.modules.pop("one_thread_plugin", None)
+
+
+# ---- torch.export (model.pt2) ----------------------------------------------------------------
+
+
+def test_pt2_verifies_without_ever_calling_torch_export_load(exported_dir, runner, monkeypatch):
+    import torch
+
+    def must_not_unpickle(*args, **kwargs):
+        raise AssertionError("torch.export.load unpickles: fcx must never call it")
+
+    monkeypatch.setattr(torch.export, "load", must_not_unpickle)
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", "pt2", "--devices", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)["rows"][0]
+    assert (row["backend"], row["status"], row["source"]) == ("pt2", "pass", str(exported_dir / "model.pt2"))
+
+
+def test_pt2_is_a_standard_torch_export_archive_with_a_dynamic_batch(exported_dir):
+    """Where the file is trusted, torch.export.load reads it and computes what model.pt does, at any batch."""
+    import torch
+
+    from fcexport.registry import open_predictor
+
+    program = torch.export.load(str(exported_dir / "model.pt2")).module()
+    reference = open_predictor(exported_dir / "model.pt")
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).random((batch, *reference.spec.input_shape), dtype=np.float32)
+        np.testing.assert_allclose(program(torch.from_numpy(x)).detach().numpy(), reference(x), atol=1e-4, rtol=1e-4)
+
+
+def _rewrite_record(path, suffix: str, change) -> None:
+    """Change one record of a zip archive (in place), keeping the rest byte for byte."""
+    source = zipfile.ZipFile(io.BytesIO(path.read_bytes()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            data = source.read(info)
+            target.writestr(info, change(data) if info.filename.endswith(suffix) else data)
+    path.write_bytes(out.getvalue())
+
+
+def _refresh_manifest(folder, name: str) -> None:
+    """What an attacker with write access does: make the manifest agree with the swapped file."""
+    from fcexport.files import sha256_file
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name].update(sha256=sha256_file(folder / name), bytes=(folder / name).stat().st_size)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_pt2_with_a_changed_weight_is_refused_everywhere(artifacts_copy, image_dir_pt2, runner):
+    path = artifacts_copy / "model.pt2"
+    _rewrite_record(path, "weights/weight_0", lambda data: bytes([data[0] ^ 0x40]) + data[1:])
+    _refresh_manifest(artifacts_copy, "model.pt2")
+    r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "pt2", "--devices", "cpu", "--json")
+    row = json.loads(r.stdout)["rows"][0]
+    assert r.exit_code == 1 and row["status"] == "fail" and "weights/weight_0" in " ".join(row["problems"])
+    r = invoke(runner, "predict", image_dir_pt2, "--model", path)
+    assert r.exit_code == 2 and "weights/weight_0" in r.stderr and "Traceback" not in r.output
+
+
+def test_a_pt2_graph_with_code_in_it_is_never_parsed(artifacts_copy, image_dir_pt2, runner):
+    """torch's deserializer evaluates symbolic shape expressions: a file whose graph names code must not reach it."""
+    path = artifacts_copy / "model.pt2"
+    _rewrite_record(path, "models/model.json",
+                    lambda data: data.replace(b"Symbol(", b"__import__('os').system('touch PWNED') or Symbol(", 1))
+    _refresh_manifest(artifacts_copy, "model.pt2")
+    r = invoke(runner, "predict", image_dir_pt2, "--model", path)
+    assert r.exit_code == 2 and "models/model.json" in r.stderr
+    assert not (artifacts_copy / "PWNED").exists() and not list(artifacts_copy.parent.rglob("PWNED"))
+
+
+@pytest.fixture
+def image_dir_pt2(tmp_path):
+    from fcexport.data import load_dataset
+
+    image = load_dataset("digits").test.images[0, 0].numpy()
+    return save_png(tmp_path / "digit.png", (image * 255).round().astype(np.uint8))
+
+
+def test_predict_runs_pt2_with_the_same_answers(exported_dir, image_dir_pt2, runner):
+    answers = {}
+    for name in ("model.pt2", "model.onnx"):
+        r = invoke(runner, "predict", image_dir_pt2, "--model", exported_dir / name, "--json")
+        assert r.exit_code == 0, r.output
+        answers[name] = [(row["label"], round(row["probability"], 4)) for row in json.loads(r.stdout)]
+    assert answers["model.pt2"] == answers["model.onnx"]
+
+
+# ---- OpenVINO ----------------------------------------------------------------------------------
+
+
+def test_openvino_verifies_the_same_model_onnx(exported_dir, runner):
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", "onnxruntime,openvino", "--devices", "cpu,cuda", "--json")
+    assert r.exit_code == 0, r.output
+    rows = {(row["backend"], row["device"]): row for row in json.loads(r.stdout)["rows"]}
+    assert rows[("openvino", "cpu")]["status"] == "pass" and rows[("openvino", "cpu")]["source"] == str(exported_dir / "model.onnx")
+    assert rows[("openvino", "cuda")]["status"] == "skipped" and "cpu only" in rows[("openvino", "cuda")]["reason"]
+
+
+def test_openvino_refuses_a_swapped_onnx_before_compiling_it(artifacts_copy, runner, monkeypatch):
+    import onnx
+    import openvino
+
+    def must_not_compile(*args, **kwargs):
+        raise AssertionError("a file that differs from a fresh export was compiled")
+
+    monkeypatch.setattr(openvino.Core, "compile_model", must_not_compile)
+    model = onnx.load(str(artifacts_copy / "model.onnx"))
+    weight = model.graph.initializer[0]
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] += 1.0
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    (artifacts_copy / "model.onnx").write_bytes(model.SerializeToString())
+    _refresh_manifest(artifacts_copy, "model.onnx")
+    r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "openvino", "--devices", "cpu", "--json")
+    row = json.loads(r.stdout)["rows"][0]
+    assert r.exit_code == 1 and row["status"] == "fail" and "initializer" in " ".join(row["problems"])
+
+
+def test_predict_takes_the_runtime_bench_measured_fastest_for_its_batch(exported_dir, image_dir_pt2, runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path / "cache"))
+    r = invoke(runner, "bench", "--artifacts", exported_dir, "--batch-sizes", "1,256", "--backends", "onnxruntime,openvino",
+               "--warmup", "0", "--repeat", "2", "--json")
+    assert r.exit_code == 0, r.output
+    measured = {(row["backend"], row["batch_size"]): row["throughput"] for row in json.loads(r.stdout)}
+    onnx_file = exported_dir / "model.onnx"
+    for batch in (1, 256):
+        fastest = max(("onnxruntime", "openvino"), key=lambda b: measured[(b, batch)])
+        assert speeds.fastest_runtime(onnx_file, batch, "cpu") == registry.backend(fastest).runtime.name
+    # Recorded the other way round, the choice follows the record.
+    entries = json.loads(speeds.cache_file().read_text())
+    for entry in entries:
+        entry["throughput"] = 1.0 if entry["backend"] == "onnxruntime" else 2.0
+    speeds.cache_file().write_text(json.dumps(entries))
+    r = invoke(runner, "predict", image_dir_pt2, "--artifacts", exported_dir)
+    assert r.exit_code == 0 and "(openvino" in r.stdout, r.output
+    r = invoke(runner, "predict", image_dir_pt2, "--artifacts", exported_dir, "--runtime", "onnxruntime")
+    assert r.exit_code == 0 and "(onnxruntime" in r.stdout, r.output
+
+
+def test_a_runtime_that_cannot_run_the_file_is_a_clear_error(exported_dir, image_dir_pt2, runner):
+    r = invoke(runner, "predict", image_dir_pt2, "--model", exported_dir / "model.onnx", "--runtime", "torchscript")
+    assert r.exit_code == 2 and "onnxruntime, openvino" in r.stderr and "Traceback" not in r.output
+
+
+def test_a_damaged_speed_record_is_ignored(exported_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path))
+    (tmp_path / "speeds.json").write_text("{not json")
+    assert speeds.fastest_runtime(exported_dir / "model.onnx", 1, "cpu") is None
