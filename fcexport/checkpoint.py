@@ -17,7 +17,7 @@ import json
 import pickle
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,8 +52,9 @@ def now_iso() -> str:
 
 def save_program(program: Program, spec: ModelSpec, path: str | Path) -> str:
     """Write the program with its spec atomically; returns the sha256 of the bytes written."""
-    provenance = {"created": now_iso(), "torch": str(torch.__version__), "fcexport": fcexport.__version__} | spec.provenance
-    spec = ModelSpec.from_dict({**spec.to_dict(), "provenance": provenance})
+    made = spec.provenance
+    versions = {"torch": str(torch.__version__), "fcexport": fcexport.__version__, **made.versions}
+    spec = replace(spec, provenance=replace(made, created=made.created or now_iso(), versions=versions))
     checkpoint = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

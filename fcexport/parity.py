@@ -120,7 +120,7 @@ def _test_images(spec: ModelSpec, data: str | None, data_root: str | None):
             raise
         return None, source, f"dataset not available here: {exc}"
     if list(test.images.shape[1:]) != list(spec.input_shape):
-        raise FcxError(f"data {source}: images are {list(test.images.shape[1:])} but the model expects {spec.input_shape}")
+        raise FcxError(f"data {source}: images are {list(test.images.shape[1:])} but the model expects {list(spec.input_shape)}")
     return test, source, None
 
 

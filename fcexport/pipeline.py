@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from fcexport import artifacts as names
 from fcexport import parity, registry
 from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError, check_choices
+from fcexport.spec import thawed
 from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings, Predictor, Refused
 from fcexport.targets.program import program_predictor
 
@@ -35,7 +36,7 @@ def train(opts, on_epoch=None) -> dict:
     from fcexport.files import check_writable_folder, write_json_atomic, write_text_atomic
     from fcexport.models import count_parameters
     from fcexport.preprocess import object_fill
-    from fcexport.spec import ModelSpec
+    from fcexport.spec import Architecture, ModelSpec, Normalization, Preprocess
     from fcexport.training import build_for, cross_validate, evaluate, fit, history_csv, resolve_device
 
     opts = opts.with_arch_defaults()
@@ -83,9 +84,9 @@ def train(opts, on_epoch=None) -> dict:
     spec = ModelSpec(
         input_shape=list(config["input_shape"]),
         class_names=list(dataset.class_names),
-        preprocess={"mode": "object", "object_fill": object_fill(dataset.train.images[:2000, 0].numpy())},
-        normalization={"mean": [normalize["mean"]], "std": [normalize["std"]]} if normalize else None,
-        architecture={"kind": config["arch"], **config},
+        preprocess=Preprocess("object", object_fill(dataset.train.images[:2000, 0].numpy())),
+        normalization=Normalization((normalize["mean"],), (normalize["std"],)) if normalize else None,
+        architecture=Architecture(config["arch"], config),
         dataset={
             "name": dataset.name,
             "source": dataset_source(opts.data),
@@ -156,14 +157,12 @@ def import_model(
 def fused_model(stored, source: Path | None = None):
     """(fused Program, FuseReport, spec of the fused program) for a checked model.pt (StoredModel)."""
     from fcexport.folding import fuse_program
-    from fcexport.spec import ModelSpec
 
     fused, report = fuse_program(stored.program, stored.spec.input_shape)
     described = report.as_dict()
-    provenance = {**stored.spec.provenance, "fused": True, "folds": described["folded"], "left": described["left"]}
-    if source is not None:
-        provenance |= {"source": source.name, "source_sha256": stored.sha256}
-    return fused, report, ModelSpec.from_dict({**stored.spec.to_dict(), "provenance": provenance})
+    origin = {"source": source.name, "source_sha256": stored.sha256} if source is not None else {}
+    provenance = replace(stored.spec.provenance, fused=True, folds=described["folded"], left=described["left"], **origin)
+    return fused, report, replace(stored.spec, provenance=provenance)
 
 
 class _Model:
@@ -200,16 +199,16 @@ class _Model:
         if entry.get("source_sha256") != self.stored.sha256:
             return None
         fused = read_model(path)
-        return fused.program, fused.spec, fused.spec.provenance.get("folds", [])
+        return fused.program, fused.spec, thawed(fused.spec.provenance.folds)
 
     def program_for(self, spec):
         """The checked program an artifact with this spec was exported from (fused or not), for runtimes that
         rebuild it (pt2) rather than unpickle it."""
-        wanted = spec.provenance.get("source_sha256")
+        wanted = spec.provenance.source_sha256
         if wanted != self.stored.sha256:
             raise FcxError(f"{self.path}: not the model.pt this artifact was exported from (it names sha256 "
                            f"{str(wanted)[:12]}); export again", hint="export")
-        return self.fused[0] if spec.provenance.get("fused") else self.stored.program
+        return self.fused[0] if spec.provenance.fused else self.stored.program
 
 
 def fuse(
@@ -337,8 +336,10 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     if fuse:
         program, spec, folds = model.fused
     settings = ExportSettings(opset or ExportSettings.opset)
-    spec = spec.with_provenance(exported=now_iso(), source=model_path.name, source_sha256=stored.sha256, fcexport=fcexport.__version__,
-                                fused=bool(fuse or spec.provenance.get("fused")), opset=settings.opset, **versions())
+    made = spec.provenance
+    spec = replace(spec, provenance=replace(made, exported=now_iso(), source=model_path.name, source_sha256=stored.sha256,
+                                            fused=fuse or made.fused, opset=settings.opset,
+                                            versions={**made.versions, **versions(), "fcexport": fcexport.__version__}))
     with staging_folder(artifacts) as stage:  # the previous set stays whole until everything is written
         skipped = export_files(program, spec, formats, settings, stage)
         if len(skipped) == len(formats):
@@ -552,8 +553,8 @@ class _FreshExports:
         if found is None or backend == "eager":
             return []
         artifact = registry.backend(backend).artifact
-        fused = bool(spec.provenance.get("fused"))
-        settings = ExportSettings(int(spec.provenance.get("opset", ExportSettings.opset)))
+        fused = spec.provenance.fused
+        settings = ExportSettings(spec.provenance.opset or ExportSettings.opset)
         key = (artifact, fused, settings)
         if key not in self.fingerprints:
             try:
@@ -584,7 +585,7 @@ class _FreshExports:
         """Another exporter may write another graph: say so when the artifact was made with other versions."""
         import fcexport
 
-        made = spec.provenance
+        made = spec.provenance.versions
         now = {**versions(), "fcexport": fcexport.__version__}
         changed = [f"{k} {made.get(k)} (now {v})" for k, v in now.items() if made.get(k) not in (None, v)]
         return f"it was exported with {', '.join(changed)}: export it again with these versions" if changed else None

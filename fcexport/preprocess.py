@@ -34,12 +34,12 @@ MAX_FOLDERS = 20_000  # folders one glob pattern may read
 MAX_MATCHES = 500_000  # files one glob pattern or folder may name: bounds what is listed and sorted (~0.5 GB)
 
 
-def prepare_image(path: str | os.PathLike, input_shape: list[int], preprocess: dict, invert: str = "auto") -> np.ndarray:
+def prepare_image(path: str | os.PathLike, input_shape, preprocess, invert: str = "auto") -> np.ndarray:
     """One image file -> float32 (C, H, W) in [0, 1], prepared as the model's spec says (fcexport.spec)."""
     channels, height, width = input_shape
-    if preprocess.get("mode") == "letterbox":
+    if preprocess.mode == "letterbox":
         return letterbox_image(Path(path), channels, (height, width))
-    gray = load_image(path, (height, width), invert, preprocess.get("object_fill", 1.0))
+    gray = load_image(path, (height, width), invert, preprocess.object_fill)
     return np.repeat(gray[None], channels, axis=0)
 
 

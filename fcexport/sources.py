@@ -21,7 +21,7 @@ from fcexport.checkpoint import load_weights_file
 from fcexport.data import KNOWN_CLASS_SETS, known_class_names
 from fcexport.errors import HINTS, FcxError
 from fcexport.program import Program, capture, check_shapes, class_count, with_input_normalization
-from fcexport.spec import ModelSpec, check_normalization, default_preprocess
+from fcexport.spec import Architecture, ModelSpec, Normalization, check_normalization, default_preprocess
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
@@ -57,8 +57,8 @@ def from_module(
         input_shape=shape,
         class_names=names,
         preprocess=default_preprocess(shape[0]),
-        normalization=normalization,
-        architecture=architecture or {"kind": "imported", "module": f"{type(module).__module__}.{type(module).__qualname__}"},
+        normalization=Normalization(normalization["mean"], normalization["std"]) if normalization else None,
+        architecture=Architecture("imported", architecture or {"module": f"{type(module).__module__}.{type(module).__qualname__}"}),
     )
     return program, spec
 
@@ -102,7 +102,6 @@ def from_state_dict(
     check_weights(module, state_dict, str(weights))
     module.load_state_dict(state_dict, strict=True)
     architecture = {
-        "kind": "imported",
         "model_def": model_def,
         "model_args": model_args or {},
         "weights": weights.name,

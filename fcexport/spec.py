@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
 
 from fcexport.errors import FcxError
 
@@ -27,22 +30,101 @@ MAX_CLASS_NAME = 256  # characters: a label, not a payload (a 50 MB name would t
 MAX_NORMALIZATION, MIN_STD = 1e6, 1e-6  # mean/std on [0, 1] pixels; beyond these float32 models overflow
 
 
-@dataclass
-class ModelSpec:
-    """What a model takes and returns, and where it came from. Exported models take float32 pixels in
-    [0, 1] of shape (N, C, H, W): `normalization` records the mean/std already inside the model."""
+def frozen(value):
+    """A JSON-like value that cannot be changed: dicts become read-only mappings, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(v) for v in value)
+    return value
 
-    input_shape: list[int]
-    class_names: list[str]
-    preprocess: dict = field(default_factory=lambda: {"mode": "object", "object_fill": 1.0})
-    normalization: dict | None = None  # {"mean": [...], "std": [...]} on [0, 1] pixels
-    architecture: dict = field(default_factory=dict)  # {"kind": "mlp", ...} or {"kind": "imported", ...}
-    dataset: dict | None = None
-    metrics: dict | None = None
-    training: dict | None = None
-    provenance: dict = field(default_factory=dict)
+
+def thawed(value):
+    """The plain JSON value behind `frozen` (mappings to dicts, tuples to lists)."""
+    if isinstance(value, Mapping):
+        return {k: thawed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thawed(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image file becomes this model's input (PREPROCESS_MODES)."""
+
+    mode: str = "object"
+    object_fill: float = 1.0  # "object": the share of the frame objects fill in the training data
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The mean/std (on [0, 1] pixels) already inside the model: exported models take plain [0, 1] pixels."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(self.mean))
+        object.__setattr__(self, "std", tuple(self.std))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the model is: `kind` ("mlp", "cnn", "softmax" from fcx train; "imported") and the details that rebuild
+    or trace it (a builder's config, or the model code and weights it was imported from)."""
+
+    kind: str = "unknown"
+    details: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self):
+        object.__setattr__(self, "details", frozen(self.details))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a file came from: the model.pt an artifact was made from (name and sha256), whether BatchNorm was
+    folded (and what into what), the export's settings and times, and the versions of the tools that wrote it."""
+
+    source: str | None = None
+    source_sha256: str | None = None
+    fused: bool = False
+    folds: tuple = ()  # one mapping per fold (fcexport.folding.Fold)
+    left: tuple = ()
+    opset: int | None = None
+    created: str | None = None
+    exported: str | None = None
+    versions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # torch, fcexport, onnx, ...
+
+    def __post_init__(self):
+        for name in ("folds", "left", "versions"):
+            object.__setattr__(self, name, frozen(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model takes and returns, and where it came from. Exported models take float32 pixels in
+    [0, 1] of shape (N, C, H, W): `normalization` records the mean/std already inside the model. Frozen: change
+    it with `dataclasses.replace`. `to_dict` / `from_dict` are the one codec every artifact embeds."""
+
+    input_shape: tuple[int, int, int]
+    class_names: tuple[str, ...]
+    preprocess: Preprocess = Preprocess()
+    normalization: Normalization | None = None
+    architecture: Architecture = Architecture()
+    dataset: Mapping[str, Any] | None = None
+    metrics: Mapping[str, Any] | None = None
+    training: Mapping[str, Any] | None = None
+    provenance: Provenance = Provenance()
+
+    def __post_init__(self):
+        shape, names = self.input_shape, self.class_names
+        if isinstance(shape, (list, tuple)):
+            object.__setattr__(self, "input_shape", tuple(shape))
+        if isinstance(names, (list, tuple)):
+            object.__setattr__(self, "class_names", tuple(names))
+        for name in ("dataset", "metrics", "training"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, frozen(getattr(self, name)))
         self.validate()
 
     @property
@@ -52,51 +134,104 @@ class ModelSpec:
     def validate(self, where: str = "model spec") -> None:
         """Types and ranges, checked before any buffer is sized from these values."""
         shape = self.input_shape
-        if not (isinstance(shape, list) and len(shape) == 3 and all(type(v) is int and v > 0 for v in shape)):
-            raise FcxError(f"{where}: input_shape must be [C, H, W] of positive integers, got {shape!r}")
+        if not (isinstance(shape, tuple) and len(shape) == 3 and all(type(v) is int and v > 0 for v in shape)):
+            raise FcxError(f"{where}: input_shape must be [C, H, W] of positive integers, got {list(shape) if isinstance(shape, tuple) else shape!r}")
         if math.prod(shape) > MAX_INPUT_ELEMENTS:
-            raise FcxError(f"{where}: input_shape {shape} is larger than fcexport supports ({MAX_INPUT_ELEMENTS} values)")
+            raise FcxError(f"{where}: input_shape {list(shape)} is larger than fcexport supports ({MAX_INPUT_ELEMENTS} values)")
         names = self.class_names
-        if not (isinstance(names, list) and 1 <= len(names) <= MAX_CLASSES and all(isinstance(n, str) for n in names)):
+        if not (isinstance(names, tuple) and 1 <= len(names) <= MAX_CLASSES and all(isinstance(n, str) for n in names)):
             raise FcxError(f"{where}: class_names must be a non-empty list of strings")
         if len(set(names)) != len(names):
             raise FcxError(f"{where}: class_names has duplicates")
         long = next((n for n in names if len(n) > MAX_CLASS_NAME or not n), None)
         if long is not None:
             raise FcxError(f"{where}: class names must be 1 to {MAX_CLASS_NAME} characters, one is {len(long):,}")
-        mode = self.preprocess.get("mode") if isinstance(self.preprocess, dict) else None
-        if mode not in PREPROCESS_MODES:
-            raise FcxError(f"{where}: preprocess mode must be one of {', '.join(PREPROCESS_MODES)}, got {mode!r}")
-        fill = self.preprocess.get("object_fill", 1.0)
-        if mode == "object" and not (isinstance(fill, (int, float)) and 0.1 <= fill <= 1.0):
+        parts = {"preprocess": Preprocess, "architecture": Architecture, "provenance": Provenance}
+        for name, kind in parts.items():
+            if not isinstance(getattr(self, name), kind):
+                raise FcxError(f"{where}: {name} must be a {kind.__name__}")
+        if self.preprocess.mode not in PREPROCESS_MODES:
+            raise FcxError(f"{where}: preprocess mode must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess.mode!r}")
+        fill = self.preprocess.object_fill
+        if self.preprocess.mode == "object" and not (isinstance(fill, (int, float)) and 0.1 <= fill <= 1.0):
             raise FcxError(f"{where}: object_fill must be in [0.1, 1], got {fill!r}")
         if self.normalization is not None:
-            check_normalization(self.normalization.get("mean"), self.normalization.get("std"), self.channels, where)
-        for name in ("architecture", "provenance"):
-            if not isinstance(getattr(self, name), dict):
-                raise FcxError(f"{where}: {name} must be an object")
+            if not isinstance(self.normalization, Normalization):
+                raise FcxError(f"{where}: normalization must be a Normalization")
+            check_normalization(list(self.normalization.mean), list(self.normalization.std), self.channels, where)
 
     def to_dict(self) -> dict:
-        """Plain JSON values only (a JSON round trip drops str subclasses such as torch.__version__)."""
-        return json.loads(json.dumps(asdict(self)))
-
-    def with_provenance(self, **fields) -> "ModelSpec":
-        """A copy whose provenance has `fields` added; this spec is left as it is."""
-        return ModelSpec.from_dict({**self.to_dict(), "provenance": {**self.provenance, **fields}})
+        """The spec as plain JSON values (the layout every artifact embeds; provenance flat, versions beside)."""
+        provenance = {k: v for k, v in thawed(asdict_shallow(self.provenance)).items() if k != "versions" and v not in (None, (), [], {})}
+        provenance |= {"fused": self.provenance.fused, **thawed(self.provenance.versions)}
+        data = {
+            "input_shape": list(self.input_shape),
+            "class_names": list(self.class_names),
+            "preprocess": {"mode": self.preprocess.mode, **({"object_fill": self.preprocess.object_fill} if self.preprocess.mode == "object" else {})},
+            "normalization": None if self.normalization is None else {"mean": list(self.normalization.mean), "std": list(self.normalization.std)},
+            "architecture": {"kind": self.architecture.kind, **thawed(self.architecture.details)},
+            "dataset": thawed(self.dataset),
+            "metrics": thawed(self.metrics),
+            "training": thawed(self.training),
+            "provenance": provenance,
+        }
+        return json.loads(json.dumps(data))  # plain values only (str subclasses such as torch.__version__ become str)
 
     @classmethod
     def from_dict(cls, data, where: str = "model spec") -> "ModelSpec":
+        """Read the embedded layout back, checking every type before anything is built from it."""
         if not isinstance(data, dict):
             raise FcxError(f"{where}: model spec must be an object")
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        missing = {"input_shape", "class_names"} - set(known)
+        missing = {"input_shape", "class_names"} - set(data)
         if missing:
             raise FcxError(f"{where}: model spec lacks {', '.join(sorted(missing))}")
+        for name in ("preprocess", "normalization", "architecture", "provenance", "dataset", "metrics", "training"):
+            if data.get(name) is not None and not isinstance(data[name], dict):
+                raise FcxError(f"{where}: {name} must be an object")
+        preprocess = data.get("preprocess") or {"mode": "object"}
+        normalization = data.get("normalization")
+        architecture = dict(data.get("architecture") or {})
+        provenance = dict(data.get("provenance") or {})
+        shape, names = data["input_shape"], data["class_names"]
         try:
-            spec = cls(**{**known, "preprocess": known.get("preprocess") or {"mode": "object", "object_fill": 1.0}})
+            if normalization is not None:
+                channels = shape[0] if isinstance(shape, list) and shape and type(shape[0]) is int else 1
+                normalization = Normalization(*check_normalization(normalization.get("mean"), normalization.get("std"), channels, where))
+            return cls(
+                input_shape=tuple(shape) if isinstance(shape, list) else shape,
+                class_names=tuple(names) if isinstance(names, list) else names,
+                preprocess=Preprocess(preprocess.get("mode"), preprocess.get("object_fill", 1.0)),
+                normalization=normalization,
+                architecture=Architecture(str(architecture.pop("kind", "unknown")), frozen(architecture)),
+                dataset=data.get("dataset"),
+                metrics=data.get("metrics"),
+                training=data.get("training"),
+                provenance=_provenance(provenance, where),
+            )
         except FcxError as exc:
             raise FcxError(str(exc).replace("model spec", where, 1)) from exc
-        return spec
+
+
+PROVENANCE_FIELDS = {"source": str, "source_sha256": str, "fused": bool, "folds": list, "left": list, "opset": int,
+                     "created": str, "exported": str}
+
+
+def _provenance(data: dict, where: str) -> Provenance:
+    """Known fields by their types; any other string entry is a tool version (torch, onnx, ...)."""
+    fields = {}
+    for name, kind in PROVENANCE_FIELDS.items():
+        value = data.pop(name, None)
+        if value is not None and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+            raise FcxError(f"{where}: provenance {name} must be a {kind.__name__}, got {type(value).__name__}")
+        if value is not None:
+            fields[name] = frozen(value)
+    versions = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and len(v) <= MAX_CLASS_NAME}
+    return Provenance(**fields, versions=frozen(versions))
+
+
+def asdict_shallow(part) -> dict:
+    """A dataclass's fields as a dict, values as they are (dataclasses.asdict deep-copies, which mappings refuse)."""
+    return {f.name: getattr(part, f.name) for f in fields(part)}
 
 
 def check_normalization(mean, std, channels: int, where: str = "normalization") -> tuple[list[float], list[float]]:
@@ -119,6 +254,6 @@ def check_normalization(mean, std, channels: int, where: str = "normalization") 
     return values[0], values[1]
 
 
-def default_preprocess(channels: int, object_fill: float = 1.0) -> dict:
+def default_preprocess(channels: int, object_fill: float = 1.0) -> Preprocess:
     """Gray models get Fashion-MNIST-style object preparation; colour models a letterboxed resize."""
-    return {"mode": "object", "object_fill": object_fill} if channels == 1 else {"mode": "letterbox"}
+    return Preprocess("object", object_fill) if channels == 1 else Preprocess("letterbox")

@@ -38,7 +38,7 @@ def test_tiny_cnn_train_fuse_export_verify_predict(tmp_path, runner):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["test_accuracy"] > 0.5  # 10 classes; measured 0.75 after four epochs
     model, spec = load_model(art / "model.pt")
-    assert spec.architecture["arch"] == "cnn" and spec.architecture["channels"] == [8, 16]
+    assert spec.architecture.kind == "cnn" and spec.architecture.details["channels"] == (8, 16)
     fused = json.loads(invoke(runner, "fuse-bn", "--verify", "--artifacts", art, "--json").stdout)
     assert fused["verification"]["passed"]
     assert {f["layer"] for f in fused["report"]["folded"]} == {"conv_bn1", "conv_bn2", "bn1"}

@@ -83,8 +83,8 @@ def test_plain_consumers_agree_with_fcx(exported_dir, batch, artifact, client, t
 
 def test_torchscript_metadata_and_frozen(exported_dir):
     predictor = open_predictor(exported_dir / "model.ts")
-    assert predictor.backend == "torchscript" and predictor.spec.input_shape == [1, 8, 8]
-    assert predictor.spec.provenance["folds"]
+    assert predictor.backend == "torchscript" and predictor.spec.input_shape == (1, 8, 8)
+    assert predictor.spec.provenance.folds
 
 
 def test_manifest_lists_every_model_with_hashes(exported_dir):

@@ -143,8 +143,8 @@ def test_fuse_bn_cli_writes_a_fused_checkpoint(tmp_path, runner, trained_dir):
     assert result["verification"]["passed"] and result["verification"]["rows"][0]["top1_agreement"] == 1.0
     assert "359 test images of digits" in result["verification"]["inputs"]
     fused, spec = load_model(tmp_path / "model.fused.pt")
-    assert bn_count(fused) == 0 and spec.provenance["fused"] is True
-    assert len(spec.provenance["source_sha256"]) == 64
+    assert bn_count(fused) == 0 and spec.provenance.fused is True
+    assert len(spec.provenance.source_sha256) == 64
     original, _ = load_model(tmp_path / "model.pt")
     x = torch.rand(20, 1, 8, 8)
     torch.testing.assert_close(fused(x), original(x), atol=1e-5, rtol=1e-4)

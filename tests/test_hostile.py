@@ -240,7 +240,7 @@ def test_csv_with_bom_and_class_names_as_labels_trains(tmp_path):
     from fcexport.checkpoint import load_model
 
     _, spec = load_model(tmp_path / "out" / "model.pt")
-    assert spec.class_names == ["shirt", "shoe"]  # the first row is data, not a header; the BOM is gone
+    assert spec.class_names == ("shirt", "shoe")  # the first row is data, not a header; the BOM is gone
     assert json.loads(r.stdout)["test_accuracy"] is not None
 
 

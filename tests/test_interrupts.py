@@ -56,18 +56,35 @@ def test_sigkill_during_training_keeps_the_previous_run(tmp_path, exported_dir):
     assert (tmp_path / "history.csv").read_text().startswith("epoch,")  # whole, never half-written
 
 
-@pytest.mark.parametrize("delay", [0.5, 2.0, 3.5])
-def test_sigkill_during_export_leaves_a_consistent_set(artifacts_copy, delay):
-    """Export and kill it at different moments: every file loads, and every file agrees with the manifest
-    (the previous set stays whole until the new one is complete)."""
+def _staging(folder: Path) -> list[Path]:
+    return [p for p in folder.glob(".staging.*") if p.is_dir()]
+
+
+EXPORT_MOMENTS = {  # what has happened when the kill lands, seen from outside
+    "staging folder made": lambda folder: bool(_staging(folder)),
+    "a file finished in the stage": lambda folder: any(
+        f.suffix != ".tmp" for stage in _staging(folder) for f in stage.iterdir() if not f.name.startswith(".")),
+}
+
+
+@pytest.mark.parametrize("moment", list(EXPORT_MOMENTS))
+def test_sigkill_during_export_leaves_a_consistent_set(artifacts_copy, moment):
+    """Export, and kill it at the moment named (polled every 2 ms): every file loads, and every file agrees with
+    the manifest (the previous set stays whole until the new one is complete)."""
     from fcexport.artifacts import check_against_manifest, find_default_model, read_manifest
     from fcexport.files import sha256_file
     from fcexport.registry import open_predictor
 
+    before = {p.name: sha256_file(p) for p in artifacts_copy.iterdir() if p.is_file()}
     proc = start("export", "--artifacts", artifacts_copy)
-    time.sleep(2.0 + delay)  # torch import takes about 2 s; then the writes begin
+    deadline = time.monotonic() + 120
+    while not EXPORT_MOMENTS[moment](artifacts_copy):
+        assert proc.poll() is None, f"export ended before: {moment}"
+        assert time.monotonic() < deadline, f"never seen: {moment}"
+        time.sleep(0.002)
     proc.kill()
     proc.wait(timeout=30)
+    assert {p.name: sha256_file(p) for p in artifacts_copy.iterdir() if p.is_file()} == before  # not one file touched
     for name in ("model.onnx", "model.ts", "model.pt"):
         open_predictor(artifacts_copy / name)  # raises if a half-written file were left in place
     manifest, model_sha = read_manifest(artifacts_copy), sha256_file(artifacts_copy / "model.pt")

@@ -39,7 +39,7 @@ def open_checkpoint(files: tuple[Path, ...], device: str, checks: Checks, backen
 
     path = files[0]
     stored = read_model(path)
-    if backend == "eager" and stored.spec.provenance.get("fused"):
+    if backend == "eager" and stored.spec.provenance.fused:
         backend = "fused"  # a fused model under another name
     checks.vet(path, backend, stored.spec, fingerprint(stored.program))
     return program_predictor(stored.program, backend, device, path, stored.spec)
