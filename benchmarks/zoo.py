@@ -88,14 +88,15 @@ def run(name: str, folder: Path, untrained: bool = False) -> dict:
     started = time.perf_counter()
     fused = fcexport.fuse(folder / "model.pt", folder / "model.fused.pt", verify=True)
     seconds["fuse"] = time.perf_counter() - started
-    if not fused["verification"]["passed"]:
-        raise AssertionError(f"fuse --verify failed: {fused['verification']['rows']}")
+    if not fused.written:
+        raise AssertionError(f"fuse --verify failed: {fused.to_json()['verification']['rows']}")
     started = time.perf_counter()
     exported = fcexport.export(folder / "model.pt", folder)
     seconds["export"] = time.perf_counter() - started
     started = time.perf_counter()
-    report = fcexport.verify(folder, devices=("cpu",))
+    report = fcexport.verify(folder, devices=("cpu",)).to_json()
     seconds["verify"] = time.perf_counter() - started
+    fused, exported = fused.to_json(), exported.to_json()
     rows = {r["backend"]: r for r in report["rows"] if r["status"] != "skipped"}
     if not report["passed"]:
         failed = {b: (r.get("problems"), r.get("max_abs"), r.get("allowed_max_abs")) for b, r in rows.items() if r["status"] != "pass"}

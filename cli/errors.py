@@ -8,45 +8,12 @@ import traceback
 
 import typer
 
+from cli.hints import with_hint
 from cli.render import shown
 from fcexport.errors import FcxError
 
 DEBUG = {"enabled": False}
 INTERNAL_ERROR = 3  # a bug in fcx, not in the user's input
-# errors.HINTS step -> what to run; only the CLI knows commands and flag names.
-HINTS = {
-    "train-or-import": "run `fcx train`, or `fcx import WEIGHTS --model-def FILE.py:NAME --input-shape C,H,W` for your own model",
-    "import": "run `fcx import WEIGHTS --model-def FILE.py:NAME --input-shape C,H,W` (see `fcx import --help`)",
-    "fuse": "run `fcx fuse-bn`",
-    "export": "run `fcx export`",
-    "export-int8": "run `fcx export --int8`",
-    "cpu": "use --device cpu",
-    "data-root": "pass --data-root DIR (or set FCX_DATA_ROOT) where that folder lives",
-    "lower-lr": "try a lower --lr (e.g. a tenth) or --weight-decay",
-    "offline-data": "or pass --data-root DIR, or train offline with --data digits (bundled), --data FILE.csv or --data DIR",
-}
-
-
-def command_for(hint: str | None) -> str | None:
-    """The command line that takes the step `hint` names (errors.HINTS, or export-NAME for an opt-in exporter)."""
-    if hint in HINTS:
-        return HINTS[hint]
-    if hint and hint.startswith("export-"):
-        return f"run `fcx export --format all,{hint.removeprefix('export-')}`"
-    return None
-
-
-def with_hint(message: str, hint: str | None) -> str:
-    command = command_for(hint)
-    return f"{message}; {command}" if command else message
-
-
-def resolve_hints(rows: list[dict]) -> list[dict]:
-    """Replace each row's hint key (from the library) with the command that fixes it, for tables and JSON."""
-    for row in rows:
-        if command_for(row.get("hint")):
-            row["hint"] = command_for(row["hint"])
-    return rows
 
 
 def fail(message: str, code: int) -> None:

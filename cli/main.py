@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from cli import render
-from cli.errors import DEBUG, fail, handle_errors, resolve_hints
+from cli.errors import DEBUG, fail, handle_errors
+from cli.hints import json_with_commands
 from fcexport import __version__, registry
 from fcexport.errors import FcxError
 from fcexport.options import TrainOptions
@@ -230,10 +231,10 @@ def fuse_bn(
 
     result = fuse(_model_arg(checkpoint, artifacts), out or artifacts / "model.fused.pt", verify, Tolerance(noise_factor, atol, rtol),
                   device, data, data_root)
-    _emit_json(result, json_out, json_file)
+    _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not json_out:
         render.fuse_summary(result, wide)
-    if result["verification"] is not None and not result["verification"]["passed"]:
+    if not result.written:
         fail("fused model differs from the original beyond tolerance; nothing was written", 1)
 
 
@@ -264,7 +265,7 @@ def export(
 
     formats = [f for name in _names(format) for f in (registry.default_exporters() if name == "all" else [name])]
     result = run(_model_arg(checkpoint, artifacts), artifacts, [*formats, *(["int8"] if int8 else [])], opset, fuse, sign_key)
-    _emit_json(result, json_out, json_file)
+    _emit_json(result.to_json(), json_out, json_file)
     if not json_out:
         render.export_summary(result)
 
@@ -332,17 +333,16 @@ def verify(
         raise FcxError("--signature needs --public-key: the key the signature is checked with")
     tolerance = Tolerance(noise_factor, atol, rtol, int8_agreement, int8_max_drop)
     result = run(artifacts, _names(backends), _names(devices), data, data_root, tolerance, public_key, signature, expect_digest)
-    resolve_hints(result["rows"])
-    _emit_json(result, json_out, json_file)
+    _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not json_out:
         render.verify_report(result, wide)
-    failed = [c["check"] for c in result.get("trust", []) if c["status"] == "fail"]
+    failed = result.trust_failed
     if failed:
         fail(f"the folder is not what was {'signed' if 'signature' in failed else 'exported'} ({', '.join(failed)} check failed); "
              "nothing in it was loaded", 1)
-    if not result["ran"]:
+    if not result.ran:
         fail("nothing was verified: every candidate was skipped (see the reasons above)", 1)
-    if not result["passed"]:
+    if not result.passed:
         fail("verification failed: a candidate differs from the reference or fails its checks (see above)", 1)
 
 
@@ -403,8 +403,8 @@ def bench(
     """Latency (p50/p90) and throughput per backend and batch size."""
     from fcexport.pipeline import bench as run
 
-    rows = resolve_hints(run(artifacts, _int_list(batch_sizes, "--batch-sizes"), _names(backends), device, warmup, repeat, seconds))
-    _emit_json(rows, json_out, json_file)
+    rows = run(artifacts, _int_list(batch_sizes, "--batch-sizes"), _names(backends), device, warmup, repeat, seconds)
+    _emit_json(json_with_commands([r.to_json() for r in rows]), json_out, json_file)
     if not json_out:
         render.bench_table(rows)
 

@@ -11,6 +11,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from cli.hints import with_hint
+from fcexport.results import Status
+
 # Piped output (CI logs, files) gets 120 columns instead of rich's 80, so tables are not truncated.
 out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
@@ -139,44 +142,44 @@ def train_summary(result: dict) -> None:
 ERROR_COLUMNS = {"max_abs": "max abs", "noise_ratio": "x own", "mean_abs": "mean abs", "p99_abs": "p99 abs", "max_rel": "max rel"}
 
 
-def status_text(status: str) -> Text:
-    if status == "skipped":
+def status_text(status: Status) -> Text:
+    if status is Status.SKIPPED:
         return Text("skipped", style="yellow")
-    return Text("pass", style="green") if status == "pass" else Text("FAIL", style="bold red")
+    return Text("pass", style="green") if status is Status.PASS else Text("FAIL", style="bold red")
 
 
-def comparison_table(title: str, report: dict, wide: bool = False) -> None:
-    """One row per backend x device; problems, then skips (one line per reason), below."""
+def comparison_table(title: str, report, wide: bool = False) -> None:
+    """One row per backend x device (a ParityReport); problems, then skips (one line per reason), below."""
     columns = list(ERROR_COLUMNS) if wide else ["max_abs", "noise_ratio"]
     rows, remarks, skipped = [], [], {}
-    for r in report["rows"]:
-        if r["status"] == "skipped":
+    for r in report.rows:
+        if r.status is Status.SKIPPED:
             # one line per reason: "no CUDA here" once for every backend it stops
-            reason = f"{r['reason']}{'; ' + r['hint'] if r.get('hint') else ''}"
-            skipped.setdefault((r["device"], reason), []).append(r["backend"])
+            reason = with_hint(r.reason, r.hint)
+            skipped.setdefault((r.device, reason), []).append(r.backend)
             continue
-        for problem in r.get("problems", []):
-            remarks.append(f"[bold red]FAIL[/] {escape(r['backend'])} on {r['device']}: {escape(shown(problem))}")
-        errors = [("-" if r.get(c) is None else f"{r[c]:.1f}" if c == "noise_ratio" else f"{r[c]:.1e}") for c in columns]
-        accuracy = f"{r['accuracy']:.2%}" if r.get("accuracy") is not None else "-"
-        rows.append([r["backend"], r["device"], status_text(r["status"]), *errors, f"{r.get('top1_agreement', 0):.2%}", accuracy])
+        for problem in r.problems:
+            remarks.append(f"[bold red]FAIL[/] {escape(r.backend)} on {r.device}: {escape(shown(problem))}")
+        errors = [("-" if r.value(c) is None else f"{r.value(c):.1f}" if c == "noise_ratio" else f"{r.value(c):.1e}") for c in columns]
+        accuracy = f"{r.value('accuracy'):.2%}" if r.value("accuracy") is not None else "-"
+        rows.append([r.backend, r.device, status_text(r.status), *errors, f"{r.value('top1_agreement') or 0:.2%}", accuracy])
     table(title, ["backend", "device", "status", *[ERROR_COLUMNS[c] for c in columns], "top-1", "accuracy"], rows)
     for line in remarks:
         out.print(line, highlight=False)
-    ran_on = {r["device"] for r in report["rows"] if r["status"] != "skipped"}
+    ran_on = {r.device for r in report.rows if r.status is not Status.SKIPPED}
     for device in dict.fromkeys(d for d, _ in skipped):
         reasons = [(reason, backends) for (d, reason), backends in skipped.items() if d == device]
         if device not in ran_on and len(reasons) > 1:  # nothing ran there: the first reason says why, once
             reasons = [(reasons[0][0], ["everything"])]
         for reason, backends in reasons:
             out.print(f"[yellow]skipped {escape(', '.join(backends))} on {device}: {escape(shown(reason))}[/]", highlight=False)
-    ref = report.get("reference_accuracy")
-    out.print(Text(f"inputs: {shown(report['inputs'])}"))
-    out.print(f"pass: {report['criterion']}; model.pt's own float32 error {report['own_float32_error']:.1e}"
+    ref = report.reference_accuracy
+    out.print(Text(f"inputs: {shown(report.inputs)}"))
+    out.print(f"pass: {report.criterion}; model.pt's own float32 error {report.own_float32_error:.1e}"
               + (f"; reference accuracy {ref:.2%}" if ref is not None else ""), highlight=False)
-    if any(r.get("criterion") == "agreement" for r in report["rows"]):
-        out.print(f"int8 passes on top-1 agreement >= {report['int8_min_agreement']:.1%} and accuracy drop "
-                  f"<= {report['int8_max_accuracy_drop'] * 100:g} pt; its float errors are shown, not judged", highlight=False)
+    if any(r.value("criterion") == "agreement" for r in report.rows):
+        out.print(f"int8 passes on top-1 agreement >= {report.tolerance.min_agreement:.1%} and accuracy drop "
+                  f"<= {report.tolerance.max_accuracy_drop * 100:g} pt; its float errors are shown, not judged", highlight=False)
 
 
 def import_summary(path) -> None:
@@ -184,57 +187,59 @@ def import_summary(path) -> None:
     out.print(Text(f"wrote {shown(path)}\nnext: fcx fuse-bn --verify, fcx export, fcx verify, fcx predict IMAGE{where}"))
 
 
-def fuse_summary(result: dict, wide: bool = False) -> None:
-    rep = result["report"]
-    rows = [[f"{f['layer']} ({f['layer_type']})", f["into"], f["direction"]] for f in rep["folded"]]
-    rows += [[f"{x['layer']} ({x['layer_type']})", "-", f"left in place: {x['reason']}"] for x in rep["left"]]
+def fuse_summary(result, wide: bool = False) -> None:
+    """A FuseResult: the folds, parameters and latency, and the verification when it ran."""
+    rep = result.report
+    rows = [[f"{f.layer} ({f.layer_type})", f.into, f.direction] for f in rep.folded]
+    rows += [[f"{x.layer} ({x.layer_type})", "-", f"left in place: {x.reason}"] for x in rep.left]
     table("folds", ["layer", "into", "how"], rows)
-    lat = result["latency_ms"]
     key_values("fcx fuse-bn", {
-        "parameters": f"{rep['parameters_before']:,} -> {rep['parameters_after']:,}",
-        f"batch-1 latency ({lat['device']}, p50)": f"{duration(lat['before'])} -> {duration(lat['after'])}",
-        "written": result["output"] if result["verification"] is None or result["verification"]["passed"] else "nothing (verification failed)",
+        "parameters": f"{rep.parameters_before:,} -> {rep.parameters_after:,}",
+        f"batch-1 latency ({result.device}, p50)": f"{duration(result.latency_before_ms)} -> {duration(result.latency_after_ms)}",
+        "written": result.output if result.written else "nothing (verification failed)",
     })
-    for note in rep["notes"]:
+    for note in rep.notes:
         out.print(Text(f"note: {shown(note)}"))
-    if result["verification"] is not None:
-        comparison_table("fused vs original", result["verification"], wide)
+    if result.verification is not None:
+        comparison_table("fused vs original", result.verification, wide)
 
 
-def export_summary(result: dict) -> None:
-    rows = [[path, "written"] for path in result["written"]] + [[result["manifest"], "sha256 + sizes"]]
-    if result.get("signature"):
-        rows.append([result["signature"], "signature over every file (OpenSSF Model Signing)"])
+def export_summary(result) -> None:
+    """An ExportResult: each file and what happened to it, then the manifest's digest."""
+    rows = [[path, "written"] for path in result.written] + [[result.manifest, "sha256 + sizes"]]
+    if result.signature:
+        rows.append([result.signature, "signature over every file (OpenSSF Model Signing)"])
     rows += [[path, "removed (it vouched for the previous set)" if path.endswith(".sig") else
-              "removed (made from the previous model; export it again to rebuild)"] for path in result["removed"]]
-    rows += [[name, f"not written: {why}"] for name, why in result.get("skipped", {}).items()]
-    table("fcx export" + (" (fused)" if result["fused"] else " (unfused)"), ["file", ""], rows)
-    manifest_digest(result)
+              "removed (made from the previous model; export it again to rebuild)"] for path in result.removed]
+    rows += [[name, f"not written: {why}"] for name, why in result.skipped.items()]
+    table("fcx export" + (" (fused)" if result.fused else " (unfused)"), ["file", ""], rows)
+    manifest_digest(result.manifest_sha256)
 
 
-def manifest_digest(result: dict) -> None:
+def manifest_digest(sha256: str) -> None:
     """The digest to keep elsewhere; `fcx verify --expect-digest` checks a folder against it."""
-    out.print(Text(f"manifest sha256: {result['manifest_sha256']}"), soft_wrap=True)  # one line, to copy whole
+    out.print(Text(f"manifest sha256: {sha256}"), soft_wrap=True)  # one line, to copy whole
     out.print(Text("keep it elsewhere: fcx verify --expect-digest SHA checks a copy", style="dim"))
 
 
 def sign_summary(result: dict) -> None:
     out.print(Text(f"signed {shown(result['folder'])}: {shown(result['signature'])}"))
-    manifest_digest(result)
+    manifest_digest(result["manifest_sha256"])
 
 
-def trust_table(checks: list[dict]) -> None:
-    """Signature and digest checks, which come before anything in the folder is loaded."""
+def trust_table(checks) -> None:
+    """Signature and digest checks (TrustCheck), which come before anything in the folder is loaded."""
     if checks:
-        rows = [[c["check"], status_text(c["status"]), c["detail"]] for c in checks]
+        rows = [[c.check, status_text(c.status), c.detail] for c in checks]
         table("fcx verify: the folder as a whole", ["check", "status", "detail"], rows, text=(0, 1, 2))
 
 
-def verify_report(result: dict, wide: bool = False) -> None:
-    trust_table(result.get("trust", []))
-    if result["rows"]:
-        comparison_table("fcx verify: each artifact vs model.pt on cpu", result, wide)
-    out.print("[green]PASSED[/]" if result["passed"] else "[red]FAILED[/]")
+def verify_report(result, wide: bool = False) -> None:
+    """A VerifyReport: the trust checks, then the comparison table."""
+    trust_table(result.trust)
+    if result.rows:
+        comparison_table("fcx verify: each artifact vs model.pt on cpu", result.parity, wide)
+    out.print("[green]PASSED[/]" if result.passed else "[red]FAILED[/]")
 
 
 def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file=None) -> list[dict]:
@@ -273,13 +278,14 @@ def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file
     return errors
 
 
-def bench_table(rows: list[dict]) -> None:
+def bench_table(rows) -> None:
+    """BenchRows: measured ones in the table, skipped ones below with the reason."""
     body, skipped = [], []
     for r in rows:
-        if "skipped" in r:
-            skipped.append(shown(f"skipped {r['backend']} on {r['device']}: {r['skipped']}{'; ' + r['hint'] if r.get('hint') else ''}"))
+        if r.status is Status.SKIPPED:
+            skipped.append(shown(f"skipped {r.backend} on {r.device}: {with_hint(r.reason, r.hint)}"))
         else:
-            body.append([r["backend"], r["device"], r["batch_size"], duration(r["p50_ms"]), duration(r["p90_ms"]), f"{r['throughput']:,.0f}"])
+            body.append([r.backend, r.device, r.batch_size, duration(r.p50_ms), duration(r.p90_ms), f"{r.throughput:,.0f}"])
     table("fcx bench", ["backend", "device", "batch", "p50", "p90", "samples/s"], body)
     for line in skipped:
         out.print(Text(line, style="yellow"))

@@ -131,3 +131,24 @@ def build_model(config: dict) -> nn.Sequential:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def build_for(dataset, opts) -> tuple[nn.Module, dict]:
+    """A fresh model for `dataset` as `opts` describe it (seeded by opts.seed), with its config; the input
+    normalisation is measured on the training images."""
+    from fcexport.data import normalization_stats
+
+    mean, std = normalization_stats(dataset.train.images)
+    config = model_config(
+        dataset.input_shape,
+        len(dataset.class_names),
+        hidden=opts.hidden,
+        channels=opts.channels,
+        batchnorm=opts.batchnorm,
+        dropout=opts.dropout,
+        activation=opts.activation,
+        normalize={"mean": mean, "std": std},
+        arch=opts.arch,
+    )
+    torch.manual_seed(opts.seed)
+    return build_model(config), config

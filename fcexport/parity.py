@@ -6,12 +6,13 @@ the inputs, runs each candidate and collects typed rows into the report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from fcexport.compare import Tolerance, compare
 from fcexport.errors import FcxError
+from fcexport.results import CheckRow, ParityReport, Status
 from fcexport.targets import Predictor
 from fcexport.spec import ModelSpec
 
@@ -84,13 +85,14 @@ def spec_differences(reference: ModelSpec, candidate: ModelSpec) -> list[str]:
     return [f"its {name} differs from model.pt's" for name in SPEC_FIELDS if ref[name] != cand[name]]
 
 
-def make_inputs(spec: ModelSpec, budget: int, data: str | None = None, data_root: str | None = None, seed: int = 0,
-                probes: np.ndarray | None = None) -> Inputs:
-    """Up to `budget` inputs: real test images (from `data`, or the model's dataset when it is on disk),
-    random pixels, then `probes` (see probe_inputs)."""
+def make_inputs(spec: ModelSpec, budget: int, test=None, source: str | None = None, unavailable: str | None = None,
+                seed: int = 0, probes: np.ndarray | None = None) -> Inputs:
+    """Up to `budget` inputs: real test images (`test`, a data.Split named `source`; `unavailable` says why there
+    are none), random pixels, then `probes` (see probe_inputs)."""
     shape = spec.input_shape
     probes = np.zeros((0, *shape), dtype=np.float32) if probes is None else probes
-    test, source, unavailable = _test_images(spec, data, data_root)
+    if test is not None and list(test.images.shape[1:]) != list(shape):
+        raise FcxError(f"data {source}: images are {list(test.images.shape[1:])} but the model expects {list(shape)}")
     real = test.images[: max(0, min(len(test), budget - len(probes) - MIN_INPUTS))] if test is not None else None
     taken = len(probes) + (0 if real is None else len(real))
     random_count = min(RANDOM_INPUTS, max(MIN_INPUTS, budget - taken))
@@ -103,66 +105,26 @@ def make_inputs(spec: ModelSpec, budget: int, data: str | None = None, data_root
     return Inputs(np.concatenate([real.numpy(), extra]), labels, f"{len(real)} test images of {source} + {described}")
 
 
-def _test_images(spec: ModelSpec, data: str | None, data_root: str | None):
-    """(the test split of `data` or of the model's own dataset, its source, why there is none)."""
-    from fcexport.data import load_dataset
-
-    dataset = spec.dataset or {}
-    source = data or dataset.get("source")
-    if source is None:
-        return None, None, "no dataset recorded; name one to add real images"
-    try:
-        test_source = None if data else dataset.get("test_source")
-        test = load_dataset(source, data_root or dataset.get("root"), image_size=spec.input_shape[-1], download=False,
-                            test_data=test_source).test
-    except FcxError as exc:
-        if data:  # the user asked for this data explicitly: a problem with it is an error
-            raise
-        return None, source, f"dataset not available here: {exc}"
-    if list(test.images.shape[1:]) != list(spec.input_shape):
-        raise FcxError(f"data {source}: images are {list(test.images.shape[1:])} but the model expects {list(spec.input_shape)}")
-    return test, source, None
-
-
 def compare_predictors(reference: np.ndarray, own_error: float, candidates: list[Predictor | Skipped], inputs: Inputs,
-                       tolerance: Tolerance) -> list[dict]:
+                       tolerance: Tolerance) -> list[CheckRow]:
     """Run each candidate and compare it with the float64 reference; skipped ones keep their reason."""
     rows = []
     for candidate in candidates:
         if isinstance(candidate, Skipped):
-            rows.append({"backend": candidate.backend, "device": candidate.device, "status": "skipped",
-                         "reason": candidate.reason, "hint": candidate.hint})
+            rows.append(CheckRow(candidate.backend, candidate.device, Status.SKIPPED, reason=candidate.reason, hint=candidate.hint))
             continue
         stats = compare(candidate(inputs.x), reference, own_error, inputs.labels, tolerance, candidate.approximate)
-        status = "pass" if stats["passed"] else "fail"
-        rows.append({"backend": candidate.backend, "device": candidate.device, "status": status, "source": str(candidate.source), **stats})
+        status = Status.PASS if stats["passed"] else Status.FAIL
+        rows.append(CheckRow(candidate.backend, candidate.device, status, str(candidate.source), stats))
     return rows
 
 
-def add_problems(row: dict, problems: list[str]) -> None:
+def with_problems(row: CheckRow, problems: list[str]) -> CheckRow:
     """Integrity, structure or spec problems fail a row whatever its numbers say."""
-    if problems:
-        row["problems"] = problems
-        row["status"] = "fail"
-        row["passed"] = False
-        row.pop("hint", None)
+    if not problems:
+        return row
+    return replace(row, status=Status.FAIL, problems=tuple(problems), numbers={**row.numbers, "passed": False}, hint=None)
 
 
-def report(rows: list[dict], inputs: Inputs, reference_accuracy: float | None, own_error: float, tolerance: Tolerance) -> dict:
-    """Passed only when something ran and everything that ran passed."""
-    ran = [r for r in rows if r["status"] != "skipped"]
-    return {
-        "passed": bool(ran) and all(r["status"] == "pass" for r in ran),
-        "ran": len(ran),
-        "criterion": tolerance.describe(),
-        "own_float32_error": own_error,
-        "noise_factor": tolerance.factor,
-        "atol": tolerance.atol,
-        "rtol": tolerance.rtol,
-        "int8_min_agreement": tolerance.min_agreement,
-        "int8_max_accuracy_drop": tolerance.max_accuracy_drop,
-        "inputs": inputs.description,
-        "input_count": len(inputs.x),
-        "reference_accuracy": reference_accuracy,
-        "rows": rows,
-    }
+def report(rows: list[CheckRow], inputs: Inputs, reference_accuracy: float | None, own_error: float, tolerance: Tolerance) -> ParityReport:
+    return ParityReport(tuple(rows), tolerance.describe(), own_error, tolerance, inputs.description, len(inputs.x), reference_accuracy)

@@ -17,6 +17,7 @@ from fcexport import artifacts as names
 from fcexport import parity, registry
 from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError, check_choices
+from fcexport.results import BenchRow, ExportResult, FuseResult, Status, TrustCheck, VerifyReport
 from fcexport.spec import thawed
 from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings, Predictor, Refused
 from fcexport.targets.program import program_predictor
@@ -28,16 +29,24 @@ MAX_BENCH_BATCH = 65536
 
 
 def train(opts, on_epoch=None) -> dict:
-    """`fcx train`: load data, train (split or k-fold), evaluate on test, write model.pt, metrics and plots."""
+    """`fcx train`: load data, train (split or k-fold), evaluate on test, write model.pt, metrics and plots. Seeded by
+    `opts.seed`; the caller's random number generators are left as they were (a notebook's own runs stay put)."""
+    import torch
+
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        return _train(opts, on_epoch)
+
+
+def _train(opts, on_epoch=None) -> dict:
     from fcexport import plots
     from fcexport.checkpoint import save_program
     from fcexport.program import capture
     from fcexport.data import dataset_source, load_dataset, train_val_split
     from fcexport.files import check_writable_folder, write_json_atomic, write_text_atomic
-    from fcexport.models import count_parameters
+    from fcexport.models import build_for, count_parameters
     from fcexport.preprocess import object_fill
     from fcexport.spec import Architecture, ModelSpec, Normalization, Preprocess
-    from fcexport.training import build_for, cross_validate, evaluate, fit, history_csv, resolve_device
+    from fcexport.training import cross_validate, evaluate, fit, history_csv, resolve_device
 
     opts = opts.with_arch_defaults()
     opts.validate()
@@ -59,7 +68,7 @@ def train(opts, on_epoch=None) -> dict:
     started = time.perf_counter()
     cv_summary = None
     if opts.folds:
-        result, config, cv_summary = cross_validate(dataset, opts, log_epoch)
+        result, config, cv_summary = cross_validate(dataset, opts, lambda: build_for(dataset, opts), log_epoch)
     else:
         train_split, val = train_val_split(dataset.train, opts.val_split, opts.seed)
         model, config = build_for(dataset, opts)
@@ -219,7 +228,7 @@ def fuse(
     device: str = "cpu",
     data: str | None = None,
     data_root: str | None = None,
-) -> dict:
+) -> FuseResult:
     """`fcx fuse-bn`: write the fused model, time both at batch 1, optionally verify parity first."""
     from fcexport.checkpoint import read_model, save_program
     from fcexport.timing import measure
@@ -232,18 +241,12 @@ def fuse(
     before = program_predictor(stored.program, "eager", device, model_path, stored.spec)
     after = program_predictor(fused, "fused", device, out_path, fused_spec)
     one = np.random.default_rng(0).random((1, *stored.spec.input_shape), dtype=np.float32)
-    result = {
-        "source": str(model_path),
-        "output": str(out_path),
-        "report": report.as_dict(),
-        "latency_ms": {"before": measure(before, one, max_seconds=0.5)["p50_ms"],
-                       "after": measure(after, one, max_seconds=0.5)["p50_ms"], "device": device},
-        "verification": None,
-    }
-    if verify:
-        result["verification"] = _parity(stored, model_path, [after], data, data_root, tolerance)
-        if not result["verification"]["passed"]:
-            return result  # a failed fold is reported, never written
+    latency = measure(before, one, max_seconds=0.5)["p50_ms"], measure(after, one, max_seconds=0.5)["p50_ms"]
+    verification = _parity(stored, model_path, [after], data, data_root, tolerance) if verify else None
+    result = FuseResult(str(model_path), str(out_path), report, *latency, device, verification,
+                        written=verification is None or verification.passed)
+    if not result.written:
+        return result  # a failed fold is reported, never written
     save_program(fused, fused_spec, out_path)
     if out_path.parent.resolve() == model_path.parent.resolve() and out_path.name == names.FUSED:
         from fcexport.checkpoint import now_iso
@@ -262,7 +265,7 @@ def versions() -> dict:
 
 
 def _parity(stored, model_path: Path, candidates: list, data, data_root, tolerance: Tolerance,
-            problems: list[list[str]] | None = None) -> dict:
+            problems: list[list[str]] | None = None):
     """Compare candidates with model.pt in float64, judged against model.pt's own float32 error; `problems`
     (one list per candidate: integrity, structure, spec) fail their rows whatever the numbers say."""
     from fcexport.targets.program import float64_logits
@@ -273,14 +276,33 @@ def _parity(stored, model_path: Path, candidates: list, data, data_root, toleran
     float64_logits(stored.program, sample)
     budget = parity.input_budget(stored.shapes.macs, (time.perf_counter() - started) / 2)
     probes = parity.probe_inputs(stored.program, stored.spec, budget // 4)
-    inputs = parity.make_inputs(stored.spec, budget, data, data_root, probes=probes)
+    inputs = parity.make_inputs(stored.spec, budget, *_test_images(stored.spec, data, data_root), probes=probes)
     reference = float64_logits(stored.program, inputs.x)
     own = program_predictor(stored.program, "eager", "cpu", model_path, stored.spec)(inputs.x)
     own_error = float(np.abs(own.astype(np.float64) - reference).max(initial=0.0))
     rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance)
-    for row, found in zip(rows, problems or [[] for _ in rows], strict=True):
-        parity.add_problems(row, found)  # a file refused before loading is a failure, not a skip
+    # a file refused before loading is a failure, not a skip
+    rows = [parity.with_problems(row, found) for row, found in zip(rows, problems or [[] for _ in rows], strict=True)]
     return parity.report(rows, inputs, accuracy(reference, inputs.labels), own_error, tolerance)
+
+
+def _test_images(spec, data: str | None, data_root: str | None):
+    """(the test split of `data` or of the model's own dataset, its source, why there is none)."""
+    from fcexport.data import load_dataset
+
+    dataset = spec.dataset or {}
+    source = data or dataset.get("source")
+    if source is None:
+        return None, None, "no dataset recorded; name one to add real images"
+    try:
+        test_source = None if data else dataset.get("test_source")
+        test = load_dataset(source, data_root or dataset.get("root"), image_size=spec.input_shape[-1], download=False,
+                            test_data=test_source).test
+    except FcxError as exc:
+        if data:  # the user asked for this data explicitly: a problem with it is an error
+            raise
+        return None, source, f"dataset not available here: {exc}"
+    return test, source, None
 
 
 # ---- export ------------------------------------------------------------------------------
@@ -318,7 +340,7 @@ def export_files(program, spec, formats, settings: ExportSettings, stage: Path) 
 
 
 def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = None, fuse: bool = True,
-           sign_key: Path | None = None) -> dict:
+           sign_key: Path | None = None) -> ExportResult:
     """`fcx export`: model.pt -> (fused) program -> each format's files (default: torchscript, onnx, pt2) ->
     manifest.json [-> model.sig, signed with `sign_key`]; the result carries the manifest's sha256 for out-of-band
     checks. A model.fused.pt proved from this model.pt (fcx fuse-bn) is used instead of folding again."""
@@ -365,9 +387,8 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     elif signature.is_file():  # it vouches for the previous set: it would only fail
         signature.unlink()
         removed.append(str(signature))
-    return {"written": [str(p) for p in written], "removed": removed, "skipped": skipped, "manifest": str(manifest),
-            "manifest_sha256": names.read_manifest_bytes(artifacts)[1], "signature": str(signature) if sign_key else None,
-            "fused": fuse, "folds": folds}
+    return ExportResult(tuple(str(p) for p in written), tuple(removed), skipped, str(manifest), names.read_manifest_bytes(artifacts)[1],
+                        str(signature) if sign_key else None, fuse, tuple(folds))
 
 
 def sign(artifacts: Path, private_key: Path, signature: Path | None = None) -> dict:
@@ -472,7 +493,7 @@ def verify(
     public_key: Path | None = None,
     signature: Path | None = None,
     expect_digest: str | None = None,
-) -> dict:
+) -> VerifyReport:
     """`fcx verify`: the folder against its signature (`public_key`) or manifest digest (`expect_digest`) first,
     loading nothing if it fails; then model.pt in float64 on cpu is the reference and every backend x device is
     compared with it, after its files are checked against manifest.json and before their structure is compared
@@ -481,9 +502,9 @@ def verify(
     check_choices("backends", backends, tuple(registry.backends()))
     check_choices("devices", devices, DEVICES)
     artifacts = Path(artifacts)
-    trust = trust_checks(artifacts, public_key, signature, expect_digest)
-    if any(check["status"] == "fail" for check in trust):
-        return {"passed": False, "ran": 0, "trust": trust, "rows": []}  # nothing in the folder is loaded
+    trust = tuple(trust_checks(artifacts, public_key, signature, expect_digest))
+    if any(check.status is Status.FAIL for check in trust):
+        return VerifyReport(trust, None)  # nothing in the folder is loaded
     model = _Model(artifacts / names.MODEL)
     stored = model.stored
     exported = {f for name, files in registry.artifacts().items() if name != "model" for f in files if (artifacts / f).is_file()}
@@ -515,24 +536,24 @@ def verify(
                 continue
             candidates.append(candidate)  # admitted, or made in memory from the checked model.pt
             problems.append([])
-    return {"trust": trust, **_parity(stored, model.path, candidates, data, data_root, tolerance, problems)}
+    return VerifyReport(trust, _parity(stored, model.path, candidates, data, data_root, tolerance, problems))
 
 
-def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | None, expect_digest: str | None) -> list[dict]:
+def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | None, expect_digest: str | None) -> list[TrustCheck]:
     """Whether the folder is exactly what was signed (given a public key) and what the digest kept elsewhere
     names: one row each, status pass / fail / skipped with the reason."""
     rows = []
     signature = Path(signature) if signature is not None else artifacts / names.SIGNATURE
     if public_key is not None:
         why = names.check_signature(artifacts, Path(public_key), signature)
-        rows.append({"check": "signature", "status": "fail" if why else "pass",
-                     "detail": why or f"every file in {artifacts} is what {Path(public_key).name}'s owner signed ({signature.name})"})
+        rows.append(TrustCheck("signature", Status.FAIL if why else Status.PASS,
+                               why or f"every file in {artifacts} is what {Path(public_key).name}'s owner signed ({signature.name})"))
     elif signature.is_file():
-        rows.append({"check": "signature", "status": "skipped", "detail": f"{signature.name} not checked: no public key given"})
+        rows.append(TrustCheck("signature", Status.SKIPPED, f"{signature.name} not checked: no public key given"))
     if expect_digest is not None:
         why = names.check_digest(artifacts, expect_digest)
-        rows.append({"check": "digest", "status": "fail" if why else "pass",
-                     "detail": why or f"{names.MANIFEST} has the expected sha256 and every file it lists matches it"})
+        rows.append(TrustCheck("digest", Status.FAIL if why else Status.PASS,
+                               why or f"{names.MANIFEST} has the expected sha256 and every file it lists matches it"))
     return rows
 
 
@@ -605,7 +626,7 @@ def fingerprint_differences(found: dict[str, str], expected: dict[str, str], lim
 
 
 def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backends=None, device: str = "cpu",
-          warmup: int = 20, repeat: int = 200, max_seconds: float = 1.0, seed: int = 0) -> list[dict]:
+          warmup: int = 20, repeat: int = 200, max_seconds: float = 1.0, seed: int = 0) -> list[BenchRow]:
     """`fcx bench`: one row per backend x batch size; unavailable backends are rows with a reason. Each
     throughput is recorded for this machine, so `fcx predict` can pick the fastest runtime for a file."""
     from fcexport import speeds
@@ -626,11 +647,11 @@ def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backen
         try:
             predictor = open_backend(backend, artifacts, device, model)
         except DeviceUnavailable as exc:
-            rows.append({"backend": backend, "device": device, "batch_size": None, "skipped": str(exc), "hint": exc.hint})
+            rows.append(BenchRow(backend, device, Status.SKIPPED, reason=str(exc), hint=exc.hint))
             continue
         for batch in batch_sizes:
             x = rng.random((batch, *predictor.spec.input_shape), dtype=np.float32)
-            rows.append({"backend": backend, "device": device, "batch_size": batch, **measure(predictor, x, warmup, repeat, max_seconds)})
+            rows.append(BenchRow(backend, device, Status.OK, batch, **measure(predictor, x, warmup, repeat, max_seconds)))
             measured.append((predictor, rows[-1]))
     speeds.record(measured)
     return rows

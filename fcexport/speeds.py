@@ -35,7 +35,7 @@ def _load() -> list[dict]:
 
 
 def record(measured: list) -> None:
-    """Remember (predictor, bench row) pairs: each file's throughput per runtime, device and batch size."""
+    """Remember (predictor, BenchRow) pairs: each file's throughput per runtime, device and batch size."""
     if not measured:
         return
     digests, fresh = {}, []
@@ -44,8 +44,8 @@ def record(measured: list) -> None:
         if not path.is_file():
             continue  # made in memory (fused from model.pt): nothing predict could open
         digest = digests.setdefault(path, sha256_file(path))
-        fresh.append({"sha256": digest, "machine": _machine(), "device": row["device"], "backend": predictor.backend,
-                      "batch_size": row["batch_size"], "throughput": row["throughput"]})
+        fresh.append({"sha256": digest, "machine": _machine(), "device": row.device, "backend": predictor.backend,
+                      "batch_size": row.batch_size, "throughput": row.throughput})
     keys = {(e["sha256"], e["machine"], e["device"], e["backend"], e["batch_size"]) for e in fresh}
     kept = [e for e in _load() if (e.get("sha256"), e.get("machine"), e.get("device"), e.get("backend"), e.get("batch_size")) not in keys]
     try:

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fcexport.data import Dataset, Split, kfold_splits, normalization_stats
+from fcexport.data import Dataset, Split, kfold_splits
 from fcexport.errors import FcxError
-from fcexport.models import build_model, model_config
 from fcexport.options import TrainOptions
 from fcexport.targets import torch_device
 
@@ -173,28 +172,13 @@ def fit(model: nn.Module, train: Split, val: Split | None, opts: TrainOptions, o
     )
 
 
-def build_for(dataset: Dataset, opts: TrainOptions) -> tuple[nn.Module, dict]:
-    mean, std = normalization_stats(dataset.train.images)
-    config = model_config(
-        dataset.input_shape,
-        len(dataset.class_names),
-        hidden=opts.hidden,
-        channels=opts.channels,
-        batchnorm=opts.batchnorm,
-        dropout=opts.dropout,
-        activation=opts.activation,
-        normalize={"mean": mean, "std": std},
-        arch=opts.arch,
-    )
-    torch.manual_seed(opts.seed)
-    return build_model(config), config
-
-
-def cross_validate(dataset: Dataset, opts: TrainOptions, on_epoch: EpochCallback | None = None) -> tuple[FitResult, dict, dict]:
-    """K-fold: train one model per fold; report mean/std validation accuracy and keep the best fold's model."""
+def cross_validate(dataset: Dataset, opts: TrainOptions, build: Callable[[], tuple[nn.Module, dict]],
+                   on_epoch: EpochCallback | None = None) -> tuple[FitResult, dict, dict]:
+    """K-fold: train one model per fold (each from `build()`: (model, config)); report mean/std validation accuracy
+    and keep the best fold's model."""
     runs = []
     for k, (train, val) in enumerate(kfold_splits(dataset.train, opts.folds, opts.seed), start=1):
-        model, config = build_for(dataset, opts)
+        model, config = build()
         result = fit(model, train, val, opts, (lambda r, k=k: on_epoch({**r, "fold": k})) if on_epoch else None)
         runs.append((result, config))
         if result.interrupted:

@@ -20,7 +20,7 @@ def test_train_on_cuda(tmp_path, runner):
     torch.load(tmp_path / "model.pt", weights_only=True)  # saved from GPU, loads anywhere
 
 
-@pytest.mark.parametrize("backend", ["eager", "fused", "torchscript"])
+@pytest.mark.parametrize("backend", ["eager", "fused", "torchscript", "pt2"])
 def test_torch_backends_match_cpu_on_cuda(exported_dir, backend):
     x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
     cpu = open_backend(backend, exported_dir, "cpu")(x)
@@ -32,7 +32,7 @@ def test_verify_runs_the_cuda_rows(exported_dir, runner, tmp_path):
     r = invoke(runner, "verify", "--artifacts", exported_dir, "--json-file", tmp_path / "r.json")
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     cuda = {row["backend"]: row for row in rows if row["device"] == "cuda"}
-    assert all(cuda[b]["status"] == "pass" for b in ("eager", "fused", "torchscript")), cuda
+    assert all(cuda[b]["status"] == "pass" for b in ("eager", "fused", "torchscript", "pt2")), cuda
     assert r.exit_code == 0, r.output
 
 

@@ -22,6 +22,7 @@ from torch import nn
 import fcexport
 from fcexport.checkpoint import load_model
 from fcexport.errors import FcxError
+from fcexport.results import Status
 from fcexport.spec import Normalization
 
 EXACT_BACKENDS = {"fused", "torchscript", "pt2", "onnxruntime", "openvino"}  # every backend on cpu but int8 and the reference
@@ -237,19 +238,20 @@ def test_live_module_from_python_with_bn_after_activation_and_residual(tmp_path)
     path = fcexport.import_model(model, (1, 8, 8), class_names=[f"c{i}" for i in range(10)], artifacts=tmp_path)
     assert path == tmp_path / "model.pt"
     result = fcexport.fuse(path, tmp_path / "model.fused.pt", verify=True)
-    assert result["verification"]["passed"]
-    folded = {f["layer"]: (f["into"], f["direction"]) for f in result["report"]["folded"]}
+    assert result.verification.passed and result.written
+    folded = {f.layer: (f.into, f.direction) for f in result.report.folded}
     assert folded["bn1"] == ("fc2 (Linear)", "into following") and folded["bn2"] == ("fc2 (Linear)", "into preceding")
-    assert result["report"]["left"] == []
+    assert result.report.left == ()
     fused, _ = load_model(tmp_path / "model.fused.pt")
     x = torch.rand(16, 1, 8, 8)
     own, folded_err = float64_error(model, fused, x)
     assert folded_err <= 1.5 * own + 1e-7
     exported = fcexport.export(path, tmp_path)
-    assert "BatchNormalization" not in onnx_ops(tmp_path / "model.onnx") and exported["folds"]
-    assert fcexport.verify(tmp_path, devices=("cpu",))["passed"]
+    assert "BatchNormalization" not in onnx_ops(tmp_path / "model.onnx") and exported.folds
+    report = fcexport.verify(tmp_path, devices=("cpu",))
+    assert report.passed and {r.status for r in report.rows} == {Status.PASS, Status.SKIPPED}
     rows = fcexport.bench(tmp_path, batch_sizes=(1,), backends=("onnxruntime",), max_seconds=0.05, warmup=1)
-    assert rows[0]["p50_ms"] > 0
+    assert rows[0].status is Status.OK and rows[0].p50_ms > 0
     image = save_png(tmp_path / "x.png", np.random.default_rng(1).integers(0, 255, (20, 20), dtype=np.uint8))
     assert next(iter(fcexport.predict([image], artifacts=tmp_path)))["label"].startswith("c")
     assert {"import_model", "fuse_batchnorm", "export", "verify", "predict", "bench"} <= set(dir(fcexport))
@@ -308,7 +310,7 @@ def test_an_lstm_classifier_gets_in_and_verifies(tmp_path):
 
     fcexport.import_model(LSTMHead(), (1, 8, 8), artifacts=tmp_path)
     fcexport.export(tmp_path / "model.pt", tmp_path, formats=("onnx",))
-    assert fcexport.verify(tmp_path, backends=("fused", "onnxruntime"), devices=("cpu",))["passed"]
+    assert fcexport.verify(tmp_path, backends=("fused", "onnxruntime"), devices=("cpu",)).passed
 
 
 def test_torchscript_and_pickled_models_are_refused_with_the_way_in(tmp_path, runner):
