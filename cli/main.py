@@ -78,6 +78,11 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _backends(text: str) -> list[str]:
+    """--backends: names, where `all` is every registered backend."""
+    return [b for name in _names(text) for b in (registry.backends() if name == "all" else [name])]
+
+
 def _emit_json(obj, json_out: bool, json_file: Optional[Path]) -> None:
     if json_file is not None:
         render.save_json(obj, json_file)
@@ -194,7 +199,7 @@ RtolOpt = Annotated[Optional[float], typer.Option(help="Relative tolerance per e
 NoiseOpt = Annotated[float, typer.Option("--noise-factor", help="Pass when the max error vs model.pt in float64 is at most this many times model.pt's own float32 error")]
 DataOpt = Annotated[Optional[str], typer.Option(help="Real test images to compare on: any --data of fcx train [default: the model's dataset, if on disk]")]
 ALL_BACKENDS = ",".join(registry.backends())
-BackendsOpt = Annotated[str, typer.Option(help=f"Comma-separated, from: {ALL_BACKENDS}")]
+BackendsOpt = Annotated[str, typer.Option(help=f"Comma-separated, from: {ALL_BACKENDS}; all = every one")]
 FORMATS_HELP = (f"Comma-separated, from: {', '.join(registry.exporters())}; all = {','.join(registry.default_exporters())}")
 
 
@@ -306,7 +311,7 @@ def sign(
 @handle_errors
 def verify(
     artifacts: ArtifactsOpt = Path("artifacts"),
-    backends: BackendsOpt = ALL_BACKENDS,
+    backends: BackendsOpt = "all",
     devices: Annotated[str, typer.Option(help="Comma-separated: cpu, cuda (cuda is skipped when absent)")] = "cpu,cuda",
     data: DataOpt = None,
     data_root: Annotated[Optional[str], typer.Option(help=DataRootHelp)] = None,
@@ -332,7 +337,7 @@ def verify(
     if signature is not None and public_key is None:
         raise FcxError("--signature needs --public-key: the key the signature is checked with")
     tolerance = Tolerance(noise_factor, atol, rtol, int8_agreement, int8_max_drop)
-    result = run(artifacts, _names(backends), _names(devices), data, data_root, tolerance, public_key, signature, expect_digest)
+    result = run(artifacts, _backends(backends), _names(devices), data, data_root, tolerance, public_key, signature, expect_digest)
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not json_out:
         render.verify_report(result, wide)
@@ -392,7 +397,7 @@ def predict(
 def bench(
     artifacts: ArtifactsOpt = Path("artifacts"),
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes")] = "1,64,1024",
-    backends: BackendsOpt = ALL_BACKENDS,
+    backends: BackendsOpt = "all",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     warmup: Annotated[int, typer.Option(help="Untimed calls first")] = 20,
     repeat: Annotated[int, typer.Option(help="Timed calls (at most; each batch size also stops after --seconds)")] = 200,
@@ -403,7 +408,7 @@ def bench(
     """Latency (p50/p90) and throughput per backend and batch size."""
     from fcexport.pipeline import bench as run
 
-    rows = run(artifacts, _int_list(batch_sizes, "--batch-sizes"), _names(backends), device, warmup, repeat, seconds)
+    rows = run(artifacts, _int_list(batch_sizes, "--batch-sizes"), _backends(backends), device, warmup, repeat, seconds)
     _emit_json(json_with_commands([r.to_json() for r in rows]), json_out, json_file)
     if not json_out:
         render.bench_table(rows)

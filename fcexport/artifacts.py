@@ -82,28 +82,32 @@ def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, cr
     return path
 
 
-def check_against_manifest(path: Path, manifest: dict | None, model_sha256: str | None) -> str | None:
-    """Why the artifact at `path` cannot be trusted, or None: not listed in the manifest, changed since it
-    was written, or made from another model.pt than the folder's current one."""
+def check_against_manifest(path: Path, manifest: dict | None, model_sha256: str | None, data: bytes | None = None) -> str | None:
+    """Why the artifact at `path` (or `data`, the bytes read from it) cannot be trusted, or None: not listed in the
+    manifest, changed since it was written, or made from another model.pt than the folder's current one."""
     if manifest is None:
         return f"{path.name}: no {MANIFEST} next to it, so where it came from cannot be checked"
-    return integrity_problem(path, manifest) or stale_problem(path, manifest, model_sha256)
+    return integrity_problem(path, manifest, data) or stale_problem(path, manifest, model_sha256)
 
 
-def integrity_problem(path: Path, manifest: dict) -> str | None:
-    """Why the bytes at `path` are not the ones the manifest lists (not listed, or changed), or None."""
+def integrity_problem(path: Path, manifest: dict, data: bytes | None = None) -> str | None:
+    """Why the bytes at `path` (or `data`, read from it) are not the ones the manifest lists, or None."""
     name = path.name
     entry = manifest["files"].get(name)
     if not isinstance(entry, dict):
         return f"{name} is not listed in {MANIFEST} (an interrupted export, or copied in from elsewhere)"
-    if not _matches_entry(path, entry):
+    if not _matches_entry(path, entry, data):
         return f"{name} changed after it was written (its sha256 differs from {MANIFEST})"
     return None
 
 
-def _matches_entry(path: Path, entry) -> bool:
-    """The file at `path` has the size and sha256 its manifest entry records."""
-    return isinstance(entry, dict) and entry.get("bytes") == path.stat().st_size and entry.get("sha256") == sha256_file(path)
+def _matches_entry(path: Path, entry, data: bytes | None = None) -> bool:
+    """The file at `path` (or the bytes read from it) has the size and sha256 its manifest entry records."""
+    if not isinstance(entry, dict):
+        return False
+    if data is not None:
+        return entry.get("bytes") == len(data) and entry.get("sha256") == hashlib.sha256(data).hexdigest()
+    return entry.get("bytes") == path.stat().st_size and entry.get("sha256") == sha256_file(path)
 
 
 def stale_problem(path: Path, manifest: dict, model_sha256: str | None) -> str | None:

@@ -25,7 +25,7 @@ import torch
 import fcexport
 from fcexport import program as programs
 from fcexport.errors import FcxError
-from fcexport.files import write_bytes_atomic
+from fcexport.files import stored_zip_records, write_bytes_atomic
 from fcexport.program import Program, Shapes
 from fcexport.spec import ModelSpec
 
@@ -69,10 +69,11 @@ def save_program(program: Program, spec: ModelSpec, path: str | Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_model(path: str | Path) -> StoredModel:
-    """Read model.pt once, hash those bytes, check and load them; every way it can be wrong is one FcxError."""
+def read_model(path: str | Path, data: bytes | None = None) -> StoredModel:
+    """Read model.pt once (or take the bytes the caller read and checked), hash those bytes, check and load them;
+    every way it can be wrong is one FcxError."""
     path = Path(path)
-    data = read_file(path)
+    data = read_file(path) if data is None else data
     where = str(path)
     checkpoint = _unpickle(data, path)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
@@ -111,24 +112,11 @@ def read_file(path: Path) -> bytes:
 
 
 def check_archive(data: bytes, path: Path) -> None:
-    """A torch.save zip whose records are stored as they are: a compressed record could inflate far beyond
-    the file's size before anything is checked, so it is refused before anything is read from it."""
-    try:
-        records = zipfile.ZipFile(io.BytesIO(data)).infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
-        raise FcxError(f"{path}: corrupt or truncated file (not a torch.save archive); copy or save it again") from exc
-    if len(records) > MAX_RECORDS:
-        raise FcxError(f"{path}: {len(records):,} records is more than a model file holds")
-    total = 0
-    for record in records:
-        if record.compress_type != zipfile.ZIP_STORED or record.file_size != record.compress_size:
-            raise FcxError(f"{path}: record '{record.filename[:80]}' is compressed; torch.save never compresses, "
-                           "so the file was not written by torch (or was altered): refused")
+    """A torch.save zip whose records are stored as they are (files.stored_zip_records), with a pickle of bounded
+    size, checked before anything is read from it."""
+    for record in stored_zip_records(data, path, MAX_RECORDS):
         if record.filename.endswith(".pkl") and record.file_size > MAX_PICKLE_BYTES:
             raise FcxError(f"{path}: its pickle is {record.file_size:,} bytes (at most {MAX_PICKLE_BYTES:,})")
-        total += record.file_size
-    if total > len(data):
-        raise FcxError(f"{path}: its records claim {total:,} bytes but the file has {len(data):,}")
 
 
 def is_torchscript(data: bytes) -> bool:

@@ -169,3 +169,40 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def stored_zip_records(data: bytes, path, max_records: int, deflated: bool = False) -> list:
+    """The records of the zip archive `data` (read from `path`), refused unless each is stored as it is (torch.save
+    never compresses; with `deflated`, zlib's deflate is allowed too: torch.jit.save deflates its code), names are
+    unique, and the declared sizes add up to no more than the file (with `deflated`, twice the file and 16 MiB): a
+    record could otherwise inflate far beyond the file's size before anything is checked. Read records with
+    `read_record`, which never unpacks more than a record declares."""
+    import io
+    import zipfile
+
+    try:
+        records = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise FcxError(f"{path}: corrupt or truncated file (not a torch zip archive); copy or save it again") from exc
+    if len(records) > max_records:
+        raise FcxError(f"{path}: {len(records):,} records is more than a model file holds")
+    for record in records:
+        plain = record.compress_type == zipfile.ZIP_STORED and record.file_size == record.compress_size
+        if not (plain or (deflated and record.compress_type == zipfile.ZIP_DEFLATED)):
+            raise FcxError(f"{path}: record '{record.filename[:80]}' is compressed in a way torch never writes, "
+                           "so the file was not written by torch (or was altered): refused")
+    if len({r.filename for r in records}) != len(records):
+        raise FcxError(f"{path}: two records have the same name (which one a reader takes is up to it): refused")
+    total, allowed = sum(r.file_size for r in records), (2 * len(data) + (16 << 20)) if deflated else len(data)
+    if total > allowed:
+        raise FcxError(f"{path}: its records claim {total:,} bytes but the file has {len(data):,}")
+    return records
+
+
+def read_record(archive, record, path) -> bytes:
+    """One record of a zipfile.ZipFile, never unpacking more than it declares (zlib inflates chunk by chunk)."""
+    with archive.open(record) as f:
+        body = f.read(record.file_size + 1)
+    if len(body) != record.file_size:
+        raise FcxError(f"{path}: record '{record.filename[:80]}' unpacks to more or less than it declares: refused")
+    return body

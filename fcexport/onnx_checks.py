@@ -36,6 +36,7 @@ Unsqueeze Where Xor
 """.split())
 MAX_ONNX_BYTES = 1 << 30
 MAX_ATTRIBUTE = 4096  # kernel sizes, pads, strides, dilations
+MAX_FIXED_BATCH = 1024  # a runtime sizes its buffers for a fixed batch when it compiles: bounded like the rest
 MAX_ONNX_ELEMENTS = MAX_TENSOR_BYTES // 4  # values of any one tensor at batch 1 (float32: a stored model's bound)
 MAX_ONNX_TOTAL = MAX_TOTAL_BYTES // 4  # values of one image together
 
@@ -73,6 +74,9 @@ def check_onnx_model(data: bytes, path: Path):
     fixed = [d.dim_value for d in dims[1:]]
     if len(dims) != 4 or not all(0 < v <= MAX_ATTRIBUTE for v in fixed):
         raise FcxError(f"{path}: the input must be (N, C, H, W) with fixed C, H, W of at most {MAX_ATTRIBUTE}")
+    if dims[0].HasField("dim_value") and not 0 < dims[0].dim_value <= MAX_FIXED_BATCH:
+        raise FcxError(f"{path}: the input's batch is fixed at {dims[0].dim_value:,} (fcexport writes a dynamic batch; "
+                       f"a fixed one may be at most {MAX_FIXED_BATCH:,}): refused")
     _check_inferred_sizes(model, path)
     return model
 

@@ -175,21 +175,23 @@ def fused_model(stored, source: Path | None = None):
 
 
 class _Model:
-    """One command's model.pt: read and hashed once, folded at most once (a model.fused.pt that the manifest
-    says was made from these bytes is read instead of folding again)."""
+    """One command's model.pt: read and hashed once, folded at most once. With `reuse_fused`, a model.fused.pt that
+    the manifest says was made from these bytes is read instead of folding again; verify never reuses it, since
+    model.fused.pt is one of the files it judges against a fresh fold."""
 
-    def __init__(self, path: Path, stored=None):
+    def __init__(self, path: Path, reuse_fused: bool = True):
         from fcexport.checkpoint import read_model
 
         self.path = Path(path)
-        self.stored = stored or read_model(self.path)
+        self.stored = read_model(self.path)
+        self.reuse_fused = reuse_fused
         self._fused = None
 
     @property
     def fused(self):
         """(program, spec, folds) of the fused model."""
         if self._fused is None:
-            self._fused = self._proved_fused() or self._fold()
+            self._fused = (self.reuse_fused and self._proved_fused()) or self._fold()
         return self._fused
 
     def _fold(self):
@@ -198,16 +200,16 @@ class _Model:
 
     def _proved_fused(self):
         """model.fused.pt beside model.pt, when the manifest lists it as made from this model.pt and it matches."""
-        from fcexport.checkpoint import read_model
+        from fcexport.checkpoint import read_file, read_model
 
         path = self.path.parent / names.FUSED
         manifest = names.read_manifest(self.path.parent) if path.is_file() else None
-        if manifest is None or names.check_against_manifest(path, manifest, self.stored.sha256):
+        if manifest is None or (manifest["files"].get(names.FUSED) or {}).get("source_sha256") != self.stored.sha256:
             return None
-        entry = manifest["files"].get(names.FUSED, {})
-        if entry.get("source_sha256") != self.stored.sha256:
+        data = read_file(path)  # read once: the bytes checked are the bytes loaded
+        if names.check_against_manifest(path, manifest, self.stored.sha256, data):
             return None
-        fused = read_model(path)
+        fused = read_model(path, data)
         return fused.program, fused.spec, thawed(fused.spec.provenance.folds)
 
     def program_for(self, spec):
@@ -215,8 +217,9 @@ class _Model:
         rebuild it (pt2) rather than unpickle it."""
         wanted = spec.provenance.source_sha256
         if wanted != self.stored.sha256:
-            raise FcxError(f"{self.path}: not the model.pt this artifact was exported from (it names sha256 "
-                           f"{str(wanted)[:12]}); export again", hint="export")
+            raise FcxError(f"{self.path} is not the model.pt it was exported from (it names sha256 {str(wanted)[:12]})", hint="export")
+        if differences := parity.spec_differences(self.stored.spec, spec):  # labels and input answer for model.pt too
+            raise FcxError(f"it says otherwise than {self.path} about the model: {'; '.join(differences)}", hint="export")
         return self.fused[0] if spec.provenance.fused else self.stored.program
 
 
@@ -348,7 +351,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     from fcexport.checkpoint import now_iso
     from fcexport.files import publish, staging_folder
 
-    formats = export_formats(formats or registry.default_exporters())
+    formats = export_formats(registry.default_exporters() if formats is None else formats)
     model_path, artifacts = Path(model_path), Path(artifacts)
     if sign_key is not None and (problem := names.key_problem(Path(sign_key), private=True)):
         raise FcxError(problem)  # before minutes of exporting
@@ -401,10 +404,10 @@ def sign(artifacts: Path, private_key: Path, signature: Path | None = None) -> d
 # ---- use ---------------------------------------------------------------------------------
 
 
-def open_backend(backend: str, artifacts: Path, device: str, model: _Model | None = None, admit=None) -> Predictor:
+def open_backend(backend: str, artifacts: Path, device: str, model: _Model | None = None, admit=None, vouch=None) -> Predictor:
     """A backend's files from a folder (fcexport.registry). Without model.fused.pt, `fused` is model.pt folded in
-    memory; `model` (this command's checked model.pt) saves reading it again and lets pt2 rebuild from it; `admit`
-    vets an exported file before it is loaded."""
+    memory; `model` (this command's checked model.pt) saves reading it again and lets pt2 rebuild from it; `vouch`
+    checks the bytes read against the manifest and `admit` vets them against a fresh export, before loading."""
     artifacts = Path(artifacts)
     model_path = artifacts / names.MODEL
     if model is None and model_path.is_file() and backend in ("fused", "pt2"):
@@ -414,31 +417,33 @@ def open_backend(backend: str, artifacts: Path, device: str, model: _Model | Non
         return program_predictor(program, "fused", device, Path("(fused in memory from model.pt)"), spec)
     if backend == "eager" and model is not None:
         return program_predictor(model.stored.program, "eager", device, model_path, model.stored.spec)
-    checks = Checks(admit, model.program_for if model is not None else None)
+    checks = Checks(admit, model.program_for if model is not None else None, vouch)
     return registry.open_backend(backend, artifacts, device, checks)
 
 
-def model_to_run(model: str | Path | None, artifacts: str | Path) -> tuple[Path, str | None]:
-    """The file predict runs (`model`, or the best in the folder) and a warning when it is stale. A file the
-    folder's manifest lists is loaded only when its bytes match it; one it does not list runs only when named
-    (`model`): then it is the user's own file."""
+def model_to_run(model: str | Path | None, artifacts: str | Path):
+    """(the file predict runs: `model`, or the best in the folder; a warning when it is stale; the check its bytes
+    must pass when they are read, or None). A file the folder's manifest lists is loaded only when the bytes read
+    match it; one it does not list runs only when named (`model`): then it is the user's own file."""
     from fcexport.files import sha256_file
 
     path = Path(model) if model is not None else names.find_default_model(Path(artifacts))
     folder = path.parent
     if path.name == names.MODEL or not path.is_file():
-        return path, None  # model.pt is data, checked as it is read; a missing file is the loader's error
+        return path, None, None  # model.pt is data, checked as it is read; a missing file is the loader's error
     manifest = names.read_manifest(folder)
     if manifest is None or path.name not in manifest["files"]:
         if model is None:
             raise FcxError(f"{path}: {names.MANIFEST} does not vouch for it, so it is not loaded unasked; name it as the "
                            "model to run it as it is", hint="export")
-        return path, None  # named by the user and not part of the exported set: their own file
-    problem = names.integrity_problem(path, manifest)
-    if problem:
-        raise FcxError(f"{folder}: {problem}; it was not loaded", hint="export")
+        return path, None, None  # named by the user and not part of the exported set: their own file
+
+    def vouch(read: Path, data: bytes) -> str | None:
+        return names.integrity_problem(read, manifest, data)
+
     model_path = folder / names.MODEL
-    return path, names.stale_problem(path, manifest, sha256_file(model_path)) if model_path.is_file() else None
+    stale = names.stale_problem(path, manifest, sha256_file(model_path)) if model_path.is_file() else None
+    return path, stale, vouch
 
 
 def open_for_predict(model: str | Path | None, artifacts: str | Path, device: str = "cpu",
@@ -447,12 +452,12 @@ def open_for_predict(model: str | Path | None, artifacts: str | Path, device: st
     the fastest that `fcx bench` measured on this machine for this file at `batch`, else the first registered."""
     from fcexport import speeds
 
-    path, warning = model_to_run(model, artifacts)
+    path, warning, vouch = model_to_run(model, artifacts)
     if runtime is None and batch is not None and path.is_file():
         runtime = speeds.fastest_runtime(path, batch, device)
     model_path = path.parent / names.MODEL
     source = _Model(model_path).program_for if registry.artifact_of(path) == "pt2" and model_path.is_file() else None
-    return registry.open_predictor(path, device, Checks(source=source), runtime), warning
+    return registry.open_predictor(path, device, Checks(source=source, vouch=vouch), runtime), warning
 
 
 @dataclass(frozen=True)
@@ -498,40 +503,39 @@ def verify(
     loading nothing if it fails; then model.pt in float64 on cpu is the reference and every backend x device is
     compared with it, after its files are checked against manifest.json and before their structure is compared
     with a fresh export."""
-    backends = tuple(backends or registry.backends())
+    backends = tuple(registry.backends()) if backends is None else tuple(backends)
     check_choices("backends", backends, tuple(registry.backends()))
     check_choices("devices", devices, DEVICES)
     artifacts = Path(artifacts)
     trust = tuple(trust_checks(artifacts, public_key, signature, expect_digest))
     if any(check.status is Status.FAIL for check in trust):
         return VerifyReport(trust, None)  # nothing in the folder is loaded
-    model = _Model(artifacts / names.MODEL)
+    model = _Model(artifacts / names.MODEL, reuse_fused=False)
     stored = model.stored
     exported = {f for name, files in registry.artifacts().items() if name != "model" for f in files if (artifacts / f).is_file()}
     if not exported:
         raise FcxError(f"{artifacts}: nothing to verify: the folder holds model.pt but no fused or exported model", hint="export")
     manifest = names.read_manifest(artifacts)
     expected = _FreshExports(model)
+
+    def vouch(path: Path, data: bytes) -> str | None:
+        """A file that is not what was exported, or was made from another model.pt, is never loaded, let alone run."""
+        return names.check_against_manifest(path, manifest, stored.sha256, data)
+
     candidates, problems = [], []
     for device in devices:
         for backend in backends:
             if (backend, device) == ("eager", "cpu"):
                 continue  # that is the reference itself (in float32: its error is the yardstick)
-            paths = [artifacts / f for f in names.backend_files(backend)] if backend != "eager" else []
-            integrity = next(filter(None, (names.check_against_manifest(p, manifest, stored.sha256) for p in paths if p.is_file())), None)
-            if integrity:  # a file that is not what was exported is never loaded, let alone run
-                candidates.append(parity.Skipped(backend, device, f"not loaded: {integrity}"))
-                problems.append([f"{integrity}: not loaded"])
-                continue
             try:  # a file that differs from a fresh export is refused before it is loaded (TorchScript is code)
-                candidate = open_backend(backend, artifacts, device, model, admit=expected.admit)
+                candidate = open_backend(backend, artifacts, device, model, admit=expected.admit, vouch=vouch)
             except DeviceUnavailable as exc:
                 hint = None if exc.hint == "cpu" else exc.hint  # verify chooses devices with its own option
                 candidates.append(parity.Skipped(backend, device, str(exc), hint))
                 problems.append([])
                 continue
             except Refused as exc:
-                candidates.append(parity.Skipped(backend, device, "not loaded: it differs from model.pt"))
+                candidates.append(parity.Skipped(backend, device, f"not loaded: {exc.summary}"))
                 problems.append(exc.problems)
                 continue
             candidates.append(candidate)  # admitted, or made in memory from the checked model.pt
@@ -632,7 +636,7 @@ def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backen
     from fcexport import speeds
     from fcexport.timing import measure
 
-    backends = tuple(backends or registry.backends())
+    backends = tuple(registry.backends()) if backends is None else tuple(backends)
     check_choices("backends", backends, tuple(registry.backends()))
     if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BENCH_BATCH:
         raise FcxError(f"batch sizes must be integers from 1 to {MAX_BENCH_BATCH}, got {list(batch_sizes)}")

@@ -15,6 +15,8 @@ from pathlib import Path
 from fcexport.files import sha256_file, write_json_atomic
 
 MAX_ENTRIES = 2000  # oldest dropped first: the file stays small whatever is benchmarked
+MAX_CACHE_BYTES = 2 << 20  # what MAX_ENTRIES take, with room: a larger file is not fcx's and is ignored
+FIELDS = {"sha256": str, "machine": str, "device": str, "backend": str, "batch_size": int, "throughput": float}
 
 
 def cache_file() -> Path:
@@ -27,11 +29,29 @@ def _machine() -> str:
 
 
 def _load() -> list[dict]:
+    """The entries of a well-formed cache; anything else (missing, damaged, oversized, not a regular file, entries
+    of the wrong types) counts as nothing known: predict then takes the default runtime."""
+    import math
+    import stat
+
+    path = cache_file()
     try:
-        entries = json.loads(cache_file().read_text())
-    except (OSError, ValueError):
-        return []  # no cache yet, or a damaged one: nothing is known, nothing is chosen from it
-    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CACHE_BYTES:
+            return []
+        with open(path, "rb") as f:
+            entries = json.loads(f.read(MAX_CACHE_BYTES + 1))
+    except (OSError, ValueError, RecursionError):
+        return []
+    if not isinstance(entries, list):
+        return []
+
+    def valid(entry) -> bool:
+        return (isinstance(entry, dict) and all(type(entry.get(k)) is t or (t is float and type(entry.get(k)) is int)
+                                                for k, t in FIELDS.items())
+                and math.isfinite(entry["throughput"]) and entry["throughput"] > 0 and entry["batch_size"] > 0)
+
+    return [e for e in entries if valid(e)]
 
 
 def record(measured: list) -> None:
@@ -55,16 +75,17 @@ def record(measured: list) -> None:
 
 
 def fastest_runtime(path: Path, batch: int, device: str) -> str | None:
-    """The runtime with the best throughput measured for this file at the batch size nearest `batch`, or None."""
+    """The runtime with the best throughput measured for this file at the batch size nearest `batch`, among those
+    that run this kind of file; None when nothing is known."""
     from fcexport import registry
 
     entries = _load()
     if not entries:
         return None
-    digest = sha256_file(path)
-    mine = [e for e in entries if e.get("sha256") == digest and e.get("machine") == _machine() and e.get("device") == device
-            and e.get("backend") in registry.backends() and isinstance(e.get("batch_size"), int)
-            and isinstance(e.get("throughput"), (int, float))]
+    digest, artifact = sha256_file(path), registry.artifact_of(Path(path))
+    able = {name for name, b in registry.backends().items() if b.artifact == artifact}
+    mine = [e for e in entries if e["sha256"] == digest and e["machine"] == _machine() and e["device"] == device
+            and e["backend"] in able]
     if not mine:
         return None
     nearest = min({e["batch_size"] for e in mine}, key=lambda b: (abs(b - batch), b))

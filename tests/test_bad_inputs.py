@@ -115,7 +115,7 @@ CASES = [
     ("predict: 1x1 image", lambda a, s: ["predict", save_png(s / "dot.png", np.zeros((1, 1), np.uint8)), "--artifacts", a], "dot.png: 1x1 pixels is too small"),
     ("predict: 10000x10000 image", lambda a, s: ["predict", huge_png(s), "--artifacts", a], "huge.png: 10000x10000 pixels is too large"),
     ("predict: truncated onnx in its folder", lambda a, s: ["predict", a / "samples", "--model", truncate(a / "model.onnx")],
-     "model.onnx changed after it was written (its sha256 differs from manifest.json); it was not loaded"),
+     "not loaded: model.onnx changed after it was written (its sha256 differs from manifest.json); run `fcx export`"),
     ("predict: truncated onnx of one's own", lambda a, s: ["predict", a / "samples", "--model", truncate(copy(a / "model.onnx", s))],
      "model.onnx: not a valid ONNX model"),
     ("predict: onnx from elsewhere", lambda a, s: ["predict", a / "samples", "--model", foreign_onnx(s)], "foreign.onnx: ONNX model lacks fcexport metadata"),

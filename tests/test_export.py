@@ -297,3 +297,18 @@ def test_a_program_too_long_for_torchscript_is_skipped_with_the_reason(artifacts
     result = json.loads(r.stdout)
     assert "TorchScript export is limited to 3" in result["skipped"]["torchscript"]
     assert not (artifacts_copy / "model.ts").exists() and (artifacts_copy / "model.onnx").is_file()
+
+
+def test_export_reuses_the_model_fused_pt_that_fuse_bn_proved(artifacts_copy, runner, monkeypatch):
+    """fuse-bn --verify wrote model.fused.pt from this model.pt (the manifest says so): export takes it as it is."""
+    import fcexport.folding as folding
+
+    def must_not_fold(*args, **kwargs):
+        raise AssertionError("export folded again although model.fused.pt was made from this model.pt")
+
+    monkeypatch.setattr(folding, "fuse_program", must_not_fold)
+    r = invoke(runner, "export", "--artifacts", artifacts_copy, "--format", "onnx", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["folds"]  # the folds recorded in model.fused.pt
+    (artifacts_copy / "model.fused.pt").unlink()  # without it, export folds (and here, fails loudly)
+    assert invoke(runner, "export", "--artifacts", artifacts_copy, "--format", "onnx").exit_code == 3

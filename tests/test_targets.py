@@ -207,3 +207,82 @@ def test_a_damaged_speed_record_is_ignored(exported_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path))
     (tmp_path / "speeds.json").write_text("{not json")
     assert speeds.fastest_runtime(exported_dir / "model.onnx", 1, "cpu") is None
+
+
+# ---- hostile files for the new targets (found by an adversary run; each was a BAD before) ----------------------------
+
+
+def _rewrite_archive(path, change) -> None:
+    """Rewrite a zip archive record by record: change(info, data) -> [(ZipInfo, data, compress_type), ...]."""
+    source = zipfile.ZipFile(io.BytesIO(path.read_bytes()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            for new_info, data, compression in change(info, source.read(info)):
+                target.writestr(new_info, data, compress_type=compression)
+    path.write_bytes(out.getvalue())
+
+
+@pytest.mark.parametrize("case", ["compressed record", "record outside the top folder", "class names changed"])
+def test_a_hostile_pt2_is_refused_in_predict(artifacts_copy, image_dir_pt2, runner, case):
+    path = artifacts_copy / "model.pt2"
+
+    def change(info, data):
+        if case == "compressed record" and info.filename.endswith("weights/weight_0"):
+            return [(info, data, zipfile.ZIP_BZIP2)]
+        if case == "record outside the top folder" and info.filename.endswith("weights/weight_0"):
+            shadow = zipfile.ZipInfo("zzz/" + info.filename.split("/", 1)[1])
+            return [(info, bytes(len(data)), zipfile.ZIP_STORED), (shadow, data, zipfile.ZIP_STORED)]
+        if case == "class names changed" and info.filename.endswith("extra/metadata.json"):
+            spec = json.loads(data)
+            spec["class_names"] = [f"evil{i}" for i in range(len(spec["class_names"]))]
+            return [(info, json.dumps(spec).encode(), zipfile.ZIP_STORED)]
+        return [(info, data, zipfile.ZIP_STORED)]
+
+    _rewrite_archive(path, change)
+    _refresh_manifest(artifacts_copy, "model.pt2")
+    r = invoke(runner, "predict", image_dir_pt2, "--model", path, "--json")
+    expected = {"compressed record": "is compressed", "record outside the top folder": "outside one top folder",
+                "class names changed": "model.pt2: it says otherwise than"}[case]
+    assert r.exit_code == 2 and expected in r.stderr and "evil" not in r.stdout, r.output
+
+
+def test_an_onnx_with_a_huge_fixed_batch_is_refused_before_any_runtime_sizes_it(artifacts_copy, image_dir_pt2, runner):
+    import onnx
+
+    model = onnx.load(str(artifacts_copy / "model.onnx"))
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    batch.Clear()
+    batch.dim_value = 20_000_000
+    (artifacts_copy / "model.onnx").write_bytes(model.SerializeToString())
+    _refresh_manifest(artifacts_copy, "model.onnx")
+    for runtime in ("openvino", "onnxruntime"):
+        r = invoke(runner, "predict", image_dir_pt2, "--artifacts", artifacts_copy, "--runtime", runtime)
+        assert r.exit_code == 2 and "batch is fixed at 20,000,000" in r.stderr, r.output
+
+
+@pytest.mark.parametrize("content", ['[{"backend": ["x"], "sha256": [1]}]', "[" * 100_000 + "]" * 100_000, "fifo",
+                                     " " * (3 << 20), "wrong runtime"])
+def test_a_damaged_or_hostile_speed_cache_never_decides(exported_dir, image_dir_pt2, runner, tmp_path, monkeypatch, content):
+    import os
+
+    from fcexport.files import sha256_file
+
+    monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path))
+    cache = tmp_path / "speeds.json"
+    if content == "fifo":
+        os.mkfifo(cache)  # a reader that opened it would wait for ever
+    elif content == "wrong runtime":  # a record naming a backend that does not run model.onnx
+        cache.write_text(json.dumps([{"sha256": sha256_file(exported_dir / "model.onnx"), "machine": speeds._machine(),
+                                      "device": "cpu", "backend": "torchscript", "batch_size": 1, "throughput": 1e9}]))
+    else:
+        cache.write_text(content)
+    r = invoke(runner, "predict", image_dir_pt2, "--artifacts", exported_dir)
+    assert r.exit_code == 0 and "(onnxruntime" in r.stdout, r.output
+
+
+def test_empty_choices_are_usage_errors(exported_dir, runner):
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", ",")
+    assert r.exit_code == 2 and "--backends" in r.stderr or "backends takes" in r.stderr, r.output
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", "all", "--devices", "cpu", "--json")
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["rows"]) == len(registry.backends()) - 1  # all but the reference

@@ -289,3 +289,23 @@ def test_a_model_onnx_of_another_model_is_a_clear_failure(artifacts_copy, tmp_pa
     record_in_manifest(artifacts_copy, {"model.onnx": source}, {}, "swapped")
     r, row = verify_json(runner, artifacts_copy, tmp_path)
     assert r.exit_code == 1 and "its input_shape differs from model.pt's" in row["problems"], r.output
+
+
+def test_verify_reads_each_artifact_once_and_checks_the_bytes_it_loads(exported_dir, monkeypatch):
+    """No window between checking a file and loading it: the manifest check hashes the very bytes the runtime
+    loads, and no file is read twice (model.pt once for the whole command)."""
+    from collections import Counter
+
+    import fcexport.artifacts as artifacts
+    import fcexport.checkpoint as checkpoint
+    import fcexport.targets as targets
+    from fcexport.pipeline import verify
+
+    reads, hashed = Counter(), []
+    real_read, real_file = targets.read_bytes, checkpoint.read_file
+    monkeypatch.setattr(targets, "read_bytes", lambda path, *limit: reads.update([Path(path).name]) or real_read(path, *limit))
+    monkeypatch.setattr(checkpoint, "read_file", lambda path: reads.update([Path(path).name]) or real_file(path))
+    monkeypatch.setattr(artifacts, "sha256_file", lambda path: hashed.append(Path(path).name))
+    report = verify(exported_dir, backends=("fused", "torchscript", "pt2", "onnxruntime", "openvino"), devices=("cpu",))
+    assert report.passed and not hashed
+    assert reads == {"model.pt": 1, "model.fused.pt": 1, "model.ts": 1, "model.pt2": 1, "model.onnx": 2}  # two runtimes

@@ -29,6 +29,7 @@ from fcexport.spec import ModelSpec
 
 DEVICES = ("cpu", "cuda")
 METADATA_FILE = "metadata.json"  # the archive record (TorchScript extra file, pt2 extra file) holding the spec
+MAX_ARTIFACT_BYTES = 4 << 30  # the largest exported file read (model.pt's own limit): a 60M-parameter model is ~240 MB
 
 
 class DeviceUnavailable(FcxError):
@@ -39,26 +40,39 @@ class DeviceUnavailable(FcxError):
 
 
 class Refused(FcxError):
-    """An artifact that `admit` turned away before it was loaded, with the reasons (fcx verify's structure check)."""
+    """An artifact turned away before it was loaded (its bytes are not what the manifest lists, or `admit` found it
+    differs from a fresh export), with the reasons; `summary` says which in a few words."""
 
-    def __init__(self, path: Path, problems: list[str]):
-        super().__init__(f"{path}: not loaded: {'; '.join(problems)}")
-        self.problems = problems
+    def __init__(self, path: Path, problems: list[str], summary: str | None = None, hint: str | None = None):
+        super().__init__(f"{path}: not loaded: {summary or '; '.join(problems)}", hint=hint)
+        self.problems, self.summary = problems, summary or "it differs from model.pt"
 
 
 # admit(backend, spec, fingerprint) -> problems: a check on an artifact's bytes that runs before it is loaded
 Admit = Callable[[str, ModelSpec, dict], list]
 # source(spec) -> the checked program an artifact says it was exported from (for runtimes that rebuild from it)
 Source = Callable[[ModelSpec], object]
+# vouch(path, data) -> why these bytes are not the ones the folder's manifest lists, or None
+Vouch = Callable[[Path, bytes], "str | None"]
 
 
 @dataclass(frozen=True)
 class Checks:
-    """What the caller lets a runtime lean on: `admit` vets an artifact before it is loaded; `source` gives the
-    checked program the artifact was exported from, for runtimes that rebuild rather than unpickle (pt2)."""
+    """What the caller lets a runtime lean on. A runtime reads each file with `read` (once: the bytes it hashes are
+    the bytes it loads, checked by `vouch` against the manifest), lets `vet` see its spec and fingerprint before
+    loading (`admit`: fcx verify's comparison with a fresh export), and asks `source` for the checked program it
+    was exported from when it rebuilds rather than unpickles (pt2)."""
 
     admit: Admit | None = None
     source: Source | None = None
+    vouch: Vouch | None = None
+
+    def read(self, path: Path, limit: int = MAX_ARTIFACT_BYTES) -> bytes:
+        data = read_bytes(path, limit)
+        problem = self.vouch(Path(path), data) if self.vouch else None
+        if problem:
+            raise Refused(path, [f"{problem}: not loaded"], problem, hint="export")
+        return data
 
     def vet(self, path: Path, backend: str, spec: ModelSpec, fingerprint: dict) -> None:
         problems = self.admit(backend, spec, fingerprint) if self.admit else []
@@ -137,11 +151,23 @@ class Runtime:
 # ---- helpers the plugins share ------------------------------------------------------------
 
 
-def read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path, limit: int = MAX_ARTIFACT_BYTES) -> bytes:
+    """The whole file, refused before reading when it is larger than `limit` or not a regular file."""
+    import stat
+
     try:
-        return Path(path).read_bytes()
+        info = Path(path).stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise FcxError(f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise FcxError(f"{path}: {info.st_size:,} bytes is larger than fcexport reads ({limit:,})")
+        with open(path, "rb") as f:
+            data = f.read(info.st_size + 1)  # one more, to see growth since stat (read(n) reserves n bytes)
     except OSError as exc:
         raise FcxError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if len(data) != info.st_size:
+        raise FcxError(f"{path}: changed while it was read (is something writing it?); try again")
+    return data
 
 
 def torch_device(device: str):
@@ -180,25 +206,27 @@ def archive_fingerprint(data: bytes, path: Path | str, metadata: str, ignored=la
     of one program match and any other change does not."""
     import zipfile
 
+    from fcexport.files import read_record, stored_zip_records
+
+    records = stored_zip_records(data, path, MAX_ARCHIVE_RECORDS, deflated=True)
+    folders = {r.filename.split("/", 1)[0] for r in records}
+    if len(folders) > 1 or any("/" not in r.filename for r in records):
+        raise FcxError(f"{path}: records outside one top folder ({', '.join(sorted(folders))[:100]}): not a torch archive", hint="export")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-        records = archive.infolist()
-        unpacked = sum(r.file_size for r in records)  # zipfile reads no more than each record declares
-        if len(records) > MAX_ARCHIVE_RECORDS or unpacked > 2 * len(data) + (16 << 20):
-            raise ValueError(f"{len(records):,} records unpacking to {unpacked:,} bytes")
         items, spec = {}, None
         for record in records:
             name = TORCH_MANGLE.sub(b"___torch_mangle_N", record.filename.split("/", 1)[-1].encode()).decode()
             if ignored(name):
                 continue
-            body = archive.read(record)
+            body = read_record(archive, record, path)
             if name == metadata:
                 spec = ModelSpec.from_dict(json.loads(body.decode("utf-8")), str(path))
                 continue
             items[f"record '{name}'"] = hashlib.sha256(TORCH_MANGLE.sub(b"___torch_mangle_N", body)).hexdigest()
     except FcxError:
         raise
-    except Exception as exc:  # BadZipFile, JSON, UTF-8, the checks above
+    except Exception as exc:  # BadZipFile, JSON, UTF-8
         raise FcxError(f"{path}: not a valid fcexport archive ({type(exc).__name__}: {str(exc)[:100]})", hint="export") from exc
     if spec is None:
         raise FcxError(f"{path}: not a valid fcexport archive (no fcexport metadata)", hint="export")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from fcexport.errors import FcxError
-from fcexport.onnx_checks import check_onnx_model, onnx_fingerprint, read_onnx_spec
-from fcexport.targets import Checks, DeviceUnavailable, Predictor, Runtime, read_bytes
+from fcexport.onnx_checks import MAX_ONNX_BYTES, check_onnx_model, onnx_fingerprint, read_onnx_spec
+from fcexport.targets import Checks, DeviceUnavailable, Predictor, Runtime
 
 
 def session_options(threads: int | None = None):
@@ -45,7 +45,7 @@ def open_onnx(files: tuple[Path, ...], device: str, checks: Checks, backend: str
     import onnxruntime as ort
 
     path = files[0]
-    data = read_bytes(path)
+    data = checks.read(path, MAX_ONNX_BYTES)
     model = check_onnx_model(data, path)
     spec = read_onnx_spec({p.key: p.value for p in model.metadata_props}, path)
     checks.vet(path, backend, spec, onnx_fingerprint(model))

@@ -38,7 +38,7 @@ def open_checkpoint(files: tuple[Path, ...], device: str, checks: Checks, backen
     from fcexport.program import fingerprint
 
     path = files[0]
-    stored = read_model(path)
+    stored = read_model(path, checks.read(path))
     if backend == "eager" and stored.spec.provenance.fused:
         backend = "fused"  # a fused model under another name
     checks.vet(path, backend, stored.spec, fingerprint(stored.program))

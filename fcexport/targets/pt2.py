@@ -67,17 +67,19 @@ def open_pt2(files: tuple[Path, ...], device: str, checks: Checks, backend: str)
     only when its archive equals the file's."""
     import torch
 
-    from fcexport.targets import read_bytes
-
     path = files[0]
     dev = torch_device(device)
-    data = read_bytes(path)
+    data = checks.read(path)
     spec, found = pt2_fingerprint(data, path)
     checks.vet(path, backend, spec, found)
     if checks.source is None:
         raise FcxError(f"{path}: fcx runs model.pt2 by rebuilding it from the model.pt it was exported from "
                        "(torch.export.load unpickles): keep it in its exported folder")
-    exported = exported_program(checks.source(spec), spec)
+    try:
+        program = checks.source(spec)
+    except FcxError as exc:
+        raise FcxError(f"{path}: {exc}", hint=exc.hint) from exc
+    exported = exported_program(program, spec)
     _, rebuilt = pt2_fingerprint(pt2_bytes(exported, spec), path)
     if rebuilt != found:
         changed = sorted(k for k in {*found, *rebuilt} if found.get(k) != rebuilt.get(k))

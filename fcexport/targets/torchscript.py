@@ -19,7 +19,7 @@ from pathlib import Path
 from fcexport.errors import FcxError
 from fcexport.spec import ModelSpec
 from fcexport.targets import (METADATA_FILE, Checks, Exporter, ExportSettings, Predictor, Runtime, archive_fingerprint,
-                              module_predictor, read_bytes, torch_device)
+                              module_predictor, torch_device)
 
 log = logging.getLogger(__name__)
 FILE = "model.ts"
@@ -98,7 +98,7 @@ def open_torchscript(files: tuple[Path, ...], device: str, checks: Checks, backe
 
     path = files[0]
     dev = torch_device(device)
-    data = read_bytes(path)
+    data = checks.read(path)
     spec, found = torchscript_fingerprint(data, path)
     checks.vet(path, backend, spec, found)
     try:
