@@ -414,6 +414,27 @@ def bench(
         render.bench_table(rows)
 
 
+@app.command(epilog=examples(
+    "fcx inspect                 # every model file in artifacts/",
+    "fcx inspect artifacts/model.onnx --json",
+))
+@handle_errors
+def inspect(
+    path: Annotated[Path, typer.Argument(metavar="FILE|FOLDER", help="A model file or a folder [default: artifacts]")] = Path("artifacts"),
+    json_out: JsonFlag = False,
+    json_file: JsonFileOpt = None,
+) -> None:
+    """Show what a model file holds, without running it: spec, inputs/outputs, opsets, sizes, folds, provenance.
+
+    Each file is checked as fcx reads it (bounds, zip records) and against the folder's manifest."""
+    from fcexport.pipeline import inspect as run
+
+    result = run(path)
+    _emit_json(result.to_json(), json_out, json_file)
+    if not json_out:
+        render.inspection(result)
+
+
 def main() -> None:
     app()
 

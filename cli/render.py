@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 
 from rich import box
 from rich.console import Console
@@ -178,8 +179,8 @@ def comparison_table(title: str, report, wide: bool = False) -> None:
     out.print(f"pass: {report.criterion}; model.pt's own float32 error {report.own_float32_error:.1e}"
               + (f"; reference accuracy {ref:.2%}" if ref is not None else ""), highlight=False)
     if any(r.value("criterion") == "agreement" for r in report.rows):
-        out.print(f"int8 passes on top-1 agreement >= {report.tolerance.min_agreement:.1%} and accuracy drop "
-                  f"<= {report.tolerance.max_accuracy_drop * 100:g} pt; its float errors are shown, not judged", highlight=False)
+        out.print(f"approximate backends (int8, bf16) pass on top-1 agreement >= {report.tolerance.min_agreement:.1%} and "
+                  f"accuracy drop <= {report.tolerance.max_accuracy_drop * 100:g} pt; their float errors are shown, not judged", highlight=False)
 
 
 def import_summary(path) -> None:
@@ -276,6 +277,38 @@ def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file
     if saved is not None:
         save_json(saved, json_file)
     return errors
+
+
+def inspection(result) -> None:
+    """An Inspection: one block per file, then the manifest digest and the signature."""
+    for report in result.files:
+        items = {"format": report.artifact or "-", "size": f"{report.size:,} bytes", "manifest": report.manifest}
+        spec = report.spec
+        if spec is not None:
+            names = ", ".join(spec.class_names[:6]) + (f", ... ({len(spec.class_names)} in all)" if len(spec.class_names) > 6 else "")
+            norm = spec.normalization
+            made = spec.provenance
+            items |= {
+                "input": f"float32 (N, {', '.join(map(str, spec.input_shape))}) in [0, 1]",
+                "classes": names,
+                "normalisation": f"mean {', '.join(f'{v:.4g}' for v in norm.mean)}, std {', '.join(f'{v:.4g}' for v in norm.std)} (inside the model)" if norm else "none",
+                "preparation": spec.preprocess.mode + (f" (object fill {spec.preprocess.object_fill:.2f})" if spec.preprocess.mode == "object" else ""),
+                "architecture": spec.architecture.kind,
+                "fused": f"yes, {len(made.folds)} folds" + (f", {len(made.left)} left" if made.left else "") if made.fused else "no",
+            }
+            if made.source:
+                items["made from"] = f"{made.source} (sha256 {str(made.source_sha256)[:12]})" + (f", opset {made.opset}" if made.opset else "")
+            if made.versions:
+                items["versions"] = ", ".join(f"{k} {v}" for k, v in made.versions.items())
+        for key, value in report.details.items():
+            items[key] = ", ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in value.items()) if isinstance(value, Mapping) else f"{value:,}" if isinstance(value, int) else str(value)
+        if report.problem:
+            items["problem"] = report.problem
+        table(report.file, ["", "value"], [[k, v] for k, v in items.items()], text=(0, 1))
+    if result.manifest_sha256:
+        manifest_digest(result.manifest_sha256)
+    if result.signature:
+        out.print(Text(f"signed: {shown(result.signature)} (check it with fcx verify --public-key KEY)"))
 
 
 def bench_table(rows) -> None:

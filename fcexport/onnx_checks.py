@@ -195,6 +195,23 @@ def onnx_fingerprint(model) -> dict[str, str]:
     return items
 
 
+def describe_onnx(data: bytes, path: Path) -> tuple[ModelSpec, dict]:
+    """(spec, details) of an ONNX file, checked and parsed but not run: inputs, outputs, opsets, size of its weights."""
+    model = check_onnx_model(data, path)
+
+    def shape(value) -> list:
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value.type.tensor_type.shape.dim]
+
+    weights = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    details = {"inputs": {v.name: shape(v) for v in model.graph.input}, "outputs": {v.name: shape(v) for v in model.graph.output},
+               "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import}, "nodes": len(model.graph.node),
+               "weights": weights, "producer": f"{model.producer_name} {model.producer_version}".strip()}
+    props = {p.key: p.value for p in model.metadata_props}
+    if QUANTIZATION_KEY in props:
+        details["quantization"] = json.loads(props[QUANTIZATION_KEY])
+    return read_onnx_spec(props, path), details
+
+
 def read_onnx_spec(props: dict, path: Path) -> ModelSpec:
     """The spec from ONNX metadata_props, where each field is one JSON-valued entry; other tools'
     plain-text entries (the quantizer's `onnx.infer`) are skipped."""

@@ -17,7 +17,7 @@ from fcexport import artifacts as names
 from fcexport import parity, registry
 from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError, check_choices
-from fcexport.results import BenchRow, ExportResult, FuseResult, Status, TrustCheck, VerifyReport
+from fcexport.results import BenchRow, ExportResult, FileReport, FuseResult, Inspection, Status, TrustCheck, VerifyReport
 from fcexport.spec import thawed
 from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings, Predictor, Refused
 from fcexport.targets.program import program_predictor
@@ -486,6 +486,61 @@ def predict(images: list[str | Path], model: str | Path | None = None, artifacts
     predictor, warning = open_for_predict(model, artifacts, device, runtime, batch)
     rows = predict_files(predictor, files if files is not None else images, top_k, invert, save_prepared=save_prepared)
     return Predictions(rows, predictor, warning)
+
+
+def inspect(target: str | Path = "artifacts") -> Inspection:
+    """`fcx inspect`: what a model file (or every model file of a folder) holds, read and checked but never run:
+    spec, format details (inputs, outputs, opsets, weights, records), provenance, and the manifest's word on it."""
+    from fcexport.files import sha256_file
+
+    target = Path(target)
+    if not target.exists():
+        raise FcxError(f"{target}: no such file or folder", hint="train-or-import")
+    folder = target if target.is_dir() else target.parent
+    found = names.read_manifest_bytes(folder)
+    manifest, digest = found if found else (None, None)
+    if target.is_dir():
+        paths = [folder / f for files in registry.artifacts().values() for f in files if (folder / f).is_file()]
+        if not paths:
+            raise FcxError(f"{folder}: holds no model file ({', '.join(f for fs in registry.artifacts().values() for f in fs)})",
+                           hint="train-or-import")
+    else:
+        paths = [target]
+    model_sha256 = sha256_file(folder / names.MODEL) if (folder / names.MODEL).is_file() else None
+    signature = folder / names.SIGNATURE
+    files = tuple(_inspect_file(p, manifest, model_sha256) for p in dict.fromkeys(paths))
+    if target.is_file() and files[0].problem:
+        raise FcxError(files[0].problem)  # the one file asked about cannot be read: an error, not a row
+    return Inspection(str(folder), files, digest, str(signature) if signature.is_file() else None)
+
+
+def _inspect_file(path: Path, manifest: dict | None, model_sha256: str | None) -> FileReport:
+    from fcexport.checkpoint import read_model
+    from fcexport.targets import read_bytes
+
+    size = path.stat().st_size
+    try:
+        artifact = registry.artifact_of(path)
+        data = read_bytes(path)
+    except FcxError as exc:
+        return FileReport(str(path), None, size, "not read", problem=str(exc))
+    if manifest is None:
+        state = f"no {names.MANIFEST} here"
+    elif path.name == names.MODEL:
+        state = names.integrity_problem(path, manifest, data) or f"matches {names.MANIFEST}"
+    else:
+        state = names.check_against_manifest(path, manifest, model_sha256, data) or "matches, made from this model.pt"
+    try:
+        if artifact in registry.STORED_ARTIFACTS:
+            stored = read_model(path, data)
+            spec = stored.spec
+            details = {"parameters": stored.program.parameter_count(), "nodes": len(stored.program.nodes),
+                       "multiply-accumulates per image": stored.shapes.macs}
+        else:
+            spec, details = registry.exporters()[artifact].describe(data, path)
+    except FcxError as exc:
+        return FileReport(str(path), artifact, size, state, problem=str(exc))
+    return FileReport(str(path), artifact, size, state, spec, details)
 
 
 def verify(

@@ -1,6 +1,7 @@
 """Every exporter and runtime fcx knows, and the backends they make: one runtime on one artifact's files.
 
-A new target is one module (in fcexport/targets) declaring EXPORTER and/or RUNTIME, and its name in PLUGINS.
+A new target is one module (in fcexport/targets) declaring EXPORTER and/or RUNTIME (or RUNTIMES, several variants of
+one runtime), and its name in PLUGINS.
 Everything else (export's formats, verify's and bench's backends, predict's choices, the CLI's help) is
 built from here.
 """
@@ -50,7 +51,8 @@ def exporters() -> dict[str, Exporter]:
 
 @functools.cache
 def runtimes() -> dict[str, Runtime]:
-    return {p.RUNTIME.name: p.RUNTIME for p in _plugins() if hasattr(p, "RUNTIME")}
+    declared = [r for p in _plugins() for r in ((p.RUNTIME,) if hasattr(p, "RUNTIME") else ()) + tuple(getattr(p, "RUNTIMES", ()))]
+    return {r.name: r for r in declared}
 
 
 @functools.cache
@@ -68,8 +70,8 @@ def backends() -> dict[str, Backend]:
             exporter = exporters().get(artifact)
             made_by = STORED_MADE_BY.get(artifact) or ("export" if exporter.by_default else f"export-{artifact}")
             devices = tuple(d for d in runtime.devices if exporter is None or d in exporter.devices)
-            found[name] = Backend(name, runtime, artifact, artifacts()[artifact], devices,
-                                  bool(exporter and exporter.approximate), made_by)
+            approximate = runtime.approximate or bool(exporter and exporter.approximate)
+            found[name] = Backend(name, runtime, artifact, artifacts()[artifact], devices, approximate, made_by)
     return found
 
 

@@ -186,3 +186,39 @@ class ExportResult:
         return {"written": list(self.written), "removed": list(self.removed), "skipped": dict(self.skipped),
                 "manifest": self.manifest, "manifest_sha256": self.manifest_sha256, "signature": self.signature,
                 "fused": self.fused, "folds": thawed(self.folds)}
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """One model file as fcx inspect sees it, read but never run: its spec and format details, and whether the
+    folder's manifest vouches for it (`manifest`), or why it could not be read (`problem`)."""
+
+    file: str
+    artifact: str | None
+    size: int
+    manifest: str
+    spec: Any = None  # fcexport.spec.ModelSpec
+    details: Mapping[str, Any] = field(default_factory=_no_numbers)
+    problem: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "details", frozen(self.details))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "artifact": self.artifact, "bytes": self.size, "manifest": self.manifest,
+                "spec": self.spec.to_dict() if self.spec is not None else None, "details": thawed(self.details),
+                "problem": self.problem}
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """fcx inspect: every model file of a folder (or the one named), the manifest's digest and the signature's presence."""
+
+    folder: str
+    files: tuple[FileReport, ...]
+    manifest_sha256: str | None
+    signature: str | None  # the signature file, when there is one (fcx verify --public-key checks it)
+
+    def to_json(self) -> dict:
+        return {"folder": self.folder, "manifest_sha256": self.manifest_sha256, "signature": self.signature,
+                "files": [f.to_json() for f in self.files]}

@@ -83,7 +83,7 @@ def fastest_runtime(path: Path, batch: int, device: str) -> str | None:
     if not entries:
         return None
     digest, artifact = sha256_file(path), registry.artifact_of(Path(path))
-    able = {name for name, b in registry.backends().items() if b.artifact == artifact}
+    able = {name for name, b in registry.backends().items() if b.artifact == artifact and not b.approximate}  # exact only
     mine = [e for e in entries if e["sha256"] == digest and e["machine"] == _machine() and e["device"] == device
             and e["backend"] in able]
     if not mine:

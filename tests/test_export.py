@@ -222,7 +222,7 @@ def test_verify_judges_int8_by_agreement_not_float_tolerance(int8_dir, runner, t
     assert row["criterion"] == "agreement" and row["max_abs"] > report["noise_factor"] * report["own_float32_error"]  # the noise rule would fail it
     assert row["top1_agreement"] >= 0.9 and row["accuracy_drop"] <= 0.05
     assert row["status"] == "pass" and r.exit_code == 0, r.output
-    assert "int8 passes on top-1 agreement >= 90.0%" in r.stdout
+    assert "approximate backends (int8, bf16) pass on top-1 agreement >= 90.0%" in r.stdout
 
 
 def test_sabotaged_int8_fails_verification(int8_dir, runner, tmp_path):

@@ -161,7 +161,7 @@ def test_nested_training_checkpoint_is_found_or_named(tmp_path, runner):
     x = torch.rand(4, 1, 8, 8)
     torch.testing.assert_close(load_model(tmp_path / "a" / "model.pt")[0](x), model(x))
     image = save_png(tmp_path / "digit.png", np.random.default_rng(2).integers(0, 255, (8, 8), dtype=np.uint8))
-    downstream(runner, tmp_path / "a", image, (1, 8, 8))
+    downstream(runner, tmp_path / "a", image, (1, 8, 8), {"onnxruntime"})  # the subject is finding the state dict
     r = invoke(runner, "import", nested, *args, "--key", "ema", "--artifacts", tmp_path / "c")
     assert r.exit_code == 2 and "no state dict under key 'ema'" in r.stderr and "model_state_dict" in r.stderr
 
@@ -191,7 +191,7 @@ def test_colour_cnn_folds_normalisation_into_unpadded_conv_and_predicts_colour(t
            "--model-args", '{"classes": 4}', "--input-shape", "3,12,12", "--classes", "red,green,blue,gray",
            "--mean", "0.5,0.4,0.3", "--std", "0.2,0.25,0.3", "--artifacts", art)
     photo = save_png(tmp_path / "photo.png", np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
-    fused = downstream(runner, art, photo, (3, 12, 12))
+    fused = downstream(runner, art, photo, (3, 12, 12), {"fused", "pt2", "onnxruntime"})
     assert {f["layer"] for f in fused["report"]["folded"]} == {"input_normalize", "features.1", "features.5"}
     assert not {"BatchNormalization", "Sub", "Div"} & onnx_ops(art / "model.onnx")
     # colour files of any size: letterboxed to 12x12, the same answer as the user's model on that input
@@ -229,7 +229,7 @@ def test_residual_model_with_bn_after_activation_through_the_cli(tmp_path, runne
     run_ok(runner, "import", tmp_path / "res.pt", "--model-def", f"{tmp_path}/course_model.py:ResidualNet",
            "--input-shape", "1,8,8", "--artifacts", tmp_path / "res")
     image = save_png(tmp_path / "x.png", np.random.default_rng(1).integers(0, 255, (20, 20), dtype=np.uint8))
-    fused = downstream(runner, tmp_path / "res", image, (1, 8, 8))
+    fused = downstream(runner, tmp_path / "res", image, (1, 8, 8), {"fused", "torchscript", "onnxruntime"})
     assert {f["layer"]: f["direction"] for f in fused["report"]["folded"]} == {"bn1": "into following", "bn2": "into preceding"}
 
 

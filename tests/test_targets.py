@@ -6,6 +6,7 @@ import io
 import json
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from fcexport import registry, speeds
 
 def test_every_backend_is_one_runtime_on_one_artifact():
     backends = registry.backends()
-    assert {"eager", "fused", "torchscript", "onnxruntime", "onnxruntime-int8", "openvino", "pt2"} <= set(backends)
+    assert {"eager", "fused", "torchscript", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "pt2"} <= set(backends)
+    assert backends["openvino-bf16"].approximate and not backends["openvino"].approximate  # the runtime makes it approximate
     assert backends["openvino"].files == backends["onnxruntime"].files == ("model.onnx",)  # two runtimes, one file
     assert backends["openvino"].runtime.name != backends["onnxruntime"].runtime.name
     assert backends["onnxruntime-int8"].approximate and backends["onnxruntime-int8"].devices == ("cpu",)
@@ -286,3 +288,50 @@ def test_empty_choices_are_usage_errors(exported_dir, runner):
     assert r.exit_code == 2 and "--backends" in r.stderr or "backends takes" in r.stderr, r.output
     r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", "all", "--devices", "cpu", "--json")
     assert r.exit_code == 0 and len(json.loads(r.stdout)["rows"]) == len(registry.backends()) - 1  # all but the reference
+
+
+# ---- fcx inspect ----------------------------------------------------------------------------------------------------
+
+
+def test_inspect_shows_every_file_of_a_folder_without_running_it(artifacts_copy, runner, monkeypatch):
+    import onnxruntime
+    import torch
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("inspect loaded a model to run it")
+
+    monkeypatch.setattr(torch.jit, "load", must_not_run)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", must_not_run)
+    (artifacts_copy / "model.ts").write_bytes((artifacts_copy / "model.ts").read_bytes()[:-1] + b"!")  # changed after export
+    r = invoke(runner, "inspect", artifacts_copy, "--json")
+    assert r.exit_code == 0, r.output
+    files = {Path(f["file"]).name: f for f in json.loads(r.stdout)["files"]}
+    assert set(files) == {"model.pt", "model.fused.pt", "model.ts", "model.onnx", "model.pt2"}
+    assert files["model.onnx"]["manifest"] == "matches, made from this model.pt"
+    assert files["model.onnx"]["details"]["inputs"] == {"pixels": ["batch", 1, 8, 8]}
+    assert files["model.onnx"]["spec"]["provenance"]["fused"] is True and files["model.pt"]["details"]["parameters"] > 0
+    assert "changed after it was written" in files["model.ts"]["manifest"]
+    r = invoke(runner, "inspect", artifacts_copy / "model.pt2")
+    assert r.exit_code == 0 and "torch.export" not in r.stderr and "pt2" in r.stdout
+
+
+def test_inspect_of_an_unreadable_file_is_exit_2(tmp_path, runner):
+    (tmp_path / "model.onnx").write_bytes(b"not onnx")
+    r = invoke(runner, "inspect", tmp_path / "model.onnx")
+    assert r.exit_code == 2 and "not a valid ONNX model" in r.stderr and "Traceback" not in r.output
+
+
+def test_openvino_bf16_is_judged_as_approximate_and_never_picked_unasked(exported_dir, image_dir_pt2, runner, tmp_path, monkeypatch):
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", "openvino-bf16", "--devices", "cpu", "--json")
+    [row] = json.loads(r.stdout)["rows"]
+    if row["status"] == "skipped":
+        assert "cannot compute in bf16" in row["reason"] and r.exit_code == 1
+    else:
+        assert row["criterion"] == "agreement" and row["status"] == "pass" and r.exit_code == 0, r.output
+    monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path))
+    from fcexport.files import sha256_file
+
+    entries = [{"sha256": sha256_file(exported_dir / "model.onnx"), "machine": speeds._machine(), "device": "cpu",
+                "backend": backend, "batch_size": 1, "throughput": speed} for backend, speed in (("openvino-bf16", 1e9), ("openvino", 2.0), ("onnxruntime", 1.0))]
+    (tmp_path / "speeds.json").write_text(json.dumps(entries))
+    assert speeds.fastest_runtime(exported_dir / "model.onnx", 1, "cpu") == "openvino"  # the fastest exact one

@@ -132,6 +132,7 @@ class Exporter:
     by_default: bool = True
     approximate: bool = False
     devices: tuple[str, ...] = DEVICES  # where its files can run at all (int8: CPU kernels only)
+    describe: Callable[[bytes, Path], tuple[ModelSpec, dict]] | None = None  # (spec, details) read without loading
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class Runtime:
     runs: dict[str, str]
     summary: str
     missing: Callable[[], str | None] = field(default=lambda: None)
+    approximate: bool = False  # computes in lower precision than float32 (judged like int8, never picked unasked)
 
 
 # ---- helpers the plugins share ------------------------------------------------------------
@@ -231,6 +233,16 @@ def archive_fingerprint(data: bytes, path: Path | str, metadata: str, ignored=la
     if spec is None:
         raise FcxError(f"{path}: not a valid fcexport archive (no fcexport metadata)", hint="export")
     return spec, items
+
+
+def archive_description(fingerprint):
+    """An Exporter.describe for torch archives: the spec and record count from `fingerprint(data, path)`."""
+
+    def describe(data: bytes, path: Path) -> tuple[ModelSpec, dict]:
+        spec, records = fingerprint(data, path)
+        return spec, {"records": len(records)}
+
+    return describe
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from fcexport.onnx_checks import ONNX_FILE, QUANTIZATION_KEY, onnx_fingerprint
+from fcexport.onnx_checks import ONNX_FILE, QUANTIZATION_KEY, describe_onnx, onnx_fingerprint
 from fcexport.spec import ModelSpec
 from fcexport.targets import Exporter, ExportSettings
 
@@ -71,4 +71,4 @@ def _without_preprocessing_hint():
 
 EXPORTER = Exporter(name="int8", files=(FILE,), format="onnx", write=write, fingerprint=onnx_fingerprint,
                     summary="int8 ONNX from model.onnx (approximate, CPU, ~2x faster)", builds_on="onnx",
-                    by_default=False, approximate=True, devices=("cpu",))
+                    by_default=False, approximate=True, devices=("cpu",), describe=describe_onnx)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from fcexport.errors import FcxError
-from fcexport.onnx_checks import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, onnx_fingerprint
+from fcexport.onnx_checks import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, describe_onnx, onnx_fingerprint
 from fcexport.spec import ModelSpec
 from fcexport.targets import Exporter, ExportSettings, quiet_warnings
 
@@ -52,4 +52,4 @@ def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> No
 
 
 EXPORTER = Exporter(name="onnx", files=(ONNX_FILE,), format="onnx", write=write, fingerprint=onnx_fingerprint,
-                    summary="ONNX (opset >= 17, dynamic batch): onnxruntime, OpenVINO, Triton")
+                    summary="ONNX (opset >= 17, dynamic batch): onnxruntime, OpenVINO, Triton", describe=describe_onnx)

@@ -17,7 +17,7 @@ import numpy as np
 from fcexport.errors import FcxError
 from fcexport.spec import ModelSpec
 from fcexport.targets import (METADATA_FILE, Checks, Exporter, ExportSettings, Predictor, Refused, Runtime,
-                              archive_fingerprint, quiet_warnings, torch_device)
+                              archive_description, archive_fingerprint, quiet_warnings, torch_device)
 
 FILE = "model.pt2"
 
@@ -94,6 +94,7 @@ def open_pt2(files: tuple[Path, ...], device: str, checks: Checks, backend: str)
 
 
 EXPORTER = Exporter(name="pt2", files=(FILE,), format="pt2", write=write, fingerprint=lambda data: pt2_fingerprint(data)[1],
-                    summary="torch.export ExportedProgram (dynamic batch): TorchScript's successor")
+                    summary="torch.export ExportedProgram (dynamic batch): TorchScript's successor",
+                    describe=archive_description(pt2_fingerprint))
 RUNTIME = Runtime(name="torch-export", format="pt2", devices=("cpu", "cuda"), open=open_pt2, runs={"pt2": "pt2"},
                   summary="torch.export's ExportedProgram, rebuilt from model.pt (never unpickled)")

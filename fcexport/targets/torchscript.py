@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fcexport.errors import FcxError
 from fcexport.spec import ModelSpec
-from fcexport.targets import (METADATA_FILE, Checks, Exporter, ExportSettings, Predictor, Runtime, archive_fingerprint,
+from fcexport.targets import (METADATA_FILE, Checks, Exporter, ExportSettings, Predictor, Runtime, archive_description, archive_fingerprint,
                               module_predictor, torch_device)
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ def open_torchscript(files: tuple[Path, ...], device: str, checks: Checks, backe
 
 EXPORTER = Exporter(name="torchscript", files=(FILE,), format="torchscript", write=write,
                     fingerprint=lambda data: torchscript_fingerprint(data)[1],
-                    summary="TorchScript, traced and frozen (deprecated upstream: see pt2)")
+                    summary="TorchScript, traced and frozen (deprecated upstream: see pt2)",
+                    describe=archive_description(torchscript_fingerprint))
 RUNTIME = Runtime(name="torchscript", format="torchscript", devices=("cpu", "cuda"), open=open_torchscript,
                   runs={"torchscript": "torchscript"}, summary="libtorch's TorchScript interpreter")
