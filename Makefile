@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2  # two workers (pytest-xdist): one per core
 
 zoo: $(STAMP)
 	$(BIN)/python -m pytest -q -m zoo tests/test_zoo.py

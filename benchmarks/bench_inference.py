@@ -111,7 +111,7 @@ def main() -> None:
     exact = [p.backend for p in predictors if p.backend in registry.backends() and not p.approximate]
     approximate = [p.backend for p in predictors if p.approximate]
     print()
-    for label, names in (("exact (float32)", exact), ("approximate (int8)", approximate)):
+    for label, names in (("exact (float32)", exact), ("approximate (int8, bf16)", approximate)):
         if names:
             best = min(names, key=lambda b: results[(b, 1)]["p50_ms"])
             print(f"best {label} fcexport backend at batch 1: {best}, {eager1 / results[(best, 1)]['p50_ms']:.2f}x faster than eager unfused")

@@ -204,7 +204,7 @@ FORMATS_HELP = (f"Comma-separated, from: {', '.join(registry.exporters())}; all 
 
 
 def _model_arg(model: Optional[Path], artifacts: Path) -> Path:
-    return model if model is not None else artifacts / "model.pt"
+    return model if model is not None else artifacts / registry.MODEL
 
 
 @app.command("fuse-bn", epilog=examples(
@@ -234,7 +234,7 @@ def fuse_bn(
     from fcexport.compare import Tolerance
     from fcexport.pipeline import fuse
 
-    result = fuse(_model_arg(checkpoint, artifacts), out or artifacts / "model.fused.pt", verify, Tolerance(noise_factor, atol, rtol),
+    result = fuse(_model_arg(checkpoint, artifacts), out or artifacts / registry.FUSED, verify, Tolerance(noise_factor, atol, rtol),
                   device, data, data_root)
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not json_out:

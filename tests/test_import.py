@@ -140,7 +140,8 @@ def test_course_model_four_commands_to_verified_onnx_and_predictions(tmp_path, r
     assert not {"BatchNormalization", "Sub", "Div"} & onnx_ops(art / "model.onnx")
     run_ok(runner, "verify", "--artifacts", art, "--data", "digits", "--json-file", tmp_path / "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["passed"] and {r["backend"] for r in report["rows"] if r["status"] == "pass"} == EXACT_BACKENDS
+    exact = {r["backend"] for r in report["rows"] if r["status"] == "pass" and r["criterion"] != "agreement"}
+    assert report["passed"] and exact == EXACT_BACKENDS
     predictions = json.loads(run_ok(runner, "predict", image_folder / "class0", "--artifacts", art, "--json").stdout)
     assert len(predictions) == 20 and {p["label"] for p in predictions} <= {str(i) for i in range(10)}
     # the stored model computes what the user's model computed, on [0, 1] pixels
@@ -215,7 +216,7 @@ def test_resnet18_through_the_cli(tmp_path, runner):
            "--model-args", '{"num_classes": 10}', "--input-shape", "3,32,32", "--mean", "0.485,0.456,0.406",
            "--std", "0.229,0.224,0.225", "--artifacts", art)
     photo = save_png(tmp_path / "photo.png", np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
-    fused = downstream(runner, art, photo, (3, 32, 32), {"pt2", "onnxruntime"})  # the others: on the small models
+    fused = downstream(runner, art, photo, (3, 32, 32), {"onnxruntime"})  # the others: on the small models (make zoo: all)
     assert len(fused["report"]["folded"]) == 20  # every BatchNorm2d of resnet18
     left = fused["report"]["left"]
     assert [x["layer"] for x in left] == ["input_normalize"] and "pads with zeros" in left[0]["reason"]

@@ -94,7 +94,7 @@ def test_sigkill_during_export_leaves_a_consistent_set(artifacts_copy, moment):
     assert find_default_model(artifacts_copy).name == "model.onnx"
     assert all(p.name.endswith(".tmp") or p.name.startswith(".staging.") for p in artifacts_copy.iterdir() if p.name.startswith("."))
     # ... and the next export removes it
-    again = start("export", "--artifacts", artifacts_copy)
+    again = start("export", "--artifacts", artifacts_copy, "--format", "onnx")
     assert again.wait(timeout=120) == 0, again.stderr.read()
     assert not [p.name for p in artifacts_copy.iterdir() if p.name.startswith(".")]
 
