@@ -82,17 +82,27 @@ def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, cr
     return path
 
 
-def check_against_manifest(path: Path, manifest: dict | None, model_sha256: str | None, data: bytes | None = None) -> str | None:
-    """Why the artifact at `path` (or `data`, the bytes read from it) cannot be trusted, or None: not listed in the
-    manifest, changed since it was written, or made from another model.pt than the folder's current one."""
+def manifest_name(folder: Path, path: Path) -> str:
+    """The manifest's key for a file: its path relative to the folder (file sets may have sub-folders)."""
+    try:
+        return Path(path).relative_to(folder).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def check_against_manifest(path: Path, manifest: dict | None, model_sha256: str | None, data: bytes | None = None,
+                           name: str | None = None) -> str | None:
+    """Why the artifact at `path` (or `data`, the bytes read from it; `name`: its manifest key, default its file
+    name) cannot be trusted, or None: not listed in the manifest, changed since it was written, or made from another
+    model.pt than the folder's current one."""
     if manifest is None:
-        return f"{path.name}: no {MANIFEST} next to it, so where it came from cannot be checked"
-    return integrity_problem(path, manifest, data) or stale_problem(path, manifest, model_sha256)
+        return f"{name or path.name}: no {MANIFEST} next to it, so where it came from cannot be checked"
+    return integrity_problem(path, manifest, data, name) or stale_problem(path, manifest, model_sha256, name)
 
 
-def integrity_problem(path: Path, manifest: dict, data: bytes | None = None) -> str | None:
+def integrity_problem(path: Path, manifest: dict, data: bytes | None = None, name: str | None = None) -> str | None:
     """Why the bytes at `path` (or `data`, read from it) are not the ones the manifest lists, or None."""
-    name = path.name
+    name = name or path.name
     entry = manifest["files"].get(name)
     if not isinstance(entry, dict):
         return f"{name} is not listed in {MANIFEST} (an interrupted export, or copied in from elsewhere)"
@@ -110,11 +120,12 @@ def _matches_entry(path: Path, entry, data: bytes | None = None) -> bool:
     return entry.get("bytes") == path.stat().st_size and entry.get("sha256") == sha256_file(path)
 
 
-def stale_problem(path: Path, manifest: dict, model_sha256: str | None) -> str | None:
+def stale_problem(path: Path, manifest: dict, model_sha256: str | None, name: str | None = None) -> str | None:
     """Why a listed artifact may answer for another model.pt than the folder's current one, or None."""
-    source = (manifest["files"].get(path.name) or {}).get("source_sha256")
+    name = name or path.name
+    source = (manifest["files"].get(name) or {}).get("source_sha256")
     if model_sha256 is not None and source is not None and source != model_sha256:
-        return f"{path.name} was made from another model.pt than this one (source sha256 {source[:12]}); it is stale"
+        return f"{name} was made from another model.pt than this one (source sha256 {source[:12]}); it is stale"
     return None
 
 
@@ -124,7 +135,7 @@ def folder_problems(folder: Path, manifest: dict) -> list[str]:
     problems = []
     for name, entry in manifest["files"].items():
         path = Path(folder) / str(name)
-        if Path(str(name)).name != name or not path.is_file():
+        if Path(str(name)).is_absolute() or ".." in Path(str(name)).parts or not path.is_file():
             problems.append(f"{name} is listed in {MANIFEST} but not in the folder")
         elif not _matches_entry(path, entry):
             problems.append(f"{name} differs from its entry in {MANIFEST}")

@@ -126,13 +126,18 @@ def staging_folder(folder: str | os.PathLike) -> Iterator[Path]:
 
 
 def publish(stage: Path, folder: Path) -> list[Path]:
-    """Move every file of `stage` into `folder` (renames on one file system: milliseconds)."""
+    """Move every file of `stage` (sub-folders included) to the same place under `folder` (renames on one file
+    system: milliseconds). Hidden names (temp files) stay behind."""
     moved = []
-    for staged in sorted(stage.iterdir()):
-        if staged.is_file() and not staged.name.startswith("."):
-            os.replace(staged, folder / staged.name)
-            remove_orphaned_temp_files(folder / staged.name)
-            moved.append(folder / staged.name)
+    for staged in sorted(p for p in stage.rglob("*") if p.is_file() and not p.is_symlink()):
+        relative = staged.relative_to(stage)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, target)
+        remove_orphaned_temp_files(target)
+        moved.append(target)
     return moved
 
 

@@ -335,6 +335,8 @@ def export_files(program, spec, formats, settings: ExportSettings, stage: Path) 
         if exporter.builds_on in skipped:
             skipped[name] = f"it is made from {exporter.builds_on}, which failed"
             continue
+        for file in exporter.files:  # file sets may have sub-folders
+            (stage / file).parent.mkdir(parents=True, exist_ok=True)
         try:
             exporter.write(program, spec, stage, settings)
         except FcxError as exc:
@@ -382,7 +384,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
             path.unlink()
             removed.append(str(path))
     here = model_path.resolve() == (artifacts / names.MODEL).resolve()
-    manifest = names.record_in_manifest(artifacts, {p.name: stored.sha256 for p in written}, versions(), now_iso(),
+    manifest = names.record_in_manifest(artifacts, {names.manifest_name(artifacts, p): stored.sha256 for p in written}, versions(), now_iso(),
                                         stored.sha256 if here else None)
     signature = artifacts / names.SIGNATURE
     if sign_key is not None:
@@ -575,7 +577,7 @@ def verify(
 
     def vouch(path: Path, data: bytes) -> str | None:
         """A file that is not what was exported, or was made from another model.pt, is never loaded, let alone run."""
-        return names.check_against_manifest(path, manifest, stored.sha256, data)
+        return names.check_against_manifest(path, manifest, stored.sha256, data, names.manifest_name(artifacts, path))
 
     candidates, problems = [], []
     for device in devices:

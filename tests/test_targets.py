@@ -335,3 +335,41 @@ def test_openvino_bf16_is_judged_as_approximate_and_never_picked_unasked(exporte
                 "backend": backend, "batch_size": 1, "throughput": speed} for backend, speed in (("openvino-bf16", 1e9), ("openvino", 2.0), ("onnxruntime", 1.0))]
     (tmp_path / "speeds.json").write_text(json.dumps(entries))
     assert speeds.fastest_runtime(exported_dir / "model.onnx", 1, "cpu") == "openvino"  # the fastest exact one
+
+
+def test_a_new_exporter_with_files_in_a_sub_folder(artifacts_copy, runner, tmp_path, monkeypatch):
+    """An exporter outside fcexport writing copies/model.onnx, and a runtime for it: exported, listed in the manifest
+    by its relative path, verified, and caught when the file changes."""
+    (tmp_path / "copy_plugin.py").write_text(
+        "from fcexport.files import write_bytes_atomic\n"
+        "from fcexport.onnx_checks import onnx_fingerprint\n"
+        "from fcexport.targets import Exporter, Runtime\n"
+        "from fcexport.targets import onnx, onnxruntime\n"
+        "def write(program, spec, stage, settings):\n"
+        "    write_bytes_atomic(stage / 'copies' / 'model.onnx', onnx.onnx_bytes(program, spec, settings.opset))\n"
+        "EXPORTER = Exporter(name='copy', files=('copies/model.onnx',), format='onnx', write=write,\n"
+        "                    fingerprint=onnx_fingerprint, summary='model.onnx in a sub-folder', by_default=False)\n"
+        "RUNTIME = Runtime(name='ort-copy', format='onnx', devices=('cpu',), open=onnxruntime.open_onnx,\n"
+        "                  runs={'ort-copy': 'copy'}, summary='onnxruntime on the copy')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "PLUGINS", (*registry.PLUGINS, "copy_plugin"))
+    caches = (registry._plugins, registry.exporters, registry.runtimes, registry.artifacts, registry.backends, registry.suffixes)
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        r = invoke(runner, "export", "--artifacts", artifacts_copy, "--format", "copy", "--json")
+        assert r.exit_code == 0 and json.loads(r.stdout)["written"] == [str(artifacts_copy / "copies" / "model.onnx")], r.output
+        entry = json.loads((artifacts_copy / "manifest.json").read_text())["files"]["copies/model.onnx"]
+        assert entry["bytes"] == (artifacts_copy / "copies" / "model.onnx").stat().st_size
+        r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "ort-copy", "--devices", "cpu", "--json")
+        assert r.exit_code == 0 and json.loads(r.stdout)["rows"][0]["status"] == "pass", r.output
+        copy = artifacts_copy / "copies" / "model.onnx"
+        copy.write_bytes(copy.read_bytes() + b"\0")
+        r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "ort-copy", "--devices", "cpu", "--json")
+        row = json.loads(r.stdout)["rows"][0]
+        assert r.exit_code == 1 and "copies/model.onnx changed after it was written" in " ".join(row["problems"])
+    finally:
+        monkeypatch.undo()
+        for cached in caches:
+            cached.cache_clear()
+        sys.modules.pop("copy_plugin", None)
