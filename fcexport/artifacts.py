@@ -23,11 +23,6 @@ SIGNATURE = "model.sig"  # the OpenSSF Model Signing default name
 DEFAULT_ORDER = ("onnx", "fused", "model")
 
 
-def backend_files(backend: str) -> tuple[str, ...]:
-    """The files a backend reads (relative paths)."""
-    return registry.backend(backend).files
-
-
 def find_default_model(artifacts: Path) -> Path:
     """The best artifact present: ONNX, then the fused model, then the model."""
     names = [registry.artifacts()[a][0] for a in DEFAULT_ORDER]

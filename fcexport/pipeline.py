@@ -449,13 +449,13 @@ def model_to_run(model: str | Path | None, artifacts: str | Path):
 
 
 def open_for_predict(model: str | Path | None, artifacts: str | Path, device: str = "cpu",
-                     runtime: str | None = None, batch: int | None = None) -> tuple[Predictor, str | None]:
+                     runtime: str | None = None, batch: int = 1) -> tuple[Predictor, str | None]:
     """(the checked model to predict with, opened; a staleness warning or None). The runtime is `runtime`, else
     the fastest that `fcx bench` measured on this machine for this file at `batch`, else the first registered."""
     from fcexport import speeds
 
     path, warning, vouch = model_to_run(model, artifacts)
-    if runtime is None and batch is not None and path.is_file():
+    if runtime is None and path.is_file():
         runtime = speeds.fastest_runtime(path, batch, device)
     model_path = path.parent / names.MODEL
     source = _Model(model_path).program_for if registry.artifact_of(path) == "pt2" and model_path.is_file() else None
@@ -483,10 +483,9 @@ def predict(images: list[str | Path], model: str | Path | None = None, artifacts
     from fcexport.classify import BATCH_SIZE, predict_files
     from fcexport.preprocess import collect_image_files
 
-    files = list(collect_image_files(str(i) for i in images)) if runtime is None else None
-    batch = min(BATCH_SIZE, max(1, len(files))) if files is not None else None
-    predictor, warning = open_for_predict(model, artifacts, device, runtime, batch)
-    rows = predict_files(predictor, files if files is not None else images, top_k, invert, save_prepared=save_prepared)
+    files = list(collect_image_files(str(i) for i in images))  # bounded (preprocess.MAX_MATCHES); sizes the batch
+    predictor, warning = open_for_predict(model, artifacts, device, runtime, min(BATCH_SIZE, max(1, len(files))))
+    rows = predict_files(predictor, files, top_k, invert, save_prepared=save_prepared)
     return Predictions(rows, predictor, warning)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -34,30 +35,35 @@ def test_cli_choices_come_from_the_registry(runner):
     assert all(name in r.stdout for name in registry.exporters())
 
 
-def test_a_new_runtime_is_one_module_and_one_registry_line(exported_dir, runner, tmp_path, monkeypatch):
-    """A plugin outside fcexport: a second backend on model.onnx, in verify like the built-in ones."""
-    (tmp_path / "one_thread_plugin.py").write_text(
-        "from fcexport.targets import Runtime\n"
-        "from fcexport.targets import onnxruntime as ort\n"
-        "def open_one_thread(files, device, checks, backend):\n"
-        "    import dataclasses\n"
-        "    predictor = ort.open_onnx(files, device, checks, backend)\n"
-        "    return dataclasses.replace(predictor, backend=backend)\n"
-        "RUNTIME = Runtime(name='ort-1', format='onnx', devices=('cpu',), open=open_one_thread,\n"
-        "                  runs={'ort-1': 'onnx'}, summary='onnxruntime under another name')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "PLUGINS", (*registry.PLUGINS, "one_thread_plugin"))
-    for cached in (registry._plugins, registry.exporters, registry.runtimes, registry.artifacts, registry.backends):
+@contextlib.contextmanager
+def plugin_registered(monkeypatch, folder, name: str, source: str):
+    """A target module written to `folder` and named in registry.PLUGINS, as a third party would add one; the
+    registry's caches are rebuilt on the way in and out."""
+    caches = (registry._plugins, registry.exporters, registry.runtimes, registry.artifacts, registry.backends, registry.suffixes)
+    (folder / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setattr(registry, "PLUGINS", (*registry.PLUGINS, name))
+    for cached in caches:
         cached.cache_clear()
     try:
+        yield
+    finally:
+        monkeypatch.undo()
+        for cached in caches:
+            cached.cache_clear()
+        sys.modules.pop(name, None)
+
+
+def test_a_new_runtime_is_one_module_and_one_registry_line(exported_dir, runner, tmp_path, monkeypatch):
+    """A plugin outside fcexport: a second backend on model.onnx, in verify like the built-in ones."""
+    source = ("from fcexport.targets import Runtime\n"
+              "from fcexport.targets import onnxruntime as ort\n"
+              "RUNTIME = Runtime(name='ort-1', format='onnx', devices=('cpu',), open=ort.open_onnx,\n"
+              "                  runs={'ort-1': 'onnx'}, summary='onnxruntime under another name')\n")
+    with plugin_registered(monkeypatch, tmp_path, "again_plugin", source):
         r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", "ort-1", "--devices", "cpu", "--json")
         assert r.exit_code == 0, r.output
         assert [(row["backend"], row["status"]) for row in json.loads(r.stdout)["rows"]] == [("ort-1", "pass")]
-    finally:
-        monkeypatch.undo()
-        for cached in (registry._plugins, registry.exporters, registry.runtimes, registry.artifacts, registry.backends):
-            cached.cache_clear()
-        sys.modules.pop("one_thread_plugin", None)
 
 
 # ---- torch.export (model.pt2) ----------------------------------------------------------------
@@ -102,11 +108,10 @@ def _rewrite_record(path, suffix: str, change) -> None:
 
 def _refresh_manifest(folder, name: str) -> None:
     """What an attacker with write access does: make the manifest agree with the swapped file."""
-    from fcexport.files import sha256_file
+    from fcexport.artifacts import record_in_manifest
 
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"][name].update(sha256=sha256_file(folder / name), bytes=(folder / name).stat().st_size)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    source = json.loads((folder / "manifest.json").read_text())["files"][name]["source_sha256"]
+    record_in_manifest(folder, {name: source}, {}, "tampered")
 
 
 def test_a_pt2_with_a_changed_weight_is_refused_everywhere(artifacts_copy, image_dir_pt2, runner):
@@ -340,23 +345,17 @@ def test_openvino_bf16_is_judged_as_approximate_and_never_picked_unasked(exporte
 def test_a_new_exporter_with_files_in_a_sub_folder(artifacts_copy, runner, tmp_path, monkeypatch):
     """An exporter outside fcexport writing copies/model.onnx, and a runtime for it: exported, listed in the manifest
     by its relative path, verified, and caught when the file changes."""
-    (tmp_path / "copy_plugin.py").write_text(
-        "from fcexport.files import write_bytes_atomic\n"
-        "from fcexport.onnx_checks import onnx_fingerprint\n"
-        "from fcexport.targets import Exporter, Runtime\n"
-        "from fcexport.targets import onnx, onnxruntime\n"
-        "def write(program, spec, stage, settings):\n"
-        "    write_bytes_atomic(stage / 'copies' / 'model.onnx', onnx.onnx_bytes(program, spec, settings.opset))\n"
-        "EXPORTER = Exporter(name='copy', files=('copies/model.onnx',), format='onnx', write=write,\n"
-        "                    fingerprint=onnx_fingerprint, summary='model.onnx in a sub-folder', by_default=False)\n"
-        "RUNTIME = Runtime(name='ort-copy', format='onnx', devices=('cpu',), open=onnxruntime.open_onnx,\n"
-        "                  runs={'ort-copy': 'copy'}, summary='onnxruntime on the copy')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "PLUGINS", (*registry.PLUGINS, "copy_plugin"))
-    caches = (registry._plugins, registry.exporters, registry.runtimes, registry.artifacts, registry.backends, registry.suffixes)
-    for cached in caches:
-        cached.cache_clear()
-    try:
+    source = ("from fcexport.files import write_bytes_atomic\n"
+              "from fcexport.onnx_checks import onnx_fingerprint\n"
+              "from fcexport.targets import Exporter, Runtime\n"
+              "from fcexport.targets import onnx, onnxruntime\n"
+              "def write(program, spec, stage, settings):\n"
+              "    write_bytes_atomic(stage / 'copies' / 'model.onnx', onnx.onnx_bytes(program, spec, settings.opset))\n"
+              "EXPORTER = Exporter(name='copy', files=('copies/model.onnx',), format='onnx', write=write,\n"
+              "                    fingerprint=onnx_fingerprint, summary='model.onnx in a sub-folder', by_default=False)\n"
+              "RUNTIME = Runtime(name='ort-copy', format='onnx', devices=('cpu',), open=onnxruntime.open_onnx,\n"
+              "                  runs={'ort-copy': 'copy'}, summary='onnxruntime on the copy')\n")
+    with plugin_registered(monkeypatch, tmp_path, "copy_plugin", source):
         r = invoke(runner, "export", "--artifacts", artifacts_copy, "--format", "copy", "--json")
         assert r.exit_code == 0 and json.loads(r.stdout)["written"] == [str(artifacts_copy / "copies" / "model.onnx")], r.output
         entry = json.loads((artifacts_copy / "manifest.json").read_text())["files"]["copies/model.onnx"]
@@ -368,8 +367,3 @@ def test_a_new_exporter_with_files_in_a_sub_folder(artifacts_copy, runner, tmp_p
         r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "ort-copy", "--devices", "cpu", "--json")
         row = json.loads(r.stdout)["rows"][0]
         assert r.exit_code == 1 and "copies/model.onnx changed after it was written" in " ".join(row["problems"])
-    finally:
-        monkeypatch.undo()
-        for cached in caches:
-            cached.cache_clear()
-        sys.modules.pop("copy_plugin", None)
