@@ -4,8 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := artifacts/demo
 STAMP := $(VENV)/.installed
+# tritonserver's own environment (fcx serve): Triton's python backend needs numpy < 2, fcx uses numpy 2
+SERVE_VENV := .venv-triton
+SERVE_STAMP := $(SERVE_VENV)/.installed
 
-.PHONY: demo test zoo bench install clean
+.PHONY: demo test zoo bench install serve-env clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +20,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2  # two workers (pytest-xdist): one per core
+$(SERVE_STAMP):
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q "numpy<2" "onnxruntime>=1.18" "nvidia-pytriton>=0.5"
+	touch $(SERVE_STAMP)
+
+serve-env: $(SERVE_STAMP)
+
+# two workers (pytest-xdist): one per core; the serving tests need the server's environment and fail without it
+test: $(STAMP) $(SERVE_STAMP)
+	FCX_REQUIRE_SERVER=1 $(BIN)/python -m pytest -q -n 2
 
 zoo: $(STAMP)
 	$(BIN)/python -m pytest -q -m zoo tests/test_zoo.py
@@ -42,4 +54,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_inference.py
 
 clean:
-	rm -rf $(VENV) artifacts/demo
+	rm -rf $(VENV) $(SERVE_VENV) artifacts/demo

@@ -8,6 +8,9 @@ HINTS = {
     "fuse": "run `fcx fuse-bn`",
     "export": "run `fcx export`",
     "export-int8": "run `fcx export --int8`",
+    "export-triton": "run `fcx export --triton`",
+    "serve-env": ("make the server's environment: `make serve-env` in the fcexport checkout, or `python3 -m venv DIR && "
+                  "DIR/bin/pip install 'numpy<2' onnxruntime nvidia-pytriton`, then pass --server-env DIR (or set FCX_TRITON_ENV)"),
     "cpu": "use --device cpu",
     "data-root": "pass --data-root DIR (or set FCX_DATA_ROOT) where that folder lives",
     "lower-lr": "try a lower --lr (e.g. a tenth) or --weight-decay",

@@ -17,6 +17,7 @@ from cli.hints import json_with_commands
 from fcexport import __version__, registry
 from fcexport.errors import FcxError
 from fcexport.options import TrainOptions
+from fcexport.targets import TritonSettings
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -203,6 +204,14 @@ BackendsOpt = Annotated[str, typer.Option(help=f"Comma-separated, from: {ALL_BAC
 FORMATS_HELP = (f"Comma-separated, from: {', '.join(registry.exporters())}; all = {','.join(registry.default_exporters())}")
 
 
+UrlOpt = Annotated[Optional[list[str]], typer.Option("--url", help="Verify a served model instead (KServe v2: http://HOST:PORT or grpc://HOST:PORT; repeat for both)")]
+ServedModelOpt = Annotated[Optional[str], typer.Option("--model", help=f"With --url: the served model's name [default: {TritonSettings.name}]")]
+
+
+def _served_model(name: Optional[str]) -> str:
+    return name or TritonSettings.name
+
+
 def _model_arg(model: Optional[Path], artifacts: Path) -> Path:
     return model if model is not None else artifacts / registry.MODEL
 
@@ -258,6 +267,11 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
     fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Fold BatchNorm and normalisation first")] = True,
     int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx: int8 weights, ~2x faster on CPU, approximate")] = False,
+    triton: Annotated[bool, typer.Option("--triton", help="Also write model_repository/ for Triton Inference Server (fcx serve)")] = False,
+    name: Annotated[str, typer.Option("--name", help="Triton: the served model's name")] = TritonSettings.name,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Triton: the largest batch a request (or the dynamic batcher) makes")] = TritonSettings.max_batch_size,
+    instances: Annotated[int, typer.Option("--instances", help="Triton: copies of the model running side by side")] = TritonSettings.instances,
+    gpu: Annotated[bool, typer.Option("--gpu", help="Triton: run the instances on GPUs (KIND_GPU)")] = False,
     sign_key: SignKeyOpt = None,
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
@@ -268,8 +282,12 @@ def export(
     printed: `fcx verify --expect-digest` checks a copy of the folder against it."""
     from fcexport.pipeline import export as run
 
-    formats = [f for name in _names(format) for f in (registry.default_exporters() if name == "all" else [name])]
-    result = run(_model_arg(checkpoint, artifacts), artifacts, [*formats, *(["int8"] if int8 else [])], opset, fuse, sign_key)
+    formats = [f for item in _names(format) for f in (registry.default_exporters() if item == "all" else [item])]
+    formats += [f for f, wanted in (("int8", int8), ("triton", triton)) if wanted]
+    chosen = TritonSettings(name, max_batch_size, instances, gpu)
+    if "triton" not in formats and chosen != TritonSettings():
+        raise FcxError("--name, --max-batch-size, --instances and --gpu describe the Triton repository: add --triton")
+    result = run(_model_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, sign_key, chosen)
     _emit_json(result.to_json(), json_out, json_file)
     if not json_out:
         render.export_summary(result)
@@ -323,6 +341,8 @@ def verify(
     public_key: Annotated[Optional[Path], typer.Option("--public-key", help="Check the folder against its signature first (PEM public key)")] = None,
     signature: Annotated[Optional[Path], typer.Option(help="The signature to check [default: ARTIFACTS/model.sig]")] = None,
     expect_digest: Annotated[Optional[str], typer.Option("--expect-digest", help="Check that manifest.json has this sha256 (printed by fcx export) and that every file matches it")] = None,
+    url: UrlOpt = None,
+    served_model: ServedModelOpt = None,
     wide: WideFlag = False,
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
@@ -337,7 +357,14 @@ def verify(
     if signature is not None and public_key is None:
         raise FcxError("--signature needs --public-key: the key the signature is checked with")
     tolerance = Tolerance(noise_factor, atol, rtol, int8_agreement, int8_max_drop)
-    result = run(artifacts, _backends(backends), _names(devices), data, data_root, tolerance, public_key, signature, expect_digest)
+    if url:
+        from fcexport.pipeline import verify_remote
+
+        if public_key or expect_digest or backends != "all":
+            raise FcxError("--url verifies a served model; --public-key, --expect-digest and --backends check files: run them without --url")
+        result = verify_remote(url, _served_model(served_model), artifacts, data, data_root, tolerance)
+    else:
+        result = run(artifacts, _backends(backends), _names(devices), data, data_root, tolerance, public_key, signature, expect_digest)
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not json_out:
         render.verify_report(result, wide)
@@ -360,7 +387,7 @@ def verify(
 @handle_errors
 def predict(
     images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="Image files, folders or glob patterns")],
-    model: Annotated[Optional[Path], typer.Option(help="model.onnx, model.ts, model.pt2, model.fused.pt or model.pt [default: best in ARTIFACTS]")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="model.onnx, model.ts, model.pt2, model.fused.pt or model.pt [default: best in ARTIFACTS]; with --url, the served model's name")] = None,
     runtime: Annotated[Optional[str], typer.Option(help=f"Runtime: {', '.join(registry.runtimes())} [default: the fastest `fcx bench` measured here for this many images, else the first that runs the file]")] = None,
     artifacts: ArtifactsOpt = Path("artifacts"),
     top_k: Annotated[int, typer.Option(help="Classes to keep per image (shown with --wide and in JSON)")] = 3,
@@ -368,6 +395,7 @@ def predict(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     save_prepared: Annotated[Optional[Path], typer.Option("--save-prepared", help="Write the image fed to the model for each file into this folder (PNG)")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Also show the runner-up classes")] = False,
+    url: Annotated[Optional[str], typer.Option("--url", help="Classify on a server instead (KServe v2: http://HOST:PORT or grpc://HOST:PORT, e.g. fcx serve's); --model is then the served model's name")] = None,
     json_out: JsonFlag = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per line, as each batch finishes")] = False,
     json_file: JsonFileOpt = None,
@@ -378,7 +406,14 @@ def predict(
     the others are classified, and the exit code is 2 at the end."""
     from fcexport.pipeline import predict as run
 
-    predictions = run(images, model, artifacts, top_k, invert, device, runtime, save_prepared)
+    if url:
+        from fcexport.pipeline import predict_remote
+
+        if runtime or save_prepared or device != "cpu":
+            raise FcxError("--url classifies on the server; --runtime, --device and --save-prepared are for local runs")
+        predictions = predict_remote(images, url, _served_model(str(model) if model else None), top_k, invert)
+    else:
+        predictions = run(images, model, artifacts, top_k, invert, device, runtime, save_prepared)
     if predictions.stale:
         render.warning(f"{predictions.stale}; run `fcx export` (and `fcx fuse-bn`) again")
     rows, predictor = predictions.rows, predictions.predictor
@@ -412,6 +447,44 @@ def bench(
     _emit_json(json_with_commands([r.to_json() for r in rows]), json_out, json_file)
     if not json_out:
         render.bench_table(rows)
+
+
+@app.command(epilog=examples(
+    "fcx export --triton         # artifacts/model_repository",
+    "fcx serve                   # http://127.0.0.1:8000, grpc://127.0.0.1:8001",
+    "fcx verify --url http://127.0.0.1:8000   # in another terminal",
+    "fcx predict shirt.jpg --url grpc://127.0.0.1:8001",
+))
+@handle_errors
+def serve(
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    repository: Annotated[Optional[Path], typer.Option(help="A model repository from fcx export --triton [default: ARTIFACTS/model_repository]")] = None,
+    http_port: Annotated[int, typer.Option("--http-port", help="HTTP port on 127.0.0.1")] = 8000,
+    grpc_port: Annotated[int, typer.Option("--grpc-port", help="gRPC port on 127.0.0.1")] = 8001,
+    server_env: Annotated[Optional[Path], typer.Option("--server-env", help="The server's venv (numpy < 2, nvidia-pytriton) [default: $FCX_TRITON_ENV, else .venv-triton]")] = None,
+) -> None:
+    """Serve a Triton model repository with the real tritonserver on 127.0.0.1 until Ctrl-C.
+
+    The server is the one in the nvidia-pytriton wheel (python backend only): each onnxruntime_onnx model
+    runs in a stand-in that runs the same model.onnx in onnxruntime. Stops cleanly on Ctrl-C or SIGTERM,
+    and when fcx itself is killed; nothing is left running or in /dev/shm."""
+    import signal
+    import time
+
+    from fcexport.pipeline import serve as run
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        with run(artifacts, repository, http_port, grpc_port, server_env) as running:
+            render.serving(running)
+            while running.alive():
+                time.sleep(0.5)
+            raise FcxError(f"tritonserver stopped by itself (exit code {running.process.returncode}): {running.last_log()}")
+    except KeyboardInterrupt:
+        render.note("stopped: tritonserver exited, nothing left running")
 
 
 @app.command(epilog=examples(

@@ -322,3 +322,21 @@ def bench_table(rows) -> None:
     table("fcx bench", ["backend", "device", "batch", "p50", "p90", "samples/s"], body)
     for line in skipped:
         out.print(Text(line, style="yellow"))
+
+
+def note(message: str) -> None:
+    err.print(Text(shown(message)))
+
+
+def serving(running) -> None:
+    """fcx serve's first lines: what serves (said plainly: a stand-in), where, what was left out; stdout, flushed."""
+    from fcexport.serve import STANDIN_NOTE
+
+    out.print(Text(f"tritonserver {running.version} from nvidia-pytriton on 127.0.0.1: {STANDIN_NOTE}"), soft_wrap=True)
+    out.print(Text(f"ready: {running.http_url}  {running.grpc_url}  models: {', '.join(shown(m) for m in running.models)}"),
+              soft_wrap=True)
+    for name, why in running.left.items():
+        out.print(Text(f"not served: {shown(name)} ({shown(why)})", style="bright_black"), soft_wrap=True)
+    first = running.models[0]
+    out.print(Text(f"try: fcx verify --url {running.http_url} --model {shown(first)}   (Ctrl-C stops the server)"), soft_wrap=True)
+    sys.stdout.flush()

@@ -6,6 +6,7 @@ holds and whether each file can be trusted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -53,6 +54,39 @@ def read_manifest_bytes(folder: Path) -> tuple[dict, str] | None:
     return manifest, hashlib.sha256(data).hexdigest()
 
 
+MAX_FOLDER_FILES = 10_000  # files listed under one folder entry of an artifact (a Triton repository holds a few)
+
+
+def artifact_files(folder: Path, entries) -> list[str]:
+    """The files `entries` (an artifact's relative paths; one ending in '/' is a whole folder) name in `folder`
+    that exist, as manifest keys (relative paths); symlinks and hidden names (temp files) are never listed."""
+    folder, found = Path(folder), []
+    for entry in entries:
+        if not entry.endswith("/"):
+            if (folder / entry).is_file():
+                found.append(entry)
+            continue
+        top = folder / entry
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for path in sorted(top.rglob("*")):
+            relative = path.relative_to(folder)
+            if path.is_file() and not path.is_symlink() and not any(p.startswith(".") for p in relative.parts):
+                found.append(relative.as_posix())
+                if len(found) > MAX_FOLDER_FILES:
+                    raise FcxError(f"{top}: more than {MAX_FOLDER_FILES:,} files; not an fcexport artifact folder")
+    return found
+
+
+def prune_empty_folders(folder: Path, entries) -> None:
+    """Remove the sub-folders of `entries`' folders that removing stale files left empty."""
+    for entry in (e for e in entries if e.endswith("/") and (Path(folder) / e).is_dir()):
+        top = Path(folder) / entry
+        for path in sorted((p for p in top.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: -len(p.parts)) + [top]:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only when empty
+
+
 def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, created: str, model_sha256: str | None = None) -> Path:
     """Add or refresh the entries of the files in `sources` (name -> sha256 of the model.pt each was made
     from) with their own sha256 and size; keep the other entries whose files are still there, and
@@ -60,10 +94,8 @@ def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, cr
     folder = Path(folder)
     previous = (read_manifest(folder) or {}).get("files", {})
     files = {}
-    for name in dict.fromkeys(f for files in registry.artifacts().values() for f in files):
+    for name in dict.fromkeys(f for files in registry.artifacts().values() for f in artifact_files(folder, files)):
         path = folder / name
-        if not path.is_file():
-            continue
         if name == MODEL and model_sha256 is not None:  # the hash of the bytes the caller loaded, not a re-read
             files[name] = {"sha256": model_sha256, "bytes": path.stat().st_size}
         elif name == MODEL or name in sources:

@@ -65,9 +65,9 @@ def predict_files(
             yield _row(file, next(logits), spec.class_names, top_k, predictor.source)
 
 
-def _row(file: Path, logits: np.ndarray, names: list[str], top_k: int, source: Path) -> dict:
+def _row(file: Path, logits: np.ndarray, names: list[str], top_k: int, source: Path | str) -> dict:
     if not np.isfinite(logits).all():
-        return {"file": str(file), "error": f"{source.name} returned non-finite logits (NaN or inf) for this image"}
+        return {"file": str(file), "error": f"{Path(source).name if isinstance(source, Path) else source} returned non-finite logits (NaN or inf) for this image"}
     probs = softmax(logits[None])[0]
     order = np.argsort(-probs, kind="stable")[: min(top_k, len(names))]
     return {

@@ -6,6 +6,7 @@ Every way in (train, import) writes the same model.pt; every later step reads it
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -19,7 +20,7 @@ from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError, check_choices
 from fcexport.results import BenchRow, ExportResult, FileReport, FuseResult, Inspection, Status, TrustCheck, VerifyReport
 from fcexport.spec import thawed
-from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings, Predictor, Refused
+from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings, Predictor, Refused, TritonSettings
 from fcexport.targets.program import program_predictor
 
 DEFAULT_TOLERANCE = Tolerance()
@@ -345,7 +346,7 @@ def export_files(program, spec, formats, settings: ExportSettings, stage: Path) 
 
 
 def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = None, fuse: bool = True,
-           sign_key: Path | None = None) -> ExportResult:
+           sign_key: Path | None = None, triton: TritonSettings | None = None) -> ExportResult:
     """`fcx export`: model.pt -> (fused) program -> each format's files (default: torchscript, onnx, pt2) ->
     manifest.json [-> model.sig, signed with `sign_key`]; the result carries the manifest's sha256 for out-of-band
     checks. A model.fused.pt proved from this model.pt (fcx fuse-bn) is used instead of folding again."""
@@ -362,7 +363,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     program, spec, folds = stored.program, stored.spec, []
     if fuse:
         program, spec, folds = model.fused
-    settings = ExportSettings(opset or ExportSettings.opset)
+    settings = ExportSettings(opset or ExportSettings.opset, triton or TritonSettings())
     made = spec.provenance
     spec = replace(spec, provenance=replace(made, exported=now_iso(), source=model_path.name, source_sha256=stored.sha256,
                                             fused=fuse or made.fused, opset=settings.opset,
@@ -378,11 +379,15 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     rewritten = set(formats) - set(skipped)
     stale = [name for name, e in registry.exporters().items()
              if name in skipped or (name not in rewritten and e.builds_on in rewritten)]
+    written_names = {names.manifest_name(artifacts, p) for p in written}
     removed = []
-    for path in (artifacts / f for name in stale for f in registry.exporters()[name].files):
-        if path.is_file():
+    for name, exporter in registry.exporters().items():
+        # a stale file set goes whole; a folder written again keeps only what this export wrote into it
+        old = names.artifact_files(artifacts, exporter.files) if name in stale or name in rewritten else []
+        for path in (artifacts / f for f in old if name in stale or f not in written_names):
             path.unlink()
             removed.append(str(path))
+        names.prune_empty_folders(artifacts, exporter.files)
     here = model_path.resolve() == (artifacts / names.MODEL).resolve()
     manifest = names.record_in_manifest(artifacts, {names.manifest_name(artifacts, p): stored.sha256 for p in written}, versions(), now_iso(),
                                         stored.sha256 if here else None)
@@ -568,10 +573,11 @@ def verify(
         return VerifyReport(trust, None)  # nothing in the folder is loaded
     model = _Model(artifacts / names.MODEL, reuse_fused=False)
     stored = model.stored
-    exported = {f for name, files in registry.artifacts().items() if name != "model" for f in files if (artifacts / f).is_file()}
+    manifest = names.read_manifest(artifacts)
+    trust += tuple(folder_checks(artifacts, manifest, stored.sha256))
+    exported = {f for name, files in registry.artifacts().items() if name != "model" for f in names.artifact_files(artifacts, files)}
     if not exported:
         raise FcxError(f"{artifacts}: nothing to verify: the folder holds model.pt but no fused or exported model", hint="export")
-    manifest = names.read_manifest(artifacts)
     expected = _FreshExports(model)
 
     def vouch(path: Path, data: bytes) -> str | None:
@@ -614,6 +620,52 @@ def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | Non
         why = names.check_digest(artifacts, expect_digest)
         rows.append(TrustCheck("digest", Status.FAIL if why else Status.PASS,
                                why or f"{names.MANIFEST} has the expected sha256 and every file it lists matches it"))
+    return rows
+
+
+class VouchedReader:
+    """Reads files of an artifacts folder for a check, each once, and vouches for the bytes read: listed in the
+    folder's manifest, unchanged, made from this model.pt (`model_sha256`). A file that fails is never returned."""
+
+    def __init__(self, folder: Path, manifest: dict | None, model_sha256: str | None):
+        self.folder, self.manifest, self.model_sha256, self.read = Path(folder), manifest, model_sha256, {}
+
+    def __call__(self, path: Path) -> bytes:
+        from fcexport.targets import read_bytes
+
+        path = Path(path)
+        if path not in self.read:
+            data = read_bytes(path)
+            if self.manifest is not None:
+                name = names.manifest_name(self.folder, path)
+                if problem := names.check_against_manifest(path, self.manifest, self.model_sha256, data, name):
+                    raise Refused(path, [problem], problem, hint="export")
+            self.read[path] = data
+        return self.read[path]
+
+
+def folder_checks(artifacts: Path, manifest: dict | None, model_sha256: str) -> list[TrustCheck]:
+    """One row per exported folder (a Triton repository): every file in it matches the manifest and came from this
+    model.pt, and the exporter's own check of the set (configs against the graphs they serve) passes."""
+    rows = []
+    for name, exporter in registry.exporters().items():
+        folders = [entry for entry in exporter.files if entry.endswith("/")]
+        files = names.artifact_files(artifacts, folders)
+        if not files or exporter.check is None:
+            continue
+        read = VouchedReader(artifacts, manifest, model_sha256)
+        problems = []
+        for file in files:  # a file the check would never read (one planted in the folder) is judged too
+            try:
+                read(artifacts / file)
+            except FcxError as exc:
+                problems.append(str(exc))
+        if not problems:
+            problems = exporter.check(artifacts, read)
+        where = ", ".join(folders)
+        rows.append(TrustCheck(name, Status.FAIL if problems else Status.PASS,
+                               "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+                               if problems else f"{where}: {len(files)} files match {names.MANIFEST} and come from this model.pt; the set checks"))
     return rows
 
 
@@ -715,3 +767,74 @@ def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backen
             measured.append((predictor, rows[-1]))
     speeds.record(measured)
     return rows
+
+
+# ---- deploy ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve(artifacts: str | Path = "artifacts", repository: str | Path | None = None, http_port: int = 8000,
+          grpc_port: int = 8001, server_env: Path | None = None):
+    """`fcx serve`: the folder's Triton repository (or `repository`), checked file by file against the manifest of
+    the folder it is in and config by config against its models, served by tritonserver on 127.0.0.1 until the
+    block ends. Yields a fcexport.serve.Running."""
+    from fcexport import serve as serving
+    from fcexport.targets.triton import check_repository
+    from fcexport.triton_config import LABELS_FILE, REPOSITORY
+
+    env = serving.find_server_env(server_env)  # before reading anything: says how to make it when missing
+    repository = Path(repository) if repository is not None else Path(artifacts) / REPOSITORY
+    folder = repository.parent
+    model_path = folder / names.MODEL
+    manifest = names.read_manifest(folder)
+    from fcexport.files import sha256_file
+
+    read = VouchedReader(folder, manifest, sha256_file(model_path) if model_path.is_file() else None)
+    served, problems = check_repository(repository, read, folder)
+    if problems:
+        raise FcxError(f"{repository}: not served: {'; '.join(problems[:3])}", hint="export-triton")
+    models = [serving.ServedModel(m.name, m.config, read(m.model_file.parent.parent / LABELS_FILE), read(m.model_file))
+              for m in served]
+    with serving.running_server(env, models, http_port, grpc_port) as running:
+        yield running
+
+
+def verify_remote(urls: list[str], model: str, artifacts: str | Path = "artifacts", data: str | None = None,
+                  data_root: str | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE) -> VerifyReport:
+    """`fcx verify --url`: a served model (at each URL: HTTP or gRPC) gets the inputs fcx verify uses and is compared
+    with the folder's model.pt the same way; its configuration (input, output, dims, batch) and the class names Triton
+    returns are checked against model.pt's spec."""
+    from fcexport import remote
+    from fcexport.triton_config import Served, config_problems
+
+    model_file = Path(artifacts) / names.MODEL
+    stored = _Model(model_file).stored
+    spec = stored.spec
+    candidates, problems = [], []
+    sample = np.random.default_rng(2).random((8, *spec.input_shape), dtype=np.float32)
+    for url in urls:
+        endpoint = remote.connect(url, model)
+        found = config_problems(Served(model, endpoint.config, tuple(spec.class_names), Path(model)), spec, None, remote=True)
+        carried = remote.served_spec(endpoint) if not found else None
+        if carried is not None and carried.provenance.source_sha256 not in (None, stored.sha256):
+            found.append(f"it was exported from another model.pt (sha256 {carried.provenance.source_sha256[:12]}, "
+                         f"this one is {stored.sha256[:12]})")
+        if not found:
+            labels, label_problems = remote.served_labels(endpoint, spec, sample)
+            found = label_problems
+        candidates.append(remote.remote_predictor(endpoint, spec))
+        problems.append(found)
+    return VerifyReport((), _parity(stored, model_file, candidates, data, data_root, tolerance, problems))
+
+
+def predict_remote(images: list[str | Path], url: str, model: str, top_k: int = 3, invert: str = "auto") -> Predictions:
+    """`fcx predict --url`: images prepared here (the spec comes from the served configuration), classified by the
+    server. Torch is not imported."""
+    from fcexport import remote
+    from fcexport.classify import predict_files
+    from fcexport.preprocess import collect_image_files
+
+    endpoint = remote.connect(url, model)
+    predictor = remote.remote_predictor(endpoint, remote.served_spec(endpoint))
+    files = list(collect_image_files(str(i) for i in images))
+    return Predictions(predict_files(predictor, files, top_k, invert), predictor, None)

@@ -18,7 +18,7 @@ from fcexport.targets import DEVICES, Checks, DeviceUnavailable, Exporter, Predi
 
 # Modules that declare EXPORTER and/or RUNTIME, in the order verify and bench list them (another package's module
 # can be named here too).
-PLUGINS = tuple(f"fcexport.targets.{name}" for name in ("program", "torchscript", "onnx", "int8", "pt2", "onnxruntime", "openvino"))
+PLUGINS = tuple(f"fcexport.targets.{name}" for name in ("program", "torchscript", "onnx", "int8", "pt2", "triton", "onnxruntime", "openvino"))
 MODEL, FUSED = "model.pt", "model.fused.pt"
 # Artifacts that no exporter writes: the model as stored, and its BatchNorm-folded copy (fcx fuse-bn).
 STORED_ARTIFACTS = {"model": (MODEL,), "fused": (FUSED,)}
@@ -125,7 +125,7 @@ def suffixes() -> dict[str, str]:
     """File suffix -> the first artifact whose single file has it (.onnx -> onnx, not int8)."""
     found = {}
     for artifact, files in artifacts().items():
-        if len(files) == 1:
+        if len(files) == 1 and not files[0].endswith("/"):  # a folder (a Triton repository) is not one model file
             found.setdefault(Path(files[0]).suffix.lower(), artifact)
     return found
 

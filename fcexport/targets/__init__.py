@@ -87,7 +87,7 @@ class Predictor:
 
     backend: str
     device: str
-    source: Path
+    source: Path | str  # the file it runs, or where it is served (a URL and model name)
     run: Callable[[np.ndarray], np.ndarray]
     spec: ModelSpec
     batch: int = 256
@@ -104,11 +104,37 @@ class Predictor:
         return logits
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # a Triton model name: a folder name, a URL path part
+MAX_SERVED_BATCH = 4096
+MAX_INSTANCES = 64
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """A Triton model repository's choices: the model's name, the largest batch it accepts (the dynamic batcher
+    merges requests up to it), how many copies run side by side, and whether they run on GPUs."""
+
+    name: str = "classifier"
+    max_batch_size: int = 64
+    instances: int = 1
+    gpu: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not MODEL_NAME.fullmatch(self.name) or self.name.endswith("_torchscript"):
+            raise FcxError(f"Triton model name must be 1-100 letters, digits, '_', '.' or '-' (not starting with '.' or '-', "
+                           f"not ending in _torchscript), got {str(self.name)[:100]!r}")
+        if not isinstance(self.max_batch_size, int) or not 1 <= self.max_batch_size <= MAX_SERVED_BATCH:
+            raise FcxError(f"max batch size must be from 1 to {MAX_SERVED_BATCH}, got {self.max_batch_size}")
+        if not isinstance(self.instances, int) or not 1 <= self.instances <= MAX_INSTANCES:
+            raise FcxError(f"instances must be from 1 to {MAX_INSTANCES}, got {self.instances}")
+
+
 @dataclass(frozen=True)
 class ExportSettings:
     """What the user chose for an export; each exporter reads what applies to it."""
 
     opset: int = 18
+    triton: TritonSettings = TritonSettings()
 
     def __post_init__(self):
         if not isinstance(self.opset, int) or not 17 <= self.opset <= 30:
@@ -117,17 +143,19 @@ class ExportSettings:
 
 @dataclass(frozen=True)
 class Exporter:
-    """Writes `files` (paths relative to the folder) into a staging folder from a program and its spec.
-    `fingerprint(data)` says what a written file computes with (the runtime reports the same for a file it
-    opens, so verify can compare an artifact with a fresh export). `builds_on` names an exporter whose files
-    this one reads from the staging folder."""
+    """Writes `files` (paths relative to the folder; one ending in '/' is a folder the exporter owns whole) into a
+    staging folder from a program and its spec. `fingerprint(data)` says what a written file computes with (the
+    runtime reports the same for a file it opens, so verify can compare an artifact with a fresh export); `check`
+    says what is wrong with the written files as a set, read from a folder. `builds_on` names an exporter whose
+    files this one reads from the staging folder."""
 
     name: str
     files: tuple[str, ...]
     format: str
     write: Callable[[object, ModelSpec, Path, ExportSettings], None]
-    fingerprint: Callable[[bytes], dict]
     summary: str
+    fingerprint: Callable[[bytes], dict] | None = None
+    check: Callable[[Path, Callable[[Path], bytes]], list[str]] | None = None  # (folder, read) -> problems
     builds_on: str | None = None
     by_default: bool = True
     approximate: bool = False
