@@ -116,6 +116,34 @@ def test_dynamic_batching_merges_concurrent_requests(server):
     assert merged, after  # batches of more than one request ran: the dynamic batcher merged them
 
 
+def test_the_readme_deploy_commands_serve_a_verified_model(exported_dir, tmp_path, runner, monkeypatch):
+    """README "Deploy": its three commands, as written (ports moved to free ones), from model.pt to a verified server."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Deploy.*?```\n(.*?)```", text, re.S).group(1)
+    commands = [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.startswith("fcx ")]
+    assert [c[1] for c in commands] == ["export", "serve", "verify"]
+    shutil.copy(exported_dir / "model.pt", tmp_path / "model.pt")
+    (tmp_path / "artifacts").mkdir()
+    shutil.copy(exported_dir / "model.pt", tmp_path / "artifacts" / "model.pt")
+    monkeypatch.chdir(tmp_path)
+    export, serve, verify = commands
+    assert invoke(runner, *export[1:]).exit_code == 0
+    http, grpc = free_port(), free_port()
+    process = _start_cli(tmp_path / "artifacts", http, grpc, extra=serve[2:])
+    try:
+        ports = {"8000": str(http), "8001": str(grpc)}
+        args = [re.sub(r":(8000|8001)$", lambda m: ":" + ports[m.group(1)], a) for a in verify[1:]]
+        result = invoke(runner, *args)
+        assert result.exit_code == 0, result.output
+        assert "PASSED" in result.output and "triton-grpc" in result.output
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+
+
 def _tritonserver_of(port: int) -> int | None:
     """The pid of the live (not zombie) tritonserver listening on `port`, from /proc."""
     for proc in Path("/proc").iterdir():
@@ -131,11 +159,11 @@ def _tritonserver_of(port: int) -> int | None:
     return None
 
 
-def _start_cli(folder: Path, http: int, grpc: int) -> subprocess.Popen:
-    env = {**os.environ, "FCX_TRITON_ENV": str(_server_env().root)}
+def _start_cli(folder: Path, http: int, grpc: int, extra: list[str] = ()) -> subprocess.Popen:
+    env = {**os.environ, "FCX_TRITON_ENV": str(_server_env().root), "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-c", "from cli.main import main; main()", "serve", "--artifacts", str(folder),
-               "--http-port", str(http), "--grpc-port", str(grpc)]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               "--http-port", str(http), "--grpc-port", str(grpc), *extra]
+    process = subprocess.Popen(command, cwd=folder.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in process.stdout:
         lines.append(line)
