@@ -8,6 +8,7 @@ HINTS = {
     "fuse": "run `fcx fuse-bn`",
     "export": "run `fcx export`",
     "export-int8": "run `fcx export --int8`",
+    "stale": "run `fcx export` (and `fcx fuse-bn`) again, or pass --allow-stale to use it anyway",
     "export-triton": "run `fcx export --triton`",
     "serve-env": ("make the server's environment: `make serve-env` in the fcexport checkout, or `python3 -m venv DIR && "
                   "DIR/bin/pip install 'numpy<2' onnxruntime nvidia-pytriton`, then pass --server-env DIR (or set FCX_TRITON_ENV)"),

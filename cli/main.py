@@ -57,6 +57,7 @@ def _global(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     DEBUG["enabled"] = debug
+    render.show_library_warnings()
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -395,6 +396,7 @@ def predict(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     save_prepared: Annotated[Optional[Path], typer.Option("--save-prepared", help="Write the image fed to the model for each file into this folder (PNG)")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Also show the runner-up classes")] = False,
+    allow_stale: Annotated[bool, typer.Option("--allow-stale", help="Run an artifact made from another model.pt than the folder's (a warning, not an error)")] = False,
     url: Annotated[Optional[str], typer.Option("--url", help="Classify on a server instead (KServe v2: http://HOST:PORT or grpc://HOST:PORT, e.g. fcx serve's); --model is then the served model's name")] = None,
     json_out: JsonFlag = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per line, as each batch finishes")] = False,
@@ -413,9 +415,9 @@ def predict(
             raise FcxError("--url classifies on the server; --runtime, --device and --save-prepared are for local runs")
         predictions = predict_remote(images, url, _served_model(str(model) if model else None), top_k, invert)
     else:
-        predictions = run(images, model, artifacts, top_k, invert, device, runtime, save_prepared)
+        predictions = run(images, model, artifacts, top_k, invert, device, runtime, save_prepared, allow_stale)
     if predictions.stale:
-        render.warning(f"{predictions.stale}; run `fcx export` (and `fcx fuse-bn`) again")
+        render.warning(f"{predictions.stale} (--allow-stale); run `fcx export` (and `fcx fuse-bn`) again")
     rows, predictor = predictions.rows, predictions.predictor
     mode = "jsonl" if jsonl else "json" if json_out else "table"
     errors = render.stream_predictions(predictor, rows, mode, wide, json_file)

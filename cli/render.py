@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Mapping
 
@@ -42,6 +43,20 @@ def shown(text) -> str:
 
 def warning(message: str) -> None:
     err.print(Text(f"warning: {shown(message)}", style="yellow"))
+
+
+class _WarningLines(logging.Handler):
+    """The library's warnings (the "fcexport" logger) as one yellow line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warning(record.getMessage())
+
+
+def show_library_warnings() -> None:
+    logger = logging.getLogger("fcexport")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
+        logger.addHandler(_WarningLines(logging.WARNING))
+        logger.propagate = False
 
 
 def table(title: str, columns: list[str], rows: list[list], console: Console = out, text: tuple[int, ...] = (0,)) -> None:
@@ -239,7 +254,9 @@ def verify_report(result, wide: bool = False) -> None:
     """A VerifyReport: the trust checks, then the comparison table."""
     trust_table(result.trust)
     if result.rows:
-        comparison_table("fcx verify: each artifact vs model.pt on cpu", result.parity, wide)
+        served = all(row.source and "://" in row.source for row in result.rows)
+        title = "fcx verify: the served model vs model.pt (KServe v2)" if served else "fcx verify: each artifact vs model.pt on cpu"
+        comparison_table(title, result.parity, wide)
     out.print("[green]PASSED[/]" if result.passed else "[red]FAILED[/]")
 
 
@@ -267,10 +284,10 @@ def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file
         elif mode == "json":
             sys.stdout.write(("," if number else "") + "\n  " + json.dumps(row))
         elif "error" in row:  # one line per file, however long its name: grep and wc -l keep working
-            out.print(Text(f"{'-':<{names_width}}  {'error':>6}  {shown(row['error'])}", style="red"), soft_wrap=True)
+            out.print(Text(f"{'-':<{names_width}}  {'error':>6}  {shown(row['error'])}", style="red"))
         else:
             extra = "  (" + ", ".join(f"{labels[t['label']]} {t['probability']:.1%}" for t in row["top"][1:]) + ")" if wide else ""
-            out.print(Text(f"{labels[row['label']]:<{names_width}}  {row['probability']:>6.1%}  {shown(row['file'])}{extra}"), soft_wrap=True)
+            out.print(Text(f"{labels[row['label']]:<{names_width}}  {row['probability']:>6.1%}  {shown(row['file'])}{extra}"))
     if mode == "json":
         sys.stdout.write("\n]\n")
         sys.stdout.flush()
@@ -332,11 +349,11 @@ def serving(running) -> None:
     """fcx serve's first lines: what serves (said plainly: a stand-in), where, what was left out; stdout, flushed."""
     from fcexport.serve import STANDIN_NOTE
 
-    out.print(Text(f"tritonserver {running.version} from nvidia-pytriton on 127.0.0.1: {STANDIN_NOTE}"), soft_wrap=True)
+    out.print(Text(f"tritonserver {running.version} from nvidia-pytriton on 127.0.0.1: {STANDIN_NOTE}"))
     out.print(Text(f"ready: {running.http_url}  {running.grpc_url}  models: {', '.join(shown(m) for m in running.models)}"),
               soft_wrap=True)
     for name, why in running.left.items():
-        out.print(Text(f"not served: {shown(name)} ({shown(why)})", style="bright_black"), soft_wrap=True)
+        out.print(Text(f"not served: {shown(name)} ({shown(why)})", style="bright_black"))
     first = running.models[0]
-    out.print(Text(f"try: fcx verify --url {running.http_url} --model {shown(first)}   (Ctrl-C stops the server)"), soft_wrap=True)
+    out.print(Text(f"try: fcx verify --url {running.http_url} --model {shown(first)}   (Ctrl-C stops the server)"))
     sys.stdout.flush()

@@ -78,6 +78,37 @@ def artifact_files(folder: Path, entries) -> list[str]:
     return found
 
 
+SUPERSEDED = "superseded"
+RESULTS = ("metrics.json", "history.csv", "curves.png", "confusion.png")  # what fcx train writes about a model
+
+
+def retire_generation(folder: Path, keep: tuple[str, ...] = ()) -> Path | None:
+    """Before a new model.pt replaces the folder's: move the old one, every file made from it (exports, manifest,
+    signature) and its training results (but `keep`) into superseded/STAMP/, so no stale file answers for the new
+    model and the old set stays whole (fcx verify --artifacts that folder still works). None when there is no
+    model.pt to replace."""
+    import os
+    import time
+
+    folder = Path(folder)
+    if not (folder / MODEL).is_file():
+        return None
+    made = [f for files in registry.artifacts().values() for f in artifact_files(folder, files) if f != MODEL]
+    moving = [n for n in dict.fromkeys([*made, SIGNATURE, MANIFEST, *(r for r in RESULTS if r not in keep), MODEL])
+              if (folder / n).is_file()]
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = folder / SUPERSEDED / stamp
+    for n in range(2, 1000):
+        if not target.exists():
+            break
+        target = folder / SUPERSEDED / f"{stamp}-{n}"
+    for name in moving:  # model.pt last: until then, a folder left half-way still holds the model its files came from
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder / name, target / name)
+    prune_empty_folders(folder, [f for files in registry.artifacts().values() for f in files])
+    return target
+
+
 def prune_empty_folders(folder: Path, entries) -> None:
     """Remove the sub-folders of `entries`' folders that removing stale files left empty."""
     for entry in (e for e in entries if e.endswith("/") and (Path(folder) / e).is_dir()):

@@ -7,6 +7,7 @@ Every way in (train, import) writes the same model.pt; every later step reads it
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +25,7 @@ from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings,
 from fcexport.targets.program import program_predictor
 
 DEFAULT_TOLERANCE = Tolerance()
+log = logging.getLogger("fcexport")
 MAX_BENCH_BATCH = 65536
 
 # ---- ways in -----------------------------------------------------------------------------
@@ -40,7 +42,6 @@ def train(opts, on_epoch=None) -> dict:
 
 def _train(opts, on_epoch=None) -> dict:
     from fcexport import plots
-    from fcexport.checkpoint import save_program
     from fcexport.program import capture
     from fcexport.data import dataset_source, load_dataset, train_val_split
     from fcexport.files import check_writable_folder, write_json_atomic, write_text_atomic
@@ -108,13 +109,14 @@ def _train(opts, on_epoch=None) -> dict:
         metrics=metrics,
         training=asdict(opts),
     )
-    save_program(capture(result.model.cpu().eval(), spec.input_shape), spec, out / names.MODEL)
+    superseded = _save_model(capture(result.model.cpu().eval(), spec.input_shape), spec, out, keep=("history.csv",))
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "history.csv", history_csv(result.history))
     title = f"{config['arch']} on {dataset.name}: test accuracy {test_acc:.2%}"
     plots.save_curves(result.history, out / "curves.png", result.best_epoch, title)
     plots.save_confusion(dataset.test.labels, test_pred, dataset.class_names, out / "confusion.png")
-    return {"metrics": metrics, "history": result.history, "artifacts": str(out), "dataset": dataset.name}
+    return {"metrics": metrics, "history": result.history, "artifacts": str(out), "dataset": dataset.name,
+            "superseded": str(superseded) if superseded else None}
 
 
 def import_weights(
@@ -130,13 +132,11 @@ def import_weights(
 ) -> Path:
     """`fcx import`: a state dict plus the model's code -> ARTIFACTS/model.pt (no code needed afterwards). The
     code runs in a child process: whatever it does, it cannot end this one."""
-    from fcexport.checkpoint import save_program
     from fcexport.sources import from_state_dict_isolated
 
     program, spec = from_state_dict_isolated(weights, model_def, input_shape, model_args, key, class_names, mean, std)
-    path = Path(artifacts) / names.MODEL
-    save_program(program, spec, path)
-    return path
+    _save_model(program, spec, Path(artifacts))
+    return Path(artifacts) / names.MODEL
 
 
 def import_model(
@@ -152,13 +152,23 @@ def import_model(
     `input_shape` is (C, H, W); `mean`/`std` (one value or one per channel) is the normalisation the
     model expects on [0, 1] pixels: it becomes part of the stored model, so artifacts take [0, 1] pixels.
     """
-    from fcexport.checkpoint import save_program
     from fcexport.sources import from_module
 
     program, spec = from_module(module, input_shape, class_names, mean, std)
-    path = Path(artifacts) / names.MODEL
-    save_program(program, spec, path)
-    return path
+    _save_model(program, spec, Path(artifacts))
+    return Path(artifacts) / names.MODEL
+
+
+def _save_model(program, spec, folder: Path, keep: tuple[str, ...] = ()) -> Path | None:
+    """Write FOLDER/model.pt; a model.pt already there is retired first with everything made from it (see
+    artifacts.retire_generation), and a warning on the "fcexport" logger says where it went."""
+    from fcexport.checkpoint import save_program
+
+    superseded = names.retire_generation(folder, keep)
+    if superseded is not None:
+        log.warning(f"{folder / names.MODEL} replaced: the previous model, its exports and results moved to {superseded}")
+    save_program(program, spec, folder / names.MODEL)
+    return superseded
 
 
 # ---- fuse --------------------------------------------------------------------------------
@@ -467,6 +477,10 @@ def open_for_predict(model: str | Path | None, artifacts: str | Path, device: st
     return registry.open_predictor(path, device, Checks(source=source, vouch=vouch), runtime), warning
 
 
+class StaleArtifact(FcxError):
+    """The artifact to run was made from another model.pt than the one next to it."""
+
+
 @dataclass(frozen=True)
 class Predictions:
     """What predict returns: iterate it for one dict per image as its batch is done (file, label, index,
@@ -482,14 +496,17 @@ class Predictions:
 
 def predict(images: list[str | Path], model: str | Path | None = None, artifacts: str | Path = "artifacts",
             top_k: int = 3, invert: str = "auto", device: str = "cpu", runtime: str | None = None,
-            save_prepared: Path | None = None) -> Predictions:
+            save_prepared: Path | None = None, allow_stale: bool = False) -> Predictions:
     """Classify image files with `model`, or the best artifact in the folder (ONNX > fused > model), with
-    `runtime` or the fastest measured here; `save_prepared` gets the image each file became, as PNG."""
+    `runtime` or the fastest measured here; `save_prepared` gets the image each file became, as PNG. An artifact
+    made from another model.pt than the folder's is an error, unless `allow_stale` (then `stale` says so)."""
     from fcexport.classify import BATCH_SIZE, predict_files
     from fcexport.preprocess import collect_image_files
 
     files = list(collect_image_files(str(i) for i in images))  # bounded (preprocess.MAX_MATCHES); sizes the batch
     predictor, warning = open_for_predict(model, artifacts, device, runtime, min(BATCH_SIZE, max(1, len(files))))
+    if warning and not allow_stale:
+        raise StaleArtifact(f"{warning}, so it would answer for another model", hint="stale")
     rows = predict_files(predictor, files, top_k, invert, save_prepared=save_prepared)
     return Predictions(rows, predictor, warning)
 

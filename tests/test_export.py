@@ -179,14 +179,44 @@ def test_verify_reports_missing_artifacts_as_skipped(tmp_path, runner, exported_
     assert "fcx export" in rows["torchscript"]["hint"] and "model.ts not found" in rows["torchscript"]["reason"]
 
 
-def test_verify_flags_a_stale_export(artifacts_copy, runner, tmp_path):
-    """Retrain model.pt but keep the old model.onnx: verify fails and says the export is stale."""
+def test_retraining_moves_the_previous_generation_aside(artifacts_copy, runner):
+    """A new model.pt never sits next to files made from the old one: they move, whole, to superseded/STAMP/."""
     r = invoke(runner, "train", "--data", "digits", "--hidden", "32", "--epochs", "1", "--seed", "9", "--artifacts", artifacts_copy, "-q")
     assert r.exit_code == 0, r.output
-    r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "onnxruntime", "--devices", "cpu", "--json-file", tmp_path / "r.json")
+    assert "moved to" in r.stderr and "superseded" in r.stderr
+    assert not [f for f in ("model.onnx", "model.ts", "model.pt2", "model.fused.pt", "manifest.json") if (artifacts_copy / f).exists()]
+    (old,) = (artifacts_copy / "superseded").iterdir()
+    assert {"model.pt", "model.onnx", "model.ts", "manifest.json"} <= {p.name for p in old.iterdir()}
+    r = invoke(runner, "verify", "--artifacts", old, "--backends", "onnxruntime", "--devices", "cpu")
+    assert r.exit_code == 0, r.output  # the old set is still whole
+    r = invoke(runner, "verify", "--artifacts", artifacts_copy)
+    assert r.exit_code == 2 and "nothing to verify" in r.output
+
+
+@pytest.fixture
+def stale_copy(artifacts_copy, runner, tmp_path) -> Path:
+    """The folder's model.pt overwritten by another model's (a `cp`, which fcx cannot see coming)."""
+    r = invoke(runner, "train", "--data", "digits", "--hidden", "16", "--epochs", "1", "--seed", "9", "--artifacts", tmp_path / "other", "-q")
+    assert r.exit_code == 0, r.output
+    shutil.copy(tmp_path / "other" / "model.pt", artifacts_copy / "model.pt")
+    return artifacts_copy
+
+
+def test_verify_flags_a_stale_export(stale_copy, runner, tmp_path):
+    r = invoke(runner, "verify", "--artifacts", stale_copy, "--backends", "onnxruntime", "--devices", "cpu", "--json-file", tmp_path / "r.json")
     row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
     assert r.exit_code == 1 and row["status"] == "fail"
     assert "made from another model.pt" in row["problems"][0] and "another model.pt" in r.stdout
+
+
+def test_predict_refuses_a_stale_export_unless_allowed(stale_copy, runner, tmp_path):
+    from fcexport.samples import write_samples
+
+    write_samples("digits", tmp_path / "s", 2)
+    r = invoke(runner, "predict", tmp_path / "s", "--artifacts", stale_copy)
+    assert r.exit_code == 2 and "made from another model.pt" in r.output and "--allow-stale" in r.output
+    r = invoke(runner, "predict", tmp_path / "s", "--artifacts", stale_copy, "--allow-stale")
+    assert r.exit_code == 0 and "warning:" in r.stderr and "stale" in r.stderr
 
 
 # ---- int8 (approximate) ONNX ---------------------------------------------------------------
