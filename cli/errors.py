@@ -38,7 +38,7 @@ def handle_errors(command):
         except Exception as exc:
             _traceback_if_debug()
             if isinstance(exc, FcxError):
-                fail(with_hint(str(exc), exc.hint), exc.exit_code)
+                fail(with_hint(str(exc), exc.hint, kwargs.get("artifacts")), exc.exit_code)
             if isinstance(exc, MemoryError):
                 fail("out of memory; use fewer or smaller inputs", 2)
             fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug and report it)", INTERNAL_ERROR)

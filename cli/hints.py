@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+from pathlib import Path
+
 HINTS = {
     "train-or-import": "run `fcx train`, or `fcx import WEIGHTS --model-def FILE.py:NAME --input-shape C,H,W` for your own model",
     "import": "run `fcx import WEIGHTS --model-def FILE.py:NAME --input-shape C,H,W` (see `fcx import --help`)",
@@ -28,8 +32,11 @@ def command_for(hint: str | None) -> str | None:
     return None
 
 
-def with_hint(message: str, hint: str | None) -> str:
+def with_hint(message: str, hint: str | None, artifacts=None) -> str:
+    """The message and the command that fixes it; a folder the user chose (`artifacts`) goes into that command."""
     command = command_for(hint)
+    if command and artifacts is not None and Path(artifacts) != Path("artifacts"):
+        command = re.sub(r"`(fcx [^`]*)`", lambda m: f"`{m.group(1)} --artifacts {shlex.quote(str(artifacts))}`", command)
     return f"{message}; {command}" if command else message
 
 

@@ -250,6 +250,10 @@ def fuse(
     model_path, out_path = Path(model_path), Path(out_path)
     if out_path.resolve() == model_path.resolve():
         raise FcxError(f"{out_path}: the fused model would overwrite its own source; write it elsewhere")
+    exported = registry.suffixes().get(model_path.suffix.lower())
+    if exported not in (None, "model", "fused"):
+        raise FcxError(f"{model_path}: an exported model ({exported}); fcx fuse-bn folds the stored model: pass the "
+                       f"{names.MODEL} it was exported from (BatchNorm is already folded in exports)")
     stored = read_model(model_path)
     fused, report, fused_spec = fused_model(stored, model_path)
     before = program_predictor(stored.program, "eager", device, model_path, stored.spec)

@@ -33,7 +33,7 @@ def test_control_characters_in_file_names_are_shown_escaped(exported_dir, hostil
     assert r.exit_code == 0, r.output
     assert "\x1b" not in r.stdout and "\\x1b[2Jx.png" in r.stdout
     assert "two\\nshirt" in r.stdout and not any(line.startswith("shirt") for line in r.stdout.splitlines())
-    assert len(r.stdout.strip().splitlines()) == 2 + 3  # the model line, the header, one line per file
+    assert len(r.stdout.strip().splitlines()) == 2 + 3, r.stdout  # the model line, the header, one line per file
 
 
 def test_json_keeps_names_exact(exported_dir, hostile_files, runner):
