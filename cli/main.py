@@ -273,6 +273,7 @@ def export(
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Triton: the largest batch a request (or the dynamic batcher) makes")] = TritonSettings.max_batch_size,
     instances: Annotated[int, typer.Option("--instances", help="Triton: copies of the model running side by side")] = TritonSettings.instances,
     gpu: Annotated[bool, typer.Option("--gpu", help="Triton: run the instances on GPUs (KIND_GPU)")] = False,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Run each written file on a few inputs against model.pt (fcx verify is the full proof)")] = True,
     sign_key: SignKeyOpt = None,
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
@@ -288,10 +289,14 @@ def export(
     chosen = TritonSettings(name, max_batch_size, instances, gpu)
     if "triton" not in formats and chosen != TritonSettings():
         raise FcxError("--name, --max-batch-size, --instances and --gpu describe the Triton repository: add --triton")
-    result = run(_model_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, sign_key, chosen)
-    _emit_json(result.to_json(), json_out, json_file)
+    result = run(_model_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, sign_key, chosen, check)
+    _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not json_out:
         render.export_summary(result)
+    if not result.passed:
+        failed = ", ".join(r.backend for r in result.check.rows if r.status.value == "fail")
+        fail(f"the export check failed ({failed}): a written file does not compute what model.pt does; "
+             f"see `fcx verify --artifacts {artifacts}` for the full report", 1)
 
 
 @app.command(epilog=examples(

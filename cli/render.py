@@ -229,6 +229,11 @@ def export_summary(result) -> None:
               "removed (made from the previous model; export it again to rebuild)"] for path in result.removed]
     rows += [[name, f"not written: {why}"] for name, why in result.skipped.items()]
     table("fcx export" + (" (fused)" if result.fused else " (unfused)"), ["file", ""], rows)
+    if result.check is not None and result.check.rows:
+        parts = [f"{r.backend} {r.status.value}" + (f" (max abs {fmt(r.value('max_abs'))})" if r.value("max_abs") is not None else "")
+                 for r in result.check.rows]
+        style = "green" if result.passed else "red"
+        out.print(Text(f"checked on {result.check.inputs} against model.pt: {', '.join(parts)}", style=style))
     manifest_digest(result.manifest_sha256)
 
 

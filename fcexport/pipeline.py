@@ -360,10 +360,11 @@ def export_files(program, spec, formats, settings: ExportSettings, stage: Path) 
 
 
 def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = None, fuse: bool = True,
-           sign_key: Path | None = None, triton: TritonSettings | None = None) -> ExportResult:
+           sign_key: Path | None = None, triton: TritonSettings | None = None, check: bool = True) -> ExportResult:
     """`fcx export`: model.pt -> (fused) program -> each format's files (default: torchscript, onnx, pt2) ->
     manifest.json [-> model.sig, signed with `sign_key`]; the result carries the manifest's sha256 for out-of-band
-    checks. A model.fused.pt proved from this model.pt (fcx fuse-bn) is used instead of folding again."""
+    checks. A model.fused.pt proved from this model.pt (fcx fuse-bn) is used instead of folding again. With
+    `check`, each written file is then loaded as predict would and compared with model.pt on a few inputs."""
     import fcexport
     from fcexport.checkpoint import now_iso
     from fcexport.files import publish, staging_folder
@@ -411,8 +412,46 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     elif signature.is_file():  # it vouches for the previous set: it would only fail
         signature.unlink()
         removed.append(str(signature))
+    report = export_check(model, artifacts, [name for name in formats if name in rewritten]) if check else None
     return ExportResult(tuple(str(p) for p in written), tuple(removed), skipped, str(manifest), names.read_manifest_bytes(artifacts)[1],
-                        str(signature) if sign_key else None, fuse, tuple(folds))
+                        str(signature) if sign_key else None, fuse, tuple(folds), report)
+
+
+EXPORT_CHECK_INPUTS = 16
+
+
+def export_check(model: _Model, artifacts: Path, exported: list[str]):
+    """What export says about its own files: each exported artifact, read through the manifest check and opened
+    by its first runtime on cpu, against model.pt in float64 on EXPORT_CHECK_INPUTS random inputs (fcx verify
+    is the full proof: real data, probes, structure, every backend and device). Approximate files are left to
+    verify, which judges them on real data."""
+    from fcexport.targets.program import float64_logits
+
+    stored = model.stored
+    manifest = names.read_manifest(artifacts)
+
+    def vouch(path: Path, data: bytes) -> str | None:
+        return names.check_against_manifest(path, manifest, stored.sha256, data, names.manifest_name(artifacts, path))
+
+    candidates = []
+    for artifact in exported:
+        chosen = next((b for b in registry.backends().values() if b.artifact == artifact), None)
+        if chosen is None:
+            continue  # nothing runs it here (a Triton repository: fcx serve and verify --url do)
+        if chosen.approximate:
+            candidates.append(parity.Skipped(chosen.name, "cpu", "approximate: fcx verify judges it on real data"))
+            continue
+        try:
+            candidates.append(open_backend(chosen.name, artifacts, "cpu", model, vouch=vouch))
+        except DeviceUnavailable as exc:
+            candidates.append(parity.Skipped(chosen.name, "cpu", str(exc)))
+    x = np.random.default_rng(3).random((EXPORT_CHECK_INPUTS, *stored.spec.input_shape), dtype=np.float32)
+    inputs = parity.Inputs(x, None, f"{EXPORT_CHECK_INPUTS} random inputs")
+    reference = float64_logits(stored.program, x)
+    own = program_predictor(stored.program, "eager", "cpu", model.path, stored.spec)(x)
+    own_error = float(np.abs(own.astype(np.float64) - reference).max(initial=0.0))
+    rows = parity.compare_predictors(reference, own_error, candidates, inputs, DEFAULT_TOLERANCE)
+    return parity.report(rows, inputs, None, own_error, DEFAULT_TOLERANCE)
 
 
 def sign(artifacts: Path, private_key: Path, signature: Path | None = None) -> dict:

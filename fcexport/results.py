@@ -181,11 +181,16 @@ class ExportResult:
     signature: str | None
     fused: bool
     folds: tuple
+    check: ParityReport | None = None  # each written file run on a few inputs against model.pt (None: --no-check)
+
+    @property
+    def passed(self) -> bool:
+        return self.check is None or self.check.passed or not self.check.ran
 
     def to_json(self) -> dict:
         return {"written": list(self.written), "removed": list(self.removed), "skipped": dict(self.skipped),
                 "manifest": self.manifest, "manifest_sha256": self.manifest_sha256, "signature": self.signature,
-                "fused": self.fused, "folds": thawed(self.folds)}
+                "fused": self.fused, "folds": thawed(self.folds), "check": self.check.to_json() if self.check else None}
 
 
 @dataclass(frozen=True)

@@ -342,3 +342,32 @@ def test_export_reuses_the_model_fused_pt_that_fuse_bn_proved(artifacts_copy, ru
     assert json.loads(r.stdout)["folds"]  # the folds recorded in model.fused.pt
     (artifacts_copy / "model.fused.pt").unlink()  # without it, export folds (and here, fails loudly)
     assert invoke(runner, "export", "--artifacts", artifacts_copy, "--format", "onnx").exit_code == 3
+
+
+# ---- export checks what it wrote -----------------------------------------------------------
+
+
+def test_export_checks_each_file_it_wrote(artifacts_copy, runner):
+    r = invoke(runner, "export", "--int8", "--json", "--artifacts", artifacts_copy)
+    assert r.exit_code == 0, r.output
+    rows = {row["backend"]: row["status"] for row in json.loads(r.stdout)["check"]["rows"]}
+    assert rows == {"torchscript": "pass", "onnxruntime": "pass", "onnxruntime-int8": "skipped", "pt2": "pass"}
+    r = invoke(runner, "export", "--no-check", "--json", "--artifacts", artifacts_copy)
+    assert r.exit_code == 0 and json.loads(r.stdout)["check"] is None
+
+
+def test_an_export_that_computes_something_else_fails_its_check(artifacts_copy, runner, monkeypatch):
+    from dataclasses import replace
+
+    import fcexport.pipeline as pipeline
+
+    real = pipeline.open_backend
+
+    def off_by_a_little(*args, **kwargs):
+        predictor = real(*args, **kwargs)
+        return replace(predictor, run=lambda x: predictor.run(x) + 1e-3)
+
+    monkeypatch.setattr(pipeline, "open_backend", off_by_a_little)
+    r = invoke(runner, "export", "--format", "onnx", "--artifacts", artifacts_copy)
+    assert r.exit_code == 1 and "export check failed (onnxruntime)" in r.output
+    assert (artifacts_copy / "model.onnx").is_file()  # written and listed: fcx verify shows the whole story
