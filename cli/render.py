@@ -289,10 +289,11 @@ def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file
         elif mode == "json":
             sys.stdout.write(("," if number else "") + "\n  " + json.dumps(row))
         elif "error" in row:  # one line per file, however long its name: grep and wc -l keep working
-            out.print(Text(f"{'-':<{names_width}}  {'error':>6}  {shown(row['error'])}", style="red"))
+            out.print(Text(f"{'-':<{names_width}}  {'error':>6}  {shown(row['error'])}", style="red"), soft_wrap=True)
         else:
             extra = "  (" + ", ".join(f"{labels[t['label']]} {t['probability']:.1%}" for t in row["top"][1:]) + ")" if wide else ""
-            out.print(Text(f"{labels[row['label']]:<{names_width}}  {row['probability']:>6.1%}  {shown(row['file'])}{extra}"))
+            # one line per file, however long its path (the terminal wraps it; grep and wc -l see one line)
+            out.print(Text(f"{labels[row['label']]:<{names_width}}  {row['probability']:>6.1%}  {shown(row['file'])}{extra}"), soft_wrap=True)
     if mode == "json":
         sys.stdout.write("\n]\n")
         sys.stdout.flush()
