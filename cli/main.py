@@ -41,6 +41,7 @@ ArtifactsOpt = Annotated[Path, typer.Option("--artifacts", help="Folder for mode
 DataRootHelp = "Where torchvision datasets live [default: $FCX_DATA_ROOT, else data/]"
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout instead of tables")]
 JsonFileOpt = Annotated[Optional[Path], typer.Option("--json-file", help="Also write the result as JSON to this file")]
+QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no tables: errors, and the exit code, only")]
 SignKeyOpt = Annotated[Optional[Path], typer.Option("--sign-key", help="Sign the folder with this elliptic-curve private key (PEM): model.sig")]
 WideFlag = Annotated[bool, typer.Option("--wide", help="Show every column (mean/p99 error, max rel, atol needed)")]
 
@@ -235,6 +236,7 @@ def fuse_bn(
     data: DataOpt = None,
     data_root: Annotated[Optional[str], typer.Option(help=DataRootHelp)] = None,
     wide: WideFlag = False,
+    quiet: QuietFlag = False,
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:
@@ -244,10 +246,11 @@ def fuse_bn(
     from fcexport.compare import Tolerance
     from fcexport.pipeline import fuse
 
-    result = fuse(_model_arg(checkpoint, artifacts), out or artifacts / registry.FUSED, verify, Tolerance(noise_factor, atol, rtol),
-                  device, data, data_root)
+    with render.steps("fuse-bn", not (quiet or json_out)) as on_step:
+        result = fuse(_model_arg(checkpoint, artifacts), out or artifacts / registry.FUSED, verify, Tolerance(noise_factor, atol, rtol),
+                      device, data, data_root, on_step)
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
-    if not json_out:
+    if not (json_out or quiet):
         render.fuse_summary(result, wide)
     if not result.written:
         fail("fused model differs from the original beyond tolerance; nothing was written", 1)
@@ -275,6 +278,7 @@ def export(
     gpu: Annotated[bool, typer.Option("--gpu", help="Triton: run the instances on GPUs (KIND_GPU)")] = False,
     check: Annotated[bool, typer.Option("--check/--no-check", help="Run each written file on a few inputs against model.pt (fcx verify is the full proof)")] = True,
     sign_key: SignKeyOpt = None,
+    quiet: QuietFlag = False,
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:
@@ -289,9 +293,10 @@ def export(
     chosen = TritonSettings(name, max_batch_size, instances, gpu)
     if "triton" not in formats and chosen != TritonSettings():
         raise FcxError("--name, --max-batch-size, --instances and --gpu describe the Triton repository: add --triton")
-    result = run(_model_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, sign_key, chosen, check)
+    with render.steps("export", not (quiet or json_out)) as on_step:
+        result = run(_model_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, sign_key, chosen, check, on_step)
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
-    if not json_out:
+    if not (json_out or quiet):
         render.export_summary(result)
     if not result.passed:
         failed = ", ".join(r.backend for r in result.check.rows if r.status.value == "fail")
@@ -350,6 +355,7 @@ def verify(
     url: UrlOpt = None,
     served_model: ServedModelOpt = None,
     wide: WideFlag = False,
+    quiet: QuietFlag = False,
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:
@@ -368,11 +374,14 @@ def verify(
 
         if public_key or expect_digest or backends != "all":
             raise FcxError("--url verifies a served model; --public-key, --expect-digest and --backends check files: run them without --url")
-        result = verify_remote(url, _served_model(served_model), artifacts, data, data_root, tolerance)
+        with render.steps("verify", not (quiet or json_out)) as on_step:
+            result = verify_remote(url, _served_model(served_model), artifacts, data, data_root, tolerance, on_step)
     else:
-        result = run(artifacts, _backends(backends), _names(devices), data, data_root, tolerance, public_key, signature, expect_digest)
+        with render.steps("verify", not (quiet or json_out)) as on_step:
+            result = run(artifacts, _backends(backends), _names(devices), data, data_root, tolerance, public_key, signature,
+                         expect_digest, on_step)
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
-    if not json_out:
+    if not (json_out or quiet):
         render.verify_report(result, wide)
     failed = result.trust_failed
     if failed:
@@ -443,16 +452,19 @@ def bench(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     warmup: Annotated[int, typer.Option(help="Untimed calls first")] = 20,
     repeat: Annotated[int, typer.Option(help="Timed calls (at most; each batch size also stops after --seconds)")] = 200,
-    seconds: Annotated[float, typer.Option(help="Time budget per backend and batch size")] = 1.0,
+    seconds: Annotated[float, typer.Option(help="Time budget per backend and batch size (warm-up included)")] = 1.0,
+    quiet: QuietFlag = False,
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:
     """Latency (p50/p90) and throughput per backend and batch size."""
     from fcexport.pipeline import bench as run
 
-    rows = run(artifacts, _int_list(batch_sizes, "--batch-sizes"), _backends(backends), device, warmup, repeat, seconds)
+    with render.steps("bench", not (quiet or json_out)) as on_step:
+        rows = run(artifacts, _int_list(batch_sizes, "--batch-sizes"), _backends(backends), device, warmup, repeat, seconds,
+                   on_step=on_step)
     _emit_json(json_with_commands([r.to_json() for r in rows]), json_out, json_file)
-    if not json_out:
+    if not (json_out or quiet):
         render.bench_table(rows)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -92,6 +93,21 @@ def duration(ms: float) -> str:
 
 def key_values(title: str, items: dict, console: Console = out) -> None:
     table(title, ["", "value"], [[k, v] for k, v in items.items()], console)
+
+
+@contextlib.contextmanager
+def steps(command: str, enabled: bool = True):
+    """A one-line progress display on stderr (spinner, the step running now, time so far) for a command's
+    `on_step` listener; nothing at all when stderr is not a terminal or `enabled` is False (--json, --quiet)."""
+    if not (enabled and err.is_terminal):
+        yield None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn(f"[bold]{command}[/] {{task.description}}"), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+        yield lambda text: progress.update(task, description=escape(shown(text)))
 
 
 class training_progress:

@@ -106,13 +106,16 @@ def make_inputs(spec: ModelSpec, budget: int, test=None, source: str | None = No
 
 
 def compare_predictors(reference: np.ndarray, own_error: float, candidates: list[Predictor | Skipped], inputs: Inputs,
-                       tolerance: Tolerance) -> list[CheckRow]:
-    """Run each candidate and compare it with the float64 reference; skipped ones keep their reason."""
+                       tolerance: Tolerance, on_step=None) -> list[CheckRow]:
+    """Run each candidate and compare it with the float64 reference; skipped ones keep their reason. `on_step`
+    (text) hears what is about to run."""
     rows = []
     for candidate in candidates:
         if isinstance(candidate, Skipped):
             rows.append(CheckRow(candidate.backend, candidate.device, Status.SKIPPED, reason=candidate.reason, hint=candidate.hint))
             continue
+        if on_step:
+            on_step(f"running {candidate.backend} on {candidate.device} ({len(inputs.x):,} inputs)")
         stats = compare(candidate(inputs.x), reference, own_error, inputs.labels, tolerance, candidate.approximate)
         status = Status.PASS if stats["passed"] else Status.FAIL
         rows.append(CheckRow(candidate.backend, candidate.device, status, str(candidate.source), stats))

@@ -242,6 +242,7 @@ def fuse(
     device: str = "cpu",
     data: str | None = None,
     data_root: str | None = None,
+    on_step=None,
 ) -> FuseResult:
     """`fcx fuse-bn`: write the fused model, time both at batch 1, optionally verify parity first."""
     from fcexport.checkpoint import read_model, save_program
@@ -254,13 +255,16 @@ def fuse(
     if exported not in (None, "model", "fused"):
         raise FcxError(f"{model_path}: an exported model ({exported}); fcx fuse-bn folds the stored model: pass the "
                        f"{names.MODEL} it was exported from (BatchNorm is already folded in exports)")
+    _step(on_step, f"reading {model_path.name}")
     stored = read_model(model_path)
+    _step(on_step, "folding BatchNorm and normalisation (float64)")
     fused, report, fused_spec = fused_model(stored, model_path)
+    _step(on_step, "timing both at batch 1")
     before = program_predictor(stored.program, "eager", device, model_path, stored.spec)
     after = program_predictor(fused, "fused", device, out_path, fused_spec)
     one = np.random.default_rng(0).random((1, *stored.spec.input_shape), dtype=np.float32)
     latency = measure(before, one, max_seconds=0.5)["p50_ms"], measure(after, one, max_seconds=0.5)["p50_ms"]
-    verification = _parity(stored, model_path, [after], data, data_root, tolerance) if verify else None
+    verification = _parity(stored, model_path, [after], data, data_root, tolerance, on_step=on_step) if verify else None
     result = FuseResult(str(model_path), str(out_path), report, *latency, device, verification,
                         written=verification is None or verification.passed)
     if not result.written:
@@ -273,6 +277,12 @@ def fuse(
     return result
 
 
+def _step(on_step, text: str) -> None:
+    """Tell a command's `on_step` listener (the CLI's progress line) what is about to run."""
+    if on_step is not None:
+        on_step(text)
+
+
 def versions() -> dict:
     """The versions that shape what an export writes (recorded in every manifest and artifact)."""
     import onnx
@@ -283,7 +293,7 @@ def versions() -> dict:
 
 
 def _parity(stored, model_path: Path, candidates: list, data, data_root, tolerance: Tolerance,
-            problems: list[list[str]] | None = None):
+            problems: list[list[str]] | None = None, on_step=None):
     """Compare candidates with model.pt in float64, judged against model.pt's own float32 error; `problems`
     (one list per candidate: integrity, structure, spec) fail their rows whatever the numbers say."""
     from fcexport.targets.program import float64_logits
@@ -295,10 +305,11 @@ def _parity(stored, model_path: Path, candidates: list, data, data_root, toleran
     budget = parity.input_budget(stored.shapes.macs, (time.perf_counter() - started) / 2)
     probes = parity.probe_inputs(stored.program, stored.spec, budget // 4)
     inputs = parity.make_inputs(stored.spec, budget, *_test_images(stored.spec, data, data_root), probes=probes)
+    _step(on_step, f"computing model.pt's answers in float64 ({len(inputs.x):,} inputs)")
     reference = float64_logits(stored.program, inputs.x)
     own = program_predictor(stored.program, "eager", "cpu", model_path, stored.spec)(inputs.x)
     own_error = float(np.abs(own.astype(np.float64) - reference).max(initial=0.0))
-    rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance)
+    rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance, on_step)
     # a file refused before loading is a failure, not a skip
     rows = [parity.with_problems(row, found) for row, found in zip(rows, problems or [[] for _ in rows], strict=True)]
     return parity.report(rows, inputs, accuracy(reference, inputs.labels), own_error, tolerance)
@@ -341,12 +352,13 @@ def export_formats(formats) -> tuple[str, ...]:
     return tuple(name for name in known if name in wanted)
 
 
-def export_files(program, spec, formats, settings: ExportSettings, stage: Path) -> dict[str, str]:
+def export_files(program, spec, formats, settings: ExportSettings, stage: Path, on_step=None) -> dict[str, str]:
     """Run each exporter into `stage`; returns the formats that could not be made (name -> why), and those that
     build on them are skipped too."""
     skipped = {}
     for name in formats:
         exporter = registry.exporters()[name]
+        _step(on_step, f"exporting {name}")
         if exporter.builds_on in skipped:
             skipped[name] = f"it is made from {exporter.builds_on}, which failed"
             continue
@@ -360,7 +372,8 @@ def export_files(program, spec, formats, settings: ExportSettings, stage: Path) 
 
 
 def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = None, fuse: bool = True,
-           sign_key: Path | None = None, triton: TritonSettings | None = None, check: bool = True) -> ExportResult:
+           sign_key: Path | None = None, triton: TritonSettings | None = None, check: bool = True,
+           on_step=None) -> ExportResult:
     """`fcx export`: model.pt -> (fused) program -> each format's files (default: torchscript, onnx, pt2) ->
     manifest.json [-> model.sig, signed with `sign_key`]; the result carries the manifest's sha256 for out-of-band
     checks. A model.fused.pt proved from this model.pt (fcx fuse-bn) is used instead of folding again. With
@@ -377,6 +390,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     stored = model.stored
     program, spec, folds = stored.program, stored.spec, []
     if fuse:
+        _step(on_step, "folding BatchNorm and normalisation")
         program, spec, folds = model.fused
     settings = ExportSettings(opset or ExportSettings.opset, triton or TritonSettings())
     made = spec.provenance
@@ -384,7 +398,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
                                             fused=fuse or made.fused, opset=settings.opset,
                                             versions={**made.versions, **versions(), "fcexport": fcexport.__version__}))
     with staging_folder(artifacts) as stage:  # the previous set stays whole until everything is written
-        skipped = export_files(program, spec, formats, settings, stage)
+        skipped = export_files(program, spec, formats, settings, stage, on_step)
         if len(skipped) == len(formats):
             raise FcxError(next(iter(skipped.values())) if len(formats) == 1 else
                            "no format could be exported: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
@@ -412,7 +426,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     elif signature.is_file():  # it vouches for the previous set: it would only fail
         signature.unlink()
         removed.append(str(signature))
-    report = export_check(model, artifacts, [name for name in formats if name in rewritten]) if check else None
+    report = export_check(model, artifacts, [name for name in formats if name in rewritten], on_step) if check else None
     return ExportResult(tuple(str(p) for p in written), tuple(removed), skipped, str(manifest), names.read_manifest_bytes(artifacts)[1],
                         str(signature) if sign_key else None, fuse, tuple(folds), report)
 
@@ -420,7 +434,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
 EXPORT_CHECK_INPUTS = 16
 
 
-def export_check(model: _Model, artifacts: Path, exported: list[str]):
+def export_check(model: _Model, artifacts: Path, exported: list[str], on_step=None):
     """What export says about its own files: each exported artifact, read through the manifest check and opened
     by its first runtime on cpu, against model.pt in float64 on EXPORT_CHECK_INPUTS random inputs (fcx verify
     is the full proof: real data, probes, structure, every backend and device). Approximate files are left to
@@ -441,6 +455,7 @@ def export_check(model: _Model, artifacts: Path, exported: list[str]):
         if chosen.approximate:
             candidates.append(parity.Skipped(chosen.name, "cpu", "approximate: fcx verify judges it on real data"))
             continue
+        _step(on_step, f"checking {chosen.name}")
         try:
             candidates.append(open_backend(chosen.name, artifacts, "cpu", model, vouch=vouch))
         except DeviceUnavailable as exc:
@@ -619,6 +634,7 @@ def verify(
     public_key: Path | None = None,
     signature: Path | None = None,
     expect_digest: str | None = None,
+    on_step=None,
 ) -> VerifyReport:
     """`fcx verify`: the folder against its signature (`public_key`) or manifest digest (`expect_digest`) first,
     loading nothing if it fails; then model.pt in float64 on cpu is the reference and every backend x device is
@@ -649,6 +665,7 @@ def verify(
         for backend in backends:
             if (backend, device) == ("eager", "cpu"):
                 continue  # that is the reference itself (in float32: its error is the yardstick)
+            _step(on_step, f"checking and opening {backend} on {device}")
             try:  # a file that differs from a fresh export is refused before it is loaded (TorchScript is code)
                 candidate = open_backend(backend, artifacts, device, model, admit=expected.admit, vouch=vouch)
             except DeviceUnavailable as exc:
@@ -662,7 +679,7 @@ def verify(
                 continue
             candidates.append(candidate)  # admitted, or made in memory from the checked model.pt
             problems.append([])
-    return VerifyReport(trust, _parity(stored, model.path, candidates, data, data_root, tolerance, problems))
+    return VerifyReport(trust, _parity(stored, model.path, candidates, data, data_root, tolerance, problems, on_step))
 
 
 def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | None, expect_digest: str | None) -> list[TrustCheck]:
@@ -798,7 +815,7 @@ def fingerprint_differences(found: dict[str, str], expected: dict[str, str], lim
 
 
 def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backends=None, device: str = "cpu",
-          warmup: int = 20, repeat: int = 200, max_seconds: float = 1.0, seed: int = 0) -> list[BenchRow]:
+          warmup: int = 20, repeat: int = 200, max_seconds: float = 1.0, seed: int = 0, on_step=None) -> list[BenchRow]:
     """`fcx bench`: one row per backend x batch size; unavailable backends are rows with a reason. Each
     throughput is recorded for this machine, so `fcx predict` can pick the fastest runtime for a file."""
     from fcexport import speeds
@@ -816,12 +833,14 @@ def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backen
     rng = np.random.default_rng(seed)
     rows, measured = [], []
     for backend in backends:
+        _step(on_step, f"opening {backend} on {device}")
         try:
             predictor = open_backend(backend, artifacts, device, model)
         except DeviceUnavailable as exc:
             rows.append(BenchRow(backend, device, Status.SKIPPED, reason=str(exc), hint=exc.hint))
             continue
         for batch in batch_sizes:
+            _step(on_step, f"timing {backend} on {device} at batch {batch}")
             x = rng.random((batch, *predictor.spec.input_shape), dtype=np.float32)
             rows.append(BenchRow(backend, device, Status.OK, batch, **measure(predictor, x, warmup, repeat, max_seconds)))
             measured.append((predictor, rows[-1]))
@@ -860,7 +879,7 @@ def serve(artifacts: str | Path = "artifacts", repository: str | Path | None = N
 
 
 def verify_remote(urls: list[str], model: str, artifacts: str | Path = "artifacts", data: str | None = None,
-                  data_root: str | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE) -> VerifyReport:
+                  data_root: str | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE, on_step=None) -> VerifyReport:
     """`fcx verify --url`: a served model (at each URL: HTTP or gRPC) gets the inputs fcx verify uses and is compared
     with the folder's model.pt the same way; its configuration (input, output, dims, batch) and the class names Triton
     returns are checked against model.pt's spec."""
@@ -873,6 +892,7 @@ def verify_remote(urls: list[str], model: str, artifacts: str | Path = "artifact
     candidates, problems = [], []
     sample = np.random.default_rng(2).random((8, *spec.input_shape), dtype=np.float32)
     for url in urls:
+        _step(on_step, f"asking {url} about {model}")
         endpoint = remote.connect(url, model)
         found = config_problems(Served(model, endpoint.config, tuple(spec.class_names), Path(model)), spec, None, remote=True)
         carried = remote.served_spec(endpoint) if not found else None
@@ -884,7 +904,7 @@ def verify_remote(urls: list[str], model: str, artifacts: str | Path = "artifact
             found = label_problems
         candidates.append(remote.remote_predictor(endpoint, spec))
         problems.append(found)
-    return VerifyReport((), _parity(stored, model_file, candidates, data, data_root, tolerance, problems))
+    return VerifyReport((), _parity(stored, model_file, candidates, data, data_root, tolerance, problems, on_step))
 
 
 def predict_remote(images: list[str | Path], url: str, model: str, top_k: int = 3, invert: str = "auto") -> Predictions:

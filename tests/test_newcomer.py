@@ -1,0 +1,67 @@
+"""A newcomer's mistakes and expectations (issue: a newcomer's first day): progress on long steps, --quiet,
+messages that name the fix, hints that keep the folder the user chose."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import invoke
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _on_a_terminal(*args: str, cwd: Path) -> str:
+    """What `fcx ARGS` prints on an 80-column terminal (a real pty, through script(1))."""
+    fcx = f"{sys.executable} -c 'from cli.main import main; main()'"
+    command = f"stty cols 80; {fcx} " + " ".join(f"'{a}'" for a in args)
+    done = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return done.stdout
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1) for a pty")
+def test_long_steps_show_progress_on_a_terminal_only(artifacts_copy, tmp_path):
+    shown = _on_a_terminal("export", "--format", "onnx", "--artifacts", str(artifacts_copy), cwd=tmp_path)
+    assert "exporting onnx" in shown and "checking onnxruntime" in shown
+    quiet = _on_a_terminal("export", "--format", "onnx", "--json", "--artifacts", str(artifacts_copy), cwd=tmp_path)
+    assert "exporting onnx" not in quiet and '"manifest_sha256"' in quiet
+
+
+def test_quiet_prints_nothing_but_errors(artifacts_copy, runner):
+    for args in (["verify", "--backends", "onnxruntime", "--devices", "cpu"], ["export", "--format", "onnx"],
+                 ["bench", "--backends", "onnxruntime", "--batch-sizes", "1", "--seconds", "0.05"]):
+        r = invoke(runner, *args, "-q", "--artifacts", artifacts_copy)
+        assert r.exit_code == 0 and r.stdout == "", (args, r.output)
+    r = invoke(runner, "verify", "-q", "--artifacts", artifacts_copy / "nothing")
+    assert r.exit_code == 2 and "model.pt: file not found" in r.output
+
+
+def test_fuse_bn_on_an_exported_file_says_to_pass_model_pt(exported_dir, runner):
+    r = invoke(runner, "fuse-bn", exported_dir / "model.onnx")
+    assert r.exit_code == 2 and "an exported model (onnx)" in r.output and "pass the model.pt" in r.output
+
+
+def test_hints_keep_the_folder_the_user_gave(tmp_path, runner):
+    r = invoke(runner, "verify", "--artifacts", tmp_path / "my models")
+    assert r.exit_code == 2 and f"fcx train --artifacts '{tmp_path / 'my models'}'" in r.output
+
+
+def test_bench_seconds_bound_the_warm_up_too():
+    import time
+
+    from fcexport.timing import measure
+
+    calls = []
+
+    def slow(x):
+        calls.append(1)
+        time.sleep(0.02)
+
+    started = time.perf_counter()
+    measure(slow, [0], warmup=1000, repeat=1000, max_seconds=0.4)
+    assert time.perf_counter() - started < 0.6 and len(calls) < 25
