@@ -191,10 +191,8 @@ class _Model:
     model.fused.pt is one of the files it judges against a fresh fold."""
 
     def __init__(self, path: Path, reuse_fused: bool = True):
-        from fcexport.checkpoint import read_model
-
         self.path = Path(path)
-        self.stored = read_model(self.path)
+        self.stored = _read_model(self.path)
         self.reuse_fused = reuse_fused
         self._fused = None
 
@@ -245,7 +243,6 @@ def fuse(
     on_step=None,
 ) -> FuseResult:
     """`fcx fuse-bn`: write the fused model, time both at batch 1, optionally verify parity first."""
-    from fcexport.checkpoint import read_model, save_program
     from fcexport.timing import measure
 
     model_path, out_path = Path(model_path), Path(out_path)
@@ -256,7 +253,9 @@ def fuse(
         raise FcxError(f"{model_path}: an exported model ({exported}); fcx fuse-bn folds the stored model: pass the "
                        f"{names.MODEL} it was exported from (BatchNorm is already folded in exports)")
     _step(on_step, f"reading {model_path.name}")
-    stored = read_model(model_path)
+    stored = _read_model(model_path)
+    from fcexport.checkpoint import save_program  # (torch: after the model.pt check)
+
     _step(on_step, "folding BatchNorm and normalisation (float64)")
     fused, report, fused_spec = fused_model(stored, model_path)
     _step(on_step, "timing both at batch 1")
@@ -275,6 +274,16 @@ def fuse(
 
         names.record_in_manifest(out_path.parent, {names.FUSED: stored.sha256}, versions(), now_iso(), stored.sha256)
     return result
+
+
+def _read_model(path: Path):
+    """checkpoint.read_model, after the one check that needs no torch: a missing file is said at once (importing
+    torch takes seconds)."""
+    if not Path(path).is_file():
+        raise FcxError(f"{path}: file not found", hint="train-or-import")
+    from fcexport.checkpoint import read_model
+
+    return read_model(path)
 
 
 def _step(on_step, text: str) -> None:
@@ -379,7 +388,6 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     checks. A model.fused.pt proved from this model.pt (fcx fuse-bn) is used instead of folding again. With
     `check`, each written file is then loaded as predict would and compared with model.pt on a few inputs."""
     import fcexport
-    from fcexport.checkpoint import now_iso
     from fcexport.files import publish, staging_folder
 
     formats = export_formats(registry.default_exporters() if formats is None else formats)
@@ -387,6 +395,8 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     if sign_key is not None and (problem := names.key_problem(Path(sign_key), private=True)):
         raise FcxError(problem)  # before minutes of exporting
     model = _Model(model_path)  # read once: the hash below is of the bytes exported
+    from fcexport.checkpoint import now_iso  # (torch: after the model.pt check, so a missing file is said at once)
+
     stored = model.stored
     program, spec, folds = stored.program, stored.spec, []
     if fuse:

@@ -65,3 +65,13 @@ def test_bench_seconds_bound_the_warm_up_too():
     started = time.perf_counter()
     measure(slow, [0], warmup=1000, repeat=1000, max_seconds=0.4)
     assert time.perf_counter() - started < 0.6 and len(calls) < 25
+
+
+@pytest.mark.parametrize("command", ["export", "fuse-bn", "verify", "bench"])
+def test_a_missing_model_is_said_before_torch_is_imported(command, tmp_path):
+    """Importing torch takes seconds: a mistyped folder is answered without it."""
+    code = (f"import sys; sys.argv = ['fcx', '{command}', '--artifacts', '{tmp_path / 'missing'}']\n"
+            "from cli.main import main\ntry:\n    main()\nexcept SystemExit as exit:\n"
+            "    print('torch' in sys.modules, exit.code)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split()[-2:] == ["False", "2"], done.stdout + done.stderr
