@@ -12,6 +12,7 @@ HINTS = {
     "fuse": "run `fcx fuse-bn`",
     "export": "run `fcx export`",
     "export-int8": "run `fcx export --int8`",
+    "label-column": "pass --label-column NAME_OR_NUMBER (1 = the first column)",
     "stale": "run `fcx export` (and `fcx fuse-bn`) again, or pass --allow-stale to use it anyway",
     "export-triton": "run `fcx export --triton`",
     "serve-env": ("make the server's environment: `make serve-env` in the fcexport checkout, or `python3 -m venv DIR && "

@@ -106,6 +106,7 @@ def train(
     data_root: Annotated[Optional[str], typer.Option(help=DataRootHelp)] = None,
     test_data: Annotated[Optional[str], typer.Option(help="CSV or image folder to test on (for --data FILE.csv or DIR) [default: hold out 20%]")] = None,
     classes: Annotated[Optional[str], typer.Option(help="Class names for CSV labels 0..N-1: comma-separated, a text file, or a known set")] = None,
+    label_column: Annotated[Optional[str], typer.Option("--label-column", help="CSV: the label column, by number (1 = first) or header name [default: the first]")] = None,
     model: Annotated[str, typer.Option(help="mlp, cnn (conv stages + MLP head) or softmax (softmax regression)")] = TRAIN.arch,
     hidden: Annotated[Optional[str], typer.Option(help="Hidden layer widths, comma-separated [default: 784,256 for mlp, 128 for cnn]")] = None,
     channels: Annotated[str, typer.Option(help="cnn: output channels of each Conv3x3-BN-ReLU-MaxPool stage")] = ",".join(map(str, TRAIN.channels)),
@@ -136,7 +137,7 @@ def train(
     from fcexport.sources import parse_class_names
 
     opts = TrainOptions(
-        data=data, data_root=data_root, test_data=test_data, class_names=parse_class_names(classes), arch=model,
+        data=data, data_root=data_root, test_data=test_data, class_names=parse_class_names(classes), label_column=label_column, arch=model,
         hidden=None if hidden is None else _int_list(hidden, "--hidden"), channels=_int_list(channels, "--channels"),
         batchnorm=bn, dropout=dropout, activation=activation, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
         epochs=epochs, batch_size=batch_size, label_smoothing=label_smoothing, flip=flip, shift=shift,

@@ -69,7 +69,8 @@ def default_data_root() -> str:
 
 
 def load_dataset(name: str, root: str | None = None, image_size: int = 28, download: bool = True,
-                 test_data: str | None = None, class_names: list[str] | None = None) -> Dataset:
+                 test_data: str | None = None, class_names: list[str] | None = None,
+                 label_column: str | None = None) -> Dataset:
     """Load a dataset by name (`fashion-mnist`, `mnist`, `kmnist`, `digits`) or path (CSV file, image folder).
 
     torchvision sets are downloaded into `root` when missing, unless `download=False`. For a CSV file
@@ -79,14 +80,16 @@ def load_dataset(name: str, root: str | None = None, image_size: int = 28, downl
     root = root or default_data_root()
     key = name.lower()
     if key in TORCHVISION_SETS or key == "digits":
-        if test_data is not None or class_names is not None:
+        if test_data is not None or class_names is not None or label_column is not None:
             raise FcxError(f"{name} has its own test split and class names; a test set and class names go with a CSV file or a folder")
         return _load_torchvision(key, Path(root), download) if key != "digits" else _load_digits()
     path = Path(name)
+    if label_column is not None and path.suffix.lower() != ".csv":
+        raise FcxError(f"{name}: a label column is for CSV data; {name} is not a .csv file")
     if path.is_dir():
         dataset = _load_image_folder(path, image_size, Path(test_data) if test_data else None)
     elif path.suffix.lower() == ".csv":
-        dataset = _load_csv(path, Path(test_data) if test_data else None)
+        dataset = _load_csv(path, Path(test_data) if test_data else None, label_column)
     else:
         raise FcxError(
             f"unknown dataset '{name}': use fashion-mnist, mnist, kmnist, digits, a .csv file or a folder of class sub-folders"
@@ -224,11 +227,12 @@ def _load_digits() -> Dataset:
 MAX_CSV_CLASSES = 1000
 
 
-def _load_csv(path: Path, test_path: Path | None = None) -> Dataset:
-    """Label column (integer class labels) then pixels (0-255, or 0-1 floats), with or without a header
-    row (Kaggle layout). With `test_path`, that CSV is the test set; else 20% are held out."""
-    images, raw_labels = _read_csv(path)
-    test_images, test_raw = _read_csv(test_path) if test_path is not None else (None, None)
+def _load_csv(path: Path, test_path: Path | None = None, label_column: str | None = None) -> Dataset:
+    """Label column (integer class labels or names) then pixels (0-255, or 0-1 floats), with or without a header
+    row (Kaggle layout); `label_column` (its 1-based number, or its name in the header) when it is not the first.
+    With `test_path`, that CSV is the test set; else 20% are held out."""
+    images, raw_labels = _read_csv(path, label_column)
+    test_images, test_raw = _read_csv(test_path, label_column) if test_path is not None else (None, None)
     if test_images is not None and test_images.shape[1:] != images.shape[1:]:
         raise FcxError(f"{test_path}: images are {list(test_images.shape[1:])}, the training CSV's are {list(images.shape[1:])}")
     # classes are the label values present (in either file), in order; labels become their indices
@@ -236,8 +240,9 @@ def _load_csv(path: Path, test_path: Path | None = None) -> Dataset:
         raw_labels, test_raw = raw_labels.astype(str), test_raw.astype(str)
     values = np.unique(np.concatenate([raw_labels, test_raw]) if test_raw is not None else raw_labels)
     if len(values) < 2:
-        raise FcxError(f"{path}: the first column holds one value ({values[0]}) in every row, so it cannot be the label; "
-                       "fcx reads the label from the first column: put the label column first")
+        where = "the first column" if label_column is None else f"label column {label_column}"
+        raise FcxError(f"{path}: {where} holds one value ({values[0]}) in every row, so it cannot be the label; "
+                       "put the label column first, or name it", hint="label-column")
     labels = torch.from_numpy(np.searchsorted(values, raw_labels))
     if test_images is None:
         train, test = _holdout(images, labels)
@@ -249,21 +254,27 @@ def _load_csv(path: Path, test_path: Path | None = None) -> Dataset:
 MAX_CSV_LINE = 1 << 20  # 1 MB: a 1024x1024 image of 3-digit pixels; longer lines are refused before parsing
 
 
-def _read_csv(path: Path) -> tuple[torch.Tensor, np.ndarray]:
+def _read_csv(path: Path, label_column: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """(images, labels) of one CSV; labels are integers, or strings when any label is not a number."""
     if not path.is_file():
         raise FcxError(f"{path}: file not found; pass an existing CSV file")
-    header, labels = _scan_csv(path)
+    column = _label_index(path, label_column)
+    header, labels = _scan_csv(path, column)
     if len(labels) < 2:
         raise FcxError(f"{path}: needs at least 2 data rows, found {len(labels)}")
+    columns = _columns(path, header)
+    if column >= columns:
+        raise FcxError(f"{path}: has {columns} columns, so there is no label column {column + 1}")
     try:
-        pixels = np.loadtxt(path, delimiter=",", skiprows=header, usecols=range(1, _columns(path, header)),
+        pixels = np.loadtxt(path, delimiter=",", skiprows=header, usecols=[c for c in range(columns) if c != column],
                             dtype=np.float64, ndmin=2, encoding="utf-8-sig")
     except ValueError:
         _raise_first_bad_row(path, header)
         raise
     if not np.all(np.isfinite(pixels)):
         raise FcxError(f"{path}: contains NaN or infinite values")
+    if label_column is None:
+        _check_first_column_is_labels(path, labels, pixels[:, -1])
     side = math.isqrt(pixels.shape[1])
     if side * side != pixels.shape[1] or side == 0:
         raise FcxError(f"{path}: {pixels.shape[1]} pixel columns is not a square image (e.g. 784 = 28x28)")
@@ -274,8 +285,25 @@ def _read_csv(path: Path) -> tuple[torch.Tensor, np.ndarray]:
     return images, _labels(path, labels)
 
 
-def _scan_csv(path: Path) -> tuple[int, list[str]]:
-    """(header rows, label cells), reading line by line with a bounded line length. The first row is a
+def _label_index(path: Path, label_column: str | None) -> int:
+    """The 0-based label column: `label_column` is its 1-based number or its name in the header row."""
+    if label_column is None:
+        return 0
+    text = str(label_column).strip()
+    if text.isdigit():
+        if int(text) < 1:
+            raise FcxError(f"label column numbers start at 1, got {text}")
+        return int(text) - 1
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        cells = [c.strip().strip('"') for c in f.readline(MAX_CSV_LINE + 1).split(",")]
+    if text not in cells:
+        raise FcxError(f"{path}: no column named '{text[:100]}' in its header row (it starts {', '.join(cells[:4])}, ...); "
+                       "name the label column as the header does, or give its number (1 = the first)")
+    return cells.index(text)
+
+
+def _scan_csv(path: Path, column: int = 0) -> tuple[int, list[str]]:
+    """(header rows, label cells of `column`), reading line by line with a bounded line length. The first row is a
     header only when its pixel cells are not numbers (a class name as a label is data)."""
     labels, header = [], 0
     try:
@@ -285,10 +313,13 @@ def _scan_csv(path: Path) -> tuple[int, list[str]]:
                     raise FcxError(f"{path}: line {number} is longer than {MAX_CSV_LINE:,} characters; is this a CSV of pixels?")
                 if not line.strip():
                     continue
-                label, _, rest = line.partition(",")
+                cells = line.split(",")
+                label = cells[column] if column < len(cells) else ""
+                rest = ",".join(cells[:column] + cells[column + 1 :])
                 if number == 1 and not _is_numeric_row(rest):
                     header = 1
-                    _check_label_first(path, line)
+                    if column == 0:
+                        _check_label_first(path, line)
                     continue
                 labels.append(label.strip())
     except (UnicodeDecodeError, OSError) as exc:
@@ -296,6 +327,19 @@ def _scan_csv(path: Path) -> tuple[int, list[str]]:
     if not labels and not header:
         raise FcxError(f"{path}: the file is empty; expected a label column then pixel columns")
     return header, labels
+
+
+def _check_first_column_is_labels(path: Path, labels: list[str], last: np.ndarray) -> None:
+    """A CSV without a header whose first column varies like pixels while its last holds a few whole numbers (the
+    label written last): training on it would silently learn nonsense."""
+    distinct, rows = len(set(labels)), len(labels)
+    if distinct <= max(20, rows // 2):
+        return
+    last_distinct = len(np.unique(last))
+    if np.all(last == np.round(last)) and 2 <= last_distinct <= min(MAX_CSV_CLASSES, max(2, rows // 4)):
+        raise FcxError(f"{path}: the first column has {distinct} different values in {rows} rows, like pixels, and the last "
+                       f"column {last_distinct}, like labels; fcx reads the label from the first column: move the label "
+                       f"column to the front, or name it", hint="label-column")
 
 
 LABEL_NAMES = ("label", "labels", "class", "target", "y", "category")
@@ -307,7 +351,8 @@ def _check_label_first(path: Path, header_line: str) -> None:
     named = next((i for i, c in enumerate(cells) if c in LABEL_NAMES), None)
     if named not in (None, 0):
         raise FcxError(f"{path}: the label column '{header_line.split(',')[named].strip()}' is column {named + 1} of "
-                       f"{len(cells)}, but fcx reads the label from the first column; move that column to the front")
+                       f"{len(cells)}, but fcx reads the label from the first column; move that column to the front, "
+                       f"or name it", hint="label-column")
 
 
 def _columns(path: Path, header: int) -> int:

@@ -26,6 +26,7 @@ class TrainOptions:
     data_root: str | None = None
     test_data: str | None = None  # CSV or folder data: its own test set instead of a held-out 20%
     class_names: list[str] | None = None  # CSV or folder data: names of classes 0..N-1
+    label_column: str | None = None  # CSV data: the label column's 1-based number or header name [default: the first]
     arch: str = "mlp"
     hidden: list[int] | None = None  # None: ARCH_DEFAULTS[arch]
     channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn only

@@ -64,7 +64,8 @@ def _train(opts, on_epoch=None) -> dict:
         if on_epoch:
             on_epoch(record)
 
-    dataset = load_dataset(opts.data, opts.data_root, test_data=opts.test_data, class_names=opts.class_names)
+    dataset = load_dataset(opts.data, opts.data_root, test_data=opts.test_data, class_names=opts.class_names,
+                           label_column=opts.label_column)
     if opts.flip is None:
         opts.flip = dataset.name == "fashion-mnist"
     started = time.perf_counter()

@@ -75,3 +75,41 @@ def test_a_missing_model_is_said_before_torch_is_imported(command, tmp_path):
             "    print('torch' in sys.modules, exit.code)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split()[-2:] == ["False", "2"], done.stdout + done.stderr
+
+
+@pytest.fixture
+def label_last(tmp_path):
+    """A CSV with the label written last (8x8 pixels, 3 classes), without and with a header."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        image = rng.integers(0, 40, 64)
+        image[(i % 3) * 20 : (i % 3 + 1) * 20] += 200
+        rows.append(",".join(map(str, image)) + f",{i % 3}")
+    plain, named = tmp_path / "last.csv", tmp_path / "named.csv"
+    plain.write_text("\n".join(rows) + "\n")
+    named.write_text(",".join(f"p{i}" for i in range(64)) + ",label\n" + "\n".join(rows) + "\n")
+    return plain, named
+
+
+def test_a_csv_with_the_label_last_is_refused_and_label_column_reads_it(label_last, tmp_path, runner):
+    import json
+
+    plain, named = label_last
+    for path in (plain, named):
+        r = invoke(runner, "train", "--data", path, "--epochs", "1", "-q", "--artifacts", tmp_path / "x")
+        assert r.exit_code == 2 and "--label-column" in r.output and "first column" in r.output, r.output
+    for path, column in ((plain, "65"), (named, "label")):
+        out = tmp_path / f"ok-{column}"
+        r = invoke(runner, "train", "--data", path, "--label-column", column, "--epochs", "2", "-q", "--artifacts", out)
+        assert r.exit_code == 0, r.output
+        from fcexport.checkpoint import read_model
+
+        assert read_model(out / "model.pt").spec.class_names == ("0", "1", "2")
+        assert json.loads((out / "metrics.json").read_text())["test_accuracy"] > 0.5  # it learned from the labels
+    r = invoke(runner, "train", "--data", named, "--label-column", "lbl", "-q", "--artifacts", tmp_path / "y")
+    assert r.exit_code == 2 and "no column named 'lbl'" in r.output
+    r = invoke(runner, "train", "--data", "digits", "--label-column", "2", "-q", "--artifacts", tmp_path / "y")
+    assert r.exit_code == 2
