@@ -180,10 +180,18 @@ def status_text(status: Status) -> Text:
     return Text("pass", style="green") if status is Status.PASS else Text("FAIL", style="bold red")
 
 
+def _error_cell(row, column: str) -> str:
+    value = row.value(column)
+    return "-" if value is None else f"{value:.1f}" if column == "noise_ratio" else f"{value:.1e}"
+
+
 def comparison_table(title: str, report, wide: bool = False) -> None:
     """One row per backend x device (a ParityReport); problems, then skips (one line per reason), below."""
-    columns = list(ERROR_COLUMNS) if wide else ["max_abs", "noise_ratio"]
-    rows, remarks, skipped = [], [], {}
+    # --wide on a narrow terminal: the extra errors go in a second table below, so no number is ever cut
+    stacked = wide and out.width < 104
+    columns = list(ERROR_COLUMNS) if wide and not stacked else ["max_abs", "noise_ratio"]
+    more = [c for c in ERROR_COLUMNS if c not in columns] if stacked else []
+    rows, extra, remarks, skipped = [], [], [], {}
     for r in report.rows:
         if r.status is Status.SKIPPED:
             # one line per reason: "no CUDA here" once for every backend it stops
@@ -192,19 +200,24 @@ def comparison_table(title: str, report, wide: bool = False) -> None:
             continue
         for problem in r.problems:
             remarks.append(f"[bold red]FAIL[/] {escape(r.backend)} on {r.device}: {escape(shown(problem))}")
-        errors = [("-" if r.value(c) is None else f"{r.value(c):.1f}" if c == "noise_ratio" else f"{r.value(c):.1e}") for c in columns]
+        errors = [_error_cell(r, c) for c in columns]
         accuracy = f"{r.value('accuracy'):.2%}" if r.value("accuracy") is not None else "-"
         rows.append([r.backend, r.device, status_text(r.status), *errors, f"{r.value('top1_agreement') or 0:.2%}", accuracy])
+        extra.append([r.backend, r.device, *[_error_cell(r, c) for c in more]])
     table(title, ["backend", "device", "status", *[ERROR_COLUMNS[c] for c in columns], "top-1", "accuracy"], rows)
+    if more and extra:
+        table("the other errors (--wide)", ["backend", "device", *[ERROR_COLUMNS[c] for c in more]], extra)
     for line in remarks:
         out.print(line, highlight=False)
     ran_on = {r.device for r in report.rows if r.status is not Status.SKIPPED}
+    parts = []
     for device in dict.fromkeys(d for d, _ in skipped):
         reasons = [(reason, backends) for (d, reason), backends in skipped.items() if d == device]
         if device not in ran_on and len(reasons) > 1:  # nothing ran there: the first reason says why, once
             reasons = [(reasons[0][0], ["everything"])]
-        for reason, backends in reasons:
-            out.print(f"[yellow]skipped {escape(', '.join(backends))} on {device}: {escape(shown(reason))}[/]", highlight=False)
+        parts += [f"{', '.join(backends)} on {device} ({reason})" for reason, backends in reasons]
+    if parts:  # one grey line: skips are information, not warnings
+        out.print(Text(shown("skipped: " + "; ".join(parts)), style="bright_black"))
     ref = report.reference_accuracy
     out.print(Text(f"inputs: {shown(report.inputs)}"))
     out.print(f"pass: {report.criterion}; model.pt's own float32 error {report.own_float32_error:.1e}"

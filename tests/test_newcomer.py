@@ -113,3 +113,20 @@ def test_a_csv_with_the_label_last_is_refused_and_label_column_reads_it(label_la
     assert r.exit_code == 2 and "no column named 'lbl'" in r.output
     r = invoke(runner, "train", "--data", "digits", "--label-column", "2", "-q", "--artifacts", tmp_path / "y")
     assert r.exit_code == 2
+
+
+def test_verify_wide_fits_80_columns_without_cutting_a_number(exported_dir, monkeypatch, runner):
+    import re
+
+    from cli import render
+
+    monkeypatch.setattr(render.out, "_width", 80)
+    r = invoke(runner, "verify", "--wide", "--backends", "fused,onnxruntime,onnxruntime-int8", "--artifacts", exported_dir)
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in r.stdout
+    assert "the other errors (--wide)" in r.stdout and re.search(r"onnxruntime +cpu +\d\.\de-\d\d +\d\.\de-\d\d +\d\.\de-\d\d", r.stdout)
+    first = next(i for i, line in enumerate(lines) if line.startswith("skipped"))
+    summary = " ".join(lines[first : next(i for i, line in enumerate(lines) if line.startswith("inputs:"))])
+    assert sum(line.startswith("skipped") for line in lines) == 1  # one summary of every skip
+    assert "onnxruntime-int8 on cpu" in summary and "everything on cuda" in summary
