@@ -64,7 +64,8 @@ def test_invert_choices(image_dir, digit, tmp_path):
     dark_photo = save_png(tmp_path / "night.png", to_u8(np.pad(np.kron(digit[0], np.ones((60, 60))), 80)))  # light on black
     assert corr(load_image(light_photo, (8, 8), "auto")) > 0.75 and corr(load_image(light_photo, (8, 8), "yes")) > 0.75
     assert corr(load_image(dark_photo, (8, 8), "auto")) > 0.75 and corr(load_image(dark_photo, (8, 8), "no")) > 0.75
-    assert corr(load_image(light_photo, (8, 8), "no")) < 0.5  # told the wrong way round, it finds no object
+    wrong = load_image(light_photo, (8, 8), "no")  # told the wrong way round, it finds no object (all black) or noise
+    assert not wrong.any() or corr(wrong) < 0.5
     forced = load_image(image_dir / "gray.png", (8, 8), "yes")  # dataset-sized files: yes/no invert or not
     assert forced.mean() > 0.5
 
