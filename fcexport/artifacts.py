@@ -158,13 +158,23 @@ def check_against_manifest(path: Path, manifest: dict | None, model_sha256: str 
     return integrity_problem(path, manifest, data, name) or stale_problem(path, manifest, model_sha256, name)
 
 
-def integrity_problem(path: Path, manifest: dict, data: bytes | None = None, name: str | None = None) -> str | None:
-    """Why the bytes at `path` (or `data`, read from it) are not the ones the manifest lists, or None."""
+def listing_problem(path: Path, manifest: dict, name: str | None = None) -> str | None:
+    """What the manifest says against a file before it is read: not listed, or another size than it lists."""
     name = name or path.name
     entry = manifest["files"].get(name)
     if not isinstance(entry, dict):
         return f"{name} is not listed in {MANIFEST} (an interrupted export, or copied in from elsewhere)"
-    if not _matches_entry(path, entry, data):
+    if path.is_file() and entry.get("bytes") != path.stat().st_size:
+        return f"{name} changed after it was written (its size differs from {MANIFEST})"
+    return None
+
+
+def integrity_problem(path: Path, manifest: dict, data: bytes | None = None, name: str | None = None) -> str | None:
+    """Why the bytes at `path` (or `data`, read from it) are not the ones the manifest lists, or None."""
+    name = name or path.name
+    if problem := listing_problem(path, manifest, name):
+        return problem
+    if not _matches_entry(path, manifest["files"][name], data):
         return f"{name} changed after it was written (its sha256 differs from {MANIFEST})"
     return None
 

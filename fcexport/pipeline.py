@@ -723,13 +723,26 @@ class VouchedReader:
 
         path = Path(path)
         if path not in self.read:
+            name = names.manifest_name(self.folder, path)
+            if self.manifest is not None and (problem := names.listing_problem(path, self.manifest, name)):
+                raise Refused(path, [problem], problem, hint="export")  # unlisted or resized: not a byte read
             data = read_bytes(path)
             if self.manifest is not None:
-                name = names.manifest_name(self.folder, path)
                 if problem := names.check_against_manifest(path, self.manifest, self.model_sha256, data, name):
                     raise Refused(path, [problem], problem, hint="export")
             self.read[path] = data
         return self.read[path]
+
+    def every(self, files) -> list[str]:
+        """Read each of `files` (relative to the folder): the problems of those that fail. A file no check would
+        read (one planted in a folder) is judged too."""
+        problems = []
+        for file in files:
+            try:
+                self(self.folder / file)
+            except FcxError as exc:
+                problems.append(str(exc))
+        return problems
 
 
 def folder_checks(artifacts: Path, manifest: dict | None, model_sha256: str) -> list[TrustCheck]:
@@ -738,16 +751,13 @@ def folder_checks(artifacts: Path, manifest: dict | None, model_sha256: str) -> 
     rows = []
     for name, exporter in registry.exporters().items():
         folders = [entry for entry in exporter.files if entry.endswith("/")]
+        linked = [f"{entry} is a symbolic link; fcexport reads it only as the folder export wrote"
+                  for entry in folders if (artifacts / entry).is_symlink()]
         files = names.artifact_files(artifacts, folders)
-        if not files or exporter.check is None:
+        if (not files and not linked) or exporter.check is None:
             continue
         read = VouchedReader(artifacts, manifest, model_sha256)
-        problems = []
-        for file in files:  # a file the check would never read (one planted in the folder) is judged too
-            try:
-                read(artifacts / file)
-            except FcxError as exc:
-                problems.append(str(exc))
+        problems = linked or read.every(files)
         if not problems:
             problems = exporter.check(artifacts, read)
         where = ", ".join(folders)
@@ -880,7 +890,11 @@ def serve(artifacts: str | Path = "artifacts", repository: str | Path | None = N
     from fcexport.files import sha256_file
 
     read = VouchedReader(folder, manifest, sha256_file(model_path) if model_path.is_file() else None)
-    served, problems = check_repository(repository, read, folder)
+    problems = []
+    if manifest is not None:  # every file of the repository, as fcx verify's row judges it; then its configs
+        problems = read.every([f for f in names.artifact_files(folder, [f"{repository.name}/"])])
+    served, found = check_repository(repository, read, folder if manifest is not None else None) if not problems else ([], [])
+    problems += found
     if problems:
         raise FcxError(f"{repository}: not served: {'; '.join(problems[:3])}", hint="export-triton")
     models = [serving.ServedModel(m.name, m.config, read(m.model_file.parent.parent / LABELS_FILE), read(m.model_file))

@@ -15,8 +15,9 @@ from fcexport.spec import ModelSpec
 from fcexport.targets import Predictor
 
 PROTOCOLS = {"http": "http", "https": "http", "grpc": "grpc"}
-TIMEOUT_SECONDS = 30.0
+TIMEOUT_SECONDS = 30.0  # for each request as a whole: a server that answers a byte at a time is cut off too
 MAX_LABEL_BYTES = 1 << 10
+MAX_MESSAGE_BYTES = 256 << 20  # gRPC refuses larger answers before allocating them
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,13 @@ def connect(url: str, model: str) -> Endpoint:
 
     from fcexport.triton_config import schema
 
+    from fcexport.targets import MODEL_NAME
+
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in PROTOCOLS or not parts.hostname or parts.path not in ("", "/"):
         raise FcxError(f"--url {url!r}: expected http://HOST:PORT or grpc://HOST:PORT (KServe v2 over HTTP or gRPC)")
+    if not MODEL_NAME.fullmatch(model):
+        raise FcxError(f"model name {model[:100]!r}: letters, digits, '_', '.' and '-' only (as fcx export --name writes)")
     try:
         port = parts.port
     except ValueError as exc:
@@ -64,24 +69,25 @@ def connect(url: str, model: str) -> Endpoint:
     if protocol == "grpc":
         import tritonclient.grpc as client_module
 
-        client = client_module.InferenceServerClient(address)
+        client = client_module.InferenceServerClient(address, channel_args=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     else:
         import tritonclient.http as client_module
 
         client = client_module.InferenceServerClient(address, ssl=parts.scheme == "https", network_timeout=TIMEOUT_SECONDS,
                                                       connection_timeout=TIMEOUT_SECONDS)
     where = f"{url} model {model}"
-    ready = _call(lambda: client.is_model_ready(model), where, "ask whether the model is ready")
+    ready = _call(protocol, lambda **t: client.is_model_ready(model, **t), where, "ask whether the model is ready")
     if not ready:
         try:
-            names = ", ".join(_call(lambda: _model_names(client, protocol), where, "list its models")) or "none"
+            names = ", ".join(_call(protocol, lambda **t: _model_names(client, protocol, t), where, "list its models")) or "none"
         except FcxError:  # fcx serve removes its repository folder once loaded, so the index is not there to list
             names = "the names it printed when it started"
         raise FcxError(f"{where}: no such model is ready there; it serves {names} (--model NAME)")
     if protocol == "grpc":
-        config = _call(lambda: client.get_model_config(model).config, where, "read the model's configuration")
+        config = _call(protocol, lambda **t: client.get_model_config(model, **t).config, where, "read the model's configuration")
     else:
-        found = _call(lambda: client.get_model_config(model), where, "read the model's configuration")
+        found = _call(protocol, lambda **t: client.get_model_config(model), where, "read the model's configuration")
         try:
             config = json_format.ParseDict(found, schema().ModelConfig(), ignore_unknown_fields=True)
         except (json_format.ParseError, TypeError, AttributeError) as exc:
@@ -95,7 +101,10 @@ def served_spec(endpoint: Endpoint) -> ModelSpec:
     """The spec the served config carries (fcx export --triton puts it there)."""
     from fcexport.triton_config import SPEC_PARAMETER, served_spec as spec_of
 
-    spec = spec_of(endpoint.config)
+    try:
+        spec = spec_of(endpoint.config)
+    except FcxError as exc:
+        raise FcxError(f"{endpoint.where()}: {exc}") from exc
     if spec is None:
         raise FcxError(f"{endpoint.where()}: its configuration has no {SPEC_PARAMETER} parameter, so how to prepare images "
                        "for it is unknown; serve a repository written by fcx export --triton")
@@ -109,9 +118,12 @@ def infer(endpoint: Endpoint, x: np.ndarray, class_count: int = 0):
     tensor = module.InferInput(endpoint.input_name, list(x.shape), "FP32")
     tensor.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     wanted = module.InferRequestedOutput(endpoint.output_name, class_count=class_count)
-    answer = _call(lambda: endpoint.client.infer(endpoint.model, [tensor], outputs=[wanted]), endpoint.where(),
-                   f"run a batch of {len(x)}")
-    out = answer.as_numpy(endpoint.output_name)
+    answer = _call(endpoint.protocol, lambda **t: endpoint.client.infer(endpoint.model, [tensor], outputs=[wanted], **t),
+                   endpoint.where(), f"run a batch of {len(x)}")
+    try:
+        out = answer.as_numpy(endpoint.output_name)
+    except (ValueError, TypeError) as exc:  # a declared shape its data does not fill
+        raise FcxError(f"{endpoint.where()}: the answer to a batch of {len(x)} is malformed ({str(exc)[:120]})") from exc
     if out is None:
         raise FcxError(f"{endpoint.where()}: the answer holds no '{endpoint.output_name}' output")
     return out
@@ -160,7 +172,8 @@ def statistics(endpoint: Endpoint) -> dict[int, int]:
     """Batch size -> how many times the server ran a batch of that size for this model (Triton's statistics)."""
     from google.protobuf import json_format
 
-    found = _call(lambda: endpoint.client.get_inference_statistics(endpoint.model), endpoint.where(), "read statistics")
+    found = _call(endpoint.protocol, lambda **t: endpoint.client.get_inference_statistics(endpoint.model, **t),
+                  endpoint.where(), "read statistics")
     if endpoint.protocol == "grpc":
         found = json_format.MessageToDict(found, preserving_proto_field_name=True)
     counts = {}
@@ -186,23 +199,37 @@ def _module(endpoint: Endpoint):
     return module
 
 
-def _model_names(client, protocol: str) -> list[str]:
-    index = client.get_model_repository_index()
+def _model_names(client, protocol: str, timeout: dict) -> list[str]:
+    index = client.get_model_repository_index(**timeout)
     items = index.models if protocol == "grpc" else index
     return [m.name if protocol == "grpc" else m.get("name", "?") for m in items]
 
 
-def _call(request, where: str, what: str):
-    """Run one client request; the server's or the network's error as one line naming the endpoint."""
+def _call(protocol: str, request, where: str, what: str):
+    """Run one client request within TIMEOUT_SECONDS in all (gRPC: its deadline; HTTP: a gevent timeout around
+    it, since the HTTP client's own timeout is per read); the server's or the network's error as one line naming
+    the endpoint."""
+    import gevent
     from tritonclient.utils import InferenceServerException
 
+    slow = f"{where}: no whole answer within {TIMEOUT_SECONDS:.0f} s to {what}; the server is reachable but too slow"
     try:
-        return request()
+        if protocol == "grpc":
+            return request(client_timeout=TIMEOUT_SECONDS)
+        with gevent.Timeout(TIMEOUT_SECONDS):
+            return request()
+    except gevent.Timeout as exc:
+        raise FcxError(slow) from exc
     except InferenceServerException as exc:
         message = " ".join((exc.message() or str(exc)).split())
-        if "failed to connect" in message.lower() or "connection refused" in message.lower() or "unavailable" in message.lower():
+        lower = message.lower()
+        if "deadline" in lower or "timed out" in lower:
+            raise FcxError(slow) from exc
+        if "failed to connect" in lower or "connection refused" in lower or "unavailable" in lower:
             raise FcxError(f"{where}: cannot reach the server to {what} ({message[:200]}); is fcx serve running there?") from exc
         raise FcxError(f"{where}: the server refused to {what}: {message[:400]}") from exc
+    except TimeoutError as exc:
+        raise FcxError(slow) from exc
     except (OSError, ConnectionError) as exc:
         raise FcxError(f"{where}: cannot reach the server to {what} ({type(exc).__name__}: {str(exc)[:200]}); "
                        "is fcx serve running there?") from exc

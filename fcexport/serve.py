@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -297,7 +298,7 @@ def _wait_ready(process: subprocess.Popen, url: str, models: tuple[str, ...], lo
 
 def _ready(url: str, model: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/v2/models/{model}/ready", timeout=1) as answer:
+        with urllib.request.urlopen(f"{url}/v2/models/{urllib.parse.quote(model, safe='')}/ready", timeout=1) as answer:
             return answer.status == 200
     except urllib.error.URLError:
         return False

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fcexport.errors import FcxError
 from fcexport.spec import ModelSpec
+from fcexport.targets import MODEL_NAME, TritonSettings
 
 REPOSITORY = "model_repository"
 CONFIG_FILE, LABELS_FILE, VERSION = "config.pbtxt", "labels.txt", "1"
@@ -26,6 +27,7 @@ MODEL_FILES = {ONNX_PLATFORM: "model.onnx", LIBTORCH_PLATFORM: "model.ts"}
 TENSOR_NAMES = {ONNX_PLATFORM: ("pixels", "logits"), LIBTORCH_PLATFORM: ("pixels__0", "logits__0")}
 SPEC_PARAMETER = "fcexport_spec"  # the spec as JSON: a client of the served model prepares images with it
 MAX_CONFIG_BYTES = 1 << 20
+MAX_LABELS_BYTES = 1 << 20
 MAX_MODELS = 64
 # What onnxruntime ran best with here (fcexport.targets.onnxruntime.session_options): sequential execution, one
 # inter-op thread, at most 4 intra-op threads per instance; Triton's onnxruntime backend reads these keys.
@@ -124,6 +126,12 @@ def read_repository(folder: Path, read: Callable[[Path], bytes]) -> list[Served]
         raise FcxError(f"{folder}: {len(models)} models is more than fcexport reads from a repository ({MAX_MODELS})")
     served = []
     for model in models:
+        if not MODEL_NAME.fullmatch(model.name):
+            raise FcxError(f"{model}: '{model.name[:100]}' is not a model name fcexport writes (letters, digits, '_', '.', '-')",
+                           hint="export-triton")
+        for file, limit in ((model / CONFIG_FILE, MAX_CONFIG_BYTES), (model / LABELS_FILE, MAX_LABELS_BYTES)):
+            if file.is_file() and file.stat().st_size > limit:  # before a byte is read
+                raise FcxError(f"{file}: {file.stat().st_size:,} bytes is larger than fcexport reads for it ({limit:,})")
         config = parse_config(read(model / CONFIG_FILE), model / CONFIG_FILE)
         labels_file = model / LABELS_FILE
         labels = tuple(read(labels_file).decode("utf-8", "replace").splitlines()) if labels_file.is_file() else ()
@@ -180,4 +188,30 @@ def config_problems(served: Served, spec: ModelSpec, graph: tuple[tuple[str, tup
     carried = served_spec(config)
     if carried is not None and (carried.class_names, carried.input_shape) != (spec.class_names, spec.input_shape):
         problems.append(f"{where}: parameter {SPEC_PARAMETER} describes another model (classes or input shape differ)")
+    if not remote and not problems:
+        problems += unexpected_fields(served, spec)
     return problems
+
+
+def unexpected_fields(served: Served, spec: ModelSpec) -> list[str]:
+    """A config is exactly what fcx export writes for this model with some TritonSettings, or it is refused: any
+    other field (a parameter such as the python backend's EXECUTION_ENV_PATH, which runs a script; warm-up
+    files; repository agents; another version policy; a million instances) reaches the server otherwise."""
+    config = served.config
+    groups = config.instance_group
+    base = served.name.removesuffix(TORCHSCRIPT_SUFFIX) if config.platform == LIBTORCH_PLATFORM else served.name
+    try:
+        settings = TritonSettings(base, config.max_batch_size, groups[0].count if len(groups) == 1 else 0,
+                                  len(groups) == 1 and groups[0].kind == groups[0].KIND_GPU)
+    except FcxError as exc:
+        return [f"{served.name}/{CONFIG_FILE}: {exc}"]
+    expected = model_config(served.name, config.platform, spec, settings)
+    found = {d.name: v for d, v in config.ListFields()}
+    wanted = {d.name: v for d, v in expected.ListFields()}
+    differ = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+    if not differ:
+        return []
+    extra = sorted(set(config.parameters) - set(expected.parameters))
+    return [f"{served.name}/{CONFIG_FILE}: {', '.join(differ)} not as fcx export writes them"
+            + (f" (parameters it does not write: {', '.join(k[:40] for k in extra[:5])})" if extra else "")
+            + "; export it again rather than editing it"]

@@ -195,3 +195,83 @@ def test_nothing_is_left_after_fcx_stops(served_dir, how):
 
     check_port_free(http)
     check_port_free(grpc)
+
+
+def test_serve_refuses_a_planted_file_before_starting(served_dir, tmp_path):
+    folder = Path(shutil.copytree(served_dir, tmp_path / "a"))
+    (folder / "model_repository/digits/1/model.py").write_text("import os\nos.system('touch /tmp/pwned')\n")
+    with pytest.raises(FcxError, match="model.py is not listed in manifest.json"):
+        with pipeline.serve(folder, http_port=free_port(), grpc_port=free_port(), server_env=_server_env().root):
+            pass
+
+
+class _HostileServer:
+    """A KServe v2 HTTP server on 127.0.0.1 that is ready, sends a real config, and answers infer as `mode` says."""
+
+    def __init__(self, config: dict, mode: str):
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = json.dumps(config if self.path.endswith("/config") else {}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.mode == "drip":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    try:
+                        for _ in range(20):
+                            time.sleep(0.2)
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                    except OSError:  # the client gave up: that is the point
+                        pass
+                    return
+                header = json.dumps({"model_name": "digits", "outputs": [{"name": "logits", "datatype": "FP32",
+                                     "shape": [1, 10, 1000000], "parameters": {"binary_data_size": 40}}]}).encode()
+                self.send_response(200)
+                self.send_header("Inference-Header-Content-Length", str(len(header)))
+                self.send_header("Content-Length", str(len(header) + 40))
+                self.end_headers()
+                self.wfile.write(header + b"\0" * 40)
+
+        self.mode = mode
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode, expected", [("lie", "is malformed"), ("drip", "no whole answer within 1 s")])
+def test_a_hostile_server_is_one_line_and_bounded_in_time(served_dir, runner, tmp_path, monkeypatch, mode, expected):
+    from google.protobuf import json_format
+
+    from fcexport.samples import write_samples
+    from fcexport.triton_config import parse_config
+
+    config = json_format.MessageToDict(parse_config((served_dir / "model_repository/digits/config.pbtxt").read_bytes(), "c"),
+                                       preserving_proto_field_name=True)
+    monkeypatch.setattr(remote, "TIMEOUT_SECONDS", 1.0)
+    write_samples("digits", tmp_path / "s", 1)
+    server = _HostileServer(config, mode)
+    try:
+        started = time.monotonic()
+        result = invoke(runner, "predict", tmp_path / "s", "--url", server.url, "--model", "digits")
+        assert time.monotonic() - started < 10
+        assert result.exit_code == 2 and expected in result.output, result.output
+    finally:
+        server.close()

@@ -170,3 +170,54 @@ def test_settings_are_checked():
     with pytest.raises(FcxError, match="Triton model name"):
         TritonSettings(name="x_torchscript")
     assert TritonSettings().name == "classifier"
+
+
+# ---- what an attacker who can write the folder (and refresh its manifest) tries -------------------------------
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda t: t + 'parameters { key: "EXECUTION_ENV_PATH" value { string_value: "/tmp/evil" } }\n',
+     "parameters it does not write: EXECUTION_ENV_PATH"),
+    (lambda t: t.replace("count: 2", "count: 1000000"), "instances must be from 1 to 64"),
+    (lambda t: t.replace("max_batch_size: 8", "max_batch_size: 2147483647"), "max batch size must be from 1 to 4096"),
+    (lambda t: t.replace("latest {\n    num_versions: 1\n  }", "specific {\n    versions: 7\n  }"), "version_policy"),
+    (lambda t: t.replace('string_value: "4"', 'string_value: "100000"'), "parameters not as fcx export writes them"),
+    (lambda t: t + 'model_warmup { name: "w" batch_size: 1 inputs { key: "pixels" value { data_type: TYPE_FP32 dims: 1 '
+               'input_data_file: "../../../../etc/passwd" } } }\n', "model_warmup"),
+])
+def test_a_config_fcx_did_not_write_is_refused(triton_copy, runner, change, expected):
+    config = triton_copy / REPO / "digits/config.pbtxt"
+    config.write_text(change(config.read_text()))
+    _refresh(triton_copy, f"{REPO}/digits/config.pbtxt")
+    problems = check_repository(triton_copy / REPO, _read, triton_copy)[1]
+    assert any(expected in p for p in problems), problems
+    result = invoke(runner, "verify", "--backends", "onnxruntime", "--devices", "cpu", "--json", "--artifacts", triton_copy)
+    assert result.exit_code == 1
+
+
+def test_a_repository_serving_another_model_fails_without_the_folders_model_onnx(triton_copy, tmp_path, runner):
+    other = tmp_path / "other"
+    assert invoke(runner, "train", "--data", "digits", "--hidden", "16", "--epochs", "1", "-q", "--artifacts", other).exit_code == 0
+    assert invoke(runner, "export", "--format", "onnx", "--no-check", "--artifacts", other).exit_code == 0
+    shutil.copy(other / "model.onnx", triton_copy / REPO / "digits/1/model.onnx")
+    (triton_copy / "model.onnx").unlink()
+    _refresh(triton_copy, f"{REPO}/digits/1/model.onnx")
+    problems = check_repository(triton_copy / REPO, _read, triton_copy)[1]
+    assert any("the folder's own model.onnx, which it must equal, is missing" in p for p in problems), problems
+
+
+def test_odd_names_links_and_sizes_are_refused_before_reading(triton_copy, tmp_path):
+    root = triton_copy / REPO
+    shutil.copytree(root / "digits", root / "x#y")
+    assert "'x#y' is not a model name" in check_repository(root, _read, triton_copy)[1][0]
+    shutil.rmtree(root / "x#y")
+    with open(root / "digits/config.pbtxt", "r+b") as f:
+        f.truncate(3 << 30)  # sparse: 3 GB that are never read
+    problems = check_repository(root, _read, triton_copy)[1]
+    assert any("larger than fcexport reads for it" in p for p in problems), problems
+    shutil.rmtree(root)
+    (triton_copy / REPO).symlink_to(tmp_path)
+    from fcexport.pipeline import folder_checks
+
+    row = folder_checks(triton_copy, json.loads((triton_copy / "manifest.json").read_text()), None)
+    assert row and row[0].status.value == "fail" and "symbolic link" in row[0].detail

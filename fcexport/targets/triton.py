@@ -47,10 +47,13 @@ def check(folder: Path, read: Callable[[Path], bytes]) -> list[str]:
 
 
 def check_repository(repository: Path, read: Callable[[Path], bytes], folder: Path | None = None) -> tuple[list[Served], list[str]]:
-    """(its models, what is wrong with them): each config parsed against Triton's schema and checked against the
-    file it serves (names, dtypes, dims, batch dimension, labels), and each served file the same bytes as `folder`'s
-    own model.onnx / model.ts where those exist. `read` reads a file (and may check its bytes: they are the ones
-    judged)."""
+    """(its models, what is wrong with them): each config parsed against Triton's schema, checked against the file
+    it serves (names, dtypes, dims, batch dimension, labels) and exactly what fcx export writes, and, with `folder`
+    (the artifacts folder it belongs to), each served file the same bytes as that folder's own model.onnx /
+    model.ts: those are the files fcx verify compares with a fresh export, so a repository serving anything else
+    fails. `read` reads a file (and may check its bytes: they are the ones judged)."""
+    if repository.is_symlink():
+        return [], [f"{repository}: a symbolic link; fcexport reads a repository only as the folder export wrote"]
     try:
         served = read_repository(repository, read)
     except FcxError as exc:
@@ -61,7 +64,10 @@ def check_repository(repository: Path, read: Callable[[Path], bytes], folder: Pa
             data = read(model.model_file)
             spec, graph = _served_file(model.platform, data, model.model_file)
             own = Path(folder) / MODEL_FILES.get(model.platform, "") if folder is not None else None
-            if own is not None and own.is_file() and read(own) != data:
+            if own is not None and not own.is_file():
+                problems.append(f"{model.name}/{VERSION}/{model.model_file.name} cannot be checked: the folder's own "
+                                f"{own.name}, which it must equal, is missing (export again with --triton)")
+            elif own is not None and read(own) != data:
                 problems.append(f"{model.name}/{VERSION}/{model.model_file.name} is not the folder's {own.name}")
         except FcxError as exc:
             problems.append(str(exc))
