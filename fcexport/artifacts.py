@@ -172,8 +172,8 @@ def listing_problem(path: Path, manifest: dict, name: str | None = None) -> str 
 def integrity_problem(path: Path, manifest: dict, data: bytes | None = None, name: str | None = None) -> str | None:
     """Why the bytes at `path` (or `data`, read from it) are not the ones the manifest lists, or None."""
     name = name or path.name
-    if problem := listing_problem(path, manifest, name):
-        return problem
+    if not isinstance(manifest["files"].get(name), dict):
+        return listing_problem(path, manifest, name)
     if not _matches_entry(path, manifest["files"][name], data):
         return f"{name} changed after it was written (its sha256 differs from {MANIFEST})"
     return None
