@@ -232,10 +232,19 @@ def import_summary(path) -> None:
     out.print(Text(f"wrote {shown(path)}\nnext: fcx fuse-bn --verify, fcx export, fcx verify, fcx predict IMAGE{where}"))
 
 
+FOLDS_LISTED = 8  # more folds than this are summarised by kind unless --wide
+
+
 def fuse_summary(result, wide: bool = False) -> None:
     """A FuseResult: the folds, parameters and latency, and the verification when it ran."""
     rep = result.report
-    rows = [[f"{f.layer} ({f.layer_type})", f.into, f.direction] for f in rep.folded]
+    if len(rep.folded) > FOLDS_LISTED and not wide:  # a resnet's 20 folds in a few lines; --wide lists each
+        groups: dict = {}
+        for f in rep.folded:
+            groups.setdefault((f.layer_type, f.direction), []).append(f)
+        rows = [[f"{len(fs)} x {kind}", f"{fs[0].into}, ...", f"{how} (--wide: each)"] for (kind, how), fs in groups.items()]
+    else:
+        rows = [[f"{f.layer} ({f.layer_type})", f.into, f.direction] for f in rep.folded]
     rows += [[f"{x.layer} ({x.layer_type})", "-", f"left in place: {x.reason}"] for x in rep.left]
     table("folds", ["layer", "into", "how"], rows)
     key_values("fcx fuse-bn", {

@@ -8,6 +8,8 @@ read or scored becomes an error row ({"file", "error"}); the others go on.
 from __future__ import annotations
 
 import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from fcexport.preprocess import INVERT_CHOICES, collect_image_files, prepare_ima
 from fcexport.targets import Predictor
 
 BATCH_SIZE = 256  # images decoded and scored at a time: bounds memory for folders of any size
+PREPARE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -44,25 +47,34 @@ def predict_files(
     spec = predictor.spec
     files = collect_image_files(str(i) for i in inputs)
     count = itertools.count()
-    while chunk := list(itertools.islice(files, batch_size)):
-        prepared: list[np.ndarray | FcxError] = []
-        for file in chunk:
-            try:
-                prepared.append(prepare_image(file, spec.input_shape, spec.preprocess, invert))
-            except FcxError as exc:
-                prepared.append(exc)
-            except Exception as exc:  # a decoder or NumPy failing on one odd file is that file's error, not the batch's
-                prepared.append(FcxError(f"{file}: could not be prepared ({type(exc).__name__}: {str(exc)[:200]})"))
-        good = [p for p in prepared if not isinstance(p, FcxError)]
-        logits = iter(predictor(np.stack(good)).astype(np.float64) if good else [])
-        for file, pixels in zip(chunk, prepared, strict=True):
-            index = next(count)
-            if isinstance(pixels, FcxError):
-                yield {"file": str(file), "error": str(pixels)}
-                continue
-            if save_prepared is not None:
-                _save_prepared(pixels, Path(save_prepared) / f"{index:06d}_{file.stem}.png")
-            yield _row(file, next(logits), spec.class_names, top_k, predictor.source)
+
+    def prepare(file: Path) -> np.ndarray | FcxError:
+        try:
+            return prepare_image(file, spec.input_shape, spec.preprocess, invert)
+        except FcxError as exc:
+            return exc
+        except Exception as exc:  # a decoder or NumPy failing on one odd file is that file's error, not the batch's
+            return FcxError(f"{file}: could not be prepared ({type(exc).__name__}: {str(exc)[:200]})")
+
+    # decoding (Pillow) and most array work release the GIL: one preparing thread per core, results in order
+    with ThreadPoolExecutor(max_workers=PREPARE_THREADS) as pool:
+        while chunk := list(itertools.islice(files, batch_size)):
+            prepared = list(pool.map(prepare, chunk)) if len(chunk) > 1 else [prepare(chunk[0])]
+            yield from _score(predictor, chunk, prepared, count, top_k, save_prepared)
+
+
+def _score(predictor: Predictor, chunk: list[Path], prepared: list, count, top_k: int, save_prepared: Path | None) -> Iterator[dict]:
+    """The rows of one prepared chunk, in order: the good images scored in one call, the bad ones as errors."""
+    good = [p for p in prepared if not isinstance(p, FcxError)]
+    logits = iter(predictor(np.stack(good)).astype(np.float64) if good else [])
+    for file, pixels in zip(chunk, prepared, strict=True):
+        index = next(count)
+        if isinstance(pixels, FcxError):
+            yield {"file": str(file), "error": str(pixels)}
+            continue
+        if save_prepared is not None:
+            _save_prepared(pixels, Path(save_prepared) / f"{index:06d}_{file.stem}.png")
+        yield _row(file, next(logits), predictor.spec.class_names, top_k, predictor.source)
 
 
 def _row(file: Path, logits: np.ndarray, names: list[str], top_k: int, source: Path | str) -> dict:
