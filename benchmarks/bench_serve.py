@@ -55,7 +55,7 @@ def load(url: str, model: str, clients: int, seconds: float, x: np.ndarray) -> d
     window = {}
 
     def client(i: int) -> None:
-        endpoint = remote.connect(url, model)  # made in its thread: the HTTP client is gevent's, bound to one thread
+        endpoint = remote.connect(url, model)  # one client per thread, as a real client fleet would have
         ready.wait()
         while time.perf_counter() < window["stop"]:
             t = time.perf_counter()

@@ -1,28 +1,35 @@
 """A served model over the KServe v2 protocol (HTTP or gRPC, chosen by the URL's scheme) as a Predictor: what
-`fcx verify --url` and `fcx predict --url` run. tritonclient speaks the protocol (imported when used; it needs no
-torch). Everything the server sends is bounded or checked before use: its config through Triton's schema, the spec
-it carries through the spec codec, every output's shape against the spec.
+`fcx verify --url` and `fcx predict --url` run. Torch-free.
+
+Everything a server sends is bounded before it is read and checked before use: each request has one deadline
+for the whole answer; an answer's size is checked against what the request can return (HTTP: the standard
+library's client, reading at most that; gRPC: tritonclient with a capped message size); the config goes through
+Triton's schema, the spec it carries through the spec codec, every output's shape against the spec.
 """
 
 from __future__ import annotations
 
+import json
+import time
 import urllib.parse
 from dataclasses import dataclass
+
 import numpy as np
 
 from fcexport.errors import FcxError
 from fcexport.spec import ModelSpec
-from fcexport.targets import Predictor
+from fcexport.targets import MODEL_NAME, Predictor
 
 PROTOCOLS = {"http": "http", "https": "http", "grpc": "grpc"}
 TIMEOUT_SECONDS = 30.0  # for each request as a whole: a server that answers a byte at a time is cut off too
 MAX_LABEL_BYTES = 1 << 10
-MAX_MESSAGE_BYTES = 256 << 20  # gRPC refuses larger answers before allocating them
+MAX_MESSAGE_BYTES = 256 << 20  # the largest answer read (a 4096-image batch of 16k-class float32 logits)
+MAX_JSON_BYTES = 4 << 20  # configs, statistics, indexes, classification answers
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One model on a server: where, how, its config (a ModelConfig) and the spec it carries (or None)."""
+    """One model on a server: where, how, a client for it (_HttpClient or _GrpcClient) and its config (ModelConfig)."""
 
     url: str
     protocol: str
@@ -53,8 +60,6 @@ def connect(url: str, model: str) -> Endpoint:
 
     from fcexport.triton_config import schema
 
-    from fcexport.targets import MODEL_NAME
-
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in PROTOCOLS or not parts.hostname or parts.path not in ("", "/"):
         raise FcxError(f"--url {url!r}: expected http://HOST:PORT or grpc://HOST:PORT (KServe v2 over HTTP or gRPC)")
@@ -65,33 +70,20 @@ def connect(url: str, model: str) -> Endpoint:
     except ValueError as exc:
         raise FcxError(f"--url {url!r}: {exc}") from exc
     protocol = PROTOCOLS[parts.scheme]
-    address = f"{parts.hostname}:{port or (8001 if protocol == 'grpc' else 8000)}"
-    if protocol == "grpc":
-        import tritonclient.grpc as client_module
-
-        client = client_module.InferenceServerClient(address, channel_args=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
-    else:
-        import tritonclient.http as client_module
-
-        client = client_module.InferenceServerClient(address, ssl=parts.scheme == "https", network_timeout=TIMEOUT_SECONDS,
-                                                      connection_timeout=TIMEOUT_SECONDS)
     where = f"{url} model {model}"
-    ready = _call(protocol, lambda **t: client.is_model_ready(model, **t), where, "ask whether the model is ready")
-    if not ready:
+    port = port or (8001 if protocol == "grpc" else 8000)
+    client = (_GrpcClient(parts.hostname, port, where) if protocol == "grpc"
+              else _HttpClient(parts.hostname, port, parts.scheme == "https", where))
+    if not client.is_model_ready(model):
         try:
-            names = ", ".join(_call(protocol, lambda **t: _model_names(client, protocol, t), where, "list its models")) or "none"
+            names = ", ".join(client.model_names()) or "none"
         except FcxError:  # fcx serve removes its repository folder once loaded, so the index is not there to list
             names = "the names it printed when it started"
         raise FcxError(f"{where}: no such model is ready there; it serves {names} (--model NAME)")
-    if protocol == "grpc":
-        config = _call(protocol, lambda **t: client.get_model_config(model, **t).config, where, "read the model's configuration")
-    else:
-        found = _call(protocol, lambda **t: client.get_model_config(model), where, "read the model's configuration")
-        try:
-            config = json_format.ParseDict(found, schema().ModelConfig(), ignore_unknown_fields=True)
-        except (json_format.ParseError, TypeError, AttributeError) as exc:
-            raise FcxError(f"{where}: the configuration it sent is not Triton's ({str(exc)[:200]})") from exc
+    try:
+        config = json_format.ParseDict(client.model_config(model), schema().ModelConfig(), ignore_unknown_fields=True)
+    except (json_format.ParseError, TypeError, AttributeError, ValueError) as exc:
+        raise FcxError(f"{where}: the configuration it sent is not Triton's ({str(exc)[:200]})") from exc
     if len(config.input) != 1 or len(config.output) != 1:
         raise FcxError(f"{where}: the model has {len(config.input)} inputs and {len(config.output)} outputs; an fcexport classifier has 1 and 1")
     return Endpoint(url, protocol, model, client, config)
@@ -111,22 +103,15 @@ def served_spec(endpoint: Endpoint) -> ModelSpec:
     return spec
 
 
-def infer(endpoint: Endpoint, x: np.ndarray, class_count: int = 0):
-    """One request: logits for the batch `x`, or with `class_count` Triton's classification strings
-    ("score:index:label") for the top classes. The server's refusal (shape, batch size) is a one-line FcxError."""
-    module = _module(endpoint)
-    tensor = module.InferInput(endpoint.input_name, list(x.shape), "FP32")
-    tensor.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    wanted = module.InferRequestedOutput(endpoint.output_name, class_count=class_count)
-    answer = _call(endpoint.protocol, lambda **t: endpoint.client.infer(endpoint.model, [tensor], outputs=[wanted], **t),
-                   endpoint.where(), f"run a batch of {len(x)}")
-    try:
-        out = answer.as_numpy(endpoint.output_name)
-    except (ValueError, TypeError) as exc:  # a declared shape its data does not fill
-        raise FcxError(f"{endpoint.where()}: the answer to a batch of {len(x)} is malformed ({str(exc)[:120]})") from exc
-    if out is None:
-        raise FcxError(f"{endpoint.where()}: the answer holds no '{endpoint.output_name}' output")
-    return out
+def infer(endpoint: Endpoint, x: np.ndarray, class_count: int = 0) -> np.ndarray:
+    """One request: float32 logits for the batch `x`, or with `class_count` Triton's classification strings
+    ("score:index:label", an array of bytes) for the top classes. The server's refusal (shape, batch size) is a
+    one-line FcxError."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    per_image = max(1, int(np.prod(endpoint.config.output[0].dims)))  # what one image can return
+    limit = len(x) * per_image * (MAX_LABEL_BYTES if class_count else 4) + MAX_JSON_BYTES
+    return endpoint.client.infer(endpoint.model, endpoint.input_name, endpoint.output_name, x, class_count,
+                                 min(limit, MAX_MESSAGE_BYTES))
 
 
 def remote_predictor(endpoint: Endpoint, spec: ModelSpec) -> Predictor:
@@ -170,16 +155,14 @@ def served_labels(endpoint: Endpoint, spec: ModelSpec, x: np.ndarray) -> tuple[l
 
 def statistics(endpoint: Endpoint) -> dict[int, int]:
     """Batch size -> how many times the server ran a batch of that size for this model (Triton's statistics)."""
-    from google.protobuf import json_format
-
-    found = _call(endpoint.protocol, lambda **t: endpoint.client.get_inference_statistics(endpoint.model, **t),
-                  endpoint.where(), "read statistics")
-    if endpoint.protocol == "grpc":
-        found = json_format.MessageToDict(found, preserving_proto_field_name=True)
     counts = {}
-    for model in found.get("model_stats", []):
-        for batch in model.get("batch_stats", []):
-            counts[int(batch["batch_size"])] = counts.get(int(batch["batch_size"]), 0) + int(batch["compute_infer"]["count"])
+    try:
+        for model in endpoint.client.statistics(endpoint.model).get("model_stats", []):
+            for batch in model.get("batch_stats", []):
+                size = int(batch["batch_size"])
+                counts[size] = counts.get(size, 0) + int(batch["compute_infer"]["count"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FcxError(f"{endpoint.where()}: its statistics are not Triton's ({str(exc)[:100]})") from exc
     return counts
 
 
@@ -191,45 +174,160 @@ def _parse_class(item, count: int, endpoint: Endpoint) -> tuple[int, str]:
     return int(parts[1]), parts[2] if len(parts) == 3 else ""
 
 
-def _module(endpoint: Endpoint):
-    if endpoint.protocol == "grpc":
-        import tritonclient.grpc as module
-    else:
-        import tritonclient.http as module
-    return module
+def _slow(where: str, what: str) -> FcxError:
+    return FcxError(f"{where}: no whole answer within {TIMEOUT_SECONDS:.0f} s to {what}; the server is reachable but too slow")
 
 
-def _model_names(client, protocol: str, timeout: dict) -> list[str]:
-    index = client.get_model_repository_index(**timeout)
-    items = index.models if protocol == "grpc" else index
-    return [m.name if protocol == "grpc" else m.get("name", "?") for m in items]
+def _unreachable(where: str, what: str, why: str) -> FcxError:
+    return FcxError(f"{where}: cannot reach the server to {what} ({why[:200]}); is fcx serve running there?")
 
 
-def _call(protocol: str, request, where: str, what: str):
-    """Run one client request within TIMEOUT_SECONDS in all (gRPC: its deadline; HTTP: a gevent timeout around
-    it, since the HTTP client's own timeout is per read); the server's or the network's error as one line naming
-    the endpoint."""
-    import gevent
-    from tritonclient.utils import InferenceServerException
+class _HttpClient:
+    """KServe v2 over HTTP with the standard library: one connection per request, one deadline for all of it, an
+    answer read only up to the size the request can have (tritonclient's HTTP client reads any body whole, and is
+    bound to the thread that made it)."""
 
-    slow = f"{where}: no whole answer within {TIMEOUT_SECONDS:.0f} s to {what}; the server is reachable but too slow"
-    try:
-        if protocol == "grpc":
-            return request(client_timeout=TIMEOUT_SECONDS)
-        with gevent.Timeout(TIMEOUT_SECONDS):
-            return request()
-    except gevent.Timeout as exc:
-        raise FcxError(slow) from exc
-    except InferenceServerException as exc:
-        message = " ".join((exc.message() or str(exc)).split())
-        lower = message.lower()
-        if "deadline" in lower or "timed out" in lower:
-            raise FcxError(slow) from exc
-        if "failed to connect" in lower or "connection refused" in lower or "unavailable" in lower:
-            raise FcxError(f"{where}: cannot reach the server to {what} ({message[:200]}); is fcx serve running there?") from exc
-        raise FcxError(f"{where}: the server refused to {what}: {message[:400]}") from exc
-    except TimeoutError as exc:
-        raise FcxError(slow) from exc
-    except (OSError, ConnectionError) as exc:
-        raise FcxError(f"{where}: cannot reach the server to {what} ({type(exc).__name__}: {str(exc)[:200]}); "
-                       "is fcx serve running there?") from exc
+    def __init__(self, host: str, port: int, tls: bool, where: str):
+        self.host, self.port, self.tls, self.where = host, port, tls, where
+
+    def is_model_ready(self, model: str) -> bool:
+        status, _, _ = self._request("GET", f"/v2/models/{model}/ready", None, {}, MAX_JSON_BYTES, "ask whether the model is ready")
+        return status == 200
+
+    def model_names(self) -> list[str]:
+        index = self._json("POST", "/v2/repository/index", {}, "list its models")
+        return [str(m.get("name", "?")) for m in index if isinstance(m, dict)] if isinstance(index, list) else []
+
+    def model_config(self, model: str) -> dict:
+        return self._json("GET", f"/v2/models/{model}/config", None, "read the model's configuration")
+
+    def statistics(self, model: str) -> dict:
+        return self._json("GET", f"/v2/models/{model}/stats", None, "read statistics")
+
+    def infer(self, model: str, input_name: str, output_name: str, x: np.ndarray, class_count: int, limit: int) -> np.ndarray:
+        output = {"name": output_name, "parameters": {"classification": class_count} if class_count else {"binary_data": True}}
+        header = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}], "outputs": [output]}).encode()
+        what = f"run a batch of {len(x)}"
+        status, body, split = self._request("POST", f"/v2/models/{model}/infer", header + x.tobytes(),
+                                            {"Inference-Header-Content-Length": str(len(header)),
+                                             "Content-Type": "application/octet-stream"}, limit, what)
+        try:
+            answer = json.loads(body[:split] if split is not None else body)
+            if status != 200:
+                raise FcxError(f"{self.where}: the server refused to {what}: {' '.join(str(answer.get('error', answer)).split())[:400]}")
+            (found,) = [o for o in answer["outputs"] if o.get("name") == output_name]
+            shape = [int(d) for d in found["shape"]]
+            if class_count:
+                return np.array([s.encode() for s in found["data"]], dtype=object).reshape(shape)
+            data = body[split:] if split is not None else np.asarray(found["data"], dtype=np.float32).tobytes()
+            if found.get("datatype") != "FP32" or len(data) != 4 * int(np.prod(shape)):
+                raise ValueError(f"{found.get('datatype')} {shape} in {len(data)} bytes")
+            return np.frombuffer(data, dtype=np.float32).reshape(shape)
+        except FcxError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise FcxError(f"{self.where}: the answer to a batch of {len(x)} is malformed ({str(exc)[:120]})") from exc
+
+    def _json(self, method: str, path: str, payload, what: str):
+        body = json.dumps(payload).encode() if payload is not None else None
+        status, data, _ = self._request(method, path, body, {"Content-Type": "application/json"}, MAX_JSON_BYTES, what)
+        try:
+            found = json.loads(data)
+        except ValueError as exc:
+            raise FcxError(f"{self.where}: its answer to {what} is not JSON") from exc
+        if status != 200:
+            message = found.get("error", found) if isinstance(found, dict) else found
+            raise FcxError(f"{self.where}: the server refused to {what}: {' '.join(str(message).split())[:400]}")
+        return found
+
+    def _request(self, method: str, path: str, body: bytes | None, headers: dict, limit: int, what: str):
+        """(status, body, the length of its JSON header when binary data follows, or None) within TIMEOUT_SECONDS in
+        all; a body larger than `limit` is refused before it is read."""
+        import http.client
+        import socket
+
+        deadline = time.monotonic() + TIMEOUT_SECONDS
+        kind = http.client.HTTPSConnection if self.tls else http.client.HTTPConnection
+        connection = kind(self.host, self.port, timeout=TIMEOUT_SECONDS)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            sock = connection.sock  # kept: the connection lets go of it once a closing response is read
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            response = connection.getresponse()
+            size = response.getheader("Content-Length")
+            if size is None or not size.isdigit() or int(size) > limit:
+                raise FcxError(f"{self.where}: its answer to {what} declares {size or 'no'} bytes"
+                               f"{'' if size is None else f' (at most {limit:,} expected)'}; not read")
+            header = response.getheader("Inference-Header-Content-Length")
+            split = int(header) if header and header.isdigit() and int(header) <= int(size) else None
+            chunks, left = [], int(size)
+            while left:
+                if time.monotonic() > deadline:
+                    raise _slow(self.where, what)
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = response.read1(min(left, 1 << 20))  # what has arrived: a dripping server meets the deadline
+                if not chunk:
+                    raise FcxError(f"{self.where}: its answer to {what} ended early")
+                chunks.append(chunk)
+                left -= len(chunk)
+            return response.status, b"".join(chunks), split
+        except (socket.timeout, TimeoutError) as exc:
+            raise _slow(self.where, what) from exc
+        except (ConnectionError, OSError, http.client.HTTPException) as exc:
+            raise _unreachable(self.where, what, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            connection.close()
+
+
+class _GrpcClient:
+    """KServe v2 over gRPC with tritonclient: a deadline on every call, answers capped at MAX_MESSAGE_BYTES."""
+
+    def __init__(self, host: str, port: int, where: str):
+        import tritonclient.grpc as grpc
+
+        self.grpc, self.where = grpc, where
+        self.client = grpc.InferenceServerClient(f"{host}:{port}", channel_args=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+
+    def is_model_ready(self, model: str) -> bool:
+        return self._call(lambda t: self.client.is_model_ready(model, client_timeout=t), "ask whether the model is ready")
+
+    def model_names(self) -> list[str]:
+        index = self._call(lambda t: self.client.get_model_repository_index(client_timeout=t), "list its models")
+        return [m.name for m in index.models]
+
+    def model_config(self, model: str) -> dict:
+        found = self._call(lambda t: self.client.get_model_config(model, as_json=True, client_timeout=t), "read the model's configuration")
+        return found.get("config", {})
+
+    def statistics(self, model: str) -> dict:
+        return self._call(lambda t: self.client.get_inference_statistics(model, as_json=True, client_timeout=t), "read statistics")
+
+    def infer(self, model: str, input_name: str, output_name: str, x: np.ndarray, class_count: int, limit: int) -> np.ndarray:
+        tensor = self.grpc.InferInput(input_name, list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        wanted = self.grpc.InferRequestedOutput(output_name, class_count=class_count)
+        what = f"run a batch of {len(x)}"
+        answer = self._call(lambda t: self.client.infer(model, [tensor], outputs=[wanted], client_timeout=t), what)
+        try:
+            out = answer.as_numpy(output_name)
+        except (ValueError, TypeError) as exc:  # a declared shape its data does not fill
+            raise FcxError(f"{self.where}: the answer to a batch of {len(x)} is malformed ({str(exc)[:120]})") from exc
+        if out is None:
+            raise FcxError(f"{self.where}: the answer holds no '{output_name}' output")
+        return out
+
+    def _call(self, request, what: str):
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return request(TIMEOUT_SECONDS)
+        except InferenceServerException as exc:
+            message = " ".join((exc.message() or str(exc)).split())
+            lower = message.lower()
+            if "deadline" in lower or "timed out" in lower:
+                raise _slow(self.where, what) from exc
+            if "failed to connect" in lower or "connection refused" in lower or "unavailable" in lower:
+                raise _unreachable(self.where, what, message) from exc
+            raise FcxError(f"{self.where}: the server refused to {what}: {message[:400]}") from exc

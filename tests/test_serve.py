@@ -226,6 +226,11 @@ class _HostileServer:
 
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.mode == "huge":  # declares 1.5 GB: refused before a byte of it is read
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(1_500_000_000))
+                    self.end_headers()
+                    return
                 if outer.mode == "drip":
                     self.send_response(200)
                     self.send_header("Content-Length", "1000")
@@ -256,7 +261,8 @@ class _HostileServer:
         self.server.server_close()
 
 
-@pytest.mark.parametrize("mode, expected", [("lie", "is malformed"), ("drip", "no whole answer within 1 s")])
+@pytest.mark.parametrize("mode, expected", [("lie", "is malformed"), ("drip", "no whole answer within 1 s"),
+                                            ("huge", "declares 1500000000 bytes")])
 def test_a_hostile_server_is_one_line_and_bounded_in_time(served_dir, runner, tmp_path, monkeypatch, mode, expected):
     from google.protobuf import json_format
 
