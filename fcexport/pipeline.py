@@ -588,9 +588,16 @@ def inspect(target: str | Path = "artifacts") -> Inspection:
     target = Path(target)
     if not target.exists():
         raise FcxError(f"{target}: no such file or folder", hint="train-or-import")
-    folder = target if target.is_dir() else target.parent
+    folder_artifact = next((name for name, e in registry.exporters().items() if f"{target.name}/" in e.files), None)
+    folder = target.parent if target.is_file() or (target.is_dir() and folder_artifact) else target
     found = names.read_manifest_bytes(folder)
     manifest, digest = found if found else (None, None)
+    if target.is_dir() and folder_artifact:  # the repository itself: that one artifact
+        model_sha256 = sha256_file(folder / names.MODEL) if (folder / names.MODEL).is_file() else None
+        report = _inspect_folder(folder, folder_artifact, f"{target.name}/", manifest, model_sha256)
+        if report.problem:
+            raise FcxError(report.problem)
+        return Inspection(str(folder), (report,), digest, None)
     if target.is_dir():
         paths = [folder / f for files in registry.artifacts().values() for f in files if (folder / f).is_file()]
         if not paths:
@@ -601,9 +608,28 @@ def inspect(target: str | Path = "artifacts") -> Inspection:
     model_sha256 = sha256_file(folder / names.MODEL) if (folder / names.MODEL).is_file() else None
     signature = folder / names.SIGNATURE
     files = tuple(_inspect_file(p, manifest, model_sha256) for p in dict.fromkeys(paths))
+    if target.is_dir():
+        files += tuple(_inspect_folder(folder, name, entry, manifest, model_sha256) for name, exporter in registry.exporters().items()
+                       for entry in exporter.files if entry.endswith("/") and (folder / entry).is_dir())
     if target.is_file() and files[0].problem:
         raise FcxError(files[0].problem)  # the one file asked about cannot be read: an error, not a row
     return Inspection(str(folder), files, digest, str(signature) if signature.is_file() else None)
+
+
+def _inspect_folder(folder: Path, artifact: str, entry: str, manifest: dict | None, model_sha256: str | None) -> FileReport:
+    """A folder artifact (a Triton repository) as inspect sees it: every file against the manifest, then its description."""
+    files = names.artifact_files(folder, [entry])
+    size = sum((folder / f).stat().st_size for f in files)
+    if manifest is None:
+        state = f"no {names.MANIFEST} here"
+    else:
+        problems = VouchedReader(folder, manifest, model_sha256).every(files)
+        state = problems[0] if problems else f"{len(files)} files match, made from this model.pt"
+    try:
+        spec, details = registry.exporters()[artifact].describe(None, folder / entry.rstrip("/"))
+    except FcxError as exc:
+        return FileReport(str(folder / entry), artifact, size, state, problem=str(exc))
+    return FileReport(str(folder / entry), artifact, size, state, spec, details)
 
 
 def _inspect_file(path: Path, manifest: dict | None, model_sha256: str | None) -> FileReport:

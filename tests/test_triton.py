@@ -221,3 +221,12 @@ def test_odd_names_links_and_sizes_are_refused_before_reading(triton_copy, tmp_p
 
     row = folder_checks(triton_copy, json.loads((triton_copy / "manifest.json").read_text()), None)
     assert row and row[0].status.value == "fail" and "symbolic link" in row[0].detail
+
+
+def test_inspect_describes_the_repository(triton_dir, runner):
+    for target in (triton_dir, triton_dir / REPO):
+        result = invoke(runner, "inspect", target, "--json")
+        assert result.exit_code == 0, result.output
+        (found,) = [f for f in json.loads(result.stdout)["files"] if f["file"].endswith(REPO)]
+        assert found["manifest"] == "6 files match, made from this model.pt"
+        assert found["details"]["models"]["digits"].startswith("onnxruntime_onnx, max batch 8, 2 x KIND_CPU")

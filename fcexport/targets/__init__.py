@@ -160,7 +160,7 @@ class Exporter:
     by_default: bool = True
     approximate: bool = False
     devices: tuple[str, ...] = DEVICES  # where its files can run at all (int8: CPU kernels only)
-    describe: Callable[[bytes, Path], tuple[ModelSpec, dict]] | None = None  # (spec, details) read without loading
+    describe: Callable[[bytes | None, Path], tuple[ModelSpec, dict]] | None = None  # (spec, details), read, never run (data None: a folder)
 
 
 @dataclass(frozen=True)

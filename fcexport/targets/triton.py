@@ -76,6 +76,22 @@ def check_repository(repository: Path, read: Callable[[Path], bytes], folder: Pa
     return served, problems
 
 
+def describe(data: bytes | None, path: Path) -> tuple[ModelSpec, dict]:
+    """(spec, details) of a repository folder (`path`; `data` is None for a folder), read and checked, never served:
+    each model's platform, batch limit, instances and batching."""
+    served, problems = check_repository(Path(path), lambda p: Path(p).read_bytes(), Path(path).parent)
+    if problems:
+        raise FcxError(f"{path}: {problems[0]}")
+    models = {}
+    for model in served:
+        config = model.config
+        groups = ", ".join(f"{g.count} x {g.Kind.Name(g.kind)}" for g in config.instance_group)
+        models[model.name] = (f"{config.platform}, max batch {config.max_batch_size}, {groups}"
+                              + (", dynamic batching" if config.HasField("dynamic_batching") else ""))
+    spec = _served_file(served[0].platform, Path(served[0].model_file).read_bytes(), served[0].model_file)[0]
+    return spec, {"models": models}
+
+
 def _served_file(platform: str, data: bytes, path: Path):
     """(spec, graph io or None) of a served file, read without running it."""
     if platform == ONNX_PLATFORM:
@@ -93,6 +109,6 @@ def _served_file(platform: str, data: bytes, path: Path):
     raise FcxError(f"{path}: platform '{platform}' is not one fcexport writes")
 
 
-EXPORTER = Exporter(name="triton", files=(FOLDER,), format="triton-repository", write=write, check=check,
+EXPORTER = Exporter(name="triton", files=(FOLDER,), format="triton-repository", write=write, check=check, describe=describe,
                     summary=f"Triton model repository ({REPOSITORY}/: onnxruntime, and libtorch with TorchScript)",
                     builds_on="onnx", by_default=False)
