@@ -274,6 +274,22 @@ def archive_description(fingerprint):
 
 
 @contextlib.contextmanager
+def quiet_loggers(*names: str):
+    """Loggers that narrate every call (torch.onnx's opset notes, onnxscript's converter), at ERROR for this block."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def quiet_warnings(*categories):
     """Warnings torch and its exporters print on every call (fcx reports results itself), kept to this block."""
     with warnings.catch_warnings():

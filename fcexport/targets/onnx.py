@@ -13,8 +13,7 @@ from pathlib import Path
 from fcexport.errors import FcxError
 from fcexport.onnx_checks import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, describe_onnx, onnx_fingerprint
 from fcexport.spec import ModelSpec
-from fcexport.targets import Exporter, ExportSettings, quiet_warnings
-
+from fcexport.targets import Exporter, ExportSettings, quiet_loggers, quiet_warnings
 
 
 def onnx_bytes(program, spec: ModelSpec, opset: int = ExportSettings.opset) -> bytes:
@@ -28,7 +27,8 @@ def onnx_bytes(program, spec: ModelSpec, opset: int = ExportSettings.opset) -> b
 
     example = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))  # batch >= 2: not specialised to 1
     try:
-        with quiet_warnings(), contextlib.redirect_stdout(io.StringIO()):  # torch.onnx and onnxscript print progress
+        # torch.onnx and onnxscript print progress, and log notes about opset conversion on every call
+        with quiet_warnings(), quiet_loggers("torch.onnx", "onnxscript"), contextlib.redirect_stdout(io.StringIO()):
             exported = torch.onnx.export(
                 ProgramModule(program).eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, verbose=False,
