@@ -31,6 +31,12 @@ def handle_errors(command):
             return command(*args, **kwargs)
         except typer.Exit:
             raise
+        except BrokenPipeError:  # `fcx ... | head`: the reader has what it wanted; Python's advice: no traceback
+            import os
+            import sys
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
         except KeyboardInterrupt:
             _traceback_if_debug()
             typer.echo("interrupted", err=True)

@@ -208,11 +208,7 @@ FORMATS_HELP = (f"Comma-separated, from: {', '.join(registry.exporters())}; all 
 
 
 UrlOpt = Annotated[Optional[list[str]], typer.Option("--url", help="Verify a served model instead (KServe v2: http://HOST:PORT or grpc://HOST:PORT; repeat for both)")]
-ServedModelOpt = Annotated[Optional[str], typer.Option("--model", help=f"With --url: the served model's name [default: {TritonSettings.name}]")]
-
-
-def _served_model(name: Optional[str]) -> str:
-    return name or TritonSettings.name
+ServedModelOpt = Annotated[Optional[str], typer.Option("--model", help="With --url: the served model's name [default: the one the server serves]")]
 
 
 def _model_arg(model: Optional[Path], artifacts: Path) -> Path:
@@ -263,6 +259,8 @@ def fuse_bn(
     "fcx export --format all,int8    # the same as --int8",
     "fcx export --int8           # also model.int8.onnx (approximate, CPU)",
     "fcx export --sign-key key.pem   # + model.sig (verify with --public-key key.pub)",
+    "fcx export --triton --name digits   # + model_repository/ (fcx serve)",
+    "fcx export --no-check -q    # no self-check, no output",
 ))
 @handle_errors
 def export(
@@ -376,8 +374,10 @@ def verify(
         if public_key or expect_digest or backends != "all":
             raise FcxError("--url verifies a served model; --public-key, --expect-digest and --backends check files: run them without --url")
         with render.steps("verify", not (quiet or json_out)) as on_step:
-            result = verify_remote(url, _served_model(served_model), artifacts, data, data_root, tolerance, on_step)
+            result = verify_remote(url, served_model, artifacts, data, data_root, tolerance, on_step)
     else:
+        if served_model is not None:
+            raise FcxError("--model names a served model and goes with --url; fcx verify checks every file of --artifacts")
         with render.steps("verify", not (quiet or json_out)) as on_step:
             result = run(artifacts, _backends(backends), _names(devices), data, data_root, tolerance, public_key, signature,
                          expect_digest, on_step)
@@ -428,11 +428,13 @@ def predict(
 
         if runtime or save_prepared or device != "cpu":
             raise FcxError("--url classifies on the server; --runtime, --device and --save-prepared are for local runs")
-        predictions = predict_remote(images, url, _served_model(str(model) if model else None), top_k, invert)
+        predictions = predict_remote(images, url, str(model) if model else None, top_k, invert)
     else:
+        if model is not None and not model.exists() and not model.suffix:
+            raise FcxError(f"--model {model}: no such file; a served model's name goes with --url URL")
         predictions = run(images, model, artifacts, top_k, invert, device, runtime, save_prepared, allow_stale)
     if predictions.stale:
-        render.warning(f"{predictions.stale} (--allow-stale); run `fcx export` (and `fcx fuse-bn`) again")
+        render.warning(f"{predictions.stale} (--allow-stale); run `fcx export --artifacts {artifacts}` (and `fcx fuse-bn`) again")
     rows, predictor = predictions.rows, predictions.predictor
     mode = "jsonl" if jsonl else "json" if json_out else "table"
     errors = render.stream_predictions(predictor, rows, mode, wide, json_file)

@@ -17,8 +17,18 @@ from rich.text import Text
 from cli.hints import with_hint
 from fcexport.results import Status
 
+class _Out(Console):
+    def on_broken_pipe(self) -> None:
+        """`fcx ... | head`: the reader stopped; that is no failure of ours (rich would exit 1, verify's 'failed')."""
+        import os
+
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0)
+
+
 # Piped output (CI logs, files) gets 120 columns instead of rich's 80, so tables are not truncated.
-out = Console(width=None if sys.stdout.isatty() else 120)
+out = _Out(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 
@@ -262,11 +272,14 @@ def export_summary(result) -> None:
     """An ExportResult: each file and what happened to it, then the manifest's digest."""
     rows = [[path, "written"] for path in result.written] + [[result.manifest, "sha256 + sizes"]]
     if result.signature:
-        rows.append([result.signature, "signature over every file (OpenSSF Model Signing)"])
-    rows += [[path, "removed (it vouched for the previous set)" if path.endswith(".sig") else
-              "removed (made from the previous model; export it again to rebuild)"] for path in result.removed]
+        rows.append([result.signature, "signature (OpenSSF)"])
+    rows += [[path, "removed"] for path in result.removed]
     rows += [[name, f"not written: {why}"] for name, why in result.skipped.items()]
     table("fcx export" + (" (fused)" if result.fused else " (unfused)"), ["file", ""], rows)
+    if result.removed:  # the why once, below, so paths keep their line at 80 columns
+        out.print(Text("removed: files built on what this export wrote again, or not asked for this time (ask for them "
+                       "to keep them: --int8, --triton ...); an old signature vouches for the previous set only",
+                       style="bright_black"))
     if result.check is not None and result.check.rows:
         parts = [f"{r.backend} {r.status.value}" + (f" (max abs {fmt(r.value('max_abs'))})" if r.value("max_abs") is not None else "")
                  for r in result.check.rows]
@@ -277,7 +290,7 @@ def export_summary(result) -> None:
 
 def manifest_digest(sha256: str) -> None:
     """The digest to keep elsewhere; `fcx verify --expect-digest` checks a folder against it."""
-    out.print(Text(f"manifest sha256: {sha256}"), soft_wrap=True)  # one line, to copy whole
+    out.print(Text(f"manifest sha256 {sha256}"), soft_wrap=True)  # one line of 80 characters, to copy whole
     out.print(Text("keep it elsewhere: fcx verify --expect-digest SHA checks a copy", style="dim"))
 
 

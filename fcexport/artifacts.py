@@ -82,11 +82,10 @@ SUPERSEDED = "superseded"
 RESULTS = ("metrics.json", "history.csv", "curves.png", "confusion.png")  # what fcx train writes about a model
 
 
-def retire_generation(folder: Path, keep: tuple[str, ...] = ()) -> Path | None:
+def retire_generation(folder: Path) -> Path | None:
     """Before a new model.pt replaces the folder's: move the old one, every file made from it (exports, manifest,
-    signature) and its training results (but `keep`) into superseded/STAMP/, so no stale file answers for the new
-    model and the old set stays whole (fcx verify --artifacts that folder still works). None when there is no
-    model.pt to replace."""
+    signature) and its training results into superseded/STAMP/, so no stale file answers for the new model and
+    the old set stays whole (fcx verify --artifacts that folder still works). None when there is no model.pt."""
     import os
     import time
 
@@ -94,7 +93,7 @@ def retire_generation(folder: Path, keep: tuple[str, ...] = ()) -> Path | None:
     if not (folder / MODEL).is_file():
         return None
     made = [f for files in registry.artifacts().values() for f in artifact_files(folder, files) if f != MODEL]
-    moving = [n for n in dict.fromkeys([*made, SIGNATURE, MANIFEST, *(r for r in RESULTS if r not in keep), MODEL])
+    moving = [n for n in dict.fromkeys([*made, SIGNATURE, MANIFEST, *RESULTS, MODEL])
               if (folder / n).is_file()]
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = folder / SUPERSEDED / stamp

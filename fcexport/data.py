@@ -274,7 +274,7 @@ def _read_csv(path: Path, label_column: str | None = None) -> tuple[torch.Tensor
     if not np.all(np.isfinite(pixels)):
         raise FcxError(f"{path}: contains NaN or infinite values")
     if label_column is None:
-        _check_first_column_is_labels(path, labels, pixels[:, -1])
+        _check_first_column_is_labels(path, labels, pixels[:, -1], columns)
     side = math.isqrt(pixels.shape[1])
     if side * side != pixels.shape[1] or side == 0:
         raise FcxError(f"{path}: {pixels.shape[1]} pixel columns is not a square image (e.g. 784 = 28x28)")
@@ -297,9 +297,22 @@ def _label_index(path: Path, label_column: str | None) -> int:
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         cells = [c.strip().strip('"') for c in f.readline(MAX_CSV_LINE + 1).split(",")]
     if text not in cells:
-        raise FcxError(f"{path}: no column named '{text[:100]}' in its header row (it starts {', '.join(cells[:4])}, ...); "
-                       "name the label column as the header does, or give its number (1 = the first)")
+        near = [c for c in cells if c.lower() == text.lower()] or [c for c in cells if c.lower() in LABEL_NAMES]
+        raise FcxError(f"{path}: no column named '{text[:100]}' in its header row"
+                       + (f" (did you mean '{near[0]}', column {cells.index(near[0]) + 1}?)" if near else
+                          f" (it starts {', '.join(cells[:4])}, ...)")
+                       + "; name the label column as the header does, or give its number (1 = the first)")
     return cells.index(text)
+
+
+def _check_named_label(path: Path, column: int, header_line: str) -> None:
+    """A label column given by the user while the header names another one `label` (or `class`, ...): a pixel
+    column would be read as the label."""
+    cells = [c.strip().strip('"') for c in header_line.split(",")]
+    named = next((i for i, c in enumerate(cells) if c.lower() in LABEL_NAMES), None)
+    if named is not None and named != column:
+        raise FcxError(f"{path}: label column {column + 1} ('{cells[column][:40]}' in the header) was given, but column "
+                       f"{named + 1} is named '{cells[named][:40]}'; give that one (its name or {named + 1})")
 
 
 def _scan_csv(path: Path, column: int = 0) -> tuple[int, list[str]]:
@@ -320,6 +333,8 @@ def _scan_csv(path: Path, column: int = 0) -> tuple[int, list[str]]:
                     header = 1
                     if column == 0:
                         _check_label_first(path, line)
+                    else:
+                        _check_named_label(path, column, line)
                     continue
                 labels.append(label.strip())
     except (UnicodeDecodeError, OSError) as exc:
@@ -329,16 +344,17 @@ def _scan_csv(path: Path, column: int = 0) -> tuple[int, list[str]]:
     return header, labels
 
 
-def _check_first_column_is_labels(path: Path, labels: list[str], last: np.ndarray) -> None:
+def _check_first_column_is_labels(path: Path, labels: list[str], last: np.ndarray, columns: int) -> None:
     """A CSV without a header whose first column varies like pixels while its last holds a few whole numbers (the
     label written last): training on it would silently learn nonsense."""
     distinct, rows = len(set(labels)), len(labels)
-    if distinct <= max(20, rows // 2):
-        return
+    if 1 < distinct <= max(20, rows // 2):
+        return  # it can be the label
     last_distinct = len(np.unique(last))
     if np.all(last == np.round(last)) and 2 <= last_distinct <= min(MAX_CSV_CLASSES, max(2, rows // 4)):
-        raise FcxError(f"{path}: the first column has {distinct} different values in {rows} rows, like pixels, and the last "
-                       f"column {last_distinct}, like labels; fcx reads the label from the first column: move the label "
+        first = "one value in every row" if distinct == 1 else f"{distinct} different values in {rows} rows, like pixels"
+        raise FcxError(f"{path}: the first column has {first}, and the last (column {columns}) "
+                       f"{last_distinct} whole numbers, like labels; fcx reads the label from the first column: move the label "
                        f"column to the front, or name it", hint="label-column")
 
 

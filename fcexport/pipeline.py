@@ -66,6 +66,7 @@ def _train(opts, on_epoch=None) -> dict:
 
     dataset = load_dataset(opts.data, opts.data_root, test_data=opts.test_data, class_names=opts.class_names,
                            label_column=opts.label_column)
+    _retire(out)  # before history.csv is written: the previous model goes whole, its history with it
     if opts.flip is None:
         opts.flip = dataset.name == "fashion-mnist"
     started = time.perf_counter()
@@ -110,14 +111,13 @@ def _train(opts, on_epoch=None) -> dict:
         metrics=metrics,
         training=asdict(opts),
     )
-    superseded = _save_model(capture(result.model.cpu().eval(), spec.input_shape), spec, out, keep=("history.csv",))
+    _save_model(capture(result.model.cpu().eval(), spec.input_shape), spec, out)
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "history.csv", history_csv(result.history))
     title = f"{config['arch']} on {dataset.name}: test accuracy {test_acc:.2%}"
     plots.save_curves(result.history, out / "curves.png", result.best_epoch, title)
     plots.save_confusion(dataset.test.labels, test_pred, dataset.class_names, out / "confusion.png")
-    return {"metrics": metrics, "history": result.history, "artifacts": str(out), "dataset": dataset.name,
-            "superseded": str(superseded) if superseded else None}
+    return {"metrics": metrics, "history": result.history, "artifacts": str(out), "dataset": dataset.name}
 
 
 def import_weights(
@@ -160,16 +160,20 @@ def import_model(
     return Path(artifacts) / names.MODEL
 
 
-def _save_model(program, spec, folder: Path, keep: tuple[str, ...] = ()) -> Path | None:
-    """Write FOLDER/model.pt; a model.pt already there is retired first with everything made from it (see
-    artifacts.retire_generation), and a warning on the "fcexport" logger says where it went."""
+def _save_model(program, spec, folder: Path) -> None:
+    """Write FOLDER/model.pt; a model.pt already there is retired first (see _retire)."""
     from fcexport.checkpoint import save_program
 
-    superseded = names.retire_generation(folder, keep)
+    _retire(folder)
+    save_program(program, spec, folder / names.MODEL)
+
+
+def _retire(folder: Path) -> None:
+    """Move the folder's model.pt with everything made from it aside (artifacts.retire_generation); a warning on
+    the "fcexport" logger says where it went."""
+    superseded = names.retire_generation(folder)
     if superseded is not None:
         log.warning(f"{folder / names.MODEL} replaced: the previous model, its exports and results moved to {superseded}")
-    save_program(program, spec, folder / names.MODEL)
-    return superseded
 
 
 # ---- fuse --------------------------------------------------------------------------------
@@ -922,14 +926,14 @@ def serve(artifacts: str | Path = "artifacts", repository: str | Path | None = N
     served, found = check_repository(repository, read, folder if manifest is not None else None) if not problems else ([], [])
     problems += found
     if problems:
-        raise FcxError(f"{repository}: not served: {'; '.join(problems[:3])}", hint="export-triton")
+        raise FcxError(f"not served: {'; '.join(problems[:3])}", hint="export-triton")
     models = [serving.ServedModel(m.name, m.config, read(m.model_file.parent.parent / LABELS_FILE), read(m.model_file))
               for m in served]
     with serving.running_server(env, models, http_port, grpc_port) as running:
         yield running
 
 
-def verify_remote(urls: list[str], model: str, artifacts: str | Path = "artifacts", data: str | None = None,
+def verify_remote(urls: list[str], model: str | None, artifacts: str | Path = "artifacts", data: str | None = None,
                   data_root: str | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE, on_step=None) -> VerifyReport:
     """`fcx verify --url`: a served model (at each URL: HTTP or gRPC) gets the inputs fcx verify uses and is compared
     with the folder's model.pt the same way; its configuration (input, output, dims, batch) and the class names Triton
@@ -943,9 +947,9 @@ def verify_remote(urls: list[str], model: str, artifacts: str | Path = "artifact
     candidates, problems = [], []
     sample = np.random.default_rng(2).random((8, *spec.input_shape), dtype=np.float32)
     for url in urls:
-        _step(on_step, f"asking {url} about {model}")
+        _step(on_step, f"asking {url} about {model or 'its model'}")
         endpoint = remote.connect(url, model)
-        found = config_problems(Served(model, endpoint.config, tuple(spec.class_names), Path(model)), spec, None, remote=True)
+        found = config_problems(Served(endpoint.model, endpoint.config, tuple(spec.class_names), Path(endpoint.model)), spec, None, remote=True)
         carried = remote.served_spec(endpoint) if not found else None
         if carried is not None and carried.provenance.source_sha256 not in (None, stored.sha256):
             found.append(f"it was exported from another model.pt (sha256 {carried.provenance.source_sha256[:12]}, "
@@ -958,7 +962,7 @@ def verify_remote(urls: list[str], model: str, artifacts: str | Path = "artifact
     return VerifyReport((), _parity(stored, model_file, candidates, data, data_root, tolerance, problems, on_step))
 
 
-def predict_remote(images: list[str | Path], url: str, model: str, top_k: int = 3, invert: str = "auto") -> Predictions:
+def predict_remote(images: list[str | Path], url: str, model: str | None, top_k: int = 3, invert: str = "auto") -> Predictions:
     """`fcx predict --url`: images prepared here (the spec comes from the served configuration), classified by the
     server. Torch is not imported."""
     from fcexport import remote

@@ -54,8 +54,9 @@ class Endpoint:
         return f"{self.url} model {self.model}"
 
 
-def connect(url: str, model: str) -> Endpoint:
-    """The model `model` at `url` (http://HOST:PORT, https://..., grpc://HOST:PORT), ready, with its config."""
+def connect(url: str, model: str | None) -> Endpoint:
+    """The model `model` at `url` (http://HOST:PORT, https://..., grpc://HOST:PORT), ready, with its config;
+    `model` None: the one model the server serves."""
     from google.protobuf import json_format
 
     from fcexport.triton_config import schema
@@ -63,23 +64,24 @@ def connect(url: str, model: str) -> Endpoint:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in PROTOCOLS or not parts.hostname or parts.path not in ("", "/"):
         raise FcxError(f"--url {url!r}: expected http://HOST:PORT or grpc://HOST:PORT (KServe v2 over HTTP or gRPC)")
-    if not MODEL_NAME.fullmatch(model):
+    if model is not None and not MODEL_NAME.fullmatch(model):
         raise FcxError(f"model name {model[:100]!r}: letters, digits, '_', '.' and '-' only (as fcx export --name writes)")
     try:
         port = parts.port
     except ValueError as exc:
         raise FcxError(f"--url {url!r}: {exc}") from exc
     protocol = PROTOCOLS[parts.scheme]
-    where = f"{url} model {model}"
     port = port or (8001 if protocol == "grpc" else 8000)
-    client = (_GrpcClient(parts.hostname, port, where) if protocol == "grpc"
-              else _HttpClient(parts.hostname, port, parts.scheme == "https", where))
+    client = (_GrpcClient(parts.hostname, port, url) if protocol == "grpc"
+              else _HttpClient(parts.hostname, port, parts.scheme == "https", url))
+    if model is None:
+        served = client.model_names()
+        if len(served) != 1:
+            raise FcxError(f"{url}: serves {', '.join(served) or 'no model'}; say which with --model NAME")
+        model = served[0]
+    where = client.where = f"{url} model {model}"
     if not client.is_model_ready(model):
-        try:
-            names = ", ".join(client.model_names()) or "none"
-        except FcxError:  # fcx serve removes its repository folder once loaded, so the index is not there to list
-            names = "the names it printed when it started"
-        raise FcxError(f"{where}: no such model is ready there; it serves {names} (--model NAME)")
+        raise FcxError(f"{where}: no such model is ready there; it serves {', '.join(client.model_names()) or 'none'} (--model NAME)")
     try:
         config = json_format.ParseDict(client.model_config(model), schema().ModelConfig(), ignore_unknown_fields=True)
     except (json_format.ParseError, TypeError, AttributeError, ValueError) as exc:
@@ -195,8 +197,10 @@ class _HttpClient:
         return status == 200
 
     def model_names(self) -> list[str]:
-        index = self._json("POST", "/v2/repository/index", {}, "list its models")
-        return [str(m.get("name", "?")) for m in index if isinstance(m, dict)] if isinstance(index, list) else []
+        """The ready models, from the statistics of all of them (the repository index needs the repository's
+        folder, which fcx serve removes once loaded)."""
+        stats = self._json("GET", "/v2/models/stats", None, "list its models")
+        return sorted({str(m.get("name", "?")) for m in stats.get("model_stats", []) if isinstance(m, dict)}) if isinstance(stats, dict) else []
 
     def model_config(self, model: str) -> dict:
         return self._json("GET", f"/v2/models/{model}/config", None, "read the model's configuration")
@@ -274,6 +278,9 @@ class _HttpClient:
             return response.status, b"".join(chunks), split
         except (socket.timeout, TimeoutError) as exc:
             raise _slow(self.where, what) from exc
+        except http.client.BadStatusLine as exc:  # binary framing: an HTTP/2 (gRPC) port
+            raise FcxError(f"{self.where}: this port does not answer HTTP/1.1 (a gRPC port?); for gRPC use "
+                           f"grpc://{self.host}:{self.port}, for HTTP the server's HTTP port") from exc
         except (ConnectionError, OSError, http.client.HTTPException) as exc:
             raise _unreachable(self.where, what, f"{type(exc).__name__}: {exc}") from exc
         finally:
@@ -286,16 +293,16 @@ class _GrpcClient:
     def __init__(self, host: str, port: int, where: str):
         import tritonclient.grpc as grpc
 
-        self.grpc, self.where = grpc, where
-        self.client = grpc.InferenceServerClient(f"{host}:{port}", channel_args=[
+        self.grpc, self.where, self.address = grpc, where, f"{host}:{port}"
+        self.client = grpc.InferenceServerClient(self.address, channel_args=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
 
     def is_model_ready(self, model: str) -> bool:
         return self._call(lambda t: self.client.is_model_ready(model, client_timeout=t), "ask whether the model is ready")
 
     def model_names(self) -> list[str]:
-        index = self._call(lambda t: self.client.get_model_repository_index(client_timeout=t), "list its models")
-        return [m.name for m in index.models]
+        found = self._call(lambda t: self.client.get_inference_statistics("", as_json=True, client_timeout=t), "list its models")
+        return sorted({m.get("name", "?") for m in found.get("model_stats", [])})
 
     def model_config(self, model: str) -> dict:
         found = self._call(lambda t: self.client.get_model_config(model, as_json=True, client_timeout=t), "read the model's configuration")
@@ -328,6 +335,9 @@ class _GrpcClient:
             lower = message.lower()
             if "deadline" in lower or "timed out" in lower:
                 raise _slow(self.where, what) from exc
+            if "socket closed" in lower or "http/1" in lower:  # an HTTP/1.1 server closes a gRPC connection
+                raise FcxError(f"{self.where}: this port does not answer gRPC (an HTTP port?); for HTTP use "
+                               f"http://{self.address}, for gRPC the server's gRPC port") from exc
             if "failed to connect" in lower or "connection refused" in lower or "unavailable" in lower:
                 raise _unreachable(self.where, what, message) from exc
             raise FcxError(f"{self.where}: the server refused to {what}: {message[:400]}") from exc

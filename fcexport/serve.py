@@ -128,6 +128,8 @@ def standin_repository(models: list[ServedModel], folder: Path) -> dict[str, str
         config.CopyFrom(model.config)
         config.platform, config.backend, config.default_model_filename = "", "python", ""
         for group in config.instance_group:
+            if group.kind == group.KIND_GPU:
+                left[f"{model.name} on GPU"] = "served with CPU instances: this tritonserver build has no GPU backends"
             group.kind = group.KIND_CPU
         target = folder / model.name
         (target / VERSION).mkdir(parents=True)

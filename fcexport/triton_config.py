@@ -119,6 +119,8 @@ def read_repository(folder: Path, read: Callable[[Path], bytes]) -> list[Served]
     folder = Path(folder)
     if not folder.is_dir():
         raise FcxError(f"{folder}: no model repository here", hint="export-triton")
+    if (folder / REPOSITORY).is_dir() and not (folder / CONFIG_FILE).exists():
+        raise FcxError(f"{folder}: an artifacts folder, not a repository; pass {folder / REPOSITORY}")
     models = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not models:
         raise FcxError(f"{folder}: the model repository holds no model", hint="export-triton")

@@ -54,7 +54,7 @@ def test_csv_without_header_and_sparse_labels(tmp_path):
         ("", "empty"),
         # label last (a common export layout): the header says so, or the first column is one value throughout
         ("p1,p2,p3,p4,label\n0,0,0,0,1\n0,0,0,0,2\n", "the label column 'label' is column 5 of 5"),
-        ("0,10,20,30,1\n0,40,50,60,2\n0,70,80,90,1\n", "the first column holds one value \\(0\\) in every row"),
+        ("0,10,20,30,1\n0,40,50,60,2\n0,70,80,90,1\n", "the first column has one value in every row, and the last \\(column 5\\)"),
     ],
 )
 def test_bad_csv_names_the_problem(tmp_path, content, message):

@@ -130,3 +130,28 @@ def test_verify_wide_fits_80_columns_without_cutting_a_number(exported_dir, monk
     summary = " ".join(lines[first : next(i for i, line in enumerate(lines) if line.startswith("inputs:"))])
     assert sum(line.startswith("skipped") for line in lines) == 1  # one summary of every skip
     assert "onnxruntime-int8 on cpu" in summary and "everything on cuda" in summary
+
+
+def test_a_label_column_that_is_not_the_named_one_is_refused(label_last, tmp_path, runner):
+    _, named = label_last
+    r = invoke(runner, "train", "--data", named, "--label-column", "p3", "-q", "--artifacts", tmp_path / "x")
+    assert r.exit_code == 2 and "column 65 is named 'label'" in r.output
+    r = invoke(runner, "train", "--data", named, "--label-column", "Label", "-q", "--artifacts", tmp_path / "x")
+    assert r.exit_code == 2 and "did you mean 'label', column 65?" in r.output
+
+
+def test_retraining_keeps_the_old_history_with_its_model(trained_dir, tmp_path, runner):
+    folder = Path(shutil.copytree(trained_dir, tmp_path / "a"))
+    old = (folder / "history.csv").read_text()
+    r = invoke(runner, "train", "--data", "digits", "--hidden", "16", "--epochs", "1", "-q", "--artifacts", folder)
+    assert r.exit_code == 0, r.output
+    (retired,) = (folder / "superseded").iterdir()
+    assert (retired / "history.csv").read_text() == old and (folder / "history.csv").read_text() != old
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a shell for the pipe")
+def test_a_closed_pipe_is_no_failure(exported_dir, tmp_path):
+    for args in (f"verify --backends onnxruntime --devices cpu --json --artifacts {exported_dir}", f"inspect {exported_dir}"):
+        command = f"{sys.executable} -c 'from cli.main import main; main()' {args} | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}}"
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.stdout.strip() == "0" and "Traceback" not in done.stderr, (args, done.stdout, done.stderr)

@@ -281,3 +281,19 @@ def test_a_hostile_server_is_one_line_and_bounded_in_time(served_dir, runner, tm
         assert result.exit_code == 2 and expected in result.output, result.output
     finally:
         server.close()
+
+
+def test_newcomer_mistakes_against_a_server(server, served_dir, runner, tmp_path):
+    http_port, grpc_port = server.http_url.rsplit(":", 1)[1], server.grpc_url.rsplit(":", 1)[1]
+    result = invoke(runner, "verify", "--url", f"http://127.0.0.1:{grpc_port}", "--artifacts", served_dir)
+    assert result.exit_code == 2 and "does not answer HTTP/1.1 (a gRPC port?)" in result.output, result.output
+    result = invoke(runner, "verify", "--url", f"grpc://127.0.0.1:{http_port}", "--artifacts", served_dir)
+    assert result.exit_code == 2 and "does not answer gRPC (an HTTP port?)" in result.output, result.output
+    result = invoke(runner, "predict", tmp_path, "--url", server.http_url, "--model", "digit")
+    assert result.exit_code == 2 and "it serves digits" in result.output, result.output
+    result = invoke(runner, "verify", "--url", server.grpc_url, "--json", "--artifacts", served_dir)  # no --model: the one served
+    assert result.exit_code == 0 and json.loads(result.stdout)["rows"][0]["source"].endswith("model digits")
+    result = invoke(runner, "verify", "--model", "digits", "--artifacts", served_dir)
+    assert result.exit_code == 2 and "goes with --url" in result.output
+    result = invoke(runner, "predict", tmp_path, "--model", "digits", "--artifacts", served_dir)
+    assert result.exit_code == 2 and "a served model's name goes with --url" in result.output
