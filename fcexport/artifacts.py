@@ -79,7 +79,20 @@ def artifact_files(folder: Path, entries) -> list[str]:
 
 
 SUPERSEDED = "superseded"
-RESULTS = ("metrics.json", "history.csv", "curves.png", "confusion.png")  # what fcx train writes about a model
+HISTORY = "history.csv"
+RESULTS = ("metrics.json", HISTORY, "curves.png", "confusion.png")  # what fcx train writes about a model
+PREVIOUS_HISTORY = ".history.previous.csv"  # the folder's model's history while a new training run writes its own
+
+
+def set_aside_history(folder: Path) -> None:
+    """Before a training run writes history.csv epoch by epoch: the history of the model still in the folder is
+    kept aside (hidden), so it goes with that model when the new one replaces it (retire_generation), and a run
+    that is killed leaves the old model and its history in place. One kept from an earlier killed run stays."""
+    import os
+
+    folder = Path(folder)
+    if (folder / MODEL).is_file() and (folder / HISTORY).is_file() and not (folder / PREVIOUS_HISTORY).exists():
+        os.replace(folder / HISTORY, folder / PREVIOUS_HISTORY)
 
 
 def retire_generation(folder: Path) -> Path | None:
@@ -93,14 +106,18 @@ def retire_generation(folder: Path) -> Path | None:
     if not (folder / MODEL).is_file():
         return None
     made = [f for files in registry.artifacts().values() for f in artifact_files(folder, files) if f != MODEL]
-    moving = [n for n in dict.fromkeys([*made, SIGNATURE, MANIFEST, *RESULTS, MODEL])
-              if (folder / n).is_file()]
+    history = folder / PREVIOUS_HISTORY
+    results = [r for r in RESULTS if not (r == HISTORY and history.is_file())]  # a training run writes its own
+    moving = [n for n in dict.fromkeys([*made, SIGNATURE, MANIFEST, *results, MODEL]) if (folder / n).is_file()]
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = folder / SUPERSEDED / stamp
     for n in range(2, 1000):
         if not target.exists():
             break
         target = folder / SUPERSEDED / f"{stamp}-{n}"
+    target.mkdir(parents=True)
+    if history.is_file():
+        os.replace(history, target / HISTORY)
     for name in moving:  # model.pt last: until then, a folder left half-way still holds the model its files came from
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         os.replace(folder / name, target / name)

@@ -66,7 +66,7 @@ def _train(opts, on_epoch=None) -> dict:
 
     dataset = load_dataset(opts.data, opts.data_root, test_data=opts.test_data, class_names=opts.class_names,
                            label_column=opts.label_column)
-    _retire(out)  # before history.csv is written: the previous model goes whole, its history with it
+    names.set_aside_history(out)  # this run writes history.csv as it goes; the model still here keeps its own
     if opts.flip is None:
         opts.flip = dataset.name == "fashion-mnist"
     started = time.perf_counter()
