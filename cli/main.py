@@ -383,7 +383,7 @@ def verify(
                          expect_digest, on_step)
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not (json_out or quiet):
-        render.verify_report(result, wide)
+        render.verify_report(result, wide, artifacts)
     failed = result.trust_failed
     if failed:
         fail(f"the folder is not what was {'signed' if 'signature' in failed else 'exported'} ({', '.join(failed)} check failed); "
@@ -468,7 +468,7 @@ def bench(
                    on_step=on_step)
     _emit_json(json_with_commands([r.to_json() for r in rows]), json_out, json_file)
     if not (json_out or quiet):
-        render.bench_table(rows)
+        render.bench_table(rows, artifacts)
 
 
 @app.command(epilog=examples(

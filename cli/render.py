@@ -195,7 +195,7 @@ def _error_cell(row, column: str) -> str:
     return "-" if value is None else f"{value:.1f}" if column == "noise_ratio" else f"{value:.1e}"
 
 
-def comparison_table(title: str, report, wide: bool = False) -> None:
+def comparison_table(title: str, report, wide: bool = False, artifacts=None) -> None:
     """One row per backend x device (a ParityReport); problems, then skips (one line per reason), below."""
     # --wide on a narrow terminal: the extra errors go in a second table below, so no number is ever cut
     stacked = wide and out.width < 104
@@ -205,7 +205,7 @@ def comparison_table(title: str, report, wide: bool = False) -> None:
     for r in report.rows:
         if r.status is Status.SKIPPED:
             # one line per reason: "no CUDA here" once for every backend it stops
-            reason = with_hint(r.reason, r.hint)
+            reason = with_hint(r.reason, r.hint, artifacts)
             skipped.setdefault((r.device, reason), []).append(r.backend)
             continue
         for problem in r.problems:
@@ -306,13 +306,13 @@ def trust_table(checks) -> None:
         table("fcx verify: the folder as a whole", ["check", "status", "detail"], rows, text=(0, 1, 2))
 
 
-def verify_report(result, wide: bool = False) -> None:
+def verify_report(result, wide: bool = False, artifacts=None) -> None:
     """A VerifyReport: the trust checks, then the comparison table."""
     trust_table(result.trust)
     if result.rows:
         served = all(row.source and "://" in row.source for row in result.rows)
         title = "fcx verify: the served model vs model.pt (KServe v2)" if served else "fcx verify: each artifact vs model.pt on cpu"
-        comparison_table(title, result.parity, wide)
+        comparison_table(title, result.parity, wide, artifacts)
     out.print("[green]PASSED[/]" if result.passed else "[red]FAILED[/]")
 
 
@@ -385,12 +385,12 @@ def inspection(result) -> None:
         out.print(Text(f"signed: {shown(result.signature)} (check it with fcx verify --public-key KEY)"))
 
 
-def bench_table(rows) -> None:
+def bench_table(rows, artifacts=None) -> None:
     """BenchRows: measured ones in the table, skipped ones below with the reason."""
     body, skipped = [], []
     for r in rows:
         if r.status is Status.SKIPPED:
-            skipped.append(shown(f"skipped {r.backend} on {r.device}: {with_hint(r.reason, r.hint)}"))
+            skipped.append(shown(f"skipped {r.backend} on {r.device}: {with_hint(r.reason, r.hint, artifacts)}"))
         else:
             body.append([r.backend, r.device, r.batch_size, duration(r.p50_ms), duration(r.p90_ms), f"{r.throughput:,.0f}"])
     table("fcx bench", ["backend", "device", "batch", "p50", "p90", "samples/s"], body)

@@ -130,6 +130,7 @@ def test_verify_wide_fits_80_columns_without_cutting_a_number(exported_dir, monk
     summary = " ".join(lines[first : next(i for i, line in enumerate(lines) if line.startswith("inputs:"))])
     assert sum(line.startswith("skipped") for line in lines) == 1  # one summary of every skip
     assert "onnxruntime-int8 on cpu" in summary and "everything on cuda" in summary
+    assert "fcx export --int8 --artifacts" in " ".join(summary.split())  # the hint keeps the folder the user gave
 
 
 def test_a_label_column_that_is_not_the_named_one_is_refused(label_last, tmp_path, runner):
