@@ -368,17 +368,16 @@ def verify(
     if signature is not None and public_key is None:
         raise FcxError("--signature needs --public-key: the key the signature is checked with")
     tolerance = Tolerance(noise_factor, atol, rtol, int8_agreement, int8_max_drop)
-    if url:
-        from fcexport.pipeline import verify_remote
+    from fcexport.pipeline import verify_remote
 
-        if public_key or expect_digest or backends != "all":
-            raise FcxError("--url verifies a served model; --public-key, --expect-digest and --backends check files: run them without --url")
-        with render.steps("verify", not (quiet or json_out)) as on_step:
+    if url and (public_key or expect_digest or backends != "all"):
+        raise FcxError("--url verifies a served model; --public-key, --expect-digest and --backends check files: run them without --url")
+    if not url and served_model is not None:
+        raise FcxError("--model names a served model and goes with --url; fcx verify checks every file of --artifacts")
+    with render.steps("verify", not (quiet or json_out)) as on_step:
+        if url:
             result = verify_remote(url, served_model, artifacts, data, data_root, tolerance, on_step)
-    else:
-        if served_model is not None:
-            raise FcxError("--model names a served model and goes with --url; fcx verify checks every file of --artifacts")
-        with render.steps("verify", not (quiet or json_out)) as on_step:
+        else:
             result = run(artifacts, _backends(backends), _names(devices), data, data_root, tolerance, public_key, signature,
                          expect_digest, on_step)
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)

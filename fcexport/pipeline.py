@@ -320,13 +320,20 @@ def _parity(stored, model_path: Path, candidates: list, data, data_root, toleran
     probes = parity.probe_inputs(stored.program, stored.spec, budget // 4)
     inputs = parity.make_inputs(stored.spec, budget, *_test_images(stored.spec, data, data_root), probes=probes)
     _step(on_step, f"computing model.pt's answers in float64 ({len(inputs.x):,} inputs)")
-    reference = float64_logits(stored.program, inputs.x)
-    own = program_predictor(stored.program, "eager", "cpu", model_path, stored.spec)(inputs.x)
-    own_error = float(np.abs(own.astype(np.float64) - reference).max(initial=0.0))
+    reference, own_error = _reference(stored, model_path, inputs.x)
     rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance, on_step)
     # a file refused before loading is a failure, not a skip
     rows = [parity.with_problems(row, found) for row, found in zip(rows, problems or [[] for _ in rows], strict=True)]
     return parity.report(rows, inputs, accuracy(reference, inputs.labels), own_error, tolerance)
+
+
+def _reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """(model.pt's logits for `x` in float64, model.pt's own float32 error on them: the yardstick)."""
+    from fcexport.targets.program import float64_logits
+
+    reference = float64_logits(stored.program, x)
+    own = program_predictor(stored.program, "eager", "cpu", model_path, stored.spec)(x)
+    return reference, float(np.abs(own.astype(np.float64) - reference).max(initial=0.0))
 
 
 def _test_images(spec, data: str | None, data_root: str | None):
@@ -454,14 +461,8 @@ def export_check(model: _Model, artifacts: Path, exported: list[str], on_step=No
     by its first runtime on cpu, against model.pt in float64 on EXPORT_CHECK_INPUTS random inputs (fcx verify
     is the full proof: real data, probes, structure, every backend and device). Approximate files are left to
     verify, which judges them on real data."""
-    from fcexport.targets.program import float64_logits
-
     stored = model.stored
-    manifest = names.read_manifest(artifacts)
-
-    def vouch(path: Path, data: bytes) -> str | None:
-        return names.check_against_manifest(path, manifest, stored.sha256, data, names.manifest_name(artifacts, path))
-
+    vouch = manifest_vouch(artifacts, names.read_manifest(artifacts), stored.sha256)
     candidates = []
     for artifact in exported:
         chosen = next((b for b in registry.backends().values() if b.artifact == artifact), None)
@@ -477,9 +478,7 @@ def export_check(model: _Model, artifacts: Path, exported: list[str], on_step=No
             candidates.append(parity.Skipped(chosen.name, "cpu", str(exc)))
     x = np.random.default_rng(3).random((EXPORT_CHECK_INPUTS, *stored.spec.input_shape), dtype=np.float32)
     inputs = parity.Inputs(x, None, f"{EXPORT_CHECK_INPUTS} random inputs")
-    reference = float64_logits(stored.program, x)
-    own = program_predictor(stored.program, "eager", "cpu", model.path, stored.spec)(x)
-    own_error = float(np.abs(own.astype(np.float64) - reference).max(initial=0.0))
+    reference, own_error = _reference(stored, model.path, x)
     rows = parity.compare_predictors(reference, own_error, candidates, inputs, DEFAULT_TOLERANCE)
     return parity.report(rows, inputs, None, own_error, DEFAULT_TOLERANCE)
 
@@ -596,8 +595,8 @@ def inspect(target: str | Path = "artifacts") -> Inspection:
     folder = target.parent if target.is_file() or (target.is_dir() and folder_artifact) else target
     found = names.read_manifest_bytes(folder)
     manifest, digest = found if found else (None, None)
+    model_sha256 = sha256_file(folder / names.MODEL) if (folder / names.MODEL).is_file() else None
     if target.is_dir() and folder_artifact:  # the repository itself: that one artifact
-        model_sha256 = sha256_file(folder / names.MODEL) if (folder / names.MODEL).is_file() else None
         report = _inspect_folder(folder, folder_artifact, f"{target.name}/", manifest, model_sha256)
         if report.problem:
             raise FcxError(report.problem)
@@ -609,7 +608,6 @@ def inspect(target: str | Path = "artifacts") -> Inspection:
                            hint="train-or-import")
     else:
         paths = [target]
-    model_sha256 = sha256_file(folder / names.MODEL) if (folder / names.MODEL).is_file() else None
     signature = folder / names.SIGNATURE
     files = tuple(_inspect_file(p, manifest, model_sha256) for p in dict.fromkeys(paths))
     if target.is_dir():
@@ -624,13 +622,14 @@ def _inspect_folder(folder: Path, artifact: str, entry: str, manifest: dict | No
     """A folder artifact (a Triton repository) as inspect sees it: every file against the manifest, then its description."""
     files = names.artifact_files(folder, [entry])
     size = sum((folder / f).stat().st_size for f in files)
+    read = VouchedReader(folder, manifest, model_sha256)
     if manifest is None:
         state = f"no {names.MANIFEST} here"
     else:
-        problems = VouchedReader(folder, manifest, model_sha256).every(files)
+        problems = read.every(files)
         state = problems[0] if problems else f"{len(files)} files match, made from this model.pt"
-    try:
-        spec, details = registry.exporters()[artifact].describe(None, folder / entry.rstrip("/"))
+    try:  # a folder's describe gets the reader: each file read once, the bytes the manifest check saw
+        spec, details = registry.exporters()[artifact].describe(read, folder / entry.rstrip("/"))
     except FcxError as exc:
         return FileReport(str(folder / entry), artifact, size, state, problem=str(exc))
     return FileReport(str(folder / entry), artifact, size, state, spec, details)
@@ -696,11 +695,7 @@ def verify(
     if not exported:
         raise FcxError(f"{artifacts}: nothing to verify: the folder holds model.pt but no fused or exported model", hint="export")
     expected = _FreshExports(model)
-
-    def vouch(path: Path, data: bytes) -> str | None:
-        """A file that is not what was exported, or was made from another model.pt, is never loaded, let alone run."""
-        return names.check_against_manifest(path, manifest, stored.sha256, data, names.manifest_name(artifacts, path))
-
+    vouch = manifest_vouch(artifacts, manifest, stored.sha256)  # what is not what was exported is never loaded
     candidates, problems = [], []
     for device in devices:
         for backend in backends:
@@ -741,12 +736,23 @@ def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | Non
     return rows
 
 
+def manifest_vouch(folder: Path, manifest: dict | None, model_sha256: str | None):
+    """A Checks.vouch for the files of `folder`: why the bytes read from one are not what its manifest lists for
+    this model.pt (not listed, changed, made from another model.pt), or None."""
+
+    def vouch(path: Path, data: bytes) -> str | None:
+        return names.check_against_manifest(path, manifest, model_sha256, data, names.manifest_name(folder, path))
+
+    return vouch
+
+
 class VouchedReader:
     """Reads files of an artifacts folder for a check, each once, and vouches for the bytes read: listed in the
     folder's manifest, unchanged, made from this model.pt (`model_sha256`). A file that fails is never returned."""
 
     def __init__(self, folder: Path, manifest: dict | None, model_sha256: str | None):
-        self.folder, self.manifest, self.model_sha256, self.read = Path(folder), manifest, model_sha256, {}
+        self.folder, self.manifest, self.read = Path(folder), manifest, {}
+        self.vouch = manifest_vouch(self.folder, manifest, model_sha256)
 
     def __call__(self, path: Path) -> bytes:
         from fcexport.targets import read_bytes
@@ -757,9 +763,8 @@ class VouchedReader:
             if self.manifest is not None and (problem := names.listing_problem(path, self.manifest, name)):
                 raise Refused(path, [problem], problem, hint="export")  # unlisted or resized: not a byte read
             data = read_bytes(path)
-            if self.manifest is not None:
-                if problem := names.check_against_manifest(path, self.manifest, self.model_sha256, data, name):
-                    raise Refused(path, [problem], problem, hint="export")
+            if self.manifest is not None and (problem := self.vouch(path, data)):
+                raise Refused(path, [problem], problem, hint="export")
             self.read[path] = data
         return self.read[path]
 
@@ -955,8 +960,7 @@ def verify_remote(urls: list[str], model: str | None, artifacts: str | Path = "a
             found.append(f"it was exported from another model.pt (sha256 {carried.provenance.source_sha256[:12]}, "
                          f"this one is {stored.sha256[:12]})")
         if not found:
-            labels, label_problems = remote.served_labels(endpoint, spec, sample)
-            found = label_problems
+            found = remote.label_problems(endpoint, spec, sample)
         candidates.append(remote.remote_predictor(endpoint, spec))
         problems.append(found)
     return VerifyReport((), _parity(stored, model_file, candidates, data, data_root, tolerance, problems, on_step))

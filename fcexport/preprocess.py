@@ -141,22 +141,23 @@ def _work_rgb(img) -> np.ndarray:
 MAX_FIT_PIXELS = 1024  # border pixels the background surface is fitted to (an even sample of the border)
 
 
-def _border_points(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, columns) of the border frame (_border's pixels, in its order), evenly thinned to MAX_FIT_PIXELS."""
+def _frame(h: int, w: int) -> np.ndarray:
+    """The border that is taken to be background: BORDER of each side, as a boolean mask."""
     m = max(1, round(min(h, w) * BORDER))
     frame = np.zeros((h, w), bool)
     frame[:m], frame[-m:], frame[:, :m], frame[:, -m:] = True, True, True, True
-    rows, cols = np.nonzero(frame)
+    return frame
+
+
+def _border_points(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the border frame (_border's pixels, in its order), evenly thinned to MAX_FIT_PIXELS."""
+    rows, cols = np.nonzero(_frame(h, w))
     step = -(-len(rows) // MAX_FIT_PIXELS)
     return rows[::step], cols[::step]
 
 
 def _border(values: np.ndarray) -> np.ndarray:
-    h, w = values.shape[:2]
-    m = max(1, round(min(h, w) * BORDER))
-    frame = np.zeros((h, w), bool)
-    frame[:m], frame[-m:], frame[:, :m], frame[:, -m:] = True, True, True, True
-    return values[frame]
+    return values[_frame(*values.shape[:2])]
 
 
 def fit_background(rgb: np.ndarray) -> np.ndarray:

@@ -129,9 +129,9 @@ def remote_predictor(endpoint: Endpoint, spec: ModelSpec) -> Predictor:
     return Predictor(f"triton-{endpoint.protocol}", endpoint.device, endpoint.where(), run, spec, batch)
 
 
-def served_labels(endpoint: Endpoint, spec: ModelSpec, x: np.ndarray) -> tuple[list[str], list[str]]:
-    """(the label Triton's classification returns for each class index, in order; problems): every class is
-    asked for on one input, and the top-1 labels of `x` must name the class its logits rank first."""
+def label_problems(endpoint: Endpoint, spec: ModelSpec, x: np.ndarray) -> list[str]:
+    """What is wrong with the labels Triton's classification returns: every class is asked for on one input and
+    must carry model.pt's name, and the top-1 labels of `x` must name the class its logits rank first."""
     count = len(spec.class_names)
     labels: dict[int, str] = {}
     problems = []
@@ -152,7 +152,7 @@ def served_labels(endpoint: Endpoint, spec: ModelSpec, x: np.ndarray) -> tuple[l
         if index != int(np.argmax(logits[i])):
             problems.append(f"Triton's top-1 class for input {i} is {index}, its logits rank {int(np.argmax(logits[i]))} first")
             break
-    return ordered, problems
+    return problems
 
 
 def statistics(endpoint: Endpoint) -> dict[int, int]:

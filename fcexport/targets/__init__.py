@@ -160,7 +160,8 @@ class Exporter:
     by_default: bool = True
     approximate: bool = False
     devices: tuple[str, ...] = DEVICES  # where its files can run at all (int8: CPU kernels only)
-    describe: Callable[[bytes | None, Path], tuple[ModelSpec, dict]] | None = None  # (spec, details), read, never run (data None: a folder)
+    # (spec, details), read but never run: from a file's bytes, or for a folder artifact through read(path) -> bytes
+    describe: Callable[[bytes | Callable[[Path], bytes], Path], tuple[ModelSpec, dict]] | None = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from fcexport.spec import ModelSpec
 from fcexport.targets import METADATA_FILE, Exporter, ExportSettings, archive_fingerprint
 from fcexport.triton_config import (CONFIG_FILE, LABELS_FILE, LIBTORCH_PLATFORM, MODEL_FILES, ONNX_PLATFORM, REPOSITORY, Served,
                                     TORCHSCRIPT_SUFFIX, VERSION, config_problems, config_text, labels_text, model_config,
-                                    read_repository)
+                                    read_repository, served_spec)
 
 FOLDER = f"{REPOSITORY}/"
 
@@ -76,10 +76,10 @@ def check_repository(repository: Path, read: Callable[[Path], bytes], folder: Pa
     return served, problems
 
 
-def describe(data: bytes | None, path: Path) -> tuple[ModelSpec, dict]:
-    """(spec, details) of a repository folder (`path`; `data` is None for a folder), read and checked, never served:
-    each model's platform, batch limit, instances and batching."""
-    served, problems = check_repository(Path(path), lambda p: Path(p).read_bytes(), Path(path).parent)
+def describe(read: Callable[[Path], bytes], path: Path) -> tuple[ModelSpec, dict]:
+    """(spec, details) of a repository folder (`path`), read through `read` and checked, never served: each model's
+    platform, batch limit, instances and batching; the spec its configs carry (checked equal to the served file's)."""
+    served, problems = check_repository(Path(path), read, Path(path).parent)
     if problems:
         raise FcxError(f"{path}: {problems[0]}")
     models = {}
@@ -88,8 +88,7 @@ def describe(data: bytes | None, path: Path) -> tuple[ModelSpec, dict]:
         groups = ", ".join(f"{g.count} x {g.Kind.Name(g.kind)}" for g in config.instance_group)
         models[model.name] = (f"{config.platform}, max batch {config.max_batch_size}, {groups}"
                               + (", dynamic batching" if config.HasField("dynamic_batching") else ""))
-    spec = _served_file(served[0].platform, Path(served[0].model_file).read_bytes(), served[0].model_file)[0]
-    return spec, {"models": models}
+    return served_spec(served[0].config), {"models": models}
 
 
 def _served_file(platform: str, data: bytes, path: Path):
