@@ -13,6 +13,7 @@ import typer
 
 from cli import render
 from cli.errors import DEBUG, fail, handle_errors
+from cli.helpformat import PlainHelp
 from cli.hints import json_with_commands
 from fcexport import __version__, registry
 from fcexport.errors import FcxError
@@ -22,7 +23,7 @@ from fcexport.targets import TritonSettings
 app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # plain help: flags show no value placeholder, examples keep their layout
+    rich_markup_mode=None,  # plain help (cli.helpformat): examples keep their layout
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Ship small image classifiers: train or import a model, fold BatchNorm, export TorchScript/ONNX, "
     "verify every artifact, predict on image files, benchmark.",
@@ -93,7 +94,7 @@ def _emit_json(obj, json_out: bool, json_file: Optional[Path]) -> None:
         render.print_json(obj)
 
 
-@app.command(epilog=examples(
+@app.command(cls=PlainHelp, epilog=examples(
     "fcx train --data-root ../shared/data      # Fashion-MNIST, MLP-BN",
     "fcx train --data digits --epochs 15       # offline: scikit-learn's digits",
     "fcx train --model cnn --data-root ../shared/data",
@@ -156,7 +157,7 @@ def train(
         raise typer.Exit(130)
 
 
-@app.command("import", epilog=examples(
+@app.command("import", cls=PlainHelp, epilog=examples(
     "fcx import course.pt --model-def course_model.py:course_mlp \\",
     "    --input-shape 1,28,28 --classes fashion-mnist --mean 0.2855 --std 0.3536",
     "fcx import resnet18.pt --model-def torchvision.models:resnet18 \\",
@@ -207,7 +208,7 @@ BackendsOpt = Annotated[str, typer.Option(help=f"Comma-separated, from: {ALL_BAC
 FORMATS_HELP = (f"Comma-separated, from: {', '.join(registry.exporters())}; all = {','.join(registry.default_exporters())}")
 
 
-UrlOpt = Annotated[Optional[list[str]], typer.Option("--url", help="Verify a served model instead (KServe v2: http://HOST:PORT or grpc://HOST:PORT; repeat for both)")]
+UrlOpt = Annotated[Optional[list[str]], typer.Option("--url", metavar="URL", help="Verify a served model instead (KServe v2: http://HOST:PORT or grpc://HOST:PORT; repeat for both)")]
 ServedModelOpt = Annotated[Optional[str], typer.Option("--model", help="With --url: the served model's name [default: the one the server serves]")]
 
 
@@ -215,7 +216,7 @@ def _model_arg(model: Optional[Path], artifacts: Path) -> Path:
     return model if model is not None else artifacts / registry.MODEL
 
 
-@app.command("fuse-bn", epilog=examples(
+@app.command("fuse-bn", cls=PlainHelp, epilog=examples(
     "fcx fuse-bn --verify        # artifacts/model.pt -> model.fused.pt",
     "fcx fuse-bn other.pt --out other.fused.pt --noise-factor 4 --verify",
     "fcx fuse-bn --verify --data fashion-mnist --data-root ../shared/data --json",
@@ -253,12 +254,12 @@ def fuse_bn(
         fail("fused model differs from the original beyond tolerance; nothing was written", 1)
 
 
-@app.command(epilog=examples(
-    "fcx export                  # model.ts + model.onnx + model.pt2 + manifest.json",
+@app.command(cls=PlainHelp, epilog=examples(
+    "fcx export                  # model.ts, model.onnx, model.pt2, manifest.json",
     "fcx export --format onnx --opset 18",
     "fcx export --format all,int8    # the same as --int8",
     "fcx export --int8           # also model.int8.onnx (approximate, CPU)",
-    "fcx export --sign-key key.pem   # + model.sig (verify with --public-key key.pub)",
+    "fcx export --sign-key key.pem   # + model.sig (fcx verify --public-key)",
     "fcx export --triton --name digits   # + model_repository/ (fcx serve)",
     "fcx export --no-check -q    # no self-check, no output",
 ))
@@ -303,7 +304,7 @@ def export(
              f"see `fcx verify --artifacts {artifacts}` for the full report", 1)
 
 
-@app.command(epilog=examples(
+@app.command(cls=PlainHelp, epilog=examples(
     "openssl ecparam -name prime256v1 -genkey -noout -out key.pem   # once: a key pair",
     "openssl ec -in key.pem -pubout -out key.pub",
     "fcx sign --key key.pem      # artifacts/model.sig",
@@ -329,12 +330,12 @@ def sign(
         render.sign_summary(result)
 
 
-@app.command(epilog=examples(
+@app.command(cls=PlainHelp, epilog=examples(
     "fcx verify                  # every backend x device against model.pt",
     "fcx verify --backends onnxruntime --devices cpu --json-file report.json",
     "fcx verify --data fashion-mnist --data-root ../shared/data --wide",
     "fcx verify --public-key key.pub   # the folder is exactly what was signed",
-    "fcx verify --expect-digest SHA    # its manifest is the one fcx export printed",
+    "fcx verify --expect-digest SHA    # the manifest fcx export printed",
 ))
 @handle_errors
 def verify(
@@ -393,7 +394,7 @@ def verify(
         fail("verification failed: a candidate differs from the reference or fails its checks (see above)", 1)
 
 
-@app.command(epilog=examples(
+@app.command(cls=PlainHelp, epilog=examples(
     "fcx predict shoe.jpg        # the best model in artifacts/",
     "fcx predict photos/ 'more/*.png' --top-k 5 --jsonl",
     "fcx predict scan.png --model artifacts/model.ts --invert no",
@@ -411,7 +412,7 @@ def predict(
     save_prepared: Annotated[Optional[Path], typer.Option("--save-prepared", help="Write the image fed to the model for each file into this folder (PNG)")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Also show the runner-up classes")] = False,
     allow_stale: Annotated[bool, typer.Option("--allow-stale", help="Run an artifact made from another model.pt than the folder's (a warning, not an error)")] = False,
-    url: Annotated[Optional[str], typer.Option("--url", help="Classify on a server instead (KServe v2: http://HOST:PORT or grpc://HOST:PORT, e.g. fcx serve's); --model is then the served model's name")] = None,
+    url: Annotated[Optional[str], typer.Option("--url", metavar="URL", help="Classify on a server instead (KServe v2: http://HOST:PORT or grpc://HOST:PORT, e.g. fcx serve's); --model is then the served model's name")] = None,
     json_out: JsonFlag = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per line, as each batch finishes")] = False,
     json_file: JsonFileOpt = None,
@@ -442,7 +443,7 @@ def predict(
         fail(f"{len(errors)} file(s) could not be classified (first: {first['error']})", 2)
 
 
-@app.command(epilog=examples(
+@app.command(cls=PlainHelp, epilog=examples(
     "fcx bench                   # every backend at batch 1, 64, 1024",
     "fcx bench --batch-sizes 1 --backends onnxruntime --json",
 ))
@@ -470,7 +471,7 @@ def bench(
         render.bench_table(rows, artifacts)
 
 
-@app.command(epilog=examples(
+@app.command(cls=PlainHelp, epilog=examples(
     "fcx export --triton         # artifacts/model_repository",
     "fcx serve                   # http://127.0.0.1:8000, grpc://127.0.0.1:8001",
     "fcx verify --url http://127.0.0.1:8000   # in another terminal",
@@ -508,13 +509,13 @@ def serve(
         render.note("stopped: tritonserver exited, nothing left running")
 
 
-@app.command(epilog=examples(
+@app.command(cls=PlainHelp, epilog=examples(
     "fcx inspect                 # every model file in artifacts/",
     "fcx inspect artifacts/model.onnx --json",
 ))
 @handle_errors
 def inspect(
-    path: Annotated[Path, typer.Argument(metavar="FILE|FOLDER", help="A model file or a folder [default: artifacts]")] = Path("artifacts"),
+    path: Annotated[Path, typer.Argument(metavar="FILE|FOLDER", help="A model file or a folder")] = Path("artifacts"),
     json_out: JsonFlag = False,
     json_file: JsonFileOpt = None,
 ) -> None:

@@ -4,6 +4,7 @@ messages that name the fix, hints that keep the folder the user chose."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from helpers import invoke
+
+from cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,3 +159,18 @@ def test_a_closed_pipe_is_no_failure(exported_dir, tmp_path):
         command = f"{sys.executable} -c 'from cli.main import main; main()' {args} | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}}"
         done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert done.stdout.strip() == "0" and "Traceback" not in done.stderr, (args, done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("command", ["train", "import", "fuse-bn", "export", "verify", "predict", "bench", "inspect", "serve"])
+def test_help_uses_plain_placeholders_within_80_columns(command, runner):
+    r = runner.invoke(app, [command, "-h"], prog_name="fcx", terminal_width=80)
+    assert r.exit_code == 0, r.output
+    usage, options = r.output.splitlines()[0], r.output.split("Options:")[1].split("Examples:")[0]
+    assert usage.startswith(f"Usage: fcx {command} [OPTIONS]") and "{" not in usage, usage
+    assert not re.search(r"<[a-z\[\]]+>", options), options  # typer 0.29 writes <list[str]>, <path>
+    assert "--artifacts PATH" in options or command == "inspect"
+    assert all(len(line) <= 80 for line in r.output.splitlines()), r.output
+    if command == "import":
+        assert usage == "Usage: fcx import [OPTIONS] WEIGHTS" and "--key TEXT" in options
+    if command == "predict":
+        assert usage == "Usage: fcx predict [OPTIONS] IMAGE..." and "--top-k INT" in options and "--url URL" in options
