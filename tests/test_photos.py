@@ -183,3 +183,35 @@ def test_save_prepared_writes_what_the_model_saw(digits_model, tmp_path, runner)
     seen = np.asarray(Image.open(tmp_path / "seen" / "000000_shirt.png"), dtype=np.float32) / 255
     assert seen.shape == (8, 8)
     np.testing.assert_allclose(seen, load_image(image, (8, 8)), atol=1 / 255)
+
+
+def test_the_fast_numpy_pieces_equal_their_plain_definitions():
+    """Preparation's speed-ups (partition medians, the surface as one product, the normal-equation fit, the
+    bincount histogram, the separable opening) against the slow, obvious NumPy they replace."""
+    from fcexport import preprocess as P
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 1024):
+        values = rng.random(n).astype(np.float32)
+        assert P.median(values) == pytest.approx(float(np.median(values)), abs=1e-7)
+    xs, ys = np.linspace(-0.5, 0.5, 23, dtype=np.float32), np.linspace(-0.5, 0.5, 17, dtype=np.float32)
+    coef = rng.normal(size=(6, 3)).astype(np.float32)
+    x, y = xs[None, :, None], ys[:, None, None]
+    plain = coef[0] + coef[1] * x + coef[2] * y + coef[3] * x * x + coef[4] * y * y + coef[5] * x * y
+    np.testing.assert_allclose(P.quadratic_surface(coef, xs, ys), plain, atol=1e-6)
+    features = np.stack([np.ones(300), *rng.uniform(-0.5, 0.5, size=(5, 300))], axis=1)
+    targets = rng.random((300, 3))
+    np.testing.assert_allclose(P.least_squares(features, targets), np.linalg.lstsq(features, targets, rcond=None)[0], atol=1e-9)
+    distance = rng.random((40, 30)).astype(np.float32) ** 3
+    counts = np.histogram(distance, bins=256, range=(0.0, float(distance.max())))[0]
+    centers = (np.arange(256) + 0.5) * (float(distance.max()) / 256)
+    weight, mean = np.cumsum(counts), np.cumsum(counts * centers)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mean[-1] * weight - mean * weight[-1]) ** 2 / (weight * (weight[-1] - weight))
+    assert P.otsu_threshold(distance) == pytest.approx(centers[np.nanargmax(np.where(weight < weight[-1], between, np.nan))])
+    mask = rng.random((19, 26)) > 0.4
+    for combine, outside in ((np.logical_and, True), (np.logical_or, False)):
+        padded = np.pad(mask, 1, constant_values=outside)
+        windows = np.stack([padded[dy : dy + 19, dx : dx + 26] for dy in range(3) for dx in range(3)])
+        expected = windows.all(axis=0) if combine is np.logical_and else windows.any(axis=0)
+        assert (P._square_filter(mask, combine, outside) == expected).all()
