@@ -44,6 +44,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON
 JsonFileOpt = Annotated[Optional[Path], typer.Option("--json-file", help="Also write the result as JSON to this file")]
 QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no tables: errors, and the exit code, only")]
 SignKeyOpt = Annotated[Optional[Path], typer.Option("--sign-key", help="Sign the folder with this elliptic-curve private key (PEM): model.sig")]
+InputsOpt = Annotated[Optional[int], typer.Option("--inputs", help="Compare on this many inputs (8-4096), the same ones every run [default: sized from the model's cost and this machine's speed]")]
 WideFlag = Annotated[bool, typer.Option("--wide", help="Show every column (mean/p99 error, max rel, atol needed)")]
 
 
@@ -233,6 +234,7 @@ def fuse_bn(
     device: Annotated[str, typer.Option(help="cpu or cuda (for latency and the fused side of --verify)")] = "cpu",
     data: DataOpt = None,
     data_root: Annotated[Optional[str], typer.Option(help=DataRootHelp)] = None,
+    inputs: InputsOpt = None,
     wide: WideFlag = False,
     quiet: QuietFlag = False,
     json_out: JsonFlag = False,
@@ -246,7 +248,7 @@ def fuse_bn(
 
     with render.steps("fuse-bn", not (quiet or json_out)) as on_step:
         result = fuse(_model_arg(checkpoint, artifacts), out or artifacts / registry.FUSED, verify, Tolerance(noise_factor, atol, rtol),
-                      device, data, data_root, on_step)
+                      device, data, data_root, on_step, inputs)
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not (json_out or quiet):
         render.fuse_summary(result, wide)
@@ -354,6 +356,7 @@ def verify(
     expect_digest: Annotated[Optional[str], typer.Option("--expect-digest", help="Check that manifest.json has this sha256 (printed by fcx export) and that every file matches it")] = None,
     url: UrlOpt = None,
     served_model: ServedModelOpt = None,
+    inputs: InputsOpt = None,
     wide: WideFlag = False,
     quiet: QuietFlag = False,
     json_out: JsonFlag = False,
@@ -377,10 +380,10 @@ def verify(
         raise FcxError("--model names a served model and goes with --url; fcx verify checks every file of --artifacts")
     with render.steps("verify", not (quiet or json_out)) as on_step:
         if url:
-            result = verify_remote(url, served_model, artifacts, data, data_root, tolerance, on_step)
+            result = verify_remote(url, served_model, artifacts, data, data_root, tolerance, on_step, inputs)
         else:
             result = run(artifacts, _backends(backends), _names(devices), data, data_root, tolerance, public_key, signature,
-                         expect_digest, on_step)
+                         expect_digest, on_step, inputs)
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not (json_out or quiet):
         render.verify_report(result, wide, artifacts)

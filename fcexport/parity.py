@@ -52,6 +52,13 @@ def input_budget(macs_per_image: int, reference_seconds_per_image: float) -> int
     return int(min(MAX_INPUTS, max(MIN_INPUTS, min(MACS_BUDGET // max(macs_per_image, 1), by_time))))
 
 
+def checked_budget(inputs: int | None) -> int | None:
+    """A budget the user fixed (--inputs; None: none fixed), within the bounds input_budget keeps to."""
+    if inputs is not None and not MIN_INPUTS <= inputs <= MAX_INPUTS:
+        raise FcxError(f"--inputs must be between {MIN_INPUTS} and {MAX_INPUTS}, got {inputs}")
+    return inputs
+
+
 def probe_inputs(program, spec: ModelSpec, limit: int) -> np.ndarray:
     """Up to `limit` inputs, one per unit of the model's first Linear or Conv, lit where that unit's
     weights are positive: real and random images may never drive some units hard, these do."""

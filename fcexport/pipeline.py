@@ -246,11 +246,13 @@ def fuse(
     data: str | None = None,
     data_root: str | None = None,
     on_step=None,
+    inputs: int | None = None,
 ) -> FuseResult:
     """`fcx fuse-bn`: write the fused model, time both at batch 1, optionally verify parity first."""
     from fcexport.timing import measure
 
     model_path, out_path = Path(model_path), Path(out_path)
+    inputs = parity.checked_budget(inputs)
     if out_path.resolve() == model_path.resolve():
         raise FcxError(f"{out_path}: the fused model would overwrite its own source; write it elsewhere")
     exported = registry.suffixes().get(model_path.suffix.lower())
@@ -268,7 +270,7 @@ def fuse(
     after = program_predictor(fused, "fused", device, out_path, fused_spec)
     one = np.random.default_rng(0).random((1, *stored.spec.input_shape), dtype=np.float32)
     latency = measure(before, one, max_seconds=0.5)["p50_ms"], measure(after, one, max_seconds=0.5)["p50_ms"]
-    verification = _parity(stored, model_path, [after], data, data_root, tolerance, on_step=on_step) if verify else None
+    verification = _parity(stored, model_path, [after], data, data_root, tolerance, on_step=on_step, inputs=inputs) if verify else None
     result = FuseResult(str(model_path), str(out_path), report, *latency, device, verification,
                         written=verification is None or verification.passed)
     if not result.written:
@@ -307,16 +309,12 @@ def versions() -> dict:
 
 
 def _parity(stored, model_path: Path, candidates: list, data, data_root, tolerance: Tolerance,
-            problems: list[list[str]] | None = None, on_step=None):
+            problems: list[list[str]] | None = None, on_step=None, inputs: int | None = None):
     """Compare candidates with model.pt in float64, judged against model.pt's own float32 error; `problems`
-    (one list per candidate: integrity, structure, spec) fail their rows whatever the numbers say."""
-    from fcexport.targets.program import float64_logits
-
-    sample = np.random.default_rng(1).random((2, *stored.spec.input_shape), dtype=np.float32)
-    float64_logits(stored.program, sample)  # the first call pays one-off costs; the second is timed
-    started = time.perf_counter()
-    float64_logits(stored.program, sample)
-    budget = parity.input_budget(stored.shapes.macs, (time.perf_counter() - started) / 2)
+    (one list per candidate: integrity, structure, spec) fail their rows whatever the numbers say. `inputs` fixes
+    the input budget (parity.checked_budget; else it is sized from the model's cost and how fast its float64
+    reference runs here)."""
+    budget = inputs or _sized_budget(stored)
     probes = parity.probe_inputs(stored.program, stored.spec, budget // 4)
     inputs = parity.make_inputs(stored.spec, budget, *_test_images(stored.spec, data, data_root), probes=probes)
     _step(on_step, f"computing model.pt's answers in float64 ({len(inputs.x):,} inputs)")
@@ -325,6 +323,17 @@ def _parity(stored, model_path: Path, candidates: list, data, data_root, toleran
     # a file refused before loading is a failure, not a skip
     rows = [parity.with_problems(row, found) for row, found in zip(rows, problems or [[] for _ in rows], strict=True)]
     return parity.report(rows, inputs, accuracy(reference, inputs.labels), own_error, tolerance)
+
+
+def _sized_budget(stored) -> int:
+    """parity.input_budget for this model on this machine: its multiply-accumulates and one timed float64 call."""
+    from fcexport.targets.program import float64_logits
+
+    sample = np.random.default_rng(1).random((2, *stored.spec.input_shape), dtype=np.float32)
+    float64_logits(stored.program, sample)  # the first call pays one-off costs; the second is timed
+    started = time.perf_counter()
+    float64_logits(stored.program, sample)
+    return parity.input_budget(stored.shapes.macs, (time.perf_counter() - started) / 2)
 
 
 def _reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -675,12 +684,14 @@ def verify(
     signature: Path | None = None,
     expect_digest: str | None = None,
     on_step=None,
+    inputs: int | None = None,
 ) -> VerifyReport:
     """`fcx verify`: the folder against its signature (`public_key`) or manifest digest (`expect_digest`) first,
     loading nothing if it fails; then model.pt in float64 on cpu is the reference and every backend x device is
     compared with it, after its files are checked against manifest.json and before their structure is compared
     with a fresh export."""
     backends = tuple(registry.backends()) if backends is None else tuple(backends)
+    inputs = parity.checked_budget(inputs)
     check_choices("backends", backends, tuple(registry.backends()))
     check_choices("devices", devices, DEVICES)
     artifacts = Path(artifacts)
@@ -715,7 +726,7 @@ def verify(
                 continue
             candidates.append(candidate)  # admitted, or made in memory from the checked model.pt
             problems.append([])
-    return VerifyReport(trust, _parity(stored, model.path, candidates, data, data_root, tolerance, problems, on_step))
+    return VerifyReport(trust, _parity(stored, model.path, candidates, data, data_root, tolerance, problems, on_step, inputs))
 
 
 def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | None, expect_digest: str | None) -> list[TrustCheck]:
@@ -878,6 +889,7 @@ def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backen
     from fcexport.timing import measure
 
     backends = tuple(registry.backends()) if backends is None else tuple(backends)
+    inputs = parity.checked_budget(inputs)
     check_choices("backends", backends, tuple(registry.backends()))
     if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BENCH_BATCH:
         raise FcxError(f"batch sizes must be integers from 1 to {MAX_BENCH_BATCH}, got {list(batch_sizes)}")
@@ -939,13 +951,15 @@ def serve(artifacts: str | Path = "artifacts", repository: str | Path | None = N
 
 
 def verify_remote(urls: list[str], model: str | None, artifacts: str | Path = "artifacts", data: str | None = None,
-                  data_root: str | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE, on_step=None) -> VerifyReport:
+                  data_root: str | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE, on_step=None,
+                  inputs: int | None = None) -> VerifyReport:
     """`fcx verify --url`: a served model (at each URL: HTTP or gRPC) gets the inputs fcx verify uses and is compared
     with the folder's model.pt the same way; its configuration (input, output, dims, batch) and the class names Triton
     returns are checked against model.pt's spec."""
     from fcexport import remote
     from fcexport.triton_config import Served, config_problems
 
+    inputs = parity.checked_budget(inputs)
     model_file = Path(artifacts) / names.MODEL
     stored = _Model(model_file).stored
     spec = stored.spec
@@ -963,7 +977,7 @@ def verify_remote(urls: list[str], model: str | None, artifacts: str | Path = "a
             found = remote.label_problems(endpoint, spec, sample)
         candidates.append(remote.remote_predictor(endpoint, spec))
         problems.append(found)
-    return VerifyReport((), _parity(stored, model_file, candidates, data, data_root, tolerance, problems, on_step))
+    return VerifyReport((), _parity(stored, model_file, candidates, data, data_root, tolerance, problems, on_step, inputs))
 
 
 def predict_remote(images: list[str | Path], url: str, model: str | None, top_k: int = 3, invert: str = "auto") -> Predictions:

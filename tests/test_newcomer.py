@@ -174,3 +174,21 @@ def test_help_uses_plain_placeholders_within_80_columns(command, runner):
         assert usage == "Usage: fcx import [OPTIONS] WEIGHTS" and "--key TEXT" in options
     if command == "predict":
         assert usage == "Usage: fcx predict [OPTIONS] IMAGE..." and "--top-k INT" in options and "--url URL" in options
+
+
+def test_inputs_fixes_what_verify_and_fuse_bn_compare_on(exported_dir, runner, tmp_path):
+    import json
+
+    reports = []
+    for _ in range(2):
+        r = invoke(runner, "verify", "--backends", "onnxruntime", "--devices", "cpu", "--inputs", "40", "--json",
+                   "--artifacts", exported_dir)
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads(r.stdout))
+    assert reports[0]["input_count"] == 40 and reports[0]["inputs"] == reports[1]["inputs"]
+    assert reports[0]["rows"][0]["max_abs"] == reports[1]["rows"][0]["max_abs"]
+    r = invoke(runner, "fuse-bn", "--verify", "--inputs", "24", "--json", "--out", tmp_path / "f.pt", "--artifacts", exported_dir)
+    assert r.exit_code == 0 and json.loads(r.stdout)["verification"]["input_count"] == 24, r.output
+    for command in (["verify"], ["fuse-bn", "--verify"]):  # refused before any file is read
+        r = invoke(runner, *command, "--inputs", "5", "--artifacts", tmp_path / "none")
+        assert r.exit_code == 2 and "--inputs must be between 8 and 4096, got 5" in r.output, r.output
