@@ -471,7 +471,7 @@ def bench(
                    on_step=on_step)
     _emit_json(json_with_commands([r.to_json() for r in rows]), json_out, json_file)
     if not (json_out or quiet):
-        render.bench_table(rows, artifacts)
+        render.bench_table(rows, artifacts, warmup)
 
 
 @app.command(cls=PlainHelp, epilog=examples(

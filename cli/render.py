@@ -385,9 +385,12 @@ def inspection(result) -> None:
         out.print(Text(f"signed: {shown(result.signature)} (check it with fcx verify --public-key KEY)"))
 
 
-def bench_table(rows, artifacts=None) -> None:
-    """BenchRows: measured ones in the table, skipped ones below with the reason."""
+def bench_table(rows, artifacts=None, warmup: int = 0) -> None:
+    """BenchRows: measured ones in the table, skipped ones below with the reason, then (grey) the rows whose
+    warm-up the time budget cut short of `warmup` calls."""
     body, skipped = [], []
+    cold = [f"{r.backend} b{r.batch_size}: {r.warmup_calls}" for r in rows
+            if r.status is Status.OK and r.warmup_calls is not None and r.warmup_calls < warmup]
     for r in rows:
         if r.status is Status.SKIPPED:
             skipped.append(shown(f"skipped {r.backend} on {r.device}: {with_hint(r.reason, r.hint, artifacts)}"))
@@ -396,6 +399,9 @@ def bench_table(rows, artifacts=None) -> None:
     table("fcx bench", ["backend", "device", "batch", "p50", "p90", "samples/s"], body)
     for line in skipped:
         out.print(Text(line, style="yellow"))
+    if cold:
+        out.print(Text(f"warm-up cut short by --seconds (calls made of {warmup}): {', '.join(cold)}; a longer --seconds "
+                       "gives steadier figures", style="bright_black"))
 
 
 def note(message: str) -> None:

@@ -889,7 +889,6 @@ def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backen
     from fcexport.timing import measure
 
     backends = tuple(registry.backends()) if backends is None else tuple(backends)
-    inputs = parity.checked_budget(inputs)
     check_choices("backends", backends, tuple(registry.backends()))
     if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BENCH_BATCH:
         raise FcxError(f"batch sizes must be integers from 1 to {MAX_BENCH_BATCH}, got {list(batch_sizes)}")

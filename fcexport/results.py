@@ -139,6 +139,7 @@ class BenchRow:
     p90_ms: float | None = None
     throughput: float | None = None  # samples per second at p50
     calls: int | None = None  # timed calls behind the percentiles
+    warmup_calls: int | None = None  # untimed calls before them (fewer than asked when the time budget ran out)
     reason: str | None = None
     hint: str | None = None
 
@@ -146,7 +147,8 @@ class BenchRow:
         row = {"backend": self.backend, "device": self.device, "batch_size": self.batch_size, "status": self.status.value}
         if self.status is Status.SKIPPED:
             return row | {"reason": self.reason, "hint": self.hint}
-        return row | {"p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "throughput": self.throughput, "calls": self.calls}
+        return row | {"p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "throughput": self.throughput, "calls": self.calls,
+                      "warmup_calls": self.warmup_calls}
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,17 @@ def test_bench_seconds_bound_the_warm_up_too():
         time.sleep(0.02)
 
     started = time.perf_counter()
-    measure(slow, [0], warmup=1000, repeat=1000, max_seconds=0.4)
+    result = measure(slow, [0], warmup=1000, repeat=1000, max_seconds=0.4)
     assert time.perf_counter() - started < 0.6 and len(calls) < 25
+    assert 1 <= result["warmup_calls"] <= 6 and result["warmup_calls"] + result["calls"] == len(calls)
+
+
+def test_bench_says_when_its_warm_up_was_cut_short(exported_dir, runner):
+    args = ("bench", "--backends", "onnxruntime", "--batch-sizes", "1", "--artifacts", exported_dir)
+    r = invoke(runner, *args, "--warmup", "3", "--seconds", "0.2")
+    assert r.exit_code == 0 and "warm-up cut short" not in r.output, r.output
+    r = invoke(runner, *args, "--warmup", "100000000", "--seconds", "0.05")
+    assert r.exit_code == 0 and "warm-up cut short by --seconds (calls made of 100000000): onnxruntime b1:" in r.output
 
 
 @pytest.mark.parametrize("command", ["export", "fuse-bn", "verify", "bench"])
