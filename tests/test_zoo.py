@@ -26,5 +26,4 @@ def pytest_generate_tests(metafunc):
 
 def test_model_goes_through_end_to_end(name, untrained, tmp_path):
     result = zoo.run(name, tmp_path, untrained)  # raises, naming the step, when anything fails
-    assert set(result["max_abs"]) >= {"fused", "onnxruntime"}
-    assert all(seconds < 60 for seconds in result["seconds"].values()), result["seconds"]
+    assert set(result["max_abs"]) >= {"fused", "onnxruntime"}  # (seconds per step: python benchmarks/zoo.py; tests time nothing)
