@@ -95,6 +95,16 @@ def set_aside_history(folder: Path) -> None:
         os.replace(folder / HISTORY, folder / PREVIOUS_HISTORY)
 
 
+def restore_history(folder: Path) -> None:
+    """A training run failed before writing its model: the folder's model gets its own history back (set aside by
+    set_aside_history) in place of the failed run's; with none set aside, the failed run's stays (its progress)."""
+    import os
+
+    folder = Path(folder)
+    if (folder / PREVIOUS_HISTORY).is_file():
+        os.replace(folder / PREVIOUS_HISTORY, folder / HISTORY)
+
+
 def retire_generation(folder: Path) -> Path | None:
     """Before a new model.pt replaces the folder's: move the old one, every file made from it (exports, manifest,
     signature) and its training results into superseded/STAMP/, so no stale file answers for the new model and

@@ -43,12 +43,12 @@ def train(opts, on_epoch=None) -> dict:
 def _train(opts, on_epoch=None) -> dict:
     from fcexport import plots
     from fcexport.program import capture
-    from fcexport.data import dataset_source, load_dataset, train_val_split
+    from fcexport.data import dataset_source, load_dataset
     from fcexport.files import check_writable_folder, write_json_atomic, write_text_atomic
-    from fcexport.models import build_for, count_parameters
+    from fcexport.models import count_parameters
     from fcexport.preprocess import object_fill
     from fcexport.spec import Architecture, ModelSpec, Normalization, Preprocess
-    from fcexport.training import cross_validate, evaluate, fit, history_csv, resolve_device
+    from fcexport.training import evaluate, history_csv, resolve_device
 
     opts = opts.with_arch_defaults()
     opts.validate()
@@ -66,17 +66,15 @@ def _train(opts, on_epoch=None) -> dict:
 
     dataset = load_dataset(opts.data, opts.data_root, test_data=opts.test_data, class_names=opts.class_names,
                            label_column=opts.label_column)
-    names.set_aside_history(out)  # this run writes history.csv as it goes; the model still here keeps its own
     if opts.flip is None:
         opts.flip = dataset.name == "fashion-mnist"
+    names.set_aside_history(out)  # this run writes history.csv as it goes; the model still here keeps its own
     started = time.perf_counter()
-    cv_summary = None
-    if opts.folds:
-        result, config, cv_summary = cross_validate(dataset, opts, lambda: build_for(dataset, opts), log_epoch)
-    else:
-        train_split, val = train_val_split(dataset.train, opts.val_split, opts.seed)
-        model, config = build_for(dataset, opts)
-        result = fit(model, train_split, val, opts, log_epoch)
+    try:
+        result, config, cv_summary = _fit(dataset, opts, log_epoch)
+    except BaseException:  # an error (a Ctrl-C ends training normally): the folder's model keeps its history
+        names.restore_history(out)
+        raise
     seconds = time.perf_counter() - started
     device = next(result.model.parameters()).device
     test_loss, test_acc, test_pred = evaluate(result.model, dataset.test, device)
@@ -158,6 +156,19 @@ def import_model(
     program, spec = from_module(module, input_shape, class_names, mean, std)
     _save_model(program, spec, Path(artifacts))
     return Path(artifacts) / names.MODEL
+
+
+def _fit(dataset, opts, log_epoch):
+    """(TrainResult, model config, cross-validation summary or None) for `fcx train`'s options."""
+    from fcexport.data import train_val_split
+    from fcexport.models import build_for
+    from fcexport.training import cross_validate, fit
+
+    if opts.folds:
+        return cross_validate(dataset, opts, lambda: build_for(dataset, opts), log_epoch)
+    train_split, val = train_val_split(dataset.train, opts.val_split, opts.seed)
+    model, config = build_for(dataset, opts)
+    return fit(model, train_split, val, opts, log_epoch), config, None
 
 
 def _save_model(program, spec, folder: Path) -> None:

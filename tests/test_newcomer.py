@@ -139,10 +139,10 @@ def test_verify_wide_fits_80_columns_without_cutting_a_number(exported_dir, monk
     assert max(len(line) for line in lines) <= 80 and "…" not in r.stdout
     assert "the other errors (--wide)" in r.stdout and re.search(r"onnxruntime +cpu +\d\.\de-\d\d +\d\.\de-\d\d +\d\.\de-\d\d", r.stdout)
     first = next(i for i, line in enumerate(lines) if line.startswith("skipped"))
-    summary = " ".join(lines[first : next(i for i, line in enumerate(lines) if line.startswith("inputs:"))])
+    summary = " ".join(" ".join(lines[first : next(i for i, line in enumerate(lines) if line.startswith("inputs:"))]).split())
     assert sum(line.startswith("skipped") for line in lines) == 1  # one summary of every skip
     assert "onnxruntime-int8 on cpu" in summary and "everything on cuda" in summary
-    assert "fcx export --int8 --artifacts" in " ".join(summary.split())  # the hint keeps the folder the user gave
+    assert "fcx export --int8 --artifacts" in summary  # the hint keeps the folder the user gave
 
 
 def test_a_label_column_that_is_not_the_named_one_is_refused(label_last, tmp_path, runner):
@@ -160,6 +160,27 @@ def test_retraining_keeps_the_old_history_with_its_model(trained_dir, tmp_path, 
     assert r.exit_code == 0, r.output
     (retired,) = (folder / "superseded").iterdir()
     assert (retired / "history.csv").read_text() == old and (folder / "history.csv").read_text() != old
+
+
+def test_a_training_run_that_fails_gives_the_model_its_history_back(trained_dir, tmp_path, monkeypatch):
+    from fcexport import pipeline, training
+    from fcexport.options import TrainOptions
+
+    folder = Path(shutil.copytree(trained_dir, tmp_path / "a"))
+    old_model, old_history = (folder / "model.pt").read_bytes(), (folder / "history.csv").read_text()
+    real_fit = training.fit
+
+    def fit_that_fails(model, train, val, opts, on_epoch):
+        on_epoch({"epoch": 1, "train_loss": 9.0})  # the run's own history.csv is written, then it fails
+        assert (folder / "history.csv").read_text() != old_history
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(training, "fit", fit_that_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipeline.train(TrainOptions(data="digits", epochs=1, hidden=[16], artifacts=str(folder)))
+    assert (folder / "model.pt").read_bytes() == old_model and (folder / "history.csv").read_text() == old_history
+    assert not (folder / ".history.previous.csv").exists() and not (folder / "superseded").exists()
+    monkeypatch.setattr(training, "fit", real_fit)
 
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="needs a shell for the pipe")
