@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import invoke
+from helpers import invoke, save_png
 
 from cli.main import app
 
@@ -222,3 +223,28 @@ def test_inputs_fixes_what_verify_and_fuse_bn_compare_on(exported_dir, runner, t
     for command in (["verify"], ["fuse-bn", "--verify"]):  # refused before any file is read
         r = invoke(runner, *command, "--inputs", "5", "--artifacts", tmp_path / "none")
         assert r.exit_code == 2 and "--inputs must be between 8 and 4096, got 5" in r.output, r.output
+
+
+def test_every_table_fits_80_columns_without_cutting(int8_dir, tmp_path, monkeypatch, runner):
+    """Each command's tables on an 80-column terminal: nothing past column 80 and nothing cut to an ellipsis."""
+    from cli import render
+
+    monkeypatch.setattr(render.out, "_width", 80)
+    folder = Path(shutil.copytree(int8_dir, tmp_path / "a"))
+    monkeypatch.chdir(tmp_path)  # short, relative names in the rows that show files
+    save_png(tmp_path / "one.png", np.full((28, 28), 40, np.uint8))
+    commands = [
+        ("train", "--data", "digits", "--hidden", "16", "--epochs", "2", "--artifacts", "b"),
+        ("fuse-bn", "--verify", "--wide", "--out", "f.pt", "--inputs", "16", "--artifacts", "a"),
+        ("export", "--format", "onnx", "--artifacts", "a"),
+        ("verify", "--inputs", "16", "--artifacts", "a"), ("verify", "--inputs", "16", "--wide", "--artifacts", "a"),
+        ("predict", "one.png", "--wide", "--artifacts", "a"),
+        ("bench", "--batch-sizes", "1,64", "--seconds", "0.05", "--artifacts", "a"),
+        ("inspect", "a"), ("inspect", "a/model.onnx"), ("inspect", "a/model.pt"),
+    ]
+    for args in commands:
+        r = invoke(runner, *args)
+        assert r.exit_code == 0, (args, r.output)
+        assert r.stdout.strip() and max(len(line) for line in r.stdout.splitlines()) <= 80, (args, r.stdout)
+        assert "…" not in r.stdout, (args, r.stdout)
+    assert folder.is_dir()
