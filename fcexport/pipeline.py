@@ -259,7 +259,8 @@ def fuse(
     on_step=None,
     inputs: int | None = None,
 ) -> FuseResult:
-    """`fcx fuse-bn`: write the fused model, time both at batch 1, optionally verify parity first."""
+    """`fcx fuse-bn`: write the fused model, time both at batch 1, optionally verify parity first (on `inputs`
+    inputs, when given: see _parity)."""
     from fcexport.timing import measure
 
     model_path, out_path = Path(model_path), Path(out_path)
@@ -281,7 +282,9 @@ def fuse(
     after = program_predictor(fused, "fused", device, out_path, fused_spec)
     one = np.random.default_rng(0).random((1, *stored.spec.input_shape), dtype=np.float32)
     latency = measure(before, one, max_seconds=0.5)["p50_ms"], measure(after, one, max_seconds=0.5)["p50_ms"]
-    verification = _parity(stored, model_path, [after], data, data_root, tolerance, on_step=on_step, inputs=inputs) if verify else None
+    verification = None
+    if verify:
+        verification = _parity(stored, model_path, [after], data, data_root, tolerance, on_step=on_step, budget=inputs)
     result = FuseResult(str(model_path), str(out_path), report, *latency, device, verification,
                         written=verification is None or verification.passed)
     if not result.written:
@@ -320,12 +323,12 @@ def versions() -> dict:
 
 
 def _parity(stored, model_path: Path, candidates: list, data, data_root, tolerance: Tolerance,
-            problems: list[list[str]] | None = None, on_step=None, inputs: int | None = None):
+            problems: list[list[str]] | None = None, on_step=None, budget: int | None = None):
     """Compare candidates with model.pt in float64, judged against model.pt's own float32 error; `problems`
-    (one list per candidate: integrity, structure, spec) fail their rows whatever the numbers say. `inputs` fixes
-    the input budget (parity.checked_budget; else it is sized from the model's cost and how fast its float64
-    reference runs here)."""
-    budget = inputs or _sized_budget(stored)
+    (one list per candidate: integrity, structure, spec) fail their rows whatever the numbers say. `budget` fixes
+    how many inputs (--inputs, parity.checked_budget; else it is sized from the model's cost and how fast its
+    float64 reference runs here)."""
+    budget = budget or _sized_budget(stored)
     probes = parity.probe_inputs(stored.program, stored.spec, budget // 4)
     inputs = parity.make_inputs(stored.spec, budget, *_test_images(stored.spec, data, data_root), probes=probes)
     _step(on_step, f"computing model.pt's answers in float64 ({len(inputs.x):,} inputs)")
