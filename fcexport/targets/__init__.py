@@ -230,11 +230,13 @@ MAX_ARCHIVE_RECORDS = 100_000
 TORCH_MANGLE = re.compile(rb"___torch_mangle_\d+")
 
 
-def archive_fingerprint(data: bytes, path: Path | str, metadata: str, ignored=lambda name: False) -> tuple[ModelSpec, dict[str, str]]:
+def archive_fingerprint(data: bytes, path: Path | str, metadata: str, ignored=lambda name: False,
+                        canonical=lambda name, body: body) -> tuple[ModelSpec, dict[str, str]]:
     """(spec, fingerprint) of a torch zip archive (TorchScript, pt2) from its bytes, without loading it: every
     record by its sha256, but the one named `metadata` (the spec, compared on its own) and those `ignored`
-    (per-save ids). torch's per-process class-name counters (`___torch_mangle_N`) are normalised, so two exports
-    of one program match and any other change does not."""
+    (per-save ids); `canonical(name, body)` drops what varies from one export to the next. torch's per-process
+    class-name counters (`___torch_mangle_N`) are normalised, so two exports of one program match and any other
+    change does not."""
     import zipfile
 
     from fcexport.files import read_record, stored_zip_records
@@ -254,7 +256,8 @@ def archive_fingerprint(data: bytes, path: Path | str, metadata: str, ignored=la
             if name == metadata:
                 spec = ModelSpec.from_dict(json.loads(body.decode("utf-8")), str(path))
                 continue
-            items[f"record '{name}'"] = hashlib.sha256(TORCH_MANGLE.sub(b"___torch_mangle_N", body)).hexdigest()
+            body = TORCH_MANGLE.sub(b"___torch_mangle_N", canonical(name, body))
+            items[f"record '{name}'"] = hashlib.sha256(body).hexdigest()
     except FcxError:
         raise
     except Exception as exc:  # BadZipFile, JSON, UTF-8
