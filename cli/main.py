@@ -45,7 +45,7 @@ JsonFileOpt = Annotated[Optional[Path], typer.Option("--json-file", help="Also w
 QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no tables: errors, and the exit code, only")]
 SignKeyOpt = Annotated[Optional[Path], typer.Option("--sign-key", help="Sign the folder with this elliptic-curve private key (PEM): model.sig")]
 InputsOpt = Annotated[Optional[int], typer.Option("--inputs", help="Compare on this many inputs (8-4096), the same ones every run [default: sized from the model's cost and this machine's speed]")]
-WideFlag = Annotated[bool, typer.Option("--wide", help="Show every column (mean/p99 error, max rel, atol needed)")]
+WideFlag = Annotated[bool, typer.Option("--wide", help="Show every column (mean and p99 error, max relative error)")]
 
 
 def _version(value: bool) -> None:
@@ -204,7 +204,7 @@ AtolOpt = Annotated[Optional[float], typer.Option(help="Absolute tolerance per e
 RtolOpt = Annotated[Optional[float], typer.Option(help="Relative tolerance per element (with --atol: replaces the noise rule)")]
 NoiseOpt = Annotated[float, typer.Option("--noise-factor", help="Pass when the max error vs model.pt in float64 is at most this many times model.pt's own float32 error")]
 DataOpt = Annotated[Optional[str], typer.Option(help="Real test images to compare on: any --data of fcx train [default: the model's dataset, if on disk]")]
-ALL_BACKENDS = ",".join(registry.backends())
+ALL_BACKENDS = ", ".join(registry.backends())  # spaced, so help wraps between names, never inside one
 BackendsOpt = Annotated[str, typer.Option(help=f"Comma-separated, from: {ALL_BACKENDS}; all = every one")]
 FORMATS_HELP = (f"Comma-separated, from: {', '.join(registry.exporters())}; all = {','.join(registry.default_exporters())}")
 
@@ -256,7 +256,7 @@ def fuse_bn(
         fail("fused model differs from the original beyond tolerance; nothing was written", 1)
 
 
-@app.command(cls=PlainHelp, epilog=examples(
+@app.command(cls=PlainHelp, short_help="Write model.ts, model.onnx, model.pt2 and manifest.json.", epilog=examples(
     "fcx export                  # model.ts, model.onnx, model.pt2, manifest.json",
     "fcx export --format onnx --opset 18",
     "fcx export --format all,int8    # the same as --int8",
@@ -306,8 +306,8 @@ def export(
              f"see `fcx verify --artifacts {artifacts}` for the full report", 1)
 
 
-@app.command(cls=PlainHelp, epilog=examples(
-    "openssl ecparam -name prime256v1 -genkey -noout -out key.pem   # once: a key pair",
+@app.command(cls=PlainHelp, short_help="Sign an exported folder (OpenSSF Model Signing).", epilog=examples(
+    "openssl ecparam -name prime256v1 -genkey -noout -out key.pem   # a key",
     "openssl ec -in key.pem -pubout -out key.pub",
     "fcx sign --key key.pem      # artifacts/model.sig",
     "fcx verify --public-key key.pub",
@@ -474,7 +474,7 @@ def bench(
         render.bench_table(rows, artifacts, warmup)
 
 
-@app.command(cls=PlainHelp, epilog=examples(
+@app.command(cls=PlainHelp, short_help="Serve a Triton model repository on 127.0.0.1.", epilog=examples(
     "fcx export --triton         # artifacts/model_repository",
     "fcx serve                   # http://127.0.0.1:8000, grpc://127.0.0.1:8001",
     "fcx verify --url http://127.0.0.1:8000   # in another terminal",
@@ -512,7 +512,7 @@ def serve(
         render.note("stopped: tritonserver exited, nothing left running")
 
 
-@app.command(cls=PlainHelp, epilog=examples(
+@app.command(cls=PlainHelp, short_help="Show what a model file holds, without running it.", epilog=examples(
     "fcx inspect                 # every model file in artifacts/",
     "fcx inspect artifacts/model.onnx --json",
 ))

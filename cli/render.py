@@ -389,7 +389,7 @@ def bench_table(rows, artifacts=None, warmup: int = 0) -> None:
     """BenchRows: measured ones in the table, skipped ones below with the reason, then (grey) the rows whose
     warm-up the time budget cut short of `warmup` calls."""
     body, skipped = [], []
-    cold = [f"{r.backend} b{r.batch_size}: {r.warmup_calls}" for r in rows
+    cold = [f"{r.backend} b{r.batch_size} {r.warmup_calls}/{warmup}" for r in rows
             if r.status is Status.OK and r.warmup_calls is not None and r.warmup_calls < warmup]
     for r in rows:
         if r.status is Status.SKIPPED:
@@ -400,8 +400,8 @@ def bench_table(rows, artifacts=None, warmup: int = 0) -> None:
     for line in skipped:
         out.print(Text(line, style="yellow"))
     if cold:
-        out.print(Text(f"warm-up cut short by --seconds (calls made of {warmup}): {', '.join(cold)}; a longer --seconds "
-                       "gives steadier figures", style="bright_black"))
+        out.print(Text(f"warm-up calls made of --warmup, where --seconds cut them short: {', '.join(cold)}; a longer "
+                       "--seconds gives steadier figures", style="bright_black"))
 
 
 def note(message: str) -> None:

@@ -43,9 +43,14 @@ def predict_files(
     if invert not in INVERT_CHOICES:
         raise FcxError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert}")
     if top_k < 1:
-        raise FcxError(f"top-k must be >= 1, got {top_k}")
+        raise FcxError(f"--top-k must be >= 1, got {top_k}")
+    return _predicted_rows(predictor, collect_image_files(str(i) for i in inputs), top_k, invert, batch_size, save_prepared)
+
+
+def _predicted_rows(predictor: Predictor, files: Iterator[Path], top_k: int, invert: str, batch_size: int,
+                    save_prepared: Path | None) -> Iterator[dict]:
+    """predict_files' rows once its options are checked (before the first row is asked for)."""
     spec = predictor.spec
-    files = collect_image_files(str(i) for i in inputs)
     count = itertools.count()
 
     def prepare(file: Path) -> np.ndarray | FcxError:

@@ -907,7 +907,8 @@ def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backen
     if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BENCH_BATCH:
         raise FcxError(f"batch sizes must be integers from 1 to {MAX_BENCH_BATCH}, got {list(batch_sizes)}")
     if warmup < 0 or repeat < 1 or not 0 < max_seconds <= 600:
-        raise FcxError(f"warmup must be >= 0, repeat >= 1 and seconds in (0, 600], got {warmup}, {repeat}, {max_seconds}")
+        raise FcxError(f"--warmup must be >= 0, --repeat >= 1 and --seconds more than 0 and at most 600; got --warmup "
+                       f"{warmup}, --repeat {repeat}, --seconds {max_seconds:g}")
     artifacts = Path(artifacts)
     names.find_default_model(artifacts)  # a clear error when the folder holds no model at all
     model = _Model(artifacts / names.MODEL) if (artifacts / names.MODEL).is_file() else None

@@ -345,7 +345,7 @@ def _open_image(path: Path, draft_side: int | None = None) -> Iterator:
     except Image.DecompressionBombError as exc:
         raise FcxError(f"{path}: image is too large to decode safely; downscale it first") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise FcxError(f"{path}: not a readable image ({type(exc).__name__}); pass a PNG, JPEG or BMP file") from exc
+        raise FcxError(f"{path}: not a readable image ({type(exc).__name__}); pass a PNG, JPEG, BMP, GIF, TIFF or WebP file") from exc
     yield upright
 
 

@@ -122,7 +122,7 @@ CASES = [
     ("predict: unknown model format", lambda a, s: ["predict", a / "samples", "--model", write(s, "m.h5", b"x")], "m.h5: unknown model format"),
     ("predict: empty artifacts", lambda a, s: ["predict", a / "samples", "--artifacts", s], "no model found"),
     ("predict: folder without images", lambda a, s: ["predict", s, "--artifacts", a], "folder holds no images"),
-    ("predict: top-k zero", lambda a, s: ["predict", a / "samples", "--artifacts", a, "--top-k", "0"], "top-k must be >= 1"),
+    ("predict: top-k zero", lambda a, s: ["predict", a / "samples", "--artifacts", a, "--top-k", "0"], "--top-k must be >= 1"),
     ("predict: bad invert", lambda a, s: ["predict", a / "samples", "--artifacts", a, "--invert", "maybe"], "invert must be one of"),
     ("predict: cuda without GPU", lambda a, s: ["predict", a / "samples", "--artifacts", a, "--device", "cuda"] if not torch.cuda.is_available() else [], "CUDA"),
     ("bench: empty folder", lambda a, s: ["bench", "--artifacts", s], "no model found"),

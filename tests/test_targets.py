@@ -30,7 +30,7 @@ def test_every_backend_is_one_runtime_on_one_artifact():
 def test_cli_choices_come_from_the_registry(runner):
     from cli.main import ALL_BACKENDS
 
-    assert ALL_BACKENDS.split(",") == list(registry.backends())
+    assert ALL_BACKENDS.split(", ") == list(registry.backends())
     r = invoke(runner, "export", "--help")
     assert all(name in r.stdout for name in registry.exporters())
 

@@ -207,7 +207,7 @@ def torch_device(device: str):
     if device not in DEVICES:
         raise FcxError(f"device must be {' or '.join(DEVICES)}, got {device}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable("no CUDA device here (torch.cuda.is_available() is False)", hint="cpu")
+        raise DeviceUnavailable("no CUDA device here: torch.cuda.is_available() is False", hint="cpu")
     return torch.device(device)
 
 

@@ -44,8 +44,9 @@ def open_openvino(files: tuple[Path, ...], device: str, checks: Checks, backend:
         request = compiled.create_infer_request()
     except Exception as exc:  # OpenVINO raises RuntimeError with its own multi-line text
         raise FcxError(f"{path}: OpenVINO cannot compile this model ({_first_line(exc)})") from exc
-    if compiled.get_property("INFERENCE_PRECISION_HINT") != getattr(openvino.Type, precision):
-        raise DeviceUnavailable(f"this CPU cannot compute in {precision} (OpenVINO chose {compiled.get_property('INFERENCE_PRECISION_HINT')})")
+    chosen = compiled.get_property("INFERENCE_PRECISION_HINT")
+    if chosen != getattr(openvino.Type, precision):
+        raise DeviceUnavailable(f"this CPU cannot compute in {precision}: OpenVINO chose {chosen.get_type_name()}")
 
     def run(x: np.ndarray) -> np.ndarray:
         try:
