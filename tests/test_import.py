@@ -110,12 +110,14 @@ def onnx_ops(path: Path) -> set[str]:
 def downstream(runner, art: Path, image: Path, shape: tuple[int, ...], backends: set[str] = EXACT_BACKENDS) -> dict:
     """fuse-bn --verify -> export -> verify `backends` -> predict through the CLI; returns fuse-bn's JSON.
 
-    Also checks that the fused model is as close to float64 maths as the model itself (<= 1.5x)."""
-    fused = json.loads(run_ok(runner, "fuse-bn", "--verify", "--artifacts", art, "--json").stdout)
+    Also checks that the fused model is as close to float64 maths as the model itself (<= 1.5x). 64 inputs each
+    (--inputs): the subject is the model getting in (the automatic count: test_the_input_budget_follows_the_cost)."""
+    fused = json.loads(run_ok(runner, "fuse-bn", "--verify", "--inputs", "64", "--artifacts", art, "--json").stdout)
     assert fused["verification"]["passed"]
     run_ok(runner, "export", "--artifacts", art)
     assert "BatchNormalization" not in onnx_ops(art / "model.onnx") or fused["report"]["left"]
-    run_ok(runner, "verify", "--artifacts", art, "--devices", "cpu", "--backends", ",".join(sorted(backends)), "--json-file", art / "report.json")
+    run_ok(runner, "verify", "--artifacts", art, "--devices", "cpu", "--backends", ",".join(sorted(backends)), "--inputs", "64",
+           "--json-file", art / "report.json")
     report = json.loads((art / "report.json").read_text())
     assert report["passed"] and {r["backend"] for r in report["rows"] if r["status"] == "pass"} == backends
     rows = json.loads(run_ok(runner, "predict", image, "--artifacts", art, "--json").stdout)

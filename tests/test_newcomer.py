@@ -262,3 +262,13 @@ def test_options_are_named_as_typed_in_messages(exported_dir, runner):
     assert r.exit_code == 2 and "--seconds more than 0" in r.output and "got --warmup 20, --repeat 200, --seconds 0" in r.output
     r = invoke(runner, "predict", exported_dir / "nothing.png", "--top-k", "0", "--artifacts", exported_dir)
     assert r.exit_code == 2 and "--top-k must be >= 1" in r.output and "model:" not in r.output  # before any row
+
+
+def test_the_input_budget_follows_the_cost():
+    from fcexport import parity
+
+    assert parity.input_budget(10**5, 1e-6) == parity.MAX_INPUTS  # a small MLP: every input it can use
+    resnet18 = parity.input_budget(18 * 10**8, 1e-3)
+    assert parity.MIN_INPUTS < resnet18 < 100  # multiply-accumulates bound it
+    assert parity.input_budget(10**5, 0.1) == int(parity.REFERENCE_SECONDS / 0.1)  # a slow float64 reference does
+    assert parity.input_budget(10**12, 10.0) == parity.MIN_INPUTS
