@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 import struct
 from pathlib import Path
 
@@ -66,3 +68,24 @@ def float64_error(model: torch.nn.Module, candidate: torch.nn.Module, *inputs) -
 
 def invoke(runner: CliRunner, *args: str):
     return runner.invoke(app, [str(a) for a in args])
+
+
+CPU_SECONDS = 60  # what one honest command may spend: importing torch is ~3 s of it
+
+
+def bounded(cpu_seconds: int = CPU_SECONDS, memory: int | None = None):
+    """A preexec_fn for subprocess: the child gets `cpu_seconds` of CPU time (RLIMIT_CPU: SIGXCPU, then SIGKILL a
+    little later) and, given `memory`, that many bytes of address space (RLIMIT_AS). Tests bound work this way,
+    never by the wall clock: a busy machine makes a command slower, never wrong."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 5))
+        if memory is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    return limit
+
+
+def out_of_cpu(returncode: int) -> bool:
+    """The child was stopped by its RLIMIT_CPU (SIGXCPU, or the SIGKILL at the hard limit)."""
+    return returncode in (-signal.SIGXCPU, -signal.SIGKILL)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import invoke, save_png
+from helpers import bounded, invoke, save_png
 
 from cli.main import app
 
@@ -23,7 +23,7 @@ def _on_a_terminal(*args: str, cwd: Path) -> str:
     """What `fcx ARGS` prints on an 80-column terminal (a real pty, through script(1))."""
     fcx = f"{sys.executable} -c 'from cli.main import main; main()'"
     command = f"stty cols 80; {fcx} " + " ".join(f"'{a}'" for a in args)
-    done = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=cwd, capture_output=True, text=True, timeout=300,
+    done = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=cwd, capture_output=True, text=True, preexec_fn=bounded(),
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     return done.stdout
 
@@ -87,7 +87,7 @@ def test_a_missing_model_is_said_before_torch_is_imported(command, tmp_path):
     code = (f"import sys; sys.argv = ['fcx', '{command}', '--artifacts', '{tmp_path / 'missing'}']\n"
             "from cli.main import main\ntry:\n    main()\nexcept SystemExit as exit:\n"
             "    print('torch' in sys.modules, exit.code)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=bounded())
     assert done.stdout.split()[-2:] == ["False", "2"], done.stdout + done.stderr
 
 
@@ -187,7 +187,7 @@ def test_a_training_run_that_fails_gives_the_model_its_history_back(trained_dir,
 def test_a_closed_pipe_is_no_failure(exported_dir, tmp_path):
     for args in (f"verify --backends onnxruntime --devices cpu --json --artifacts {exported_dir}", f"inspect {exported_dir}"):
         command = f"{sys.executable} -c 'from cli.main import main; main()' {args} | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}}"
-        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, preexec_fn=bounded(), env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert done.stdout.strip() == "0" and "Traceback" not in done.stderr, (args, done.stdout, done.stderr)
 
 
