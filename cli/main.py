@@ -387,14 +387,29 @@ def verify(
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not (json_out or quiet):
         render.verify_report(result, wide, artifacts)
-    failed = result.trust_failed
+    failed, shown = result.trust_failed, not (quiet or json_out)
     if failed:
-        fail(f"the folder is not what was {'signed' if 'signature' in failed else 'exported'} ({', '.join(failed)} check failed); "
-             "nothing in it was loaded", 1)
+        detail = "" if shown else ": " + next(c.detail for c in result.trust if c.check == failed[0])  # no table said it
+        fail(f"the folder is not what was {'signed' if 'signature' in failed else 'exported'} ({', '.join(failed)} check failed"
+             f"{detail}); nothing in it was loaded", 1)
     if not result.ran:
-        fail("nothing was verified: every candidate was skipped (see the reasons above)", 1)
+        fail(f"nothing was verified: every candidate was skipped ({_first_reason(result, 'skipped', shown)})", 1)
     if not result.passed:
-        fail("verification failed: a candidate differs from the reference or fails its checks (see above)", 1)
+        failed = ", ".join(f"{r.backend} on {r.device}" for r in result.rows if r.status.value == "fail")
+        fail(f"verification failed: {failed} differ from the reference or fail their checks "
+             f"({_first_reason(result, 'fail', shown)})", 1)
+
+
+def _first_reason(result, status: str, table_shown: bool) -> str:
+    """What the last line of a verify points at: the table above when it was printed; with -q or --json (no table)
+    the first row with `status` and its reason, so the line never points at output that is not there."""
+    if table_shown:
+        return "see the table above"
+    row = next((r for r in result.rows if r.status.value == status), None)
+    if row is None:
+        return "no candidate to compare"
+    why = next(iter(row.problems), None) or row.reason or "its outputs are outside the tolerance"
+    return f"{row.backend} on {row.device}: {why}"
 
 
 @app.command(cls=PlainHelp, epilog=examples(
