@@ -20,6 +20,7 @@ HINTS = {
     "cpu": "use --device cpu",
     "data-root": "pass --data-root DIR (or set FCX_DATA_ROOT) where that folder lives",
     "lower-lr": "try a lower --lr (e.g. a tenth) or --weight-decay",
+    "timeout": "pass a longer --timeout (seconds for the whole command) if the server is just slow",
     "offline-data": "or pass --data-root DIR, or train offline with --data digits (bundled), --data FILE.csv or --data DIR",
 }
 

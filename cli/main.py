@@ -18,6 +18,7 @@ from cli.hints import json_with_commands
 from fcexport import __version__, registry
 from fcexport.errors import FcxError
 from fcexport.options import TrainOptions
+from fcexport.remote import COMMAND_TIMEOUT_SECONDS, TIMEOUT_SECONDS
 from fcexport.targets import TritonSettings
 
 app = typer.Typer(
@@ -86,6 +87,16 @@ def _names(text: str) -> list[str]:
 def _backends(text: str) -> list[str]:
     """--backends: names, where `all` is every registered backend."""
     return [b for name in _names(text) for b in (registry.backends() if name == "all" else [name])]
+
+
+def _check_timeout(timeout: Optional[float], url) -> None:
+    """--timeout bounds the talk with a server: it goes with --url and is a positive, finite number of seconds."""
+    if timeout is None:
+        return
+    if not url:
+        raise FcxError("--timeout bounds the time spent with a server and goes with --url")
+    if not 0 < timeout < float("inf"):
+        raise FcxError(f"--timeout takes a positive number of seconds, got {timeout:g}")
 
 
 def _emit_json(obj, json_out: bool, json_file: Optional[Path]) -> None:
@@ -210,6 +221,9 @@ FORMATS_HELP = (f"Comma-separated, from: {', '.join(registry.exporters())}; all 
 
 
 UrlOpt = Annotated[Optional[list[str]], typer.Option("--url", metavar="URL", help="Verify a served model instead (KServe v2: http://HOST:PORT or grpc://HOST:PORT; repeat for both)")]
+TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", metavar="SECONDS", help=(
+    f"With --url: the most the whole command may take with the server; each request also ends within "
+    f"{TIMEOUT_SECONDS:g} s [default: {COMMAND_TIMEOUT_SECONDS:g}]"))]
 ServedModelOpt = Annotated[Optional[str], typer.Option("--model", help="With --url: the served model's name [default: the one the server serves]")]
 
 
@@ -356,6 +370,7 @@ def verify(
     expect_digest: Annotated[Optional[str], typer.Option("--expect-digest", help="Check that manifest.json has this sha256 (printed by fcx export) and that every file matches it")] = None,
     url: UrlOpt = None,
     served_model: ServedModelOpt = None,
+    timeout: TimeoutOpt = None,
     inputs: InputsOpt = None,
     wide: WideFlag = False,
     quiet: QuietFlag = False,
@@ -378,9 +393,10 @@ def verify(
         raise FcxError("--url verifies a served model; --public-key, --expect-digest and --backends check files: run them without --url")
     if not url and served_model is not None:
         raise FcxError("--model names a served model and goes with --url; fcx verify checks every file of --artifacts")
+    _check_timeout(timeout, url)
     with render.steps("verify", not (quiet or json_out)) as on_step:
         if url:
-            result = verify_remote(url, served_model, artifacts, data, data_root, tolerance, on_step, inputs)
+            result = verify_remote(url, served_model, artifacts, data, data_root, tolerance, on_step, inputs, timeout)
         else:
             result = run(artifacts, _backends(backends), _names(devices), data, data_root, tolerance, public_key, signature,
                          expect_digest, on_step, inputs)
@@ -431,6 +447,7 @@ def predict(
     wide: Annotated[bool, typer.Option("--wide", help="Also show the runner-up classes")] = False,
     allow_stale: Annotated[bool, typer.Option("--allow-stale", help="Run an artifact made from another model.pt than the folder's (a warning, not an error)")] = False,
     url: Annotated[Optional[str], typer.Option("--url", metavar="URL", help="Classify on a server instead (KServe v2: http://HOST:PORT or grpc://HOST:PORT, e.g. fcx serve's); --model is then the served model's name")] = None,
+    timeout: TimeoutOpt = None,
     json_out: JsonFlag = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per line, as each batch finishes")] = False,
     json_file: JsonFileOpt = None,
@@ -441,12 +458,13 @@ def predict(
     the others are classified, and the exit code is 2 at the end."""
     from fcexport.pipeline import predict as run
 
+    _check_timeout(timeout, url)
     if url:
         from fcexport.pipeline import predict_remote
 
         if runtime or save_prepared or device != "cpu":
             raise FcxError("--url classifies on the server; --runtime, --device and --save-prepared are for local runs")
-        predictions = predict_remote(images, url, str(model) if model else None, top_k, invert)
+        predictions = predict_remote(images, url, str(model) if model else None, top_k, invert, timeout)
     else:
         if model is not None and not model.exists() and not model.suffix:
             raise FcxError(f"--model {model}: no such file; a served model's name goes with --url URL")

@@ -6,7 +6,8 @@ HINTS), and only the CLI turns that into a command line (`fcx export`, `--model-
 
 # Steps a user can take to fix an error; cli/errors.py has the command for each. "export-NAME" asks for an
 # exporter that is not on by default (fcexport.registry).
-HINTS = ("train-or-import", "import", "fuse", "export", "cpu", "data-root", "offline-data", "lower-lr", "stale", "serve-env", "label-column")
+HINTS = ("train-or-import", "import", "fuse", "export", "cpu", "data-root", "offline-data", "lower-lr", "stale", "serve-env", "label-column",
+         "timeout")
 
 
 class FcxError(Exception):

@@ -966,10 +966,11 @@ def serve(artifacts: str | Path = "artifacts", repository: str | Path | None = N
 
 def verify_remote(urls: list[str], model: str | None, artifacts: str | Path = "artifacts", data: str | None = None,
                   data_root: str | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE, on_step=None,
-                  inputs: int | None = None) -> VerifyReport:
+                  inputs: int | None = None, timeout: float | None = None) -> VerifyReport:
     """`fcx verify --url`: a served model (at each URL: HTTP or gRPC) gets the inputs fcx verify uses and is compared
     with the folder's model.pt the same way; its configuration (input, output, dims, batch) and the class names Triton
-    returns are checked against model.pt's spec."""
+    returns are checked against model.pt's spec. Talking to the servers ends within `timeout` seconds in all
+    (default remote.COMMAND_TIMEOUT_SECONDS)."""
     from fcexport import remote
     from fcexport.triton_config import Served, config_problems
 
@@ -979,9 +980,10 @@ def verify_remote(urls: list[str], model: str | None, artifacts: str | Path = "a
     spec = stored.spec
     candidates, problems = [], []
     sample = np.random.default_rng(2).random((8, *spec.input_shape), dtype=np.float32)
+    deadline = remote.Deadline.after(remote.COMMAND_TIMEOUT_SECONDS if timeout is None else timeout)
     for url in urls:
         _step(on_step, f"asking {url} about {model or 'its model'}")
-        endpoint = remote.connect(url, model)
+        endpoint = remote.connect(url, model, deadline)
         found = config_problems(Served(endpoint.model, endpoint.config, tuple(spec.class_names), Path(endpoint.model)), spec, None, remote=True)
         carried = remote.served_spec(endpoint) if not found else None
         if carried is not None and carried.provenance.source_sha256 not in (None, stored.sha256):
@@ -994,14 +996,16 @@ def verify_remote(urls: list[str], model: str | None, artifacts: str | Path = "a
     return VerifyReport((), _parity(stored, model_file, candidates, data, data_root, tolerance, problems, on_step, inputs))
 
 
-def predict_remote(images: list[str | Path], url: str, model: str | None, top_k: int = 3, invert: str = "auto") -> Predictions:
+def predict_remote(images: list[str | Path], url: str, model: str | None, top_k: int = 3, invert: str = "auto",
+                   timeout: float | None = None) -> Predictions:
     """`fcx predict --url`: images prepared here (the spec comes from the served configuration), classified by the
-    server. Torch is not imported."""
+    server within `timeout` seconds in all (default remote.COMMAND_TIMEOUT_SECONDS). Torch is not imported."""
     from fcexport import remote
     from fcexport.classify import predict_files
     from fcexport.preprocess import collect_image_files
 
-    endpoint = remote.connect(url, model)
+    deadline = remote.Deadline.after(remote.COMMAND_TIMEOUT_SECONDS if timeout is None else timeout)
+    endpoint = remote.connect(url, model, deadline)
     predictor = remote.remote_predictor(endpoint, remote.served_spec(endpoint))
     files = list(collect_image_files(str(i) for i in images))
     return Predictions(predict_files(predictor, files, top_k, invert), predictor, None)

@@ -2,7 +2,8 @@
 `fcx verify --url` and `fcx predict --url` run. Torch-free.
 
 Everything a server sends is bounded before it is read and checked before use: each request has one deadline
-for the whole answer; an answer's size is checked against what the request can return (HTTP: the standard
+covering connecting, sending, the headers and the body, and the command as a whole has another (`Deadline`);
+an answer's size is checked against what the request can return (HTTP: the standard
 library's client, reading at most that; gRPC: tritonclient with a capped message size); the config goes through
 Triton's schema, the spec it carries through the spec codec, every output's shape against the spec.
 """
@@ -10,6 +11,7 @@ Triton's schema, the spec it carries through the spec codec, every output's shap
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -22,9 +24,37 @@ from fcexport.targets import MODEL_NAME, Predictor
 
 PROTOCOLS = {"http": "http", "https": "http", "grpc": "grpc"}
 TIMEOUT_SECONDS = 30.0  # for each request as a whole: a server that answers a byte at a time is cut off too
+COMMAND_TIMEOUT_SECONDS = 300.0  # for everything one command asks of servers, unless the caller gives another
 MAX_LABEL_BYTES = 1 << 10
 MAX_MESSAGE_BYTES = 256 << 20  # the largest answer read (a 4096-image batch of 16k-class float32 logits)
 MAX_JSON_BYTES = 4 << 20  # configs, statistics, indexes, classification answers
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a whole command must be done with servers (on time.monotonic()'s clock): each request gets the shorter
+    of TIMEOUT_SECONDS and what is left, so a server that answers every request just in time still ends it."""
+
+    seconds: float
+    ends: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        if not 0 < seconds < float("inf"):
+            raise FcxError(f"a command's deadline must be a positive number of seconds, got {seconds}")
+        return cls(seconds, time.monotonic() + seconds)
+
+    def budget(self, where: str, what: str) -> tuple[float, bool]:
+        """(seconds the next request may take, whether this deadline rather than TIMEOUT_SECONDS limits it); once it
+        has passed, the FcxError that says so."""
+        left = self.ends - time.monotonic()
+        if left <= 0:
+            raise self.ran_out(where, what)
+        return min(TIMEOUT_SECONDS, left), left < TIMEOUT_SECONDS
+
+    def ran_out(self, where: str, what: str) -> FcxError:
+        return FcxError(f"{where}: the command's overall deadline of {self.seconds:g} s ran out before the server "
+                        f"answered to {what}", hint="timeout")
 
 
 @dataclass(frozen=True)
@@ -54,9 +84,10 @@ class Endpoint:
         return f"{self.url} model {self.model}"
 
 
-def connect(url: str, model: str | None) -> Endpoint:
+def connect(url: str, model: str | None, deadline: Deadline | None = None) -> Endpoint:
     """The model `model` at `url` (http://HOST:PORT, https://..., grpc://HOST:PORT), ready, with its config;
-    `model` None: the one model the server serves."""
+    `model` None: the one model the server serves. Every request made through it, these first ones included, ends by
+    `deadline` (default: COMMAND_TIMEOUT_SECONDS from now)."""
     from google.protobuf import json_format
 
     from fcexport.triton_config import schema
@@ -72,8 +103,9 @@ def connect(url: str, model: str | None) -> Endpoint:
         raise FcxError(f"--url {url!r}: {exc}") from exc
     protocol = PROTOCOLS[parts.scheme]
     port = port or (8001 if protocol == "grpc" else 8000)
-    client = (_GrpcClient(parts.hostname, port, url) if protocol == "grpc"
-              else _HttpClient(parts.hostname, port, parts.scheme == "https", url))
+    deadline = deadline or Deadline.after(COMMAND_TIMEOUT_SECONDS)
+    client = (_GrpcClient(parts.hostname, port, url, deadline) if protocol == "grpc"
+              else _HttpClient(parts.hostname, port, parts.scheme == "https", url, deadline))
     if model is None:
         served = client.model_names()
         if len(served) != 1:
@@ -176,8 +208,11 @@ def _parse_class(item, count: int, endpoint: Endpoint) -> tuple[int, str]:
     return int(parts[1]), parts[2] if len(parts) == 3 else ""
 
 
-def _slow(where: str, what: str) -> FcxError:
-    return FcxError(f"{where}: no whole answer within {TIMEOUT_SECONDS:.0f} s to {what}; the server is reachable but too slow")
+def _slow(where: str, what: str, deadline: Deadline, overall: bool) -> FcxError:
+    """A request cut off: by the command's deadline (`overall`) or by its own TIMEOUT_SECONDS."""
+    if overall:
+        return deadline.ran_out(where, what)
+    return FcxError(f"{where}: no whole answer within {TIMEOUT_SECONDS:g} s to {what}; the server is reachable but too slow")
 
 
 def _unreachable(where: str, what: str, why: str) -> FcxError:
@@ -189,8 +224,8 @@ class _HttpClient:
     answer read only up to the size the request can have (tritonclient's HTTP client reads any body whole, and is
     bound to the thread that made it)."""
 
-    def __init__(self, host: str, port: int, tls: bool, where: str):
-        self.host, self.port, self.tls, self.where = host, port, tls, where
+    def __init__(self, host: str, port: int, tls: bool, where: str, deadline: Deadline):
+        self.host, self.port, self.tls, self.where, self.deadline = host, port, tls, where, deadline
 
     def is_model_ready(self, model: str) -> bool:
         status, _, _ = self._request("GET", f"/v2/models/{model}/ready", None, {}, MAX_JSON_BYTES, "ask whether the model is ready")
@@ -246,18 +281,35 @@ class _HttpClient:
         return found
 
     def _request(self, method: str, path: str, body: bytes | None, headers: dict, limit: int, what: str):
-        """(status, body, the length of its JSON header when binary data follows, or None) within TIMEOUT_SECONDS in
-        all; a body larger than `limit` is refused before it is read."""
+        """(status, body, the length of its JSON header when binary data follows, or None), all within one deadline
+        (Deadline.budget): connecting is bounded by the socket's timeout, then a timer shuts the socket when the
+        deadline passes, which ends any read, the status line and headers included (a socket timeout alone only
+        bounds each wait, and a server sending a byte a second never makes one wait long). A body larger than
+        `limit` is refused before it is read."""
         import http.client
         import socket
 
-        deadline = time.monotonic() + TIMEOUT_SECONDS
+        seconds, overall = self.deadline.budget(self.where, what)
+        started = time.monotonic()
         kind = http.client.HTTPSConnection if self.tls else http.client.HTTPConnection
-        connection = kind(self.host, self.port, timeout=TIMEOUT_SECONDS)
+        connection = kind(self.host, self.port, timeout=seconds)
+        expired = threading.Event()
+        timer = None
         try:
-            connection.request(method, path, body=body, headers=headers)
+            connection.connect()
             sock = connection.sock  # kept: the connection lets go of it once a closing response is read
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
+
+            def cut() -> None:
+                expired.set()
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed: the request is over
+                    pass
+
+            timer = threading.Timer(max(0.0, seconds - (time.monotonic() - started)), cut)
+            timer.daemon = True
+            timer.start()
+            connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
             size = response.getheader("Content-Length")
             if size is None or not size.isdigit() or int(size) > limit:
@@ -267,33 +319,34 @@ class _HttpClient:
             split = int(header) if header and header.isdigit() and int(header) <= int(size) else None
             chunks, left = [], int(size)
             while left:
-                if time.monotonic() > deadline:
-                    raise _slow(self.where, what)
-                sock.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = response.read1(min(left, 1 << 20))  # what has arrived: a dripping server meets the deadline
+                chunk = response.read1(min(left, 1 << 20))
                 if not chunk:
                     raise FcxError(f"{self.where}: its answer to {what} ended early")
                 chunks.append(chunk)
                 left -= len(chunk)
             return response.status, b"".join(chunks), split
-        except (socket.timeout, TimeoutError) as exc:
-            raise _slow(self.where, what) from exc
-        except http.client.BadStatusLine as exc:  # binary framing: an HTTP/2 (gRPC) port
-            raise FcxError(f"{self.where}: this port does not answer HTTP/1.1 (a gRPC port?); for gRPC use "
-                           f"grpc://{self.host}:{self.port}, for HTTP the server's HTTP port") from exc
-        except (ConnectionError, OSError, http.client.HTTPException) as exc:
+        except (FcxError, OSError, http.client.HTTPException) as exc:  # socket.timeout is an OSError
+            if expired.is_set() or isinstance(exc, TimeoutError):  # the cut socket ended the read, not the server
+                raise _slow(self.where, what, self.deadline, overall) from exc
+            if isinstance(exc, FcxError):
+                raise
+            if isinstance(exc, http.client.BadStatusLine):  # binary framing: an HTTP/2 (gRPC) port
+                raise FcxError(f"{self.where}: this port does not answer HTTP/1.1 (a gRPC port?); for gRPC use "
+                               f"grpc://{self.host}:{self.port}, for HTTP the server's HTTP port") from exc
             raise _unreachable(self.where, what, f"{type(exc).__name__}: {exc}") from exc
         finally:
+            if timer is not None:
+                timer.cancel()
             connection.close()
 
 
 class _GrpcClient:
     """KServe v2 over gRPC with tritonclient: a deadline on every call, answers capped at MAX_MESSAGE_BYTES."""
 
-    def __init__(self, host: str, port: int, where: str):
+    def __init__(self, host: str, port: int, where: str, deadline: Deadline):
         import tritonclient.grpc as grpc
 
-        self.grpc, self.where, self.address = grpc, where, f"{host}:{port}"
+        self.grpc, self.where, self.address, self.deadline = grpc, where, f"{host}:{port}", deadline
         self.client = grpc.InferenceServerClient(self.address, channel_args=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
 
@@ -328,13 +381,14 @@ class _GrpcClient:
     def _call(self, request, what: str):
         from tritonclient.utils import InferenceServerException
 
+        seconds, overall = self.deadline.budget(self.where, what)
         try:
-            return request(TIMEOUT_SECONDS)
+            return request(seconds)  # gRPC's deadline covers the whole call
         except InferenceServerException as exc:
             message = " ".join((exc.message() or str(exc)).split())
             lower = message.lower()
             if "deadline" in lower or "timed out" in lower:
-                raise _slow(self.where, what) from exc
+                raise _slow(self.where, what, self.deadline, overall) from exc
             if "socket closed" in lower or "http/1" in lower:  # an HTTP/1.1 server closes a gRPC connection
                 raise FcxError(f"{self.where}: this port does not answer gRPC (an HTTP port?); for HTTP use "
                                f"http://{self.address}, for gRPC the server's gRPC port") from exc

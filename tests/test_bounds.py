@@ -3,10 +3,15 @@ deadlines on every remote call and on the command, and -q messages that point on
 
 from __future__ import annotations
 
+import json
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from helpers import invoke
+from typer.testing import CliRunner
 
 
 def test_quiet_verify_says_what_failed_instead_of_pointing_above(artifacts_copy, exported_dir, runner):
@@ -22,3 +27,124 @@ def test_quiet_verify_says_what_failed_instead_of_pointing_above(artifacts_copy,
     assert r.exit_code == 1 and "above" not in r.stderr and "no CUDA device here" in r.stderr, r.stderr
     r = invoke(runner, "verify", "--artifacts", artifacts_copy, "--backends", "onnxruntime", "--devices", "cpu")
     assert r.exit_code == 1 and "see the table above" in r.stderr and "FAILED" in r.stdout
+
+
+# ---- remote calls: one deadline per request (connect, headers, body), one per command --------------------------
+
+
+@pytest.fixture(scope="module")
+def triton_dir(tmp_path_factory, exported_dir) -> Path:
+    """An exported folder with a Triton repository (model digits, max batch 8)."""
+    out = Path(shutil.copytree(exported_dir, tmp_path_factory.mktemp("triton") / "artifacts"))
+    result = invoke(CliRunner(), "export", "--triton", "--name", "digits", "--max-batch-size", "8", "--artifacts", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+class FakeKServe:
+    """A KServe v2 HTTP server on 127.0.0.1 serving `config` with zero logits. `drip` (seconds): the first answer's
+    status line and headers go out one byte at a time that far apart; `delay` (seconds): every answer waits that
+    long first. Used as a context manager: always stopped."""
+
+    def __init__(self, config: dict, drip: float = 0.0, delay: float = 0.0):
+        import http.server
+
+        fake = self
+        self.config, self.drip, self.delay, self.requests = config, drip, delay, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.answer(json.dumps(fake.config if self.path.endswith("/config") else {}).encode(), {})
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = json.loads(body[: int(self.headers["Inference-Header-Content-Length"])])
+                batch, output = request["inputs"][0]["shape"][0], fake.config["output"][0]["name"]
+                labels = json.loads(fake.config["parameters"]["fcexport_spec"]["string_value"])["class_names"]
+                top = request["outputs"][0]["parameters"].get("classification")
+                if top:  # Triton's classification extension: "score:index:label" strings
+                    data = [f"0.0:{i}:{labels[i]}" for _ in range(batch) for i in range(top)]
+                    answer = {"outputs": [{"name": output, "datatype": "BYTES", "shape": [batch, top], "data": data}]}
+                    return self.answer(json.dumps(answer).encode(), {})
+                size = 4 * batch * len(labels)
+                header = json.dumps({"outputs": [{"name": output, "datatype": "FP32", "shape": [batch, len(labels)],
+                                                  "parameters": {"binary_data_size": size}}]}).encode()
+                self.answer(header + bytes(size), {"Inference-Header-Content-Length": str(len(header))})
+
+            def answer(self, body: bytes, headers: dict):
+                fake.requests += 1
+                time.sleep(fake.delay)
+                head = "HTTP/1.0 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                head = (head + f"Content-Length: {len(body)}\r\n\r\n").encode()
+                try:
+                    if fake.requests == 1 and fake.drip:
+                        for i in range(len(head)):
+                            self.wfile.write(head[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(fake.drip)
+                        head = b""
+                    self.wfile.write(head + body)
+                except OSError:  # the client gave up: that is the point
+                    pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FakeKServe:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def served_config(folder: Path) -> dict:
+    from google.protobuf import json_format
+
+    from fcexport.triton_config import parse_config
+
+    config = parse_config((folder / "model_repository/digits/config.pbtxt").read_bytes(), "config.pbtxt")
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+
+def remote_command(command: str, folder: Path, url: str, tmp_path: Path, *extra) -> list:
+    if command == "predict":
+        from fcexport.samples import write_samples
+
+        write_samples("digits", tmp_path / "s", 20)  # three requests at the served max batch of 8
+        return ["predict", tmp_path / "s", "--url", url, "--model", "digits", *extra]
+    return ["verify", "--url", url, "--model", "digits", "--artifacts", folder, "-q", *extra]
+
+
+@pytest.mark.parametrize("command", ["predict", "verify"])
+def test_headers_sent_a_byte_at_a_time_meet_the_request_deadline(triton_dir, runner, tmp_path, monkeypatch, command):
+    """Each byte comes well within a socket timeout, the headers take ~3 s: a 1 s request deadline cuts them off."""
+    from fcexport import remote
+
+    monkeypatch.setattr(remote, "TIMEOUT_SECONDS", 1.0)
+    with FakeKServe(served_config(triton_dir), drip=0.05) as server:
+        r = invoke(runner, *remote_command(command, triton_dir, server.url, tmp_path))
+    assert r.exit_code == 2 and "no whole answer within 1 s to ask whether the model is ready" in r.stderr, r.output
+    assert r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["predict", "verify"])
+def test_a_server_slow_on_every_request_meets_the_command_deadline(triton_dir, runner, tmp_path, command):
+    """Every request is answered in 0.3 s, well within its own deadline; the command as a whole gets 1 s."""
+    with FakeKServe(served_config(triton_dir), delay=0.3) as server:
+        r = invoke(runner, *remote_command(command, triton_dir, server.url, tmp_path, "--timeout", "1"))
+        assert 2 <= server.requests <= 5, server.requests
+    assert r.exit_code == 2 and "the command's overall deadline of 1 s ran out" in r.stderr, r.output
+    assert "--timeout" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_timeout_goes_with_url_and_is_positive(exported_dir, runner, tmp_path):
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--timeout", "5")
+    assert r.exit_code == 2 and "goes with --url" in r.stderr
+    r = invoke(runner, "predict", tmp_path, "--url", "http://127.0.0.1:9", "--timeout", "0")
+    assert r.exit_code == 2 and "--timeout takes a positive number of seconds" in r.stderr
+    assert "[default: 300]" in " ".join(invoke(runner, "predict", "--help").stdout.split())
