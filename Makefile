@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SERVE_VENV := .venv-triton
 SERVE_STAMP := $(SERVE_VENV)/.installed
 
-.PHONY: demo test zoo bench install serve-env clean
+.PHONY: demo test zoo bench install serve-env clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,3 +55,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) artifacts/demo
+
+# Every CUDA path in one run on a lent GPU machine, one report ($OUT/gpu-report.md); DRY=1: the same steps on the CPU
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(if $(DRY),--dry-run)

@@ -215,6 +215,7 @@ def comparison_table(title: str, report, wide: bool = False, artifacts=None) -> 
         rows.append([r.backend, r.device, status_text(r.status), *errors, f"{r.value('top1_agreement') or 0:.2%}", accuracy])
         extra.append([r.backend, r.device, *[_error_cell(r, c) for c in more]])
     table(title, ["backend", "device", "status", *[ERROR_COLUMNS[c] for c in columns], "top-1", "accuracy"], rows)
+    precision_note(report.rows)
     if more and extra:
         table("the other errors (--wide)", ["backend", "device", *[ERROR_COLUMNS[c] for c in more]], extra)
     for line in remarks:
@@ -235,6 +236,18 @@ def comparison_table(title: str, report, wide: bool = False, artifacts=None) -> 
     if any(r.value("criterion") == "agreement" for r in report.rows):
         out.print(f"approximate backends (int8, bf16) pass on top-1 agreement >= {report.tolerance.min_agreement:.1%} and "
                   f"accuracy drop <= {report.tolerance.max_accuracy_drop * 100:g} pt; their float errors are shown, not judged", highlight=False)
+
+
+def precision_note(rows) -> None:
+    """One grey line naming what the CUDA rows computed in (TF32 off for exact rows), when any ran on CUDA."""
+    on_cuda = {}
+    for r in rows:
+        precision = r.value("precision") if hasattr(r, "value") else getattr(r, "precision", None)
+        if r.device == "cuda" and r.status is not Status.SKIPPED and precision:
+            on_cuda.setdefault(precision, []).append(r.backend)
+    if on_cuda:
+        parts = [f"{', '.join(dict.fromkeys(backends))} in {precision}" for precision, backends in on_cuda.items()]
+        out.print(Text(shown("on cuda: " + "; ".join(parts)), style="bright_black"))
 
 
 def import_summary(path) -> None:
@@ -397,6 +410,7 @@ def bench_table(rows, artifacts=None, warmup: int = 0) -> None:
         else:
             body.append([r.backend, r.device, r.batch_size, duration(r.p50_ms), duration(r.p90_ms), f"{r.throughput:,.0f}"])
     table("fcx bench", ["backend", "device", "batch", "p50", "p90", "samples/s"], body)
+    precision_note(rows)
     for line in skipped:
         out.print(Text(line, style="yellow"))
     if cold:

@@ -124,6 +124,7 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
         if on_step:
             on_step(f"running {candidate.backend} on {candidate.device} ({len(inputs.x):,} inputs)")
         stats = compare(candidate(inputs.x), reference, own_error, inputs.labels, tolerance, candidate.approximate)
+        stats["precision"] = candidate.precision
         status = Status.PASS if stats["passed"] else Status.FAIL
         rows.append(CheckRow(candidate.backend, candidate.device, status, str(candidate.source), stats))
     return rows

@@ -1,7 +1,7 @@
 """Every exporter and runtime fcx knows, and the backends they make: one runtime on one artifact's files.
 
-A new target is one module (in fcexport/targets) declaring EXPORTER and/or RUNTIME (or RUNTIMES, several variants of
-one runtime), and its name in PLUGINS.
+A new target is one module (in fcexport/targets) declaring EXPORTER and/or RUNTIME (or EXPORTERS / RUNTIMES, several
+variants of one target), and its name in PLUGINS.
 Everything else (export's formats, verify's and bench's backends, predict's choices, the CLI's help) is
 built from here.
 """
@@ -18,7 +18,7 @@ from fcexport.targets import DEVICES, Checks, DeviceUnavailable, Exporter, Predi
 
 # Modules that declare EXPORTER and/or RUNTIME, in the order verify and bench list them (another package's module
 # can be named here too).
-PLUGINS = tuple(f"fcexport.targets.{name}" for name in ("program", "torchscript", "onnx", "int8", "pt2", "triton", "onnxruntime", "openvino"))
+PLUGINS = tuple(f"fcexport.targets.{name}" for name in ("program", "torchscript", "onnx", "int8", "pt2", "aoti", "triton", "onnxruntime", "openvino"))
 MODEL, FUSED = "model.pt", "model.fused.pt"
 # Artifacts that no exporter writes: the model as stored, and its BatchNorm-folded copy (fcx fuse-bn).
 STORED_ARTIFACTS = {"model": (MODEL,), "fused": (FUSED,)}
@@ -46,7 +46,8 @@ def _plugins() -> tuple:
 @functools.cache
 def exporters() -> dict[str, Exporter]:
     """Exporters by name, in the order they run (one that builds on another comes after it)."""
-    return {p.EXPORTER.name: p.EXPORTER for p in _plugins() if hasattr(p, "EXPORTER")}
+    declared = [e for p in _plugins() for e in ((p.EXPORTER,) if hasattr(p, "EXPORTER") else ()) + tuple(getattr(p, "EXPORTERS", ()))]
+    return {e.name: e for e in declared}
 
 
 @functools.cache

@@ -140,6 +140,7 @@ class BenchRow:
     throughput: float | None = None  # samples per second at p50
     calls: int | None = None  # timed calls behind the percentiles
     warmup_calls: int | None = None  # untimed calls before them (fewer than asked when the time budget ran out)
+    precision: str | None = None  # what the backend computed in (float32; on CUDA "float32 (TF32 off)"; int8, bf16)
     reason: str | None = None
     hint: str | None = None
 
@@ -148,7 +149,7 @@ class BenchRow:
         if self.status is Status.SKIPPED:
             return row | {"reason": self.reason, "hint": self.hint}
         return row | {"p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "throughput": self.throughput, "calls": self.calls,
-                      "warmup_calls": self.warmup_calls}
+                      "warmup_calls": self.warmup_calls, "precision": self.precision}
 
 
 @dataclass(frozen=True)

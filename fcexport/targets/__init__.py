@@ -92,6 +92,7 @@ class Predictor:
     spec: ModelSpec
     batch: int = 256
     approximate: bool = False  # judged by top-1 agreement and accuracy, not float tolerances (int8)
+    precision: str = "float32"  # what it computes in, said in verify's and bench's rows
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -211,19 +212,54 @@ def torch_device(device: str):
     return torch.device(device)
 
 
-def module_predictor(module, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256) -> Predictor:
-    """Wrap an nn.Module or ScriptModule that the predictor owns (made for it: it is moved to `device` and put in
-    eval mode); inference_mode skips autograd."""
+EXACT_CUDA = "float32 (TF32 off)"  # the precision of every exact torch row on CUDA
+
+
+def torch_precision(device: str) -> str:
+    """What a torch runtime computes in on `device`: true float32 everywhere (exact_float32 turns CUDA's TF32 off)."""
+    return EXACT_CUDA if device == "cuda" else "float32"
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """True float32 for this block on CUDA: cuDNN convolutions and cuBLAS matmuls default to TF32 on Ampere and
+    later (about 1e-3 relative error), which an exact row must not hide. Restores the caller's settings after, so
+    the library leaves no process-wide change behind (training may keep TF32)."""
     import torch
 
-    dev = torch_device(device)
-    module = module.to(dev).eval()
+    backends = torch.backends
+    if hasattr(backends.cudnn, "conv") and hasattr(backends.cudnn.conv, "fp32_precision"):  # torch >= 2.9
+        knobs = [(backends.cudnn.conv, "fp32_precision", "ieee"), (backends.cuda.matmul, "fp32_precision", "ieee")]
+    else:
+        knobs = [(backends.cudnn, "allow_tf32", False), (backends.cuda.matmul, "allow_tf32", False)]
+    saved = [getattr(owner, name) for owner, name, _ in knobs]
+    try:
+        for owner, name, value in knobs:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for (owner, name, _), value in zip(knobs, saved):
+            setattr(owner, name, value)
+
+
+def torch_runner(module, dev):
+    """run(x) for a torch callable on `dev`: numpy in, float32 numpy out, no autograd, true float32 on CUDA (the
+    copy back to the host synchronises, so a timed call includes the GPU's work)."""
+    import torch
 
     def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), exact_float32():
             return module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
 
-    return Predictor(backend, device, source, run, spec, batch)
+    return run
+
+
+def module_predictor(module, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256) -> Predictor:
+    """Wrap an nn.Module or ScriptModule that the predictor owns (made for it: it is moved to `device` and put in
+    eval mode)."""
+    dev = torch_device(device)
+    return Predictor(backend, device, source, torch_runner(module.to(dev).eval(), dev), spec, batch,
+                     precision=torch_precision(device))
 
 
 MAX_ARCHIVE_RECORDS = 100_000

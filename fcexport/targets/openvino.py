@@ -55,7 +55,7 @@ def open_openvino(files: tuple[Path, ...], device: str, checks: Checks, backend:
         except Exception as exc:
             raise FcxError(f"{path}: OpenVINO could not run the model on a batch of {len(x)}: {_first_line(exc)}") from exc
 
-    return Predictor(backend, device, path, run, spec)
+    return Predictor(backend, device, path, run, spec, precision="float32" if precision == "f32" else precision)
 
 
 def _first_line(exc: Exception) -> str:

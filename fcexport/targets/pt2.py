@@ -17,14 +17,15 @@ import numpy as np
 from fcexport.errors import FcxError
 from fcexport.spec import ModelSpec
 from fcexport.targets import (METADATA_FILE, Checks, Exporter, ExportSettings, Predictor, Refused, Runtime,
-                              archive_description, archive_fingerprint, quiet_warnings, torch_device)
+                              archive_description, archive_fingerprint, quiet_warnings, torch_device,
+                              torch_precision, torch_runner)
 
 FILE = "model.pt2"
 
 
-def exported_program(program, spec: ModelSpec):
-    """torch.export of the program's interpreter with a symbolic batch; source locations are dropped (they name
-    this machine's paths and would make two machines' exports differ)."""
+def exported_program(program, spec: ModelSpec, device=None):
+    """torch.export of the program's interpreter with a symbolic batch (on `device`, a torch.device: CPU when None);
+    source locations are dropped (they name this machine's paths and would make two machines' exports differ)."""
     import torch
 
     from fcexport.program import ProgramModule
@@ -32,7 +33,7 @@ def exported_program(program, spec: ModelSpec):
     example = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))  # batch >= 2: not specialised
     try:
         with quiet_warnings():
-            exported = torch.export.export(ProgramModule(program).eval(), (example,),
+            exported = torch.export.export(ProgramModule(program).eval().to(device), (example.to(device),),
                                            dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
@@ -102,12 +103,7 @@ def open_pt2(files: tuple[Path, ...], device: str, checks: Checks, backend: str)
         changed = sorted(k for k in {*found, *rebuilt} if found.get(k) != rebuilt.get(k))
         raise Refused(path, [f"it is not what its model.pt exports to ({', '.join(changed[:3])} differ)"])
     module = exported.module().to(dev)  # an ExportedProgram's module is inference-only already (no .eval())
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
-
-    return Predictor(backend, device, path, run, spec)
+    return Predictor(backend, device, path, torch_runner(module, dev), spec, precision=torch_precision(device))
 
 
 EXPORTER = Exporter(name="pt2", files=(FILE,), format="pt2", write=write, fingerprint=lambda data: pt2_fingerprint(data)[1],
