@@ -19,6 +19,11 @@ from fcexport.registry import FUSED, MODEL
 
 MANIFEST = "manifest.json"
 SIGNATURE = "model.sig"  # the OpenSSF Model Signing default name
+# Read caps, checked before a byte is read: a manifest lists at most MAX_FOLDER_FILES entries of ~250 bytes; a
+# signature is a sigstore bundle over one digest per file; a PEM elliptic-curve key is a few hundred bytes.
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_SIGNATURE_BYTES = 16 << 20
+MAX_KEY_BYTES = 64 << 10
 # What predict uses when not told (artifact names, best first). TorchScript is never picked unasked: loading it
 # runs code from the file; model.pt2 is rebuilt from model.pt, so model.pt is as good and cheaper.
 DEFAULT_ORDER = ("onnx", "fused", "model")
@@ -41,13 +46,15 @@ def read_manifest(folder: Path) -> dict | None:
 
 def read_manifest_bytes(folder: Path) -> tuple[dict, str] | None:
     """(manifest.json as a dict, the sha256 of the bytes parsed), read once; None when there is none."""
+    from fcexport.targets import read_bytes
+
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
+    data = read_bytes(path, MAX_MANIFEST_BYTES)
     try:
-        data = path.read_bytes()
         manifest = json.loads(data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FcxError(f"{path}: unreadable manifest ({type(exc).__name__})", hint="export") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise FcxError(f"{path}: not an fcexport manifest (no 'files')", hint="export")
@@ -144,12 +151,16 @@ def prune_empty_folders(folder: Path, entries) -> None:
                 path.rmdir()  # only when empty
 
 
-def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, created: str, model_sha256: str | None = None) -> Path:
+def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, created: str, model_sha256: str | None = None,
+                       settings: dict[str, dict] | None = None) -> Path:
     """Add or refresh the entries of the files in `sources` (name -> sha256 of the model.pt each was made
     from) with their own sha256 and size; keep the other entries whose files are still there, and
-    always describe the current model.pt. Written last, atomically: it is what readers trust."""
+    always describe the current model.pt. `settings` (artifact name -> what the export chose for it) are recorded
+    so verify can rebuild those files from them; the record of an artifact whose files are gone goes with them.
+    Written last, atomically: it is what readers trust."""
     folder = Path(folder)
-    previous = (read_manifest(folder) or {}).get("files", {})
+    before = read_manifest(folder) or {}
+    previous = before.get("files", {})
     files = {}
     for name in dict.fromkeys(f for files in registry.artifacts().values() for f in artifact_files(folder, files)):
         path = folder / name
@@ -161,9 +172,19 @@ def record_in_manifest(folder: Path, sources: dict[str, str], versions: dict, cr
                 files[name]["source_sha256"] = sources[name]
         elif name in previous:
             files[name] = previous[name]
+    present = {a for a, entries in registry.artifacts().items() if any(f in files for f in artifact_files(folder, entries))}
+    recorded = {**(before.get("settings") if isinstance(before.get("settings"), dict) else {}), **(settings or {})}
+    recorded = {artifact: chosen for artifact, chosen in recorded.items() if artifact in present}
     path = folder / MANIFEST
-    write_json_atomic(path, {"created": created, "versions": versions, "files": files})
+    write_json_atomic(path, {"created": created, "versions": versions, "files": files} | ({"settings": recorded} if recorded else {}))
     return path
+
+
+def recorded_settings(manifest: dict, artifact: str) -> dict | None:
+    """What the export that wrote `artifact` recorded of its settings in the manifest (record_in_manifest), or None."""
+    recorded = manifest.get("settings")
+    chosen = recorded.get(artifact) if isinstance(recorded, dict) else None
+    return chosen if isinstance(chosen, dict) else None
 
 
 def manifest_name(folder: Path, path: Path) -> str:
@@ -301,6 +322,8 @@ def check_signature(folder: Path, public_key: Path, signature: Path | None = Non
         raise FcxError(problem)
     if not signature.is_file():
         return f"no signature at {signature}: sign the folder with its private key"
+    if signature.stat().st_size > MAX_SIGNATURE_BYTES:  # model_signing reads it whole
+        return f"{signature}: {signature.stat().st_size:,} bytes is larger than a signature fcexport reads ({MAX_SIGNATURE_BYTES:,})"
     try:
         config = verifying.Config().use_elliptic_key_verifier(public_key=public_key)
         config.set_hashing_config(_hashing_config(folder, signature)).verify(folder, signature)
@@ -314,11 +337,15 @@ def key_problem(path: Path, private: bool) -> str | None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    from fcexport.targets import read_bytes
+
     kind = "private" if private else "public"
     try:
-        data = path.read_bytes()
+        data = read_bytes(path, MAX_KEY_BYTES)
         key = serialization.load_pem_private_key(data, None) if private else serialization.load_pem_public_key(data)
-    except (OSError, ValueError, TypeError) as exc:
+    except FcxError as exc:  # missing, not a file, or larger than any key
+        return f"{exc}; a PEM {kind} key is expected"
+    except (ValueError, TypeError) as exc:
         return f"{path}: not a readable PEM {kind} key ({type(exc).__name__}); make one with openssl (see the README)"
     wanted = ec.EllipticCurvePrivateKey if private else ec.EllipticCurvePublicKey
     if not isinstance(key, wanted):

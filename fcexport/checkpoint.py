@@ -25,9 +25,10 @@ import torch
 import fcexport
 from fcexport import program as programs
 from fcexport.errors import FcxError
-from fcexport.files import stored_zip_records, write_bytes_atomic
+from fcexport.files import stored_zip_records, write_bytes_atomic, zip_directory
 from fcexport.program import Program, Shapes
 from fcexport.spec import ModelSpec
+from fcexport.targets import read_bytes
 
 FORMAT = "fcexport.checkpoint"
 FORMAT_VERSION = 3
@@ -97,7 +98,8 @@ def load_model(path: str | Path):
 
 
 def read_file(path: Path) -> bytes:
-    """The whole file, once; missing, empty and oversized files are named."""
+    """The whole file, once, after its size and its zip directory (files.zip_directory: the records must account for
+    the file) are checked without reading its records; missing, empty and oversized files are named."""
     if not path.is_file():
         raise FcxError(f"{path}: file not found", hint="train-or-import")
     size = path.stat().st_size
@@ -105,10 +107,8 @@ def read_file(path: Path) -> bytes:
         raise FcxError(f"{path}: file is empty")
     if size > MAX_FILE_BYTES:
         raise FcxError(f"{path}: {size:,} bytes is larger than fcexport reads ({MAX_FILE_BYTES:,})")
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise FcxError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    zip_directory(path, path, MAX_RECORDS)
+    return read_bytes(path, MAX_FILE_BYTES)
 
 
 def check_archive(data: bytes, path: Path) -> None:

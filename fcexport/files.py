@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -176,28 +177,61 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def stored_zip_records(data: bytes, path, max_records: int, deflated: bool = False) -> list:
-    """The records of the zip archive `data` (read from `path`), refused unless each is stored as it is (torch.save
-    never compresses; with `deflated`, zlib's deflate is allowed too: torch.jit.save deflates its code), names are
-    unique, and the declared sizes add up to no more than the file (with `deflated`, twice the file and 16 MiB): a
-    record could otherwise inflate far beyond the file's size before anything is checked. Read records with
-    `read_record`, which never unpacks more than a record declares."""
+ZIP_RECORD_OVERHEAD = 256  # bytes a zip spends per record besides its data and twice its name (headers, alignment)
+ZIP_TAIL_BYTES = (1 << 16) + 1024  # the end records and the longest comment a zip can carry
+MAX_DIRECTORY_ENTRY_BYTES = 1024  # a central-directory entry with a name of the length torch writes, with room
+
+
+def zip_directory(source: bytes | Path, path, max_records: int) -> list:
+    """The records of the zip archive `source` (its bytes, or the path of the file: then only its end record and
+    central directory are read, never its records), refused unless the directory is of a size `max_records` can
+    have, names are unique and the records account for the file: data, headers and names, nothing more. A file
+    that is mostly bytes no record declares (a sparse 4 GB file with a small zip at its end) is refused before
+    anything reads it."""
     import io
     import zipfile
 
+    size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
     try:
-        records = zipfile.ZipFile(io.BytesIO(data)).infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f:
+            # zipfile reads the whole central directory its end record declares; _EndRecData reads the end record
+            # alone (no public API does), so the directory's size and count are checked before it is read
+            end = zipfile._EndRecData(f)
+            if end is None:
+                raise zipfile.BadZipFile("no end of central directory")
+            count, directory = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+            if count > max_records or directory > max_records * MAX_DIRECTORY_ENTRY_BYTES:
+                raise FcxError(f"{path}: {count:,} records in a {directory:,}-byte directory is more than a model file holds")
+            records = zipfile.ZipFile(f).infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError, struct.error) as exc:  # struct: an entry cut short
         raise FcxError(f"{path}: corrupt or truncated file (not a torch zip archive); copy or save it again") from exc
+    except OSError as exc:
+        raise FcxError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if len(records) > max_records:
         raise FcxError(f"{path}: {len(records):,} records is more than a model file holds")
+    if len({r.filename for r in records}) != len(records):
+        raise FcxError(f"{path}: two records have the same name (which one a reader takes is up to it): refused")
+    stored = sum(r.compress_size for r in records)
+    accounted = stored + sum(2 * len(r.filename.encode()) + ZIP_RECORD_OVERHEAD for r in records) + ZIP_TAIL_BYTES
+    if size > accounted:
+        raise FcxError(f"{path}: {size - stored:,} of its {size:,} bytes belong to no record its zip directory lists: refused")
+    return records
+
+
+def stored_zip_records(data: bytes, path, max_records: int, deflated: bool = False) -> list:
+    """The records of the zip archive `data` (read from `path`; zip_directory's checks first), refused unless each is
+    stored as it is (torch.save never compresses; with `deflated`, zlib's deflate is allowed too: torch.jit.save
+    deflates its code) and the declared sizes add up to no more than the file (with `deflated`, twice the file and
+    16 MiB): a record could otherwise inflate far beyond the file's size before anything is checked. Read records
+    with `read_record`, which never unpacks more than a record declares."""
+    import zipfile
+
+    records = zip_directory(data, path, max_records)
     for record in records:
         plain = record.compress_type == zipfile.ZIP_STORED and record.file_size == record.compress_size
         if not (plain or (deflated and record.compress_type == zipfile.ZIP_DEFLATED)):
             raise FcxError(f"{path}: record '{record.filename[:80]}' is compressed in a way torch never writes, "
                            "so the file was not written by torch (or was altered): refused")
-    if len({r.filename for r in records}) != len(records):
-        raise FcxError(f"{path}: two records have the same name (which one a reader takes is up to it): refused")
     total, allowed = sum(r.file_size for r in records), (2 * len(data) + (16 << 20)) if deflated else len(data)
     if total > allowed:
         raise FcxError(f"{path}: its records claim {total:,} bytes but the file has {len(data):,}")

@@ -463,8 +463,9 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
             removed.append(str(path))
         names.prune_empty_folders(artifacts, exporter.files)
     here = model_path.resolve() == (artifacts / names.MODEL).resolve()
+    recorded = {"triton": asdict(settings.triton)} if "triton" in rewritten else None  # what verify rebuilds its configs from
     manifest = names.record_in_manifest(artifacts, {names.manifest_name(artifacts, p): stored.sha256 for p in written}, versions(), now_iso(),
-                                        stored.sha256 if here else None)
+                                        stored.sha256 if here else None, recorded)
     signature = artifacts / names.SIGNATURE
     if sign_key is not None:
         names.sign_folder(artifacts, Path(sign_key))
@@ -659,13 +660,13 @@ def _inspect_folder(folder: Path, artifact: str, entry: str, manifest: dict | No
 
 
 def _inspect_file(path: Path, manifest: dict | None, model_sha256: str | None) -> FileReport:
-    from fcexport.checkpoint import read_model
+    from fcexport.checkpoint import read_file, read_model
     from fcexport.targets import read_bytes
 
     size = path.stat().st_size
     try:
         artifact = registry.artifact_of(path)
-        data = read_bytes(path)
+        data = read_file(path) if artifact in registry.STORED_ARTIFACTS else read_bytes(path)  # model.pt: directory first
     except FcxError as exc:
         return FileReport(str(path), None, size, "not read", problem=str(exc))
     if manifest is None:

@@ -190,15 +190,33 @@ def config_problems(served: Served, spec: ModelSpec, graph: tuple[tuple[str, tup
     carried = served_spec(config)
     if carried is not None and (carried.class_names, carried.input_shape) != (spec.class_names, spec.input_shape):
         problems.append(f"{where}: parameter {SPEC_PARAMETER} describes another model (classes or input shape differ)")
-    if not remote and not problems:
-        problems += unexpected_fields(served, spec)
+    return problems
+
+
+def recorded_problems(served: Served, spec: ModelSpec, settings, config: bytes, labels: bytes) -> list[str]:
+    """What in one served model differs from what fcx export writes for `spec` with the TritonSettings recorded at
+    export time, byte for byte: its folder name, config.pbtxt (`config`, its bytes) and labels.txt (`labels`)."""
+    platform = {settings.name: ONNX_PLATFORM, settings.name + TORCHSCRIPT_SUFFIX: LIBTORCH_PLATFORM}.get(served.name)
+    if platform is None:
+        return [f"{served.name}: not a model fcx export writes with the recorded settings (model name '{settings.name}')"]
+    expected = model_config(served.name, platform, spec, settings)
+    problems = []
+    if config != config_text(expected).encode():
+        differ = field_differences(served.config, expected)
+        what = f"{differ} differ" if differ else "its text differs (comments, order or layout)"
+        problems.append(f"{served.name}/{CONFIG_FILE} is not what fcx export writes with the settings it recorded "
+                        f"(max batch {settings.max_batch_size}, {settings.instances} x {'GPU' if settings.gpu else 'CPU'}): "
+                        f"{what}; export it again rather than editing it")
+    if labels != labels_text(spec).encode():
+        problems.append(f"{served.name}/{LABELS_FILE} is not the model's class names, one a line, as fcx export writes them")
     return problems
 
 
 def unexpected_fields(served: Served, spec: ModelSpec) -> list[str]:
-    """A config is exactly what fcx export writes for this model with some TritonSettings, or it is refused: any
-    other field (a parameter such as the python backend's EXECUTION_ENV_PATH, which runs a script; warm-up
-    files; repository agents; another version policy; a million instances) reaches the server otherwise."""
+    """For a repository with no recorded settings (no manifest beside it): a config is what fcx export writes for this
+    model with some TritonSettings, or it is refused: any other field (a parameter such as the python backend's
+    EXECUTION_ENV_PATH, which runs a script; warm-up files; repository agents; another version policy; a million
+    instances) reaches the server otherwise."""
     config = served.config
     groups = config.instance_group
     base = served.name.removesuffix(TORCHSCRIPT_SUFFIX) if config.platform == LIBTORCH_PLATFORM else served.name
@@ -207,13 +225,15 @@ def unexpected_fields(served: Served, spec: ModelSpec) -> list[str]:
                                   len(groups) == 1 and groups[0].kind == groups[0].KIND_GPU)
     except FcxError as exc:
         return [f"{served.name}/{CONFIG_FILE}: {exc}"]
-    expected = model_config(served.name, config.platform, spec, settings)
+    differ = field_differences(config, model_config(served.name, config.platform, spec, settings))
+    return [f"{served.name}/{CONFIG_FILE}: {differ} not as fcx export writes them; export it again rather than editing it"] if differ else []
+
+
+def field_differences(config, expected) -> str:
+    """The fields of a ModelConfig that differ from `expected` (and the parameters it has that export does not
+    write), or '' when every field is the same."""
     found = {d.name: v for d, v in config.ListFields()}
     wanted = {d.name: v for d, v in expected.ListFields()}
     differ = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-    if not differ:
-        return []
     extra = sorted(set(config.parameters) - set(expected.parameters))
-    return [f"{served.name}/{CONFIG_FILE}: {', '.join(differ)} not as fcx export writes them"
-            + (f" (parameters it does not write: {', '.join(k[:40] for k in extra[:5])})" if extra else "")
-            + "; export it again rather than editing it"]
+    return ", ".join(differ) + (f" (parameters it does not write: {', '.join(k[:40] for k in extra[:5])})" if extra else "")

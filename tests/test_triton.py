@@ -175,22 +175,28 @@ def test_settings_are_checked():
 # ---- what an attacker who can write the folder (and refresh its manifest) tries -------------------------------
 
 
-@pytest.mark.parametrize("change, expected", [
+@pytest.mark.parametrize("change, recorded, alone", [
     (lambda t: t + 'parameters { key: "EXECUTION_ENV_PATH" value { string_value: "/tmp/evil" } }\n',
-     "parameters it does not write: EXECUTION_ENV_PATH"),
-    (lambda t: t.replace("count: 2", "count: 1000000"), "instances must be from 1 to 64"),
-    (lambda t: t.replace("max_batch_size: 8", "max_batch_size: 2147483647"), "max batch size must be from 1 to 4096"),
-    (lambda t: t.replace("latest {\n    num_versions: 1\n  }", "specific {\n    versions: 7\n  }"), "version_policy"),
-    (lambda t: t.replace('string_value: "4"', 'string_value: "100000"'), "parameters not as fcx export writes them"),
+     "parameters it does not write: EXECUTION_ENV_PATH", "parameters it does not write: EXECUTION_ENV_PATH"),
+    (lambda t: t.replace("count: 2", "count: 1000000"), "instance_group differ", "instances must be from 1 to 64"),
+    (lambda t: t.replace("max_batch_size: 8", "max_batch_size: 2147483647"), "max_batch_size differ",
+     "max batch size must be from 1 to 4096"),
+    (lambda t: t.replace("latest {\n    num_versions: 1\n  }", "specific {\n    versions: 7\n  }"), "version_policy differ",
+     "version_policy"),
+    (lambda t: t.replace('string_value: "4"', 'string_value: "100000"'), "parameters differ", "parameters not as fcx export writes them"),
     (lambda t: t + 'model_warmup { name: "w" batch_size: 1 inputs { key: "pixels" value { data_type: TYPE_FP32 dims: 1 '
-               'input_data_file: "../../../../etc/passwd" } } }\n', "model_warmup"),
+               'input_data_file: "../../../../etc/passwd" } } }\n', "model_warmup", "model_warmup"),
 ])
-def test_a_config_fcx_did_not_write_is_refused(triton_copy, runner, change, expected):
+def test_a_config_fcx_did_not_write_is_refused(triton_copy, runner, change, recorded, alone):
+    """Against the settings export recorded in the manifest (byte for byte); a repository on its own (no manifest)
+    against what export writes with the settings the config states."""
     config = triton_copy / REPO / "digits/config.pbtxt"
     config.write_text(change(config.read_text()))
     _refresh(triton_copy, f"{REPO}/digits/config.pbtxt")
     problems = check_repository(triton_copy / REPO, _read, triton_copy)[1]
-    assert any(expected in p for p in problems), problems
+    assert any(recorded in p for p in problems), problems
+    problems = check_repository(triton_copy / REPO, _read)[1]
+    assert any(alone in p for p in problems), problems
     result = invoke(runner, "verify", "--backends", "onnxruntime", "--devices", "cpu", "--json", "--artifacts", triton_copy)
     assert result.exit_code == 1
 

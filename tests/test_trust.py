@@ -308,4 +308,5 @@ def test_verify_reads_each_artifact_once_and_checks_the_bytes_it_loads(exported_
     monkeypatch.setattr(artifacts, "sha256_file", lambda path: hashed.append(Path(path).name))
     report = verify(exported_dir, backends=("fused", "torchscript", "pt2", "onnxruntime", "openvino"), devices=("cpu",))
     assert report.passed and not hashed
-    assert reads == {"model.pt": 1, "model.fused.pt": 1, "model.ts": 1, "model.pt2": 1, "model.onnx": 2}  # two runtimes
+    assert reads == {"manifest.json": 1, "model.pt": 1, "model.fused.pt": 1, "model.ts": 1, "model.pt2": 1,
+                     "model.onnx": 2}  # two runtimes

@@ -14,10 +14,10 @@ from pathlib import Path
 from fcexport.errors import FcxError
 from fcexport.onnx_checks import MAX_ONNX_BYTES, check_onnx_model, read_onnx_spec
 from fcexport.spec import ModelSpec
-from fcexport.targets import METADATA_FILE, Exporter, ExportSettings, archive_fingerprint
+from fcexport.targets import METADATA_FILE, Exporter, ExportSettings, TritonSettings, archive_fingerprint
 from fcexport.triton_config import (CONFIG_FILE, LABELS_FILE, LIBTORCH_PLATFORM, MODEL_FILES, ONNX_PLATFORM, REPOSITORY, Served,
                                     TORCHSCRIPT_SUFFIX, VERSION, config_problems, config_text, labels_text, model_config,
-                                    read_repository, served_spec)
+                                    read_repository, recorded_problems, served_spec, unexpected_fields)
 
 FOLDER = f"{REPOSITORY}/"
 
@@ -36,7 +36,7 @@ def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> No
         write_text_atomic(folder / CONFIG_FILE, config_text(model_config(model, platform, spec, settings.triton)))
         write_text_atomic(folder / LABELS_FILE, labels)
         write_bytes_atomic(folder / VERSION / MODEL_FILES[platform], (stage / MODEL_FILES[platform]).read_bytes())
-    problems = check(stage, lambda path: path.read_bytes())
+    problems = check_repository(stage / REPOSITORY, lambda path: path.read_bytes(), stage, settings.triton)[1]
     if problems:  # a bug in the writer, not in the model: say what
         raise FcxError(f"the Triton repository written does not check: {'; '.join(problems[:3])}")
 
@@ -46,16 +46,21 @@ def check(folder: Path, read: Callable[[Path], bytes]) -> list[str]:
     return check_repository(Path(folder) / REPOSITORY, read, Path(folder))[1]
 
 
-def check_repository(repository: Path, read: Callable[[Path], bytes], folder: Path | None = None) -> tuple[list[Served], list[str]]:
+def check_repository(repository: Path, read: Callable[[Path], bytes], folder: Path | None = None,
+                     settings: TritonSettings | None = None) -> tuple[list[Served], list[str]]:
     """(its models, what is wrong with them): each config parsed against Triton's schema, checked against the file
-    it serves (names, dtypes, dims, batch dimension, labels) and exactly what fcx export writes, and, with `folder`
-    (the artifacts folder it belongs to), each served file the same bytes as that folder's own model.onnx /
-    model.ts: those are the files fcx verify compares with a fresh export, so a repository serving anything else
-    fails. `read` reads a file (and may check its bytes: they are the ones judged)."""
+    it serves (names, dtypes, dims, batch dimension, labels), and, with `folder` (the artifacts folder it belongs
+    to), each served file the same bytes as that folder's own model.onnx / model.ts: those are the files fcx verify
+    compares with a fresh export, so a repository serving anything else fails. Each config.pbtxt and labels.txt
+    must then be, byte for byte, what fcx export writes from the served file's spec and `settings` (default: those
+    recorded in `folder`'s manifest); a repository with no manifest beside it must be what export writes with some
+    settings. `read` reads a file (and may check its bytes: they are the ones judged)."""
     if repository.is_symlink():
         return [], [f"{repository}: a symbolic link; fcexport reads a repository only as the folder export wrote"]
     try:
         served = read_repository(repository, read)
+        if settings is None and folder is not None:
+            settings = recorded_settings(Path(folder))
     except FcxError as exc:
         return [], [str(exc)]
     problems = []
@@ -72,8 +77,36 @@ def check_repository(repository: Path, read: Callable[[Path], bytes], folder: Pa
         except FcxError as exc:
             problems.append(str(exc))
             continue
-        problems += config_problems(model, spec, graph)
+        found = config_problems(model, spec, graph)
+        if not found and settings is None:
+            found = unexpected_fields(model, spec)
+        elif not found:
+            folder_of = model.model_file.parent.parent
+            try:
+                found = recorded_problems(model, spec, settings, read(folder_of / CONFIG_FILE), read(folder_of / LABELS_FILE))
+            except FcxError as exc:
+                found = [str(exc)]
+        problems += found
     return served, problems
+
+
+def recorded_settings(folder: Path) -> TritonSettings | None:
+    """The TritonSettings fcx export recorded in `folder`'s manifest when it wrote the repository; None when the
+    folder has no manifest (a repository on its own). A manifest without them was not written by this export."""
+    from fcexport import artifacts
+
+    manifest = artifacts.read_manifest(folder)
+    if manifest is None:
+        return None
+    chosen = artifacts.recorded_settings(manifest, "triton")
+    if chosen is None:
+        raise FcxError(f"{artifacts.MANIFEST} records no Triton settings, so the repository's configs cannot be checked "
+                       "against what export wrote", hint="export-triton")
+    try:
+        return TritonSettings(**chosen)
+    except (TypeError, FcxError) as exc:
+        raise FcxError(f"{artifacts.MANIFEST}: the Triton settings it records are not fcx export's ({str(exc)[:200]})",
+                       hint="export-triton") from exc
 
 
 def describe(read: Callable[[Path], bytes], path: Path) -> tuple[ModelSpec, dict]:
