@@ -70,7 +70,8 @@ class Check:
             return step
         started = time.monotonic()
         try:
-            done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=min(limit, left))
+            env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a crash in native code still names where it happened
+            done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=min(limit, left), env=env)
             step.rc, step.output = done.returncode, done.stdout + done.stderr
             text = json_file.read_text() if json_file and json_file.is_file() else done.stdout
             try:
@@ -141,6 +142,24 @@ torch.save(model.state_dict(), sys.argv[2])
 """
 
 
+TF32_PROBE = """
+import sys, torch
+from fcexport.targets import exact_float32
+device = sys.argv[1]
+torch.manual_seed(0)
+conv = torch.nn.Conv2d(64, 64, 3).to(device)
+x = torch.rand(8, 64, 56, 56, device=device)
+reference = torch.nn.functional.conv2d(x.double().cpu(), conv.weight.double().cpu(), conv.bias.double().cpu())
+def error(y):
+    return float(((y.double().cpu() - reference).abs().max() / reference.abs().max()))
+with torch.inference_mode():
+    default = error(conv(x))
+    with exact_float32():
+        exact = error(conv(x))
+print(f"default settings: {default:.1e}; exact_float32: {exact:.1e}; after: {error(conv(x)):.1e} (TF32 is ~1e-3, float32 ~1e-6)")
+"""
+
+
 def model_steps(check: Check, name: str, make: list[str] | None, torchvision_model: str | None, shape: str, inputs: int,
                 formats: str) -> None:
     """One model through train-or-import -> fuse-bn --verify -> export -> verify -> bench (cpu and the device)."""
@@ -176,16 +195,18 @@ def run_check(check: Check) -> None:
     install(check)
     check.write()
     # the cuda tests (on the CPU they are collected and skipped: the invocation is what the dry run proves)
-    check.run("cuda tests", [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-m", "cuda", "tests/test_cuda.py"], 240)
+    check.run("cuda tests", [sys.executable, "-m", "pytest", "-q", "-rA", "--tb=line", "-p", "no:cacheprovider", "-p", "no:logging",
+                             "-m", "cuda", "tests/test_cuda.py"], 240)
+    check.run("TF32 probe: a conv's max relative error against float64, by setting", [sys.executable, "-c", TF32_PROBE, check.device], 60)
     if check.dry:  # the two ways in, small: what make test can afford (tests/test_aoti.py covers the compiled target)
         model_steps(check, "mlp", ["--data", "digits", "--epochs", "1", "--hidden", "32"], None, "", 256, "all")
         model_steps(check, "resnet18", None, "resnet18", "3,32,32", 32, "all")
         return
-    model_steps(check, "mlp", ["--data", "digits", "--epochs", "5"], None, "", 256, "all,aoti,aoti-cuda")
-    model_steps(check, "cnn", ["--data", "digits", "--model", "cnn", "--epochs", "5"], None, "", 256, "all,aoti,aoti-cuda")
-    size = "3,224,224"
-    model_steps(check, "resnet18", None, "resnet18", size, 64, "all,aoti-cuda")
-    model_steps(check, "efficientnet_b0", None, "efficientnet_b0", size, 64, "all")
+    # the CPU package (aoti) is compiled and verified by tests/test_aoti.py on any machine; here the CUDA one
+    model_steps(check, "mlp", ["--data", "digits", "--epochs", "5"], None, "", 256, "all,aoti-cuda")
+    model_steps(check, "resnet18", None, "resnet18", "3,224,224", 64, "all,aoti-cuda")
+    model_steps(check, "cnn", ["--data", "digits", "--model", "cnn", "--epochs", "5"], None, "", 256, "all,aoti-cuda")
+    model_steps(check, "efficientnet_b0", None, "efficientnet_b0", "3,224,224", 64, "all")
 
 
 # ---- the report ---------------------------------------------------------------------------------
@@ -227,6 +248,8 @@ def step_body(step: Step) -> list[str]:
         lines = [f"written: {', '.join(Path(w).name for w in result['written'])}"]
         lines += [f"not written: {k}: {v}" for k, v in result.get("skipped", {}).items()]
         return lines + (parity_table(result["check"]) if result.get("check") else [])
+    if step.rc == 0 and step.title.startswith("TF32 probe"):
+        return [step.output.strip()]
     if isinstance(result, dict) and "test_accuracy" in result:  # train
         return [f"device {result.get('device')}, test accuracy {_num(result.get('test_accuracy'), '.4f')}, "
                 f"{_num(result.get('train_seconds'), '.1f')} s"]

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 
 def test_train_on_cuda(tmp_path, runner):
-    r = invoke(runner, "train", "--data", "digits", "--hidden", "32", "--epochs", "3", "--device", "cuda", "--artifacts", tmp_path, "--json")
+    r = invoke(runner, "train", "--data", "digits", "--epochs", "10", "--device", "cuda", "--artifacts", tmp_path, "--json")
     assert r.exit_code == 0, r.output
     metrics = json.loads(r.stdout)
     assert metrics["device"].startswith("cuda") and metrics["test_accuracy"] > 0.5

@@ -15,7 +15,7 @@ def test_the_gpu_check_runs_every_step_on_the_cpu_and_reports_them(tmp_path):
                            "--work", str(tmp_path / "work"), "--budget", "1200"], capture_output=True, text=True)
     text = report.read_text()
     assert done.returncode == 0, text[-3000:]
-    assert "steps: 12, failed or not run: 0" in text, text[:2000]
+    assert "steps: 13, failed or not run: 0" in text, text[:2000]
     for title in ("cuda tests: ok", "mlp: train on cpu: ok", "mlp: fuse-bn --verify --device cpu: ok", "resnet18: import: ok",
                   "resnet18: verify --devices cpu: ok", "resnet18: bench --device cpu: ok"):
         assert f"## {title}" in text, title

@@ -114,12 +114,28 @@ def open_aoti(files: tuple[Path, ...], device: str, checks: Checks, backend: str
     if why := runs_here(metadata, device):
         raise DeviceUnavailable(f"{path.name}: {why}", hint=f"export-{backend}")
     try:
-        with quiet_warnings():
-            loaded = torch._inductor.aoti_load_package(io.BytesIO(data))
+        loaded = load_bytes(data)
     except Exception as exc:
         raise FcxError(f"{path}: AOTInductor cannot load it ({type(exc).__name__}: {str(exc).strip()[:160]})",
                        hint="export") from exc
     return Predictor(backend, device, path, torch_runner(loaded, dev), spec, precision=torch_precision(device))
+
+
+def load_bytes(data: bytes):
+    """AOTInductor's loader on exactly these bytes: written to a private folder (0700, removed after; the loader
+    extracts what it needs), since its loader reads a path (a file object segfaulted with torch 2.11 on CUDA)."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    folder = Path(tempfile.mkdtemp(prefix="fcx-aoti-"))
+    try:
+        (folder / "model.pt2").write_bytes(data)
+        with quiet_warnings():
+            return torch._inductor.aoti_load_package(str(folder / "model.pt2"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _exporter(device: str) -> Exporter:
