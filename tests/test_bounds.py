@@ -44,14 +44,16 @@ def triton_dir(tmp_path_factory, exported_dir) -> Path:
 
 class FakeKServe:
     """A KServe v2 HTTP server on 127.0.0.1 serving `config` with zero logits. `drip` (seconds): the first answer's
-    status line and headers go out one byte at a time that far apart; `delay` (seconds): every answer waits that
-    long first. Used as a context manager: always stopped."""
+    status line and headers go out one byte at a time that far apart (`dripped` is set when that ends, `cut_off` too
+    when the client had hung up before); `delay` (seconds): every answer waits that long first. Used as a context
+    manager: always stopped."""
 
     def __init__(self, config: dict, drip: float = 0.0, delay: float = 0.0):
         import http.server
 
         fake = self
         self.config, self.drip, self.delay, self.requests = config, drip, delay, 0
+        self.dripped, self.cut_off = threading.Event(), threading.Event()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -82,13 +84,19 @@ class FakeKServe:
                 head = (head + f"Content-Length: {len(body)}\r\n\r\n").encode()
                 try:
                     if fake.requests == 1 and fake.drip:
-                        for i in range(len(head)):
-                            self.wfile.write(head[i : i + 1])
-                            self.wfile.flush()
-                            time.sleep(fake.drip)
-                        head = b""
+                        try:
+                            for i in range(len(head)):
+                                self.wfile.write(head[i : i + 1])
+                                self.wfile.flush()
+                                time.sleep(fake.drip)
+                            head = b""
+                        except OSError:  # the client hung up before the headers were out: that is the point
+                            fake.cut_off.set()
+                            raise
+                        finally:
+                            fake.dripped.set()
                     self.wfile.write(head + body)
-                except OSError:  # the client gave up: that is the point
+                except OSError:
                     pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -129,6 +137,8 @@ def test_headers_sent_a_byte_at_a_time_meet_the_request_deadline(triton_dir, run
     monkeypatch.setattr(remote, "TIMEOUT_SECONDS", 1.0)
     with FakeKServe(served_config(triton_dir), drip=0.05) as server:
         r = invoke(runner, *remote_command(command, triton_dir, server.url, tmp_path))
+        server.dripped.wait()  # the drip is finite: this wait ends
+        assert server.cut_off.is_set(), "the client waited for the whole header"
     assert r.exit_code == 2 and "no whole answer within 1 s to ask whether the model is ready" in r.stderr, r.output
     assert r.stderr.count("\n") == 1
 
