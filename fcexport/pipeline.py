@@ -914,18 +914,22 @@ def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backen
     names.find_default_model(artifacts)  # a clear error when the folder holds no model at all
     model = _Model(artifacts / names.MODEL) if (artifacts / names.MODEL).is_file() else None
     rng = np.random.default_rng(seed)
-    rows, measured = [], []
-    for backend in backends:
-        _step(on_step, f"opening {backend} on {device}")
+    rows, measured, opened = [], [], []
+    for backend in backends:  # every one opened before any runs, as verify does (on an H200 with torch 2.11, loading
+        _step(on_step, f"opening {backend} on {device}")  # an AOTInductor package after others had run crashed)
         try:
-            predictor = open_backend(backend, artifacts, device, model)
+            opened.append((backend, open_backend(backend, artifacts, device, model)))
         except DeviceUnavailable as exc:
-            rows.append(BenchRow(backend, device, Status.SKIPPED, reason=str(exc), hint=exc.hint))
+            opened.append((backend, BenchRow(backend, device, Status.SKIPPED, reason=str(exc), hint=exc.hint)))
+    for backend, predictor in opened:
+        if isinstance(predictor, BenchRow):
+            rows.append(predictor)
             continue
         for batch in batch_sizes:
             _step(on_step, f"timing {backend} on {device} at batch {batch}")
             x = rng.random((batch, *predictor.spec.input_shape), dtype=np.float32)
-            rows.append(BenchRow(backend, device, Status.OK, batch, **measure(predictor, x, warmup, repeat, max_seconds)))
+            rows.append(BenchRow(backend, device, Status.OK, batch, **measure(predictor, x, warmup, repeat, max_seconds),
+                                 precision=predictor.precision))
             measured.append((predictor, rows[-1]))
     speeds.record(measured)
     return rows

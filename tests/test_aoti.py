@@ -83,3 +83,20 @@ def test_exact_float32_turns_tf32_off_and_restores_the_callers_setting():
     with exact_float32():
         assert conv.fp32_precision == "ieee" and torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert conv.fp32_precision == before
+
+
+def test_torchscript_never_bakes_tf32_into_its_convolutions(tmp_path):
+    """A trace records each convolution's cuDNN flags as constants: traced with torch's defaults, model.ts ran its
+    convolutions in TF32 on an H200 (3.4e-4 relative from the CPU) whatever the caller set."""
+    from fcexport import export, import_model
+    from fcexport.targets.torchscript import quiet_torchscript_deprecation
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 10))
+    import_model(net.eval(), (3, 16, 16), artifacts=tmp_path)
+    export(tmp_path / "model.pt", tmp_path, ["torchscript"], check=False)
+    with quiet_torchscript_deprecation():
+        graph = torch.jit.load(str(tmp_path / "model.ts")).inlined_graph
+    convolutions = [n for n in graph.nodes() if n.kind() == "aten::_convolution"]
+    assert convolutions
+    assert all(list(n.inputs())[12].toIValue() is False for n in convolutions)  # allow_tf32

@@ -64,7 +64,7 @@ def test_exact_cuda_rows_compute_in_true_float32_and_say_so(conv_dir, tmp_path, 
     for backend in ("eager", "fused", "torchscript", "pt2"):
         gpu = open_backend(backend, conv_dir, "cuda")
         assert gpu.precision == "float32 (TF32 off)"
-        np.testing.assert_allclose(gpu(x), open_backend(backend, conv_dir, "cpu")(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(gpu(x), open_backend(backend, conv_dir, "cpu")(x), rtol=1e-5, atol=1e-5, err_msg=backend)
     r = invoke(runner, "verify", "--artifacts", conv_dir, "--devices", "cuda", "--json-file", tmp_path / "r.json")
     rows = [row for row in json.loads((tmp_path / "r.json").read_text())["rows"] if row["status"] != "skipped"]
     assert r.exit_code == 0, r.output

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fcexport.errors import FcxError
 from fcexport.spec import ModelSpec
-from fcexport.targets import (METADATA_FILE, Checks, Exporter, ExportSettings, Predictor, Runtime, archive_description, archive_fingerprint,
+from fcexport.targets import (METADATA_FILE, Checks, exact_float32, Exporter, ExportSettings, Predictor, Runtime, archive_description, archive_fingerprint,
                               module_predictor, torch_device)
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ def torchscript_bytes(program, spec: ModelSpec) -> bytes:
     shape = tuple(spec.input_shape)
     generator = torch.Generator().manual_seed(0)
     buffer = io.BytesIO()
-    with quiet_torchscript_deprecation(), torch.no_grad():
+    # a trace records each convolution's cuDNN flags as constants: traced in exact float32, the file never turns
+    # TF32 on by itself on a GPU (traced with the defaults, model.ts differed from the CPU by 3e-4 on an H200)
+    with quiet_torchscript_deprecation(), torch.no_grad(), exact_float32():
         try:
             frozen = torch.jit.freeze(torch.jit.trace(module, torch.rand(2, *shape, generator=generator), check_trace=False))
         except Exception as exc:
