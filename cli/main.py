@@ -84,9 +84,10 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _backends(text: str) -> list[str]:
-    """--backends: names, where `all` is every registered backend."""
-    return [b for name in _names(text) for b in (registry.backends() if name == "all" else [name])]
+def _backends(text: str, everything=None) -> list[str]:
+    """--backends: names, where `all` is `everything` (by default every registered backend)."""
+    everything = tuple(registry.backends()) if everything is None else everything
+    return [b for name in _names(text) for b in (everything if name == "all" else [name])]
 
 
 def _check_timeout(timeout: Optional[float], url) -> None:
@@ -217,6 +218,9 @@ NoiseOpt = Annotated[float, typer.Option("--noise-factor", help="Pass when the m
 DataOpt = Annotated[Optional[str], typer.Option(help="Real test images to compare on: any --data of fcx train [default: the model's dataset, if on disk]")]
 ALL_BACKENDS = ", ".join(registry.backends())  # spaced, so help wraps between names, never inside one
 BackendsOpt = Annotated[str, typer.Option(help=f"Comma-separated, from: {ALL_BACKENDS}; all = every one")]
+LOWER = ", ".join(b for b in registry.backends() if b not in registry.verified_by_default())
+VerifyBackendsOpt = Annotated[str, typer.Option("--backends", help=f"Comma-separated, from: {ALL_BACKENDS}; all = every one "
+                                                f"but {LOWER} (nobody exported for it: name it to judge it)")]
 FORMATS_HELP = (f"Comma-separated, from: {', '.join(registry.exporters())}; all = {','.join(registry.default_exporters())}")
 
 
@@ -356,7 +360,7 @@ def sign(
 @handle_errors
 def verify(
     artifacts: ArtifactsOpt = Path("artifacts"),
-    backends: BackendsOpt = "all",
+    backends: VerifyBackendsOpt = "all",
     devices: Annotated[str, typer.Option(help="Comma-separated: cpu, cuda (cuda is skipped when absent)")] = "cpu,cuda",
     data: DataOpt = None,
     data_root: Annotated[Optional[str], typer.Option(help=DataRootHelp)] = None,
@@ -398,7 +402,7 @@ def verify(
         if url:
             result = verify_remote(url, served_model, artifacts, data, data_root, tolerance, on_step, inputs, timeout)
         else:
-            result = run(artifacts, _backends(backends), _names(devices), data, data_root, tolerance, public_key, signature,
+            result = run(artifacts, _backends(backends, registry.verified_by_default()), _names(devices), data, data_root, tolerance, public_key, signature,
                          expect_digest, on_step, inputs)
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not (json_out or quiet):

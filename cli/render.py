@@ -231,10 +231,20 @@ def comparison_table(title: str, report, wide: bool = False, artifacts=None) -> 
         out.print(Text(shown("skipped: " + "; ".join(parts)), style="bright_black"))
     ref = report.reference_accuracy
     out.print(Text(f"inputs: {shown(report.inputs)}"))
+    if report.weak:
+        warning(report.weak)
     out.print(f"pass: {report.criterion}; model.pt's own float32 error {report.own_float32_error:.1e}"
               + (f"; reference accuracy {ref:.2%}" if ref is not None else ""), highlight=False)
+    own_rules = {r.backend: r.value("noise_factor") for r in report.rows
+                 if r.value("noise_factor") not in (None, report.tolerance.factor)}
+    if own_rules:  # a runtime with float32 kernels of its own carries its own calibrated factor
+        out.print("runtimes with float32 kernels of their own: " + ", ".join(f"{b} <= {f:g} x" for b, f in own_rules.items()),
+                  highlight=False)
     if any(r.value("criterion") == "agreement" for r in report.rows):
-        out.print(f"approximate backends (int8, bf16) pass on top-1 agreement >= {report.tolerance.min_agreement:.1%} and "
+        from fcexport.compare import DECISIVE_MARGIN
+
+        out.print(f"approximate backends (int8, bf16) pass on top-1 agreement >= {report.tolerance.min_agreement:.1%} "
+                  f"on decisive inputs (top-1 ahead by > {DECISIVE_MARGIN:.0%} of the largest logit) and "
                   f"accuracy drop <= {report.tolerance.max_accuracy_drop * 100:g} pt; their float errors are shown, not judged", highlight=False)
 
 

@@ -13,12 +13,14 @@ import numpy as np
 from fcexport.compare import Tolerance, compare
 from fcexport.errors import FcxError
 from fcexport.results import CheckRow, ParityReport, Status
-from fcexport.targets import Predictor
+from fcexport.targets import Predictor, Unsupported
 from fcexport.spec import ModelSpec
 
-RANDOM_INPUTS = 256
-MACS_BUDGET = 4 * 10**10  # multiply-accumulates per run over all inputs: resnet18 (1.8e9 per image) gets 22 inputs
-REFERENCE_SECONDS = 8.0  # the float64 reference's share of a run; the float32 candidates together take about as long
+# The default budget, the same on every machine whatever its load (a slow machine takes longer, never proves less):
+# every real test image up to REAL_INPUTS, RANDOM_INPUTS uniform random images (what any model can be given: the
+# minimum for a verdict), and up to PROBE_INPUTS first-layer probes. `--inputs N` fixes the total instead; fewer
+# random inputs than the minimum are said in the verdict ("weak").
+REAL_INPUTS, RANDOM_INPUTS, PROBE_INPUTS = 2000, 256, 256
 MIN_INPUTS, MAX_INPUTS = 8, 4096
 
 
@@ -29,6 +31,7 @@ class Inputs:
     x: np.ndarray
     labels: np.ndarray | None  # labels of the first len(labels) rows
     description: str
+    weak: str | None = None  # why these inputs prove less than a verdict needs (a --inputs below the minimum)
 
 
 @dataclass(frozen=True)
@@ -44,16 +47,8 @@ class Skipped:
 SPEC_FIELDS = ("class_names", "input_shape", "normalization", "preprocess")  # what must match the model's spec
 
 
-def input_budget(macs_per_image: int, reference_seconds_per_image: float) -> int:
-    """How many inputs a verification run gets: all that cheap models need, fewer for big ones (by their
-    multiply-accumulates, and by how long the float64 reference took per image here: float64 convolutions
-    have no fast CPU kernels), so each command stays within a minute on two cores."""
-    by_time = REFERENCE_SECONDS / max(reference_seconds_per_image, 1e-9)
-    return int(min(MAX_INPUTS, max(MIN_INPUTS, min(MACS_BUDGET // max(macs_per_image, 1), by_time))))
-
-
 def checked_budget(inputs: int | None) -> int | None:
-    """A budget the user fixed (--inputs; None: none fixed), within the bounds input_budget keeps to."""
+    """A budget the user fixed (--inputs; None: the default budget), within MIN_INPUTS..MAX_INPUTS."""
     if inputs is not None and not MIN_INPUTS <= inputs <= MAX_INPUTS:
         raise FcxError(f"--inputs must be between {MIN_INPUTS} and {MAX_INPUTS}, got {inputs}")
     return inputs
@@ -92,24 +87,33 @@ def spec_differences(reference: ModelSpec, candidate: ModelSpec) -> list[str]:
     return [f"its {name} differs from model.pt's" for name in SPEC_FIELDS if ref[name] != cand[name]]
 
 
-def make_inputs(spec: ModelSpec, budget: int, test=None, source: str | None = None, unavailable: str | None = None,
+def probe_count(budget: int | None) -> int:
+    """How many first-layer probes a budget has room for (the default: PROBE_INPUTS)."""
+    return PROBE_INPUTS if budget is None else budget // 4
+
+
+def make_inputs(spec: ModelSpec, budget: int | None, test=None, source: str | None = None, unavailable: str | None = None,
                 seed: int = 0, probes: np.ndarray | None = None) -> Inputs:
-    """Up to `budget` inputs: real test images (`test`, a data.Split named `source`; `unavailable` says why there
-    are none), random pixels, then `probes` (see probe_inputs)."""
+    """The inputs: real test images (`test`, a data.Split named `source`; `unavailable` says why there are none),
+    random pixels from `seed`, then `probes` (see probe_inputs). `budget` None: the default budget (up to REAL_INPUTS
+    + RANDOM_INPUTS + the probes); a number: at most that many in all."""
     shape = spec.input_shape
     probes = np.zeros((0, *shape), dtype=np.float32) if probes is None else probes
     if test is not None and list(test.images.shape[1:]) != list(shape):
         raise FcxError(f"data {source}: images are {list(test.images.shape[1:])} but the model expects {list(shape)}")
-    real = test.images[: max(0, min(len(test), budget - len(probes) - MIN_INPUTS))] if test is not None else None
+    real_limit = REAL_INPUTS if budget is None else budget - len(probes) - MIN_INPUTS
+    real = test.images[: max(0, min(len(test), real_limit))] if test is not None else None
     taken = len(probes) + (0 if real is None else len(real))
-    random_count = min(RANDOM_INPUTS, max(MIN_INPUTS, budget - taken))
+    random_count = RANDOM_INPUTS if budget is None else min(RANDOM_INPUTS, max(MIN_INPUTS, budget - taken))
     random = np.random.default_rng(seed).random((random_count, *shape), dtype=np.float32)
     extra = np.concatenate([random, probes])
     described = f"{random_count} random inputs" + (f" + {len(probes)} first-layer probes" if len(probes) else "")
+    weak = (f"weak: {taken + random_count} inputs, {random_count} of them random (a verdict needs {RANDOM_INPUTS} "
+            "random inputs + the probes)") if random_count < RANDOM_INPUTS else None
     if real is None:
-        return Inputs(extra, None, f"{described} ({unavailable})")
+        return Inputs(extra, None, f"{described} ({unavailable})", weak)
     labels = test.labels[: len(real)].numpy()
-    return Inputs(np.concatenate([real.numpy(), extra]), labels, f"{len(real)} test images of {source} + {described}")
+    return Inputs(np.concatenate([real.numpy(), extra]), labels, f"{len(real)} test images of {source} + {described}", weak)
 
 
 def compare_predictors(reference: np.ndarray, own_error: float, candidates: list[Predictor | Skipped], inputs: Inputs,
@@ -123,8 +127,18 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
             continue
         if on_step:
             on_step(f"running {candidate.backend} on {candidate.device} ({len(inputs.x):,} inputs)")
-        stats = compare(candidate(inputs.x), reference, own_error, inputs.labels, tolerance, candidate.approximate)
+        try:
+            logits = candidate(inputs.x)
+        except Unsupported as exc:  # the runtime cannot run a file that passed every check: said, not judged
+            rows.append(CheckRow(candidate.backend, candidate.device, Status.SKIPPED, reason=str(exc)))
+            continue
+        rule = replace(tolerance, factor=tolerance.factor * candidate.noise_scale)
+        stats = compare(logits, reference, own_error, inputs.labels, rule, candidate.approximate)
         stats["precision"] = candidate.precision
+        if "undecided" in stats:
+            rows.append(CheckRow(candidate.backend, candidate.device, Status.SKIPPED, str(candidate.source), stats,
+                                 reason=stats["undecided"]))
+            continue
         status = Status.PASS if stats["passed"] else Status.FAIL
         rows.append(CheckRow(candidate.backend, candidate.device, status, str(candidate.source), stats))
     return rows
@@ -138,4 +152,5 @@ def with_problems(row: CheckRow, problems: list[str]) -> CheckRow:
 
 
 def report(rows: list[CheckRow], inputs: Inputs, reference_accuracy: float | None, own_error: float, tolerance: Tolerance) -> ParityReport:
-    return ParityReport(tuple(rows), tolerance.describe(), own_error, tolerance, inputs.description, len(inputs.x), reference_accuracy)
+    return ParityReport(tuple(rows), tolerance.describe(), own_error, tolerance, inputs.description, len(inputs.x), reference_accuracy,
+                        inputs.weak)

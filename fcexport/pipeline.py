@@ -21,7 +21,7 @@ from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError, check_choices
 from fcexport.results import BenchRow, ExportResult, FileReport, FuseResult, Inspection, Status, TrustCheck, VerifyReport
 from fcexport.spec import thawed
-from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings, Predictor, Refused, TritonSettings
+from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings, Predictor, Refused, TritonSettings, Unsupported
 from fcexport.targets.program import program_predictor
 
 DEFAULT_TOLERANCE = Tolerance()
@@ -326,10 +326,8 @@ def _parity(stored, model_path: Path, candidates: list, data, data_root, toleran
             problems: list[list[str]] | None = None, on_step=None, budget: int | None = None):
     """Compare candidates with model.pt in float64, judged against model.pt's own float32 error; `problems`
     (one list per candidate: integrity, structure, spec) fail their rows whatever the numbers say. `budget` fixes
-    how many inputs (--inputs, parity.checked_budget; else it is sized from the model's cost and how fast its
-    float64 reference runs here)."""
-    budget = budget or _sized_budget(stored)
-    probes = parity.probe_inputs(stored.program, stored.spec, budget // 4)
+    how many inputs (--inputs, parity.checked_budget); None: parity's default budget, the same on every machine."""
+    probes = parity.probe_inputs(stored.program, stored.spec, parity.probe_count(budget))
     inputs = parity.make_inputs(stored.spec, budget, *_test_images(stored.spec, data, data_root), probes=probes)
     _step(on_step, f"computing model.pt's answers in float64 ({len(inputs.x):,} inputs)")
     reference, own_error = _reference(stored, model_path, inputs.x)
@@ -337,17 +335,6 @@ def _parity(stored, model_path: Path, candidates: list, data, data_root, toleran
     # a file refused before loading is a failure, not a skip
     rows = [parity.with_problems(row, found) for row, found in zip(rows, problems or [[] for _ in rows], strict=True)]
     return parity.report(rows, inputs, accuracy(reference, inputs.labels), own_error, tolerance)
-
-
-def _sized_budget(stored) -> int:
-    """parity.input_budget for this model on this machine: its multiply-accumulates and one timed float64 call."""
-    from fcexport.targets.program import float64_logits
-
-    sample = np.random.default_rng(1).random((2, *stored.spec.input_shape), dtype=np.float32)
-    float64_logits(stored.program, sample)  # the first call pays one-off costs; the second is timed
-    started = time.perf_counter()
-    float64_logits(stored.program, sample)
-    return parity.input_budget(stored.shapes.macs, (time.perf_counter() - started) / 2)
 
 
 def _reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -705,7 +692,7 @@ def verify(
     loading nothing if it fails; then model.pt in float64 on cpu is the reference and every backend x device is
     compared with it, after its files are checked against manifest.json and before their structure is compared
     with a fresh export."""
-    backends = tuple(registry.backends()) if backends is None else tuple(backends)
+    backends = registry.verified_by_default() if backends is None else tuple(backends)
     inputs = parity.checked_budget(inputs)
     check_choices("backends", backends, tuple(registry.backends()))
     check_choices("devices", devices, DEVICES)
@@ -738,6 +725,10 @@ def verify(
             except Refused as exc:
                 candidates.append(parity.Skipped(backend, device, f"not loaded: {exc.summary}"))
                 problems.append(exc.problems)
+                continue
+            except Unsupported as exc:  # an honest file this runtime cannot run: said in its row, the others judge
+                candidates.append(parity.Skipped(backend, device, str(exc)))
+                problems.append([])
                 continue
             candidates.append(candidate)  # admitted, or made in memory from the checked model.pt
             problems.append([])
@@ -919,7 +910,7 @@ def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backen
         _step(on_step, f"opening {backend} on {device}")  # an AOTInductor package after others had run crashed)
         try:
             opened.append((backend, open_backend(backend, artifacts, device, model)))
-        except DeviceUnavailable as exc:
+        except (DeviceUnavailable, Unsupported) as exc:
             opened.append((backend, BenchRow(backend, device, Status.SKIPPED, reason=str(exc), hint=exc.hint)))
     for backend, predictor in opened:
         if isinstance(predictor, BenchRow):

@@ -82,6 +82,12 @@ def backend(name: str) -> Backend:
     return backends()[name]
 
 
+def verified_by_default() -> tuple[str, ...]:
+    """The backends fcx verify judges unless named: all but runtime variants that compute in a lower precision than the
+    file was exported for (openvino-bf16 reads model.onnx: nobody exported for it)."""
+    return tuple(name for name, b in backends().items() if not b.runtime.approximate)
+
+
 def default_exporters() -> tuple[str, ...]:
     return tuple(name for name, e in exporters().items() if e.by_default)
 
@@ -141,5 +147,5 @@ def _open(chosen: Backend, paths: tuple[Path, ...], device: str, checks: Checks)
     absent = [p for p in paths if not p.is_file()]
     if absent:
         raise DeviceUnavailable(f"{absent[0]} not found", hint=chosen.made_by)
-    predictor = chosen.runtime.open(paths, device, checks, chosen.name)
+    predictor = replace(chosen.runtime.open(paths, device, checks, chosen.name), noise_scale=chosen.runtime.noise_scale)
     return replace(predictor, approximate=chosen.approximate) if chosen.approximate else predictor

@@ -79,6 +79,7 @@ class ParityReport:
     inputs: str
     input_count: int
     reference_accuracy: float | None
+    weak: str | None = None  # the inputs prove less than a verdict needs (--inputs below the minimum)
 
     @property
     def ran(self) -> int:
@@ -94,7 +95,7 @@ class ParityReport:
         return {"passed": self.passed, "ran": self.ran, "criterion": self.criterion, "own_float32_error": self.own_float32_error,
                 "noise_factor": t.factor, "atol": t.atol, "rtol": t.rtol, "int8_min_agreement": t.min_agreement,
                 "int8_max_accuracy_drop": t.max_accuracy_drop, "inputs": self.inputs, "input_count": self.input_count,
-                "reference_accuracy": self.reference_accuracy, "rows": [r.to_json() for r in self.rows]}
+                "weak": self.weak, "reference_accuracy": self.reference_accuracy, "rows": [r.to_json() for r in self.rows]}
 
 
 @dataclass(frozen=True)

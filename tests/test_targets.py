@@ -321,7 +321,7 @@ def test_empty_choices_are_usage_errors(exported_dir, runner):
     r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", ",")
     assert r.exit_code == 2 and "--backends" in r.stderr or "backends takes" in r.stderr, r.output
     r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", "all", "--devices", "cpu", "--json")
-    assert r.exit_code == 0 and len(json.loads(r.stdout)["rows"]) == len(registry.backends()) - 1  # all but the reference
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["rows"]) == len(registry.verified_by_default()) - 1  # all but the reference
 
 
 # ---- fcx inspect ----------------------------------------------------------------------------------------------------

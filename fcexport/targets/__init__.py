@@ -39,6 +39,11 @@ class DeviceUnavailable(FcxError):
     """
 
 
+class Unsupported(FcxError):
+    """This runtime cannot compile or run a file that passed every check (an op it lacks, say): verify and bench list it
+    as a row that says so, and the other runtimes still judge the file; elsewhere (predict) it is a user error."""
+
+
 class Refused(FcxError):
     """An artifact turned away before it was loaded (its bytes are not what the manifest lists, or `admit` found it
     differs from a fresh export), with the reasons; `summary` says which in a few words."""
@@ -93,6 +98,7 @@ class Predictor:
     batch: int = 256
     approximate: bool = False  # judged by top-1 agreement and accuracy, not float tolerances (int8)
     precision: str = "float32"  # what it computes in, said in verify's and bench's rows
+    noise_scale: float = 1.0  # the exact rule's factor is multiplied by this (a runtime with its own float32 kernels)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -178,6 +184,7 @@ class Runtime:
     summary: str
     missing: Callable[[], str | None] = field(default=lambda: None)
     approximate: bool = False  # computes in lower precision than float32 (judged like int8, never picked unasked)
+    noise_scale: float = 1.0  # see Predictor.noise_scale; above 1 only where calibration showed it (said in its rows)
 
 
 # ---- helpers the plugins share ------------------------------------------------------------

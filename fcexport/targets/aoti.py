@@ -16,8 +16,8 @@ from pathlib import Path
 
 from fcexport.errors import FcxError
 from fcexport.spec import ModelSpec
-from fcexport.targets import (Checks, DeviceUnavailable, Exporter, ExportSettings, Predictor, Runtime, exact_float32,
-                              quiet_loggers, quiet_warnings, torch_device, torch_precision, torch_runner)
+from fcexport.targets import (Checks, DeviceUnavailable, Exporter, ExportSettings, Predictor, Runtime, Unsupported,
+                              exact_float32, quiet_loggers, quiet_warnings, torch_device, torch_precision, torch_runner)
 
 QUIET = "torch.utils.cpp_extension"  # warns "No CUDA runtime is found" on every CPU machine when inductor loads
 
@@ -104,8 +104,6 @@ def runs_here(metadata: dict[str, str], device: str) -> str | None:
 
 def open_aoti(files: tuple[Path, ...], device: str, checks: Checks, backend: str) -> Predictor:
     """Vet the package (manifest, spec, the machine it was compiled for), then load it from the very bytes checked."""
-    import torch
-
     path = files[0]
     dev = torch_device(device)
     data = checks.read(path)
@@ -116,8 +114,7 @@ def open_aoti(files: tuple[Path, ...], device: str, checks: Checks, backend: str
     try:
         loaded = load_bytes(data)
     except Exception as exc:
-        raise FcxError(f"{path}: AOTInductor cannot load it ({type(exc).__name__}: {str(exc).strip()[:160]})",
-                       hint="export") from exc
+        raise Unsupported(f"AOTInductor cannot load {path.name} ({type(exc).__name__}: {str(exc).strip()[:160]})") from exc
     return Predictor(backend, device, path, torch_runner(loaded, dev), spec, precision=torch_precision(device))
 
 

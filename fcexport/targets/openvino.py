@@ -17,7 +17,7 @@ import numpy as np
 
 from fcexport.errors import FcxError
 from fcexport.onnx_checks import MAX_ONNX_BYTES, check_onnx_model, onnx_fingerprint, read_onnx_spec
-from fcexport.targets import Checks, DeviceUnavailable, Predictor, Runtime
+from fcexport.targets import Checks, DeviceUnavailable, Predictor, Runtime, Unsupported
 
 
 def _missing() -> str | None:
@@ -43,7 +43,7 @@ def open_openvino(files: tuple[Path, ...], device: str, checks: Checks, backend:
         compiled = core.compile_model(core.read_model(data), "CPU", config)
         request = compiled.create_infer_request()
     except Exception as exc:  # OpenVINO raises RuntimeError with its own multi-line text
-        raise FcxError(f"{path}: OpenVINO cannot compile this model ({_first_line(exc)})") from exc
+        raise Unsupported(f"OpenVINO {openvino.__version__.split('-')[0]} cannot compile {path.name}: {_first_line(exc)}") from exc
     chosen = compiled.get_property("INFERENCE_PRECISION_HINT")
     if chosen != getattr(openvino.Type, precision):
         raise DeviceUnavailable(f"this CPU cannot compute in {precision}: OpenVINO chose {chosen.get_type_name()}")
@@ -53,15 +53,18 @@ def open_openvino(files: tuple[Path, ...], device: str, checks: Checks, backend:
             request.infer({0: x})
             return request.get_output_tensor(0).data.copy()
         except Exception as exc:
-            raise FcxError(f"{path}: OpenVINO could not run the model on a batch of {len(x)}: {_first_line(exc)}") from exc
+            raise Unsupported(f"OpenVINO could not run {path.name} on a batch of {len(x)}: {_first_line(exc)}") from exc
 
     return Predictor(backend, device, path, run, spec, precision="float32" if precision == "f32" else precision)
 
 
 def _first_line(exc: Exception) -> str:
-    """OpenVINO's messages start with a source location ("Exception from src/...:117:"); the cause is on a later line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().startswith("Exception from")]
-    return (lines[0] if lines else type(exc).__name__)[:300]
+    """The cause in OpenVINO's multi-line text: not its source locations ("Exception from src/...:117:", "Check 'false'
+    failed at src/...") but e.g. "Conversion is failed for: AveragePool-18"."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    located = ("Exception from", "Check '")
+    causes = [line for line in lines if not line.startswith(located) and not line.startswith("src/") and not line.endswith(":")]
+    return (causes[0] if causes else lines[0] if lines else type(exc).__name__)[:300]
 
 
 def open_bf16(files: tuple[Path, ...], device: str, checks: Checks, backend: str) -> Predictor:
@@ -72,8 +75,11 @@ def open_bf16(files: tuple[Path, ...], device: str, checks: Checks, backend: str
 
 
 RUNTIMES = (
+    # OpenVINO computes float32 with kernels of its own (other summation orders, fused ops): on 22 honest exports of
+    # classifiers nobody here wrote its error reached 6.1x model.pt's own float32 error (timm fastvit_t8; 4.5-4.9x on
+    # three more), where torch's runtimes and onnxruntime stay within 4x: its rows are judged at 2x the rule's factor.
     Runtime(name="openvino", format="onnx", devices=("cpu",), open=open_openvino, runs={"openvino": "onnx"},
-            summary="Intel OpenVINO on model.onnx (CPU, float32)", missing=_missing),
+            summary="Intel OpenVINO on model.onnx (CPU, float32)", missing=_missing, noise_scale=2.0),
     Runtime(name="openvino-bf16", format="onnx", devices=("cpu",), open=open_bf16, runs={"openvino-bf16": "onnx"},
             summary="Intel OpenVINO on model.onnx in bfloat16 (CPU with bf16 units, approximate)", missing=_missing,
             approximate=True),

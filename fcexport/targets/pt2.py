@@ -12,8 +12,6 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
-
 from fcexport.errors import FcxError
 from fcexport.spec import ModelSpec
 from fcexport.targets import (METADATA_FILE, Checks, Exporter, ExportSettings, Predictor, Refused, Runtime,
@@ -83,8 +81,6 @@ def _canonical_graph(name: str, body: bytes) -> bytes:
 def open_pt2(files: tuple[Path, ...], device: str, checks: Checks, backend: str) -> Predictor:
     """Vet the file, rebuild it from the model.pt it came from (`checks.source`), and run the rebuilt program
     only when its archive equals the file's."""
-    import torch
-
     path = files[0]
     dev = torch_device(device)
     data = checks.read(path)
