@@ -179,7 +179,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 ZIP_RECORD_OVERHEAD = 256  # bytes a zip spends per record besides its data and twice its name (headers, alignment)
 ZIP_TAIL_BYTES = (1 << 16) + 1024  # the end records and the longest comment a zip can carry
-MAX_DIRECTORY_ENTRY_BYTES = 1024  # a central-directory entry with a name of the length torch writes, with room
+MAX_DIRECTORY_ENTRY_BYTES = 512  # a central-directory entry with a name of the length torch writes, with room
 
 
 def zip_directory(source: bytes | Path, path, max_records: int) -> list:
