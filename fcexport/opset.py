@@ -9,39 +9,138 @@ Left out on purpose: random ops, in-place and `out=` ops, uninitialised memory (
 (`sym_stride`), data-dependent shapes (`nonzero`) and reading a tensor into Python
 (`_local_scalar_dense`). `as_strided` stays (torch.export lowers some pooling to it): torch checks it
 against its source's storage and fcexport bounds its result like any other. Every argument is checked against the op's schema before anything runs.
+Every op has a cost model (COST_MODELS, below) that the shape check sums: the opset is its keys.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 
-ATEN_OPS = tuple(f"aten.{name}" for name in """
-_adaptive_avg_pool2d.default _adaptive_avg_pool3d.default adaptive_avg_pool2d.default _cdist_forward.default _log_softmax.default
-_native_batch_norm_legit.no_stats _native_batch_norm_legit_no_training.default _pdist_forward.default
-_softmax.default _to_copy.default abs.default acos.default acosh.default add.Tensor add.Scalar addmm.default
-alias.default amax.default amin.default any.default any.dim any.dims arange.start_step argmax.default
-argmin.default as_strided.default asin.default asinh.default atan.default atan2.default atanh.default avg_pool2d.default
-avg_pool3d.default bitwise_and.Tensor bitwise_and.Scalar bitwise_not.default bitwise_or.Tensor bitwise_or.Scalar
-bitwise_xor.Tensor bitwise_xor.Scalar bmm.default cat.default ceil.default clamp.default clamp.Tensor
-clone.default col2im.default copy.default constant_pad_nd.default convolution.default cos.default cosh.default cumsum.default
-diagonal.default div.Tensor div.Scalar div.Tensor_mode div.Scalar_mode elu.default embedding.default eq.Tensor
-eq.Scalar erf.default exp.default expand.default expm1.default fill.Scalar flip.default floor.default fmod.Tensor
-fmod.Scalar full.default full_like.default gather.default ge.Tensor ge.Scalar gelu.default grid_sampler_2d.default
-gt.Tensor gt.Scalar hardtanh.default index.Tensor index_put.default index_select.default isinf.default
-isnan.default le.Tensor le.Scalar leaky_relu.default linear.default log.default log10.default log1p.default log2.default
-logical_and.default logical_not.default logical_or.default logical_xor.default lt.Tensor lt.Scalar
-masked_scatter.default max.dim max_pool2d_with_indices.default max_pool3d_with_indices.default maximum.default
-mean.default mean.dim min.dim minimum.default mm.default mul.Tensor mul.Scalar native_group_norm.default
-native_layer_norm.default ne.Tensor ne.Scalar neg.default permute.default pow.Tensor_Tensor pow.Tensor_Scalar
-pow.Scalar prod.default prod.dim_int reciprocal.default reflection_pad1d.default reflection_pad2d.default
-reflection_pad3d.default relu.default remainder.Tensor remainder.Scalar repeat.default replication_pad2d.default
-replication_pad3d.default round.default rsqrt.default scalar_tensor.default scatter.value scatter.src
+# ---- what each op costs ---------------------------------------------------------------------------
+# A cost model takes the op's arguments by schema name (tensors, ints, lists: concrete on the meta device, or
+# symbolic in the batch) and its result, and returns (multiply-accumulates, elements): the products a kernel
+# computes and the values it reads, writes or visits. Views count at their full (materialised) size: the next op
+# reads every value, and an expand of one value to 2^31 is 2^31 reads. An op with no cost model is not in the opset.
+
+
+def numel(value) -> int:
+    """Values in every tensor inside `value` (a tensor, or nested lists and tuples of them), at full size."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, (list, tuple)):
+        return sum((numel(v) for v in value), 0)
+    return 0
+
+
+def _read_and_written(a: dict, out) -> tuple[int, int]:
+    """Elementwise ops, views, copies, reductions, indexing, padding: each value read and written once."""
+    return 0, numel(list(a.values())) + numel(out)
+
+
+def _shape_only(a: dict, out) -> tuple[int, int]:
+    """Reading a tensor's shape touches none of its values."""
+    return 0, 0
+
+
+def _kernel(size, dims: int) -> int:
+    """Values in a pooling window: `size` is one number for every spatial dim, or one per dim."""
+    return math.prod(size) if len(size) > 1 else size[0] ** dims
+
+
+def _pool(dims: int):
+    """avg/max pooling: every output value visits its whole window (a 4096^2 window is 16.7M reads per value)."""
+    def cost(a: dict, out) -> tuple[int, int]:
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        return 0, _read_and_written(a, out)[1] + first.numel() * _kernel(a["kernel_size"], dims)
+    return cost
+
+
+def _adaptive_pool(dims: int):
+    """Adaptive average pooling: an output value's window spans at most in // out + 2 inputs per spatial dim."""
+    def cost(a: dict, out) -> tuple[int, int]:
+        spatial = a["self"].shape[-dims:]
+        window = math.prod(size // max(int(o), 1) + 2 for size, o in zip(spatial, out.shape[-dims:]))
+        return 0, _read_and_written(a, out)[1] + out.numel() * window
+    return cost
+
+
+def _convolution(a: dict, out) -> tuple[int, int]:
+    """Every output value (every input value, transposed) meets a whole kernel: in_channels/groups x kernel."""
+    per_value = math.prod(a["weight"].shape[1:])
+    scattered = a["input"] if a["transposed"] else out
+    return scattered.numel() * per_value, _read_and_written(a, out)[1]
+
+
+def _matmul(left: str):
+    """mm, bmm, addmm, linear: each output value is a dot product over the last dim of `left`."""
+    def cost(a: dict, out) -> tuple[int, int]:
+        return out.numel() * a[left].shape[-1], _read_and_written(a, out)[1]
+    return cost
+
+
+def _per_output(a_name: str):
+    """cdist/pdist: each output value is a distance over the last dim of `a_name` (8192 points: 3.4e7 pairs)."""
+    def cost(a: dict, out) -> tuple[int, int]:
+        return out.numel() * a[a_name].shape[-1], _read_and_written(a, out)[1]
+    return cost
+
+
+def _interpolate(taps: int):
+    """Resampling: each output value reads at most `taps` inputs (nearest 1, bilinear 4, bicubic grid 16)."""
+    def cost(a: dict, out) -> tuple[int, int]:
+        return 0, _read_and_written(a, out)[1] + out.numel() * taps
+    return cost
+
+
+def _sorting(a: dict, out) -> tuple[int, int]:
+    """sort/topk: n log n comparisons, with log n at most 64."""
+    return 0, _read_and_written(a, out)[1] + a["self"].numel() * 64
+
+
+_PLAIN = """
+_log_softmax.default _native_batch_norm_legit.no_stats _native_batch_norm_legit_no_training.default _softmax.default
+_to_copy.default abs.default acos.default acosh.default add.Scalar add.Tensor alias.default amax.default amin.default
+any.default any.dim any.dims arange.start_step argmax.default argmin.default as_strided.default asin.default
+asinh.default atan.default atan2.default atanh.default bitwise_and.Scalar bitwise_and.Tensor bitwise_not.default
+bitwise_or.Scalar bitwise_or.Tensor bitwise_xor.Scalar bitwise_xor.Tensor cat.default ceil.default clamp.Tensor
+clamp.default clone.default col2im.default constant_pad_nd.default copy.default cos.default cosh.default
+cumsum.default diagonal.default div.Scalar div.Scalar_mode div.Tensor div.Tensor_mode elu.default embedding.default
+eq.Scalar eq.Tensor erf.default exp.default expand.default expm1.default fill.Scalar flip.default floor.default
+fmod.Scalar fmod.Tensor full.default full_like.default gather.default ge.Scalar ge.Tensor gelu.default gt.Scalar
+gt.Tensor hardtanh.default index.Tensor index_put.default index_select.default isinf.default isnan.default le.Scalar
+le.Tensor leaky_relu.default log.default log10.default log1p.default log2.default logical_and.default
+logical_not.default logical_or.default logical_xor.default lt.Scalar lt.Tensor masked_scatter.default max.dim
+maximum.default mean.default mean.dim min.dim minimum.default mul.Scalar mul.Tensor native_group_norm.default
+native_layer_norm.default ne.Scalar ne.Tensor neg.default permute.default pow.Scalar pow.Tensor_Scalar
+pow.Tensor_Tensor prod.default prod.dim_int reciprocal.default reflection_pad1d.default reflection_pad2d.default
+reflection_pad3d.default relu.default remainder.Scalar remainder.Tensor repeat.default replication_pad2d.default
+replication_pad3d.default round.default rsqrt.default scalar_tensor.default scatter.src scatter.value
 scatter_add.default scatter_reduce.two select.int select_scatter.default sigmoid.default sign.default sin.default
-sinh.default slice.Tensor slice_scatter.default sort.default split_with_sizes.default sqrt.default squeeze.dim
-squeeze.dims sub.Tensor sub.Scalar sum.dim_IntList sym_numel.default sym_size.int tan.default tanh.default
-topk.default trunc.default unsqueeze.default upsample_bilinear2d.vec upsample_nearest2d.vec var.dim
-var.correction view.default where.self
-""".split())
+sinh.default slice.Tensor slice_scatter.default split_with_sizes.default sqrt.default squeeze.dim squeeze.dims
+sub.Scalar sub.Tensor sum.dim_IntList tan.default tanh.default trunc.default unsqueeze.default var.correction var.dim
+view.default where.self
+""".split()
+
+COST_MODELS = {
+    **{f"aten.{name}": _read_and_written for name in _PLAIN},
+    "aten.sym_size.int": _shape_only, "aten.sym_numel.default": _shape_only,
+    "aten.avg_pool2d.default": _pool(2), "aten.max_pool2d_with_indices.default": _pool(2),
+    "aten.avg_pool3d.default": _pool(3), "aten.max_pool3d_with_indices.default": _pool(3),
+    "aten._adaptive_avg_pool2d.default": _adaptive_pool(2), "aten.adaptive_avg_pool2d.default": _adaptive_pool(2),
+    "aten._adaptive_avg_pool3d.default": _adaptive_pool(3),
+    "aten.convolution.default": _convolution,
+    "aten.mm.default": _matmul("self"), "aten.bmm.default": _matmul("self"), "aten.addmm.default": _matmul("mat1"),
+    "aten.linear.default": _matmul("weight"),
+    "aten._cdist_forward.default": _per_output("x1"), "aten._pdist_forward.default": _per_output("self"),
+    "aten.upsample_nearest2d.vec": _interpolate(1), "aten.upsample_bilinear2d.vec": _interpolate(4),
+    "aten.grid_sampler_2d.default": _interpolate(16),
+    "aten.sort.default": _sorting, "aten.topk.default": _sorting,
+}
+ATEN_OPS = tuple(COST_MODELS)
+
 
 # Integer arithmetic on sizes (a dynamic batch makes `view(x, [batch, 576])` need it): operands must be ints.
 SIZE_OPS = {"sym.add": operator.add, "sym.sub": operator.sub, "sym.mul": operator.mul,

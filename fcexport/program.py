@@ -3,14 +3,16 @@
 `capture` exports a live nn.Module with `torch.export` (dynamic batch), lowers it to the core ATen opset and
 keeps each node as (op name, typed arguments, the layer the user wrote). `to_data` / `from_data` turn a
 Program into JSON-able values and back; `from_data` checks every op against the allow-list and every
-argument against the op's schema, and `check_shapes` runs the program on the meta device to bound every
-intermediate tensor before anything real is allocated. `ProgramModule` runs a Program by calling the
+argument against the op's schema, and `check_shapes` runs the program on the meta device at batch 1 and on fake
+tensors with a symbolic batch to bound every intermediate tensor and all the work, at any batch size, before
+anything real is allocated. `ProgramModule` runs a Program by calling the
 `torch.ops.aten` overloads one after another: no code is ever generated from the file's contents.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -24,14 +26,14 @@ import torch
 from torch import nn
 
 from fcexport.errors import FcxError
-from fcexport.opset import ATEN_OPS, GETITEM, SIZE_OP_NAMES, SIZE_OPS, aten_op
+from fcexport.opset import ATEN_OPS, COST_MODELS, GETITEM, SIZE_OP_NAMES, SIZE_OPS, aten_op
 from fcexport.spec import MAX_MACS, MAX_TENSOR_BYTES, MAX_TOTAL_BYTES
 
 INPUT = "x"
-MAX_NODES = 20_000
+MAX_NODES = 10_000  # torchvision's largest classifiers have under 2,000 (maxvit_t 1,745); the check costs ~2 ms a node
 MAX_LIST = 4096
 MAX_INT = 1 << 40
-MAX_VIEW_ELEMENTS = 1 << 31  # a view (expand) may repeat its source's memory, up to this many values
+MAX_WORK = MAX_MACS  # multiply-accumulates plus values read, written or visited, per image (resnet18: 1.9e9)
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -584,6 +586,8 @@ def _repeat(x: torch.Tensor, repeats) -> torch.Tensor:
     return x.reshape(spread).expand(copies).reshape([count * size for count, size in zip(repeats, shape)])
 
 
+FACTORIES = frozenset(op for op in ATEN_OPS  # ops that read no tensor: they make one from sizes and numbers
+                      if not any("Tensor" in str(a.real_type) for a in aten_op(op)._schema.arguments))
 SPELLED_OUT = {"aten.adaptive_avg_pool2d.default": _global_average_pool, "aten.copy.default": _functional_copy,
                "aten.repeat.default": _repeat}
 
@@ -612,7 +616,8 @@ _TRACEABLE = {
 
 
 def run_steps(module: ProgramModule, x: torch.Tensor, check=None) -> torch.Tensor:
-    """Run every node; `check(node, value)` (shape bounds on meta) sees each result before the next op."""
+    """Run every node; `check(node, args, kwargs, value)` (the shape check) sees each result before the next op.
+    Factory ops (full, arange, scalar_tensor) make their tensors on the input's device, as every other op does."""
     env = {INPUT: x}
     stored = module.named_program_tensors()
     tracing = torch.jit.is_tracing()
@@ -635,9 +640,12 @@ def run_steps(module: ProgramModule, x: torch.Tensor, check=None) -> torch.Tenso
         for node, fn, frees in module._steps:
             if tracing and node.op in _TRACEABLE:
                 fn = _TRACEABLE[node.op]
-            result = fn(*[value(a) for a in node.args], **{k: value(v) for k, v in node.kwargs})
+            args, kwargs = [value(a) for a in node.args], {k: value(v) for k, v in node.kwargs}
+            if node.op in FACTORIES:
+                kwargs.setdefault("device", device)
+            result = fn(*args, **kwargs)
             if check is not None:
-                check(node, result)
+                check(node, args, kwargs, result)
             env[node.name] = result
             for name in frees:
                 del env[name]
@@ -666,47 +674,99 @@ def fingerprint(program: Program) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Shapes:
-    """What a meta-device run at batch 1 found: each tensor node's shape, and the multiply-accumulates."""
+    """What the meta-device run at batch 1 found: each tensor node's shape, the multiply-accumulates, and the
+    work (multiply-accumulates plus the values every op reads, writes or visits: opset.COST_MODELS)."""
 
     of: Mapping[str, tuple]
     macs: int
+    work: int
 
 
 def check_shapes(program: Program, input_shape, where: str) -> Shapes:
-    """Run the program on the meta device at batch 1 and refuse any intermediate over the bounds: an
-    oversized tensor, too much work, or an op that fails, naming the node. Nothing real is allocated."""
-    with torch.device("meta"):
-        meta_tensors = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in program.tensors.items()}
-    module = ProgramModule(Program(program.nodes, program.output, meta_tensors))
-    shapes: dict[str, tuple] = {}
-    totals = {"bytes": 0, "macs": 0}
-
-    def check(node: Node, result) -> None:
-        values = result if isinstance(result, (tuple, list)) else [result]
-        for item in values:
-            if isinstance(item, torch.Tensor):
-                owned = item.untyped_storage().nbytes() if item._base is None else 0
-                if owned > MAX_TENSOR_BYTES or item.numel() > MAX_VIEW_ELEMENTS:
-                    raise FcxError(f"{where}: {node.label} makes a tensor of shape {tuple(item.shape)} for one image "
-                                   f"({item.numel():,} values; at most {MAX_TENSOR_BYTES:,} bytes)")
-                totals["bytes"] += owned
-            elif isinstance(item, (int, torch.SymInt)) and abs(int(item)) > MAX_INT:
-                raise FcxError(f"{where}: {node.label} computes the size {int(item):,}, which is out of range")
-        if isinstance(result, torch.Tensor):
-            shapes[node.name] = tuple(result.shape)
-            totals["macs"] += _macs(node, result, module, shapes)
-        if totals["bytes"] > MAX_TOTAL_BYTES or totals["macs"] > MAX_MACS:
-            raise FcxError(f"{where}: the program needs more memory or work per image than fcexport allows "
-                           f"(at {node.label})")
-
-    x = torch.empty((1, *input_shape), device="meta")
+    """Bound the program before anything real is allocated: run it on the meta device at batch 1 (every
+    intermediate's size and all ops' work within the bounds), then once with the batch as a symbol (every size
+    grows at most linearly in the batch, each extra image within the same bounds), so the bounds hold at every
+    batch size a command runs. Any failure is one FcxError naming the node."""
     try:
-        out = run_steps(module, x, check)
+        shapes = _check_batch_one(program, input_shape, where)
+        _check_growth(program, input_shape, where)
     except FcxError as exc:
         raise FcxError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from exc
+    return shapes
+
+
+def _check_batch_one(program: Program, input_shape, where: str) -> Shapes:
+    """Run on the meta device at batch 1: each result's full (materialised) size, the total, and the work."""
+    module = ProgramModule(_on_meta(program))
+    shapes: dict[str, tuple] = {}
+    totals = {"bytes": 0, "macs": 0, "work": 0}
+
+    def check(node: Node, args, kwargs, result) -> None:
+        _check_ints(node, result, where)
+        if isinstance(result, torch.Tensor):
+            shapes[node.name] = tuple(result.shape)
+        if node.op == GETITEM or node.op in SIZE_OPS:
+            return  # picks or computes a value already counted
+        for item in _tensors(result):
+            size = item.numel() * item.element_size()
+            if size > MAX_TENSOR_BYTES:
+                raise FcxError(f"{where}: {node.label} makes a tensor of shape {tuple(item.shape)} for one image "
+                               f"({item.numel():,} values; at most {MAX_TENSOR_BYTES:,} bytes)")
+            totals["bytes"] += size
+        macs, elements = _cost(node, args, kwargs, result)
+        totals["macs"] += macs
+        totals["work"] += macs + elements
+        _check_totals(totals, node, where, "")
+
+    out = run_steps(module, torch.empty((1, *input_shape), device="meta"), check)
     if not isinstance(out, torch.Tensor):
         raise FcxError(f"{where}: the program must return a tensor")
-    return Shapes(MappingProxyType(shapes), totals["macs"])
+    return Shapes(MappingProxyType(shapes), totals["macs"], totals["work"])
+
+
+@torch.inference_mode()  # inference tensors keep no view records: 10,000 chained fake views would hold gigabytes
+def _check_growth(program: Program, input_shape, where: str) -> None:
+    """Run on fake tensors whose batch is a symbol N (torch's ShapeEnv): every size, integer and cost must be
+    a + b*N, and the b of each (what one more image adds) within the per-image bounds. A program that only
+    works at one batch size, or whose sizes grow like N^2 or N % 7, is refused."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env, static_shapes=False)
+
+    def fake(tensor: torch.Tensor, dynamic=()):
+        sizes = [DimDynamic.DYNAMIC if i in dynamic else DimDynamic.STATIC for i in range(tensor.dim())]
+        return mode.from_tensor(tensor, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+    meta = _on_meta(program)
+    x = fake(torch.empty((2, *input_shape), device="meta"), dynamic=(0,))
+    module = ProgramModule(Program(program.nodes, program.output, {k: fake(v) for k, v in meta.tensors.items()}))
+    batch = x.shape[0].node.expr
+    totals = {"bytes": 0, "work": 0}
+
+    def slope(node: Node, value, what: str) -> int:
+        if batch in shape_env.replacements:
+            raise FcxError(f"{where}: {node.label} works for one batch size only; models must take any batch")
+        return _slope(value, batch, f"{where}: {node.label} {what}")
+
+    def check(node: Node, args, kwargs, result) -> None:
+        if isinstance(result, torch.SymInt):
+            slope(node, result, "computes a size")
+        if node.op == GETITEM or node.op in SIZE_OPS:
+            return
+        for item in _tensors(result):
+            extra = slope(node, item.numel(), f"makes a tensor of shape {tuple(item.shape)}") * item.element_size()
+            if extra > MAX_TENSOR_BYTES:
+                raise FcxError(f"{where}: {node.label} makes a tensor of shape {tuple(item.shape)}: {extra:,} more bytes "
+                               f"for each image of the batch (at most {MAX_TENSOR_BYTES:,})")
+            totals["bytes"] += extra
+        totals["work"] += slope(node, sum(_cost(node, args, kwargs, result)), "does work")
+        _check_totals(totals, node, where, " for each image added to a batch")
+
+    with mode, enable_python_dispatcher():
+        run_steps(module, x, check)
 
 
 def class_count(program: Program, shapes: Shapes, where: str) -> int:
@@ -717,24 +777,63 @@ def class_count(program: Program, shapes: Shapes, where: str) -> int:
     return int(out[1])
 
 
-def _macs(node: Node, result: torch.Tensor, module: ProgramModule, shapes: dict) -> int:
-    """Multiply-accumulates of the ops that dominate cost (convolutions and matrix products)."""
-    def shape_of(arg):
-        if not isinstance(arg, Ref):
-            return None
-        if arg.name in module.program.tensors:
-            return tuple(module.program.tensors[arg.name].shape)
-        return shapes.get(arg.name)
+def _on_meta(program: Program) -> Program:
+    """The program with empty meta tensors of its tensors' shapes and dtypes: nothing real to read or copy."""
+    with torch.device("meta"):
+        return Program(program.nodes, program.output, {k: torch.empty(v.shape, dtype=v.dtype) for k, v in program.tensors.items()})
 
-    if node.op == "aten.convolution.default":
-        weight = shape_of(node.args[1]) or ()
-        return result.numel() * math.prod(weight[1:]) if not node.args[6] else math.prod(shape_of(node.args[0]) or ()) * math.prod(weight[1:])
-    if node.op in ("aten.mm.default", "aten.addmm.default", "aten.bmm.default"):
-        left = shape_of(node.args[-2]) or (0,)
-        return result.numel() * left[-1]
-    if node.op == "aten.linear.default":
-        return result.numel() * (shape_of(node.args[1]) or (0, 0))[-1]
-    return 0
+
+def _check_totals(totals: dict, node: Node, where: str, per: str) -> None:
+    """All intermediates' bytes and all ops' work so far within what one image may take; `per` says which count."""
+    over = (f"{totals['bytes']:,} bytes of intermediates{per}, at most {MAX_TOTAL_BYTES:,}" if totals["bytes"] > MAX_TOTAL_BYTES
+            else f"{totals['work']:.2g} operations{per}, at most {MAX_WORK:.0e}" if totals["work"] > MAX_WORK else "")
+    if over:
+        raise FcxError(f"{where}: the program needs more memory or work per image than fcexport allows (at {node.label}): {over}")
+
+
+def _tensors(result) -> list:
+    """The tensors an op returned (one, or several in a tuple or list)."""
+    return [t for t in (result if isinstance(result, (tuple, list)) else [result]) if isinstance(t, torch.Tensor)]
+
+
+def _check_ints(node: Node, result, where: str) -> None:
+    """A size an op computes must stay in range (a size of 2^60 is a lie about the shapes, not a model)."""
+    for item in result if isinstance(result, (tuple, list)) else [result]:
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_INT:
+            raise FcxError(f"{where}: {node.label} computes the size {item:,}, which is out of range")
+
+
+def _cost(node: Node, args: list, kwargs: dict, result) -> tuple[int, int]:
+    """(multiply-accumulates, elements) of one op by its opset cost model, its arguments taken by schema name."""
+    schema = aten_op(node.op)._schema
+    named = {a.name: v for a, v in zip([a for a in schema.arguments if not a.kwarg_only], args)}
+    return COST_MODELS[node.op]({**named, **kwargs}, result)
+
+
+def _slope(value, batch, label: str) -> int:
+    """b in value = a + b*N for a size that depends on the batch N; FcxError if it is not of that form (N^2,
+    N // 3, another symbol) or shrinks as N grows."""
+    import sympy
+
+    expr = value.node.expr if isinstance(value, torch.SymInt) else sympy.Integer(value)
+    slope = _linear_slope(expr, batch)
+    if slope is None:
+        shown = str(expr.subs(batch, sympy.Symbol("N")))
+        raise FcxError(f"{label} of {_printable(shown, 80)} for a batch of N; fcexport takes models whose sizes grow "
+                       "at most linearly with the batch")
+    return slope
+
+
+@functools.lru_cache(maxsize=4096)
+def _linear_slope(expr, batch) -> int | None:
+    """b >= 0 where expr = a + b*batch with integers a and b, else None (a program repeats few expressions: cached)."""
+    if not expr.free_symbols:
+        return 0
+    polynomial = expr.as_poly(batch) if expr.free_symbols == {batch} and expr.is_polynomial(batch) else None
+    if polynomial is None or polynomial.degree() > 1:
+        return None
+    slope = polynomial.coeff_monomial(batch)
+    return int(slope) if slope.is_integer and slope >= 0 else None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,210 @@
+"""The stored program's bound check (issue 30, items 1-3): it runs nothing real, it counts the work of every op,
+and its bounds hold at every batch size. Hostile model.pt files run in a real `fcx` process under RLIMIT_AS and
+RLIMIT_CPU (never a wall-clock limit): exit 2, one line, nothing written."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import save_png
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fcexport.checkpoint import save_program
+from fcexport.errors import FcxError
+from fcexport.opset import ATEN_OPS, COST_MODELS, aten_op
+from fcexport.program import INPUT, MAX_NODES, Node, Program, Ref, check_program, check_shapes
+from fcexport.spec import ModelSpec
+
+ROOT = Path(__file__).parents[1]
+ADDRESS_SPACE = 6 << 30  # a CUDA build of torch maps ~4 GB of address space just to load; the rest is 1.5 GB
+PEAK_RSS = 1536 << 20  # bytes one command may really use, imports included
+CPU_SECONDS = 30
+# Runs `fcx ARGS` and, as it exits, writes its peak resident memory (KiB) to the file named first.
+LAUNCHER = """
+import atexit, resource, runpy, sys
+peak_file = sys.argv[1]
+sys.argv = ["fcx", *sys.argv[2:]]
+atexit.register(lambda: open(peak_file, "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+runpy.run_module("cli.main", run_name="__main__")
+"""
+SHAPE = (1, 8, 8)
+
+
+def fcx_bounded(tmp_path: Path, *args) -> subprocess.CompletedProcess:
+    """`fcx ARGS` under RLIMIT_AS and RLIMIT_CPU; fails the test if it really used more than 1.5 GB."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+        resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS))
+
+    peak_file = tmp_path / "peak"
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, str(peak_file), *map(str, args)], capture_output=True, text=True,
+                            preexec_fn=limit, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    peak = int(peak_file.read_text()) * 1024 if peak_file.is_file() else 0
+    assert peak < PEAK_RSS, f"fcx {args}: peak memory {peak >> 20} MiB"
+    return result
+
+
+def classifier(*hostile: Node) -> Program:
+    """`hostile` nodes, then an honest linear classifier of 8x8 images into 10 classes."""
+    logits = (Node("n", "aten.sym_size.int", (Ref(INPUT), 0)), Node("flat", "aten.view.default", (Ref(INPUT), (Ref("n"), 64))),
+              Node("logits", "aten.linear.default", (Ref("flat"), Ref("fc.weight"), Ref("fc.bias"))))
+    return Program((*hostile, *logits), "logits", {"fc.weight": torch.zeros(10, 64), "fc.bias": torch.zeros(10)})
+
+
+def full(name: str, size: tuple, **kwargs) -> Node:
+    """aten.full with no device argument: it must still make a meta tensor inside the check."""
+    return Node(name, "aten.full.default", (size, 1.0), tuple(kwargs.items()))
+
+
+def view_of(name: str, size: tuple) -> tuple[Node, Node]:
+    """A one-value tensor expanded to `size`: 4 bytes of memory, `size` values for whoever reads it."""
+    return full(f"{name}_one", (1,) * len(size)), Node(name, "aten.expand.default", (Ref(f"{name}_one"), size))
+
+
+N_SQUARED = (Node("bn", "aten.sym_size.int", (Ref(INPUT), 0)), Node("bn2", "sym.mul", (Ref("bn"), Ref("bn"))),
+             full("grows", (Ref("bn2"), 40000)))
+ATTACKS = {
+    "200 sums over a 2^31-value expanded full": (
+        (*view_of("big", (1 << 16, 1 << 15)), *(Node(f"s{i}", "aten.sum.dim_IntList", (Ref("big"), (0, 1))) for i in range(200))),
+        r"makes a tensor of shape \(65536, 32768\)"),
+    "cdist over 8192x8192 views": (
+        (*view_of("v", (1, 8192, 8192)), Node("d", "aten._cdist_forward.default", (Ref("v"), Ref("v"), 2.0, None))),
+        "more memory or work per image"),
+    "avg_pool2d with a 4096 kernel over an 8192^2 view": (
+        (*view_of("v", (1, 1, 8192, 8192)), Node("p", "aten.avg_pool2d.default", (Ref("v"), (4096, 4096), (1, 1)))),
+        "more memory or work per image"),
+    "pdist over a contiguous 8192x8192": (
+        (full("v", (8192, 8192)), Node("d", "aten._pdist_forward.default", (Ref("v"), 2.0))),
+        "more memory or work per image"),
+    "1x1 convolution over a 2^30-value expanded view": (
+        (*view_of("v", (1, 1 << 14, 256, 256)), full("w", (1, 1 << 14, 1, 1)),
+         Node("c", "aten.convolution.default", (Ref("v"), Ref("w"), None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1))),
+        r"makes a tensor of shape \(1, 16384, 256, 256\)"),
+    "full([N * N, 40000])": (N_SQUARED, r"node 'bn2' .*computes a size of N\*\*2 for a batch of N"),
+}
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_each_attack_is_refused_by_the_check_naming_the_node(name):
+    nodes, expected = ATTACKS[name]
+    program = classifier(*nodes)
+    check_program(program, "test")
+    with pytest.raises(FcxError, match=expected):
+        check_shapes(program, SHAPE, "test")
+
+
+def write_model(folder: Path, program: Program) -> Path:
+    spec = ModelSpec(input_shape=SHAPE, class_names=tuple(str(i) for i in range(10)))
+    folder.mkdir()
+    save_program(program, spec, folder / "model.pt")
+    return folder / "model.pt"
+
+
+@pytest.mark.parametrize("name, command", [("200 sums over a 2^31-value expanded full", "inspect"),
+                                           ("pdist over a contiguous 8192x8192", "inspect"),
+                                           ("avg_pool2d with a 4096 kernel over an 8192^2 view", "predict"),
+                                           ("1x1 convolution over a 2^30-value expanded view", "predict"),
+                                           ("full([N * N, 40000])", "fuse-bn")])
+def test_hostile_model_pt_is_exit_2_one_line_nothing_written(tmp_path, name, command):
+    model = write_model(tmp_path / "in", classifier(*ATTACKS[name][0]))
+    out = tmp_path / "out"
+    args = {"inspect": ["inspect", model],
+            "predict": ["predict", save_png(tmp_path / "x.png", np.zeros((8, 8), np.uint8)), "--model", model],
+            "fuse-bn": ["fuse-bn", model, "--verify", "--out", out / "model.fused.pt"]}[command]
+    result = fcx_bounded(tmp_path, *args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(ATTACKS[name][1], lines[0]), lines[0]  # refused by the check, not by a failed allocation
+    assert not out.exists() and sorted(p.name for p in model.parent.iterdir()) == ["model.pt"]
+
+
+def test_a_batch_dependent_size_that_grows_linearly_passes():
+    doubled = (Node("bn", "aten.sym_size.int", (Ref(INPUT), 0)), Node("b2", "sym.mul", (Ref("bn"), 2)),
+               Node("b3", "sym.add", (Ref("b2"), 3)), full("rows", (Ref("b3"), 4000)))
+    shapes = check_shapes(classifier(*doubled), SHAPE, "test")
+    assert shapes.of["rows"] == (5, 4000) and shapes.of["logits"] == (1, 10)
+
+
+@pytest.mark.parametrize("size_op", ["sym.mod", "sym.floordiv"])
+def test_sizes_that_are_not_linear_in_the_batch_are_refused(size_op):
+    nodes = (Node("bn", "aten.sym_size.int", (Ref(INPUT), 0)), Node("odd", size_op, (Ref("bn"), 7)), full("rows", (Ref("odd"), 4)))
+    with pytest.raises(FcxError, match="node 'odd' .*computes a size of .*N.* for a batch of N"):
+        check_shapes(classifier(*nodes), SHAPE, "test")
+
+
+def test_a_program_that_runs_at_one_batch_size_only_is_refused():
+    nodes = (full("two", (2, 64)), Node("sum", "aten.add.Tensor", (Ref("two"), Ref("flat0"))))
+    flat = Node("flat0", "aten.view.default", (Ref(INPUT), (-1, 64)))
+    with pytest.raises(FcxError, match="node 'sum' .*works for one batch size only"):
+        check_shapes(classifier(flat, *nodes), SHAPE, "test")
+
+
+def test_every_op_has_a_cost_model():
+    assert set(ATEN_OPS) == set(COST_MODELS)
+
+
+class RealTensors(TorchDispatchMode):
+    """Records every op that returns a tensor with real memory (not meta, not fake)."""
+
+    def __init__(self):
+        super().__init__()
+        self.real: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import is_fake
+
+        result = func(*args, **(kwargs or {}))
+        flat = result if isinstance(result, (tuple, list)) else [result]
+        self.real += [str(func) for t in flat if isinstance(t, torch.Tensor) and not (t.is_meta or is_fake(t))]
+        return result
+
+
+def example_arguments(op: str) -> tuple:
+    """Arguments of each parameter's type for `op`, positionally: tensors are the input, numbers small."""
+    by_type = {"Tensor": Ref(INPUT), "Optional[Tensor]": None, "List[Tensor]": (Ref(INPUT), Ref(INPUT)),
+               "List[Optional[Tensor]]": (None, Ref("index")), "int": 1, "SymInt": 1, "List[int]": (1, 1),
+               "float": 1.0, "number": 1, "bool": False, "str": "none"}
+    args = []
+    for argument in aten_op(op)._schema.arguments:
+        if argument.kwarg_only:
+            break
+        kind = str(argument.real_type)
+        if argument.has_default_value() and kind not in by_type:
+            break
+        args.append(by_type.get(kind, None))
+    return tuple(args)
+
+
+@pytest.mark.parametrize("op", ATEN_OPS)
+def test_the_check_allocates_no_real_tensor_for_any_op(op):
+    node = Node("op", op, example_arguments(op))
+    program = Program((node, Node("out", "aten.view.default", (Ref(INPUT), (-1, 64)))), "out", {"index": torch.zeros(2, dtype=torch.int64)})
+    with RealTensors() as watch:
+        try:
+            check_shapes(program, SHAPE, "test")
+        except FcxError:
+            pass  # arguments of the right types need not make sense together: refusing is fine, allocating is not
+    assert watch.real == []
+
+
+def test_a_tensor_small_at_batch_1_that_grows_fast_per_image_is_refused():
+    rows = (Node("bn", "aten.sym_size.int", (Ref(INPUT), 0)), Node("many", "sym.mul", (Ref("bn"), 70_000_000)),
+            Node("rows", "sym.sub", (Ref("many"), 69_999_999)), full("grows", (Ref("rows"), 1)))  # 1 value at batch 1
+    with pytest.raises(FcxError, match=r"node 'grows' .*280,000,000 more bytes for each image of the batch"):
+        check_shapes(classifier(*rows), SHAPE, "test")
+
+
+def test_the_largest_program_is_checked_within_the_cpu_bound(tmp_path):
+    """10,000 views (the node limit; views cost the symbolic run most): checked, not killed by RLIMIT_CPU."""
+    views = tuple(Node(f"v{i}", "aten.view.default", (Ref(f"v{i - 1}" if i else INPUT), (-1, 64) if i % 2 == 0 else (-1, 1, 8, 8)))
+                  for i in range(MAX_NODES - 3))
+    result = fcx_bounded(tmp_path, "inspect", write_model(tmp_path / "in", classifier(*views)))
+    assert result.returncode == 0, result.stderr[-2000:]
