@@ -606,7 +606,8 @@ def inspect(target: str | Path = "artifacts") -> Inspection:
     folder = target.parent if target.is_file() or (target.is_dir() and folder_artifact) else target
     found = names.read_manifest_bytes(folder)
     manifest, digest = found if found else (None, None)
-    model_sha256 = sha256_file(folder / names.MODEL) if (folder / names.MODEL).is_file() else None
+    # staleness is judged against the manifest only: without one, model.pt is not hashed (it may be gigabytes)
+    model_sha256 = sha256_file(folder / names.MODEL) if manifest is not None and (folder / names.MODEL).is_file() else None
     if target.is_dir() and folder_artifact:  # the repository itself: that one artifact
         report = _inspect_folder(folder, folder_artifact, f"{target.name}/", manifest, model_sha256)
         if report.problem:
