@@ -359,3 +359,12 @@ def _signature_mismatch(message: str) -> str:
     parts = [f"{', '.join(changed)} changed since signing"] if changed else []
     parts += [m.strip() for m in re.findall(r"((?:Extra|Missing) files found in model '[^']*': [^\"\]]+|Missing files in model '[^']*': [^\"\]]+)", message)]
     return "; ".join(parts) if parts else message.splitlines()[0][:300] if message else "verification failed"
+
+
+def versions() -> dict:
+    """The versions that shape what an export writes (recorded in every manifest and artifact)."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": str(torch.__version__), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

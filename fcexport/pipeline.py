@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from fcexport import artifacts as names
-from fcexport import parity, registry
-from fcexport.compare import Tolerance, accuracy
+from fcexport import parity, registry, verification
+from fcexport.compare import Tolerance
 from fcexport.errors import FcxError, check_choices
-from fcexport.results import BenchRow, ExportResult, FileReport, FuseResult, Inspection, Status, TrustCheck, VerifyReport
+from fcexport.results import BenchRow, ExportResult, FileReport, FuseResult, Inspection, Status, VerifyReport
 from fcexport.spec import thawed
-from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings, Predictor, Refused, TritonSettings, Unsupported
+from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings, Predictor, TritonSettings, Unsupported
 from fcexport.targets.program import program_predictor
 
 DEFAULT_TOLERANCE = Tolerance()
@@ -282,18 +282,18 @@ def fuse(
     after = program_predictor(fused, "fused", device, out_path, fused_spec)
     one = np.random.default_rng(0).random((1, *stored.spec.input_shape), dtype=np.float32)
     latency = measure(before, one, max_seconds=0.5)["p50_ms"], measure(after, one, max_seconds=0.5)["p50_ms"]
-    verification = None
+    proof = None
     if verify:
-        verification = _parity(stored, model_path, [after], data, data_root, tolerance, on_step=on_step, budget=inputs)
-    result = FuseResult(str(model_path), str(out_path), report, *latency, device, verification,
-                        written=verification is None or verification.passed)
+        proof = verification.numbers(stored, model_path, [after], [[]], data, data_root, tolerance, on_step, inputs)
+    result = FuseResult(str(model_path), str(out_path), report, *latency, device, proof,
+                        written=proof is None or proof.passed)
     if not result.written:
         return result  # a failed fold is reported, never written
     save_program(fused, fused_spec, out_path)
     if out_path.parent.resolve() == model_path.parent.resolve() and out_path.name == names.FUSED:
         from fcexport.checkpoint import now_iso
 
-        names.record_in_manifest(out_path.parent, {names.FUSED: stored.sha256}, versions(), now_iso(), stored.sha256)
+        names.record_in_manifest(out_path.parent, {names.FUSED: stored.sha256}, names.versions(), now_iso(), stored.sha256)
     return result
 
 
@@ -311,58 +311,6 @@ def _step(on_step, text: str) -> None:
     """Tell a command's `on_step` listener (the CLI's progress line) what is about to run."""
     if on_step is not None:
         on_step(text)
-
-
-def versions() -> dict:
-    """The versions that shape what an export writes (recorded in every manifest and artifact)."""
-    import onnx
-    import onnxruntime
-    import torch
-
-    return {"torch": str(torch.__version__), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def _parity(stored, model_path: Path, candidates: list, data, data_root, tolerance: Tolerance,
-            problems: list[list[str]] | None = None, on_step=None, budget: int | None = None):
-    """Compare candidates with model.pt in float64, judged against model.pt's own float32 error; `problems`
-    (one list per candidate: integrity, structure, spec) fail their rows whatever the numbers say. `budget` fixes
-    how many inputs (--inputs, parity.checked_budget); None: parity's default budget, the same on every machine."""
-    probes = parity.probe_inputs(stored.program, stored.spec, parity.probe_count(budget))
-    inputs = parity.make_inputs(stored.spec, budget, *_test_images(stored.spec, data, data_root), probes=probes)
-    _step(on_step, f"computing model.pt's answers in float64 ({len(inputs.x):,} inputs)")
-    reference, own_error = _reference(stored, model_path, inputs.x)
-    rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance, on_step)
-    # a file refused before loading is a failure, not a skip
-    rows = [parity.with_problems(row, found) for row, found in zip(rows, problems or [[] for _ in rows], strict=True)]
-    return parity.report(rows, inputs, accuracy(reference, inputs.labels), own_error, tolerance)
-
-
-def _reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
-    """(model.pt's logits for `x` in float64, model.pt's own float32 error on them: the yardstick)."""
-    from fcexport.targets.program import float64_logits
-
-    reference = float64_logits(stored.program, x)
-    own = program_predictor(stored.program, "eager", "cpu", model_path, stored.spec)(x)
-    return reference, float(np.abs(own.astype(np.float64) - reference).max(initial=0.0))
-
-
-def _test_images(spec, data: str | None, data_root: str | None):
-    """(the test split of `data` or of the model's own dataset, its source, why there is none)."""
-    from fcexport.data import load_dataset
-
-    dataset = spec.dataset or {}
-    source = data or dataset.get("source")
-    if source is None:
-        return None, None, "no dataset recorded; name one to add real images"
-    try:
-        test_source = None if data else dataset.get("test_source")
-        test = load_dataset(source, data_root or dataset.get("root"), image_size=spec.input_shape[-1], download=False,
-                            test_data=test_source).test
-    except FcxError as exc:
-        if data:  # the user asked for this data explicitly: a problem with it is an error
-            raise
-        return None, source, f"dataset not available here: {exc}"
-    return test, source, None
 
 
 # ---- export ------------------------------------------------------------------------------
@@ -428,7 +376,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     made = spec.provenance
     spec = replace(spec, provenance=replace(made, exported=now_iso(), source=model_path.name, source_sha256=stored.sha256,
                                             fused=fuse or made.fused, opset=settings.opset,
-                                            versions={**made.versions, **versions(), "fcexport": fcexport.__version__}))
+                                            versions={**made.versions, **names.versions(), "fcexport": fcexport.__version__}))
     with staging_folder(artifacts) as stage:  # the previous set stays whole until everything is written
         skipped = export_files(program, spec, formats, settings, stage, on_step)
         if len(skipped) == len(formats):
@@ -451,7 +399,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
         names.prune_empty_folders(artifacts, exporter.files)
     here = model_path.resolve() == (artifacts / names.MODEL).resolve()
     recorded = {"triton": asdict(settings.triton)} if "triton" in rewritten else None  # what verify rebuilds its configs from
-    manifest = names.record_in_manifest(artifacts, {names.manifest_name(artifacts, p): stored.sha256 for p in written}, versions(), now_iso(),
+    manifest = names.record_in_manifest(artifacts, {names.manifest_name(artifacts, p): stored.sha256 for p in written}, names.versions(), now_iso(),
                                         stored.sha256 if here else None, recorded)
     signature = artifacts / names.SIGNATURE
     if sign_key is not None:
@@ -473,7 +421,7 @@ def export_check(model: _Model, artifacts: Path, exported: list[str], on_step=No
     is the full proof: real data, probes, structure, every backend and device). Approximate files are left to
     verify, which judges them on real data."""
     stored = model.stored
-    vouch = manifest_vouch(artifacts, names.read_manifest(artifacts), stored.sha256)
+    vouch = verification.manifest_vouch(artifacts, names.read_manifest(artifacts), stored.sha256)
     candidates = []
     for artifact in exported:
         chosen = next((b for b in registry.backends().values() if b.artifact == artifact), None)
@@ -489,7 +437,7 @@ def export_check(model: _Model, artifacts: Path, exported: list[str], on_step=No
             candidates.append(parity.Skipped(chosen.name, "cpu", str(exc)))
     x = np.random.default_rng(3).random((EXPORT_CHECK_INPUTS, *stored.spec.input_shape), dtype=np.float32)
     inputs = parity.Inputs(x, None, f"{EXPORT_CHECK_INPUTS} random inputs")
-    reference, own_error = _reference(stored, model.path, x)
+    reference, own_error = verification.float64_reference(stored, model.path, x)
     rows = parity.compare_predictors(reference, own_error, candidates, inputs, DEFAULT_TOLERANCE)
     return parity.report(rows, inputs, None, own_error, DEFAULT_TOLERANCE)
 
@@ -499,6 +447,18 @@ def sign(artifacts: Path, private_key: Path, signature: Path | None = None) -> d
     artifacts = Path(artifacts)
     path = names.sign_folder(artifacts, Path(private_key), signature)
     return {"signature": str(path), "folder": str(artifacts), "manifest_sha256": names.read_manifest_bytes(artifacts)[1]}
+
+
+def _fresh_fingerprint(program, artifact: str, spec, settings: ExportSettings) -> dict[str, str]:
+    """What `artifact` holds when `program` is exported afresh with `settings` (verify's structure check)."""
+    import tempfile
+
+    exporter = registry.exporters()[artifact]
+    with tempfile.TemporaryDirectory(prefix="fcx-fresh-") as stage:
+        skipped = export_files(program, spec, export_formats([artifact]), settings, Path(stage))
+        if skipped:
+            raise FcxError(skipped.get(artifact) or next(iter(skipped.values())))
+        return exporter.fingerprint((Path(stage) / exporter.files[0]).read_bytes())
 
 
 # ---- use ---------------------------------------------------------------------------------
@@ -634,7 +594,7 @@ def _inspect_folder(folder: Path, artifact: str, entry: str, manifest: dict | No
     """A folder artifact (a Triton repository) as inspect sees it: every file against the manifest, then its description."""
     files = names.artifact_files(folder, [entry])
     size = sum((folder / f).stat().st_size for f in files)
-    read = VouchedReader(folder, manifest, model_sha256)
+    read = verification.VouchedReader(folder, manifest, model_sha256)
     if manifest is None:
         state = f"no {names.MANIFEST} here"
     else:
@@ -698,194 +658,21 @@ def verify(
     check_choices("backends", backends, tuple(registry.backends()))
     check_choices("devices", devices, DEVICES)
     artifacts = Path(artifacts)
-    trust = tuple(trust_checks(artifacts, public_key, signature, expect_digest))
+    trust = tuple(verification.trust_checks(artifacts, public_key, signature, expect_digest))
     if any(check.status is Status.FAIL for check in trust):
         return VerifyReport(trust, None)  # nothing in the folder is loaded
     model = _Model(artifacts / names.MODEL, reuse_fused=False)
     stored = model.stored
     manifest = names.read_manifest(artifacts)
-    trust += tuple(folder_checks(artifacts, manifest, stored.sha256))
+    trust += tuple(verification.folder_checks(artifacts, manifest, stored.sha256))
     exported = {f for name, files in registry.artifacts().items() if name != "model" for f in names.artifact_files(artifacts, files)}
     if not exported:
         raise FcxError(f"{artifacts}: nothing to verify: the folder holds model.pt but no fused or exported model", hint="export")
-    expected = _FreshExports(model)
-    vouch = manifest_vouch(artifacts, manifest, stored.sha256)  # what is not what was exported is never loaded
-    candidates, problems = [], []
-    for device in devices:
-        for backend in backends:
-            if (backend, device) == ("eager", "cpu"):
-                continue  # that is the reference itself (in float32: its error is the yardstick)
-            _step(on_step, f"checking and opening {backend} on {device}")
-            try:  # a file that differs from a fresh export is refused before it is loaded (TorchScript is code)
-                candidate = open_backend(backend, artifacts, device, model, admit=expected.admit, vouch=vouch)
-            except DeviceUnavailable as exc:
-                hint = None if exc.hint == "cpu" else exc.hint  # verify chooses devices with its own option
-                candidates.append(parity.Skipped(backend, device, str(exc), hint))
-                problems.append([])
-                continue
-            except Refused as exc:
-                candidates.append(parity.Skipped(backend, device, f"not loaded: {exc.summary}"))
-                problems.append(exc.problems)
-                continue
-            except Unsupported as exc:  # an honest file this runtime cannot run: said in its row, the others judge
-                candidates.append(parity.Skipped(backend, device, str(exc)))
-                problems.append([])
-                continue
-            candidates.append(candidate)  # admitted, or made in memory from the checked model.pt
-            problems.append([])
-    return VerifyReport(trust, _parity(stored, model.path, candidates, data, data_root, tolerance, problems, on_step, inputs))
-
-
-def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | None, expect_digest: str | None) -> list[TrustCheck]:
-    """Whether the folder is exactly what was signed (given a public key) and what the digest kept elsewhere
-    names: one row each, status pass / fail / skipped with the reason."""
-    rows = []
-    signature = Path(signature) if signature is not None else artifacts / names.SIGNATURE
-    if public_key is not None:
-        why = names.check_signature(artifacts, Path(public_key), signature)
-        rows.append(TrustCheck("signature", Status.FAIL if why else Status.PASS,
-                               why or f"every file in {artifacts} is what {Path(public_key).name}'s owner signed ({signature.name})"))
-    elif signature.is_file():
-        rows.append(TrustCheck("signature", Status.SKIPPED, f"{signature.name} not checked: no public key given"))
-    if expect_digest is not None:
-        why = names.check_digest(artifacts, expect_digest)
-        rows.append(TrustCheck("digest", Status.FAIL if why else Status.PASS,
-                               why or f"{names.MANIFEST} has the expected sha256 and every file it lists matches it"))
-    return rows
-
-
-def manifest_vouch(folder: Path, manifest: dict | None, model_sha256: str | None):
-    """A Checks.vouch for the files of `folder`: why the bytes read from one are not what its manifest lists for
-    this model.pt (not listed, changed, made from another model.pt), or None."""
-
-    def vouch(path: Path, data: bytes) -> str | None:
-        return names.check_against_manifest(path, manifest, model_sha256, data, names.manifest_name(folder, path))
-
-    return vouch
-
-
-class VouchedReader:
-    """Reads files of an artifacts folder for a check, each once, and vouches for the bytes read: listed in the
-    folder's manifest, unchanged, made from this model.pt (`model_sha256`). A file that fails is never returned."""
-
-    def __init__(self, folder: Path, manifest: dict | None, model_sha256: str | None):
-        self.folder, self.manifest, self.read = Path(folder), manifest, {}
-        self.vouch = manifest_vouch(self.folder, manifest, model_sha256)
-
-    def __call__(self, path: Path) -> bytes:
-        from fcexport.targets import read_bytes
-
-        path = Path(path)
-        if path not in self.read:
-            name = names.manifest_name(self.folder, path)
-            if self.manifest is not None and (problem := names.listing_problem(path, self.manifest, name)):
-                raise Refused(path, [problem], problem, hint="export")  # unlisted or resized: not a byte read
-            data = read_bytes(path)
-            if self.manifest is not None and (problem := self.vouch(path, data)):
-                raise Refused(path, [problem], problem, hint="export")
-            self.read[path] = data
-        return self.read[path]
-
-    def every(self, files) -> list[str]:
-        """Read each of `files` (relative to the folder): the problems of those that fail. A file no check would
-        read (one planted in a folder) is judged too."""
-        problems = []
-        for file in files:
-            try:
-                self(self.folder / file)
-            except FcxError as exc:
-                problems.append(str(exc))
-        return problems
-
-
-def folder_checks(artifacts: Path, manifest: dict | None, model_sha256: str) -> list[TrustCheck]:
-    """One row per exported folder (a Triton repository): every file in it matches the manifest and came from this
-    model.pt, and the exporter's own check of the set (configs against the graphs they serve) passes."""
-    rows = []
-    for name, exporter in registry.exporters().items():
-        folders = [entry for entry in exporter.files if entry.endswith("/")]
-        linked = [f"{entry} is a symbolic link; fcexport reads it only as the folder export wrote"
-                  for entry in folders if (artifacts / entry).is_symlink()]
-        files = names.artifact_files(artifacts, folders)
-        if (not files and not linked) or exporter.check is None:
-            continue
-        read = VouchedReader(artifacts, manifest, model_sha256)
-        problems = linked or read.every(files)
-        if not problems:
-            problems = exporter.check(artifacts, read)
-        where = ", ".join(folders)
-        rows.append(TrustCheck(name, Status.FAIL if problems else Status.PASS,
-                               "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-                               if problems else f"{where}: {len(files)} files match {names.MANIFEST} and come from this model.pt; the set checks"))
-    return rows
-
-
-class _FreshExports:
-    """What each artifact must contain: a fresh export of this model.pt with the artifact's own settings
-    (fused or not, opset), made once, compared by fingerprint (ops, wiring, every tensor and constant). Used as
-    an `admit` check, so an artifact that differs is never loaded."""
-
-    def __init__(self, model: _Model):
-        self.model, self.fingerprints = model, {}
-
-    def admit(self, backend: str, spec, found: dict[str, str]) -> list[str]:
-        """Problems of an artifact with this spec and fingerprint: its spec against model.pt's, its contents
-        against a fresh export's."""
-        return parity.spec_differences(self.model.stored.spec, spec) + self.differences(backend, spec, found)
-
-    def differences(self, backend: str, spec, found: dict[str, str] | None) -> list[str]:
-        if found is None or backend == "eager":
-            return []
-        artifact = registry.backend(backend).artifact
-        fused = spec.provenance.fused
-        settings = ExportSettings(spec.provenance.opset or ExportSettings.opset)
-        key = (artifact, fused, settings)
-        if key not in self.fingerprints:
-            try:
-                self.fingerprints[key] = self._fingerprint(artifact, spec, fused, settings)
-            except FcxError as exc:
-                return [f"a fresh export of model.pt to compare with failed: {exc}"]
-        problems = [f"{p} (against a fresh export of model.pt)" for p in fingerprint_differences(found, self.fingerprints[key])]
-        note = self._versions_note(spec) if problems else None
-        return problems + ([note] if note else [])
-
-    def _fingerprint(self, artifact: str, spec, fused: bool, settings: ExportSettings) -> dict[str, str]:
-        import tempfile
-
-        from fcexport.program import fingerprint
-
-        program = self.model.fused[0] if fused else self.model.stored.program
-        if artifact == "fused":
-            return fingerprint(program)
-        exporter = registry.exporters()[artifact]
-        with tempfile.TemporaryDirectory(prefix="fcx-fresh-") as stage:
-            skipped = export_files(program, spec, export_formats([artifact]), settings, Path(stage))
-            if skipped:
-                raise FcxError(skipped.get(artifact) or next(iter(skipped.values())))
-            return exporter.fingerprint((Path(stage) / exporter.files[0]).read_bytes())
-
-    @staticmethod
-    def _versions_note(spec) -> str | None:
-        """Another exporter may write another graph: say so when the artifact was made with other versions."""
-        import fcexport
-
-        made = spec.provenance.versions
-        now = {**versions(), "fcexport": fcexport.__version__}
-        changed = [f"{k} {made.get(k)} (now {v})" for k, v in now.items() if made.get(k) not in (None, v)]
-        return f"it was exported with {', '.join(changed)}: export it again with these versions" if changed else None
-
-
-def fingerprint_differences(found: dict[str, str], expected: dict[str, str], limit: int = 3) -> list[str]:
-    """What an artifact holds that a fresh export does not, and the other way round (first few of each)."""
-    changed = [k for k in expected if k in found and found[k] != expected[k]]
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    problems = []
-    for label, keys in (("differs", changed), ("is missing", missing), ("is extra", extra)):
-        if keys:
-            more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-            problems.append(f"{', '.join(keys[:limit])}{more} {label}")
-    return problems
+    fresh = verification.FreshExports(model, _fresh_fingerprint)
+    vouch = verification.manifest_vouch(artifacts, manifest, stored.sha256)  # what is not what was exported is never loaded
+    found = verification.open_candidates(backends, devices, lambda backend, device: open_backend(
+        backend, artifacts, device, model, admit=fresh.admit, vouch=vouch), on_step)
+    return VerifyReport(trust, verification.numbers(stored, model.path, *found, data, data_root, tolerance, on_step, inputs))
 
 
 def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backends=None, device: str = "cpu",
@@ -947,7 +734,7 @@ def serve(artifacts: str | Path = "artifacts", repository: str | Path | None = N
     manifest = names.read_manifest(folder)
     from fcexport.files import sha256_file
 
-    read = VouchedReader(folder, manifest, sha256_file(model_path) if model_path.is_file() else None)
+    read = verification.VouchedReader(folder, manifest, sha256_file(model_path) if model_path.is_file() else None)
     problems = []
     if manifest is not None:  # every file of the repository, as fcx verify's row judges it; then its configs
         problems = read.every([f for f in names.artifact_files(folder, [f"{repository.name}/"])])
@@ -990,7 +777,7 @@ def verify_remote(urls: list[str], model: str | None, artifacts: str | Path = "a
             found = remote.label_problems(endpoint, spec, sample)
         candidates.append(remote.remote_predictor(endpoint, spec))
         problems.append(found)
-    return VerifyReport((), _parity(stored, model_file, candidates, data, data_root, tolerance, problems, on_step, inputs))
+    return VerifyReport((), verification.numbers(stored, model_file, candidates, problems, data, data_root, tolerance, on_step, inputs))
 
 
 def predict_remote(images: list[str | Path], url: str, model: str | None, top_k: int = 3, invert: str = "auto",

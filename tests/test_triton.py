@@ -223,7 +223,7 @@ def test_odd_names_links_and_sizes_are_refused_before_reading(triton_copy, tmp_p
     assert any("larger than fcexport reads for it" in p for p in problems), problems
     shutil.rmtree(root)
     (triton_copy / REPO).symlink_to(tmp_path)
-    from fcexport.pipeline import folder_checks
+    from fcexport.verification import folder_checks
 
     row = folder_checks(triton_copy, json.loads((triton_copy / "manifest.json").read_text()), None)
     assert row and row[0].status.value == "fail" and "symbolic link" in row[0].detail
