@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from zoo import randomise_batchnorm  # benchmarks/: the zoo's models are set up the same way
 
 DEFAULT_MODELS = ("mlp", "cnn", "resnet18", "mobilenet_v3_small", "timm:efficientnet_b0", "timm:resnet18")
 RUNTIMES = ("fused", "torchscript", "pt2", "onnxruntime", "openvino")
@@ -93,20 +94,6 @@ def build(name: str, size: int):
         shape, mean, std = (3, size, size), IMAGENET_MEAN, IMAGENET_STD
     randomise_batchnorm(model)
     return model.eval(), shape, mean, std
-
-
-def randomise_batchnorm(model) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are 0/1: folding them proves nothing)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
-            if module.affine:
-                module.weight.data.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
-                module.bias.data.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
 
 
 def reference(program, spec, x: np.ndarray) -> tuple[np.ndarray, float]:

@@ -54,8 +54,6 @@ def torchvision_models() -> list[str]:
 
 def build(name: str, untrained: bool = False):
     """`name` or `timm:name` with random weights; BatchNorm statistics set unless `untrained`."""
-    import torch
-
     if name.startswith("timm:"):
         import timm
 
@@ -65,15 +63,22 @@ def build(name: str, untrained: bool = False):
 
         model = torchvision.models.get_model(name, weights=None, num_classes=CLASSES)
     if not untrained:
-        generator = torch.Generator().manual_seed(0)
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
-                if module.affine:
-                    module.weight.data.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
-                    module.bias.data.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+        randomise_batchnorm(model)
     return model.eval()
+
+
+def randomise_batchnorm(model) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are 0/1: folding them proves nothing)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+            if module.affine:
+                module.weight.data.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.data.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
 
 
 def run(name: str, folder: Path, untrained: bool = False) -> dict:
