@@ -210,6 +210,10 @@ def comparison_table(title: str, report, wide: bool = False, artifacts=None) -> 
             continue
         for problem in r.problems:
             remarks.append(f"[bold red]FAIL[/] {escape(r.backend)} on {r.device}: {escape(shown(problem))}")
+        if where := r.value("first_divergent_layer"):  # the first layer the user wrote whose output leaves its band
+            remarks.append(f"[bold red]FAIL[/] {escape(r.backend)} on {r.device}: first out of its noise band at layer "
+                           f"{escape(shown(where['layer']))} ({escape(shown(where['layer_type']))}): max abs "
+                           f"{where['max_abs']:.1e} > {where['band']:.1e}")
         errors = [_error_cell(r, c) for c in columns]
         accuracy = f"{r.value('accuracy'):.2%}" if r.value("accuracy") is not None else "-"
         rows.append([r.backend, r.device, status_text(r.status), *errors, f"{r.value('top1_agreement') or 0:.2%}", accuracy])

@@ -110,6 +110,20 @@ def compare(candidate: np.ndarray, reference: np.ndarray, own_error: float, labe
     return row
 
 
+def first_out_of_band(reference: dict, own: dict, candidate: dict, factor: float) -> dict | None:
+    """The first layer (in program order) whose output in `candidate` is further from the float64 `reference` than
+    `factor` times the program's own float32 error there (never below the noise floor): where a runtime broke."""
+    for layer, (kind, value) in candidate.items():
+        if layer not in reference or reference[layer].shape != value.shape:
+            continue
+        expected = reference[layer].astype(np.float64)
+        band = allowed_error(float(np.abs(own[layer] - expected).max(initial=0.0)), expected, factor)
+        error = float(np.abs(value.astype(np.float64) - expected).max(initial=0.0))
+        if not error <= band:  # NaN too
+            return {"layer": layer, "layer_type": kind, "max_abs": error, "band": band}
+    return None
+
+
 def decisive_rows(reference: np.ndarray) -> np.ndarray:
     """Rows whose top-1 leads the runner-up by more than DECISIVE_MARGIN of the row's largest |logit|."""
     if reference.shape[1] < 2:

@@ -135,6 +135,8 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
         rule = replace(tolerance, factor=tolerance.factor * candidate.noise_scale)
         stats = compare(logits, reference, own_error, inputs.labels, rule, candidate.approximate)
         stats["precision"] = candidate.precision
+        if not stats["passed"] and candidate.layers and "allowed_max_abs" in stats:
+            stats["first_divergent_layer"] = where_it_broke(candidate, inputs.x, logits, reference, stats["allowed_max_abs"], rule)
         if "undecided" in stats:
             rows.append(CheckRow(candidate.backend, candidate.device, Status.SKIPPED, str(candidate.source), stats,
                                  reason=stats["undecided"]))
@@ -142,6 +144,27 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
         status = Status.PASS if stats["passed"] else Status.FAIL
         rows.append(CheckRow(candidate.backend, candidate.device, status, str(candidate.source), stats))
     return rows
+
+
+LOCALISED_INPUTS = 8  # the failing inputs whose intermediate values are compared, layer by layer
+
+
+def where_it_broke(candidate: Predictor, x: np.ndarray, logits: np.ndarray, reference: np.ndarray, allowed: float,
+                   rule: Tolerance) -> dict | None:
+    """The first layer whose output leaves its noise band on the inputs that failed (the worst few), comparing the
+    candidate's intermediate values with its checked program's, in float64 and float32, on the CPU."""
+    from fcexport.compare import first_out_of_band
+    from fcexport.targets.program import reference_layers
+
+    program, layers = candidate.layers
+    errors = np.abs(logits.astype(np.float64) - reference).max(axis=1)
+    worst = np.argsort(-np.nan_to_num(errors, nan=np.inf))[:LOCALISED_INPUTS]
+    worst = worst[~(errors[worst] <= allowed)]
+    if not len(worst):
+        return None
+    sample = np.ascontiguousarray(x[np.sort(worst)])
+    float64, float32 = reference_layers(program, sample)
+    return first_out_of_band(float64, float32, layers(sample), rule.factor)
 
 
 def with_problems(row: CheckRow, problems: list[str]) -> CheckRow:

@@ -659,6 +659,22 @@ def run_steps(module: ProgramModule, x: torch.Tensor, check=None) -> torch.Tenso
     return env[module.program.output]
 
 
+def layer_values(module: ProgramModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The output of each layer the user wrote (its last floating-point node, in program order) for input `x`:
+    what verify compares, layer by layer, to name where a runtime leaves its noise band."""
+    values: dict[str, torch.Tensor] = {}
+
+    def record(node, args, kwargs, result):
+        if node.layer and isinstance(result, torch.Tensor) and result.is_floating_point() and result.dim() >= 1 \
+                and result.shape[0] == x.shape[0]:
+            values.pop(node.layer, None)  # re-inserted: the order is where each layer ends
+            values[node.layer] = (node.layer_type, result.detach())
+
+    with torch.inference_mode():
+        run_steps(module, x, check=record)
+    return values
+
+
 def fingerprint(program: Program) -> dict[str, str]:
     """Every node (op, arguments, layer) and every tensor (dtype, shape, bytes) of a program, for comparing
     a stored program with a fresh one: a changed weight of any dtype or size, op or wire shows up."""

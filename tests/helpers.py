@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import signal
 import struct
+import sys
 from pathlib import Path
 
 import copy
@@ -89,3 +91,24 @@ def bounded(cpu_seconds: int = CPU_SECONDS, memory: int | None = None):
 def out_of_cpu(returncode: int) -> bool:
     """The child was stopped by its RLIMIT_CPU (SIGXCPU, or the SIGKILL at the hard limit)."""
     return returncode in (-signal.SIGXCPU, -signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def plugin_registered(monkeypatch, folder, name: str, source: str):
+    """A target module written to `folder` and named in registry.PLUGINS, as a third party would add one; the
+    registry's caches are rebuilt on the way in and out."""
+    from fcexport import registry
+
+    caches = (registry._plugins, registry.exporters, registry.runtimes, registry.artifacts, registry.backends, registry.suffixes)
+    (folder / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setattr(registry, "PLUGINS", (*registry.PLUGINS, name))
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        for cached in caches:
+            cached.cache_clear()
+        sys.modules.pop(name, None)

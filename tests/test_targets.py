@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import invoke, save_png
+from helpers import invoke, plugin_registered, save_png
 
 from fcexport import registry, speeds
 
@@ -33,25 +31,6 @@ def test_cli_choices_come_from_the_registry(runner):
     assert ALL_BACKENDS.split(", ") == list(registry.backends())
     r = invoke(runner, "export", "--help")
     assert all(name in r.stdout for name in registry.exporters())
-
-
-@contextlib.contextmanager
-def plugin_registered(monkeypatch, folder, name: str, source: str):
-    """A target module written to `folder` and named in registry.PLUGINS, as a third party would add one; the
-    registry's caches are rebuilt on the way in and out."""
-    caches = (registry._plugins, registry.exporters, registry.runtimes, registry.artifacts, registry.backends, registry.suffixes)
-    (folder / f"{name}.py").write_text(source)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setattr(registry, "PLUGINS", (*registry.PLUGINS, name))
-    for cached in caches:
-        cached.cache_clear()
-    try:
-        yield
-    finally:
-        monkeypatch.undo()
-        for cached in caches:
-            cached.cache_clear()
-        sys.modules.pop(name, None)
 
 
 def test_a_new_runtime_is_one_module_and_one_registry_line(exported_dir, runner, tmp_path, monkeypatch):

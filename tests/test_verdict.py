@@ -106,3 +106,108 @@ def test_too_few_decisive_inputs_is_no_verdict():
     reference = _logits(np.full(100, 1e-4))  # random weights: every row a near-tie
     row = compare.compare(reference.copy(), reference, 1e-7, None, Tolerance(), approximate=True)
     assert not row["passed"] and row["decisive_inputs"] == 0 and "not enough decisive inputs" in row["undecided"]
+
+
+PERTURBED = '''
+import os
+
+import torch
+
+from fcexport.checkpoint import read_model
+from fcexport.program import ProgramModule, layer_values
+from fcexport.targets import Predictor, Runtime
+
+
+def open_perturbed(files, device, checks, backend):
+    """model.fused.pt run by the interpreter, with the output of layer FCX_TEST_LAYER scaled by 1.01: a runtime
+    that computes one layer wrongly."""
+    stored = read_model(files[0], checks.read(files[0]))
+    module = ProgramModule(stored.program).eval()
+    at = max(i for i, (node, _, _) in enumerate(module._steps) if node.layer == os.environ["FCX_TEST_LAYER"])
+    node, fn, frees = module._steps[at]
+    module._steps[at] = (node, lambda *a, **k: fn(*a, **k) * 1.01, frees)
+
+    def run(x):
+        with torch.inference_mode():
+            return module(torch.from_numpy(x)).numpy()
+
+    def layers(x):
+        return {name: (kind, value.numpy()) for name, (kind, value) in layer_values(module, torch.from_numpy(x)).items()}
+
+    return Predictor(backend, device, files[0], run, stored.spec, layers=(stored.program, layers))
+
+
+RUNTIME = Runtime(name="perturbed", format="fcexport", devices=("cpu",), open=open_perturbed, runs={"perturbed": "fused"},
+                  summary="test only: one layer scaled by 1.01")
+'''
+
+
+def _middle_layer(folder):
+    """A Linear or Conv layer in the middle of the fused program, as the user named it."""
+    import torch
+
+    from fcexport.checkpoint import read_model
+    from fcexport.program import ProgramModule, layer_values
+
+    program = read_model(folder / "model.fused.pt").program
+    shape = read_model(folder / "model.fused.pt").spec.input_shape
+    found = layer_values(ProgramModule(program), torch.rand(1, *shape))
+    weighted = [name for name, (kind, _) in found.items() if kind in ("Linear", "Conv2d")]
+    return weighted[len(weighted) // 2]
+
+
+def _small_cnn():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3),
+                               torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(16 * 10 * 10, 10))
+
+
+def _resnet18():
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet18"])
+def test_a_runtime_that_computes_one_layer_wrongly_is_named_at_that_layer(model, exported_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from fcexport import fuse, import_model, verify
+    from helpers import plugin_registered
+
+    if model == "mlp":
+        folder = shutil.copytree(exported_dir, tmp_path / "mlp")
+    else:
+        folder = tmp_path / model
+        net, shape = (_small_cnn(), (3, 16, 16)) if model == "cnn" else (_resnet18(), (3, 32, 32))
+        import_model(net.eval(), shape, artifacts=folder)
+        fuse(folder / "model.pt", folder / "model.fused.pt")
+    layer = _middle_layer(folder)
+    monkeypatch.setenv("FCX_TEST_LAYER", layer)
+    with plugin_registered(monkeypatch, tmp_path, "perturbed_plugin", PERTURBED):
+        report = verify(folder, backends=("perturbed",), devices=("cpu",), inputs=64)
+    (row,) = report.rows
+    assert row.status.value == "fail"
+    where = row.value("first_divergent_layer")
+    assert where["layer"] == layer and where["max_abs"] > where["band"], (layer, where)
+
+
+def test_an_honest_interpreter_row_names_no_layer(exported_dir):
+    from fcexport import verify
+
+    (row,) = verify(exported_dir, backends=("fused",), devices=("cpu",), inputs=64).rows
+    assert row.status.value == "pass" and row.value("first_divergent_layer") is None
+
+
+def test_the_table_names_the_layer_where_it_broke(exported_dir, runner, tmp_path, monkeypatch):
+    from helpers import plugin_registered
+
+    layer = _middle_layer(exported_dir)
+    monkeypatch.setenv("FCX_TEST_LAYER", layer)
+    with plugin_registered(monkeypatch, tmp_path, "perturbed_plugin", PERTURBED):
+        r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", "perturbed", "--devices", "cpu", "--inputs", "64")
+    assert r.exit_code == 1
+    assert f"first out of its noise band at layer {layer}" in " ".join(r.stdout.split())

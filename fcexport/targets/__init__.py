@@ -99,6 +99,9 @@ class Predictor:
     approximate: bool = False  # judged by top-1 agreement and accuracy, not float tolerances (int8)
     precision: str = "float32"  # what it computes in, said in verify's and bench's rows
     noise_scale: float = 1.0  # the exact rule's factor is multiplied by this (a runtime with its own float32 kernels)
+    # where a runtime can show its intermediate values: (the checked program it computes, layers(x) -> {layer: (type,
+    # float32 output)}), so a failing row names the first layer that leaves its noise band
+    layers: tuple | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -5,19 +5,31 @@ Both files are data, checked as they are read (fcexport.checkpoint); nothing in 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from fcexport.spec import ModelSpec
-from fcexport.targets import Checks, Predictor, Runtime, module_predictor
+from fcexport.targets import Checks, Predictor, Runtime, exact_float32, module_predictor
 
 
 def program_predictor(program, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256) -> Predictor:
     """Run a program through a fresh interpreter of its own on `device` (the program itself is not moved)."""
-    from fcexport.program import ProgramModule
+    import torch
 
-    return module_predictor(ProgramModule(program), backend, device, source, spec, batch)
+    from fcexport.program import ProgramModule, layer_values
+
+    module = ProgramModule(program)
+    predictor = module_predictor(module, backend, device, source, spec, batch)
+    dev = torch.device(predictor.device)
+
+    def layers(x: np.ndarray) -> dict:
+        with exact_float32():
+            return {name: (kind, value.float().cpu().numpy())
+                    for name, (kind, value) in layer_values(module, torch.from_numpy(x).to(dev)).items()}
+
+    return replace(predictor, layers=(program, layers))
 
 
 def float64_logits(program, x: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -30,6 +42,18 @@ def float64_logits(program, x: np.ndarray, batch: int = 64) -> np.ndarray:
     with torch.inference_mode():
         parts = [module(torch.from_numpy(x[i : i + batch]).double()).numpy() for i in range(0, len(x), batch)]
     return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float64)
+
+
+def reference_layers(program, x: np.ndarray) -> tuple[dict, dict]:
+    """Each layer's output for `x` on the CPU in float64 (the reference) and in float32 (its own rounding noise)."""
+    import torch
+
+    from fcexport.program import ProgramModule, layer_values
+
+    module = ProgramModule(program)
+    float32 = {name: value.numpy() for name, (_, value) in layer_values(module, torch.from_numpy(x)).items()}
+    float64 = {name: value.numpy() for name, (_, value) in layer_values(module.double(), torch.from_numpy(x).double()).items()}
+    return float64, float32
 
 
 def open_checkpoint(files: tuple[Path, ...], device: str, checks: Checks, backend: str) -> Predictor:
