@@ -6,6 +6,7 @@ Heavy modules (torch, onnxruntime) are imported inside each command so `fcx --he
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -376,6 +377,7 @@ def verify(
     served_model: ServedModelOpt = None,
     timeout: TimeoutOpt = None,
     inputs: InputsOpt = None,
+    reference: Annotated[bool, typer.Option("--reference", help="Judge the ONNX files against reference.npz, the float64 answers export stored (no model.pt or torch needed; no structure check); automatic where torch is not installed")] = False,
     wide: WideFlag = False,
     quiet: QuietFlag = False,
     json_out: JsonFlag = False,
@@ -401,6 +403,11 @@ def verify(
     with render.steps("verify", not (quiet or json_out)) as on_step:
         if url:
             result = verify_remote(url, served_model, artifacts, data, data_root, tolerance, on_step, inputs, timeout)
+        elif reference or importlib.util.find_spec("torch") is None:
+            from fcexport.pipeline import verify_with_reference
+
+            result = verify_with_reference(artifacts, _backends(backends, registry.verified_by_default()), _names(devices),
+                                           tolerance, public_key, signature, expect_digest, on_step)
         else:
             result = run(artifacts, _backends(backends, registry.verified_by_default()), _names(devices), data, data_root, tolerance, public_key, signature,
                          expect_digest, on_step, inputs)

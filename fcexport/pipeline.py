@@ -675,6 +675,28 @@ def verify(
     return VerifyReport(trust, verification.numbers(stored, model.path, *found, data, data_root, tolerance, on_step, inputs))
 
 
+def verify_with_reference(artifacts: str | Path = "artifacts", backends=None, devices=DEVICES,
+                          tolerance: Tolerance = DEFAULT_TOLERANCE, public_key: Path | None = None,
+                          signature: Path | None = None, expect_digest: str | None = None, on_step=None) -> VerifyReport:
+    """`fcx verify --reference` (and fcx verify where torch is not installed): the signature or digest first, then each
+    ONNX file of the folder, vouched for by the manifest, against the float64 answers export stored in reference.npz.
+    Needs neither model.pt nor torch; proves the numbers on the reference's inputs, not the structure."""
+    backends = registry.verified_by_default() if backends is None else tuple(backends)
+    check_choices("backends", backends, tuple(registry.backends()))
+    check_choices("devices", devices, DEVICES)
+    artifacts = Path(artifacts)
+    trust = tuple(verification.trust_checks(artifacts, public_key, signature, expect_digest))
+    if any(check.status is Status.FAIL for check in trust):
+        return VerifyReport(trust, None)
+    manifest = names.read_manifest(artifacts)
+    x, logits, own_error, source = verification.read_reference(artifacts, manifest)
+    vouch = verification.manifest_vouch(artifacts, manifest, source)
+    runnable = [b for b in backends if registry.backend(b).runtime.format == "onnx"]  # the runtimes that need no torch
+    found = verification.open_candidates(runnable, devices, lambda backend, device: registry.open_backend(
+        backend, artifacts, device, Checks(vouch=vouch)), on_step)
+    return VerifyReport(trust, verification.against_reference(*found, x, logits, own_error, tolerance))
+
+
 def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backends=None, device: str = "cpu",
           warmup: int = 20, repeat: int = 200, max_seconds: float = 1.0, seed: int = 0, on_step=None) -> list[BenchRow]:
     """`fcx bench`: one row per backend x batch size; unavailable backends are rows with a reason. Each

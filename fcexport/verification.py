@@ -239,3 +239,44 @@ def real_images(spec, data: str | None, data_root: str | None):
             raise
         return None, source, f"dataset not available here: {exc}"
     return test, source, None
+
+
+# ---- a reference that travels ----------------------------------------------------------------
+
+MAX_REFERENCE_BYTES = 256 << 20
+
+
+def read_reference(folder: Path, manifest: dict | None, spec_shape=None) -> tuple[np.ndarray, np.ndarray, float, str]:
+    """(inputs, float64 logits, own float32 error, the model.pt sha256 it names) from a folder's reference.npz, read
+    once, vouched for by the manifest, every array checked (no pickles) before use."""
+    import io
+
+    from fcexport.targets.reference import FILE as REFERENCE
+    from fcexport.targets.reference import reference_inputs
+
+    path = Path(folder) / REFERENCE
+    if manifest is None or REFERENCE not in manifest["files"]:
+        raise FcxError(f"{path}: no reference listed in {names.MANIFEST}: export again with this fcexport", hint="export")
+    source = manifest["files"][REFERENCE].get("source_sha256")
+    data = VouchedReader(Path(folder), manifest, source)(path)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as found:
+            arrays = {k: found[k] for k in ("seed", "count", "input_shape", "logits", "own_error")}
+    except Exception as exc:  # zip, format, a missing key
+        raise FcxError(f"{path}: not a readable reference ({type(exc).__name__})", hint="export") from exc
+    shape, count = [int(v) for v in arrays["input_shape"]], int(arrays["count"])
+    logits, own = arrays["logits"], float(arrays["own_error"])
+    if not (len(shape) == 3 and all(0 < v <= 4096 for v in shape) and 0 < count <= parity.MAX_INPUTS
+            and count * int(np.prod(shape)) <= (1 << 28) and logits.dtype == np.float64 and logits.ndim == 2
+            and len(logits) == count and np.isfinite(own) and own >= 0):
+        raise FcxError(f"{path}: its arrays do not describe a reference (shape {shape}, {count} inputs)", hint="export")
+    return reference_inputs(shape, count, int(arrays["seed"])), logits, own, source
+
+
+def against_reference(candidates: list, problems: list[list[str]], x: np.ndarray, logits: np.ndarray,
+                      own_error: float, tolerance: Tolerance):
+    """Candidates judged against a stored reference instead of model.pt: the same rule, no structure check."""
+    inputs = parity.Inputs(x, None, f"{len(x)} seeded random inputs of reference.npz (no model.pt, no structure check)")
+    rows = parity.compare_predictors(logits, own_error, candidates, inputs, tolerance)
+    rows = [parity.with_problems(row, found) for row, found in zip(rows, problems, strict=True)]
+    return parity.report(rows, inputs, None, own_error, tolerance)

@@ -89,7 +89,7 @@ def test_torchscript_metadata_and_frozen(exported_dir):
 
 def test_manifest_lists_every_model_with_hashes(exported_dir):
     manifest = json.loads((exported_dir / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.pt", "model.fused.pt", "model.ts", "model.onnx", "model.pt2"}
+    assert set(manifest["files"]) == {"model.pt", "model.fused.pt", "model.ts", "model.onnx", "model.pt2", "reference.npz"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(exported_dir / name)
         assert entry["bytes"] == (exported_dir / name).stat().st_size

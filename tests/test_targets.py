@@ -22,7 +22,7 @@ def test_every_backend_is_one_runtime_on_one_artifact():
     assert backends["openvino"].runtime.name != backends["onnxruntime"].runtime.name
     assert backends["onnxruntime-int8"].approximate and backends["onnxruntime-int8"].devices == ("cpu",)
     assert backends["pt2"].made_by == "export" and backends["onnxruntime-int8"].made_by == "export-int8"
-    assert registry.default_exporters() == ("torchscript", "onnx", "pt2")
+    assert registry.default_exporters() == ("torchscript", "onnx", "pt2", "reference")
 
 
 def test_cli_choices_come_from_the_registry(runner):
@@ -319,7 +319,8 @@ def test_inspect_shows_every_file_of_a_folder_without_running_it(artifacts_copy,
     r = invoke(runner, "inspect", artifacts_copy, "--json")
     assert r.exit_code == 0, r.output
     files = {Path(f["file"]).name: f for f in json.loads(r.stdout)["files"]}
-    assert set(files) == {"model.pt", "model.fused.pt", "model.ts", "model.onnx", "model.pt2"}
+    assert set(files) == {"model.pt", "model.fused.pt", "model.ts", "model.onnx", "model.pt2", "reference.npz"}
+    assert files["reference.npz"]["details"]["inputs"] == 256 and files["reference.npz"]["spec"]["input_shape"] == [1, 8, 8]
     assert files["model.onnx"]["manifest"] == "matches, made from this model.pt"
     assert files["model.onnx"]["details"]["inputs"] == {"pixels": ["batch", 1, 8, 8]}
     assert files["model.onnx"]["spec"]["provenance"]["fused"] is True and files["model.pt"]["details"]["parameters"] > 0

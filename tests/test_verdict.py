@@ -211,3 +211,32 @@ def test_the_table_names_the_layer_where_it_broke(exported_dir, runner, tmp_path
         r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", "perturbed", "--devices", "cpu", "--inputs", "64")
     assert r.exit_code == 1
     assert f"first out of its noise band at layer {layer}" in " ".join(r.stdout.split())
+
+
+def test_a_folder_verifies_against_its_travelling_reference_without_torch_or_model_pt(exported_dir, tmp_path):
+    """A deploy host with onnxruntime and no torch: export's reference.npz (listed in the manifest) is the proof."""
+    import shutil
+
+    from helpers import bounded
+
+    folder = shutil.copytree(exported_dir, tmp_path / "copy")
+    (folder / "model.pt").unlink()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert "reference.npz" in manifest["files"]
+    no_torch = ("import sys; sys.modules['torch'] = None; sys.argv = ['fcx'] + sys.argv[1:]; "
+                "from cli.main import main; main()")
+
+    def verify(*extra):
+        done = subprocess.run([sys.executable, "-c", no_torch, "verify", "--artifacts", str(folder), "--devices", "cpu",
+                               "--json", *extra], capture_output=True, text=True, preexec_fn=bounded(60))
+        return done.returncode, done.stdout, done.stderr
+
+    rc, out, err = verify()
+    assert rc == 0, err
+    rows = {r["backend"]: r for r in json.loads(out)["rows"]}
+    assert rows["onnxruntime"]["status"] == "pass" and "eager" not in rows and "fused" not in rows
+    onnx = bytearray((folder / "model.onnx").read_bytes())  # a changed file: refused unread by the manifest
+    onnx[-10] ^= 1
+    (folder / "model.onnx").write_bytes(bytes(onnx))
+    rc, out, err = verify()
+    assert rc == 1 and json.loads(out)["rows"][0]["status"] == "fail", out

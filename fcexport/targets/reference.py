@@ -1,0 +1,57 @@
+"""Exporter: reference.npz, the proof that travels. The exported program's answers in float64 (the same function as
+model.pt: the fold is exact, proved by fuse-bn --verify) on RANDOM_INPUTS inputs made from a seed, and its own
+float32 error on them (the noise band), with the spec. Listed in the manifest and covered by the signature like
+every file, so a machine without torch or model.pt judges the files it can run against it (fcx verify --reference).
+Plain arrays in NumPy's format, read with allow_pickle=False.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fcexport.errors import FcxError
+from fcexport.spec import ModelSpec
+from fcexport.targets import Exporter, ExportSettings
+
+FILE = "reference.npz"
+SEED = 0
+COUNT = 256  # parity.RANDOM_INPUTS: the random part of verify's own budget
+
+
+def reference_inputs(input_shape, count: int, seed: int = SEED) -> np.ndarray:
+    """The reference's inputs: uniform random pixels from NumPy's PCG64, the same on every machine."""
+    return np.random.default_rng(seed).random((count, *input_shape), dtype=np.float32)
+
+
+def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> None:
+    from fcexport.files import write_bytes_atomic
+    from fcexport.targets.program import float64_logits, program_predictor
+
+    x = reference_inputs(spec.input_shape, COUNT)
+    logits = float64_logits(program, x)
+    own = program_predictor(program, "fused", "cpu", stage / FILE, spec)(x)
+    buffer = io.BytesIO()
+    np.savez(buffer, seed=np.int64(SEED), count=np.int64(COUNT), input_shape=np.array(spec.input_shape), logits=logits,
+             own_error=np.float64(np.abs(own.astype(np.float64) - logits).max(initial=0.0)),
+             spec=np.array(json.dumps(spec.to_dict())))
+    write_bytes_atomic(stage / FILE, buffer.getvalue())
+
+
+def describe(data: bytes, path: Path) -> tuple[ModelSpec, dict]:
+    """The spec and what the reference holds, read with allow_pickle=False, never run."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as found:
+            spec = ModelSpec.from_dict(json.loads(str(found["spec"])), str(path))
+            return spec, {"inputs": int(found["count"]), "seed": int(found["seed"]), "own float32 error": float(found["own_error"])}
+    except FcxError:
+        raise
+    except Exception as exc:
+        raise FcxError(f"{path}: not a readable reference ({type(exc).__name__})", hint="export") from exc
+
+
+EXPORTER = Exporter(name="reference", files=(FILE,), format="reference", write=write, describe=describe,
+                    summary="model.pt's float64 answers on seeded inputs: verify without torch or model.pt")
