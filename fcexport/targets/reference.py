@@ -46,7 +46,7 @@ def describe(data: bytes, path: Path) -> tuple[ModelSpec, dict]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as found:
             spec = ModelSpec.from_dict(json.loads(str(found["spec"])), str(path))
-            return spec, {"inputs": int(found["count"]), "seed": int(found["seed"]), "own float32 error": float(found["own_error"])}
+            return spec, {"inputs": int(found["count"]), "seed": int(found["seed"]), "own float32 error": f"{float(found['own_error']):.1e}"}
     except FcxError:
         raise
     except Exception as exc:
