@@ -243,9 +243,6 @@ def real_images(spec, data: str | None, data_root: str | None):
 
 # ---- a reference that travels ----------------------------------------------------------------
 
-MAX_REFERENCE_BYTES = 256 << 20
-
-
 def read_reference(folder: Path, manifest: dict | None, spec_shape=None) -> tuple[np.ndarray, np.ndarray, float, str]:
     """(inputs, float64 logits, own float32 error, the model.pt sha256 it names) from a folder's reference.npz, read
     once, vouched for by the manifest, every array checked (no pickles) before use."""
