@@ -1,8 +1,9 @@
-"""Coverage on models fcexport did not write: torchvision's classifiers and popular timm models, each through
-the README's Python API (import_model -> fuse(verify=True) -> export -> verify), with seconds per step.
+"""Coverage on models fcexport did not write: torchvision's classifiers, popular timm models and Hugging Face
+`transformers` image classifiers built from their config classes, each through the README's Python API
+(import_model -> fuse(verify=True) -> export -> verify with every default backend), with seconds per step.
 
     python benchmarks/zoo.py                      # every model, one fresh process each, a table at the end
-    python benchmarks/zoo.py resnet18 timm:efficientnet_b0 --untrained
+    python benchmarks/zoo.py resnet18 timm:efficientnet_b0 hf:SwinForImageClassification --untrained
 
 Weights are random (no download); BatchNorm statistics are set to non-trivial values so folding is tested
 for real (--untrained keeps torchvision's/timm's own initialisation: zero biases, unit variances).
@@ -28,7 +29,24 @@ TIMM_MODELS = (
     "lcnet_050", "convnext_atto", "edgenext_xx_small", "mobilevit_xs", "deit_tiny_patch16_224", "vit_tiny_patch16_224",
     "efficientformer_l1", "repvgg_a0", "dla34", "densenet121", "cspresnet50", "hrnet_w18_small", "dpn68", "res2net50_14w_8s",
     "resnest14d", "seresnext26d_32x4d", "coat_lite_tiny", "poolformer_s12", "convmixer_768_32", "xcit_nano_12_p16_224",
+    # families whose float32 kernels OpenVINO computes furthest from torch's (issue 29's false failures)
+    "fastvit_t8", "ese_vovnet19b_dw", "efficientvit_b0", "tiny_vit_5m_224", "regnety_002", "ghostnetv2_100", "repghostnet_050",
 )
+# transformers classes, built from their config class (no download); transformer widths cut to ViT-Tiny's so a sweep
+# stays affordable on a CPU (the structure, the ops and the exporters' paths are the same at any width)
+TINY_TRANSFORMER = {"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 768}
+HF_MODELS = {
+    "ResNetForImageClassification": {}, "RegNetForImageClassification": {}, "BitForImageClassification": {},
+    "ConvNextForImageClassification": {}, "ConvNextV2ForImageClassification": {}, "MobileNetV1ForImageClassification": {},
+    "MobileNetV2ForImageClassification": {}, "EfficientNetForImageClassification": {  # B0 (the default config is B7 at 600 px)
+        "image_size": 224, "width_coefficient": 1.0, "depth_coefficient": 1.0},
+    "HGNetV2ForImageClassification": {}, "MobileViTForImageClassification": {}, "MobileViTV2ForImageClassification": {},
+    "ViTForImageClassification": TINY_TRANSFORMER, "DeiTForImageClassification": TINY_TRANSFORMER,
+    "BeitForImageClassification": TINY_TRANSFORMER, "Dinov2ForImageClassification": TINY_TRANSFORMER,
+    "SwinForImageClassification": {}, "Swinv2ForImageClassification": {}, "LevitForImageClassification": {},
+    "PoolFormerForImageClassification": {}, "PvtV2ForImageClassification": {}, "CvtForImageClassification": {},
+    "FocalNetForImageClassification": {}, "SegformerForImageClassification": {}, "SwiftFormerForImageClassification": {},
+}
 
 
 def torchvision_models() -> list[str]:
@@ -52,9 +70,19 @@ def torchvision_models() -> list[str]:
     return names
 
 
+def all_models() -> list[str]:
+    """Every name the zoo covers, as `run` takes them."""
+    return [*torchvision_models(), *(f"timm:{n}" for n in TIMM_MODELS), *(f"hf:{n}" for n in HF_MODELS)]
+
+
 def build(name: str, untrained: bool = False):
-    """`name` or `timm:name` with random weights; BatchNorm statistics set unless `untrained`."""
-    if name.startswith("timm:"):
+    """`name`, `timm:name` or `hf:TransformersClass` with random weights; BatchNorm statistics set unless `untrained`."""
+    if name.startswith("hf:"):
+        import transformers
+
+        cls = getattr(transformers, name[3:])
+        model = cls(cls.config_class(num_labels=CLASSES, **HF_MODELS[name[3:]]))
+    elif name.startswith("timm:"):
         import timm
 
         model = timm.create_model(name[5:], pretrained=False, num_classes=CLASSES)
@@ -86,9 +114,11 @@ def run(name: str, folder: Path, untrained: bool = False) -> dict:
     import fcexport
 
     model = build(name, untrained)
+    size = getattr(getattr(model, "config", None), "image_size", 224)  # a transformers model's own input size
+    size = size if isinstance(size, int) else size[0]
     seconds = {}
     started = time.perf_counter()
-    fcexport.import_model(model, (3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), artifacts=folder)
+    fcexport.import_model(model, (3, size, size), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), artifacts=folder)
     seconds["import"] = time.perf_counter() - started
     started = time.perf_counter()
     fused = fcexport.fuse(folder / "model.pt", folder / "model.fused.pt", verify=True)
@@ -121,7 +151,7 @@ def run(name: str, folder: Path, untrained: bool = False) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", help="torchvision names or timm:NAME [default: every one]")
+    parser.add_argument("models", nargs="*", help="torchvision names, timm:NAME or hf:CLASS [default: every one]")
     parser.add_argument("--untrained", action="store_true", help="keep the libraries' own initialisation")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process: one model, JSON out
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model")
@@ -133,7 +163,7 @@ def main() -> None:
             except Exception as exc:  # the table reports it; the traceback's last line says which step and why
                 print(json.dumps({"model": args.models[0], "error": f"{type(exc).__name__}: {str(exc)[:600]}"}))
         return
-    names = args.models or [*torchvision_models(), *(f"timm:{n}" for n in TIMM_MODELS)]
+    names = args.models or all_models()
     print("| model | folds | max abs: fused / torchscript / onnxruntime (x own float32 error) | s: import / fuse / export / verify |")
     print("| --- | --- | --- | --- |", flush=True)
     for name in names:

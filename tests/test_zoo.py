@@ -1,6 +1,6 @@
 """`make zoo`: models fcexport did not write, through the README's Python API (import_model -> fuse(verify=True)
 -> export -> verify). Every torchvision classifier with at most 60M parameters, with BatchNorm statistics set
-and once as the library initialises it, and a list of popular timm models (benchmarks/zoo.py). Long: outside
+and once as the library initialises it, a list of popular timm models and transformers classes built from their configs (benchmarks/zoo.py). Long: outside
 `make test`; `python benchmarks/zoo.py` prints the same as a table with seconds per step."""
 
 import sys
@@ -20,6 +20,7 @@ def pytest_generate_tests(metafunc):
     selected = "zoo" in (metafunc.config.getoption("markexpr") or "") and "not zoo" not in metafunc.config.getoption("markexpr")
     torchvision_names = zoo.torchvision_models() if selected else []
     cases = [(name, False) for name in torchvision_names] + [(f"timm:{n}", False) for n in zoo.TIMM_MODELS]
+    cases += [(f"hf:{n}", False) for n in zoo.HF_MODELS]
     cases += [(name, True) for name in torchvision_names]
     metafunc.parametrize("name, untrained", cases, ids=[f"{n}{'-untrained' if u else ''}" for n, u in cases])
 
