@@ -11,8 +11,11 @@ exported with fcx's defaults (untimed). Then, each round, in one process:
   --load-inputs ... --load-outputs ...` does), session creation included;
 - `fcx --reference onnxruntime`: the same file, the same inputs, against the same saved answers (reference.npz),
   with the manifest check before;
+- `fcx verify onnxruntime`: model.pt's float64 reference, the structure check, one row; as after the README's steps on
+  this machine (fuse-bn --verify computed model.pt's float64 answers on these inputs, export wrote the files: both are
+  recalled from fcexport.machine_cache);
+- `..., nothing recorded`: the same with FCX_FRESH=1 (a folder from another machine: everything computed here);
 - `polygraphy (verify's count)`: the same runner on as many inputs as fcx verify's default budget;
-- `fcx verify onnxruntime`: model.pt's float64 reference computed, the structure check, one row;
 - `fcx verify (default backends)`: every default row.
 Each fcx line also lists where its time went (verify's own progress steps). Ratios are to the Polygraphy line on the
 same inputs; read them, not the seconds (the machine may be busy: the load average is printed).
@@ -32,14 +35,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def prepare(name: str, folder: Path, size: int) -> None:
-    """import -> fuse -> export with the defaults: the folder a user verifies."""
+def prepare(name: str, folder: Path, size: int, budget: int | None) -> None:
+    """import -> fuse-bn --verify -> export with the defaults, as the README does: the folder a user verifies."""
     import fcexport
     import zoo
 
     model = zoo.build(name)
     fcexport.import_model(model, (3, size, size), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), artifacts=folder)
-    fcexport.fuse(folder / "model.pt", folder / "model.fused.pt", verify=False)
+    fcexport.fuse(folder / "model.pt", folder / "model.fused.pt", verify=True, inputs=budget)
     fcexport.export(folder / "model.pt", folder)
 
 
@@ -49,7 +52,7 @@ def polygraphy_compare(onnx_file: Path, x: np.ndarray, reference: np.ndarray, ba
     from polygraphy.comparator import Comparator, IterationResult, RunResults
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-iteration report would bury the table
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # its per-iteration report would bury the table
 
     feeds = [{"pixels": x[i : i + batch]} for i in range(0, len(x), batch)]
     saved = RunResults()
@@ -86,27 +89,41 @@ def main() -> None:
         args.model, args.size, args.repeat = "resnet18", 64, 1
 
     import fcexport
-    from fcexport import parity
     from fcexport.pipeline import verify_with_reference
     from fcexport.targets.reference import FILE
 
     budget = 64 if args.quick else None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        prepare(args.model, folder, args.size)
+        prepare(args.model, folder, args.size, budget)
         with np.load(folder / FILE, allow_pickle=False) as stored:
             from fcexport.targets.reference import reference_inputs
 
             x_ref, logits_ref = reference_inputs(tuple(stored["input_shape"]), int(stored["count"])), stored["logits"]
-        count = budget or parity.RANDOM_INPUTS + parity.probe_count(None)
-        x_verify = np.random.default_rng(1).random((count, 3, args.size, args.size), dtype=np.float32)
-        reference_verify = np.zeros((count, logits_ref.shape[1]), dtype=np.float32)  # the answers do not change the work
+        counted: dict[str, int] = {}  # verify's input count, read off its first report
+
+        def polygraphy_verify_count(step):
+            x = np.random.default_rng(1).random((counted["inputs"], 3, args.size, args.size), dtype=np.float32)
+            return polygraphy_compare(folder / "model.onnx", x, np.zeros((len(x), logits_ref.shape[1]), np.float32), 256)
+
+        def verify(backends, fresh=False):
+            def run(step):
+                os.environ["FCX_FRESH"] = "1" if fresh else "0"
+                try:
+                    report = fcexport.verify(folder, backends, ("cpu",), on_step=step, inputs=budget)
+                finally:
+                    os.environ.pop("FCX_FRESH")
+                counted.setdefault("inputs", report.parity.input_count)
+                return report
+            return run
+
         lines = {
             "polygraphy (reference)": lambda step: polygraphy_compare(folder / "model.onnx", x_ref, logits_ref.astype(np.float32), 256),
             "fcx --reference onnxruntime": lambda step: verify_with_reference(folder, ("onnxruntime",), ("cpu",), on_step=step),
-            "polygraphy (verify's count)": lambda step: polygraphy_compare(folder / "model.onnx", x_verify, reference_verify, 256),
-            "fcx verify onnxruntime": lambda step: fcexport.verify(folder, ("onnxruntime",), ("cpu",), on_step=step, inputs=budget),
-            "fcx verify (default backends)": lambda step: fcexport.verify(folder, devices=("cpu",), on_step=step, inputs=budget),
+            "fcx verify onnxruntime": verify(("onnxruntime",)),
+            "fcx verify onnxruntime, nothing recorded": verify(("onnxruntime",), fresh=True),
+            "polygraphy (verify's count)": polygraphy_verify_count,
+            "fcx verify (default backends)": verify(None),
         }
         best: dict[str, tuple[float, list]] = {}
         for _ in range(args.repeat):
@@ -116,7 +133,7 @@ def main() -> None:
                     raise SystemExit(f"{name} did not pass: {result.to_json()}")
                 if name not in best or seconds < best[name][0]:
                     best[name] = (seconds, steps)
-    print(f"{args.model} at {args.size} px; {len(x_ref)} reference inputs, {count} for verify's default; "
+    print(f"{args.model} at {args.size} px; {len(x_ref)} reference inputs, {counted['inputs']} for verify's default; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; fastest of {args.repeat}")
     print("| line | seconds | x Polygraphy on the same inputs | where the time went (s) |")
     print("| --- | --- | --- | --- |")

@@ -39,7 +39,7 @@ HF_MODELS = {
     "ResNetForImageClassification": {}, "RegNetForImageClassification": {}, "BitForImageClassification": {},
     "ConvNextForImageClassification": {}, "ConvNextV2ForImageClassification": {}, "MobileNetV1ForImageClassification": {},
     "MobileNetV2ForImageClassification": {}, "EfficientNetForImageClassification": {  # B0 (the default config is B7 at 600 px)
-        "image_size": 224, "width_coefficient": 1.0, "depth_coefficient": 1.0},
+        "image_size": 224, "width_coefficient": 1.0, "depth_coefficient": 1.0, "hidden_dim": 1280},
     "HGNetV2ForImageClassification": {}, "MobileViTForImageClassification": {}, "MobileViTV2ForImageClassification": {},
     "ViTForImageClassification": TINY_TRANSFORMER, "DeiTForImageClassification": TINY_TRANSFORMER,
     "BeitForImageClassification": TINY_TRANSFORMER, "Dinov2ForImageClassification": TINY_TRANSFORMER,

@@ -382,6 +382,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
         if len(skipped) == len(formats):
             raise FcxError(next(iter(skipped.values())) if len(formats) == 1 else
                            "no format could be exported: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        _record_fingerprints(program, spec, settings, stage, [name for name in formats if name not in skipped])
         written = publish(stage, artifacts)
     # Files this export did not write but that would now answer for another model.pt: formats that failed, and
     # those built on a format written again (an old model.int8.onnx next to a new model.onnx).
@@ -447,6 +448,22 @@ def sign(artifacts: Path, private_key: Path, signature: Path | None = None) -> d
     artifacts = Path(artifacts)
     path = names.sign_folder(artifacts, Path(private_key), signature)
     return {"signature": str(path), "folder": str(artifacts), "manifest_sha256": names.read_manifest_bytes(artifacts)[1]}
+
+
+def _record_fingerprints(program, spec, settings: ExportSettings, stage: Path, exported: list[str]) -> None:
+    """What export just wrote is a fresh export: remembered, so verify's structure check need not make it again."""
+    from fcexport import machine_cache
+    from fcexport.program import fingerprint
+
+    program_fingerprint = None
+    for name in exported:
+        exporter = registry.exporters()[name]
+        if exporter.fingerprint is None or exporter.files[0].endswith("/"):
+            continue
+        program_fingerprint = program_fingerprint or fingerprint(program)
+        entry = machine_cache.key(kind="fresh export", program=program_fingerprint, spec=spec.to_dict(), artifact=name,
+                                  opset=settings.opset)
+        machine_cache.store_fingerprint(entry, exporter.fingerprint((stage / exporter.files[0]).read_bytes()))
 
 
 def _fresh_fingerprint(program, artifact: str, spec, settings: ExportSettings) -> dict[str, str]:

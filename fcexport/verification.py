@@ -107,11 +107,12 @@ def folder_checks(artifacts: Path, manifest: dict | None, model_sha256: str) -> 
 
 class FreshExports:
     """What each artifact must contain: a fresh export of this model.pt with the artifact's own settings (fused or not,
-    opset), made once by `fingerprint_of(program, artifact, spec, settings)`, compared by fingerprint (ops, wiring,
-    every tensor and constant). Used as an `admit` check, so an artifact that differs is never loaded."""
+    opset), made once by `fingerprint_of(program, artifact, spec, settings)` or recalled from this machine's record of
+    the same export (fcexport.machine_cache), compared by fingerprint (ops, wiring, every tensor and constant). Used
+    as an `admit` check, so an artifact that differs is never loaded."""
 
     def __init__(self, model, fingerprint_of):
-        self.model, self.fingerprint_of, self.fingerprints = model, fingerprint_of, {}
+        self.model, self.fingerprint_of, self.fingerprints, self.programs = model, fingerprint_of, {}, {}
 
     def admit(self, backend: str, spec, found: dict[str, str]) -> list[str]:
         """Problems of an artifact with this spec and fingerprint: its spec against model.pt's, its contents
@@ -135,12 +136,22 @@ class FreshExports:
         return problems + ([note] if note else [])
 
     def _fingerprint(self, artifact: str, spec, fused: bool, settings: ExportSettings) -> dict[str, str]:
+        """The fresh export's fingerprint, from this machine's record of the same export when there is one."""
+        from fcexport import machine_cache
         from fcexport.program import fingerprint
 
         program = self.model.fused[0] if fused else self.model.stored.program
+        if fused not in self.programs:
+            self.programs[fused] = fingerprint(program)
         if artifact == "fused":
-            return fingerprint(program)
-        return self.fingerprint_of(program, artifact, spec, settings)
+            return self.programs[fused]
+        entry = machine_cache.key(kind="fresh export", program=self.programs[fused], spec=spec.to_dict(), artifact=artifact,
+                                  opset=settings.opset)
+        found = machine_cache.load_fingerprint(entry)
+        if found is None:
+            found = self.fingerprint_of(program, artifact, spec, settings)
+            machine_cache.store_fingerprint(entry, found)
+        return found
 
 
 def versions_note(spec) -> str | None:
@@ -217,9 +228,15 @@ def float64_reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarr
     """(model.pt's logits for `x` in float64, model.pt's own float32 error on them: the yardstick)."""
     from fcexport.targets.program import float64_logits
 
-    reference = float64_logits(stored.program, x)
-    own = program_predictor(stored.program, "eager", "cpu", model_path, stored.spec)(x)
-    return reference, float(np.abs(own.astype(np.float64) - reference).max(initial=0.0))
+    from fcexport import machine_cache
+
+    def compute(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        reference = float64_logits(stored.program, part)
+        own = program_predictor(stored.program, "eager", "cpu", model_path, stored.spec)(part)
+        return reference, np.abs(own.astype(np.float64) - reference).max(axis=1, initial=0.0)
+
+    reference, own = machine_cache.answers(stored.sha256, x, compute)  # inputs fuse-bn --verify already computed
+    return reference, float(own.max(initial=0.0))
 
 
 def real_images(spec, data: str | None, data_root: str | None):

@@ -310,3 +310,68 @@ def test_verify_reads_each_artifact_once_and_checks_the_bytes_it_loads(exported_
     assert report.passed and not hashed
     assert reads == {"manifest.json": 1, "model.pt": 1, "model.fused.pt": 1, "model.ts": 1, "model.pt2": 1,
                      "model.onnx": 2}  # two runtimes
+
+
+def test_verify_recalls_what_export_wrote_and_exports_afresh_on_any_change(artifacts_copy, monkeypatch):
+    """Export records its files' fingerprints as the fresh export they are (fcexport.machine_cache): verify then
+    exports nothing again, and still refuses a changed file; another fcexport, or FCX_FRESH=1, exports afresh."""
+    import fcexport
+    from fcexport import machine_cache, pipeline
+
+    fcexport.export(artifacts_copy / "model.pt", artifacts_copy)
+    made = []
+    real = pipeline._fresh_fingerprint
+    monkeypatch.setattr(pipeline, "_fresh_fingerprint", lambda *a: made.append(a[1]) or real(*a))
+    backends = ("onnxruntime", "torchscript", "pt2")
+    assert fcexport.verify(artifacts_copy, backends, ("cpu",), inputs=64).passed and made == []
+
+    rewrite_onnx(artifacts_copy, add_backdoor_unit)
+    row = fcexport.verify(artifacts_copy, ("onnxruntime",), ("cpu",), inputs=64).to_json()["rows"][0]
+    assert row["status"] == "fail" and any("fresh export of model.pt" in p for p in row["problems"]) and made == []
+
+    monkeypatch.setenv("FCX_FRESH", "1")
+    assert fcexport.verify(artifacts_copy, ("torchscript",), ("cpu",), inputs=64).passed and made == ["torchscript"]
+    monkeypatch.delenv("FCX_FRESH")
+    monkeypatch.setattr(machine_cache, "_source_digest", lambda: "an edited fcexport")
+    assert fcexport.verify(artifacts_copy, ("pt2",), ("cpu",), inputs=64).passed and made == ["torchscript", "pt2"]
+
+
+def test_verify_reuses_the_float64_answers_fuse_bn_verify_computed(artifacts_copy, monkeypatch, tmp_path):
+    """The same inputs and the same model.pt give the same float64 answers: computed once on this machine, whatever
+    command asks (the rows still run, and their errors are the same as with nothing recorded)."""
+    import fcexport
+    from fcexport.targets import program
+
+    monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path / "cache"))
+    computed = []
+    real = program.float64_logits
+    monkeypatch.setattr(program, "float64_logits", lambda p, x, *a: computed.append(len(x)) or real(p, x, *a))
+    first = fcexport.fuse(artifacts_copy / "model.pt", artifacts_copy / "model.fused.pt", verify=True, inputs=96)
+    assert first.written and computed and sum(computed) >= 96
+    computed.clear()
+    recalled = fcexport.verify(artifacts_copy, ("onnxruntime",), ("cpu",), inputs=96).to_json()
+    assert computed == []
+    monkeypatch.setenv("FCX_FRESH", "1")
+    fresh = fcexport.verify(artifacts_copy, ("onnxruntime",), ("cpu",), inputs=96).to_json()
+    assert computed and recalled["rows"][0]["max_abs"] == fresh["rows"][0]["max_abs"]
+    assert recalled["own_float32_error"] == pytest.approx(fresh["own_float32_error"], rel=0.5)
+
+
+def test_damaged_records_are_misses(tmp_path, monkeypatch):
+    from fcexport import machine_cache
+
+    monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path))
+    machine_cache.store_fingerprint("k", {"node 0": "abc"})
+    assert machine_cache.load_fingerprint("k") == {"node 0": "abc"}
+    for damaged in (b"[1, 2]", b'{"a": 1}', b"{not json", b"\xff" * 10):
+        (machine_cache.folder("fingerprints") / "k.json").write_bytes(damaged)
+        assert machine_cache.load_fingerprint("k") is None
+    assert machine_cache.load_fingerprint("missing") is None
+    x = np.random.default_rng(0).random((5, 3), dtype=np.float32)
+    compute = lambda part: (part.astype(np.float64) * 2, np.full(len(part), 1e-7))  # noqa: E731
+    first = machine_cache.answers("sha", x, compute)
+    (entry,) = machine_cache.folder("answers").iterdir()
+    assert np.array_equal(machine_cache.answers("sha", x[::-1], lambda part: 1 / 0)[0], first[0][::-1])  # all recalled
+    for damaged in (b"PK\x03\x04junk", b"", b"\x93NUMPY"):
+        entry.write_bytes(damaged)
+        assert np.array_equal(machine_cache.answers("sha", x, compute)[0], first[0])

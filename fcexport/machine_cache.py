@@ -1,0 +1,142 @@
+"""What this machine computed before for verification, remembered so no command computes it twice.
+
+Two kinds of entries, each keyed by everything that decides its value plus the versions of torch / onnx / onnxruntime
+and a digest of fcexport's own source (an edited fcexport is a miss, never a wrong answer):
+- fresh-export fingerprints (verify's structure check): keyed by the program's own fingerprint (every op and tensor),
+  the spec, the artifact and its opset; `fcx export` records what it just wrote, verify what it had to export;
+- model.pt's float64 answers and its own float32 error, per input: keyed by model.pt's sha256, each input by the
+  sha256 of its bytes (fuse-bn --verify computes the inputs verify uses; verify then reuses them).
+Kept in the user's cache folder beside speeds.json (fcexport.speeds); FCX_FRESH=1 ignores what is recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+
+MAX_ENTRY_BYTES = 256 << 20  # a fingerprint is a digest per node and tensor; answers are at most MAX_ANSWERS rows
+MAX_ENTRIES = 256  # per kind, oldest removed first
+MAX_ANSWERS = 8192  # rows of float64 answers kept per model.pt
+
+
+def folder(kind: str) -> Path:
+    from fcexport.speeds import cache_file
+
+    return cache_file().parent / kind
+
+
+def enabled() -> bool:
+    return os.environ.get("FCX_FRESH") != "1"
+
+
+@functools.cache
+def _source_digest() -> str:
+    """fcexport's own code."""
+    digest = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def key(**parts) -> str:
+    from fcexport.artifacts import versions
+
+    described = {**parts, "versions": versions(), "fcexport": _source_digest()}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_ENTRY_BYTES:
+            return None
+        with open(path, "rb") as f:
+            return f.read(MAX_ENTRY_BYTES + 1)
+    except OSError:
+        return None
+
+
+def _write(kind: str, name: str, data: bytes) -> None:
+    """A cache that cannot be written (a read-only home) is only slower."""
+    from fcexport.files import write_bytes_atomic
+
+    try:
+        write_bytes_atomic(folder(kind) / name, data)
+        for old in sorted(folder(kind).iterdir(), key=lambda p: p.stat().st_mtime)[:-MAX_ENTRIES]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+# ---- fresh-export fingerprints --------------------------------------------------------------
+
+def load_fingerprint(entry: str) -> dict[str, str] | None:
+    """The fingerprint recorded under `entry`, or None (missing, damaged, oversized, not a regular file)."""
+    data = _read(folder("fingerprints") / f"{entry}.json") if enabled() else None
+    try:
+        found = json.loads(data) if data is not None else None
+    except (ValueError, RecursionError):
+        return None
+    if not (isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in found.items())):
+        return None
+    return found
+
+
+def store_fingerprint(entry: str, fingerprint: dict[str, str]) -> None:
+    _write("fingerprints", f"{entry}.json", json.dumps(fingerprint).encode())
+
+
+# ---- float64 answers ------------------------------------------------------------------------
+
+def answers(model_sha256: str, x: np.ndarray, compute) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 logits, own float32 error per input) for `x`: recorded rows reused, the others from `compute(x_missing)`
+    (which returns the same pair) and recorded."""
+    entry = key(kind="float64 answers", model=model_sha256)
+    rows = np.frombuffer(b"".join(hashlib.sha256(row.tobytes()).digest() for row in x), dtype="S32")
+    known = _load_answers(entry) if enabled() else None
+    index = {d: i for i, d in enumerate(known[0])} if known is not None else {}
+    hits = [index.get(d, -1) for d in rows]
+    missing = np.array([i for i, h in enumerate(hits) if h < 0], dtype=np.int64)
+    if not len(missing):
+        return known[1][hits], known[2][hits]
+    logits, own = compute(np.ascontiguousarray(x[missing]))
+    if known is not None and known[1].shape[1:] != logits.shape[1:]:  # not this model's answers after all
+        known, hits, missing = None, [-1] * len(x), np.arange(len(x))
+        logits, own = compute(x)
+    out_logits = np.empty((len(x), *logits.shape[1:]), dtype=np.float64)
+    out_own = np.empty(len(x), dtype=np.float64)
+    out_logits[missing], out_own[missing] = logits, own
+    present = np.array([i for i, h in enumerate(hits) if h >= 0], dtype=np.int64)
+    if len(present):
+        out_logits[present], out_own[present] = known[1][[hits[i] for i in present]], known[2][[hits[i] for i in present]]
+    if known is None:
+        known = (np.zeros(0, dtype="S32"), np.zeros((0, *logits.shape[1:])), np.zeros(0))
+    new = ~np.isin(rows[missing], known[0])
+    kept = [np.concatenate([a, np.asarray(b)[new]])[-MAX_ANSWERS:] for a, b in zip(known, (rows[missing], logits, own))]
+    buffer = io.BytesIO()
+    np.savez(buffer, digests=kept[0], logits=kept[1], own=kept[2])
+    _write("answers", f"{entry}.npz", buffer.getvalue())
+    return out_logits, out_own
+
+
+def _load_answers(entry: str):
+    data = _read(folder("answers") / f"{entry}.npz")
+    if data is None:
+        return None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as found:
+            digests, logits, own = found["digests"], found["logits"], found["own"]
+    except Exception:  # a damaged or foreign file is a miss
+        return None
+    if not (digests.dtype == np.dtype("S32") and logits.dtype == np.float64 and own.dtype == np.float64
+            and logits.ndim == 2 and len(digests) == len(logits) == len(own)):
+        return None
+    return digests, logits, own
