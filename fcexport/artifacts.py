@@ -299,6 +299,12 @@ def sign_folder(folder: Path, private_key: Path, signature: Path | None = None) 
     signature = Path(signature) if signature is not None else folder / SIGNATURE
     if problem := key_problem(private_key, private=True):
         raise FcxError(problem)
+    if (work_tree := git_work_tree(private_key)) is not None:
+        import logging
+
+        logging.getLogger("fcexport").warning(
+            f"the private key {private_key} is inside the git work tree {work_tree}: one `git add .` publishes it; "
+            "keep keys outside any project (the README uses ~/.config/fcx/)")
     manifest = read_manifest(folder)
     problems = folder_problems(folder, manifest) if manifest is not None else [f"there is no {MANIFEST}"]
     if problems:
@@ -329,6 +335,14 @@ def check_signature(folder: Path, public_key: Path, signature: Path | None = Non
         config.set_hashing_config(_hashing_config(folder, signature)).verify(folder, signature)
     except Exception as exc:  # model_signing raises ValueError and library-specific errors alike
         return f"the signature does not match: {_signature_mismatch(str(exc))}"
+    return None
+
+
+def git_work_tree(path: Path) -> Path | None:
+    """The git work tree holding `path` (a folder above it with a .git entry), or None."""
+    for folder in Path(path).resolve().parents:
+        if (folder / ".git").exists():
+            return folder
     return None
 
 

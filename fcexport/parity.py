@@ -146,13 +146,15 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
     return rows
 
 
-LOCALISED_INPUTS = 8  # the failing inputs whose intermediate values are compared, layer by layer
+LOCALISED_INPUTS = 8  # the failing inputs whose intermediate values are compared, layer by layer,
+LOCALISED_BYTES = 512 << 20  # as many of them as keep every layer's float64 values within this
 
 
 def where_it_broke(candidate: Predictor, x: np.ndarray, logits: np.ndarray, reference: np.ndarray, allowed: float,
                    rule: Tolerance) -> dict | None:
     """The first layer whose output leaves its noise band on the inputs that failed (the worst few), comparing the
-    candidate's intermediate values with its checked program's, in float64 and float32, on the CPU."""
+    candidate's intermediate values with its checked program's, in float64 and float32, on the CPU. None when no
+    input failed by the numbers or the runtime cannot show its values."""
     from fcexport.compare import first_out_of_band
     from fcexport.targets.program import reference_layers
 
@@ -162,9 +164,16 @@ def where_it_broke(candidate: Predictor, x: np.ndarray, logits: np.ndarray, refe
     worst = worst[~(errors[worst] <= allowed)]
     if not len(worst):
         return None
-    sample = np.ascontiguousarray(x[np.sort(worst)])
-    float64, float32 = reference_layers(program, sample)
-    return first_out_of_band(float64, float32, layers(sample), rule.factor)
+    float64, float32 = reference_layers(program, np.ascontiguousarray(x[worst[:1]]))
+    per_input = sum(value.nbytes for value in float64.values())
+    worst = np.sort(worst[: max(1, min(len(worst), LOCALISED_BYTES // max(per_input, 1)))])
+    if len(worst) > 1:
+        float64, float32 = reference_layers(program, np.ascontiguousarray(x[worst]))
+    try:
+        found = layers(np.ascontiguousarray(x[worst]))
+    except (FcxError, Unsupported):  # the runtime cannot run the copy that shows its values: the row still fails
+        return None
+    return first_out_of_band(float64, float32, found, rule.factor)
 
 
 def with_problems(row: CheckRow, problems: list[str]) -> CheckRow:

@@ -131,9 +131,59 @@ def capture(module: nn.Module, input_shape) -> Program:
             exported = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
             exported = exported.run_decompositions(_decompositions())
     except Exception as exc:
+        if misfit := _input_misfit(module, input_shape):
+            raise FcxError(misfit) from exc
         raise FcxError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}); "
                        "fcexport takes every model torch.export.export(model, (x,)) accepts") from exc
     return from_exported(exported)
+
+
+def _input_misfit(module: nn.Module, input_shape) -> str | None:
+    """When the input shape is what failed: the first Conv or Linear whose input does not fit, in words with the fix
+    (one eager call on one image, stopped at that layer)."""
+    names = {m: name for name, m in module.named_modules()}
+    shape = list(input_shape)
+    found: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def check(layer, args):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is None:
+            return
+        if isinstance(layer, nn.modules.conv._ConvNd) and x.dim() >= 2 and x.shape[1] != layer.in_channels:
+            wanted = layer.in_channels
+            fix = (f"{','.join(map(str, shape))} reads as height, width, channels; fcexport takes channels first: --input-shape "
+                   f"{wanted},{shape[0]},{shape[1]}") if shape[-1] == wanted and x.shape[1] == shape[0] else \
+                f"give --input-shape {wanted},H,W"
+            found.append(f"the model's first {type(layer).__name__} (layer {names[layer] or 'the model itself'}) takes {wanted} channels, "
+                         f"the input shape {','.join(map(str, shape))} has {x.shape[1]}: {fix}")
+        elif isinstance(layer, nn.Linear) and x.shape[-1] != layer.in_features:
+            found.append(f"the model's first Linear (layer {names[layer] or 'the model itself'}) takes {layer.in_features} values, but "
+                         f"an input of shape {','.join(map(str, shape))} gives it {x.shape[-1]}: give an --input-shape C,H,W "
+                         f"with C*H*W = {layer.in_features} (e.g. {_square_shape(layer.in_features)})")
+        raise Stop  # only the first Conv or Linear says whether the input shape fits
+
+    hooks = [m.register_forward_pre_hook(check) for m in module.modules()
+             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        with torch.no_grad(), _quiet_torch():
+            module(torch.rand(1, *shape))
+    except Exception:  # Stop, or whatever the model does with an input it cannot take
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found[0] if found else None
+
+
+def _square_shape(values: int) -> str:
+    for channels in (1, 3):
+        side = round((values / channels) ** 0.5)
+        if channels * side * side == values:
+            return f"{channels},{side},{side}"
+    return f"1,1,{values}"
 
 
 @contextlib.contextmanager
@@ -662,17 +712,31 @@ def run_steps(module: ProgramModule, x: torch.Tensor, check=None) -> torch.Tenso
 def layer_values(module: ProgramModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The output of each layer the user wrote (its last floating-point node, in program order) for input `x`:
     what verify compares, layer by layer, to name where a runtime leaves its noise band."""
-    values: dict[str, torch.Tensor] = {}
+    values: dict[str, tuple] = {}
+    with torch.inference_mode():
+        run_steps(module, x, check=_layer_recorder(values, x.shape[0]))
+    return values
 
+
+def _layer_recorder(values: dict, batch: int):
     def record(node, args, kwargs, result):
         if node.layer and isinstance(result, torch.Tensor) and result.is_floating_point() and result.dim() >= 1 \
-                and result.shape[0] == x.shape[0]:
+                and result.shape[0] == batch:
             values.pop(node.layer, None)  # re-inserted: the order is where each layer ends
             values[node.layer] = (node.layer_type, result.detach())
+    return record
 
-    with torch.inference_mode():
-        run_steps(module, x, check=record)
-    return values
+
+class LayerTap(ProgramModule):
+    """The program answering every layer's output besides its logits, flattened side by side in one (N, values)
+    tensor (the logits first, then layer_values' order): one output any runtime returns, so a copy of an exported
+    file made from it shows where that runtime's values leave their band. Exported for a fixed batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values: dict[str, tuple] = {}
+        logits = run_steps(self, x, check=_layer_recorder(values, x.shape[0]))
+        parts = [logits, *(value for _, value in values.values())]
+        return torch.cat([part.reshape(x.shape[0], -1).to(logits.dtype) for part in parts], 1)
 
 
 def fingerprint(program: Program) -> dict[str, str]:

@@ -192,15 +192,28 @@ def check_weights(model: nn.Module, state_dict: dict, where: str) -> None:
         raise FcxError(f"{where}: weights must be a dict of tensors")
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
-             for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    wrong = [f"{k} is {tuple(state_dict[k].shape)} in the file, {tuple(expected[k].shape)} in the model" for k in mismatched]
     problems = [f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if items]
     if problems:
-        raise FcxError(f"{where}: weights do not match the model: {'; '.join(problems)}")
+        raise FcxError(f"{where}: weights do not match the model: {'; '.join(problems)}{_class_count_hint(state_dict, expected, mismatched)}")
     for key, tensor in state_dict.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise FcxError(f"{where}: weight '{key}' holds NaN or Inf values; the model is unusable")
+
+
+def _class_count_hint(found: dict, expected: dict, mismatched: list[str]) -> str:
+    """When only the last layer's output size differs (a head made for another number of classes), what to give."""
+    pairs = {(found[k].shape[0], expected[k].shape[0]) for k in mismatched
+             if found[k].dim() >= 1 and found[k].shape[1:] == expected[k].shape[1:]}
+    last = [k for k in expected if expected[k].is_floating_point()][-2:]  # the head's weight and bias
+    if len(pairs) != 1 or not mismatched or not set(mismatched) <= set(last):
+        return ""
+    (file_classes, model_classes), = pairs
+    return (f". The file's head has {file_classes} classes, the model's {model_classes}: build the model with the file's "
+            f"count (--model-args '{{\"num_classes\": {file_classes}}}', or the argument your factory takes), and "
+            f"name them with --classes")
 
 
 # ---- pieces ------------------------------------------------------------------------------

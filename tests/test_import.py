@@ -181,7 +181,29 @@ def test_strict_loading_lists_missing_unexpected_and_shape_mismatches(tmp_path, 
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1
     assert "missing (1): 1.bias" in line and "unexpected (1): extra.weight" in line
-    assert "shape mismatch (1): 4.weight (16, 99) vs (16, 32)" in line
+    assert "shape mismatch (1): 4.weight is (16, 99) in the file, (16, 32) in the model" in line
+    assert "classes" not in line  # not the head: no class-count hint
+
+
+def test_a_head_for_another_class_count_says_which_side_is_the_files_and_what_to_give(tmp_path, runner):
+    weights, model = write_course_model(tmp_path)
+    state = model.state_dict()
+    state["7.weight"], state["7.bias"] = torch.zeros(5, 16), torch.zeros(5)
+    torch.save(state, tmp_path / "five.pt")
+    r = invoke(runner, "import", tmp_path / "five.pt", "--model-def", f"{tmp_path}/course_model.py:course_mlp", "--input-shape", "1,8,8")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "7.weight is (5, 16) in the file, (10, 16) in the model" in r.stderr
+    assert "The file's head has 5 classes, the model's 10" in r.stderr and '"num_classes": 5' in r.stderr and "--classes" in r.stderr
+
+
+@pytest.mark.parametrize("given, expected", [("1,32,32", "--input-shape 3,H,W"), ("32,32,3", "3,32,32")])
+def test_an_input_shape_the_first_layer_cannot_take_names_the_layer_and_the_fix(tmp_path, runner, given, expected):
+    write_course_model(tmp_path)
+    net = user_classes()["ColourNet"](classes=4)
+    torch.save(net.state_dict(), tmp_path / "colour.pt")
+    r = invoke(runner, "import", tmp_path / "colour.pt", "--model-def", f"{tmp_path}/course_model.py:ColourNet", "--input-shape", given)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "features.0" in r.stderr and "takes 3 channels" in r.stderr and expected in r.stderr, r.stderr
 
 
 def test_colour_cnn_folds_normalisation_into_unpadded_conv_and_predicts_colour(tmp_path, runner):
@@ -345,7 +367,7 @@ def test_torchscript_and_pickled_models_are_refused_with_the_way_in(tmp_path, ru
     (["--model-def", "COURSE:course_mlp", "--mean", "0.5", "--std", "1e-40"], "does not survive float32"),
     (["--model-def", "COURSE:course_mlp", "--mean", "1e300", "--std", "1"], "mean must be within"),
     (["--model-def", "COURSE:course_mlp", "--mean", "0.5,0.5", "--std", "1,1"], "mean needs 1 value, got 2"),
-    (["--model-def", "COURSE:course_mlp", "--input-shape", "1,9,9"], "torch.export cannot export the model"),
+    (["--model-def", "COURSE:course_mlp", "--input-shape", "1,9,9"], "takes 64 values, but an input of shape 1,9,9 gives it 81: give an --input-shape C,H,W with C*H*W = 64 (e.g. 1,8,8)"),
     (["--model-def", "COURSE:course_mlp", "--classes", "names.txt"], "names.txt: class names file not found"),
     (["--model-def", "COURSE:course_mlp", "--classes", "fashion_mnist"], "(did you mean fashion-mnist?); the known sets are"),
     (["--model-def", "COURSE:course_mlp", "--classes", ",".join(["x" * 300] + list("123456789"))], "1 to 256 characters, one is 300"),

@@ -1,5 +1,6 @@
 """Every `fcx` command in the README parses as written, and the ones that need only a model run as written."""
 
+import os
 import re
 import shlex
 import shutil
@@ -64,10 +65,14 @@ def test_readme_command_runs(command, exported_dir, tmp_path, monkeypatch, runne
 
     shutil.copytree(exported_dir, tmp_path / "artifacts")
     monkeypatch.chdir(tmp_path)
-    write_key_pair(tmp_path)  # key.pem / key.pub, as the README's openssl lines make them
-    args = shlex.split(command)[1:]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    keys = tmp_path / ".config" / "fcx"
+    keys.mkdir(parents=True)
+    write_key_pair(keys)  # ~/.config/fcx/key.pem and key.pub, as the README's openssl lines make them
+    Path("key.pub").write_bytes((keys / "key.pub").read_bytes())
+    args = [os.path.expanduser(a) for a in shlex.split(command)[1:]]  # what the shell does with ~
     if "key.pub" in args:  # the README signs before it verifies
-        assert invoke(runner, "sign", "--key", "key.pem").exit_code == 0
+        assert invoke(runner, "sign", "--key", keys / "key.pem").exit_code == 0
     if "--expect-digest" in args:  # the README's digest stands for the one fcx export printed
         args[args.index("--expect-digest") + 1] = hashlib.sha256(Path("artifacts/manifest.json").read_bytes()).hexdigest()
     if args[0] == "bench":

@@ -178,3 +178,20 @@ def test_the_int8_model_is_compared_with_a_fresh_int8_export(int8_dir, runner, t
     assert r.exit_code == 1, r.output
     row = json.loads(r.stdout)["rows"][0]
     assert row["status"] == "fail" and "dormant_int8" in " ".join(row["problems"])
+
+
+def test_signing_with_a_key_inside_a_git_work_tree_warns(artifacts_copy, tmp_path, runner):
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    key, _ = write_key_pair(project)
+    r = invoke(runner, "sign", "--key", key, "--artifacts", artifacts_copy)
+    assert r.exit_code == 0, r.output
+    assert "inside the git work tree" in r.stderr and str(project) in r.stderr and "~/.config/fcx/" in r.stderr
+    outside, _ = write_key_pair(tmp_path, "outside")
+    r = invoke(runner, "sign", "--key", outside, "--artifacts", artifacts_copy)
+    assert r.exit_code == 0 and "warning" not in r.stderr
+
+
+def test_the_repository_ignores_keys_and_artifacts():
+    ignored = (Path(__file__).parents[1] / ".gitignore").read_text().split()
+    assert {"*.pem", "*.key", "artifacts/"} <= set(ignored)

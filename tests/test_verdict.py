@@ -143,14 +143,15 @@ RUNTIME = Runtime(name="perturbed", format="fcexport", devices=("cpu",), open=op
 
 
 def _middle_layer(folder):
-    """A Linear or Conv layer in the middle of the fused program, as the user named it."""
+    """A Linear or Conv layer in the middle of model.pt's fused program, as the user named it."""
     import torch
 
     from fcexport.checkpoint import read_model
+    from fcexport.pipeline import fused_model
     from fcexport.program import ProgramModule, layer_values
 
-    program = read_model(folder / "model.fused.pt").program
-    shape = read_model(folder / "model.fused.pt").spec.input_shape
+    stored = read_model(folder / "model.pt")
+    program, shape = fused_model(stored)[0], stored.spec.input_shape
     found = layer_values(ProgramModule(program), torch.rand(1, *shape))
     weighted = [name for name, (kind, _) in found.items() if kind in ("Linear", "Conv2d")]
     return weighted[len(weighted) // 2]
@@ -192,6 +193,77 @@ def test_a_runtime_that_computes_one_layer_wrongly_is_named_at_that_layer(model,
     (row,) = report.rows
     assert row.status.value == "fail"
     where = row.value("first_divergent_layer")
+    assert where["layer"] == layer and where["max_abs"] > where["band"], (layer, where)
+
+
+PERTURBED_ONNX = '''
+import os
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from fcexport.onnx_checks import check_onnx_model, onnx_fingerprint, read_onnx_spec
+from fcexport.targets import Predictor, Runtime
+from fcexport.targets import onnxruntime as ort_runtime
+from fcexport.targets.onnx import exported_layers
+
+
+def scaled(data):
+    """The ONNX graph with the output of the node reading FCX_TEST_LAYER's weight scaled by 1.01."""
+    model = onnx.load_from_string(data)
+    weight = os.environ["FCX_TEST_LAYER"] + ".weight"
+    at, node = next((i, n) for i, n in enumerate(model.graph.node) if weight in n.input)
+    out = node.output[0]
+    node.output[0] = out + "_unscaled"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1.01, np.float32), "fcx_test_scale"))
+    model.graph.node.insert(at + 1, helper.make_node("Mul", [out + "_unscaled", "fcx_test_scale"], [out]))
+    return model.SerializeToString()
+
+
+def open_perturbed(files, device, checks, backend):
+    """model.onnx, checked as onnxruntime checks it, run by onnxruntime with one layer scaled: a runtime that
+    computes one layer of an honest file wrongly."""
+    path = files[0]
+    data = checks.read(path)
+    model = check_onnx_model(data, path)
+    spec = read_onnx_spec({p.key: p.value for p in model.metadata_props}, path)
+    checks.vet(path, backend, spec, onnx_fingerprint(model))
+
+    def compiled(onnx_bytes):
+        return ort_runtime._runner(ort_runtime._session(scaled(onnx_bytes), path, device), path)
+
+    return Predictor(backend, device, path, compiled(data), spec, layers=exported_layers(checks.source(spec), spec, compiled))
+
+
+RUNTIME = Runtime(name="perturbed-onnx", format="onnx", devices=("cpu",), open=open_perturbed,
+                  runs={"perturbed-onnx": "onnx"}, summary="test only: onnxruntime with one layer scaled by 1.01")
+'''
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet18"])
+def test_an_onnx_runtime_that_computes_one_layer_wrongly_is_named_at_that_layer(model, exported_dir, tmp_path, monkeypatch):
+    """The layer is found in the file's own runtime: a copy of model.onnx answering every layer's output
+    (fcexport.program.LayerTap) run as that runtime runs model.onnx."""
+    import shutil
+
+    from fcexport import export, import_model, verify
+    from helpers import plugin_registered
+
+    if model == "mlp":
+        folder = shutil.copytree(exported_dir, tmp_path / "mlp")
+    else:
+        folder = tmp_path / model
+        net, shape = (_small_cnn(), (3, 16, 16)) if model == "cnn" else (_resnet18(), (3, 32, 32))
+        import_model(net.eval(), shape, artifacts=folder)
+        export(folder / "model.pt", folder, formats=("onnx",), check=False)
+    layer = _middle_layer(folder)
+    monkeypatch.setenv("FCX_TEST_LAYER", layer)
+    with plugin_registered(monkeypatch, tmp_path, "perturbed_onnx_plugin", PERTURBED_ONNX):
+        report = verify(folder, backends=("perturbed-onnx", "onnxruntime"), devices=("cpu",), inputs=64)
+    perturbed, honest = report.rows
+    assert perturbed.status.value == "fail" and honest.status.value == "pass"
+    where = perturbed.value("first_divergent_layer")
     assert where["layer"] == layer and where["max_abs"] > where["band"], (layer, where)
 
 

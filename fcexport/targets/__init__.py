@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ class Predictor:
     source: Path | str  # the file it runs, or where it is served (a URL and model name)
     run: Callable[[np.ndarray], np.ndarray]
     spec: ModelSpec
-    batch: int = 256
+    batch: int | None = None  # images per call; None: chunk_size(the input shape)
     approximate: bool = False  # judged by top-1 agreement and accuracy, not float tolerances (int8)
     precision: str = "float32"  # what it computes in, said in verify's and bench's rows
     noise_scale: float = 1.0  # the exact rule's factor is multiplied by this (a runtime with its own float32 kernels)
@@ -105,13 +106,25 @@ class Predictor:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        parts = [self.run(x[i : i + self.batch]) for i in range(0, len(x), self.batch)] if len(x) else [self.run(x)]
+        batch = self.batch or chunk_size(self.spec.input_shape)
+        parts = [self.run(x[i : i + batch]) for i in range(0, len(x), batch)] if len(x) else [self.run(x)]
         logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
         expected = (len(x), len(self.spec.class_names))
         if getattr(logits, "shape", None) != expected:
             raise FcxError(f"{self.source}: the model returned shape {getattr(logits, 'shape', type(logits).__name__)} "
                            f"for {len(x)} images, but its spec names {expected[1]} classes: expected {expected}")
         return logits
+
+
+CHUNK_BYTES = 8 << 20
+
+
+def chunk_size(input_shape) -> int:
+    """Images per runtime call: the largest power of two from 1 to 256 whose float32 input fits CHUNK_BYTES, so a
+    chunk's activations stay near the caches. Measured on resnet50 at 224 px (2 cores): torch runtimes 36 ms an image
+    at 8 a call against 76 at 128 and 175 at 256; onnxruntime and OpenVINO 24-28 either way. A 28-px MLP keeps 256."""
+    fits = max(1, min(256, CHUNK_BYTES // (4 * math.prod(input_shape))))
+    return 1 << (fits.bit_length() - 1)
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # a Triton model name: a folder name, a URL path part
@@ -264,7 +277,7 @@ def torch_runner(module, dev):
     return run
 
 
-def module_predictor(module, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256) -> Predictor:
+def module_predictor(module, backend: str, device: str, source: Path, spec: ModelSpec, batch: int | None = None) -> Predictor:
     """Wrap an nn.Module or ScriptModule that the predictor owns (made for it: it is moved to `device` and put in
     eval mode)."""
     dev = torch_device(device)

@@ -26,23 +26,39 @@ def onnx_bytes(program, spec: ModelSpec, opset: int = ExportSettings.opset) -> b
     from fcexport.program import ProgramModule
 
     example = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))  # batch >= 2: not specialised to 1
-    try:
-        # torch.onnx and onnxscript print progress, and log notes about opset conversion on every call
-        with quiet_warnings(), quiet_loggers("torch.onnx", "onnxscript"), contextlib.redirect_stdout(io.StringIO()):
-            exported = torch.onnx.export(
-                ProgramModule(program).eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, verbose=False,
-            )
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise FcxError(f"ONNX export failed ({type(exc).__name__}: {first}); try without fusing or another opset") from exc
-    proto = exported.model_proto
+    proto = _exported(ProgramModule(program), example, ({0: torch.export.Dim("batch")},), opset)
     proto.doc_string = "fcexport classifier: float32 pixels in [0, 1] (N, C, H, W) -> logits (N, classes)"
     del proto.metadata_props[:]
     for key, value in spec.to_dict().items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
+
+
+def layer_tap_bytes(program, input_shape, batch: int, opset: int = ExportSettings.opset) -> bytes:
+    """The same export of fcexport.program.LayerTap (every layer's output besides the logits, in one tensor) for a
+    fixed batch: the copy verify runs through a failing row's runtime to find the layer where it broke."""
+    import torch
+
+    from fcexport.program import LayerTap
+
+    return _exported(LayerTap(program), torch.rand(batch, *input_shape), None, opset).SerializeToString()
+
+
+def _exported(module, example, dynamic_shapes, opset: int):
+    import torch
+
+    try:
+        # torch.onnx and onnxscript print progress, and log notes about opset conversion on every call
+        with quiet_warnings(), quiet_loggers("torch.onnx", "onnxscript"), contextlib.redirect_stdout(io.StringIO()):
+            exported = torch.onnx.export(
+                module.eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False,
+            )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise FcxError(f"ONNX export failed ({type(exc).__name__}: {first}); try without fusing or another opset") from exc
+    return exported.model_proto
 
 
 def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> None:
@@ -53,3 +69,28 @@ def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> No
 
 EXPORTER = Exporter(name="onnx", files=(ONNX_FILE,), format="onnx", write=write, fingerprint=onnx_fingerprint,
                     summary="ONNX (opset >= 17, dynamic batch): onnxruntime, OpenVINO, Triton", describe=describe_onnx)
+
+
+def exported_layers(program, spec: ModelSpec, compile_onnx) -> tuple:
+    """A Predictor's `layers` for a runtime of ONNX files: (the checked program, layers(x)), where layers(x) runs
+    the program's LayerTap copy through `compile_onnx(bytes) -> run(x)` (the runtime, as it runs the artifact) and
+    splits its answer into each layer's output."""
+    import numpy as np
+    import torch
+
+    from fcexport.program import ProgramModule, layer_values
+
+    opset = spec.provenance.opset or ExportSettings.opset
+
+    def layers(x: np.ndarray) -> dict:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        shapes = {name: (kind, value.shape) for name, (kind, value) in layer_values(ProgramModule(program), torch.from_numpy(x)).items()}
+        flat = compile_onnx(layer_tap_bytes(program, spec.input_shape, len(x), opset))(x)
+        found, at = {}, len(spec.class_names)
+        for name, (kind, shape) in shapes.items():
+            size = int(np.prod(shape[1:]))
+            found[name] = (kind, flat[:, at : at + size].reshape(shape))
+            at += size
+        return found
+
+    return program, layers

@@ -42,13 +42,26 @@ def providers(device: str) -> list:
 
 def open_onnx(files: tuple[Path, ...], device: str, checks: Checks, backend: str) -> Predictor:
     """Read the file once; check those bytes (bounds, then `checks`), run those bytes."""
-    import onnxruntime as ort
-
     path = files[0]
     data = checks.read(path, MAX_ONNX_BYTES)
     model = check_onnx_model(data, path)
     spec = read_onnx_spec({p.key: p.value for p in model.metadata_props}, path)
     checks.vet(path, backend, spec, onnx_fingerprint(model))
+    session = _session(data, path, device)
+    declared = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape[1:]]
+    if declared != list(spec.input_shape):
+        raise FcxError(f"{path}: the model's input is {declared} but its metadata says {list(spec.input_shape)}")
+    layers = None
+    if checks.source is not None:  # verify: a failing row can name the layer where it broke
+        from fcexport.targets.onnx import exported_layers
+
+        layers = exported_layers(checks.source(spec), spec, lambda tap: _runner(_session(tap, path, device), path))
+    return Predictor(backend, device, path, _runner(session, path), spec, layers=layers)
+
+
+def _session(data: bytes, path: Path, device: str):
+    import onnxruntime as ort
+
     try:
         session = ort.InferenceSession(data, session_options(), providers=providers(device))
     except DeviceUnavailable:
@@ -57,9 +70,11 @@ def open_onnx(files: tuple[Path, ...], device: str, checks: Checks, backend: str
         raise FcxError(f"{path}: not a valid ONNX model ({type(exc).__name__})", hint="export") from exc
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise DeviceUnavailable("onnxruntime could not start its CUDA provider", hint="cpu")
-    declared = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape[1:]]
-    if declared != list(spec.input_shape):
-        raise FcxError(f"{path}: the model's input is {declared} but its metadata says {list(spec.input_shape)}")
+    return session
+
+
+def _runner(session, path: Path):
+    """x -> the session's first output."""
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -69,7 +84,7 @@ def open_onnx(files: tuple[Path, ...], device: str, checks: Checks, backend: str
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise FcxError(f"{path}: onnxruntime could not run the model on a batch of {len(x)}: {first}") from exc
 
-    return Predictor(backend, device, path, run, spec)
+    return run
 
 
 RUNTIME = Runtime(

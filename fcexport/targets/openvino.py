@@ -27,8 +27,6 @@ def _missing() -> str | None:
 def open_openvino(files: tuple[Path, ...], device: str, checks: Checks, backend: str, precision: str = "f32") -> Predictor:
     """Read the file once; check those bytes (bounds, then `checks`); compile those bytes for the CPU, computing in
     `precision` (f32: exact; bf16: see openvino_bf16)."""
-    import openvino
-
     path = files[0]
     data = checks.read(path, MAX_ONNX_BYTES)
     model = check_onnx_model(data, path)
@@ -37,6 +35,20 @@ def open_openvino(files: tuple[Path, ...], device: str, checks: Checks, backend:
     declared = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     if declared != list(spec.input_shape):  # known from the checked graph, before OpenVINO sizes anything
         raise FcxError(f"{path}: the model's input is {declared} but its metadata says {list(spec.input_shape)}")
+    request = _compiled(data, path, precision)
+    layers = None
+    if checks.source is not None and precision == "f32":  # verify: a failing row can name the layer where it broke
+        from fcexport.targets.onnx import exported_layers
+
+        layers = exported_layers(checks.source(spec), spec, lambda tap: _runner(_compiled(tap, path, precision), path))
+    return Predictor(backend, device, path, _runner(request, path), spec, precision="float32" if precision == "f32" else precision,
+                     layers=layers)
+
+
+def _compiled(data: bytes, path: Path, precision: str):
+    """An infer request of the ONNX bytes compiled for the CPU in `precision`."""
+    import openvino
+
     config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": min(4, os.cpu_count() or 1)}
     try:
         core = openvino.Core()
@@ -47,7 +59,10 @@ def open_openvino(files: tuple[Path, ...], device: str, checks: Checks, backend:
     chosen = compiled.get_property("INFERENCE_PRECISION_HINT")
     if chosen != getattr(openvino.Type, precision):
         raise DeviceUnavailable(f"this CPU cannot compute in {precision}: OpenVINO chose {chosen.get_type_name()}")
+    return request
 
+
+def _runner(request, path: Path):
     def run(x: np.ndarray) -> np.ndarray:
         try:
             request.infer({0: x})
@@ -55,7 +70,7 @@ def open_openvino(files: tuple[Path, ...], device: str, checks: Checks, backend:
         except Exception as exc:
             raise Unsupported(f"OpenVINO could not run {path.name} on a batch of {len(x)}: {_first_line(exc)}") from exc
 
-    return Predictor(backend, device, path, run, spec, precision="float32" if precision == "f32" else precision)
+    return run
 
 
 def _first_line(exc: Exception) -> str:

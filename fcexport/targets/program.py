@@ -14,7 +14,7 @@ from fcexport.spec import ModelSpec
 from fcexport.targets import Checks, Predictor, Runtime, exact_float32, module_predictor
 
 
-def program_predictor(program, backend: str, device: str, source: Path, spec: ModelSpec, batch: int = 256) -> Predictor:
+def program_predictor(program, backend: str, device: str, source: Path, spec: ModelSpec, batch: int | None = None) -> Predictor:
     """Run a program through a fresh interpreter of its own on `device` (the program itself is not moved)."""
     import torch
 
@@ -32,12 +32,15 @@ def program_predictor(program, backend: str, device: str, source: Path, spec: Mo
     return replace(predictor, layers=(program, layers))
 
 
-def float64_logits(program, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    """The reference: the program run in float64 on the CPU (every float32 tensor and op widened)."""
+def float64_logits(program, x: np.ndarray) -> np.ndarray:
+    """The reference: the program run in float64 on the CPU (every float32 tensor and op widened), in chunks of half
+    what a float32 call takes."""
     import torch
 
     from fcexport.program import ProgramModule
+    from fcexport.targets import chunk_size
 
+    batch = max(1, chunk_size(x.shape[1:]) // 2)
     module = ProgramModule(program).double().eval()
     with torch.inference_mode():
         parts = [module(torch.from_numpy(x[i : i + batch]).double()).numpy() for i in range(0, len(x), batch)]
