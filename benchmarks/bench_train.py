@@ -48,7 +48,8 @@ def naive_samples_per_second(root: str, epochs: int) -> float:
 
 def fcexport_samples_per_second(root: str, epochs: int) -> float:
     from fcexport.data import load_dataset, train_val_split
-    from fcexport.training import TrainOptions, build_for, fit
+    from fcexport.models import build_for
+    from fcexport.training import TrainOptions, fit
 
     opts = TrainOptions(data_root=root, epochs=epochs, device="cpu", flip=True).with_arch_defaults()
     dataset = load_dataset("fashion-mnist", root)

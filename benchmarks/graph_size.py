@@ -5,7 +5,7 @@
 Prints seconds per step (import, read + fuse, TorchScript export, ONNX export) for each N: compare the
 per-node costs across N in one run (these machines are noisy)."""
 
-import sys
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -47,9 +47,12 @@ def measure(n: int, folder: Path) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("nodes", nargs="*", type=int, default=[1000, 4000], help="chain lengths [1000 4000]")
+    args = parser.parse_args()
     print("| nodes | import s | read + fuse s | TorchScript s | ONNX s | ONNX ms/node |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for n in [int(a) for a in sys.argv[1:]] or [1000, 4000]:
+    for n in args.nodes:
         with tempfile.TemporaryDirectory() as tmp:
             r = measure(n, Path(tmp))
         print(f"| {r['nodes']:,} | {r['import']:.1f} | {r['read + fuse']:.1f} | {r['torchscript']:.1f} | {r['onnx']:.1f} | "

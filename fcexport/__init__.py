@@ -1,7 +1,8 @@
 """fcexport: ship small image classifiers as verified TorchScript and ONNX artifacts.
 
 Ways in: `import_model(module, input_shape, ...)` for a live nn.Module, `import_weights(...)` for a
-state dict plus the model's code, `train(TrainOptions(...))`. Each writes ARTIFACTS/model.pt, which
+state dict plus the model's code, `import_pretrained(folder_or_module)` for a Hugging Face folder or a
+transformers / timm model with what it says about itself, `train(TrainOptions(...))`. Each writes ARTIFACTS/model.pt, which
 `fuse`, `export`, `verify`, `bench` and `predict` take from there; `fuse_batchnorm(module, x)` folds
 BatchNorm in any module torch.export can export. Each function is also an `fcx` command.
 
@@ -15,6 +16,7 @@ __version__ = "0.3.0"
 _EXPORTS = {
     "import_model": "fcexport.pipeline",
     "import_weights": "fcexport.pipeline",
+    "import_pretrained": "fcexport.pipeline",
     "train": "fcexport.pipeline",
     "fuse": "fcexport.pipeline",
     "export": "fcexport.pipeline",

@@ -100,6 +100,12 @@ def load_model(path: str | Path):
 def read_file(path: Path) -> bytes:
     """The whole file, once, after its size and its zip directory (files.zip_directory: the records must account for
     the file) are checked without reading its records; missing, empty and oversized files are named."""
+    _check_size(path)
+    zip_directory(path, path, MAX_RECORDS)
+    return read_bytes(path, MAX_FILE_BYTES)
+
+
+def _check_size(path: Path) -> None:
     if not path.is_file():
         raise FcxError(f"{path}: file not found", hint="train-or-import")
     size = path.stat().st_size
@@ -107,8 +113,61 @@ def read_file(path: Path) -> bytes:
         raise FcxError(f"{path}: file is empty")
     if size > MAX_FILE_BYTES:
         raise FcxError(f"{path}: {size:,} bytes is larger than fcexport reads ({MAX_FILE_BYTES:,})")
-    zip_directory(path, path, MAX_RECORDS)
+
+
+def _read_sized(path: Path) -> bytes:
+    _check_size(path)
     return read_bytes(path, MAX_FILE_BYTES)
+
+
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+MAX_SAFETENSORS_HEADER = 100 << 20  # the library's own limit
+
+
+def load_safetensors(data: bytes, path: Path) -> dict:
+    """The tensors of a .safetensors file's bytes, after its header is checked: a JSON table whose every tensor has
+    a known dtype, a shape whose size matches its byte range, and ranges that lie inside the file without
+    overlapping (so nothing larger than the file is ever allocated)."""
+    import math
+
+    def bad(why: str) -> FcxError:
+        return FcxError(f"{path}: not a readable safetensors file ({why}); save it again with safetensors", hint="import")
+
+    if len(data) < 8:
+        raise bad("truncated before its header")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(MAX_SAFETENSORS_HEADER, len(data) - 8):
+        raise bad(f"its header says {size:,} bytes, the file holds {len(data) - 8:,} after the length")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"its header is not JSON: {type(exc).__name__}") from exc
+    if not isinstance(header, dict):
+        raise bad("its header is not a table")
+    body, ranges = len(data) - 8 - size, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES and isinstance(entry.get("shape"), list)
+                and len(entry["shape"]) <= 8 and all(type(v) is int and v >= 0 for v in entry["shape"])
+                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+                and all(type(v) is int for v in entry["data_offsets"])):
+            raise bad(f"tensor {str(name)[:80]!r} has no valid dtype, shape and offsets")
+        begin, end = entry["data_offsets"]
+        if not 0 <= begin <= end <= body:
+            raise bad(f"tensor {str(name)[:80]!r} lies outside the file (bytes {begin:,}-{end:,} of {body:,})")
+        if end - begin != math.prod(entry["shape"]) * SAFETENSORS_DTYPES[entry["dtype"]]:
+            raise bad(f"tensor {str(name)[:80]!r}: shape {entry['shape']} does not fill bytes {begin:,}-{end:,}")
+        ranges.append((begin, end))
+    ranges.sort()
+    if any(later[0] < earlier[1] for earlier, later in zip(ranges, ranges[1:])):
+        raise bad("two tensors share bytes")
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as exc:  # its own SafetensorError for what the checks above do not cover
+        raise bad(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
 def check_archive(data: bytes, path: Path) -> None:
@@ -129,8 +188,13 @@ def is_torchscript(data: bytes) -> bool:
 
 
 def load_weights_file(path: Path) -> tuple[object, str]:
-    """A user's weights file, read once: (torch.load(weights_only=True) of its checked bytes, their sha256).
-    TorchScript, torch.export programs and pickled whole models are refused by name with the way in."""
+    """A user's weights file, read once: (its state dict, the sha256 of its bytes). A .safetensors file is read by
+    the safetensors library (which never unpickles) after its header is checked; anything else is torch.save's zip,
+    loaded with torch.load(weights_only=True). TorchScript, torch.export programs and pickled whole models are
+    refused by name with the way in."""
+    if path.suffix.lower() == ".safetensors":
+        data = _read_sized(path)
+        return load_safetensors(data, path), hashlib.sha256(data).hexdigest()
     data = read_file(path)
     if path.suffix.lower() == ".pt2":
         raise FcxError(f"{path}: a torch.export program is compiled code, not weights; save model.state_dict() "

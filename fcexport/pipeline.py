@@ -158,6 +158,18 @@ def import_model(
     return Path(artifacts) / names.MODEL
 
 
+def import_pretrained(source, artifacts: str | Path = "artifacts", input_shape=None, class_names: list[str] | None = None,
+                      mean=None, std=None) -> Path:
+    """`fcx import DIR`: a model as libraries ship it -> ARTIFACTS/model.pt: a Hugging Face folder (save_pretrained:
+    config.json, safetensors or pytorch_model.bin, preprocessor_config.json), or a live transformers or timm model;
+    class names, mean / std and input size from the model's own files and config unless given."""
+    from fcexport.sources import from_pretrained
+
+    program, spec = from_pretrained(source, input_shape, class_names, mean, std)
+    _save_model(program, spec, Path(artifacts))
+    return Path(artifacts) / names.MODEL
+
+
 def _fit(dataset, opts, log_epoch):
     """(TrainResult, model config, cross-validation summary or None) for `fcx train`'s options."""
     from fcexport.data import train_val_split

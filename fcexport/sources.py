@@ -342,3 +342,136 @@ def _import_location(location: str):
         raise FcxError(f"cannot import {location!r} ({type(exc).__name__}: {exc}); for a file, write FILE.py:NAME") from exc
     except Exception as exc:
         raise FcxError(f"cannot import {location!r} ({type(exc).__name__}: {exc})") from exc
+
+
+# ---- models as the ecosystem ships them ------------------------------------------------------
+
+HF_CONFIG, HF_PREPROCESSOR = "config.json", "preprocessor_config.json"
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+MAX_JSON_BYTES = 4 << 20
+MAX_SHARDS = 256
+
+
+def from_pretrained(source, input_shape=None, class_names: list[str] | None = None, mean=None, std=None) -> tuple[Program, ModelSpec]:
+    """A model as libraries ship it, with what it says about itself: a Hugging Face folder (`save_pretrained`:
+    config.json naming an installed `transformers` class, safetensors or pytorch_model.bin weights, optional
+    preprocessor_config.json), a live transformers model (its config), or a live timm model (its pretrained_cfg).
+    Class names, mean / std and input size come from there unless given. Never runs code from the folder."""
+    if isinstance(source, nn.Module):
+        return from_module(source, *_described(source, None, input_shape, class_names, mean, std))
+    folder = Path(source)
+    module, described, architecture = _hf_folder(folder)
+    return from_module(module, *_described(module, described, input_shape, class_names, mean, std), architecture)
+
+
+def _hf_folder(folder: Path) -> tuple[nn.Module, dict, dict]:
+    """(the model with the folder's weights loaded, its preprocessor config or {}, what to record of where it came from)."""
+    from fcexport.checkpoint import load_weights_file
+
+    config = _json_file(folder / HF_CONFIG)
+    if "auto_map" in config or config.get("trust_remote_code"):
+        raise FcxError(f"{folder / HF_CONFIG}: the model asks for the folder's own code (auto_map, trust_remote_code); "
+                       "fcexport never runs code from a model folder: import it with --model-def and code you have read")
+    named = config.get("architectures")
+    if not (isinstance(named, list) and len(named) == 1 and isinstance(named[0], str)):
+        raise FcxError(f"{folder / HF_CONFIG}: `architectures` must name the one model class, got {str(named)[:100]}")
+    try:
+        import transformers
+        import transformers.utils.logging
+    except ImportError as exc:
+        raise FcxError(f"{folder}: a Hugging Face model folder needs transformers (pip install transformers)") from exc
+    cls = getattr(transformers, named[0], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise FcxError(f"{folder / HF_CONFIG}: {named[0][:100]} is not a model class of the installed transformers "
+                       f"{transformers.__version__}")
+    weights = next((folder / name for name in HF_WEIGHTS if (folder / name).is_file()), None)
+    if weights is None:
+        raise FcxError(f"{folder}: no weights ({', '.join(HF_WEIGHTS)})")
+    shards = _shards(weights) if weights.name.endswith(".index.json") else [weights]
+    state_dict, digests = {}, []
+    for shard in shards:  # each read once, bounded and hashed here; transformers only renames what was read
+        loaded, digest = load_weights_file(shard)
+        state_dict.update(find_state_dict(loaded, shard))
+        digests.append(digest)
+    try:  # transformers maps the checkpoint's names to its current modules (they change between versions)
+        transformers.utils.logging.disable_progress_bar()
+        verbosity = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()
+        try:
+            module, info = cls.from_pretrained(None, config=cls.config_class.from_dict(config), state_dict=state_dict,
+                                               output_loading_info=True)
+        finally:
+            transformers.utils.logging.set_verbosity(verbosity)
+    except Exception as exc:
+        raise FcxError(f"{folder}: {named[0]} cannot be built from it ({type(exc).__name__}: {_first_line(exc)})") from exc
+    problems = [f"{label} ({len(keys)}): {', '.join(map(str, list(keys)[:3]))}" for label, keys in
+                (("missing", info.get("missing_keys")), ("unexpected", info.get("unexpected_keys")),
+                 ("shape mismatch", info.get("mismatched_keys"))) if keys]
+    if problems:
+        raise FcxError(f"{weights}: weights do not match {named[0]}: {'; '.join(problems)}")
+    described = {"config": config, "preprocessor": _json_file(folder / HF_PREPROCESSOR) if (folder / HF_PREPROCESSOR).is_file() else {}}
+    architecture = {"transformers": named[0], "folder": folder.name, "weights": [s.name for s in shards], "weights_sha256": digests}
+    return module.eval(), described, architecture
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _shards(index: Path) -> list[Path]:
+    """The weight files a sharded checkpoint's index names, each in the folder."""
+    mapping = _json_file(index).get("weight_map")
+    files = sorted(set(mapping.values())) if isinstance(mapping, dict) and all(isinstance(v, str) for v in mapping.values()) else None
+    if not files or len(files) > MAX_SHARDS or any(Path(f).name != f for f in files):
+        raise FcxError(f"{index}: its weight_map must name up to {MAX_SHARDS} files in the folder")
+    return [index.parent / f for f in files]
+
+
+def _json_file(path: Path) -> dict:
+    from fcexport.targets import read_bytes
+
+    try:
+        found = json.loads(read_bytes(path, MAX_JSON_BYTES))
+    except (ValueError, RecursionError) as exc:
+        raise FcxError(f"{path}: not valid JSON ({type(exc).__name__})") from exc
+    if not isinstance(found, dict):
+        raise FcxError(f"{path}: not a JSON object")
+    return found
+
+
+def _described(module: nn.Module, described: dict | None, input_shape, class_names, mean, std) -> tuple:
+    """(input_shape, class_names, mean, std): the given ones, else what the model and its files say."""
+    pretrained = getattr(module, "pretrained_cfg", None) or {}  # timm
+    config = (described or {}).get("config") or getattr(getattr(module, "config", None), "to_dict", dict)()
+    processor = (described or {}).get("preprocessor") or {}
+    if class_names is None and isinstance(config.get("id2label"), dict):
+        labels = {int(k): str(v) for k, v in config["id2label"].items() if str(k).lstrip("-").isdigit()}
+        class_names = [labels[i] for i in range(len(labels))] if sorted(labels) == list(range(len(labels))) else None
+    if mean is None and std is None:
+        if processor.get("image_mean") is not None and processor.get("do_normalize", True):
+            mean, std = processor["image_mean"], processor.get("image_std")
+        elif pretrained.get("mean") is not None:
+            mean, std = pretrained["mean"], pretrained.get("std")
+    if input_shape is None and pretrained.get("input_size"):
+        input_shape = tuple(pretrained["input_size"])
+    elif input_shape is None:
+        side = _processor_side(processor) or config.get("image_size")
+        side = side[0] if isinstance(side, (list, tuple)) and side else side
+        if not isinstance(side, int):
+            raise FcxError("the model does not say its input size: give it (--input-shape C,H,W)")
+        input_shape = (int(config.get("num_channels", 3)), side, side)
+    return input_shape, class_names, mean, std
+
+
+def _processor_side(processor: dict) -> int | None:
+    """The square side an image processor hands the model: its crop, else its resize."""
+    for key in (("crop_size",) if processor.get("do_center_crop") else ()) + ("size",):
+        value = processor.get(key)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, dict):
+            for field in ("height", "shortest_edge"):
+                if isinstance(value.get(field), int):
+                    return value[field]
+    return None

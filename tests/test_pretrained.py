@@ -1,0 +1,141 @@
+"""Models as the ecosystem ships them: a Hugging Face folder (save_pretrained), safetensors weights, a timm model's
+own pretrained_cfg; each imports with what it says about itself, and hostile safetensors files are refused."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import invoke
+from test_hostile import run_limited
+from test_import import write_course_model
+
+transformers = pytest.importorskip("transformers")
+
+CLASSES = {0: "cat", 1: "dog", 2: "bird"}
+FAMILIES = {  # small configs of three families: a CNN with BatchNorm, a ViT, a ConvNeXt
+    "MobileNetV2ForImageClassification": {"image_size": 32, "depth_multiplier": 0.35},
+    "ViTForImageClassification": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+                                  "num_attention_heads": 2, "intermediate_size": 64},
+    "ConvNextForImageClassification": {"image_size": 32, "hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2},
+}
+
+
+def save_pretrained(folder: Path, name: str, **preprocessor) -> Path:
+    """A folder as `model.save_pretrained` and `processor.save_pretrained` write it: random weights, safetensors."""
+    cls = getattr(transformers, name)
+    torch.manual_seed(0)
+    model = cls(cls.config_class(num_labels=3, id2label=CLASSES, label2id={v: k for k, v in CLASSES.items()}, **FAMILIES[name]))
+    for module in model.modules():  # BatchNorm statistics that folding must carry
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    model.eval().save_pretrained(folder)
+    transformers.ViTImageProcessor(**{"size": {"height": 32, "width": 32}, "image_mean": [0.5, 0.4, 0.3],
+                                      "image_std": [0.2, 0.25, 0.3], **preprocessor}).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_save_pretrained_folder_imports_with_no_other_flag_and_verifies(name, runner, tmp_path):
+    folder = save_pretrained(tmp_path / "model", name)
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+    art = tmp_path / "art"
+    r = invoke(runner, "import", folder, "--artifacts", art)
+    assert r.exit_code == 0, r.output
+    from fcexport.checkpoint import read_model
+
+    spec = read_model(art / "model.pt").spec
+    assert list(spec.class_names) == ["cat", "dog", "bird"] and list(spec.input_shape) == [3, 32, 32]
+    assert spec.normalization.mean == pytest.approx([0.5, 0.4, 0.3]) and spec.normalization.std == pytest.approx([0.2, 0.25, 0.3])
+    assert spec.architecture.details["transformers"] == name
+    for args in (("fuse-bn", "--verify", "--inputs", "64"), ("export", "--format", "onnx"),
+                 ("verify", "--backends", "fused,onnxruntime", "--devices", "cpu", "--inputs", "64")):
+        r = invoke(runner, *args, "--artifacts", art)
+        assert r.exit_code == 0, (args, r.output)
+
+
+def test_the_same_from_python_and_a_live_timm_model_brings_its_own_pretrained_cfg(tmp_path):
+    import fcexport
+
+    folder = save_pretrained(tmp_path / "model", "MobileNetV2ForImageClassification", size={"height": 48, "width": 48})
+    _, spec = fcexport.load_model(fcexport.import_pretrained(folder, tmp_path / "a"))
+    assert list(spec.input_shape) == [3, 48, 48] and list(spec.class_names) == ["cat", "dog", "bird"]
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=4)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 40, 40)}
+    _, spec = fcexport.load_model(fcexport.import_pretrained(model, tmp_path / "b"))
+    assert list(spec.input_shape) == [3, 40, 40] and spec.normalization.mean == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_a_folder_asking_for_its_own_code_is_refused(runner, tmp_path):
+    folder = save_pretrained(tmp_path / "model", "ViTForImageClassification")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForImageClassification": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_evil.py").write_text("raise SystemExit('the folder ran its code')\n")
+    r = invoke(runner, "import", folder, "--artifacts", tmp_path / "art")
+    assert r.exit_code == 2 and "trust_remote_code" in r.stderr and "never runs code from a model folder" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "art" / "model.pt").exists()
+    config["architectures"] = ["os.system"]
+    del config["auto_map"]
+    (folder / "config.json").write_text(json.dumps(config))
+    r = invoke(runner, "import", folder, "--artifacts", tmp_path / "art")
+    assert r.exit_code == 2 and "is not a model class of the installed transformers" in r.stderr
+
+
+def test_safetensors_weights_import_like_a_state_dict(runner, tmp_path):
+    from safetensors.torch import save_file
+
+    _, model = write_course_model(tmp_path)
+    save_file(model.state_dict(), tmp_path / "course.safetensors")
+    r = invoke(runner, "import", tmp_path / "course.safetensors", "--model-def", f"{tmp_path}/course_model.py:course_mlp",
+               "--input-shape", "1,8,8", "--artifacts", tmp_path / "art")
+    assert r.exit_code == 0, r.output
+
+
+def safetensors_file(path: Path, header: dict, body: bytes = b"", declared: int | None = None) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text) if declared is None else declared) + text + body)
+    return path
+
+
+HOSTILE = {
+    "truncated header": lambda p: safetensors_file(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, declared=1 << 40),
+    "lying offset": lambda p: safetensors_file(p, {"0.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                                                   "0.bias": {"dtype": "F32", "shape": [4], "data_offsets": [1 << 40, (1 << 40) + 16]}},
+                                               b"\0" * 32),
+    "10 GB tensor": lambda p: safetensors_file(p, {"0.weight": {"dtype": "F32", "shape": [50_000, 50_000], "data_offsets": [0, 10**10]}},
+                                               b"\0" * 64),
+    "overlapping tensors": lambda p: safetensors_file(p, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                                                          "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24),
+    "not json": lambda p: (p.write_bytes(struct.pack("<Q", 5) + b"{{{{{"), p)[1],
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_safetensors_exit_2_bounded(case, tmp_path):
+    write_course_model(tmp_path)
+    path = HOSTILE[case](tmp_path / "bad.safetensors")
+    r = run_limited("import", path, "--model-def", f"{tmp_path}/course_model.py:course_mlp", "--input-shape", "1,8,8",
+                    "--artifacts", tmp_path / "art")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a readable safetensors file" in lines[0] and str(path) in lines[0], lines
+    assert not (tmp_path / "art" / "model.pt").exists()
+
+
+def test_an_honest_safetensors_file_is_checked_tensor_by_tensor():
+    from safetensors.torch import save
+
+    from fcexport.checkpoint import load_safetensors
+
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16),
+               "n": torch.tensor([3], dtype=torch.int64)}
+    loaded = load_safetensors(save(tensors), Path("x.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert np.array_equal(loaded["w"].numpy(), np.arange(6).reshape(2, 3))
