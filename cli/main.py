@@ -184,8 +184,8 @@ def train(
 @handle_errors
 def import_(
     weights: Annotated[Path, typer.Argument(metavar="WEIGHTS", help="State dict (torch.save of model.state_dict(), a checkpoint nesting one, or .safetensors), or a Hugging Face model folder (save_pretrained)")],
-    model_def: Annotated[Optional[str], typer.Option("--model-def", help="FILE.py:NAME or package.module:NAME: an nn.Module class or factory. This is your own code: it runs once, here [a folder: its config.json's class]")] = None,
-    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="C,H,W of one input image, e.g. 1,28,28 or 3,224,224 [a folder: its own]")] = None,
+    model_def: Annotated[Optional[str], typer.Option("--model-def", help="FILE.py:NAME, package.module:NAME or timm:NAME: an nn.Module class or factory. This is your own code: it runs once, here [a folder: its config.json's class]")] = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="C,H,W of one input image, e.g. 1,28,28 or 3,224,224 [the model's own where it says it: timm, a folder]")] = None,
     model_args: Annotated[Optional[str], typer.Option("--model-args", help='Keyword arguments for NAME as a JSON object, e.g. \'{"num_classes": 10}\'')] = None,
     key: Annotated[Optional[str], typer.Option("--key", help="Key of the state dict inside a training checkpoint [default: found automatically]")] = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated names, a text file (one per line), or fashion-mnist, mnist, kmnist, digits [default: 0..N-1]")] = None,
@@ -216,9 +216,9 @@ def import_(
 
         shape = parse_input_shape(input_shape) if input_shape is not None else None
         path = import_pretrained(weights, artifacts, shape, parse_class_names(classes), mean_values, std_values)
-    elif model_def is None or input_shape is None:
-        raise FcxError(f"{weights}: a weights file needs --model-def and --input-shape (a Hugging Face model folder "
-                       "needs neither)")
+    elif model_def is None:
+        raise FcxError(f"{weights}: a weights file needs --model-def (and --input-shape unless the model says its own, "
+                       "as timm models do); a Hugging Face model folder needs neither")
     else:
         path = import_weights(weights, model_def, input_shape, kwargs, key, parse_class_names(classes), mean_values, std_values, artifacts)
     render.import_summary(path)

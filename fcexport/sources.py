@@ -107,7 +107,7 @@ def from_state_dict(
         "weights": weights.name,
         "weights_sha256": weights_sha256,
     }
-    return from_module(module, input_shape, class_names, mean, std, architecture)
+    return from_module(module, *_described(module, None, input_shape, class_names, mean, std), architecture)
 
 
 def from_state_dict_isolated(weights, model_def: str, input_shape, model_args: dict | None = None, key: str | None = None,
@@ -151,7 +151,8 @@ def from_state_dict_isolated(weights, model_def: str, input_shape, model_args: d
 
 def _check_arguments(weights, model_def: str, input_shape, mean, std) -> None:
     """What can be checked without the user's code: the shape, the normalisation, that the files are there."""
-    _normalization(mean, std, parse_input_shape(input_shape)[0])
+    if input_shape is not None:  # else the model's own (timm's pretrained_cfg, a transformers config) says it
+        _normalization(mean, std, parse_input_shape(input_shape)[0])
     if not Path(weights).is_file():
         raise FcxError(f"{weights}: weights file not found")
     split_model_def(model_def)
@@ -309,6 +310,10 @@ def build_user_model(model_def: str, model_args: dict) -> nn.Module:
         raise FcxError(f"model arguments must be a JSON object of keyword arguments, got {json.dumps(model_args)}")
     namespace = _import_location(location)
     factory = getattr(namespace, name, None)
+    if location == "timm" and factory is None and hasattr(namespace, "create_model"):  # timm:NAME, any timm model
+        if not namespace.is_model(name):
+            raise FcxError(f"timm has no model named {name!r} (timm.list_models() lists them)")
+        factory = lambda **kwargs: namespace.create_model(name, pretrained=False, **kwargs)  # noqa: E731
     if factory is None or not callable(factory):
         raise FcxError(f"{location}: defines no class or function named {name!r}")
     try:
@@ -442,8 +447,9 @@ def _json_file(path: Path) -> dict:
 
 def _described(module: nn.Module, described: dict | None, input_shape, class_names, mean, std) -> tuple:
     """(input_shape, class_names, mean, std): the given ones, else what the model and its files say."""
-    pretrained = getattr(module, "pretrained_cfg", None) or {}  # timm
-    config = (described or {}).get("config") or getattr(getattr(module, "config", None), "to_dict", dict)()
+    pretrained = getattr(module, "pretrained_cfg", None)  # timm
+    pretrained = pretrained if isinstance(pretrained, dict) else {}
+    config = (described or {}).get("config") or _config_dict(module)
     processor = (described or {}).get("preprocessor") or {}
     if class_names is None and isinstance(config.get("id2label"), dict):
         labels = {int(k): str(v) for k, v in config["id2label"].items() if str(k).lstrip("-").isdigit()}
@@ -462,6 +468,16 @@ def _described(module: nn.Module, described: dict | None, input_shape, class_nam
             raise FcxError("the model does not say its input size: give it (--input-shape C,H,W)")
         input_shape = (int(config.get("num_channels", 3)), side, side)
     return input_shape, class_names, mean, std
+
+
+def _config_dict(module: nn.Module) -> dict:
+    """A transformers model's config as a dict, else {}."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return {}
+    found = module.config.to_dict() if isinstance(module, PreTrainedModel) else {}
+    return found if isinstance(found, dict) else {}
 
 
 def _processor_side(processor: dict) -> int | None:

@@ -139,3 +139,24 @@ def test_an_honest_safetensors_file_is_checked_tensor_by_tensor():
     loaded = load_safetensors(save(tensors), Path("x.safetensors"))
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
     assert np.array_equal(loaded["w"].numpy(), np.arange(6).reshape(2, 3))
+
+
+def test_a_timm_name_takes_input_size_and_normalisation_from_its_pretrained_cfg(runner, tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from fcexport.checkpoint import read_model
+
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    r = invoke(runner, "import", tmp_path / "w.safetensors", "--model-def", "timm:test_efficientnet",
+               "--model-args", '{"num_classes": 3}', "--artifacts", tmp_path / "art")
+    assert r.exit_code == 0, r.output
+    spec = read_model(tmp_path / "art" / "model.pt").spec
+    assert list(spec.input_shape) == list(model.pretrained_cfg["input_size"])
+    assert spec.normalization.mean == pytest.approx(model.pretrained_cfg["mean"])
+    r = invoke(runner, "import", tmp_path / "w.safetensors", "--model-def", "timm:no_such_net", "--artifacts", tmp_path / "x")
+    assert r.exit_code == 2 and "timm has no model named 'no_such_net'" in r.stderr
+    _, course = write_course_model(tmp_path)
+    r = invoke(runner, "import", tmp_path / "course.pt", "--model-def", f"{tmp_path}/course_model.py:course_mlp", "--artifacts", tmp_path / "y")
+    assert r.exit_code == 2 and "give it (--input-shape C,H,W)" in r.stderr
