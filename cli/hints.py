@@ -38,7 +38,8 @@ def with_hint(message: str, hint: str | None, artifacts=None) -> str:
     """The message and the command that fixes it; a folder the user chose (`artifacts`) goes into that command."""
     command = command_for(hint)
     if command and artifacts is not None and Path(artifacts) != Path("artifacts"):
-        command = re.sub(r"`(fcx [^`]*)`", lambda m: f"`{m.group(1)} --artifacts {shlex.quote(str(artifacts))}`", command)
+        command = re.sub(r"`(fcx (?![^`]*--help)[^`]*)`",  # (a help page takes no folder)
+                         lambda m: f"`{m.group(1)} --artifacts {shlex.quote(str(artifacts))}`", command)
     return f"{message}; {command}" if command else message
 
 

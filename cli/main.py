@@ -215,12 +215,15 @@ def import_(
         from fcexport.sources import parse_input_shape
 
         shape = parse_input_shape(input_shape) if input_shape is not None else None
-        path = import_pretrained(weights, artifacts, shape, parse_class_names(classes), mean_values, std_values)
+        with render.steps("import") as on_step:
+            path = import_pretrained(weights, artifacts, shape, parse_class_names(classes), mean_values, std_values, on_step)
     elif model_def is None:
         raise FcxError(f"{weights}: a weights file needs --model-def (and --input-shape unless the model says its own, "
                        "as timm models do); a Hugging Face model folder needs neither")
     else:
-        path = import_weights(weights, model_def, input_shape, kwargs, key, parse_class_names(classes), mean_values, std_values, artifacts)
+        with render.steps("import") as on_step:
+            path = import_weights(weights, model_def, input_shape, kwargs, key, parse_class_names(classes), mean_values,
+                                  std_values, artifacts, on_step)
     render.import_summary(path)
 
 

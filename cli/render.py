@@ -162,7 +162,7 @@ def train_summary(result: dict) -> None:
     m = result["metrics"]
     items = {
         "dataset": result["dataset"],
-        "test accuracy": f"{m['test_accuracy']:.2%}",
+        f"test accuracy on the {m['test_images']:,} test images": f"{m['test_accuracy']:.2%}",
         "best validation accuracy": f"{m['val_accuracy']:.2%}" if m["val_accuracy"] is not None else None,
         "best epoch": f"{m['best_epoch']} of {m['epochs_run']}",
         "training time": f"{m['train_seconds']:.1f} s on {m['device']}",
@@ -238,7 +238,7 @@ def comparison_table(title: str, report, wide: bool = False, artifacts=None) -> 
     if report.weak:
         warning(report.weak)
     out.print(f"pass: {report.criterion}; model.pt's own float32 error {report.own_float32_error:.1e}"
-              + (f"; reference accuracy {ref:.2%}" if ref is not None else ""), highlight=False)
+              + (f"; model.pt's accuracy on those test images (float64) {ref:.2%}" if ref is not None else ""), highlight=False)
     own_rules = {r.backend: r.value("noise_factor") for r in report.rows
                  if r.value("noise_factor") not in (None, report.tolerance.factor)}
     if own_rules:  # a runtime with float32 kernels of its own carries its own calibrated factor
@@ -286,7 +286,10 @@ def fuse_summary(result, wide: bool = False) -> None:
     table("folds", ["layer", "into", "how"], rows)
     key_values("fcx fuse-bn", {
         "parameters": f"{rep.parameters_before:,} -> {rep.parameters_after:,}",
-        f"batch-1 latency ({result.device}, p50)": f"{duration(result.latency_before_ms)} -> {duration(result.latency_after_ms)}",
+        f"batch-1 latency, interpreter ({result.device}, p50)": (
+            f"{duration(result.latency_before_ms)} -> {duration(result.latency_after_ms)}"
+            if result.latency_before_ms is not None and result.latency_after_ms is not None
+            else "left out: too slow to time fairly in a second (fcx bench times the exported files)"),
         "written": result.output if result.written else "nothing (verification failed)",
     })
     for note in rep.notes:
@@ -398,7 +401,11 @@ def inspection(result) -> None:
                 "fused": f"yes, {len(made.folds)} folds" + (f", {len(made.left)} left" if made.left else "") if made.fused else "no",
             }
             if made.source:
-                items["made from"] = f"{made.source} (sha256 {str(made.source_sha256)[:12]})" + (f", opset {made.opset}" if made.opset else "")
+                from fcexport import registry
+
+                exporter = registry.exporters().get(report.artifact)
+                opset = f", opset {made.opset}" if made.opset and exporter is not None and exporter.format == "onnx" else ""
+                items["made from"] = f"{made.source} (sha256 {str(made.source_sha256)[:12]}){opset}"
             if made.versions:
                 items["versions"] = ", ".join(f"{k} {v}" for k, v in made.versions.items())
         for key, value in report.details.items():

@@ -93,7 +93,12 @@ class Program:
         return users
 
     def parameter_count(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
+        """The values a model learns, as torch's model.parameters() counts them: every tensor but BatchNorm's
+        running statistics and the input normalisation's constants (so fcx train, fuse-bn and inspect agree)."""
+        fixed = {getattr(a, "name", None) for n in self.nodes if n.layer_type == "Normalize" for a in n.args}
+        fixed |= {getattr(n.args[i], "name", None) for n in self.nodes
+                  if n.op == "aten._native_batch_norm_legit_no_training.default" for i in (3, 4)}
+        return sum(t.numel() for name, t in self.tensors.items() if name not in fixed)
 
     def without_unused(self) -> "Program":
         """Drop nodes whose values nobody reads and tensors no node reads."""

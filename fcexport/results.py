@@ -155,14 +155,15 @@ class BenchRow:
 
 @dataclass(frozen=True)
 class FuseResult:
-    """fcx fuse-bn: what was folded (fcexport.folding.FuseReport), batch-1 latency before and after, the
-    verification when asked for, and whether the fused model was written."""
+    """fcx fuse-bn: what was folded (fcexport.folding.FuseReport), batch-1 latency before and after in fcexport's
+    interpreter (None: too slow to time fairly in a second), the verification when asked for, and whether the fused
+    model was written."""
 
     source: str
     output: str
     report: Any  # fcexport.folding.FuseReport
-    latency_before_ms: float
-    latency_after_ms: float
+    latency_before_ms: float | None
+    latency_after_ms: float | None
     device: str
     verification: ParityReport | None
     written: bool

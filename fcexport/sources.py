@@ -33,8 +33,10 @@ def from_module(
     mean=None,
     std=None,
     architecture: dict | None = None,
+    on_step=None,
 ) -> tuple[Program, ModelSpec]:
-    """Export an eval-mode copy of `module`, put (x - mean) / std in front of it, and describe it.
+    """Export an eval-mode copy of `module`, put (x - mean) / std in front of it, and describe it (`on_step` hears
+    each step).
 
     Everything a later step needs is checked here (the opset, argument types, shapes on the meta device),
     so a model that could not be stored fails now, naming the layer, rather than at a later step."""
@@ -42,6 +44,7 @@ def from_module(
     if not isinstance(module, nn.Module):
         raise FcxError(f"expected a torch.nn.Module, got {type(module).__name__}")
     normalization = _normalization(mean, std, shape[0])
+    _step(on_step, "exporting with torch.export and lowering to core ATen")
     try:
         program = capture(copy.deepcopy(module).eval(), shape)
     except SystemExit as exc:  # the user's forward() may call sys.exit; that is its error, not fcx's exit
@@ -49,6 +52,7 @@ def from_module(
         raise FcxError(f"{where}: the model's code called sys.exit({exc.code!r}) while it was exported") from exc
     if normalization:
         program = with_input_normalization(program, normalization["mean"], normalization["std"])
+    _step(on_step, "checking every op and size")
     classes = class_count(program, check_shapes(program, shape, "the model"), "the model")
     names = [str(i) for i in range(classes)] if class_names is None else _names_list(class_names)
     if len(names) != classes:
@@ -92,11 +96,14 @@ def from_state_dict(
     class_names: list[str] | None = None,
     mean=None,
     std=None,
+    on_step=None,
 ) -> tuple[Program, ModelSpec]:
     """Build the user's model from its code, load the weights strictly, then as `from_module`."""
     weights = Path(weights)
+    _step(on_step, f"reading {weights.name}")
     loaded, weights_sha256 = load_weights_file(weights)
     state_dict = find_state_dict(loaded, weights, key)
+    _step(on_step, f"building {model_def}")
     module = build_user_model(model_def, model_args or {})
     state_dict = _strip_prefix(state_dict, module)
     check_weights(module, state_dict, str(weights))
@@ -107,11 +114,16 @@ def from_state_dict(
         "weights": weights.name,
         "weights_sha256": weights_sha256,
     }
-    return from_module(module, *_described(module, None, input_shape, class_names, mean, std), architecture)
+    return from_module(module, *_described(module, None, input_shape, class_names, mean, std), architecture, on_step)
+
+
+def _step(on_step, label: str) -> None:
+    if on_step is not None:
+        on_step(label)
 
 
 def from_state_dict_isolated(weights, model_def: str, input_shape, model_args: dict | None = None, key: str | None = None,
-                             class_names: list[str] | None = None, mean=None, std=None) -> tuple[Program, ModelSpec]:
+                             class_names: list[str] | None = None, mean=None, std=None, on_step=None) -> tuple[Program, ModelSpec]:
     """`from_state_dict` in a child process, so the user's code cannot end fcx: sys.exit, os._exit or any
     BaseException there is an error naming the model. What the child writes is read back as an untrusted
     model.pt (every check of checkpoint.read_model)."""
@@ -130,10 +142,7 @@ def from_state_dict_isolated(weights, model_def: str, input_shape, model_args: d
         child.start()
         send.close()
         try:
-            try:
-                answer = json.loads(receive.recv_bytes().decode("utf-8"))  # JSON, not pickle: the child ran user code
-            except EOFError:
-                answer = None
+            answer = _answer(receive, on_step)
             child.join()
         finally:
             if child.is_alive():  # Ctrl-C, or an error here: never leave the user's code running
@@ -147,6 +156,23 @@ def from_state_dict_isolated(weights, model_def: str, input_shape, model_args: d
             raise FcxError(str(answer["error"]), hint=hint if hint in HINTS else None)
         stored = read_model(staged)
     return stored.program, stored.spec
+
+
+def _answer(receive, on_step):
+    """The child's answer (a dict), after passing on the steps it reports; None when it ended without one. JSON,
+    not pickle: the child ran user code."""
+    while True:
+        try:
+            message = json.loads(receive.recv_bytes(MAX_MESSAGE_BYTES).decode("utf-8"))
+        except (EOFError, OSError, ValueError):  # ended, or sent something that is not ours
+            return None
+        if isinstance(message, dict) and set(message) == {"step"} and isinstance(message["step"], str):
+            _step(on_step, message["step"][:200])
+            continue
+        return message
+
+
+MAX_MESSAGE_BYTES = 1 << 20
 
 
 def _check_arguments(weights, model_def: str, input_shape, mean, std) -> None:
@@ -172,8 +198,11 @@ def _from_state_dict_child(send, staged: Path, weights, model_def, *args) -> Non
     """The child's side: build, export and store the model, then say how it went (JSON on `send`)."""
     from fcexport.checkpoint import save_program
 
+    def step(label: str) -> None:
+        send.send_bytes(json.dumps({"step": label}).encode("utf-8"))
+
     try:
-        program, spec = from_state_dict(weights, model_def, *args)
+        program, spec = from_state_dict(weights, model_def, *args, on_step=step)
         save_program(program, spec, staged)
         answer = {"ok": True}
     except FcxError as exc:
@@ -357,16 +386,18 @@ MAX_JSON_BYTES = 4 << 20
 MAX_SHARDS = 256
 
 
-def from_pretrained(source, input_shape=None, class_names: list[str] | None = None, mean=None, std=None) -> tuple[Program, ModelSpec]:
+def from_pretrained(source, input_shape=None, class_names: list[str] | None = None, mean=None, std=None,
+                    on_step=None) -> tuple[Program, ModelSpec]:
     """A model as libraries ship it, with what it says about itself: a Hugging Face folder (`save_pretrained`:
     config.json naming an installed `transformers` class, safetensors or pytorch_model.bin weights, optional
     preprocessor_config.json), a live transformers model (its config), or a live timm model (its pretrained_cfg).
     Class names, mean / std and input size come from there unless given. Never runs code from the folder."""
     if isinstance(source, nn.Module):
-        return from_module(source, *_described(source, None, input_shape, class_names, mean, std))
+        return from_module(source, *_described(source, None, input_shape, class_names, mean, std), on_step=on_step)
     folder = Path(source)
+    _step(on_step, f"reading {folder.name} and building its model")
     module, described, architecture = _hf_folder(folder)
-    return from_module(module, *_described(module, described, input_shape, class_names, mean, std), architecture)
+    return from_module(module, *_described(module, described, input_shape, class_names, mean, std), architecture, on_step)
 
 
 def _hf_folder(folder: Path) -> tuple[nn.Module, dict, dict]:

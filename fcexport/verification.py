@@ -213,6 +213,8 @@ def numbers(stored, model_path: Path, candidates: list, problems: list[list[str]
     """Compare candidates with model.pt in float64, judged against model.pt's own float32 error; `problems`
     (one list per candidate: integrity, structure, spec) fail their rows whatever the numbers say. `budget` fixes
     how many inputs (--inputs, parity.checked_budget); None: parity's default budget, the same on every machine."""
+    if on_step is not None:  # (else the last runtime opened would seem to take this time)
+        on_step("preparing the inputs (test images, random, probes)")
     probes = parity.probe_inputs(stored.program, stored.spec, parity.probe_count(budget))
     inputs = parity.make_inputs(stored.spec, budget, *real_images(stored.spec, data, data_root), probes=probes)
     if on_step is not None:

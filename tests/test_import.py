@@ -459,3 +459,13 @@ def test_model_def_finds_a_module_in_the_current_folder(tmp_path, runner, monkey
     assert (tmp_path / "out" / "model.pt").is_file()
     r = invoke(runner, "import", weights, "--model-def", "no_such_module:net", "--input-shape", "1,8,8", "--artifacts", "out2")
     assert r.exit_code == 2 and "for a file, write FILE.py:NAME" in r.stderr
+
+
+def test_import_reports_its_steps_from_the_child_process(tmp_path):
+    from fcexport import import_weights
+
+    weights, _ = write_course_model(tmp_path)
+    heard = []
+    import_weights(weights, f"{tmp_path}/course_model.py:course_mlp", "1,8,8", artifacts=tmp_path / "art", on_step=heard.append)
+    assert heard[0].startswith("starting a process") and heard[-1] == "writing model.pt"
+    assert any(s.startswith("exporting with torch.export") for s in heard) and any(s.startswith("building") for s in heard)

@@ -270,3 +270,41 @@ def test_the_default_input_budget_is_the_same_on_every_machine():
 
     assert (parity.REAL_INPUTS, parity.RANDOM_INPUTS, parity.PROBE_INPUTS) == (2000, 256, 256)
     assert "perf_counter" not in inspect.getsource(verification.numbers) and not hasattr(parity, "input_budget")
+
+
+def test_a_help_page_in_a_hint_takes_no_folder():
+    from cli.hints import with_hint
+
+    said = with_hint("no model", "import", "m2")
+    assert "--input-shape C,H,W --artifacts m2`" in said and "`fcx import --help`" in said
+
+
+def test_one_parameter_count_and_opset_only_for_onnx_files(exported_dir, runner, tmp_path):
+    """fcx train, fuse-bn and inspect count the same parameters (BatchNorm statistics are not learned); the ONNX
+    opset is said for ONNX files only."""
+    import json
+
+    from fcexport.checkpoint import read_model
+
+    trained = read_model(exported_dir / "model.pt").spec.metrics["parameters"]
+    r = invoke(runner, "inspect", exported_dir)
+    assert r.exit_code == 0, r.output
+    blocks = {block.split()[0]: block for block in re.split(r"\n(?=\S)", r.stdout)}
+    counted = re.search(r"parameters\s+([\d,]+)", blocks[str(exported_dir / "model.pt")]).group(1)
+    assert int(counted.replace(",", "")) == trained
+    fused = invoke(runner, "fuse-bn", exported_dir / "model.pt", "--out", tmp_path / "f.pt", "--json")
+    assert json.loads(fused.stdout)["report"]["parameters_before"] == trained
+    made = {file: "opset" in block for file, block in blocks.items() if "made from" in block}
+    assert made and all(said == file.endswith(".onnx") for file, said in made.items()), made
+
+
+def test_fuse_bn_leaves_out_a_latency_it_could_not_time_fairly(exported_dir, runner, tmp_path, monkeypatch):
+    import json
+
+    from fcexport import timing
+
+    monkeypatch.setattr(timing, "measure", lambda predictor, x: {"p50_ms": 40.0, "calls": 3})
+    r = invoke(runner, "fuse-bn", exported_dir / "model.pt", "--out", tmp_path / "f.pt")
+    assert r.exit_code == 0 and "left out: too slow to time fairly" in " ".join(r.stdout.split()) and "40" not in r.stdout
+    r = invoke(runner, "fuse-bn", exported_dir / "model.pt", "--out", tmp_path / "f.pt", "--json")
+    assert json.loads(r.stdout)["latency_ms"]["before"] is None
