@@ -115,6 +115,9 @@ def run(name: str, folder: Path, untrained: bool = False) -> dict:
 
     model = build(name, untrained)
     size = getattr(getattr(model, "config", None), "image_size", 224)  # a transformers model's own input size
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("fixed_input_size"):  # a timm model that takes only its own size (ViTs and friends)
+        size = cfg["input_size"][-1]
     size = size if isinstance(size, int) else size[0]
     seconds = {}
     started = time.perf_counter()

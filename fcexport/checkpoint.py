@@ -121,7 +121,8 @@ def _read_sized(path: Path) -> bytes:
 
 
 SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-MAX_SAFETENSORS_HEADER = 100 << 20  # the library's own limit
+MAX_SAFETENSORS_HEADER = 16 << 20  # ~100 bytes a tensor: room for 100,000 (the library's own limit is 100 MB)
+MAX_SAFETENSORS_ENTRIES = 100_000  # tensors and metadata strings
 
 
 def load_safetensors(data: bytes, path: Path) -> dict:
@@ -144,6 +145,9 @@ def load_safetensors(data: bytes, path: Path) -> dict:
         raise bad(f"its header is not JSON: {type(exc).__name__}") from exc
     if not isinstance(header, dict):
         raise bad("its header is not a table")
+    metadata = header.get("__metadata__", {})
+    if not (isinstance(metadata, dict) and len(header) + len(metadata) <= MAX_SAFETENSORS_ENTRIES):
+        raise bad(f"its header must be a table of at most {MAX_SAFETENSORS_ENTRIES:,} tensors and metadata strings")
     body, ranges = len(data) - 8 - size, []
     for name, entry in header.items():
         if name == "__metadata__":

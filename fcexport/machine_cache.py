@@ -66,13 +66,15 @@ def _read(path: Path) -> bytes | None:
 
 def _write(kind: str, name: str, data: bytes) -> None:
     """A cache that cannot be written (a read-only home) is only slower."""
+    from fcexport.errors import FcxError
     from fcexport.files import write_bytes_atomic
 
     try:
+        folder(kind).mkdir(mode=0o700, parents=True, exist_ok=True)  # the user's own: whoever writes it vouches
         write_bytes_atomic(folder(kind) / name, data)
         for old in sorted(folder(kind).iterdir(), key=lambda p: p.stat().st_mtime)[:-MAX_ENTRIES]:
             old.unlink(missing_ok=True)
-    except OSError:
+    except (OSError, FcxError):
         pass
 
 
@@ -96,12 +98,13 @@ def store_fingerprint(entry: str, fingerprint: dict[str, str]) -> None:
 
 # ---- float64 answers ------------------------------------------------------------------------
 
-def answers(model_sha256: str, x: np.ndarray, compute) -> tuple[np.ndarray, np.ndarray]:
+def answers(model_sha256: str, classes: int, x: np.ndarray, compute) -> tuple[np.ndarray, np.ndarray]:
     """(float64 logits, own float32 error per input) for `x`: recorded rows reused, the others from `compute(x_missing)`
-    (which returns the same pair) and recorded."""
+    (which returns the same pair) and recorded. A record that is not `classes` finite logits and a finite error >= 0
+    per row is a miss."""
     entry = key(kind="float64 answers", model=model_sha256)
     rows = np.frombuffer(b"".join(hashlib.sha256(row.tobytes()).digest() for row in x), dtype="S32")
-    known = _load_answers(entry) if enabled() else None
+    known = _load_answers(entry, classes) if enabled() else None
     index = {d: i for i, d in enumerate(known[0])} if known is not None else {}
     hits = [index.get(d, -1) for d in rows]
     missing = np.array([i for i, h in enumerate(hits) if h < 0], dtype=np.int64)
@@ -127,7 +130,7 @@ def answers(model_sha256: str, x: np.ndarray, compute) -> tuple[np.ndarray, np.n
     return out_logits, out_own
 
 
-def _load_answers(entry: str):
+def _load_answers(entry: str, classes: int):
     data = _read(folder("answers") / f"{entry}.npz")
     if data is None:
         return None
@@ -137,6 +140,7 @@ def _load_answers(entry: str):
     except Exception:  # a damaged or foreign file is a miss
         return None
     if not (digests.dtype == np.dtype("S32") and logits.dtype == np.float64 and own.dtype == np.float64
-            and logits.ndim == 2 and len(digests) == len(logits) == len(own)):
+            and logits.ndim == 2 and logits.shape[1] == classes and len(digests) == len(logits) == len(own)
+            and np.isfinite(logits).all() and np.isfinite(own).all() and (own >= 0).all()):
         return None
     return digests, logits, own

@@ -420,24 +420,40 @@ def _hf_folder(folder: Path) -> tuple[nn.Module, dict, dict]:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise FcxError(f"{folder / HF_CONFIG}: {named[0][:100]} is not a model class of the installed transformers "
                        f"{transformers.__version__}")
+    if config.get("quantization_config") is not None:
+        raise FcxError(f"{folder / HF_CONFIG}: a quantised checkpoint (quantization_config); import the float32 model")
+    config = {k: v for k, v in config.items() if k not in ("attn_implementation", "_attn_implementation")}  # (it can name
+    # kernels to download: the model is built with plain "eager" attention, which every class has)
     weights = next((folder / name for name in HF_WEIGHTS if (folder / name).is_file()), None)
     if weights is None:
         raise FcxError(f"{folder}: no weights ({', '.join(HF_WEIGHTS)})")
     shards = _shards(weights) if weights.name.endswith(".index.json") else [weights]
     state_dict, digests = {}, []
     for shard in shards:  # each read once, bounded and hashed here; transformers only renames what was read
+        if shard.resolve().parent != folder.resolve():
+            raise FcxError(f"{shard}: a link out of {folder}; the weights must be files in the model folder")
         loaded, digest = load_weights_file(shard)
         state_dict.update(find_state_dict(loaded, shard))
         digests.append(digest)
+    held = sum(t.numel() for t in state_dict.values())
+    _check_described_size(config, state_dict, folder)
     try:  # transformers maps the checkpoint's names to its current modules (they change between versions)
         transformers.utils.logging.disable_progress_bar()
         verbosity = transformers.utils.logging.get_verbosity()
         transformers.utils.logging.set_verbosity_error()
         try:
-            module, info = cls.from_pretrained(None, config=cls.config_class.from_dict(config), state_dict=state_dict,
-                                               output_loading_info=True)
+            described = cls.config_class.from_dict(config)
+            with torch.device("meta"):  # what the config describes, sized before anything is allocated
+                wanted = sum(t.numel() for t in cls(described).state_dict().values())
+            if wanted > 2 * held + (1 << 20):  # (tied weights may be stored once)
+                raise FcxError(f"{folder / HF_CONFIG} describes a model of {wanted:,} values, its weights hold {held:,}: "
+                               "they do not belong together")
+            module, info = cls.from_pretrained(None, config=described, state_dict=state_dict, output_loading_info=True,
+                                               attn_implementation="eager")
         finally:
             transformers.utils.logging.set_verbosity(verbosity)
+    except FcxError:
+        raise
     except Exception as exc:
         raise FcxError(f"{folder}: {named[0]} cannot be built from it ({type(exc).__name__}: {_first_line(exc)})") from exc
     problems = [f"{label} ({len(keys)}): {', '.join(map(str, list(keys)[:3]))}" for label, keys in
@@ -448,6 +464,17 @@ def _hf_folder(folder: Path) -> tuple[nn.Module, dict, dict]:
     described = {"config": config, "preprocessor": _json_file(folder / HF_PREPROCESSOR) if (folder / HF_PREPROCESSOR).is_file() else {}}
     architecture = {"transformers": named[0], "folder": folder.name, "weights": [s.name for s in shards], "weights_sha256": digests}
     return module.eval(), described, architecture
+
+
+def _check_described_size(config: dict, state_dict: dict, folder: Path) -> None:
+    """Layer counts a config could not hold weights for (a model has a tensor or more per layer), refused before the
+    model is built at all: building 100,000 layers, even on the meta device, takes minutes."""
+    for key, value in config.items():
+        counts = value if isinstance(value, list) else [value]
+        if any(word in key for word in ("layers", "depth", "blocks")) and all(type(v) is int for v in counts) \
+                and sum(counts) > len(state_dict):
+            raise FcxError(f"{folder / HF_CONFIG}: {key} {str(value)[:40]} asks for more layers than its weights have "
+                           f"tensors ({len(state_dict):,}); they do not belong together")
 
 
 def _first_line(exc: Exception) -> str:
@@ -497,7 +524,10 @@ def _described(module: nn.Module, described: dict | None, input_shape, class_nam
         side = side[0] if isinstance(side, (list, tuple)) and side else side
         if not isinstance(side, int):
             raise FcxError("the model does not say its input size: give it (--input-shape C,H,W)")
-        input_shape = (int(config.get("num_channels", 3)), side, side)
+        channels = config.get("num_channels", 3)
+        if type(channels) is not int:
+            raise FcxError(f"the model's config says num_channels {str(channels)[:40]}; give --input-shape C,H,W")
+        input_shape = (channels, side, side)
     return input_shape, class_names, mean, std
 
 
@@ -515,10 +545,10 @@ def _processor_side(processor: dict) -> int | None:
     """The square side an image processor hands the model: its crop, else its resize."""
     for key in (("crop_size",) if processor.get("do_center_crop") else ()) + ("size",):
         value = processor.get(key)
-        if isinstance(value, int):
+        if type(value) is int:
             return value
         if isinstance(value, dict):
             for field in ("height", "shortest_edge"):
-                if isinstance(value.get(field), int):
+                if type(value.get(field)) is int:
                     return value[field]
     return None

@@ -237,7 +237,7 @@ def float64_reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarr
         own = program_predictor(stored.program, "eager", "cpu", model_path, stored.spec)(part)
         return reference, np.abs(own.astype(np.float64) - reference).max(axis=1, initial=0.0)
 
-    reference, own = machine_cache.answers(stored.sha256, x, compute)  # inputs fuse-bn --verify already computed
+    reference, own = machine_cache.answers(stored.sha256, len(stored.spec.class_names), x, compute)  # inputs fuse-bn --verify already computed
     return reference, float(own.max(initial=0.0))
 
 

@@ -113,6 +113,7 @@ HOSTILE = {
                                                b"\0" * 64),
     "overlapping tensors": lambda p: safetensors_file(p, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
                                                           "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24),
+    "200,000 metadata strings": lambda p: safetensors_file(p, {"__metadata__": {str(i): "x" for i in range(200_000)}}),
     "not json": lambda p: (p.write_bytes(struct.pack("<Q", 5) + b"{{{{{"), p)[1],
 }
 
@@ -160,3 +161,33 @@ def test_a_timm_name_takes_input_size_and_normalisation_from_its_pretrained_cfg(
     _, course = write_course_model(tmp_path)
     r = invoke(runner, "import", tmp_path / "course.pt", "--model-def", f"{tmp_path}/course_model.py:course_mlp", "--artifacts", tmp_path / "y")
     assert r.exit_code == 2 and "give it (--input-shape C,H,W)" in r.stderr
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"num_hidden_layers": 100_000}, "asks for more layers than its weights have tensors"),
+    ({"hidden_size": 20_000, "intermediate_size": 80_000}, "its weights hold"),
+    ({"num_labels": 400_000, "id2label": None, "label2id": None}, "its weights hold"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "a quantised checkpoint"),
+])
+def test_a_config_that_describes_another_model_is_refused_before_it_is_built(change, expected, tmp_path):
+    """A 600-byte config.json can ask for a model of any size: it is sized on the meta device against the weights
+    first (19 GB and minutes before this check), in a real process under the tests' memory and CPU limits."""
+    folder = save_pretrained(tmp_path / "model", "ViTForImageClassification")
+    config = json.loads((folder / "config.json").read_text())
+    config.update({k: v for k, v in change.items() if v is not None})
+    for k in (k for k, v in change.items() if v is None):
+        config.pop(k, None)
+    (folder / "config.json").write_text(json.dumps(config))
+    r = run_limited("import", folder, "--artifacts", tmp_path / "art")
+    assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_an_attention_implementation_in_the_config_is_not_followed(runner, tmp_path):
+    """`attn_implementation` can name kernels on the Hub (native code, downloaded): the model is built with eager
+    attention whatever the folder says."""
+    folder = save_pretrained(tmp_path / "model", "ViTForImageClassification")
+    config = json.loads((folder / "config.json").read_text())
+    config["attn_implementation"] = "kernels-community/flash-attn2"
+    (folder / "config.json").write_text(json.dumps(config))
+    r = invoke(runner, "import", folder, "--artifacts", tmp_path / "art")
+    assert r.exit_code == 0, r.output
