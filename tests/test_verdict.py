@@ -172,20 +172,27 @@ def _resnet18():
     return torchvision.models.resnet18(num_classes=10)
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet18"])
-def test_a_runtime_that_computes_one_layer_wrongly_is_named_at_that_layer(model, exported_dir, tmp_path, monkeypatch):
+def _model_folder(model: str, exported_dir, tmp_path, then):
+    """The tests' MLP folder (a copy), or a CNN or resnet18 imported and then given `then(folder)`."""
     import shutil
 
-    from fcexport import fuse, import_model, verify
-    from helpers import plugin_registered
+    from fcexport import import_model
 
     if model == "mlp":
-        folder = shutil.copytree(exported_dir, tmp_path / "mlp")
-    else:
-        folder = tmp_path / model
-        net, shape = (_small_cnn(), (3, 16, 16)) if model == "cnn" else (_resnet18(), (3, 32, 32))
-        import_model(net.eval(), shape, artifacts=folder)
-        fuse(folder / "model.pt", folder / "model.fused.pt")
+        return shutil.copytree(exported_dir, tmp_path / "mlp")
+    folder = tmp_path / model
+    net, shape = (_small_cnn(), (3, 16, 16)) if model == "cnn" else (_resnet18(), (3, 32, 32))
+    import_model(net.eval(), shape, artifacts=folder)
+    then(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet18"])
+def test_a_runtime_that_computes_one_layer_wrongly_is_named_at_that_layer(model, exported_dir, tmp_path, monkeypatch):
+    from fcexport import fuse, verify
+    from helpers import plugin_registered
+
+    folder = _model_folder(model, exported_dir, tmp_path, lambda f: fuse(f / "model.pt", f / "model.fused.pt"))
     layer = _middle_layer(folder)
     monkeypatch.setenv("FCX_TEST_LAYER", layer)
     with plugin_registered(monkeypatch, tmp_path, "perturbed_plugin", PERTURBED):
@@ -245,18 +252,10 @@ RUNTIME = Runtime(name="perturbed-onnx", format="onnx", devices=("cpu",), open=o
 def test_an_onnx_runtime_that_computes_one_layer_wrongly_is_named_at_that_layer(model, exported_dir, tmp_path, monkeypatch):
     """The layer is found in the file's own runtime: a copy of model.onnx answering every layer's output
     (fcexport.program.LayerTap) run as that runtime runs model.onnx."""
-    import shutil
-
-    from fcexport import export, import_model, verify
+    from fcexport import export, verify
     from helpers import plugin_registered
 
-    if model == "mlp":
-        folder = shutil.copytree(exported_dir, tmp_path / "mlp")
-    else:
-        folder = tmp_path / model
-        net, shape = (_small_cnn(), (3, 16, 16)) if model == "cnn" else (_resnet18(), (3, 32, 32))
-        import_model(net.eval(), shape, artifacts=folder)
-        export(folder / "model.pt", folder, formats=("onnx",), check=False)
+    folder = _model_folder(model, exported_dir, tmp_path, lambda f: export(f / "model.pt", f, formats=("onnx",), check=False))
     layer = _middle_layer(folder)
     monkeypatch.setenv("FCX_TEST_LAYER", layer)
     with plugin_registered(monkeypatch, tmp_path, "perturbed_onnx_plugin", PERTURBED_ONNX):
