@@ -94,15 +94,18 @@ def _check_inferred_sizes(model, path: Path) -> None:
     probe.graph.input[0].type.tensor_type.shape.dim[0].Clear()
     probe.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
     del probe.graph.value_info[:]  # recorded shapes could lie: infer them afresh
-    try:
-        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True, data_prop=True)
-    except Exception as exc:
-        raise FcxError(f"{path}: shapes are inconsistent ({type(exc).__name__}: {str(exc).strip()[:160]})") from exc
-    shapes = {t.name: list(t.dims) for t in inferred.graph.initializer}
-    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        shape = value.type.tensor_type.shape
-        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim):
-            shapes[value.name] = [d.dim_value for d in shape.dim]
+    for _ in range(MAX_SHAPE_FOLDS):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True, data_prop=True)
+        except Exception as exc:
+            raise FcxError(f"{path}: shapes are inconsistent ({type(exc).__name__}: {str(exc).strip()[:160]})") from exc
+        shapes = {t.name: list(t.dims) for t in inferred.graph.initializer}
+        for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+            shape = value.type.tensor_type.shape
+            if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim):
+                shapes[value.name] = [d.dim_value for d in shape.dim]
+        if not _fold_shape_inputs(probe, inferred, shapes):
+            break
     bounds = {name: float(np.prod(shape, dtype=np.float64)) for name, shape in shapes.items()}
     total = macs = 0.0
     for node in inferred.graph.node:
@@ -123,6 +126,112 @@ def _check_inferred_sizes(model, path: Path) -> None:
             raise FcxError(f"{where}: the values of one image reach {total:,.0f} in all (at most {MAX_ONNX_TOTAL:,}); refused")
         if macs > MAX_MACS:
             raise FcxError(f"{where}: one image takes more than {MAX_MACS:.0e} multiply-accumulates; refused")
+
+
+# Shape inference's own data propagation stops at ops like a Reshape of a shape; these inputs of these ops decide an
+# output's size, and where they are small integer tensors computed from constants and known shapes alone, fcexport
+# computes them (_shape_value) and shape inference runs again, at most MAX_SHAPE_FOLDS times.
+SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Tile": (1,), "Range": (0, 1, 2), "Pad": (1,),
+                "Slice": (1, 2, 3, 4), "Unsqueeze": (1,), "Squeeze": (1,), "Resize": (2, 3), "Split": (1,), "TopK": (1,)}
+FOLDED_OPS = frozenset("Shape Reshape Concat Gather Unsqueeze Squeeze Slice Cast Identity Add Sub Mul Div Max Min Neg Abs "
+                       "Equal Where Constant".split())
+MAX_SHAPE_FOLDS, MAX_FOLDED_VALUES = 64, 64
+
+
+def _fold_shape_inputs(probe, inferred, shapes: dict) -> bool:
+    """Give every node whose output size shape inference left unknown the values of its SHAPE_INPUTS that can be
+    computed, as new initializers of `probe`; True when any was."""
+    from onnx import numpy_helper
+
+    producers = {o: n for n in inferred.graph.node for o in n.output}
+    constants = {t.name: t for t in inferred.graph.initializer}
+    memo: dict = {}
+    changed = False
+    for at, node in enumerate(inferred.graph.node):
+        if node.op_type not in SHAPE_INPUTS or all(o in shapes for o in node.output if o):
+            continue
+        for i in SHAPE_INPUTS[node.op_type]:
+            if i >= len(node.input) or not node.input[i] or node.input[i] in constants:
+                continue
+            value = _shape_value(node.input[i], producers, constants, shapes, memo, 0)
+            if value is not None:
+                name = f"fcx_folded_{len(probe.graph.initializer)}"
+                probe.graph.initializer.append(numpy_helper.from_array(value, name))
+                probe.graph.node[at].input[i] = name
+                changed = True
+    return changed
+
+
+def _shape_value(name: str, producers: dict, constants: dict, shapes: dict, memo: dict, depth: int):
+    """The value of a small integer tensor made only from constants and the sizes of known shapes, or None."""
+    from onnx import helper, numpy_helper
+
+    if name in memo:
+        return memo[name]
+    memo[name] = None  # (a cycle, or too deep: unknown)
+    node = producers.get(name)
+    found = None
+    if name in constants:
+        found = numpy_helper.to_array(constants[name]) if np.prod(constants[name].dims, dtype=np.int64) <= MAX_FOLDED_VALUES else None
+    elif node is not None and node.op_type in FOLDED_OPS and depth < 64:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Shape":
+            found = np.array(shapes[node.input[0]], dtype=np.int64)[attrs.get("start", 0):attrs.get("end")] \
+                if node.input[0] in shapes else None
+        elif node.op_type == "Constant":
+            found = numpy_helper.to_array(attrs["value"]) if "value" in attrs else None
+        else:
+            inputs = [_shape_value(i, producers, constants, shapes, memo, depth + 1) if i else None for i in node.input]
+            if all(v is not None for v in inputs[:1]) and all(v is not None for i, v in zip(node.input, inputs) if i):
+                try:
+                    found = _folded(node.op_type, inputs, attrs)
+                except (ValueError, IndexError, TypeError, ZeroDivisionError, KeyError):
+                    found = None
+    if found is not None and (found.dtype.kind not in "iub" or found.size > MAX_FOLDED_VALUES):
+        found = None
+    memo[name] = found
+    return found
+
+
+def _folded(op: str, inputs: list, attrs: dict):
+    """One FOLDED_OPS op in NumPy, on small integer tensors."""
+    from onnx import helper
+
+    x = inputs[0]
+    if op == "Identity":
+        return x
+    if op == "Cast":
+        return x.astype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
+    if op == "Reshape":
+        wanted = [int(d) if d != 0 or attrs.get("allowzero") else x.shape[i] for i, d in enumerate(inputs[1])]
+        return x.reshape(wanted)
+    if op == "Concat":
+        return np.concatenate([v for v in inputs if v is not None], axis=attrs.get("axis", 0))
+    if op == "Gather":
+        return np.take(x, inputs[1], axis=attrs.get("axis", 0))
+    if op == "Unsqueeze":
+        for axis in sorted(int(a) % (x.ndim + len(inputs[1])) for a in inputs[1]):
+            x = np.expand_dims(x, axis)
+        return x
+    if op == "Squeeze":
+        return np.squeeze(x, axis=tuple(int(a) for a in inputs[1])) if len(inputs) > 1 and inputs[1] is not None else np.squeeze(x)
+    if op == "Slice":
+        starts, ends = inputs[1], inputs[2]
+        axes = inputs[3] if len(inputs) > 3 and inputs[3] is not None else range(len(starts))
+        steps = inputs[4] if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
+        index = [slice(None)] * x.ndim
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            index[int(axis)] = slice(int(start), int(end), int(step))
+        return x[tuple(index)]
+    if op in ("Neg", "Abs"):
+        return -x if op == "Neg" else np.abs(x)
+    if op == "Where":
+        return np.where(x, inputs[1], inputs[2])
+    y = inputs[1]
+    if op == "Div":
+        return (np.trunc(x / y)).astype(np.result_type(x, y)) if x.dtype.kind in "iu" else x / y
+    return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Max": np.maximum, "Min": np.minimum,
+            "Equal": np.equal}[op](x, y)
 
 
 BROADCASTING_OPS = frozenset("Add And BitwiseAnd BitwiseOr BitwiseXor Div Equal Greater GreaterOrEqual Less LessOrEqual Max "

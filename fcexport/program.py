@@ -670,11 +670,11 @@ _TRACEABLE = {
 }
 
 
-def _short_mean(x: torch.Tensor, dims: int) -> torch.Tensor:
-    """The mean over the last `dims` axes, one axis at a time: runtimes sum each axis in float32 one value after the
-    next, and a mean over 100,000 values at once loses digits that one over each axis keeps."""
-    for axis in range(1, dims + 1):
-        x = x.mean(-axis, keepdim=True)
+def _short_mean(x: torch.Tensor, axes) -> torch.Tensor:
+    """The mean over `axes` (kept), one axis at a time: runtimes sum an axis in float32 one value after the next,
+    and a mean over 100,000 values at once loses digits that one over each axis keeps."""
+    for axis in sorted(axes, reverse=True):
+        x = x.mean(axis, keepdim=True)
     return x
 
 
@@ -683,9 +683,9 @@ def _group_norm_for_onnx(x, weight, bias, n, c, hw, groups, eps):
     channels x H x W at once, which onnxruntime computed with 112x torch's own float32 error (timm
     test_efficientnet_gn at 224 px: 100,000 values a group); means over one axis at a time, centred before squaring."""
     grouped = x.reshape(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:])
-    dims = grouped.dim() - 2
-    centred = grouped - _short_mean(grouped, dims)
-    y = (centred / torch.sqrt(_short_mean(centred * centred, dims) + eps)).reshape(x.shape)
+    axes = range(2, grouped.dim())
+    centred = grouped - _short_mean(grouped, axes)
+    y = (centred / torch.sqrt(_short_mean(centred * centred, axes) + eps)).reshape(x.shape)
     affine = [1, -1] + [1] * (x.dim() - 2)
     if weight is not None:
         y = y * weight.reshape(affine)
@@ -694,8 +694,23 @@ def _group_norm_for_onnx(x, weight, bias, n, c, hw, groups, eps):
     return y, None, None
 
 
+def _var_for_onnx(x, dim=None, correction=None, keepdim=False):
+    """torch.var the same way, for ONNX files (timm's EvoNorm: onnxruntime 24x torch's own error over 224-px
+    groups); over the batch axis, or all axes, the op as it is."""
+    axes = sorted({d % x.dim() for d in dim}) if dim else []
+    if not axes or 0 in axes:
+        return torch.ops.aten.var.correction(x, dim, correction=correction, keepdim=keepdim)
+    centred = x - _short_mean(x, axes)
+    var = _short_mean(centred * centred, axes)
+    count = math.prod(x.shape[a] for a in axes)
+    correction = 1 if correction is None else correction
+    if correction:
+        var = var * (count / (count - correction) if count > correction else math.nan)  # (as torch: NaN)
+    return var if keepdim else var.squeeze(axes)
+
+
 # while torch.onnx exports a program, these ops are spelled in ops that ONNX runtimes compute as exactly as torch
-_ONNX_SPELLED = {"aten.native_group_norm.default": _group_norm_for_onnx}
+_ONNX_SPELLED = {"aten.native_group_norm.default": _group_norm_for_onnx, "aten.var.correction": _var_for_onnx}
 
 
 def run_steps(module: ProgramModule, x: torch.Tensor, check=None) -> torch.Tensor:

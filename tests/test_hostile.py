@@ -248,3 +248,28 @@ def test_stray_temp_file_with_a_huge_pid_does_not_break_writes(folders):
     r = run_limited("export", "--artifacts", artifacts, "--format", "onnx")
     assert r.returncode == 0, r.stderr
     assert not (artifacts / f".model.onnx.{10**30}.abc.tmp").exists()  # no such process: its leftover is removed
+
+
+@pytest.mark.parametrize("factor, accepted", [(1, True), (2_000_000, False)])
+def test_a_computed_shape_is_sized_before_anything_runs(factor, accepted, tmp_path):
+    """An Expand whose shape is the input's own shape through a Reshape and a Mul (ops ONNX's shape inference does not
+    follow): fcexport computes that shape at batch 1, so an honest one is sized and a huge one is refused, unread."""
+    from fcexport.errors import FcxError
+    from fcexport.onnx_checks import check_onnx_model
+
+    nodes = [helper.make_node("Shape", ["pixels"], ["s"]), helper.make_node("Reshape", ["s", "flat"], ["s2"]),
+             helper.make_node("Mul", ["s2", "k"], ["s3"]), helper.make_node("Expand", ["pixels", "s3"], ["big"]),
+             helper.make_node("ReduceMean", ["big"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("Reshape", ["m", "two"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1])],
+                              [helper.make_tensor("flat", TensorProto.INT64, [1], [-1]),
+                               helper.make_tensor("k", TensorProto.INT64, [4], [1, factor, 1, 1]),
+                               helper.make_tensor("two", TensorProto.INT64, [2], [-1, 1])])
+    model = fcx_metadata(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), class_names=["0"])
+    data = model.SerializeToString()
+    if accepted:
+        check_onnx_model(data, tmp_path / "m.onnx")
+    else:
+        with pytest.raises(FcxError, match="makes 128,000,000 values for one image"):
+            check_onnx_model(data, tmp_path / "m.onnx")
