@@ -95,6 +95,16 @@ def _interpolate(taps: int):
     return cost
 
 
+def _antialiased(taps: int):
+    """Antialiased resampling (timm resizing a ViT's position embeddings): shrinking by a factor widens each output
+    value's reach by it along each axis, so `taps` per value times both shrink factors."""
+    def cost(a: dict, out) -> tuple[int, int]:
+        size = a["self"].shape
+        shrink = max(1.0, size[-2] / max(out.shape[-2], 1)) * max(1.0, size[-1] / max(out.shape[-1], 1))
+        return 0, _read_and_written(a, out)[1] + int(out.numel() * taps * shrink)
+    return cost
+
+
 def _sorting(a: dict, out) -> tuple[int, int]:
     """sort/topk: n log n comparisons, with log n at most 64."""
     return 0, _read_and_written(a, out)[1] + a["self"].numel() * 64
@@ -137,6 +147,8 @@ COST_MODELS = {
     "aten._cdist_forward.default": _per_output("x1"), "aten._pdist_forward.default": _per_output("self"),
     "aten.upsample_nearest2d.vec": _interpolate(1), "aten.upsample_bilinear2d.vec": _interpolate(4),
     "aten.grid_sampler_2d.default": _interpolate(16),
+    "aten._upsample_bicubic2d_aa.default": _antialiased(16), "aten._upsample_bilinear2d_aa.default": _antialiased(4),
+    "aten.upsample_bicubic2d.vec": _interpolate(16),
     "aten.sort.default": _sorting, "aten.topk.default": _sorting,
 }
 ATEN_OPS = tuple(COST_MODELS)

@@ -191,3 +191,14 @@ def test_an_attention_implementation_in_the_config_is_not_followed(runner, tmp_p
     (folder / "config.json").write_text(json.dumps(config))
     r = invoke(runner, "import", folder, "--artifacts", tmp_path / "art")
     assert r.exit_code == 0, r.output
+
+
+def test_a_vit_that_resizes_its_position_embedding_imports(tmp_path):
+    """timm's ViTs with a dynamic image size resample their position embedding with antialiased bicubic
+    interpolation at every call: an op on the allow-list with a cost model that grows with the shrink factor."""
+    timm = pytest.importorskip("timm")
+    import fcexport
+
+    _, spec = fcexport.load_model(fcexport.import_pretrained(timm.create_model("test_vit", pretrained=False, num_classes=3),
+                                                             tmp_path))
+    assert list(spec.input_shape) == [3, 160, 160]
