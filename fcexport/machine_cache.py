@@ -92,6 +92,11 @@ def load_fingerprint(entry: str) -> dict[str, str] | None:
     return found
 
 
+def fresh_export_key(program_fingerprint: dict[str, str], spec, artifact: str, opset: int) -> str:
+    """The entry of a fresh export of a program (fcexport.program.fingerprint) with this spec, artifact and opset."""
+    return key(kind="fresh export", program=program_fingerprint, spec=spec.to_dict(), artifact=artifact, opset=opset)
+
+
 def store_fingerprint(entry: str, fingerprint: dict[str, str]) -> None:
     _write("fingerprints", f"{entry}.json", json.dumps(fingerprint).encode())
 
@@ -106,24 +111,19 @@ def answers(model_sha256: str, classes: int, x: np.ndarray, compute) -> tuple[np
     rows = np.frombuffer(b"".join(hashlib.sha256(row.tobytes()).digest() for row in x), dtype="S32")
     known = _load_answers(entry, classes) if enabled() else None
     index = {d: i for i, d in enumerate(known[0])} if known is not None else {}
-    hits = [index.get(d, -1) for d in rows]
-    missing = np.array([i for i, h in enumerate(hits) if h < 0], dtype=np.int64)
+    hits = np.array([index.get(d, -1) for d in rows], dtype=np.int64)
+    missing = np.flatnonzero(hits < 0)
     if not len(missing):
         return known[1][hits], known[2][hits]
     logits, own = compute(np.ascontiguousarray(x[missing]))
-    if known is not None and known[1].shape[1:] != logits.shape[1:]:  # not this model's answers after all
-        known, hits, missing = None, [-1] * len(x), np.arange(len(x))
-        logits, own = compute(x)
+    if known is None:
+        known = (np.zeros(0, dtype="S32"), np.zeros((0, *logits.shape[1:])), np.zeros(0))
     out_logits = np.empty((len(x), *logits.shape[1:]), dtype=np.float64)
     out_own = np.empty(len(x), dtype=np.float64)
     out_logits[missing], out_own[missing] = logits, own
-    present = np.array([i for i, h in enumerate(hits) if h >= 0], dtype=np.int64)
-    if len(present):
-        out_logits[present], out_own[present] = known[1][[hits[i] for i in present]], known[2][[hits[i] for i in present]]
-    if known is None:
-        known = (np.zeros(0, dtype="S32"), np.zeros((0, *logits.shape[1:])), np.zeros(0))
-    new = ~np.isin(rows[missing], known[0])
-    kept = [np.concatenate([a, np.asarray(b)[new]])[-MAX_ANSWERS:] for a, b in zip(known, (rows[missing], logits, own))]
+    present = np.flatnonzero(hits >= 0)
+    out_logits[present], out_own[present] = known[1][hits[present]], known[2][hits[present]]
+    kept = [np.concatenate([a, b])[-MAX_ANSWERS:] for a, b in zip(known, (rows[missing], logits, own))]
     buffer = io.BytesIO()
     np.savez(buffer, digests=kept[0], logits=kept[1], own=kept[2])
     _write("answers", f"{entry}.npz", buffer.getvalue())

@@ -484,9 +484,8 @@ def _record_fingerprints(program, spec, settings: ExportSettings, stage: Path, e
         if exporter.fingerprint is None or exporter.files[0].endswith("/"):
             continue
         program_fingerprint = program_fingerprint or fingerprint(program)
-        entry = machine_cache.key(kind="fresh export", program=program_fingerprint, spec=spec.to_dict(), artifact=name,
-                                  opset=settings.opset)
-        machine_cache.store_fingerprint(entry, exporter.fingerprint((stage / exporter.files[0]).read_bytes()))
+        machine_cache.store_fingerprint(machine_cache.fresh_export_key(program_fingerprint, spec, name, settings.opset),
+                                        exporter.fingerprint((stage / exporter.files[0]).read_bytes()))
 
 
 def _fresh_fingerprint(program, artifact: str, spec, settings: ExportSettings) -> dict[str, str]:

@@ -148,6 +148,7 @@ def _input_misfit(module: nn.Module, input_shape) -> str | None:
     (one eager call on one image, stopped at that layer)."""
     names = {m: name for name, m in module.named_modules()}
     shape = list(input_shape)
+    given = ",".join(map(str, shape))
     found: list[str] = []
 
     class Stop(Exception):
@@ -159,14 +160,14 @@ def _input_misfit(module: nn.Module, input_shape) -> str | None:
             return
         if isinstance(layer, nn.modules.conv._ConvNd) and x.dim() >= 2 and x.shape[1] != layer.in_channels:
             wanted = layer.in_channels
-            fix = (f"{','.join(map(str, shape))} reads as height, width, channels; fcexport takes channels first: --input-shape "
+            fix = (f"{given} reads as height, width, channels; fcexport takes channels first: --input-shape "
                    f"{wanted},{shape[0]},{shape[1]}") if shape[-1] == wanted and x.shape[1] == shape[0] else \
                 f"give --input-shape {wanted},H,W"
             found.append(f"the model's first {type(layer).__name__} (layer {names[layer] or 'the model itself'}) takes {wanted} channels, "
-                         f"the input shape {','.join(map(str, shape))} has {x.shape[1]}: {fix}")
+                         f"the input shape {given} has {x.shape[1]}: {fix}")
         elif isinstance(layer, nn.Linear) and x.shape[-1] != layer.in_features:
             found.append(f"the model's first Linear (layer {names[layer] or 'the model itself'}) takes {layer.in_features} values, but "
-                         f"an input of shape {','.join(map(str, shape))} gives it {x.shape[-1]}: give an --input-shape C,H,W "
+                         f"an input of shape {given} gives it {x.shape[-1]}: give an --input-shape C,H,W "
                          f"with C*H*W = {layer.in_features} (e.g. {_square_shape(layer.in_features)})")
         raise Stop  # only the first Conv or Linear says whether the input shape fits
 

@@ -442,13 +442,13 @@ def _hf_folder(folder: Path) -> tuple[nn.Module, dict, dict]:
         verbosity = transformers.utils.logging.get_verbosity()
         transformers.utils.logging.set_verbosity_error()
         try:
-            described = cls.config_class.from_dict(config)
+            hf_config = cls.config_class.from_dict(config)
             with torch.device("meta"):  # what the config describes, sized before anything is allocated
-                wanted = sum(t.numel() for t in cls(described).state_dict().values())
+                wanted = sum(t.numel() for t in cls(hf_config).state_dict().values())
             if wanted > 2 * held + (1 << 20):  # (tied weights may be stored once)
                 raise FcxError(f"{folder / HF_CONFIG} describes a model of {wanted:,} values, its weights hold {held:,}: "
                                "they do not belong together")
-            module, info = cls.from_pretrained(None, config=described, state_dict=state_dict, output_loading_info=True,
+            module, info = cls.from_pretrained(None, config=hf_config, state_dict=state_dict, output_loading_info=True,
                                                attn_implementation="eager")
         finally:
             transformers.utils.logging.set_verbosity(verbosity)
@@ -533,11 +533,10 @@ def _described(module: nn.Module, described: dict | None, input_shape, class_nam
 
 def _config_dict(module: nn.Module) -> dict:
     """A transformers model's config as a dict, else {}."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
+    transformers = sys.modules.get("transformers")  # (a transformers model has imported it: nobody else pays for it)
+    if transformers is None or not isinstance(module, transformers.PreTrainedModel):
         return {}
-    found = module.config.to_dict() if isinstance(module, PreTrainedModel) else {}
+    found = module.config.to_dict()
     return found if isinstance(found, dict) else {}
 
 

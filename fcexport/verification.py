@@ -145,8 +145,7 @@ class FreshExports:
             self.programs[fused] = fingerprint(program)
         if artifact == "fused":
             return self.programs[fused]
-        entry = machine_cache.key(kind="fresh export", program=self.programs[fused], spec=spec.to_dict(), artifact=artifact,
-                                  opset=settings.opset)
+        entry = machine_cache.fresh_export_key(self.programs[fused], spec, artifact, settings.opset)
         found = machine_cache.load_fingerprint(entry)
         if found is None:
             found = self.fingerprint_of(program, artifact, spec, settings)
