@@ -396,7 +396,7 @@ def inspection(result) -> None:
                 "input": f"float32 (N, {', '.join(map(str, spec.input_shape))}) in [0, 1]",
                 "classes": names,
                 "normalisation": f"mean {', '.join(f'{v:.4g}' for v in norm.mean)}, std {', '.join(f'{v:.4g}' for v in norm.std)} (inside the model)" if norm else "none",
-                "preparation": spec.preprocess.mode + (f" (object fill {spec.preprocess.object_fill:.2f})" if spec.preprocess.mode == "object" else ""),
+                "preparation": spec.preprocess.describe(),
                 "architecture": spec.architecture.kind,
                 "fused": f"yes, {len(made.folds)} folds" + (f", {len(made.left)} left" if made.left else "") if made.fused else "no",
             }

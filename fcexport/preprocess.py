@@ -7,9 +7,10 @@ frame that objects fill in the training data ("object_fill", 1.0 for Fashion-MNI
 for MNIST's 20x20 box in 28x28), and centre it on background. A file already at the model's
 input size is taken to be dataset-style and only inverted if needed.
 
-Models whose spec asks for "letterbox" (colour models, imported ones) get the plain preparation
-instead: the model's channels, resized with aspect kept, padded with black. Either way the
-image's EXIF orientation is applied first.
+Other models get a plain resize in the model's channels, as their spec says: "letterbox" (aspect
+kept, padded with black: fcexport's default for colour models) or "resize" (to a shorter side or
+an exact size, then the centre taken: what timm's eval transform and Hugging Face's image
+processors do). Either way the image's EXIF orientation is applied first.
 """
 
 from __future__ import annotations
@@ -38,27 +39,47 @@ MAX_MATCHES = 500_000  # files one glob pattern or folder may name: bounds what 
 def prepare_image(path: str | os.PathLike, input_shape, preprocess, invert: str = "auto") -> np.ndarray:
     """One image file -> float32 (C, H, W) in [0, 1], prepared as the model's spec says (fcexport.spec)."""
     channels, height, width = input_shape
-    if preprocess.mode == "letterbox":
-        return letterbox_image(Path(path), channels, (height, width))
+    if preprocess.mode != "object":
+        return resized_image(Path(path), channels, (height, width), preprocess)
     gray = load_image(path, (height, width), invert, preprocess.object_fill)
     return np.repeat(gray[None], channels, axis=0)
 
 
-def letterbox_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """Colour (or gray) pixels resized with aspect kept into `size`, centred on black: (C, H, W)."""
+def resized_image(path: Path, channels: int, size: tuple[int, int], preprocess) -> np.ndarray:
+    """Colour (or gray) pixels resized as `preprocess` says (letterbox, or resize and centre crop) into `size`: (C, H, W)."""
     from PIL import Image
 
+    out_h, out_w = size
+    resample = getattr(Image.Resampling, preprocess.resample.upper())
     with _open_image(path) as img:
-        rgb = img.convert("RGB" if channels == 3 else "L")
-        out_h, out_w = size
-        scale = min(out_h / rgb.height, out_w / rgb.width)
-        new_w, new_h = max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))
-        resized = np.asarray(rgb.resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-    resized = resized.reshape(new_h, new_w, -1).transpose(2, 0, 1)
-    canvas = np.zeros((resized.shape[0], out_h, out_w), dtype=np.float32)
-    top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
-    canvas[:, top : top + new_h, left : left + new_w] = resized
+        pixels = img.convert("RGB" if channels == 3 else "L")
+        width, height = pixels.size
+        if preprocess.mode == "resize":
+            pixels, placed = pixels.resize((out_w, out_h), resample, centre_crop_box((height, width), preprocess.resize, size, preprocess.crop_offset)), (0, 0)
+        else:
+            scale = min(out_h / height, out_w / width)
+            new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+            pixels, placed = pixels.resize((new_w, new_h), resample), ((out_h - new_h) // 2, (out_w - new_w) // 2)
+        values = np.asarray(pixels, dtype=np.float32) / 255.0
+    values = values.reshape(values.shape[0], values.shape[1], -1).transpose(2, 0, 1)
+    canvas = np.zeros((values.shape[0], out_h, out_w), dtype=np.float32)
+    canvas[:, placed[0] : placed[0] + values.shape[1], placed[1] : placed[1] + values.shape[2]] = values
     return np.repeat(canvas, channels, axis=0) if canvas.shape[0] != channels else canvas
+
+
+def centre_crop_box(image: tuple[int, int], resize, size: tuple[int, int], offset: str = "floor") -> tuple[float, ...]:
+    """The region of an (h, w) image that becomes the centre `size` crop once the image is resized to `resize` ((h, w),
+    or an int for the shorter side, the longer one truncated as torchvision and transformers do; an odd margin's half
+    as `offset` says, spec.CROP_OFFSETS). Resizing only that region gives Pillow's pixels of the whole resize to within
+    3/255, with memory bounded by the output whatever the image's aspect."""
+    height, width = image
+    if isinstance(resize, tuple):
+        new_h, new_w = resize
+    else:
+        new_h, new_w = (int(resize * height / width), resize) if width <= height else (resize, int(resize * width / height))
+    top, left = ((new - out) // 2 if offset == "floor" else round((new - out) / 2) for new, out in ((new_h, size[0]), (new_w, size[1])))
+    sy, sx = height / new_h, width / new_w
+    return left * sx, top * sy, (left + size[1]) * sx, (top + size[0]) * sy
 
 
 def load_image(path: str | os.PathLike, size: tuple[int, int], invert: str = "auto", object_fill: float = 1.0) -> np.ndarray:

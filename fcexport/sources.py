@@ -11,6 +11,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from fcexport.checkpoint import load_weights_file
 from fcexport.data import KNOWN_CLASS_SETS, known_class_names
 from fcexport.errors import HINTS, FcxError
 from fcexport.program import Program, capture, check_shapes, class_count, with_input_normalization
-from fcexport.spec import Architecture, ModelSpec, Normalization, check_normalization, default_preprocess
+from fcexport.spec import RESAMPLING, Architecture, ModelSpec, Normalization, Preprocess, check_normalization, check_resize, default_preprocess
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
@@ -34,9 +35,10 @@ def from_module(
     std=None,
     architecture: dict | None = None,
     on_step=None,
+    preprocess: Preprocess | None = None,
 ) -> tuple[Program, ModelSpec]:
     """Export an eval-mode copy of `module`, put (x - mean) / std in front of it, and describe it (`on_step` hears
-    each step).
+    each step); images are prepared as `preprocess` says, else as `spec.default_preprocess`.
 
     Everything a later step needs is checked here (the opset, argument types, shapes on the meta device),
     so a model that could not be stored fails now, naming the layer, rather than at a later step."""
@@ -60,7 +62,7 @@ def from_module(
     spec = ModelSpec(
         input_shape=shape,
         class_names=names,
-        preprocess=default_preprocess(shape[0]),
+        preprocess=preprocess or default_preprocess(shape[0]),
         normalization=Normalization(normalization["mean"], normalization["std"]) if normalization else None,
         architecture=Architecture("imported", architecture or {"module": f"{type(module).__module__}.{type(module).__qualname__}"}),
     )
@@ -114,7 +116,7 @@ def from_state_dict(
         "weights": weights.name,
         "weights_sha256": weights_sha256,
     }
-    return from_module(module, *_described(module, None, input_shape, class_names, mean, std), architecture, on_step)
+    return from_module(module, **_described(module, None, input_shape, class_names, mean, std), architecture=architecture, on_step=on_step)
 
 
 def _step(on_step, label: str) -> None:
@@ -393,11 +395,11 @@ def from_pretrained(source, input_shape=None, class_names: list[str] | None = No
     preprocessor_config.json), a live transformers model (its config), or a live timm model (its pretrained_cfg).
     Class names, mean / std and input size come from there unless given. Never runs code from the folder."""
     if isinstance(source, nn.Module):
-        return from_module(source, *_described(source, None, input_shape, class_names, mean, std), on_step=on_step)
+        return from_module(source, **_described(source, None, input_shape, class_names, mean, std), on_step=on_step)
     folder = Path(source)
     _step(on_step, f"reading {folder.name} and building its model")
     module, described, architecture = _hf_folder(folder)
-    return from_module(module, *_described(module, described, input_shape, class_names, mean, std), architecture, on_step)
+    return from_module(module, **_described(module, described, input_shape, class_names, mean, std), architecture=architecture, on_step=on_step)
 
 
 def _hf_folder(folder: Path) -> tuple[nn.Module, dict, dict]:
@@ -503,8 +505,9 @@ def _json_file(path: Path) -> dict:
     return found
 
 
-def _described(module: nn.Module, described: dict | None, input_shape, class_names, mean, std) -> tuple:
-    """(input_shape, class_names, mean, std): the given ones, else what the model and its files say."""
+def _described(module: nn.Module, described: dict | None, input_shape, class_names, mean, std) -> dict:
+    """from_module's input_shape, class_names, mean, std and preprocess: the given ones, else what the model and its
+    files say (a transformers config and image processor, timm's pretrained_cfg)."""
     pretrained = getattr(module, "pretrained_cfg", None)  # timm
     pretrained = pretrained if isinstance(pretrained, dict) else {}
     config = (described or {}).get("config") or _config_dict(module)
@@ -515,6 +518,8 @@ def _described(module: nn.Module, described: dict | None, input_shape, class_nam
     if mean is None and std is None:
         if processor.get("image_mean") is not None and processor.get("do_normalize", True):
             mean, std = processor["image_mean"], processor.get("image_std")
+            if processor.get("include_top") and isinstance(std, (list, tuple)) and all(isinstance(v, (int, float)) for v in std):
+                std = [v * v for v in std]  # EfficientNet's processor divides by std once more (include_top)
         elif pretrained.get("mean") is not None:
             mean, std = pretrained["mean"], pretrained.get("std")
     if input_shape is None and pretrained.get("input_size"):
@@ -528,7 +533,61 @@ def _described(module: nn.Module, described: dict | None, input_shape, class_nam
         if type(channels) is not int:
             raise FcxError(f"the model's config says num_channels {str(channels)[:40]}; give --input-shape C,H,W")
         input_shape = (channels, side, side)
-    return input_shape, class_names, mean, std
+    preprocess = _processor_preparation(processor) if processor else _timm_preparation(pretrained)
+    return {"input_shape": input_shape, "class_names": class_names, "mean": mean, "std": std,
+            "preprocess": _fitting(preprocess, parse_input_shape(input_shape))}
+
+
+RESAMPLE_CODES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL's numbers
+
+
+def _processor_preparation(processor: dict) -> Preprocess | None:
+    """A transformers image processor's resize and centre crop (its `size`, `crop_size`, `crop_pct`, `resample`),
+    None where it says none that fcexport can repeat."""
+    size, crop = _side_pair(processor.get("size")), _side_pair(processor.get("crop_size")) if processor.get("do_center_crop") else None
+    resample = RESAMPLE_CODES.get(processor.get("resample"), "bilinear")
+    shortest = processor.get("size", {}).get("shortest_edge") if isinstance(processor.get("size"), dict) else None
+    pct = processor.get("crop_pct")
+    if not processor.get("do_resize", True) or (size is None and type(shortest) is not int):
+        return None
+    if size is not None:  # an exact size (ViT, BEiT, DeiT before its crop)
+        return Preprocess("resize", resize=size, resample=resample)
+    if isinstance(pct, (int, float)) and 0 < pct <= 1 and crop is None:  # ConvNeXt's processor: crop_pct below 384 px
+        return Preprocess("resize", resize=int(shortest / pct) if shortest < 384 else (shortest, shortest), resample=resample)
+    return Preprocess("resize", resize=int(shortest / pct) if isinstance(pct, (int, float)) and 0 < pct <= 1 else shortest,
+                      resample=resample)
+
+
+def _timm_preparation(pretrained: dict) -> Preprocess | None:
+    """timm's eval transform from a pretrained_cfg: resize to input / crop_pct ("center": the shorter side; "squash":
+    both sides), then the centre crop. None for the modes fcexport cannot repeat ("border", a non-square "center")."""
+    size, pct, mode = _side_pair(list(pretrained.get("input_size") or ())[1:]), pretrained.get("crop_pct", 0.875), pretrained.get("crop_mode", "center")
+    if size is None or not isinstance(pct, (int, float)) or not 0 < pct <= 1:
+        return None
+    resample = pretrained.get("interpolation") if pretrained.get("interpolation") in RESAMPLING else "bilinear"
+    scaled = tuple(math.floor(side / pct) for side in size)
+    if mode == "squash" or (mode == "center" and size[0] == size[1]):  # torchvision's CenterCrop rounds an odd margin
+        return Preprocess("resize", resize=scaled if mode == "squash" else scaled[0], resample=resample, crop_offset="round")
+    return None
+
+
+def _side_pair(value) -> tuple[int, int] | None:
+    """An image processor's size as (height, width): an int, {"height", "width"}, or a pair; else None."""
+    if type(value) is int:
+        return value, value
+    if isinstance(value, dict):
+        value = (value.get("height"), value.get("width"))
+    return tuple(value) if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value) else None
+
+
+def _fitting(preprocess: Preprocess | None, shape: tuple[int, int, int]) -> Preprocess | None:
+    """`preprocess` if its sizes cover the model's input (a described size the user did not override), else None."""
+    if preprocess is not None:
+        try:
+            check_resize(preprocess.resize, tuple(shape[1:]))
+        except FcxError:
+            return None
+    return preprocess
 
 
 def _config_dict(module: nn.Module) -> dict:

@@ -19,8 +19,14 @@ from fcexport.errors import FcxError
 # How `fcexport.preprocess` turns an image file into model input:
 #   "object":    grayscale, background removed, object trimmed and fitted into `object_fill` of the
 #                frame, bright on black (how Fashion-MNIST and MNIST were made);
-#   "letterbox": colour or gray as the model's channels, resized with aspect kept, padded with black.
-PREPROCESS_MODES = ("object", "letterbox")
+#   "letterbox": colour or gray as the model's channels, resized with aspect kept, padded with black;
+#   "resize":    resized to `resize` (an int: the shorter side, aspect kept; [h, w]: exactly), then the centre H x W
+#                taken: timm's eval transform and Hugging Face's image processors.
+# Every mode but "object" resizes with Pillow's filter `resample`.
+PREPROCESS_MODES = ("object", "letterbox", "resize")
+RESAMPLING = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # Pillow's filters, by Pillow's names
+CROP_OFFSETS = ("floor", "round")  # an odd margin's half: floored (transformers) or rounded half to even (torchvision, timm)
+MAX_RESIZE_RATIO = 16  # "resize": at most 16x the model's input side before the centre crop
 MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # (C, H, W) up to 3 x 1024 x 1024: bounds every buffer made from a spec
 MAX_CLASSES = 100_000
 MAX_TENSOR_BYTES = 1 << 28  # the memory of any one intermediate of one image, in any format: 256 MiB
@@ -54,6 +60,30 @@ class Preprocess:
 
     mode: str = "object"
     object_fill: float = 1.0  # "object": the share of the frame objects fill in the training data
+    resize: int | tuple[int, int] | None = None  # "resize": the shorter side, or (h, w), before the centre crop
+    resample: str = "bilinear"  # every mode but "object": Pillow's filter
+    crop_offset: str = "floor"  # "resize": where the centre crop starts when the margin is odd (CROP_OFFSETS)
+
+    def __post_init__(self):
+        if isinstance(self.resize, list):
+            object.__setattr__(self, "resize", tuple(self.resize))
+
+    def to_dict(self) -> dict:
+        """The fields the mode uses, as JSON."""
+        if self.mode == "object":
+            return {"mode": "object", "object_fill": self.object_fill}
+        resize = list(self.resize) if isinstance(self.resize, tuple) else self.resize
+        return {"mode": self.mode, "resample": self.resample,
+                **({"resize": resize, "crop_offset": self.crop_offset} if self.mode == "resize" else {})}
+
+    def describe(self) -> str:
+        """One line a person reads: what happens to an image file."""
+        if self.mode == "object":
+            return f"object (object fill {self.object_fill:.2f})"
+        if self.mode == "letterbox":
+            return f"letterbox, {self.resample}"
+        resize = f"{self.resize[0]}x{self.resize[1]}" if isinstance(self.resize, tuple) else f"shorter side {self.resize}"
+        return f"resize to {resize}, centre crop, {self.resample}"
 
 
 @dataclass(frozen=True)
@@ -155,6 +185,12 @@ class ModelSpec:
         fill = self.preprocess.object_fill
         if self.preprocess.mode == "object" and not (isinstance(fill, (int, float)) and 0.1 <= fill <= 1.0):
             raise FcxError(f"{where}: object_fill must be in [0.1, 1], got {fill!r}")
+        if self.preprocess.mode != "object" and self.preprocess.resample not in RESAMPLING:
+            raise FcxError(f"{where}: preprocess resample must be one of {', '.join(RESAMPLING)}, got {str(self.preprocess.resample)[:40]!r}")
+        if self.preprocess.mode == "resize":
+            check_resize(self.preprocess.resize, self.input_shape[1:], where)
+            if self.preprocess.crop_offset not in CROP_OFFSETS:
+                raise FcxError(f"{where}: preprocess crop_offset must be one of {', '.join(CROP_OFFSETS)}, got {str(self.preprocess.crop_offset)[:40]!r}")
         if self.normalization is not None:
             if not isinstance(self.normalization, Normalization):
                 raise FcxError(f"{where}: normalization must be a Normalization")
@@ -167,7 +203,7 @@ class ModelSpec:
         data = {
             "input_shape": list(self.input_shape),
             "class_names": list(self.class_names),
-            "preprocess": {"mode": self.preprocess.mode, **({"object_fill": self.preprocess.object_fill} if self.preprocess.mode == "object" else {})},
+            "preprocess": self.preprocess.to_dict(),
             "normalization": None if self.normalization is None else {"mean": list(self.normalization.mean), "std": list(self.normalization.std)},
             "architecture": {"kind": self.architecture.kind, **thawed(self.architecture.details)},
             "dataset": thawed(self.dataset),
@@ -200,7 +236,8 @@ class ModelSpec:
             return cls(
                 input_shape=tuple(shape) if isinstance(shape, list) else shape,
                 class_names=tuple(names) if isinstance(names, list) else names,
-                preprocess=Preprocess(preprocess.get("mode"), preprocess.get("object_fill", 1.0)),
+                preprocess=Preprocess(preprocess.get("mode"), preprocess.get("object_fill", 1.0), preprocess.get("resize"),
+                                      preprocess.get("resample", "bilinear"), preprocess.get("crop_offset", "floor")),
                 normalization=normalization,
                 architecture=Architecture(str(architecture.pop("kind", "unknown")), frozen(architecture)),
                 dataset=data.get("dataset"),
@@ -252,6 +289,14 @@ def check_normalization(mean, std, channels: int, where: str = "normalization") 
     if not all(s >= MIN_STD for s in values[1]):
         raise FcxError(f"{where}: std must be >= {MIN_STD:g} (smaller does not survive float32 division), got {values[1]}")
     return values[0], values[1]
+
+
+def check_resize(resize, size: tuple[int, int], where: str = "preprocess") -> None:
+    """A "resize" mode's size covers the centre crop of `size` (H, W) and stays within MAX_RESIZE_RATIO of it."""
+    pairs = [(resize, max(size))] if type(resize) is int else list(zip(resize, size)) if isinstance(resize, tuple) and len(resize) == 2 else []
+    if not pairs or not all(type(r) is int and s <= r <= MAX_RESIZE_RATIO * s for r, s in pairs):
+        raise FcxError(f"{where}: preprocess resize must be the shorter side (an integer from {max(size)}) or [h, w] "
+                       f"from [{size[0]}, {size[1]}], at most {MAX_RESIZE_RATIO}x the input, got {str(resize)[:40]}")
 
 
 def default_preprocess(channels: int, object_fill: float = 1.0) -> Preprocess:

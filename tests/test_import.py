@@ -221,9 +221,10 @@ def test_colour_cnn_folds_normalisation_into_unpadded_conv_and_predicts_colour(t
     assert not {"BatchNormalization", "Sub", "Div"} & onnx_ops(art / "model.onnx")
     # colour files of any size: letterboxed to 12x12, the same answer as the user's model on that input
     row = json.loads(run_ok(runner, "predict", photo, "--artifacts", art, "--json").stdout)[0]
-    from fcexport.preprocess import letterbox_image
+    from fcexport.preprocess import resized_image
+    from fcexport.spec import Preprocess
 
-    pixels = torch.from_numpy(letterbox_image(photo, 3, (12, 12)))[None]
+    pixels = torch.from_numpy(resized_image(photo, 3, (12, 12), Preprocess("letterbox")))[None]
     assert pixels[0, :, :2].abs().max() == 0 and pixels[0, :, 3:9].abs().max() > 0  # 30x50 -> 7x12, padded above/below
     mean, std = torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
     expected = net((pixels - mean) / std).argmax(1).item()

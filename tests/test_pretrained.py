@@ -202,3 +202,85 @@ def test_a_vit_that_resizes_its_position_embedding_imports(tmp_path):
     _, spec = fcexport.load_model(fcexport.import_pretrained(timm.create_model("test_vit", pretrained=False, num_classes=3),
                                                              tmp_path))
     assert list(spec.input_shape) == [3, 160, 160]
+
+
+def photos(folder: Path) -> list[Path]:
+    """Smooth, noisy photos of odd sizes and aspects (a one-pixel shift of a crop shows in them)."""
+    from PIL import Image
+
+    rng, made = np.random.default_rng(0), []
+    folder.mkdir(exist_ok=True)
+    for i, (h, w) in enumerate([(300, 451), (517, 333), (97, 1000)]):
+        y, x = np.mgrid[0:h, 0:w]
+        img = np.stack([np.sin(x / 7.0 + c) * np.cos(y / 11.0 - c) * 110 + 128 for c in range(3)], -1)
+        made.append(folder / f"photo{i}.png")
+        Image.fromarray((img + rng.integers(-20, 20, img.shape)).clip(0, 255).astype(np.uint8)).save(made[-1])
+    return made
+
+
+@pytest.mark.parametrize("processor, settings", [
+    ("ViTImageProcessor", {}),  # an exact 224x224
+    ("ConvNextImageProcessor", {"size": {"shortest_edge": 224}}),  # shorter side 224 / crop_pct, then the crop
+    ("MobileNetV2ImageProcessor", {}),  # shorter side 256, crop 224
+    ("DeiTImageProcessor", {}),  # 256x256, crop 224
+    ("EfficientNetImageProcessor", {}),  # 346x346, std applied twice (include_top)
+])
+def test_an_image_is_prepared_as_its_image_processor_prepares_it(processor, settings, tmp_path):
+    from PIL import Image
+
+    from fcexport.preprocess import prepare_image
+    from fcexport.sources import _described
+
+    proc = getattr(transformers, processor)(**settings)
+    described = _described(torch.nn.Identity(), {"config": {}, "preprocessor": json.loads(proc.to_json_string())}, None, None, None, None)
+    assert described["preprocess"].mode == "resize"
+    mean, std = (np.array(described[k], dtype=np.float32).reshape(3, 1, 1) for k in ("mean", "std"))
+    for photo in photos(tmp_path):
+        expected = proc(Image.open(photo).convert("RGB"), return_tensors="np")["pixel_values"][0]
+        assert tuple(described["input_shape"]) == expected.shape
+        pixels = prepare_image(photo, described["input_shape"], described["preprocess"])
+        # transformers resizes with torch, fcexport with Pillow: the same pixels to within a few levels of 255
+        assert np.abs((pixels - mean) / std - expected).max() * 255 <= 5 * np.abs(1 / std).max()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vit_tiny_patch16_224"])
+def test_an_image_is_prepared_as_timms_eval_transform_prepares_it(name, tmp_path):
+    timm = pytest.importorskip("timm")
+    from PIL import Image
+
+    from fcexport.preprocess import prepare_image
+    from fcexport.sources import _described
+
+    model = timm.create_model(name, pretrained=False)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    described = _described(model, None, None, None, None, None)
+    mean, std = (np.array(described[k], dtype=np.float32).reshape(3, 1, 1) for k in ("mean", "std"))
+    for photo in photos(tmp_path):
+        expected = transform(Image.open(photo).convert("RGB")).numpy()  # resnet50: 235 -> 224, an odd margin
+        pixels = prepare_image(photo, described["input_shape"], described["preprocess"])
+        assert np.abs((pixels - mean) / std - expected).max() * 255 <= 5 * np.abs(1 / std).max()
+
+
+def test_the_recorded_preparation_survives_export_and_predict_uses_it(runner, tmp_path):
+    folder = save_pretrained(tmp_path / "model", "ConvNextForImageClassification")
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.5, image_mean=[0.5, 0.4, 0.3],
+                                        image_std=[0.2, 0.25, 0.3]).save_pretrained(folder)
+    art = tmp_path / "art"
+    assert invoke(runner, "import", folder, "--artifacts", art).exit_code == 0
+    assert invoke(runner, "export", "--format", "onnx", "--artifacts", art).exit_code == 0
+    from fcexport.checkpoint import read_model
+    from fcexport.spec import Preprocess
+
+    assert read_model(art / "model.pt").spec.preprocess == Preprocess("resize", resize=64, resample="bicubic")
+    r = invoke(runner, "inspect", art / "model.onnx")
+    assert "resize to shorter side 64, centre crop, bicubic" in r.stdout, r.stdout
+    photo = photos(tmp_path / "photos")[0]
+    from PIL import Image
+
+    model = transformers.ConvNextForImageClassification.from_pretrained(folder).eval()
+    pixels = transformers.ConvNextImageProcessor.from_pretrained(folder)(Image.open(photo).convert("RGB"), return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**pixels).logits.softmax(-1)[0]
+    row = json.loads(invoke(runner, "predict", photo, "--model", art / "model.onnx", "--json").stdout)[0]
+    assert row["label"] == CLASSES[int(expected.argmax())]
+    assert row["probability"] == pytest.approx(float(expected.max()), abs=0.02)
