@@ -266,6 +266,60 @@ def test_an_onnx_runtime_that_computes_one_layer_wrongly_is_named_at_that_layer(
     assert where["layer"] == layer and where["max_abs"] > where["band"], (layer, where)
 
 
+PERTURBED_TORCH = '''
+import os
+
+from fcexport.program import ProgramModule
+from fcexport.targets import Runtime, module_predictor, pt2, torch_device, torchscript
+
+
+def broken(module):
+    """`module` (the program's interpreter or its LayerTap) with the output of layer FCX_TEST_LAYER scaled by 1.01."""
+    at = max(i for i, (node, _, _) in enumerate(module._steps) if node.layer == os.environ["FCX_TEST_LAYER"])
+    node, fn, frees = module._steps[at]
+    module._steps[at] = (node, lambda *a, **k: fn(*a, **k) * 1.01, frees)
+    return module
+
+
+def opener(kind, fingerprint):
+    def open_broken(files, device, checks, backend):
+        """The file vetted as its own runtime vets it; then its program run with one layer scaled, and the layers
+        shown the way that format's runtime shows them (kind.exported_layers), with the same layer broken."""
+        spec, found = fingerprint(checks.read(files[0]), files[0])
+        checks.vet(files[0], backend, spec, found)
+        program = checks.source(spec)
+        return module_predictor(broken(ProgramModule(program)), backend, device, files[0], spec,
+                                layers=kind.exported_layers(program, spec, torch_device(device), prepare=broken))
+    return open_broken
+
+
+RUNTIMES = [
+    Runtime(name="perturbed-pt2", format="pt2", devices=("cpu",), open=opener(pt2, pt2.pt2_fingerprint),
+            runs={"perturbed-pt2": "pt2"}, summary="test only: model.pt2's program with one layer scaled by 1.01"),
+    Runtime(name="perturbed-ts", format="torchscript", devices=("cpu",), open=opener(torchscript, torchscript.torchscript_fingerprint),
+            runs={"perturbed-ts": "torchscript"}, summary="test only: model.ts's program with one layer scaled by 1.01"),
+]
+'''
+
+
+@pytest.mark.parametrize("model, backend", [("mlp", "perturbed-pt2"), ("cnn", "perturbed-ts"), ("resnet18", "perturbed-pt2")])
+def test_a_torch_runtime_that_computes_one_layer_wrongly_is_named_at_that_layer(model, backend, exported_dir, tmp_path, monkeypatch):
+    """TorchScript and pt2 rows show their layers as their runtimes run the files: the program's LayerTap traced
+    and frozen (model.ts) or exported (model.pt2), on the row's device."""
+    from fcexport import export, verify
+    from helpers import plugin_registered
+
+    folder = _model_folder(model, exported_dir, tmp_path, lambda f: export(f / "model.pt", f, formats=("pt2", "torchscript"), check=False))
+    layer = _middle_layer(folder)
+    monkeypatch.setenv("FCX_TEST_LAYER", layer)
+    honest = {"perturbed-pt2": "pt2", "perturbed-ts": "torchscript"}[backend]
+    with plugin_registered(monkeypatch, tmp_path, "perturbed_torch_plugin", PERTURBED_TORCH):
+        broken, fine = verify(folder, backends=(backend, honest), devices=("cpu",), inputs=64).rows
+    assert broken.status.value == "fail" and fine.status.value == "pass"
+    where = broken.value("first_divergent_layer")
+    assert where["layer"] == layer and where["max_abs"] > where["band"], (layer, where)
+
+
 def test_an_honest_interpreter_row_names_no_layer(exported_dir):
     from fcexport import verify
 

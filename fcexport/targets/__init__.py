@@ -277,12 +277,35 @@ def torch_runner(module, dev):
     return run
 
 
-def module_predictor(module, backend: str, device: str, source: Path, spec: ModelSpec, batch: int | None = None) -> Predictor:
+def module_predictor(module, backend: str, device: str, source: Path, spec: ModelSpec, batch: int | None = None,
+                     layers: tuple | None = None) -> Predictor:
     """Wrap an nn.Module or ScriptModule that the predictor owns (made for it: it is moved to `device` and put in
     eval mode)."""
     dev = torch_device(device)
     return Predictor(backend, device, source, torch_runner(module.to(dev).eval(), dev), spec, batch,
-                     precision=torch_precision(device))
+                     precision=torch_precision(device), layers=layers)
+
+
+def tapped_layers(program, spec: ModelSpec, run_tap) -> tuple:
+    """A Predictor's `layers` for a runtime of exported files: (the checked program, layers(x)), where layers(x) calls
+    `run_tap(x)` (the program's fcexport.program.LayerTap copy, exported and run as the runtime runs its artifact)
+    and splits that (N, values) answer into each layer's output."""
+    import torch
+
+    from fcexport.program import ProgramModule, layer_values
+
+    def layers(x: np.ndarray) -> dict:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        shapes = {name: (kind, value.shape) for name, (kind, value) in layer_values(ProgramModule(program), torch.from_numpy(x)).items()}
+        flat = run_tap(x)
+        found, at = {}, len(spec.class_names)
+        for name, (kind, shape) in shapes.items():
+            size = int(np.prod(shape[1:]))
+            found[name] = (kind, flat[:, at : at + size].reshape(shape))
+            at += size
+        return found
+
+    return program, layers
 
 
 MAX_ARCHIVE_RECORDS = 100_000

@@ -13,7 +13,7 @@ from pathlib import Path
 from fcexport.errors import FcxError
 from fcexport.onnx_checks import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, describe_onnx, onnx_fingerprint
 from fcexport.spec import ModelSpec
-from fcexport.targets import Exporter, ExportSettings, quiet_loggers, quiet_warnings
+from fcexport.targets import Exporter, ExportSettings, quiet_loggers, quiet_warnings, tapped_layers
 
 
 def onnx_bytes(program, spec: ModelSpec, opset: int = ExportSettings.opset) -> bytes:
@@ -72,25 +72,7 @@ EXPORTER = Exporter(name="onnx", files=(ONNX_FILE,), format="onnx", write=write,
 
 
 def exported_layers(program, spec: ModelSpec, compile_onnx) -> tuple:
-    """A Predictor's `layers` for a runtime of ONNX files: (the checked program, layers(x)), where layers(x) runs
-    the program's LayerTap copy through `compile_onnx(bytes) -> run(x)` (the runtime, as it runs the artifact) and
-    splits its answer into each layer's output."""
-    import numpy as np
-    import torch
-
-    from fcexport.program import ProgramModule, layer_values
-
+    """A Predictor's `layers` for a runtime of ONNX files: the program's LayerTap exported to ONNX for the batch at
+    hand and run through `compile_onnx(bytes) -> run(x)` (the runtime, as it runs the artifact)."""
     opset = spec.provenance.opset or ExportSettings.opset
-
-    def layers(x: np.ndarray) -> dict:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        shapes = {name: (kind, value.shape) for name, (kind, value) in layer_values(ProgramModule(program), torch.from_numpy(x)).items()}
-        flat = compile_onnx(layer_tap_bytes(program, spec.input_shape, len(x), opset))(x)
-        found, at = {}, len(spec.class_names)
-        for name, (kind, shape) in shapes.items():
-            size = int(np.prod(shape[1:]))
-            found[name] = (kind, flat[:, at : at + size].reshape(shape))
-            at += size
-        return found
-
-    return program, layers
+    return tapped_layers(program, spec, lambda x: compile_onnx(layer_tap_bytes(program, spec.input_shape, len(x), opset))(x))

@@ -15,7 +15,7 @@ from pathlib import Path
 from fcexport.errors import FcxError
 from fcexport.spec import ModelSpec
 from fcexport.targets import (METADATA_FILE, Checks, Exporter, ExportSettings, Predictor, Refused, Runtime,
-                              archive_description, archive_fingerprint, quiet_warnings, torch_device,
+                              archive_description, archive_fingerprint, quiet_warnings, tapped_layers, torch_device,
                               torch_precision, torch_runner)
 
 FILE = "model.pt2"
@@ -99,7 +99,23 @@ def open_pt2(files: tuple[Path, ...], device: str, checks: Checks, backend: str)
         changed = sorted(k for k in {*found, *rebuilt} if found.get(k) != rebuilt.get(k))
         raise Refused(path, [f"it is not what its model.pt exports to ({', '.join(changed[:3])} differ)"])
     module = exported.module().to(dev)  # an ExportedProgram's module is inference-only already (no .eval())
-    return Predictor(backend, device, path, torch_runner(module, dev), spec, precision=torch_precision(device))
+    return Predictor(backend, device, path, torch_runner(module, dev), spec, precision=torch_precision(device),
+                     layers=exported_layers(program, spec, dev))
+
+
+def exported_layers(program, spec: ModelSpec, dev, prepare=lambda tap: tap) -> tuple:
+    """A Predictor's `layers` for model.pt2's runtime: the program's LayerTap (after `prepare`, where a test breaks
+    one layer) exported by torch.export for the batch at hand and run as model.pt2 runs."""
+    import torch
+
+    from fcexport.program import LayerTap
+
+    def run_tap(x):
+        with quiet_warnings():
+            exported = torch.export.export(prepare(LayerTap(program)).eval(), (torch.from_numpy(x),))
+        return torch_runner(exported.module().to(dev), dev)(x)
+
+    return tapped_layers(program, spec, run_tap)
 
 
 EXPORTER = Exporter(name="pt2", files=(FILE,), format="pt2", write=write, fingerprint=lambda data: pt2_fingerprint(data)[1],

@@ -19,7 +19,7 @@ from pathlib import Path
 from fcexport.errors import FcxError
 from fcexport.spec import ModelSpec
 from fcexport.targets import (METADATA_FILE, Checks, exact_float32, Exporter, ExportSettings, Predictor, Runtime, archive_description, archive_fingerprint,
-                              module_predictor, torch_device)
+                              module_predictor, tapped_layers, torch_device, torch_runner)
 
 log = logging.getLogger(__name__)
 FILE = "model.ts"
@@ -108,7 +108,25 @@ def open_torchscript(files: tuple[Path, ...], device: str, checks: Checks, backe
             module = torch.jit.load(io.BytesIO(data), map_location=dev)
     except Exception as exc:  # corrupt zip, bad pickle: an unusable file
         raise FcxError(f"{path}: not a valid fcexport TorchScript file ({type(exc).__name__})", hint="export") from exc
-    return module_predictor(module, backend, device, path, spec)
+    layers = None if checks.source is None else exported_layers(checks.source(spec), spec, dev)  # verify: where it broke
+    return module_predictor(module, backend, device, path, spec, layers=layers)
+
+
+def exported_layers(program, spec: ModelSpec, dev, prepare=lambda tap: tap) -> tuple:
+    """A Predictor's `layers` for model.ts's runtime: the program's LayerTap (after `prepare`, where a test breaks
+    one layer) traced and frozen as model.ts is, for the batch at hand, saved and loaded onto `dev` as model.ts is."""
+    import torch
+
+    from fcexport.program import LayerTap
+
+    def run_tap(x):
+        buffer = io.BytesIO()
+        with quiet_torchscript_deprecation(), torch.no_grad(), exact_float32():
+            torch.jit.save(torch.jit.freeze(torch.jit.trace(prepare(LayerTap(program)).eval(), torch.from_numpy(x), check_trace=False)), buffer)
+            buffer.seek(0)
+            return torch_runner(torch.jit.load(buffer, map_location=dev), dev)(x)
+
+    return tapped_layers(program, spec, run_tap)
 
 
 EXPORTER = Exporter(name="torchscript", files=(FILE,), format="torchscript", write=write,
