@@ -214,6 +214,10 @@ def comparison_table(title: str, report, wide: bool = False, artifacts=None) -> 
             remarks.append(f"[bold red]FAIL[/] {escape(r.backend)} on {r.device}: first out of its noise band at layer "
                            f"{escape(shown(where['layer']))} ({escape(shown(where['layer_type']))}): max abs "
                            f"{where['max_abs']:.1e} > {where['band']:.1e}")
+        if by_layer := [row for row in r.value("error_by_layer") or () if row["share"] > 0][:3]:  # what to leave unquantised
+            shares = ", ".join(f"{escape(shown(row['layer']))} {row['share']:.0%}" for row in by_layer)
+            remarks.append(f"[bright_black]{escape(r.backend)} on {r.device}: its error drops most with one layer left "
+                           f"float32: {shares}[/]")
         errors = [_error_cell(r, c) for c in columns]
         accuracy = f"{r.value('accuracy'):.2%}" if r.value("accuracy") is not None else "-"
         rows.append([r.backend, r.device, status_text(r.status), *errors, f"{r.value('top1_agreement') or 0:.2%}", accuracy])

@@ -137,6 +137,10 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
         stats["precision"] = candidate.precision
         if not stats["passed"] and candidate.layers and "allowed_max_abs" in stats:
             stats["first_divergent_layer"] = where_it_broke(candidate, inputs.x, logits, reference, stats["allowed_max_abs"], rule)
+        if candidate.left_float:
+            if on_step:
+                on_step(f"remaking {candidate.backend} with one layer left float32 at a time")
+            stats["error_by_layer"] = error_by_layer(candidate, inputs.x, reference)
         if "undecided" in stats:
             rows.append(CheckRow(candidate.backend, candidate.device, Status.SKIPPED, str(candidate.source), stats,
                                  reason=stats["undecided"]))
@@ -174,6 +178,28 @@ def where_it_broke(candidate: Predictor, x: np.ndarray, logits: np.ndarray, refe
     except (FcxError, Unsupported):  # the runtime cannot run the copy that shows its values: the row still fails
         return None
     return first_out_of_band(float64, float32, found, rule.factor)
+
+
+BY_LAYER_INPUTS = 256  # inputs, spread over the whole set, on which an approximate file is remade layer by layer
+
+
+def error_by_layer(candidate: Predictor, x: np.ndarray, reference: np.ndarray) -> list[dict] | None:
+    """For an approximate file: each layer's share of its error, measured by remaking the file with that layer left
+    exact (mean |logit error| on BY_LAYER_INPUTS inputs, with and without, run in the same calls: an int8 file's
+    activation scales follow the batch), largest first: what a user leaves unquantised. None when the runtime
+    cannot remake the file."""
+    chosen = np.linspace(0, len(x) - 1, min(len(x), BY_LAYER_INPUTS)).round().astype(int)
+    x, reference = np.ascontiguousarray(x[chosen]), reference[chosen]
+    base = float(np.abs(candidate(x).astype(np.float64) - reference).mean())
+    try:
+        remade = candidate.left_float()
+        errors = {layer: float(np.abs(replace(candidate, run=run)(x).astype(np.float64) - reference).mean())
+                  for layer, run in remade.items()}
+    except (FcxError, Unsupported):
+        return None
+    found = [{"layer": layer, "mean_abs_left_float": error, "share": (base - error) / base if base > 0 else 0.0}
+             for layer, error in errors.items()]
+    return sorted(found, key=lambda row: -row["share"])
 
 
 def with_problems(row: CheckRow, problems: list[str]) -> CheckRow:

@@ -418,3 +418,23 @@ def test_a_grouped_variance_in_onnx_files_is_sized_and_as_exact_as_torch(tmp_pat
     export(tmp_path / "model.pt", tmp_path, formats=("onnx",), check=False)
     (row,) = verify(tmp_path, backends=("onnxruntime",), devices=("cpu",), inputs=64).rows
     assert row.status.value == "pass", row
+
+
+def test_an_int8_row_says_which_layer_carries_its_error(tmp_path):
+    """One weight 200x the others in the middle layer: per-tensor int8 rounds that layer coarsely, so leaving it
+    float32 removes most of the file's error, and the row says so (and the other layers share less)."""
+    import torch
+
+    from fcexport import export, import_model, verify
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 48),
+                              torch.nn.ReLU(), torch.nn.Linear(48, 10))
+    with torch.no_grad():
+        net[3].weight[0, 0] = 200 * net[3].weight.abs().max()
+    import_model(net.eval(), (1, 8, 8), artifacts=tmp_path)
+    export(tmp_path / "model.pt", tmp_path, formats=("onnx", "int8"), check=False)
+    (row,) = verify(tmp_path, backends=("onnxruntime-int8",), devices=("cpu",), inputs=512).rows
+    by_layer = [dict(found) for found in row.value("error_by_layer")]
+    assert [found["layer"] for found in by_layer][0] == "3" and {found["layer"] for found in by_layer} == {"1", "3", "5"}
+    assert by_layer[0]["share"] > 0.5 > max(found["share"] for found in by_layer[1:]), by_layer

@@ -103,6 +103,8 @@ class Predictor:
     # where a runtime can show its intermediate values: (the checked program it computes, layers(x) -> {layer: (type,
     # float32 output)}), so a failing row names the first layer that leaves its noise band
     layers: tuple | None = None
+    # an approximate file's () -> {layer: run(x) of the file remade with that layer left exact}: what carries its error
+    left_float: Callable[[], dict] | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -19,6 +19,9 @@ from fcexport.spec import ModelSpec
 from fcexport.targets import Exporter, ExportSettings
 
 FILE = "model.int8.onnx"
+QUANTIZED_OPS = ("MatMul", "Gemm")
+PASSED_ON = ("Transpose", "Reshape", "Cast", "Identity", "Unsqueeze", "Squeeze")
+MAX_LAYERS_LEFT_FLOAT = 64  # layers verify remakes the file without, one at a time, to find where the error comes from
 # What model.int8.onnx holds, stored in its metadata.
 INT8_QUANTIZATION = {
     "method": "onnxruntime dynamic quantization",
@@ -28,8 +31,9 @@ INT8_QUANTIZATION = {
 }
 
 
-def int8_bytes(onnx_data: bytes) -> bytes:
-    """Quantize an exported ONNX model (its bytes) to int8 weights with dynamic activation scales."""
+def int8_bytes(onnx_data: bytes, left_float: tuple[str, ...] = ()) -> bytes:
+    """Quantize an exported ONNX model (its bytes) to int8 weights with dynamic activation scales; the nodes named in
+    `left_float` stay float32 (what verify measures to say which layers carry the int8 error)."""
     import tempfile
 
     import onnx
@@ -40,11 +44,38 @@ def int8_bytes(onnx_data: bytes) -> bytes:
         source.write_bytes(onnx_data)
         # Gemm/MatMul only: ORT's ConvInteger made a CNN 4.8x slower than float32 (318 vs 66 us, measured)
         quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+                         op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=list(left_float))
         proto = onnx.load(str(target))
     proto.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(INT8_QUANTIZATION))
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
+
+
+def left_float(program, spec: ModelSpec, compile_onnx):
+    """An approximate Predictor's `left_float`: () -> {layer: run(x) of model.int8.onnx remade with that layer's
+    Gemm / MatMul nodes left float32, through `compile_onnx(bytes) -> run` as the row runs the file}, for up to
+    MAX_LAYERS_LEFT_FLOAT layers the user wrote: the layers whose absence removes most of the error carry it."""
+    import onnx
+
+    from fcexport.program import Ref
+    from fcexport.targets.onnx import onnx_bytes
+
+    def refs(value):
+        return [value.name] if isinstance(value, Ref) else [n for v in value for n in refs(v)] if isinstance(value, tuple) else []
+
+    def remade():
+        data = onnx_bytes(program, spec, spec.provenance.opset or ExportSettings.opset)  # the model.onnx verify matched
+        layer_of = {name: node.layer for node in program.nodes for name in refs(node.args) if name in program.tensors and node.layer}
+        nodes: dict[str, list[str]] = {}
+        for node in onnx.load_from_string(data).graph.node:
+            found = [layer_of[name] for name in node.input if name in layer_of]
+            if node.op_type in PASSED_ON and found:  # a weight transposed or reshaped on its way to a MatMul
+                layer_of[node.output[0]] = found[0]
+            elif node.op_type in QUANTIZED_OPS and found:  # the quantizer renames a Gemm it splits into MatMul + Add
+                nodes.setdefault(found[0], []).extend([node.name, f"{node.name}_MatMul"])
+        return {layer: compile_onnx(int8_bytes(data, tuple(names))) for layer, names in list(nodes.items())[:MAX_LAYERS_LEFT_FLOAT]}
+
+    return remade
 
 
 def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> None:

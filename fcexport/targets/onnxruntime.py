@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fcexport.errors import FcxError
-from fcexport.onnx_checks import MAX_ONNX_BYTES, check_onnx_model, onnx_fingerprint, read_onnx_spec
+from fcexport.onnx_checks import MAX_ONNX_BYTES, QUANTIZATION_KEY, check_onnx_model, onnx_fingerprint, read_onnx_spec
 from fcexport.targets import Checks, DeviceUnavailable, Predictor, Runtime
 
 
@@ -51,12 +51,19 @@ def open_onnx(files: tuple[Path, ...], device: str, checks: Checks, backend: str
     declared = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape[1:]]
     if declared != list(spec.input_shape):
         raise FcxError(f"{path}: the model's input is {declared} but its metadata says {list(spec.input_shape)}")
-    layers = None
-    if checks.source is not None:  # verify: a failing row can name the layer where it broke
+    layers = left_float = None
+    if checks.source is not None:  # verify: a failing row names the layer where it broke, an int8 one what carries its error
+        from fcexport.targets import int8
         from fcexport.targets.onnx import exported_layers
 
-        layers = exported_layers(checks.source(spec), spec, lambda tap: _runner(_session(tap, path, device), path))
-    return Predictor(backend, device, path, _runner(session, path), spec, layers=layers)
+        def compiled(onnx_bytes: bytes):
+            return _runner(_session(onnx_bytes, path, device), path)
+
+        if any(p.key == QUANTIZATION_KEY for p in model.metadata_props):
+            left_float = int8.left_float(checks.source(spec), spec, compiled)
+        else:
+            layers = exported_layers(checks.source(spec), spec, compiled)
+    return Predictor(backend, device, path, _runner(session, path), spec, layers=layers, left_float=left_float)
 
 
 def _session(data: bytes, path: Path, device: str):
