@@ -67,7 +67,7 @@ class Row:
 def build(name: str, size: int):
     """(an eval-mode module with random weights and randomised BatchNorm, its (C, H, W), mean, std) for `name`:
     `mlp` (the course's Linear-BN-ReLU-Linear on 1x28x28), `cnn` (a small conv net on 3xSxS), a torchvision name,
-    or `timm:NAME`."""
+    `timm:NAME` or `hf:TransformersClass` (as benchmarks/zoo.py builds them; at their own size where they have one)."""
     import torch
     from torch import nn
 
@@ -82,11 +82,14 @@ def build(name: str, size: int):
             nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
             nn.Flatten(), nn.Linear(64, CLASSES))
         shape, mean, std = (3, size, size), IMAGENET_MEAN, IMAGENET_STD
-    elif name.startswith("timm:"):
-        import timm
+    elif name.startswith(("timm:", "hf:")):
+        import zoo
 
-        model = timm.create_model(name[5:], pretrained=False, num_classes=CLASSES)
-        shape, mean, std = (3, size, size), IMAGENET_MEAN, IMAGENET_STD
+        model = zoo.build(name)  # zoo.py's own settings (transformers widths cut to ViT-Tiny's)
+        config = getattr(model, "config", None)  # transformers: its config's image size; timm: a fixed size, or `size`
+        fixed = getattr(model, "pretrained_cfg", {}).get("fixed_input_size") and model.pretrained_cfg["input_size"][1]
+        side = config.image_size if isinstance(getattr(config, "image_size", None), int) else fixed or size
+        shape, mean, std = (3, side, side), IMAGENET_MEAN, IMAGENET_STD
     else:
         import torchvision
 
@@ -254,7 +257,7 @@ def summary(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
-                        help="mlp, cnn, torchvision names, timm:NAME [default: %(default)s]")
+                        help="mlp, cnn, torchvision names, timm:NAME, hf:CLASS [default: %(default)s]")
     parser.add_argument("--size", type=int, default=96, help="image height and width (not the MLP's 28) [96]")
     parser.add_argument("--inputs", type=int, default=64, help="verify's --inputs budget per model [64]")
     args = parser.parse_args()
