@@ -547,15 +547,14 @@ def _processor_preparation(processor: dict) -> Preprocess | None:
     size, crop = _side_pair(processor.get("size")), _side_pair(processor.get("crop_size")) if processor.get("do_center_crop") else None
     resample = RESAMPLE_CODES.get(processor.get("resample"), "bilinear")
     shortest = processor.get("size", {}).get("shortest_edge") if isinstance(processor.get("size"), dict) else None
-    pct = processor.get("crop_pct")
+    pct = processor.get("crop_pct") if isinstance(processor.get("crop_pct"), (int, float)) and 0 < processor["crop_pct"] <= 1 else None
     if not processor.get("do_resize", True) or (size is None and type(shortest) is not int):
         return None
     if size is not None:  # an exact size (ViT, BEiT, DeiT before its crop)
         return Preprocess("resize", resize=size, resample=resample)
-    if isinstance(pct, (int, float)) and 0 < pct <= 1 and crop is None:  # ConvNeXt's processor: crop_pct below 384 px
+    if pct is not None and crop is None:  # ConvNeXt's processor: crop_pct below 384 px
         return Preprocess("resize", resize=int(shortest / pct) if shortest < 384 else (shortest, shortest), resample=resample)
-    return Preprocess("resize", resize=int(shortest / pct) if isinstance(pct, (int, float)) and 0 < pct <= 1 else shortest,
-                      resample=resample)
+    return Preprocess("resize", resize=int(shortest / pct) if pct is not None else shortest, resample=resample)
 
 
 def _timm_preparation(pretrained: dict) -> Preprocess | None:

@@ -57,15 +57,12 @@ def left_float(program, spec: ModelSpec, compile_onnx):
     MAX_LAYERS_LEFT_FLOAT layers the user wrote: the layers whose absence removes most of the error carry it."""
     import onnx
 
-    from fcexport.program import Ref
+    from fcexport.program import refs_in
     from fcexport.targets.onnx import onnx_bytes
-
-    def refs(value):
-        return [value.name] if isinstance(value, Ref) else [n for v in value for n in refs(v)] if isinstance(value, tuple) else []
 
     def remade():
         data = onnx_bytes(program, spec, spec.provenance.opset or ExportSettings.opset)  # the model.onnx verify matched
-        layer_of = {name: node.layer for node in program.nodes for name in refs(node.args) if name in program.tensors and node.layer}
+        layer_of = {ref.name: node.layer for node in program.nodes for ref in refs_in(node.args) if ref.name in program.tensors and node.layer}
         nodes: dict[str, list[str]] = {}
         for node in onnx.load_from_string(data).graph.node:
             found = [layer_of[name] for name in node.input if name in layer_of]
