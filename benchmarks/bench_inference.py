@@ -3,9 +3,12 @@ settings and ORT's defaults), ONNX Runtime int8 (approximate, when model.int8.on
 plain NumPy matmul chain as the float32 floor.
 
     python benchmarks/bench_inference.py [--artifacts DIR]   (trains a model on digits-sized data if none)
+    python benchmarks/bench_inference.py --quick             # seconds: one epoch on digits in a temporary folder (make test)
 
-Prints p50 latency at batch 1 and throughput at batch 1024, and the ratios that matter. Machines are
-noisy: compare ratios from one run, not absolute numbers across runs.
+Prints p50 latency at batch 1 and throughput at batch 1024, the ratios that matter, and each row's share of this
+CPU's float32 limit (the model's multiply-accumulates per image x 2 x images/s, against NumPy's sgemm on a 2048-square
+matmul measured in the same run: what this CPU's BLAS reaches, a practical peak). Machines are noisy: compare ratios
+from one run, not absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import argparse
 import platform
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +64,26 @@ def ort_default(onnx_path: Path) -> Predictor:
     return Predictor("onnxruntime-default", "cpu", onnx_path, lambda x: session.run(None, {name: x})[0], spec)
 
 
-def ensure_artifacts(folder: Path, arch: str) -> None:
+def sgemm_gflops(seconds: float) -> float:
+    """NumPy's float32 matmul rate on this machine (GFLOP/s): the practical peak the rows are measured against."""
+    a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
+    a @ a
+    started, calls = time.perf_counter(), 0
+    while calls < 3 or time.perf_counter() - started < seconds:
+        a @ a
+        calls += 1
+    return 2 * 2048**3 * calls / (time.perf_counter() - started) / 1e9
+
+
+def ensure_artifacts(folder: Path, arch: str, quick: bool = False) -> None:
+    """Train (2 epochs on Fashion-MNIST where it is on disk, else digits; `quick`: 1 on digits), fold and export."""
     if (folder / "model.onnx").is_file():
         return
     fcx = [sys.executable, "-m", "cli.main"]
-    data = ["--data-root", "../shared/data"] if Path("../shared/data/FashionMNIST").is_dir() else ["--data", "digits"]
-    subprocess.run([*fcx, "train", *data, "--model", arch, "--epochs", "2", "--artifacts", str(folder), "-q"], check=True)
+    fashion = Path("../shared/data/FashionMNIST").is_dir() and not quick
+    data = ["--data-root", "../shared/data"] if fashion else ["--data", "digits"]
+    subprocess.run([*fcx, "train", *data, "--model", arch, "--epochs", "1" if quick else "2", "--artifacts", str(folder), "-q"],
+                   check=True, cwd=Path(__file__).parents[1])
     subprocess.run([*fcx, "fuse-bn", "--artifacts", str(folder), "--json"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([*fcx, "export", "--int8", "--artifacts", str(folder), "--json"], check=True, stdout=subprocess.DEVNULL)
 
@@ -74,9 +93,21 @@ def main() -> None:
     parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="the default MLP or the default CNN")
     parser.add_argument("--artifacts", type=Path, default=None, help="[default: artifacts/bench-MODEL]")
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per backend and batch size")
+    parser.add_argument("--quick", action="store_true", help="does it run: a 1-epoch model in a temporary folder, a few calls")
     args = parser.parse_args()
+    if args.quick:
+        with tempfile.TemporaryDirectory() as folder:
+            args.artifacts = Path(folder) / "bench"
+            ensure_artifacts(args.artifacts, args.model, quick=True)
+            print("(--quick: a few calls each; the figures below are not measurements)")
+            return run(args, warmup=2, repeats=(5, 2), seconds=0.05)
     args.artifacts = args.artifacts or Path(f"artifacts/bench-{args.model}")
     ensure_artifacts(args.artifacts, args.model)
+    run(args, warmup=50, repeats=(5000, 200), seconds=args.seconds)
+
+
+def run(args, warmup: int, repeats: tuple[int, int], seconds: float) -> None:
+    """Open every backend on the folder, time batch 1 and 1024, print the table."""
     predictors = []
     for backend in registry.backends().values():
         try:
@@ -89,23 +120,34 @@ def main() -> None:
     shape = predictors[0].spec.input_shape
     rng = np.random.default_rng(0)
     results = {}
-    for batch, repeat in ((1, 5000), (1024, 200)):
+    for batch, repeat in zip((1, 1024), repeats):
         x = rng.random((batch, *shape), dtype=np.float32)
         for p in predictors:
-            results[(p.backend, batch)] = measure(p, x, warmup=50, repeat=repeat, max_seconds=args.seconds)
+            results[(p.backend, batch)] = measure(p, x, warmup=warmup, repeat=repeat, max_seconds=seconds)
     import onnxruntime
     import openvino
     import torch
 
+    from fcexport.checkpoint import read_model
+
+    flops = 2 * read_model(args.artifacts / "model.pt").shapes.macs  # per image
+    peak = sgemm_gflops(seconds)
+
+    def share(images_per_second: float) -> str:
+        return f"{100 * flops * images_per_second / 1e9 / peak:.1f}%"
+
     print(f"# inference benchmark, default {args.model}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__.split('-')[0]}, python {platform.python_version()}\n")
-    print("| backend | batch-1 p50 (us) | batch-1 speed-up vs eager | batch-1024 samples/s | batch-1024 vs ORT default |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"{flops / 1e6:.2f} MFLOP per image; this CPU's sgemm: {peak:.0f} GFLOP/s float32 (the % columns' 100%)\n")
+    print("| backend | batch-1 p50 (us) | batch-1 speed-up vs eager | batch-1 % of sgemm | batch-1024 samples/s | "
+          "batch-1024 vs ORT default | batch-1024 % of sgemm |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     eager1 = results[("eager", 1)]["p50_ms"]
     ort_default_tp = results[("onnxruntime-default", 1024)]["throughput"]
     for p in predictors:
         r1, rb = results[(p.backend, 1)], results[(p.backend, 1024)]
-        print(f"| {p.backend} | {r1['p50_ms'] * 1e3:.1f} | {eager1 / r1['p50_ms']:.2f}x | {rb['throughput']:,.0f} | {rb['throughput'] / ort_default_tp:.2f}x |")
+        print(f"| {p.backend} | {r1['p50_ms'] * 1e3:.1f} | {eager1 / r1['p50_ms']:.2f}x | {share(1e3 / r1['p50_ms'])} | "
+              f"{rb['throughput']:,.0f} | {rb['throughput'] / ort_default_tp:.2f}x | {share(rb['throughput'])} |")
     exact = [p.backend for p in predictors if p.backend in registry.backends() and not p.approximate]
     approximate = [p.backend for p in predictors if p.approximate]
     print()

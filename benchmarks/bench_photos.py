@@ -1,6 +1,7 @@
 """Accuracy on camera-like photos against accuracy on the same test items' original images.
 
     python benchmarks/bench_photos.py --artifacts artifacts --count 400
+    python benchmarks/bench_photos.py --quick ...           # seconds: 8 items (make test, on stand-in files)
 
 Stages the first --count test images as photos (fcexport.samples.stage_photo: light and dark, tinted,
 gradient and vignetted backgrounds; off-centre; rotated up to 8 degrees; noise, blur, JPEG quality
@@ -34,7 +35,10 @@ def main() -> None:
     parser.add_argument("--data-root", default=default_root)
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="does it run: 8 items")
     args = parser.parse_args()
+    if args.quick:
+        args.count = 8
     if not (Path(args.data_root) / "FashionMNIST" / "raw").is_dir():
         sys.exit(f"error: no FashionMNIST/raw under {args.data_root}; pass --data-root (or set FCX_DATA_ROOT)")
     predictor = open_predictor(find_default_model(args.artifacts))

@@ -2,6 +2,7 @@
 onnxruntime) over gRPC and HTTP, with Triton's dynamic batcher on and off, against onnxruntime in this process.
 
     python benchmarks/bench_serve.py [--model mlp|cnn] [--seconds 10]   (needs `make serve-env`)
+    python benchmarks/bench_serve.py --quick     # seconds: a 1-epoch model in a temporary folder, 0.3 s rows (make test)
 
 For 1, 8 and 32 concurrent clients (threads, one client each, batch-1 requests) it prints p50/p99 latency, requests
 per second and the mean batch the server ran. Clients and server share this machine's cores, so the numbers are for
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -106,9 +108,18 @@ def main() -> None:
     parser.add_argument("--artifacts", type=Path, default=None, help="[default: artifacts/bench-MODEL]")
     parser.add_argument("--seconds", type=float, default=10.0, help="load time per row")
     parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--quick", action="store_true", help="does it run: a 1-epoch model in a temporary folder, 0.3 s rows")
     args = parser.parse_args()
-    folder = args.artifacts or Path(f"artifacts/bench-{args.model}")
-    ensure_artifacts(folder, args.model)
+    if args.quick:
+        args.seconds, args.clients = 0.3, "1,2"
+        with tempfile.TemporaryDirectory() as tmp:
+            return run(args, Path(tmp) / "bench", quick=True)
+    run(args, args.artifacts or Path(f"artifacts/bench-{args.model}"))
+
+
+def run(args, folder: Path, quick: bool = False) -> None:
+    """Make the folder's model and repository if missing, then the in-process line and the served table."""
+    ensure_artifacts(folder, args.model, quick)
     if not (folder / REPOSITORY).is_dir():
         import subprocess
         import sys

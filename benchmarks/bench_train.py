@@ -1,6 +1,7 @@
 """Training throughput side by side in one run: fcexport's in-memory loop vs the naive tutorial loop.
 
     python benchmarks/bench_train.py [--data-root ../shared/data] [--epochs 3]
+    python benchmarks/bench_train.py --quick --data-root DIR   # seconds: one epoch, one round (make test, on stand-in files)
 
 Both train the default MLP-BN (784-784-256-10) on the same Fashion-MNIST files with 2 CPU threads.
 The naive loop is the seed's tutorial: torchvision dataset + ToTensor + DataLoader(batch 64) + Adam.
@@ -64,13 +65,17 @@ def main() -> None:
     default_root = os.environ.get("FCX_DATA_ROOT") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--data-root", default=default_root, help=f"folder holding FashionMNIST/raw [default: {default_root}]")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="does it run: one epoch, one round")
     args = parser.parse_args()
+    rounds = 1 if args.quick else 2
+    if args.quick:
+        args.epochs = 1
     if not (Path(args.data_root) / "FashionMNIST" / "raw").is_dir():
         sys.exit(f"error: no FashionMNIST/raw under {args.data_root}; pass --data-root (or set FCX_DATA_ROOT) "
                  "to the folder that holds it")
     # alternate the two loops and keep each one's median epoch, so machine noise hits both alike
     naive_runs, our_runs = [], []
-    for _ in range(2):
+    for _ in range(rounds):
         naive_runs.append(naive_samples_per_second(args.data_root, args.epochs))
         our_runs.append(fcexport_samples_per_second(args.data_root, args.epochs))
     naive, ours = statistics.median(naive_runs), statistics.median(our_runs)

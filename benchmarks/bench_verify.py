@@ -83,16 +83,16 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50", help="a torchvision classifier [resnet50]")
     parser.add_argument("--size", type=int, default=224, help="input height and width [224]")
     parser.add_argument("--repeat", type=int, default=1, help="rounds; each line reports its fastest [1]")
-    parser.add_argument("--quick", action="store_true", help="resnet18 at 64 px, 64 inputs, one round: does it run")
+    parser.add_argument("--quick", action="store_true", help="squeezenet1_1 at 64 px, 16 inputs, one round: does it run")
     args = parser.parse_args()
     if args.quick:
-        args.model, args.size, args.repeat = "resnet18", 64, 1
+        args.model, args.size, args.repeat = "squeezenet1_1", 64, 1
 
     import fcexport
     from fcexport.pipeline import verify_with_reference
     from fcexport.targets.reference import FILE
 
-    budget = 64 if args.quick else None
+    budget = 16 if args.quick else None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepare(args.model, folder, args.size, budget)

@@ -49,7 +49,10 @@ def measure(n: int, folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("nodes", nargs="*", type=int, default=[1000, 4000], help="chain lengths [1000 4000]")
+    parser.add_argument("--quick", action="store_true", help="does it run: one chain of 50 nodes")
     args = parser.parse_args()
+    if args.quick:
+        args.nodes = [50]
     print("| nodes | import s | read + fuse s | TorchScript s | ONNX s | ONNX ms/node |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for n in args.nodes:

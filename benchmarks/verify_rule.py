@@ -3,6 +3,7 @@ planted changes the numbers alone catch.
 
     python benchmarks/verify_rule.py                          # the default list, 64 inputs each, 96 px images
     python benchmarks/verify_rule.py --models resnet50 timm:convnext_atto --size 224 --inputs 256
+    python benchmarks/verify_rule.py --quick                  # seconds: does it run (make test runs it)
 
 Verify's reference is model.pt run in float64; its yardstick is model.pt's own float32 error on the same inputs; a
 candidate passes when its max abs error is within `factor` x that (fcexport.compare, Tolerance(): 4x; a runtime's
@@ -284,7 +285,10 @@ def main() -> None:
                         help="mlp, cnn, torchvision names, timm:NAME, hf:CLASS [default: %(default)s]")
     parser.add_argument("--size", type=int, default=96, help="image height and width (not the MLP's 28) [96]")
     parser.add_argument("--inputs", type=int, default=64, help="verify's --inputs budget per model [64]")
+    parser.add_argument("--quick", action="store_true", help="does it run: the MLP and the CNN at 32 px on 16 inputs")
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.size, args.inputs = ["mlp", "cnn"], 32, 16
     rows, notes = [], []
     for name in args.models:
         with tempfile.TemporaryDirectory() as folder:

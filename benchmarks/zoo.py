@@ -4,6 +4,7 @@
 
     python benchmarks/zoo.py                      # every model, one fresh process each, a table at the end
     python benchmarks/zoo.py resnet18 timm:efficientnet_b0 hf:SwinForImageClassification --untrained
+    python benchmarks/zoo.py --quick              # seconds: squeezenet1_1 at 64 px on 16 inputs (make test runs it)
 
 Weights are random (no download); BatchNorm statistics are set to non-trivial values so folding is tested
 for real (--untrained keeps torchvision's/timm's own initialisation: zero biases, unit variances).
@@ -109,12 +110,13 @@ def randomise_batchnorm(model) -> None:
                 module.bias.data.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
 
 
-def run(name: str, folder: Path, untrained: bool = False) -> dict:
-    """The README's Python API on one model; raises on the first step that fails."""
+def run(name: str, folder: Path, untrained: bool = False, size: int = 224, inputs: int | None = None) -> dict:
+    """The README's Python API on one model (verify's own input budget unless `inputs`); raises on the first step
+    that fails."""
     import fcexport
 
     model = build(name, untrained)
-    size = getattr(getattr(model, "config", None), "image_size", 224)  # a transformers model's own input size
+    size = getattr(getattr(model, "config", None), "image_size", size)  # a transformers model's own input size
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("fixed_input_size"):  # a timm model that takes only its own size (ViTs and friends)
         size = cfg["input_size"][-1]
@@ -124,7 +126,7 @@ def run(name: str, folder: Path, untrained: bool = False) -> dict:
     fcexport.import_model(model, (3, size, size), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), artifacts=folder)
     seconds["import"] = time.perf_counter() - started
     started = time.perf_counter()
-    fused = fcexport.fuse(folder / "model.pt", folder / "model.fused.pt", verify=True)
+    fused = fcexport.fuse(folder / "model.pt", folder / "model.fused.pt", verify=True, inputs=inputs)
     seconds["fuse"] = time.perf_counter() - started
     if not fused.written:
         raise AssertionError(f"fuse --verify failed: {fused.to_json()['verification']['rows']}")
@@ -132,7 +134,7 @@ def run(name: str, folder: Path, untrained: bool = False) -> dict:
     exported = fcexport.export(folder / "model.pt", folder)
     seconds["export"] = time.perf_counter() - started
     started = time.perf_counter()
-    report = fcexport.verify(folder, devices=("cpu",)).to_json()
+    report = fcexport.verify(folder, devices=("cpu",), inputs=inputs).to_json()
     seconds["verify"] = time.perf_counter() - started
     fused, exported = fused.to_json(), exported.to_json()
     rows = {r["backend"]: r for r in report["rows"] if r["status"] != "skipped"}
@@ -157,20 +159,27 @@ def main() -> None:
     parser.add_argument("models", nargs="*", help="torchvision names, timm:NAME or hf:CLASS [default: every one]")
     parser.add_argument("--untrained", action="store_true", help="keep the libraries' own initialisation")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process: one model, JSON out
+    parser.add_argument("--size", type=int, default=224, help=argparse.SUPPRESS)  # the child's image size
+    parser.add_argument("--inputs", type=int, default=None, help=argparse.SUPPRESS)  # the child's input budget
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model")
+    parser.add_argument("--quick", action="store_true", help="does it run: squeezenet1_1 at 64 px, 16 inputs")
     args = parser.parse_args()
+    quick = ["--size", "64", "--inputs", "16"] if args.quick else []
+    if args.quick:
+        args.models = ["squeezenet1_1"]
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                print(json.dumps(run(args.models[0], Path(tmp), args.untrained)))
+                print(json.dumps(run(args.models[0], Path(tmp), args.untrained, args.size, args.inputs)))
             except Exception as exc:  # the table reports it; the traceback's last line says which step and why
                 print(json.dumps({"model": args.models[0], "error": f"{type(exc).__name__}: {str(exc)[:600]}"}))
         return
     names = args.models or all_models()
-    print("| model | folds | max abs: fused / torchscript / onnxruntime (x own float32 error) | s: import / fuse / export / verify |")
+    print("| model | folds | max abs of each default row (x own float32 error) | s: import / fuse / export / verify |")
     print("| --- | --- | --- | --- |", flush=True)
+    failed = []
     for name in names:
-        command = [sys.executable, __file__, name, "--one", *(["--untrained"] if args.untrained else [])]
+        command = [sys.executable, __file__, name, "--one", *quick, *(["--untrained"] if args.untrained else [])]
         try:
             out = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout).stdout.strip().splitlines()
             result = json.loads(out[-1]) if out else {"model": name, "error": "no output (crashed)"}
@@ -178,13 +187,16 @@ def main() -> None:
             result = {"model": name, "error": f"over {args.timeout:.0f} s"}
         if "error" in result:
             print(f"| {name} | FAILED | {result['error'][:300]} | |", flush=True)
+            failed.append(name)
             continue
-        errors = " / ".join(f"{result['max_abs'].get(b, float('nan')):.1e} ({result['noise_ratio'].get(b) or 0:.1f}x)"
-                            for b in ("fused", "torchscript", "onnxruntime"))
+        errors = ", ".join(f"{b} {result['max_abs'][b]:.1e} ({result['noise_ratio'][b] or 0:.1f}x)"
+                           for b in result["max_abs"])
         s = result["seconds"]
         skipped = f"; not written: {', '.join(result['skipped'])}" if result["skipped"] else ""
         print(f"| {name} | {result['folds']} | {errors}{skipped} | {s['import']:.0f} / {s['fuse']:.0f} / {s['export']:.0f} / "
               f"{s['verify']:.0f} |", flush=True)
+    if failed:
+        sys.exit(f"{len(failed)} of {len(names)} failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
