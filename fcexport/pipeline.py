@@ -548,7 +548,8 @@ def model_to_run(model: str | Path | None, artifacts: str | Path):
 def open_for_predict(model: str | Path | None, artifacts: str | Path, device: str = "cpu",
                      runtime: str | None = None, batch: int = 1) -> tuple[Predictor, str | None]:
     """(the checked model to predict with, opened; a staleness warning or None). The runtime is `runtime`, else
-    the fastest that `fcx bench` measured on this machine for this file at `batch`, else the first registered."""
+    the fastest measured on this machine for this file near `batch` (by `fcx bench`, or by a short measurement on
+    the file's first use here), else the first registered."""
     from fcexport import speeds
 
     path, warning, vouch = model_to_run(model, artifacts)
@@ -556,7 +557,12 @@ def open_for_predict(model: str | Path | None, artifacts: str | Path, device: st
         runtime = speeds.fastest_runtime(path, batch, device)
     model_path = path.parent / names.MODEL
     source = _Model(model_path).program_for if registry.artifact_of(path) == "pt2" and model_path.is_file() else None
-    return registry.open_predictor(path, device, Checks(source=source, vouch=vouch), runtime), warning
+    checks = Checks(source=source, vouch=vouch)
+    if runtime is None and path.is_file():
+        fastest = speeds.measure_first_use(path, batch, device, lambda name: registry.open_predictor(path, device, checks, name))
+        if fastest is not None:
+            return fastest, warning
+    return registry.open_predictor(path, device, checks, runtime), warning
 
 
 class StaleArtifact(FcxError):

@@ -1,4 +1,5 @@
-"""What `fcx bench` measured on this machine, so `fcx predict` can run a file with its fastest runtime.
+"""What `fcx bench` measured on this machine, so `fcx predict` can run a file with its fastest runtime; where nothing
+is recorded, a short measurement on the file's first use here (measure_first_use) records it.
 
 Kept in the user's cache folder (`$FCX_CACHE_DIR`, else `$XDG_CACHE_HOME/fcexport`, else ~/.cache/fcexport), not in
 the artifacts folder: it describes this machine, and a signed folder must not change. Entries are keyed by the
@@ -91,3 +92,49 @@ def fastest_runtime(path: Path, batch: int, device: str) -> str | None:
     nearest = min({e["batch_size"] for e in mine}, key=lambda b: (abs(b - batch), b))
     best = max((e for e in mine if e["batch_size"] == nearest), key=lambda e: e["throughput"])
     return registry.backend(best["backend"]).runtime.name
+
+
+FIRST_USE_CALL_SECONDS = 0.02  # the measured batch is as large as keeps one call near this (at most `batch`, FIRST_USE_BATCH)
+FIRST_USE_BATCH = 32
+FIRST_USE_SECONDS = 0.2  # per runtime, after one warm-up call (at least 5 timed calls: fcexport.timing.measure)
+
+
+def measure_first_use(path: Path, batch: int, device: str, open_runtime):
+    """The fastest exact runtime for this file here, opened, or None when only one can run it (nothing to choose).
+    Each candidate (onnxruntime and OpenVINO for model.onnx, and any a plugin adds) is opened by `open_runtime(name)`
+    and timed on a few seeded random batches; the speeds are recorded as `fcx bench` records them, so the next
+    predict of this file on this machine reads them instead. A runtime other than the first registered that cannot
+    open the file is left out; the first one's error is the file's, raised as before."""
+    import numpy as np
+
+    from fcexport import registry
+    from fcexport.errors import FcxError
+    from fcexport.results import BenchRow, Status
+    from fcexport.timing import measure
+
+    artifact = registry.artifact_of(path)
+    names = list(dict.fromkeys(b.runtime.name for b in registry.backends().values() if b.artifact == artifact
+                               and not b.approximate and device in b.devices and b.runtime.missing() is None))
+    if len(names) < 2:
+        return None
+    opened = []
+    for name in names:
+        try:
+            opened.append(open_runtime(name))
+        except FcxError:
+            if name == names[0]:
+                raise
+    if len(opened) < 2:
+        return opened[0] if opened else None
+    shape = opened[0].spec.input_shape
+    rng = np.random.default_rng(0)
+    one = rng.random((1, *shape), dtype=np.float32)
+    seconds = measure(opened[0], one, warmup=1, repeat=5, max_seconds=FIRST_USE_SECONDS)["p50_ms"] / 1e3
+    size = int(min(batch, FIRST_USE_BATCH, max(1, FIRST_USE_CALL_SECONDS // max(seconds, 1e-9))))
+    x = rng.random((size, *shape), dtype=np.float32)
+    rows = []
+    for predictor in opened:
+        timed = measure(predictor, x, warmup=1, repeat=5, max_seconds=FIRST_USE_SECONDS)
+        rows.append((predictor, BenchRow(predictor.backend, device, Status.OK, size, throughput=timed["throughput"])))
+    record(rows)
+    return max(rows, key=lambda pair: pair[1].throughput)[0]

@@ -95,7 +95,8 @@ def test_json_schema_top_k_order_and_sums(exported_dir, image_dir, runner):
 def test_default_model_is_onnx_and_is_named(exported_dir, image_dir, runner):
     r = invoke(runner, "predict", str(image_dir / "*.png"), "--artifacts", exported_dir)
     assert r.exit_code == 0, r.output
-    assert "model.onnx (onnxruntime" in r.stdout and "gray.png" in r.stdout and "photo.jpg" not in r.stdout
+    assert "model.onnx (onnxruntime" in r.stdout or "model.onnx (openvino" in r.stdout  # the faster here (test_targets)
+    assert "gray.png" in r.stdout and "photo.jpg" not in r.stdout
 
 
 def test_predict_on_onnx_never_imports_torch(exported_dir, image_dir):

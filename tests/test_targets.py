@@ -293,7 +293,34 @@ def test_a_damaged_or_hostile_speed_cache_never_decides(exported_dir, image_dir_
     else:
         cache.write_text(content)
     r = invoke(runner, "predict", image_dir_pt2, "--artifacts", exported_dir)
-    assert r.exit_code == 0 and "(onnxruntime" in r.stdout, r.output
+    assert r.exit_code == 0 and ("(onnxruntime" in r.stdout or "(openvino" in r.stdout), r.output  # measured, not read
+
+
+def test_predict_measures_the_runtimes_on_a_files_first_use_and_reads_the_record_after(exported_dir, image_dir_pt2, runner,
+                                                                                      tmp_path, monkeypatch):
+    """No fcx bench run: the first predict of a file times each exact runtime that runs it, records the speeds as
+    bench does and runs with the fastest; the next predict reads the record and measures nothing."""
+    from fcexport import timing
+
+    monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path))
+    r = invoke(runner, "predict", image_dir_pt2, "--artifacts", exported_dir, "--json")
+    assert r.exit_code == 0, r.output
+    recorded = {e["backend"]: e["throughput"] for e in json.loads(speeds.cache_file().read_text())}
+    assert set(recorded) == {"onnxruntime", "openvino"}
+    chosen = max(recorded, key=recorded.get)
+    assert f"({chosen}" in invoke(runner, "predict", image_dir_pt2, "--artifacts", exported_dir).stdout
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(timing, "measure", must_not_measure)
+    entries = json.loads(speeds.cache_file().read_text())
+    for entry in entries:  # recorded the other way round, the choice follows the record
+        entry["throughput"] = 2.0 if entry["backend"] != chosen else 1.0
+    speeds.cache_file().write_text(json.dumps(entries))
+    other = next(b for b in recorded if b != chosen)
+    r = invoke(runner, "predict", image_dir_pt2, "--artifacts", exported_dir)
+    assert r.exit_code == 0 and f"({other}" in r.stdout, r.output
 
 
 def test_empty_choices_are_usage_errors(exported_dir, runner):
