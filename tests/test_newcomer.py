@@ -308,3 +308,4 @@ def test_fuse_bn_leaves_out_a_latency_it_could_not_time_fairly(exported_dir, run
     assert r.exit_code == 0 and "left out: too slow to time fairly" in " ".join(r.stdout.split()) and "40" not in r.stdout
     r = invoke(runner, "fuse-bn", exported_dir / "model.pt", "--out", tmp_path / "f.pt", "--json")
     assert json.loads(r.stdout)["latency_ms"]["before"] is None
+

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import invoke, save_png
+from helpers import bounded, invoke, save_png
 
 from fcexport.data import load_dataset
 from fcexport.preprocess import border_is_light, load_image
@@ -99,14 +99,24 @@ def test_default_model_is_onnx_and_is_named(exported_dir, image_dir, runner):
     assert "gray.png" in r.stdout and "photo.jpg" not in r.stdout
 
 
-def test_predict_on_onnx_never_imports_torch(exported_dir, image_dir):
-    code = (
-        "import sys; from cli.main import app\n"
-        "try: app([ 'predict', sys.argv[1], '--artifacts', sys.argv[2], '--json'])\n"
-        "except SystemExit as e: assert e.code in (0, None), e.code\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code, str(image_dir / "gray.png"), str(exported_dir)], check=True, capture_output=True)
+HEAVY = {"torch", "onnx", "onnxruntime", "openvino", "PIL", "pydantic", "transformers", "timm", "torchvision"}
+
+
+def _imported_by(argv: list[str]) -> set[str]:
+    """The top-level packages a fresh process has imported after running `fcx ARGV` (start-up is what it imports)."""
+    code = ("import sys\nfrom cli.main import main\nsys.argv = ['fcx'] + sys.argv[1:]\ntry:\n    main()\nexcept SystemExit:\n"
+            "    pass\nsys.stderr.write('MODULES ' + ' '.join(sorted(sys.modules)))\n")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, preexec_fn=bounded())
+    return {name.split(".")[0] for name in done.stderr.split("MODULES ")[-1].split()}
+
+
+def test_help_imports_no_runtime_and_predict_on_onnx_only_its_own(exported_dir, image_dir):
+    """Start-up, counted by imports rather than timed: `fcx --help` loads no model library at all, and predict on
+    model.onnx with onnxruntime loads onnxruntime (and onnx, which checks the file), never torch or OpenVINO."""
+    helped = _imported_by(["--help"])
+    assert "cli" in helped and not helped & HEAVY, helped & HEAVY
+    loaded = _imported_by(["predict", str(image_dir / "gray.png"), "--artifacts", str(exported_dir), "--runtime", "onnxruntime"])
+    assert {"onnxruntime", "onnx", "PIL"} <= loaded and not loaded & (HEAVY - {"onnxruntime", "onnx", "PIL"}), loaded & HEAVY
 
 
 def test_bench_runs_every_backend_with_tiny_counts(int8_dir, runner):
