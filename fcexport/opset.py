@@ -3,7 +3,8 @@
 `torch.export` + `run_decompositions()` lowers any exportable model to the core ATen opset; fcexport keeps
 the overloads of it that are functional (no argument is written to), deterministic (no random numbers)
 and whose output shape follows from the input shapes and arguments (and `linear` and `adaptive_avg_pool2d`,
-kept whole so that a Linear layer stays one op and a pool stays a pool), plus the integer arithmetic that
+kept whole so that a Linear layer stays one op and a pool stays a pool, and the activations `hardswish`,
+`hardsigmoid`, `silu` and `mish`, kept whole so that runtimes run each as one kernel), plus the integer arithmetic that
 a dynamic batch size needs (`aten.sym_size.int` and Python's +, -, *, //, % on sizes) and tuple indexing.
 Left out on purpose: random ops, in-place and `out=` ops, uninitialised memory (`empty`), strides read back
 (`sym_stride`), data-dependent shapes (`nonzero`) and reading a tensor into Python
@@ -120,15 +121,15 @@ clamp.default clone.default col2im.default constant_pad_nd.default copy.default 
 cumsum.default diagonal.default div.Scalar div.Scalar_mode div.Tensor div.Tensor_mode elu.default embedding.default
 eq.Scalar eq.Tensor erf.default exp.default expand.default expm1.default fill.Scalar flip.default floor.default
 fmod.Scalar fmod.Tensor full.default full_like.default gather.default ge.Scalar ge.Tensor gelu.default gt.Scalar
-gt.Tensor hardtanh.default index.Tensor index_put.default index_select.default isinf.default isnan.default le.Scalar
+gt.Tensor hardsigmoid.default hardswish.default hardtanh.default index.Tensor index_put.default index_select.default isinf.default isnan.default le.Scalar
 le.Tensor leaky_relu.default log.default log10.default log1p.default log2.default logical_and.default
 logical_not.default logical_or.default logical_xor.default lt.Scalar lt.Tensor masked_scatter.default max.dim
-maximum.default mean.default mean.dim min.dim minimum.default mul.Scalar mul.Tensor native_group_norm.default
+maximum.default mish.default mean.default mean.dim min.dim minimum.default mul.Scalar mul.Tensor native_group_norm.default
 native_layer_norm.default ne.Scalar ne.Tensor neg.default permute.default pow.Scalar pow.Tensor_Scalar
 pow.Tensor_Tensor prod.default prod.dim_int reciprocal.default reflection_pad1d.default reflection_pad2d.default
 reflection_pad3d.default relu.default remainder.Scalar remainder.Tensor repeat.default replication_pad2d.default
 replication_pad3d.default round.default rsqrt.default scalar_tensor.default scatter.src scatter.value
-scatter_add.default scatter_reduce.two select.int select_scatter.default sigmoid.default sign.default sin.default
+scatter_add.default scatter_reduce.two select.int select_scatter.default sigmoid.default sign.default silu.default sin.default
 sinh.default slice.Tensor slice_scatter.default split_with_sizes.default sqrt.default squeeze.dim squeeze.dims
 sub.Scalar sub.Tensor sum.dim_IntList tan.default tanh.default trunc.default unsqueeze.default var.correction var.dim
 view.default where.self

@@ -61,6 +61,7 @@ QUICK = {
     "bench_verify.py": ["--quick"],
     "gpu_check.py": None,  # its --dry-run is tests/test_gpu_check.py
     "graph_size.py": ["--quick"],
+    "onnx_quality.py": ["--quick"],
     "openvino_precision.py": ["--quick"],
     "verify_rule.py": ["--quick"],
     "zoo.py": ["--quick"],

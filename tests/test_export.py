@@ -372,3 +372,27 @@ def test_an_export_that_computes_something_else_fails_its_check(artifacts_copy, 
     r = invoke(runner, "export", "--format", "onnx", "--artifacts", artifacts_copy)
     assert r.exit_code == 1 and "export check failed (onnxruntime)" in r.output
     assert (artifacts_copy / "model.onnx").is_file()  # written and listed: fcx verify shows the whole story
+
+
+def test_activations_runtimes_compute_in_one_kernel_stay_whole_and_verify(tmp_path):
+    """hardswish, hardsigmoid, silu and mish are kept whole in the stored program (not add/clamp/mul/div): model.onnx
+    then holds one HardSwish where a plain export does, and runs as fast (benchmarks/onnx_quality.py), and every
+    exact runtime still passes verify."""
+    import torch
+    from torch import nn
+
+    import fcexport
+    from fcexport.checkpoint import read_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Hardswish(), nn.Conv2d(8, 8, 1), nn.Hardsigmoid(), nn.SiLU(), nn.Mish(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    fcexport.import_model(model, (3, 16, 16), artifacts=tmp_path)
+    ops = {node.op for node in read_model(tmp_path / "model.pt").program.nodes}
+    assert {"aten.hardswish.default", "aten.hardsigmoid.default", "aten.silu.default", "aten.mish.default"} <= ops
+    assert not ops & {"aten.clamp.default", "aten.hardtanh.default", "aten.softplus.default"}, ops  # nothing taken apart
+    fcexport.export(tmp_path / "model.pt", tmp_path)
+    kinds = {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    assert {"HardSwish", "HardSigmoid"} <= kinds and "Clip" not in kinds, kinds
+    report = fcexport.verify(tmp_path, devices=("cpu",), inputs=32)
+    assert report.passed, report.to_json()
