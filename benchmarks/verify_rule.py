@@ -298,7 +298,7 @@ def main() -> None:
                 found, line = [Row(name, "(whole model)", False, note=f"error: {type(exc).__name__}: {str(exc)[:200]}")], name
             rows += found
             notes.append(line)
-            print(f"done: {line}", flush=True)
+            print(f"done: {line}\n{table(found).split(chr(10), 2)[2]}", flush=True)  # its rows now: a long run cut short keeps them
     print()
     print(table(rows))
     print()
