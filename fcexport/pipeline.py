@@ -354,9 +354,9 @@ def export_formats(formats) -> tuple[str, ...]:
     return tuple(name for name in known if name in wanted)
 
 
-def export_files(program, spec, formats, settings: ExportSettings, stage: Path, on_step=None) -> dict[str, str]:
-    """Run each exporter into `stage`; returns the formats that could not be made (name -> why), and those that
-    build on them are skipped too."""
+def export_files(program, spec, formats, settings: ExportSettings, stage: Path, on_step=None, source=None) -> dict[str, str]:
+    """Run each exporter into `stage` (on `program`, or on model.pt's own `source` program where the exporter asks
+    for it); returns the formats that could not be made (name -> why), and those that build on them are skipped too."""
     skipped = {}
     for name in formats:
         exporter = registry.exporters()[name]
@@ -367,7 +367,7 @@ def export_files(program, spec, formats, settings: ExportSettings, stage: Path, 
         for file in exporter.files:  # file sets may have sub-folders
             (stage / file).parent.mkdir(parents=True, exist_ok=True)
         try:
-            exporter.write(program, spec, stage, settings)
+            exporter.write(source if exporter.from_source and source is not None else program, spec, stage, settings)
         except FcxError as exc:
             skipped[name] = str(exc)
     return skipped
@@ -401,7 +401,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
                                             fused=fuse or made.fused, opset=settings.opset,
                                             versions={**made.versions, **names.versions(), "fcexport": fcexport.__version__}))
     with staging_folder(artifacts) as stage:  # the previous set stays whole until everything is written
-        skipped = export_files(program, spec, formats, settings, stage, on_step)
+        skipped = export_files(program, spec, formats, settings, stage, on_step, source=stored.program)
         if len(skipped) == len(formats):
             raise FcxError(next(iter(skipped.values())) if len(formats) == 1 else
                            "no format could be exported: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))

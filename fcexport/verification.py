@@ -18,7 +18,6 @@ from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError
 from fcexport.results import Status, TrustCheck
 from fcexport.targets import DeviceUnavailable, ExportSettings, Refused, Unsupported
-from fcexport.targets.program import program_predictor
 
 
 def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | None, expect_digest: str | None) -> list[TrustCheck]:
@@ -227,16 +226,11 @@ def numbers(stored, model_path: Path, candidates: list, problems: list[list[str]
 
 def float64_reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
     """(model.pt's logits for `x` in float64, model.pt's own float32 error on them: the yardstick)."""
-    from fcexport.targets.program import float64_logits
-
     from fcexport import machine_cache
+    from fcexport.targets.program import float64_answers
 
-    def compute(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        reference = float64_logits(stored.program, part)
-        own = program_predictor(stored.program, "eager", "cpu", model_path, stored.spec)(part)
-        return reference, np.abs(own.astype(np.float64) - reference).max(axis=1, initial=0.0)
-
-    reference, own = machine_cache.answers(stored.sha256, len(stored.spec.class_names), x, compute)  # inputs fuse-bn --verify already computed
+    reference, own = machine_cache.answers(stored.sha256, len(stored.spec.class_names), x,  # fuse-bn --verify's inputs
+                                           lambda part: float64_answers(stored.program, stored.spec, model_path, part))
     return reference, float(own.max(initial=0.0))
 
 

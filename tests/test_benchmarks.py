@@ -55,6 +55,7 @@ def test_each_benchmark_parses_its_options(path):
 # each script's quick run; {data}: a stand-in Fashion-MNIST folder, {trained}: a tiny model trained on it
 QUICK = {
     "bench_inference.py": ["--quick"],
+    "bench_pipeline.py": ["--quick"],
     "bench_photos.py": ["--quick", "--data-root", "{data}", "--artifacts", "{trained}"],
     "bench_serve.py": ["--quick"],
     "bench_train.py": ["--quick", "--data-root", "{data}"],

@@ -7,7 +7,6 @@ with BatchNorm after the activation and a residual add.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

@@ -182,6 +182,7 @@ class Exporter:
     fingerprint: Callable[[bytes], dict] | None = None
     check: Callable[[Path, Callable[[Path], bytes]], list[str]] | None = None  # (folder, read) -> problems
     builds_on: str | None = None
+    from_source: bool = False  # written from model.pt's own program, not the folded one (reference: model.pt's answers)
     by_default: bool = True
     approximate: bool = False
     devices: tuple[str, ...] = DEVICES  # where its files can run at all (int8: CPU kernels only)

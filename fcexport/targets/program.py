@@ -47,6 +47,14 @@ def float64_logits(program, x: np.ndarray) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float64)
 
 
+def float64_answers(program, spec, source: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the program's logits for `x` in float64, its own float32 max abs error per input: the yardstick), as
+    fcexport.machine_cache.answers records them."""
+    exact = float64_logits(program, x)
+    own = program_predictor(program, "eager", "cpu", source, spec)(x)
+    return exact, np.abs(own.astype(np.float64) - exact).max(axis=1, initial=0.0)
+
+
 def reference_layers(program, x: np.ndarray) -> tuple[dict, dict]:
     """Each layer's output for `x` on the CPU in float64 (the reference) and in float32 (its own rounding noise)."""
     import torch

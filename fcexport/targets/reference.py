@@ -1,5 +1,5 @@
-"""Exporter: reference.npz, the proof that travels. The exported program's answers in float64 (the same function as
-model.pt: the fold is exact, proved by fuse-bn --verify) on RANDOM_INPUTS inputs made from a seed, and its own
+"""Exporter: reference.npz, the proof that travels. model.pt's answers in float64 on RANDOM_INPUTS inputs made from a
+seed, the same verify compares with (recalled where this machine computed them: fcexport.machine_cache), and its own
 float32 error on them (the noise band), with the spec. Listed in the manifest and covered by the signature like
 every file, so a machine without torch or model.pt judges the files it can run against it (fcx verify --reference).
 Plain arrays in NumPy's format, read with allow_pickle=False.
@@ -28,16 +28,19 @@ def reference_inputs(input_shape, count: int, seed: int = SEED) -> np.ndarray:
 
 
 def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> None:
+    """`program` is model.pt's own (the exporter is `from_source`); its answers on these inputs are recalled where this
+    machine computed them (fuse-bn --verify does: verify's random inputs are these), else computed and recorded."""
+    from fcexport import machine_cache
     from fcexport.files import write_bytes_atomic
-    from fcexport.targets.program import float64_logits, program_predictor
+    from fcexport.targets.program import float64_answers
 
     x = reference_inputs(spec.input_shape, COUNT)
-    logits = float64_logits(program, x)
-    own = program_predictor(program, "fused", "cpu", stage / FILE, spec)(x)
+    logits, own = machine_cache.answers(spec.provenance.source_sha256, len(spec.class_names), x,
+                                        lambda part: float64_answers(program, spec, stage / FILE, part))
+    own_error = float(own.max(initial=0.0))
     buffer = io.BytesIO()
     np.savez(buffer, seed=np.int64(SEED), count=np.int64(COUNT), input_shape=np.array(spec.input_shape), logits=logits,
-             own_error=np.float64(np.abs(own.astype(np.float64) - logits).max(initial=0.0)),
-             spec=np.array(json.dumps(spec.to_dict())))
+             own_error=np.float64(own_error), spec=np.array(json.dumps(spec.to_dict())))
     write_bytes_atomic(stage / FILE, buffer.getvalue())
 
 
@@ -53,5 +56,5 @@ def describe(data: bytes, path: Path) -> tuple[ModelSpec, dict]:
         raise FcxError(f"{path}: not a readable reference ({type(exc).__name__})", hint="export") from exc
 
 
-EXPORTER = Exporter(name="reference", files=(FILE,), format="reference", write=write, describe=describe,
+EXPORTER = Exporter(name="reference", files=(FILE,), format="reference", write=write, describe=describe, from_source=True,
                     summary="model.pt's float64 answers on seeded inputs: verify without torch or model.pt")
