@@ -294,6 +294,7 @@ def fuse_bn(
     "fcx export --format onnx --opset 18",
     "fcx export --format all,int8    # the same as --int8",
     "fcx export --int8           # also model.int8.onnx (approximate, CPU)",
+    "fcx export --format all,int8-static --calibration imgs/  # int8 convs",
     "fcx export --sign-key key.pem   # + model.sig (fcx verify --public-key)",
     "fcx export --triton --name digits   # + model_repository/ (fcx serve)",
     "fcx export --no-check -q    # no self-check, no output",
@@ -307,6 +308,7 @@ def export(
     fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Fold BatchNorm and normalisation first")] = True,
     int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx: int8 weights, ~2x faster on CPU, approximate")] = False,
     triton: Annotated[bool, typer.Option("--triton", help="Also write model_repository/ for Triton Inference Server (fcx serve)")] = False,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="int8-static: a folder of images to calibrate on [default: the model's own training images]")] = None,
     name: Annotated[str, typer.Option("--name", help="Triton: the served model's name")] = TritonSettings.name,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Triton: the largest batch a request (or the dynamic batcher) makes")] = TritonSettings.max_batch_size,
     instances: Annotated[int, typer.Option("--instances", help="Triton: copies of the model running side by side")] = TritonSettings.instances,
@@ -328,8 +330,11 @@ def export(
     chosen = TritonSettings(name, max_batch_size, instances, gpu)
     if "triton" not in formats and chosen != TritonSettings():
         raise FcxError("--name, --max-batch-size, --instances and --gpu describe the Triton repository: add --triton")
+    if calibration is not None and "int8-static" not in formats:
+        raise FcxError("--calibration is for the int8-static model: add --format all,int8-static")
     with render.steps("export", not (quiet or json_out)) as on_step:
-        result = run(_model_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, sign_key, chosen, check, on_step)
+        result = run(_model_arg(checkpoint, artifacts), artifacts, formats, opset, fuse, sign_key, chosen, check, on_step,
+                     calibration=None if calibration is None else str(calibration))
     _emit_json(json_with_commands(result.to_json()), json_out, json_file)
     if not (json_out or quiet):
         render.export_summary(result)

@@ -281,7 +281,9 @@ Unsqueeze
 def onnx_fingerprint(model) -> dict[str, str]:
     """What an ONNX model (an onnx.ModelProto, or its bytes) computes with: every initializer (sparse ones
     included) by its bytes, every node with its inputs, outputs and attributes (tensor attributes by their
-    bytes), the graph's inputs and outputs and opsets. Metadata is left out: the spec is compared on its own."""
+    bytes), the graph's inputs and outputs and opsets. Metadata is left out: the spec is compared on its own.
+    A calibrated activation scale or zero point (the scale and zero point a QuantizeLinear of a computed tensor
+    reads: they follow the calibration images, fcexport.targets.int8_static) counts by its type and shape only."""
     import hashlib
 
     import onnx
@@ -295,8 +297,12 @@ def onnx_fingerprint(model) -> dict[str, str]:
     items = {"opsets": "|".join(sorted(f"{o.domain}:{o.version}" for o in model.opset_import)),
              "inputs and outputs": "|".join(digest(v) for v in (*graph.input, *graph.output)),
              "functions": "|".join(digest(f) for f in model.functions)}
+    stored = {t.name for t in graph.initializer}
+    calibrated = {name for node in graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in stored
+                  for name in node.input[1:]}
     for tensor in graph.initializer:
-        items[f"initializer '{tensor.name}' ({onnx.TensorProto.DataType.Name(tensor.data_type).lower()} {list(tensor.dims)})"] = digest(tensor)
+        described = f"initializer '{tensor.name}' ({onnx.TensorProto.DataType.Name(tensor.data_type).lower()} {list(tensor.dims)})"
+        items[described] = "calibrated" if tensor.name in calibrated else digest(tensor)
     for i, tensor in enumerate(graph.sparse_initializer):
         items[f"sparse initializer {i}"] = digest(tensor)
     for i, node in enumerate(graph.node):

@@ -375,11 +375,12 @@ def export_files(program, spec, formats, settings: ExportSettings, stage: Path, 
 
 def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = None, fuse: bool = True,
            sign_key: Path | None = None, triton: TritonSettings | None = None, check: bool = True,
-           on_step=None) -> ExportResult:
+           on_step=None, calibration: str | None = None) -> ExportResult:
     """`fcx export`: model.pt -> (fused) program -> each format's files (default: torchscript, onnx, pt2) ->
     manifest.json [-> model.sig, signed with `sign_key`]; the result carries the manifest's sha256 for out-of-band
     checks. A model.fused.pt proved from this model.pt (fcx fuse-bn) is used instead of folding again. With
-    `check`, each written file is then loaded as predict would and compared with model.pt on a few inputs."""
+    `check`, each written file is then loaded as predict would and compared with model.pt on a few inputs.
+    `calibration`: the folder of images int8-static calibrates on (else the model's own training images)."""
     import fcexport
     from fcexport.files import publish, staging_folder
 
@@ -387,6 +388,8 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     model_path, artifacts = Path(model_path), Path(artifacts)
     if sign_key is not None and (problem := names.key_problem(Path(sign_key), private=True)):
         raise FcxError(problem)  # before minutes of exporting
+    if calibration is not None and not Path(calibration).is_dir():
+        raise FcxError(f"{calibration}: calibration folder not found; name a folder of the model's kind of images")
     model = _Model(model_path)  # read once: the hash below is of the bytes exported
     from fcexport.checkpoint import now_iso  # (torch: after the model.pt check, so a missing file is said at once)
 
@@ -395,7 +398,7 @@ def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = 
     if fuse:
         _step(on_step, "folding BatchNorm and normalisation")
         program, spec, folds = model.fused
-    settings = ExportSettings(opset or ExportSettings.opset, triton or TritonSettings())
+    settings = ExportSettings(opset or ExportSettings.opset, triton or TritonSettings(), calibration)
     made = spec.provenance
     spec = replace(spec, provenance=replace(made, exported=now_iso(), source=model_path.name, source_sha256=stored.sha256,
                                             fused=fuse or made.fused, opset=settings.opset,

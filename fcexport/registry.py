@@ -18,7 +18,7 @@ from fcexport.targets import DEVICES, Checks, DeviceUnavailable, Exporter, Predi
 
 # Modules that declare EXPORTER and/or RUNTIME, in the order verify and bench list them (another package's module
 # can be named here too).
-PLUGINS = tuple(f"fcexport.targets.{name}" for name in ("program", "torchscript", "onnx", "int8", "pt2", "aoti", "triton", "reference", "onnxruntime", "openvino"))
+PLUGINS = tuple(f"fcexport.targets.{name}" for name in ("program", "torchscript", "onnx", "int8", "int8_static", "pt2", "aoti", "triton", "reference", "onnxruntime", "openvino"))
 MODEL, FUSED = "model.pt", "model.fused.pt"
 # Artifacts that no exporter writes: the model as stored, and its BatchNorm-folded copy (fcx fuse-bn).
 STORED_ARTIFACTS = {"model": (MODEL,), "fused": (FUSED,)}

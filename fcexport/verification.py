@@ -17,7 +17,7 @@ from fcexport import parity, registry
 from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError
 from fcexport.results import Status, TrustCheck
-from fcexport.targets import DeviceUnavailable, ExportSettings, Refused, Unsupported
+from fcexport.targets import RANDOM_CALIBRATION, DeviceUnavailable, ExportSettings, Refused, Unsupported
 
 
 def trust_checks(artifacts: Path, public_key: Path | None, signature: Path | None, expect_digest: str | None) -> list[TrustCheck]:
@@ -123,7 +123,7 @@ class FreshExports:
             return []
         artifact = registry.backend(backend).artifact
         fused = spec.provenance.fused
-        settings = ExportSettings(spec.provenance.opset or ExportSettings.opset)
+        settings = ExportSettings(spec.provenance.opset or ExportSettings.opset, calibration=RANDOM_CALIBRATION)
         key = (artifact, fused, settings)
         if key not in self.fingerprints:
             try:

@@ -154,12 +154,16 @@ class TritonSettings:
             raise FcxError(f"instances must be from 1 to {MAX_INSTANCES}, got {self.instances}")
 
 
+RANDOM_CALIBRATION = "seeded random inputs (the structure only: verify's fresh export)"
+
+
 @dataclass(frozen=True)
 class ExportSettings:
     """What the user chose for an export; each exporter reads what applies to it."""
 
     opset: int = 18
     triton: TritonSettings = TritonSettings()
+    calibration: str | None = None  # int8-static: a folder of images, else the model's own dataset (or RANDOM_CALIBRATION)
 
     def __post_init__(self):
         if not isinstance(self.opset, int) or not 17 <= self.opset <= 30:

@@ -59,8 +59,9 @@ def open_onnx(files: tuple[Path, ...], device: str, checks: Checks, backend: str
         def compiled(onnx_bytes: bytes):
             return _runner(_session(onnx_bytes, path, device), path)
 
-        if any(p.key == QUANTIZATION_KEY for p in model.metadata_props):
-            left_float = int8.left_float(checks.source(spec), spec, compiled)
+        quantized = {p.key: p.value for p in model.metadata_props}.get(QUANTIZATION_KEY)
+        if quantized is not None:  # dynamic int8 can be remade here layer by layer; static needs its calibration images
+            left_float = int8.left_float(checks.source(spec), spec, compiled) if "dynamic" in quantized else None
         else:
             layers = exported_layers(checks.source(spec), spec, compiled)
     return Predictor(backend, device, path, _runner(session, path), spec, layers=layers, left_float=left_float)
@@ -96,6 +97,6 @@ def _runner(session, path: Path):
 
 RUNTIME = Runtime(
     name="onnxruntime", format="onnx", devices=("cpu", "cuda"), open=open_onnx,
-    runs={"onnxruntime": "onnx", "onnxruntime-int8": "int8"},
+    runs={"onnxruntime": "onnx", "onnxruntime-int8": "int8", "onnxruntime-int8-static": "int8-static"},
     summary="ONNX Runtime (CPU; CUDA with onnxruntime-gpu)",
 )

@@ -93,7 +93,7 @@ RUNTIMES = (
     # OpenVINO computes float32 with kernels of its own (other summation orders, fused ops): on 22 honest exports of
     # classifiers nobody here wrote its error reached 6.1x model.pt's own float32 error (timm fastvit_t8; 4.5-4.9x on
     # three more), where torch's runtimes and onnxruntime stay within 4x: its rows are judged at 2x the rule's factor.
-    Runtime(name="openvino", format="onnx", devices=("cpu",), open=open_openvino, runs={"openvino": "onnx"},
+    Runtime(name="openvino", format="onnx", devices=("cpu",), open=open_openvino, runs={"openvino": "onnx", "openvino-int8-static": "int8-static"},
             summary="Intel OpenVINO on model.onnx (CPU, float32)", missing=_missing, noise_scale=2.0),
     Runtime(name="openvino-bf16", format="onnx", devices=("cpu",), open=open_bf16, runs={"openvino-bf16": "onnx"},
             summary="Intel OpenVINO on model.onnx in bfloat16 (CPU with bf16 units, approximate)", missing=_missing,
