@@ -102,7 +102,7 @@ CASES = [
     ("fuse-bn: NaN weights", lambda a, s: ["fuse-bn", make_nan_checkpoint(a), "--out", s / "f.pt"], "nan.pt: tensor 'fc1.weight' holds NaN"),
     ("fuse-bn: negative tolerance", lambda a, s: ["fuse-bn", a / "model.pt", "--out", s / "f.pt", "--verify", "--atol", "-1"], "atol and rtol must be finite and >= 0"),
     ("export: NaN weights", lambda a, s: ["export", make_nan_checkpoint(a), "--artifacts", s], "nan.pt: tensor 'fc1.weight' holds NaN"),
-    ("export: bad format", lambda a, s: ["export", "--artifacts", a, "--format", "tflite"], "formats are torchscript, onnx, int8, pt2"),
+    ("export: bad format", lambda a, s: ["export", "--artifacts", a, "--format", "tflite"], "formats are torchscript, onnx, int8, int8-static, pt2"),
     ("export: opset too low", lambda a, s: ["export", a / "model.pt", "--artifacts", s, "--format", "pt2", "--opset", "16"], "opset must be from 17"),
     ("export: missing checkpoint", lambda a, s: ["export", "--artifacts", s], "model.pt: file not found"),
     ("verify: folder without model.pt", lambda a, s: ["verify", "--artifacts", s], "model.pt: file not found"),
