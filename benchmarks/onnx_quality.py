@@ -64,7 +64,7 @@ def throughput(session, x: np.ndarray, seconds: float) -> float:
     return calls * len(x) / (time.perf_counter() - started)
 
 
-def compare(name: str, size: int, seconds: float, rounds: int, folder: Path) -> dict:
+def compare(name: str, size: int, seconds: float, rounds: int, folder: Path, opset: int | None = None) -> dict:
     """Both files of one model: node counts and, per batch size, fcx's throughput over the plain file's."""
     import onnx
     import onnxruntime as ort
@@ -75,7 +75,7 @@ def compare(name: str, size: int, seconds: float, rounds: int, folder: Path) -> 
     model = zoo.build(name)
     shape = (3, size, size)
     fcexport.import_model(model, shape, mean=MEAN, std=STD, artifacts=folder)
-    fcexport.export(folder / "model.pt", folder, ["onnx"], check=False)
+    fcexport.export(folder / "model.pt", folder, ["onnx"], opset=opset, check=False)
     plain_onnx(model, shape, folder / "plain.onnx")
     files = {"fcx": folder / "model.onnx", "plain": folder / "plain.onnx"}
     nodes = {k: len(onnx.load(str(p), load_external_data=False).graph.node) for k, p in files.items()}
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="image height and width [224]")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per file, round and batch size [1]")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; each ratio is of the medians [3]")
+    parser.add_argument("--opset", type=int, default=None, help="fcx's ONNX opset [fcx export's default]")
     parser.add_argument("--quick", action="store_true", help="does it run: mobilenet_v3_small at 64 px, short timings")
     args = parser.parse_args()
     if args.quick:
@@ -112,7 +113,7 @@ def main() -> None:
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                result = compare(name, args.size, args.seconds, args.rounds, Path(tmp))
+                result = compare(name, args.size, args.seconds, args.rounds, Path(tmp), args.opset)
             except Exception as exc:  # one model that cannot be exported one way or the other is a line
                 print(f"| {name} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''} | | |",
                       flush=True)
