@@ -232,7 +232,7 @@ def measure(name: str, size: int, budget: int, folder: Path) -> tuple[list[Row],
     fcexport.import_model(module, shape, mean=mean, std=std, artifacts=folder)
     exported = fcexport.export(folder / "model.pt", folder, ["onnx", "torchscript", "pt2"], check=False)
     stored = read_model(folder / "model.pt")
-    probes = parity.probe_inputs(stored.program, stored.spec, parity.probe_count(budget))
+    probes = parity.probe_inputs(stored.program, stored.spec, parity.probe_count(budget, stored.spec))
     inputs = parity.make_inputs(stored.spec, budget, probes=probes, unavailable="no data")
     exact, own = reference(stored.program, stored.spec, inputs.x)
     rows = honest_rows(name, folder, inputs.x, exact, own)

@@ -191,6 +191,7 @@ def import_(
     classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated names, a text file (one per line), or fashion-mnist, mnist, kmnist, digits [default: 0..N-1]")] = None,
     mean: Annotated[Optional[str], typer.Option(help="Normalisation the model expects on [0, 1] pixels: one value or one per channel")] = None,
     std: Annotated[Optional[str], typer.Option(help="Standard deviation to go with --mean")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="Of several outputs (a dict, a tuple), the one to keep, e.g. out [default: out, logits, else the first]")] = None,
     artifacts: ArtifactsOpt = Path("artifacts"),
 ) -> None:
     """Bring your own model: its weights and code -> model.pt.
@@ -223,7 +224,7 @@ def import_(
     else:
         with render.steps("import") as on_step:
             path = import_weights(weights, model_def, input_shape, kwargs, key, parse_class_names(classes), mean_values,
-                                  std_values, artifacts, on_step)
+                                  std_values, artifacts, on_step, output)
     render.import_summary(path)
 
 
@@ -474,6 +475,7 @@ def predict(
     invert: Annotated[str, typer.Option(help="auto (from the background), yes (dark object on light) or no (light on dark)")] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     save_prepared: Annotated[Optional[Path], typer.Option("--save-prepared", help="Write the image fed to the model for each file into this folder (PNG)")] = None,
+    masks: Annotated[Path, typer.Option("--masks", help="A segmentation model's mask and overlay PNGs go into this folder")] = Path("masks"),
     wide: Annotated[bool, typer.Option("--wide", help="Also show the runner-up classes")] = False,
     allow_stale: Annotated[bool, typer.Option("--allow-stale", help="Run an artifact made from another model.pt than the folder's (a warning, not an error)")] = False,
     url: Annotated[Optional[str], typer.Option("--url", metavar="URL", help="Classify on a server instead (KServe v2: http://HOST:PORT or grpc://HOST:PORT, e.g. fcx serve's); --model is then the served model's name")] = None,
@@ -482,7 +484,9 @@ def predict(
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per line, as each batch finishes")] = False,
     json_file: JsonFileOpt = None,
 ) -> None:
-    """Classify image files (any size, gray or colour).
+    """Classify or segment image files (any size, gray or colour).
+
+    A segmentation model writes a mask and an overlay PNG per file into --masks.
 
     Results stream as each batch of 256 files is done. A file that cannot be read is an error row;
     the others are classified, and the exit code is 2 at the end."""
@@ -498,7 +502,7 @@ def predict(
     else:
         if model is not None and not model.exists() and not model.suffix:
             raise FcxError(f"--model {model}: no such file; a served model's name goes with --url URL")
-        predictions = run(images, model, artifacts, top_k, invert, device, runtime, save_prepared, allow_stale)
+        predictions = run(images, model, artifacts, top_k, invert, device, runtime, save_prepared, allow_stale, masks)
     if predictions.stale:
         render.warning(f"{predictions.stale} (--allow-stale); run `fcx export --artifacts {artifacts}` (and `fcx fuse-bn`) again")
     rows, predictor = predictions.rows, predictions.predictor

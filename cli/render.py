@@ -358,9 +358,11 @@ def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file
     labels = {name: shown(name) for name in predictor.spec.class_names}
     names_width = max(len("class"), *(len(n) for n in labels.values()))
     errors, saved = [], [] if json_file is not None else None
+    dense = predictor.spec.dense  # a segmentation model: the class covering most pixels, its share, the mask written
     if mode == "table":
         out.print(Text(f"model: {shown(predictor.source)} ({predictor.backend}, {predictor.device})"))
-        out.print(Text(f"{'class':<{names_width}}  {'prob':>6}  file" + ("  (runners-up)" if wide else ""), style="bold"))
+        out.print(Text(f"{'class':<{names_width}}  {'share' if dense else 'prob':>6}  file" + (" -> mask" if dense else "")
+                       + ("  (runners-up)" if wide else ""), style="bold"))
     elif mode == "json":
         err.print(Text(f"model: {shown(predictor.source)} ({predictor.backend}, {predictor.device})"))
         sys.stdout.write("[")
@@ -375,6 +377,10 @@ def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file
             sys.stdout.write(("," if number else "") + "\n  " + json.dumps(row))
         elif "error" in row:  # one line per file, however long its name: grep and wc -l keep working
             out.print(Text(f"{'-':<{names_width}}  {'error':>6}  {shown(row['error'])}", style="red"), soft_wrap=True)
+        elif dense:
+            extra = "  (" + ", ".join(f"{shown(t['label'])} {t['share']:.1%}" for t in row["shares"][1:]) + ")" if wide else ""
+            out.print(Text(f"{shown(row['label']):<{names_width}}  {row['share']:>6.1%}  {shown(row['file'])} -> {shown(row['mask'])}{extra}"),
+                      soft_wrap=True)
         else:
             extra = "  (" + ", ".join(f"{labels[t['label']]} {t['probability']:.1%}" for t in row["top"][1:]) + ")" if wide else ""
             # one line per file, however long its path (the terminal wraps it; grep and wc -l see one line)
@@ -399,6 +405,7 @@ def inspection(result) -> None:
             items |= {
                 "input": f"float32 (N, {', '.join(map(str, spec.input_shape))}) in [0, 1]",
                 "classes": names,
+                **({"output": f"per-pixel logits (N, {', '.join(map(str, spec.output_shape))}): segmentation"} if spec.dense else {}),
                 "normalisation": f"mean {', '.join(f'{v:.4g}' for v in norm.mean)}, std {', '.join(f'{v:.4g}' for v in norm.std)} (inside the model)" if norm else "none",
                 "preparation": spec.preprocess.describe(),
                 "architecture": spec.architecture.kind,

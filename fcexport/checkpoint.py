@@ -85,9 +85,10 @@ def read_model(path: str | Path, data: bytes | None = None) -> StoredModel:
     spec = ModelSpec.from_dict(_json(checkpoint.get("spec"), "spec", where), where)
     program = programs.from_data(_json(checkpoint.get("program"), "program", where), checkpoint.get("tensors"), where)
     shapes = programs.check_shapes(program, spec.input_shape, where)
-    if programs.class_count(program, shapes, where) != len(spec.class_names):
-        raise FcxError(f"{path}: the model returns {shapes.of[program.output][1]} logits but its spec names "
-                       f"{len(spec.class_names)} classes")
+    out = programs.output_shape(program, shapes, where)
+    if out != spec.output_shape:
+        raise FcxError(f"{path}: the model returns {list(out)} logits per image but its spec says {list(spec.output_shape)} "
+                       f"({len(spec.class_names)} classes)")
     return StoredModel(program, spec, hashlib.sha256(data).hexdigest(), shapes)
 
 

@@ -1,4 +1,5 @@
-"""Image files in, classes and probabilities out, from any predictor (ONNX path never imports torch).
+"""Image files in, classes and probabilities out, from any predictor (ONNX path never imports torch); for a
+segmentation model, a mask and an overlay PNG per file (fcexport.masks) and each class's share of the pixels.
 
 Files are read, prepared and scored a batch at a time and each result is yielded as soon as its batch
 is done, so memory stays flat and output streams for folders of any size. A file that cannot be
@@ -16,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from fcexport.errors import FcxError
-from fcexport.preprocess import INVERT_CHOICES, collect_image_files, prepare_image
+from fcexport.preprocess import INVERT_CHOICES, collect_image_files, image_and_placement, prepare_image
 from fcexport.targets import Predictor
 
 BATCH_SIZE = 256  # images decoded and scored at a time: bounds memory for folders of any size
+DENSE_BATCH_SIZE = 8  # a segmentation model's: each image's file pixels are kept to draw its overlay on
 PREPARE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -36,25 +38,32 @@ def predict_files(
     invert: str = "auto",
     batch_size: int = BATCH_SIZE,
     save_prepared: Path | None = None,
+    masks: Path = Path("masks"),
 ) -> Iterator[dict]:
-    """Yield one row per image, in input order: a prediction, or {"file", "error"} for a bad file.
+    """Yield one row per image, in input order: a prediction, or {"file", "error"} for a bad file. A segmentation
+    model's row has the classes covering most pixels ("shares") and the mask and overlay PNGs written into `masks`.
 
     With `save_prepared`, the image actually fed to the model is written there as a PNG per file."""
     if invert not in INVERT_CHOICES:
         raise FcxError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert}")
     if top_k < 1:
         raise FcxError(f"--top-k must be >= 1, got {top_k}")
-    return _predicted_rows(predictor, collect_image_files(str(i) for i in inputs), top_k, invert, batch_size, save_prepared)
+    if predictor.spec.dense:
+        batch_size = min(batch_size, DENSE_BATCH_SIZE)
+    return _predicted_rows(predictor, collect_image_files(str(i) for i in inputs), top_k, invert, batch_size, save_prepared,
+                           Path(masks))
 
 
 def _predicted_rows(predictor: Predictor, files: Iterator[Path], top_k: int, invert: str, batch_size: int,
-                    save_prepared: Path | None) -> Iterator[dict]:
+                    save_prepared: Path | None, masks: Path) -> Iterator[dict]:
     """predict_files' rows once its options are checked (before the first row is asked for)."""
     spec = predictor.spec
     count = itertools.count()
 
-    def prepare(file: Path) -> np.ndarray | FcxError:
+    def prepare(file: Path) -> np.ndarray | tuple | FcxError:
         try:
+            if spec.dense:
+                return image_and_placement(file, spec.input_shape, spec.preprocess)
             return prepare_image(file, spec.input_shape, spec.preprocess, invert)
         except FcxError as exc:
             return exc
@@ -65,26 +74,52 @@ def _predicted_rows(predictor: Predictor, files: Iterator[Path], top_k: int, inv
     with ThreadPoolExecutor(max_workers=PREPARE_THREADS) as pool:
         while chunk := list(itertools.islice(files, batch_size)):
             prepared = list(pool.map(prepare, chunk)) if len(chunk) > 1 else [prepare(chunk[0])]
-            yield from _score(predictor, chunk, prepared, count, top_k, save_prepared)
+            yield from _score(predictor, chunk, prepared, count, top_k, save_prepared, masks)
 
 
-def _score(predictor: Predictor, chunk: list[Path], prepared: list, count, top_k: int, save_prepared: Path | None) -> Iterator[dict]:
+def _score(predictor: Predictor, chunk: list[Path], prepared: list, count, top_k: int, save_prepared: Path | None,
+           masks: Path) -> Iterator[dict]:
     """The rows of one prepared chunk, in order: the good images scored in one call, the bad ones as errors."""
     good = [p for p in prepared if not isinstance(p, FcxError)]
-    logits = iter(predictor(np.stack(good)).astype(np.float64) if good else [])
-    for file, pixels in zip(chunk, prepared, strict=True):
+    dense = predictor.spec.dense
+    logits = iter(predictor(np.stack([p[0] if dense else p for p in good])) if good else [])
+    for file, item in zip(chunk, prepared, strict=True):
         index = next(count)
-        if isinstance(pixels, FcxError):
-            yield {"file": str(file), "error": str(pixels)}
+        if isinstance(item, FcxError):
+            yield {"file": str(file), "error": str(item)}
             continue
+        pixels = item[0] if dense else item
         if save_prepared is not None:
             _save_prepared(pixels, Path(save_prepared) / f"{index:06d}_{file.stem}.png")
-        yield _row(file, next(logits), predictor.spec.class_names, top_k, predictor.source)
+        if dense:
+            yield _mask_row(file, next(logits), item[1], item[2], predictor, top_k, masks / f"{index:06d}_{file.stem}")
+        else:
+            yield _row(file, next(logits).astype(np.float64), predictor.spec.class_names, top_k, predictor.source)
+
+
+def _mask_row(file: Path, logits: np.ndarray, placement, original: np.ndarray, predictor: Predictor, top_k: int,
+              stem: Path) -> dict:
+    """A segmentation model's row: the classes covering most of the file's pixels, its mask and overlay PNGs."""
+    from fcexport.masks import classes_on_image, shares, write_masks
+
+    if not np.isfinite(logits).all():
+        return {"file": str(file), "error": f"{_source_name(predictor.source)} returned non-finite logits (NaN or inf) for this image"}
+    names = predictor.spec.class_names
+    names = (f"not {names[0]}", names[0]) if len(names) == 1 else names  # one logit: its sign decides
+    mask = classes_on_image(logits, placement)
+    covered = shares(mask, names, top_k)
+    mask_path, overlay_path = write_masks(mask, original, len(names), stem)
+    return {"file": str(file), "label": covered[0]["label"], "index": names.index(covered[0]["label"]),
+            "share": covered[0]["share"], "shares": covered, "mask": str(mask_path), "overlay": str(overlay_path)}
+
+
+def _source_name(source: Path | str) -> str:
+    return Path(source).name if isinstance(source, Path) else str(source)
 
 
 def _row(file: Path, logits: np.ndarray, names: list[str], top_k: int, source: Path | str) -> dict:
     if not np.isfinite(logits).all():
-        return {"file": str(file), "error": f"{Path(source).name if isinstance(source, Path) else source} returned non-finite logits (NaN or inf) for this image"}
+        return {"file": str(file), "error": f"{_source_name(source)} returned non-finite logits (NaN or inf) for this image"}
     probs = softmax(logits[None])[0]
     order = np.argsort(-probs, kind="stable")[: min(top_k, len(names))]
     return {

@@ -83,7 +83,7 @@ def compare(candidate: np.ndarray, reference: np.ndarray, own_error: float, labe
         return {"shape_mismatch": f"{candidate.shape} vs reference {reference.shape}", "passed": False}
     row = error_stats(candidate, reference)
     finite = bool(np.isfinite(candidate).all())
-    row["top1_agreement"] = float((candidate.argmax(1) == reference.argmax(1)).mean())
+    row["top1_agreement"] = float((decisions(candidate) == decisions(reference)).mean())
     row["accuracy"] = accuracy(candidate, labels)
     row["noise_ratio"] = row["max_abs"] / own_error if own_error > 0 else None
     if approximate:
@@ -91,7 +91,7 @@ def compare(candidate: np.ndarray, reference: np.ndarray, own_error: float, labe
         drop = None if reference_accuracy is None else reference_accuracy - row["accuracy"]
         slack = 1e-9  # shares are k/n in float64: exactly-at-the-limit must not fail on rounding
         decisive = decisive_rows(reference)
-        agree = candidate.argmax(1) == reference.argmax(1)
+        agree = decisions(candidate) == decisions(reference)
         row |= {"criterion": "agreement", "accuracy_drop": drop, "decisive_inputs": int(decisive.sum()),
                 "decisive_agreement": float(agree[decisive].mean()) if decisive.any() else None}
         if decisive.sum() < MIN_DECISIVE:
@@ -124,10 +124,16 @@ def first_out_of_band(reference: dict, own: dict, candidate: dict, factor: float
     return None
 
 
+def decisions(logits: np.ndarray) -> np.ndarray:
+    """The class each input (or each pixel of per-pixel logits) is given: the top-1, or for one logit its sign."""
+    return logits.argmax(1) if logits.shape[1] > 1 else logits[:, 0] > 0
+
+
 def decisive_rows(reference: np.ndarray) -> np.ndarray:
-    """Rows whose top-1 leads the runner-up by more than DECISIVE_MARGIN of the row's largest |logit|."""
+    """Rows (pixels, for per-pixel logits) whose top-1 leads the runner-up by more than DECISIVE_MARGIN of the row's
+    largest |logit|."""
     if reference.shape[1] < 2:
-        return np.ones(len(reference), dtype=bool)
+        return np.ones(reference.shape[:1] + reference.shape[2:], dtype=bool)
     top2 = np.sort(reference, axis=1)[:, -2:]
     return (top2[:, 1] - top2[:, 0]) > DECISIVE_MARGIN * np.abs(reference).max(axis=1)
 

@@ -103,13 +103,13 @@ def store_fingerprint(entry: str, fingerprint: dict[str, str]) -> None:
 
 # ---- float64 answers ------------------------------------------------------------------------
 
-def answers(model_sha256: str, classes: int, x: np.ndarray, compute) -> tuple[np.ndarray, np.ndarray]:
+def answers(model_sha256: str, output_shape: tuple[int, ...], x: np.ndarray, compute) -> tuple[np.ndarray, np.ndarray]:
     """(float64 logits, own float32 error per input) for `x`: recorded rows reused, the others from `compute(x_missing)`
-    (which returns the same pair) and recorded. A record that is not `classes` finite logits and a finite error >= 0
-    per row is a miss."""
+    (which returns the same pair) and recorded. A record that is not finite logits of `output_shape` (one image's) and
+    a finite error >= 0 per row is a miss."""
     entry = key(kind="float64 answers", model=model_sha256)
     rows = np.frombuffer(b"".join(hashlib.sha256(row.tobytes()).digest() for row in x), dtype="S32")
-    known = _load_answers(entry, classes) if enabled() else None
+    known = _load_answers(entry, tuple(output_shape)) if enabled() else None
     index = {d: i for i, d in enumerate(known[0])} if known is not None else {}
     hits = np.array([index.get(d, -1) for d in rows], dtype=np.int64)
     missing = np.flatnonzero(hits < 0)
@@ -130,7 +130,7 @@ def answers(model_sha256: str, classes: int, x: np.ndarray, compute) -> tuple[np
     return out_logits, out_own
 
 
-def _load_answers(entry: str, classes: int):
+def _load_answers(entry: str, output_shape: tuple[int, ...]):
     data = _read(folder("answers") / f"{entry}.npz")
     if data is None:
         return None
@@ -140,7 +140,7 @@ def _load_answers(entry: str, classes: int):
     except Exception:  # a damaged or foreign file is a miss
         return None
     if not (digests.dtype == np.dtype("S32") and logits.dtype == np.float64 and own.dtype == np.float64
-            and logits.ndim == 2 and logits.shape[1] == classes and len(digests) == len(logits) == len(own)
+            and logits.shape[1:] == output_shape and len(digests) == len(logits) == len(own)
             and np.isfinite(logits).all() and np.isfinite(own).all() and (own >= 0).all()):
         return None
     return digests, logits, own

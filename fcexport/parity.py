@@ -20,6 +20,7 @@ from fcexport.spec import ModelSpec
 # every real test image up to REAL_INPUTS, RANDOM_INPUTS uniform random images (what any model can be given: the
 # minimum for a verdict), and up to PROBE_INPUTS first-layer probes. `--inputs N` fixes the total instead; fewer
 # random inputs than the minimum are said in the verdict ("weak").
+# (A segmentation model's random inputs are fewer where its outputs are large: spec.ModelSpec.random_inputs.)
 REAL_INPUTS, RANDOM_INPUTS, PROBE_INPUTS = 2000, 256, 256
 MIN_INPUTS, MAX_INPUTS = 8, 4096
 
@@ -87,9 +88,11 @@ def spec_differences(reference: ModelSpec, candidate: ModelSpec) -> list[str]:
     return [f"its {name} differs from model.pt's" for name in SPEC_FIELDS if ref[name] != cand[name]]
 
 
-def probe_count(budget: int | None) -> int:
-    """How many first-layer probes a budget has room for (the default: PROBE_INPUTS)."""
-    return PROBE_INPUTS if budget is None else budget // 4
+def probe_count(budget: int | None, spec: ModelSpec) -> int:
+    """How many first-layer probes a budget has room for (the default: PROBE_INPUTS; a quarter of the random inputs for
+    a segmentation model, whose outputs are large)."""
+    limit = PROBE_INPUTS if not spec.dense else max(1, spec.random_inputs // 4)
+    return limit if budget is None else min(limit, budget // 4)
 
 
 def make_inputs(spec: ModelSpec, budget: int | None, test=None, source: str | None = None, unavailable: str | None = None,
@@ -104,12 +107,13 @@ def make_inputs(spec: ModelSpec, budget: int | None, test=None, source: str | No
     real_limit = REAL_INPUTS if budget is None else budget - len(probes) - MIN_INPUTS
     real = test.images[: max(0, min(len(test), real_limit))] if test is not None else None
     taken = len(probes) + (0 if real is None else len(real))
-    random_count = RANDOM_INPUTS if budget is None else min(RANDOM_INPUTS, max(MIN_INPUTS, budget - taken))
+    wanted = spec.random_inputs
+    random_count = wanted if budget is None else min(wanted, max(MIN_INPUTS, budget - taken))
     random = np.random.default_rng(seed).random((random_count, *shape), dtype=np.float32)
     extra = np.concatenate([random, probes])
     described = f"{random_count} random inputs" + (f" + {len(probes)} first-layer probes" if len(probes) else "")
-    weak = (f"weak: {taken + random_count} inputs, {random_count} of them random (a verdict needs {RANDOM_INPUTS} "
-            "random inputs + the probes)") if random_count < RANDOM_INPUTS else None
+    weak = (f"weak: {taken + random_count} inputs, {random_count} of them random (a verdict needs {wanted} "
+            "random inputs + the probes)") if random_count < wanted else None
     if real is None:
         return Inputs(extra, None, f"{described} ({unavailable})", weak)
     labels = test.labels[: len(real)].numpy()

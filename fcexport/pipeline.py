@@ -130,14 +130,16 @@ def import_weights(
     std=None,
     artifacts: str | Path = "artifacts",
     on_step=None,
+    output: str | None = None,
 ) -> Path:
     """`fcx import`: a state dict plus the model's code -> ARTIFACTS/model.pt (no code needed afterwards). The
-    code runs in a child process: whatever it does, it cannot end this one."""
+    code runs in a child process: whatever it does, it cannot end this one. Of several outputs, `output` names
+    the one kept (import_model)."""
     from fcexport.sources import from_state_dict_isolated
 
     _step(on_step, "starting a process for the model's code")
     program, spec = from_state_dict_isolated(weights, model_def, input_shape, model_args, key, class_names, mean, std,
-                                             on_step)
+                                             on_step, output)
     _step(on_step, f"writing {names.MODEL}")
     _save_model(program, spec, Path(artifacts))
     return Path(artifacts) / names.MODEL
@@ -150,15 +152,18 @@ def import_model(
     mean=None,
     std=None,
     artifacts: str | Path = "artifacts",
+    output: str | None = None,
 ) -> Path:
     """A live nn.Module (a notebook's model) -> ARTIFACTS/model.pt, ready for fuse, export, verify, predict, bench.
 
     `input_shape` is (C, H, W); `mean`/`std` (one value or one per channel) is the normalisation the
-    model expects on [0, 1] pixels: it becomes part of the stored model, so artifacts take [0, 1] pixels.
+    model expects on [0, 1] pixels: it becomes part of the stored model, so artifacts take [0, 1] pixels. It
+    returns logits (N, classes) or per-pixel logits (N, classes, H, W); of several outputs (torchvision's
+    {"out", "aux"}), `output` names the one kept ("out", "logits", else the first by default).
     """
     from fcexport.sources import from_module
 
-    program, spec = from_module(module, input_shape, class_names, mean, std)
+    program, spec = from_module(module, input_shape, class_names, mean, std, output=output)
     _save_model(program, spec, Path(artifacts))
     return Path(artifacts) / names.MODEL
 
@@ -587,10 +592,11 @@ class Predictions:
 
 def predict(images: list[str | Path], model: str | Path | None = None, artifacts: str | Path = "artifacts",
             top_k: int = 3, invert: str = "auto", device: str = "cpu", runtime: str | None = None,
-            save_prepared: Path | None = None, allow_stale: bool = False) -> Predictions:
+            save_prepared: Path | None = None, allow_stale: bool = False, masks: str | Path = "masks") -> Predictions:
     """Classify image files with `model`, or the best artifact in the folder (ONNX > fused > model), with
-    `runtime` or the fastest measured here; `save_prepared` gets the image each file became, as PNG. An artifact
-    made from another model.pt than the folder's is an error, unless `allow_stale` (then `stale` says so)."""
+    `runtime` or the fastest measured here; `save_prepared` gets the image each file became, as PNG; a segmentation
+    model writes each file's mask and overlay PNGs into `masks`. An artifact made from another model.pt than the
+    folder's is an error, unless `allow_stale` (then `stale` says so)."""
     from fcexport.classify import BATCH_SIZE, predict_files
     from fcexport.preprocess import collect_image_files
 
@@ -598,7 +604,7 @@ def predict(images: list[str | Path], model: str | Path | None = None, artifacts
     predictor, warning = open_for_predict(model, artifacts, device, runtime, min(BATCH_SIZE, max(1, len(files))))
     if warning and not allow_stale:
         raise StaleArtifact(f"{warning}, so it would answer for another model", hint="stale")
-    rows = predict_files(predictor, files, top_k, invert, save_prepared=save_prepared)
+    rows = predict_files(predictor, files, top_k, invert, save_prepared=save_prepared, masks=Path(masks))
     return Predictions(rows, predictor, warning)
 
 

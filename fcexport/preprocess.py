@@ -20,6 +20,7 @@ import functools
 import glob
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -47,24 +48,59 @@ def prepare_image(path: str | os.PathLike, input_shape, preprocess, invert: str 
 
 def resized_image(path: Path, channels: int, size: tuple[int, int], preprocess) -> np.ndarray:
     """Colour (or gray) pixels resized as `preprocess` says (letterbox, or resize and centre crop) into `size`: (C, H, W)."""
+    with _open_image(path) as img:
+        return _fitted(img, channels, size, preprocess)[0]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an image file went in the model's input: the file's (h, w), the part of it the model saw (left, top,
+    right, bottom in its pixels), where that part lies in the input (top, left, h, w), and the input's (H, W): what
+    undoes a letterbox or a centre crop, so a per-pixel answer maps back onto the file's own pixels."""
+
+    image: tuple[int, int]
+    seen: tuple[float, float, float, float]
+    region: tuple[int, int, int, int]
+    input: tuple[int, int]
+
+
+def image_and_placement(path: Path, input_shape, preprocess) -> tuple[np.ndarray, Placement, np.ndarray]:
+    """(the model's input (C, H, W) as prepare_image makes it, its Placement, the file's own RGB pixels (h, w, 3)
+    uint8) from one read of the file: what a segmentation model's masks are drawn on. "object" preparation cuts
+    the object out, so its masks stay on the prepared input (placement: all of it)."""
+    channels, height, width = input_shape
+    if preprocess.mode == "object":
+        pixels = prepare_image(path, input_shape, preprocess)
+        shown = (np.clip(pixels[:3].transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
+        shown = shown if shown.shape[2] == 3 else np.repeat(shown[..., :1], 3, axis=2)
+        return pixels, Placement((height, width), (0, 0, width, height), (0, 0, height, width), (height, width)), shown
+    with _open_image(Path(path)) as img:
+        pixels, placement = _fitted(img, channels, (height, width), preprocess)
+        return pixels, placement, np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _fitted(img, channels: int, size: tuple[int, int], preprocess) -> tuple[np.ndarray, Placement]:
+    """A decoded image prepared into `size` as `preprocess` says ("letterbox" or "resize"), and its Placement."""
     from PIL import Image
 
     out_h, out_w = size
     resample = getattr(Image.Resampling, preprocess.resample.upper())
-    with _open_image(path) as img:
-        pixels = img.convert("RGB" if channels == 3 else "L")
-        width, height = pixels.size
-        if preprocess.mode == "resize":
-            pixels, placed = pixels.resize((out_w, out_h), resample, centre_crop_box((height, width), preprocess.resize, size, preprocess.crop_offset)), (0, 0)
-        else:
-            scale = min(out_h / height, out_w / width)
-            new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-            pixels, placed = pixels.resize((new_w, new_h), resample), ((out_h - new_h) // 2, (out_w - new_w) // 2)
-        values = np.asarray(pixels, dtype=np.float32) / 255.0
+    pixels = img.convert("RGB" if channels == 3 else "L")
+    width, height = pixels.size
+    if preprocess.mode == "resize":
+        box = centre_crop_box((height, width), preprocess.resize, size, preprocess.crop_offset)
+        pixels, placed = pixels.resize((out_w, out_h), resample, box), (0, 0)
+    else:
+        scale = min(out_h / height, out_w / width)
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        box = (0, 0, width, height)
+        pixels, placed = pixels.resize((new_w, new_h), resample), ((out_h - new_h) // 2, (out_w - new_w) // 2)
+    values = np.asarray(pixels, dtype=np.float32) / 255.0
     values = values.reshape(values.shape[0], values.shape[1], -1).transpose(2, 0, 1)
     canvas = np.zeros((values.shape[0], out_h, out_w), dtype=np.float32)
     canvas[:, placed[0] : placed[0] + values.shape[1], placed[1] : placed[1] + values.shape[2]] = values
-    return np.repeat(canvas, channels, axis=0) if canvas.shape[0] != channels else canvas
+    placement = Placement((height, width), tuple(float(v) for v in box), (*placed, values.shape[1], values.shape[2]), size)
+    return (np.repeat(canvas, channels, axis=0) if canvas.shape[0] != channels else canvas), placement
 
 
 def centre_crop_box(image: tuple[int, int], resize, size: tuple[int, int], offset: str = "floor") -> tuple[float, ...]:

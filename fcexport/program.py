@@ -128,8 +128,9 @@ def kwarg(node: Node, name: str, default=None):
 # ---- capture: nn.Module -> Program ------------------------------------------------------------
 
 
-def capture(module: nn.Module, input_shape) -> Program:
-    """Export an eval-mode module with a dynamic batch, lower it to core ATen, keep it as a Program."""
+def capture(module: nn.Module, input_shape, output: str | None = None) -> Program:
+    """Export an eval-mode module with a dynamic batch, lower it to core ATen, keep it as a Program (of several
+    outputs, the one `output` names: from_exported)."""
     example = torch.rand(2, *input_shape)
     try:
         with _quiet_torch():
@@ -140,7 +141,7 @@ def capture(module: nn.Module, input_shape) -> Program:
             raise FcxError(misfit) from exc
         raise FcxError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}); "
                        "fcexport takes every model torch.export.export(model, (x,)) accepts") from exc
-    return from_exported(exported)
+    return from_exported(exported, output)
 
 
 def _input_misfit(module: nn.Module, input_shape) -> str | None:
@@ -223,8 +224,9 @@ def _decompositions():
     return table
 
 
-def from_exported(exported) -> Program:
-    """A Program from a torch.export ExportedProgram already decomposed to core ATen."""
+def from_exported(exported, choice: str | None = None) -> Program:
+    """A Program from a torch.export ExportedProgram already decomposed to core ATen; of several outputs (a dict,
+    a tuple, a transformers ModelOutput) the one named `choice` (see _picked), the others dropped."""
     from torch.export.graph_signature import InputKind
 
     signature = exported.graph_signature
@@ -257,9 +259,10 @@ def from_exported(exported) -> Program:
             continue
         if fx_node.op == "output":
             outputs = fx_node.args[0]
-            if len(outputs) != 1 or getattr(outputs[0], "op", None) is None:
-                raise FcxError(f"the model must return one tensor of logits, it returns {len(outputs)} values")
-            output = names[outputs[0].name]
+            picked = outputs[_picked(exported, choice)] if choice is not None or len(outputs) > 1 else outputs[0]
+            if getattr(picked, "op", None) is None:
+                raise FcxError("the model must return a tensor of logits, it returns a constant")
+            output = names[picked.name]
             continue
         if str(fx_node.target) in GUARDS and not fx_node.users:
             continue  # a check torch.export proved at export time (a dtype after .to()); it computes nothing
@@ -277,6 +280,29 @@ def from_exported(exported) -> Program:
     program = Program(tuple(nodes), output, tensors).without_unused()
     check_program(program, "the model")
     return program
+
+
+def output_names(exported) -> dict[str, int]:
+    """The model's outputs by name (a dict's keys, a ModelOutput's fields, a tuple's positions) -> flat position."""
+    from torch.utils import _pytree as pytree
+
+    spec = exported.call_spec.out_spec
+    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    items = tree.items() if isinstance(tree, Mapping) else enumerate(tree) if isinstance(tree, (tuple, list)) else [("0", tree)]
+    return {str(k): v for k, v in items if isinstance(v, int)}
+
+
+def _picked(exported, choice: str | None) -> int:
+    """The flat position of the output `choice` names; by default "out" (torchvision's segmentation models),
+    "logits" (transformers), else the first."""
+    named = output_names(exported)
+    shown = ", ".join(named) or "none"
+    if choice is None:
+        choice = next((k for k in ("out", "logits") if k in named), next(iter(named), None))
+    if choice not in named:
+        raise FcxError(f"the model returns several values ({shown}); --output {str(choice)[:40]!r} is not one of them"
+                       if choice is not None else f"the model returns no single tensor of logits ({shown}); pass --output NAME")
+    return named[choice]
 
 
 def _op_name(target) -> str | None:
@@ -905,12 +931,19 @@ def _check_growth(program: Program, input_shape, where: str) -> None:
         run_steps(module, x, check)
 
 
-def class_count(program: Program, shapes: Shapes, where: str) -> int:
-    """The number of logits per image of a classifier: its output must be (N, classes)."""
-    out = shapes.of.get(program.output, ())
-    if len(out) != 2 or out[0] != 1:
-        raise FcxError(f"{where}: the model must return logits of shape (N, classes); it returns {tuple(out)} for one image")
-    return int(out[1])
+def output_shape(program: Program, shapes: Shapes, where: str) -> tuple[int, ...]:
+    """One image's output: (classes,) for a classifier's logits (N, classes), (classes, H, W) for a segmentation
+    model's per-pixel logits (N, classes, H, W); anything else is refused."""
+    out = tuple(int(v) for v in shapes.of.get(program.output, ()))
+    if len(out) not in (2, 4) or out[0] != 1:
+        raise FcxError(f"{where}: the model must return logits of shape (N, classes), or (N, classes, H, W) per pixel; "
+                       f"it returns {out} for one image")
+    return out[1:]
+
+
+def task_of(shape: tuple[int, ...]) -> str:
+    """spec.TASKS by the output's shape for one image."""
+    return "classification" if len(shape) == 1 else "segmentation"
 
 
 def _on_meta(program: Program) -> Program:

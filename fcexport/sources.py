@@ -21,7 +21,7 @@ from torch import nn
 from fcexport.checkpoint import load_weights_file
 from fcexport.data import KNOWN_CLASS_SETS, known_class_names
 from fcexport.errors import HINTS, FcxError
-from fcexport.program import Program, capture, check_shapes, class_count, with_input_normalization
+from fcexport.program import Program, capture, check_shapes, output_shape, task_of, with_input_normalization
 from fcexport.spec import RESAMPLING, Architecture, ModelSpec, Normalization, Preprocess, check_normalization, check_resize, default_preprocess
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -36,9 +36,11 @@ def from_module(
     architecture: dict | None = None,
     on_step=None,
     preprocess: Preprocess | None = None,
+    output: str | None = None,
 ) -> tuple[Program, ModelSpec]:
     """Export an eval-mode copy of `module`, put (x - mean) / std in front of it, and describe it (`on_step` hears
-    each step); images are prepared as `preprocess` says, else as `spec.default_preprocess`.
+    each step); images are prepared as `preprocess` says, else as `spec.default_preprocess`. Of several outputs (a
+    dict, a tuple, a ModelOutput), `output` names the one kept (default: "out", "logits", else the first).
 
     Everything a later step needs is checked here (the opset, argument types, shapes on the meta device),
     so a model that could not be stored fails now, naming the layer, rather than at a later step."""
@@ -48,23 +50,25 @@ def from_module(
     normalization = _normalization(mean, std, shape[0])
     _step(on_step, "exporting with torch.export and lowering to core ATen")
     try:
-        program = capture(copy.deepcopy(module).eval(), shape)
+        program = capture(copy.deepcopy(module).eval(), shape, output)
     except SystemExit as exc:  # the user's forward() may call sys.exit; that is its error, not fcx's exit
         where = (architecture or {}).get("model_def", "the model")
         raise FcxError(f"{where}: the model's code called sys.exit({exc.code!r}) while it was exported") from exc
     if normalization:
         program = with_input_normalization(program, normalization["mean"], normalization["std"])
     _step(on_step, "checking every op and size")
-    classes = class_count(program, check_shapes(program, shape, "the model"), "the model")
-    names = [str(i) for i in range(classes)] if class_names is None else _names_list(class_names)
-    if len(names) != classes:
-        raise FcxError(f"{len(names)} class names given but the model returns {classes} logits per image")
+    out = output_shape(program, check_shapes(program, shape, "the model"), "the model")
+    names = [str(i) for i in range(out[0])] if class_names is None else _names_list(class_names)
+    if len(names) != out[0]:
+        raise FcxError(f"{len(names)} class names given but the model returns {out[0]} logits per {'pixel' if len(out) > 1 else 'image'}")
     spec = ModelSpec(
         input_shape=shape,
         class_names=names,
         preprocess=preprocess or default_preprocess(shape[0]),
         normalization=Normalization(normalization["mean"], normalization["std"]) if normalization else None,
         architecture=Architecture("imported", architecture or {"module": f"{type(module).__module__}.{type(module).__qualname__}"}),
+        task=task_of(out),
+        output_shape=out,
     )
     return program, spec
 
@@ -99,6 +103,7 @@ def from_state_dict(
     mean=None,
     std=None,
     on_step=None,
+    output: str | None = None,
 ) -> tuple[Program, ModelSpec]:
     """Build the user's model from its code, load the weights strictly, then as `from_module`."""
     weights = Path(weights)
@@ -116,7 +121,10 @@ def from_state_dict(
         "weights": weights.name,
         "weights_sha256": weights_sha256,
     }
-    return from_module(module, **_described(module, None, input_shape, class_names, mean, std), architecture=architecture, on_step=on_step)
+    if output is not None:
+        architecture["output"] = output
+    return from_module(module, **_described(module, None, input_shape, class_names, mean, std), architecture=architecture, on_step=on_step,
+                       output=output)
 
 
 def _step(on_step, label: str) -> None:
@@ -125,7 +133,8 @@ def _step(on_step, label: str) -> None:
 
 
 def from_state_dict_isolated(weights, model_def: str, input_shape, model_args: dict | None = None, key: str | None = None,
-                             class_names: list[str] | None = None, mean=None, std=None, on_step=None) -> tuple[Program, ModelSpec]:
+                             class_names: list[str] | None = None, mean=None, std=None, on_step=None,
+                             output: str | None = None) -> tuple[Program, ModelSpec]:
     """`from_state_dict` in a child process, so the user's code cannot end fcx: sys.exit, os._exit or any
     BaseException there is an error naming the model. What the child writes is read back as an untrusted
     model.pt (every check of checkpoint.read_model)."""
@@ -140,7 +149,7 @@ def from_state_dict_isolated(weights, model_def: str, input_shape, model_args: d
     with tempfile.TemporaryDirectory(prefix="fcx-import-") as scratch:
         staged = Path(scratch) / "model.pt"
         child = context.Process(target=_from_state_dict_child, daemon=True, args=(
-            send, staged, weights, model_def, input_shape, model_args, key, class_names, mean, std))
+            send, staged, weights, model_def, input_shape, model_args, key, class_names, mean, std, output))
         child.start()
         send.close()
         try:
@@ -197,14 +206,15 @@ def split_model_def(model_def: str) -> tuple[str, str]:
 
 
 def _from_state_dict_child(send, staged: Path, weights, model_def, *args) -> None:
-    """The child's side: build, export and store the model, then say how it went (JSON on `send`)."""
+    """The child's side: build, export and store the model, then say how it went (JSON on `send`); `args` are
+    from_state_dict's, the output's name last."""
     from fcexport.checkpoint import save_program
 
     def step(label: str) -> None:
         send.send_bytes(json.dumps({"step": label}).encode("utf-8"))
 
     try:
-        program, spec = from_state_dict(weights, model_def, *args, on_step=step)
+        program, spec = from_state_dict(weights, model_def, *args[:-1], on_step=step, output=args[-1])
         save_program(program, spec, staged)
         answer = {"ok": True}
     except FcxError as exc:

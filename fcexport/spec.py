@@ -29,6 +29,11 @@ CROP_OFFSETS = ("floor", "round")  # an odd margin's half: floored (transformers
 MAX_RESIZE_RATIO = 16  # "resize": at most 16x the model's input side before the centre crop
 MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # (C, H, W) up to 3 x 1024 x 1024: bounds every buffer made from a spec
 MAX_CLASSES = 100_000
+# verify's random inputs (fcexport.parity) and reference.npz's: RANDOM_INPUTS for a classifier; a segmentation model's
+# hold at most DENSE_VALUES output values (every pixel is a decision; 256 images of 21 x 224 x 224 float64 logits
+# would take 2 GiB), and never fewer than MIN_DENSE_INPUTS
+RANDOM_INPUTS, DENSE_VALUES, MIN_DENSE_INPUTS = 256, 1 << 24, 16
+TASKS = ("classification", "segmentation")  # logits (N, classes), or per-pixel logits (N, classes, H, W)
 MAX_TENSOR_BYTES = 1 << 28  # the memory of any one intermediate of one image, in any format: 256 MiB
 MAX_TOTAL_BYTES = 1 << 32  # the memory of all intermediates of one image together: 4 GiB
 MAX_MACS = 10**11  # multiply-accumulates of one image, in any format (densenet121: 2.9e9, a 60M-parameter ViT: ~1.5e10)
@@ -145,11 +150,17 @@ class ModelSpec:
     metrics: Mapping[str, Any] | None = None
     training: Mapping[str, Any] | None = None
     provenance: Provenance = Provenance()
+    task: str = "classification"  # TASKS
+    output_shape: tuple[int, ...] | None = None  # one image's output: (classes,) or (classes, H, W)
 
     def __post_init__(self):
         shape, names = self.input_shape, self.class_names
         if isinstance(shape, (list, tuple)):
             object.__setattr__(self, "input_shape", tuple(shape))
+        if isinstance(self.output_shape, list):
+            object.__setattr__(self, "output_shape", tuple(self.output_shape))
+        if self.output_shape is None and self.task == "classification" and isinstance(self.class_names, (list, tuple)):
+            object.__setattr__(self, "output_shape", (len(self.class_names),))
         if isinstance(names, (list, tuple)):
             object.__setattr__(self, "class_names", tuple(names))
         for name in ("dataset", "metrics", "training"):
@@ -160,6 +171,18 @@ class ModelSpec:
     @property
     def channels(self) -> int:
         return self.input_shape[0]
+
+    @property
+    def dense(self) -> bool:
+        """Whether the model answers per pixel (segmentation) rather than per image."""
+        return self.task == "segmentation"
+
+    @property
+    def random_inputs(self) -> int:
+        """How many random inputs a verdict on this model takes (RANDOM_INPUTS, fewer for large per-pixel outputs)."""
+        if not self.dense:
+            return RANDOM_INPUTS
+        return min(RANDOM_INPUTS, max(MIN_DENSE_INPUTS, DENSE_VALUES // math.prod(self.output_shape)))
 
     def validate(self, where: str = "model spec") -> None:
         """Types and ranges, checked before any buffer is sized from these values."""
@@ -176,6 +199,14 @@ class ModelSpec:
         long = next((n for n in names if len(n) > MAX_CLASS_NAME or not n), None)
         if long is not None:
             raise FcxError(f"{where}: class names must be 1 to {MAX_CLASS_NAME} characters, one is {len(long):,}")
+        if self.task not in TASKS:
+            raise FcxError(f"{where}: task must be one of {', '.join(TASKS)}, got {str(self.task)[:40]!r}")
+        out = self.output_shape
+        rank = 3 if self.dense else 1
+        if not (isinstance(out, tuple) and len(out) == rank and all(type(v) is int and v > 0 for v in out)
+                and out[0] == len(names) and math.prod(out) * 4 <= MAX_TENSOR_BYTES):
+            raise FcxError(f"{where}: output_shape must be [classes{', H, W' if self.dense else ''}] with one class name "
+                           f"per class, got {list(out) if isinstance(out, tuple) else str(out)[:40]}")
         parts = {"preprocess": Preprocess, "architecture": Architecture, "provenance": Provenance}
         for name, kind in parts.items():
             if not isinstance(getattr(self, name), kind):
@@ -211,6 +242,8 @@ class ModelSpec:
             "training": thawed(self.training),
             "provenance": provenance,
         }
+        if self.dense:  # a classifier's layout stays as it always was
+            data |= {"task": self.task, "output_shape": list(self.output_shape)}
         return json.loads(json.dumps(data))  # plain values only (str subclasses such as torch.__version__ become str)
 
     @classmethod
@@ -244,6 +277,8 @@ class ModelSpec:
                 metrics=data.get("metrics"),
                 training=data.get("training"),
                 provenance=_provenance(provenance, where),
+                task=data.get("task", "classification"),
+                output_shape=tuple(data["output_shape"]) if isinstance(data.get("output_shape"), list) else data.get("output_shape"),
             )
         except FcxError as exc:
             raise FcxError(str(exc).replace("model spec", where, 1)) from exc

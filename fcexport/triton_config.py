@@ -62,8 +62,8 @@ def model_config(name: str, platform: str, spec: ModelSpec, settings) -> object:
     config = types.ModelConfig(
         name=name, platform=platform, max_batch_size=settings.max_batch_size, default_model_filename=MODEL_FILES[platform],
         input=[types.ModelInput(name=input_name, data_type=types.TYPE_FP32, dims=list(spec.input_shape))],
-        output=[types.ModelOutput(name=output_name, data_type=types.TYPE_FP32, dims=[len(spec.class_names)],
-                                   label_filename=LABELS_FILE)],
+        output=[types.ModelOutput(name=output_name, data_type=types.TYPE_FP32, dims=list(spec.output_shape),
+                                   label_filename="" if spec.dense else LABELS_FILE)],  # labels: per image
         dynamic_batching=types.ModelDynamicBatching(max_queue_delay_microseconds=100),
         instance_group=[types.ModelInstanceGroup(count=settings.instances, kind=kind)],
         version_policy=types.ModelVersionPolicy(latest=types.ModelVersionPolicy.Latest(num_versions=1)),
@@ -165,7 +165,7 @@ def config_problems(served: Served, spec: ModelSpec, graph: tuple[tuple[str, tup
     expected_names = TENSOR_NAMES[ONNX_PLATFORM if standin else config.platform]
     if graph is not None:
         expected_names = (graph[0][0], graph[1][0])
-    expected_dims = (tuple(spec.input_shape), (len(spec.class_names),))
+    expected_dims = (tuple(spec.input_shape), tuple(spec.output_shape))
     for tensor, name, dims, role in ((config.input[0], expected_names[0], expected_dims[0], "input"),
                                      (config.output[0], expected_names[1], expected_dims[1], "output")):
         if tensor.name != name:

@@ -213,7 +213,7 @@ def numbers(stored, model_path: Path, candidates: list, problems: list[list[str]
     how many inputs (--inputs, parity.checked_budget); None: parity's default budget, the same on every machine."""
     if on_step is not None:  # (else the last runtime opened would seem to take this time)
         on_step("preparing the inputs (test images, random, probes)")
-    probes = parity.probe_inputs(stored.program, stored.spec, parity.probe_count(budget))
+    probes = parity.probe_inputs(stored.program, stored.spec, parity.probe_count(budget, stored.spec))
     inputs = parity.make_inputs(stored.spec, budget, *real_images(stored.spec, data, data_root), probes=probes)
     if on_step is not None:
         on_step(f"computing model.pt's answers in float64 ({len(inputs.x):,} inputs)")
@@ -229,7 +229,7 @@ def float64_reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarr
     from fcexport import machine_cache
     from fcexport.targets.program import float64_answers
 
-    reference, own = machine_cache.answers(stored.sha256, len(stored.spec.class_names), x,  # fuse-bn --verify's inputs
+    reference, own = machine_cache.answers(stored.sha256, stored.spec.output_shape, x,  # fuse-bn --verify's inputs
                                            lambda part: float64_answers(stored.program, stored.spec, model_path, part))
     return reference, float(own.max(initial=0.0))
 
@@ -276,7 +276,7 @@ def read_reference(folder: Path, manifest: dict | None, spec_shape=None) -> tupl
     shape, count = [int(v) for v in arrays["input_shape"]], int(arrays["count"])
     logits, own = arrays["logits"], float(arrays["own_error"])
     if not (len(shape) == 3 and all(0 < v <= 4096 for v in shape) and 0 < count <= parity.MAX_INPUTS
-            and count * int(np.prod(shape)) <= (1 << 28) and logits.dtype == np.float64 and logits.ndim == 2
+            and count * int(np.prod(shape)) <= (1 << 28) and logits.dtype == np.float64 and logits.ndim in (2, 4)
             and len(logits) == count and np.isfinite(own) and own >= 0):
         raise FcxError(f"{path}: its arrays do not describe a reference (shape {shape}, {count} inputs)", hint="export")
     return reference_inputs(shape, count, int(arrays["seed"])), logits, own, source

@@ -362,6 +362,7 @@ def test_export_writes_the_reference_from_the_answers_fuse_bn_verify_recorded(ar
     answers on them instead of computing them again; with nothing recorded it computes the same numbers (model.pt's,
     not the folded program's: those differ by the float32 rounding of the folded weights)."""
     import fcexport
+    from fcexport import parity
     from fcexport.targets import program, reference
 
     monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path / "cache"))
@@ -370,11 +371,11 @@ def test_export_writes_the_reference_from_the_answers_fuse_bn_verify_recorded(ar
     real = program.float64_logits
     monkeypatch.setattr(program, "float64_logits", lambda p, x, *a: computed.append(len(x)) or real(p, x, *a))
     fcexport.export(artifacts_copy / "model.pt", artifacts_copy, ["onnx", "reference"], check=False)
-    assert reference.COUNT not in computed, computed
+    assert parity.RANDOM_INPUTS not in computed, computed
     recalled = np.load(artifacts_copy / reference.FILE)
     monkeypatch.setenv("FCX_FRESH", "1")
     fcexport.export(artifacts_copy / "model.pt", artifacts_copy, ["onnx", "reference"], check=False)
-    assert reference.COUNT in computed
+    assert parity.RANDOM_INPUTS in computed
     fresh = np.load(artifacts_copy / reference.FILE)
     np.testing.assert_allclose(recalled["logits"], fresh["logits"], rtol=0, atol=1e-12)
     assert recalled["own_error"] == pytest.approx(fresh["own_error"], rel=1e-6)

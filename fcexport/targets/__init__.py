@@ -88,7 +88,7 @@ class Checks:
 
 @dataclass(frozen=True)
 class Predictor:
-    """Runs a model: float32 pixels (N, C, H, W) in [0, 1] -> logits, in batches of at most `batch`. (What an
+    """Runs a model: float32 pixels (N, C, H, W) in [0, 1] -> logits (N, *spec.output_shape), in batches of at most `batch`. (What an
     artifact computes with is checked before it becomes one: see `Checks`.)"""
 
     backend: str
@@ -111,7 +111,7 @@ class Predictor:
         batch = self.batch or chunk_size(self.spec.input_shape)
         parts = [self.run(x[i : i + batch]) for i in range(0, len(x), batch)] if len(x) else [self.run(x)]
         logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        expected = (len(x), len(self.spec.class_names))
+        expected = (len(x), *self.spec.output_shape)
         if getattr(logits, "shape", None) != expected:
             raise FcxError(f"{self.source}: the model returned shape {getattr(logits, 'shape', type(logits).__name__)} "
                            f"for {len(x)} images, but its spec names {expected[1]} classes: expected {expected}")
@@ -305,7 +305,7 @@ def tapped_layers(program, spec: ModelSpec, run_tap) -> tuple:
         x = np.ascontiguousarray(x, dtype=np.float32)
         shapes = {name: (kind, value.shape) for name, (kind, value) in layer_values(ProgramModule(program), torch.from_numpy(x)).items()}
         flat = run_tap(x)
-        found, at = {}, len(spec.class_names)
+        found, at = {}, math.prod(spec.output_shape)
         for name, (kind, shape) in shapes.items():
             size = int(np.prod(shape[1:]))
             found[name] = (kind, flat[:, at : at + size].reshape(shape))

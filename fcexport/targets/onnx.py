@@ -27,7 +27,8 @@ def onnx_bytes(program, spec: ModelSpec, opset: int = ExportSettings.opset) -> b
 
     example = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))  # batch >= 2: not specialised to 1
     proto = _exported(ProgramModule(program), example, ({0: torch.export.Dim("batch")},), opset)
-    proto.doc_string = "fcexport classifier: float32 pixels in [0, 1] (N, C, H, W) -> logits (N, classes)"
+    proto.doc_string = ("fcexport segmentation model: float32 pixels in [0, 1] (N, C, H, W) -> per-pixel logits (N, classes, H, W)"
+                        if spec.dense else "fcexport classifier: float32 pixels in [0, 1] (N, C, H, W) -> logits (N, classes)")
     del proto.metadata_props[:]
     for key, value in spec.to_dict().items():
         proto.metadata_props.add(key=key, value=json.dumps(value))

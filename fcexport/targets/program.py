@@ -52,7 +52,7 @@ def float64_answers(program, spec, source: Path, x: np.ndarray) -> tuple[np.ndar
     fcexport.machine_cache.answers records them."""
     exact = float64_logits(program, x)
     own = program_predictor(program, "eager", "cpu", source, spec)(x)
-    return exact, np.abs(own.astype(np.float64) - exact).max(axis=1, initial=0.0)
+    return exact, np.abs(own.astype(np.float64) - exact).reshape(len(x), -1).max(axis=1, initial=0.0)
 
 
 def reference_layers(program, x: np.ndarray) -> tuple[dict, dict]:

@@ -1,4 +1,4 @@
-"""Exporter: reference.npz, the proof that travels. model.pt's answers in float64 on RANDOM_INPUTS inputs made from a
+"""Exporter: reference.npz, the proof that travels. model.pt's answers in float64 on spec.random_inputs inputs made from a
 seed, the same verify compares with (recalled where this machine computed them: fcexport.machine_cache), and its own
 float32 error on them (the noise band), with the spec. Listed in the manifest and covered by the signature like
 every file, so a machine without torch or model.pt judges the files it can run against it (fcx verify --reference).
@@ -19,7 +19,6 @@ from fcexport.targets import Exporter, ExportSettings
 
 FILE = "reference.npz"
 SEED = 0
-COUNT = 256  # parity.RANDOM_INPUTS: the random part of verify's own budget
 
 
 def reference_inputs(input_shape, count: int, seed: int = SEED) -> np.ndarray:
@@ -34,12 +33,12 @@ def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> No
     from fcexport.files import write_bytes_atomic
     from fcexport.targets.program import float64_answers
 
-    x = reference_inputs(spec.input_shape, COUNT)
-    logits, own = machine_cache.answers(spec.provenance.source_sha256, len(spec.class_names), x,
+    x = reference_inputs(spec.input_shape, spec.random_inputs)  # the random part of verify's own budget
+    logits, own = machine_cache.answers(spec.provenance.source_sha256, spec.output_shape, x,
                                         lambda part: float64_answers(program, spec, stage / FILE, part))
     own_error = float(own.max(initial=0.0))
     buffer = io.BytesIO()
-    np.savez(buffer, seed=np.int64(SEED), count=np.int64(COUNT), input_shape=np.array(spec.input_shape), logits=logits,
+    np.savez(buffer, seed=np.int64(SEED), count=np.int64(len(x)), input_shape=np.array(spec.input_shape), logits=logits,
              own_error=np.float64(own_error), spec=np.array(json.dumps(spec.to_dict())))
     write_bytes_atomic(stage / FILE, buffer.getvalue())
 

@@ -1,0 +1,149 @@
+"""Segmentation models (issue 34): per-pixel logits (N, K, H, W), picked from a dict of outputs, through import ->
+fuse-bn --verify -> export -> verify -> predict with masks on the file's own pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+import fcexport
+from fcexport.errors import FcxError
+from helpers import invoke
+from test_trust import rewrite_onnx
+
+NAMES = ["red", "green", "blue"]
+
+
+class ColourSeg(nn.Module):
+    """Each pixel's class is its strongest colour channel: logits from a 1x1 conv and a BatchNorm at half resolution,
+    upsampled; torchvision's {"out", "aux"} layout (aux: the half-resolution logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3)[:, :, None, None] * 4)
+            self.conv.bias.zero_()
+            self.bn.running_mean.copy_(torch.tensor([0.1, -0.1, 0.05]))
+            self.bn.running_var.copy_(torch.tensor([1.5, 0.7, 1.1]))
+
+    def forward(self, x):
+        y = self.bn(self.conv(nn.functional.avg_pool2d(x, 2)))
+        return {"out": nn.functional.interpolate(y, scale_factor=2, mode="bilinear"), "aux": y}
+
+
+def scene(path: Path, size=(320, 200)) -> Path:
+    """Blue ground, a red disc on the left, a green box on the right: a colour segmentation's answer is known."""
+    image = Image.new("RGB", size, (40, 120, 200))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((40, 40, 160, 160), fill=(220, 60, 40))
+    draw.rectangle((200, 60, 300, 180), fill=(30, 200, 80))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("seg")
+    fcexport.import_model(ColourSeg().eval(), (3, 64, 96), class_names=NAMES, artifacts=folder)
+    assert fcexport.fuse(folder / "model.pt", folder / "model.fused.pt", verify=True, inputs=64).written
+    fcexport.export(folder / "model.pt", folder)
+    return folder
+
+
+def test_a_dict_of_per_pixel_logits_imports_as_segmentation_and_a_classifier_spec_is_unchanged(segmenter, exported_dir):
+    from fcexport.checkpoint import read_model
+
+    spec = read_model(segmenter / "model.pt").spec
+    assert (spec.task, spec.output_shape, spec.class_names) == ("segmentation", (3, 64, 96), tuple(NAMES))  # "out" kept
+    assert spec.to_dict()["output_shape"] == [3, 64, 96]
+    classifier = read_model(exported_dir / "model.pt").spec.to_dict()
+    assert "task" not in classifier and "output_shape" not in classifier  # a classifier's files as before
+
+
+def test_output_picks_another_of_several_and_a_wrong_name_lists_them(tmp_path):
+    from fcexport.sources import from_module
+
+    _, spec = from_module(ColourSeg().eval(), (3, 64, 96), output="aux")
+    assert spec.output_shape == (3, 32, 48)
+    with pytest.raises(FcxError, match=r"several values \(out, aux\); --output 'logits' is not one of them"):
+        from_module(ColourSeg().eval(), (3, 64, 96), output="logits")
+
+
+def test_a_segmentation_model_verifies_on_every_default_row_and_a_planted_change_fails(segmenter, tmp_path):
+    import shutil
+
+    import onnx
+
+    report = fcexport.verify(segmenter, None, ("cpu",), inputs=64)
+    ran = [row for row in report.rows if row.status.value != "skipped"]
+    assert report.passed and {"fused", "onnxruntime"} <= {row.backend for row in ran}, report.to_json()
+    planted = tmp_path / "planted"
+    shutil.copytree(segmenter, planted)
+
+    def change(proto):
+        weight = next(t for t in proto.graph.initializer if list(t.dims)[:2] == [3, 3])
+        values = onnx.numpy_helper.to_array(weight).copy()
+        values[0, 0] *= 1.01
+        weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+
+    rewrite_onnx(planted, change)  # a swapped file with a refreshed manifest: the structure check names it
+    row = fcexport.verify(planted, ("onnxruntime",), ("cpu",), inputs=64).rows[0]
+    assert row.status.value == "fail" and row.problems, row
+
+
+def test_triton_config_carries_the_dense_output_dims(segmenter):
+    from fcexport.checkpoint import read_model
+    from fcexport.targets import TritonSettings
+    from fcexport.triton_config import model_config
+
+    config = model_config("seg", "onnxruntime_onnx", read_model(segmenter / "model.pt").spec, TritonSettings("seg"))
+    assert list(config.output[0].dims) == [3, 64, 96] and config.output[0].label_filename == ""
+
+
+def test_predict_writes_masks_on_the_files_own_pixels_with_the_letterbox_undone(segmenter, tmp_path, runner):
+    picture = scene(tmp_path / "scene.png")
+    r = invoke(runner, "predict", str(picture), "--artifacts", str(segmenter), "--masks", str(tmp_path / "masks"), "--json")
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)[0]
+    mask = np.asarray(Image.open(row["mask"]))
+    assert Image.open(row["mask"]).mode == "P" and mask.shape == (200, 320)  # the file's size, not the model's 64 x 96
+    assert (mask[100, 100], mask[120, 250], mask[10, 10], mask[190, 170]) == (0, 1, 2, 2)  # disc, box, ground
+    disc = np.zeros((200, 320), bool)
+    yy, xx = np.mgrid[:200, :320]
+    disc[(yy - 100) ** 2 + (xx - 100) ** 2 < 55**2] = True
+    assert (mask[disc] == 0).mean() > 0.99
+    shares = {s["label"]: s["share"] for s in row["shares"]}
+    assert row["label"] == "blue" and shares["red"] == pytest.approx(np.pi * 60**2 / (320 * 200), abs=0.02)
+    overlay = Image.open(row["overlay"])
+    assert overlay.mode == "RGB" and overlay.size == (320, 200)
+    table = invoke(runner, "predict", str(picture), "--artifacts", str(segmenter), "--masks", str(tmp_path / "m2"))
+    assert table.exit_code == 0 and "share" in table.stdout and "m2/000000_scene.mask.png" in table.stdout
+
+
+def test_a_centre_crop_leaves_the_unseen_margins_marked():
+    from fcexport.masks import UNSEEN, classes_on_image
+    from fcexport.preprocess import Placement
+
+    logits = np.zeros((2, 4, 4))
+    logits[1, :, 2:] = 1  # right half: class 1
+    # a 200 x 100 (h x w) file whose middle 100 x 100 square became the 4 x 4 input
+    mask = classes_on_image(logits, Placement((200, 100), (0, 50, 100, 150), (0, 0, 4, 4), (4, 4)))
+    assert mask.shape == (200, 100)
+    assert (mask[:50] == UNSEEN).all() and (mask[150:] == UNSEEN).all()
+    assert (mask[50:150, :50] == 0).all() and (mask[50:150, 50:] == 1).all()
+
+
+def test_a_classifier_shape_lie_in_a_segmentation_spec_is_refused():
+    from fcexport.spec import ModelSpec
+
+    with pytest.raises(FcxError, match="output_shape"):
+        ModelSpec.from_dict({"input_shape": [3, 8, 8], "class_names": ["a", "b"], "task": "segmentation", "output_shape": [3, 8, 8]})
+    with pytest.raises(FcxError, match="task must be one of"):
+        ModelSpec.from_dict({"input_shape": [3, 8, 8], "class_names": ["a"], "task": "detection"})
