@@ -71,14 +71,41 @@ def torchvision_models() -> list[str]:
     return names
 
 
+# segmentation: torchvision's own models ("seg:NAME") and segmentation_models_pytorch's architectures on three
+# encoders ("smp:ARCH:ENCODER"), at SEGMENTATION_SIZE px (their float64 reference at 224 px takes minutes each)
+SMP_ARCHITECTURES = ("Unet", "FPN", "DeepLabV3Plus", "Linknet", "PSPNet")
+SMP_ENCODERS = ("resnet18", "mobilenet_v2", "efficientnet-b0")
+SEGMENTATION_SIZE = 128
+
+
+def segmentation_models() -> list[str]:
+    """torchvision's segmentation models with at most MAX_PARAMETERS parameters and every SMP_ARCHITECTURES x
+    SMP_ENCODERS pair."""
+    import torchvision
+
+    names = [f"seg:{name}" for name in torchvision.models.list_models(module=torchvision.models.segmentation)
+             if not name.endswith("101")]  # fcn_resnet101 and deeplabv3_resnet101: over 50M parameters, as resnet101's
+    return names + [f"smp:{arch}:{encoder}" for arch in SMP_ARCHITECTURES for encoder in SMP_ENCODERS]
+
+
 def all_models() -> list[str]:
     """Every name the zoo covers, as `run` takes them."""
-    return [*torchvision_models(), *(f"timm:{n}" for n in TIMM_MODELS), *(f"hf:{n}" for n in HF_MODELS)]
+    return [*torchvision_models(), *(f"timm:{n}" for n in TIMM_MODELS), *(f"hf:{n}" for n in HF_MODELS), *segmentation_models()]
 
 
 def build(name: str, untrained: bool = False):
-    """`name`, `timm:name` or `hf:TransformersClass` with random weights; BatchNorm statistics set unless `untrained`."""
-    if name.startswith("hf:"):
+    """`name`, `timm:name`, `hf:TransformersClass`, `seg:name` (torchvision) or `smp:Arch:encoder` with random weights;
+    BatchNorm statistics set unless `untrained`."""
+    if name.startswith("seg:"):
+        import torchvision
+
+        model = torchvision.models.get_model(name[4:], weights=None, weights_backbone=None, num_classes=CLASSES)
+    elif name.startswith("smp:"):
+        import segmentation_models_pytorch as smp
+
+        arch, encoder = name[4:].split(":")
+        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=CLASSES)
+    elif name.startswith("hf:"):
         import transformers
 
         cls = getattr(transformers, name[3:])
@@ -121,6 +148,7 @@ def run(name: str, folder: Path, untrained: bool = False, size: int = 224, input
     if cfg.get("fixed_input_size"):  # a timm model that takes only its own size (ViTs and friends)
         size = cfg["input_size"][-1]
     size = size if isinstance(size, int) else size[0]
+    size = min(size, SEGMENTATION_SIZE) if name.startswith(("seg:", "smp:")) else size
     seconds = {}
     started = time.perf_counter()
     fcexport.import_model(model, (3, size, size), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), artifacts=folder)
@@ -141,6 +169,8 @@ def run(name: str, folder: Path, untrained: bool = False, size: int = 224, input
     if not report["passed"]:
         failed = {b: (r.get("problems"), r.get("max_abs"), r.get("allowed_max_abs")) for b, r in rows.items() if r["status"] != "pass"}
         raise AssertionError(f"verify failed: {failed}")
+    if name.startswith(("seg:", "smp:")):
+        seconds["predict"] = predict_masks(folder)
     return {
         "model": name,
         "folds": len(fused["report"]["folded"]),
@@ -154,9 +184,25 @@ def run(name: str, folder: Path, untrained: bool = False, size: int = 224, input
     }
 
 
+def predict_masks(folder: Path) -> float:
+    """fcx predict on a 300 x 200 picture: its mask must cover the picture's own pixels. The seconds it took."""
+    import numpy as np
+    from PIL import Image
+
+    import fcexport
+
+    picture = folder / "picture.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(picture)
+    started = time.perf_counter()
+    row = next(iter(fcexport.predict([picture], artifacts=folder, masks=folder / "masks")))
+    if "error" in row or Image.open(row["mask"]).size != (300, 200):
+        raise AssertionError(f"predict failed: {row}")
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", help="torchvision names, timm:NAME or hf:CLASS [default: every one]")
+    parser.add_argument("models", nargs="*", help="torchvision names, timm:NAME, hf:CLASS, seg:NAME or smp:ARCH:ENCODER [default: every one]")
     parser.add_argument("--untrained", action="store_true", help="keep the libraries' own initialisation")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process: one model, JSON out
     parser.add_argument("--size", type=int, default=224, help=argparse.SUPPRESS)  # the child's image size
@@ -193,8 +239,9 @@ def main() -> None:
                            for b in result["max_abs"])
         s = result["seconds"]
         skipped = f"; not written: {', '.join(result['skipped'])}" if result["skipped"] else ""
+        masks = f" / predict {s['predict']:.1f}" if "predict" in s else ""
         print(f"| {name} | {result['folds']} | {errors}{skipped} | {s['import']:.0f} / {s['fuse']:.0f} / {s['export']:.0f} / "
-              f"{s['verify']:.0f} |", flush=True)
+              f"{s['verify']:.0f}{masks} |", flush=True)
     if failed:
         sys.exit(f"{len(failed)} of {len(names)} failed: {', '.join(failed)}")
 

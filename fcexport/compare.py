@@ -94,6 +94,8 @@ def compare(candidate: np.ndarray, reference: np.ndarray, own_error: float, labe
         agree = decisions(candidate) == decisions(reference)
         row |= {"criterion": "agreement", "accuracy_drop": drop, "decisive_inputs": int(decisive.sum()),
                 "decisive_agreement": float(agree[decisive].mean()) if decisive.any() else None}
+        if reference.ndim == 4:  # per-pixel classes: how well the masks overlap, as a segmentation user measures it
+            row["mean_iou"] = mean_iou(decisions(candidate), decisions(reference))
         if decisive.sum() < MIN_DECISIVE:
             row["undecided"] = (f"not enough decisive inputs: {int(decisive.sum())} of {len(reference)} lead by more than "
                                 f"{DECISIVE_MARGIN:.0%} of their largest logit ({MIN_DECISIVE} needed)")
@@ -127,6 +129,13 @@ def first_out_of_band(reference: dict, own: dict, candidate: dict, factor: float
 def decisions(logits: np.ndarray) -> np.ndarray:
     """The class each input (or each pixel of per-pixel logits) is given: the top-1, or for one logit its sign."""
     return logits.argmax(1) if logits.shape[1] > 1 else logits[:, 0] > 0
+
+
+def mean_iou(candidate: np.ndarray, reference: np.ndarray) -> float:
+    """The mean over the classes present in either of |both| / |either| of their pixels (a segmentation's usual score)."""
+    classes = np.union1d(np.unique(candidate), np.unique(reference))
+    scores = [np.logical_and(candidate == k, reference == k).sum() / np.logical_or(candidate == k, reference == k).sum() for k in classes]
+    return float(np.mean(scores)) if scores else 1.0
 
 
 def decisive_rows(reference: np.ndarray) -> np.ndarray:

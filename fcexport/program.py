@@ -139,6 +139,9 @@ def capture(module: nn.Module, input_shape, output: str | None = None) -> Progra
     except Exception as exc:
         if misfit := _input_misfit(module, input_shape):
             raise FcxError(misfit) from exc
+        if "data-dependent" in str(exc) or "DataDependent" in type(exc).__name__:
+            raise FcxError(f"the model's sizes depend on the image's values ({type(exc).__name__}), as a detection model's box "
+                           "count does; fcexport takes classifiers and segmentation models, whose outputs have fixed shapes") from exc
         raise FcxError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}); "
                        "fcexport takes every model torch.export.export(model, (x,)) accepts") from exc
     return from_exported(exported, output)

@@ -147,3 +147,26 @@ def test_a_classifier_shape_lie_in_a_segmentation_spec_is_refused():
         ModelSpec.from_dict({"input_shape": [3, 8, 8], "class_names": ["a", "b"], "task": "segmentation", "output_shape": [3, 8, 8]})
     with pytest.raises(FcxError, match="task must be one of"):
         ModelSpec.from_dict({"input_shape": [3, 8, 8], "class_names": ["a"], "task": "detection"})
+
+
+def test_approximate_rows_are_judged_per_pixel_with_the_masks_overlap():
+    from fcexport.compare import Tolerance, compare
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(4, 3, 16, 16)) * 5
+    flipped = reference.copy()
+    flipped[:, :, :4] = flipped[:, ::-1, :4]  # a quarter of the pixels change class
+    same = compare(reference + 1e-4, reference, 1e-6, None, Tolerance(), approximate=True)
+    worse = compare(flipped, reference, 1e-6, None, Tolerance(), approximate=True)
+    assert same["passed"] and same["mean_iou"] == 1.0 and same["decisive_inputs"] > 64
+    assert not worse["passed"] and worse["mean_iou"] < 0.9 and worse["decisive_agreement"] < 0.99
+
+
+def test_a_detection_model_is_refused_with_the_reason():
+    import torchvision
+
+    from fcexport.sources import from_module
+
+    model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3)
+    with pytest.raises(FcxError, match="detection model's box count"):
+        from_module(model.eval(), (3, 96, 96))

@@ -22,6 +22,7 @@ def pytest_generate_tests(metafunc):
     cases = [(name, False) for name in torchvision_names] + [(f"timm:{n}", False) for n in zoo.TIMM_MODELS]
     cases += [(f"hf:{n}", False) for n in zoo.HF_MODELS]
     cases += [(name, True) for name in torchvision_names]
+    cases += [(name, False) for name in (zoo.segmentation_models() if selected else [])]
     metafunc.parametrize("name, untrained", cases, ids=[f"{n}{'-untrained' if u else ''}" for n, u in cases])
 
 
