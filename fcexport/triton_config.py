@@ -63,7 +63,7 @@ def model_config(name: str, platform: str, spec: ModelSpec, settings) -> object:
         name=name, platform=platform, max_batch_size=settings.max_batch_size, default_model_filename=MODEL_FILES[platform],
         input=[types.ModelInput(name=input_name, data_type=types.TYPE_FP32, dims=list(spec.input_shape))],
         output=[types.ModelOutput(name=output_name, data_type=types.TYPE_FP32, dims=list(spec.output_shape),
-                                   label_filename="" if spec.dense else LABELS_FILE)],  # labels: per image
+                                   label_filename=LABELS_FILE)],  # dense too: the class of each channel
         dynamic_batching=types.ModelDynamicBatching(max_queue_delay_microseconds=100),
         instance_group=[types.ModelInstanceGroup(count=settings.instances, kind=kind)],
         version_policy=types.ModelVersionPolicy(latest=types.ModelVersionPolicy.Latest(num_versions=1)),

@@ -104,7 +104,7 @@ def test_triton_config_carries_the_dense_output_dims(segmenter):
     from fcexport.triton_config import model_config
 
     config = model_config("seg", "onnxruntime_onnx", read_model(segmenter / "model.pt").spec, TritonSettings("seg"))
-    assert list(config.output[0].dims) == [3, 64, 96] and config.output[0].label_filename == ""
+    assert list(config.output[0].dims) == [3, 64, 96] and config.output[0].label_filename == "labels.txt"
 
 
 def test_predict_writes_masks_on_the_files_own_pixels_with_the_letterbox_undone(segmenter, tmp_path, runner):

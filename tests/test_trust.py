@@ -393,12 +393,12 @@ def test_damaged_records_are_misses(tmp_path, monkeypatch):
     assert machine_cache.load_fingerprint("missing") is None
     x = np.random.default_rng(0).random((5, 3), dtype=np.float32)
     compute = lambda part: (part.astype(np.float64) * 2, np.full(len(part), 1e-7))  # noqa: E731
-    first = machine_cache.answers("sha", 3, x, compute)
+    first = machine_cache.answers("sha", (3,), x, compute)
     (entry,) = machine_cache.folder("answers").iterdir()
-    assert np.array_equal(machine_cache.answers("sha", 3, x[::-1], lambda part: 1 / 0)[0], first[0][::-1])  # all recalled
+    assert np.array_equal(machine_cache.answers("sha", (3,), x[::-1], lambda part: 1 / 0)[0], first[0][::-1])  # all recalled
     for damaged in (b"PK\x03\x04junk", b"", b"\x93NUMPY"):
         entry.write_bytes(damaged)
-        assert np.array_equal(machine_cache.answers("sha", 3, x, compute)[0], first[0])
+        assert np.array_equal(machine_cache.answers("sha", (3,), x, compute)[0], first[0])
     import hashlib
 
     rows = np.frombuffer(b"".join(hashlib.sha256(r.tobytes()).digest() for r in x), dtype="S32")
@@ -406,10 +406,10 @@ def test_damaged_records_are_misses(tmp_path, monkeypatch):
                         (first[0], first[1] * np.nan)):  # well-formed lies: another class count, NaN, a negative error
         with entry.open("wb") as f:
             np.savez(f, digests=rows, logits=logits, own=own)
-        again = machine_cache.answers("sha", 3, x, compute)  # a miss: computed again
+        again = machine_cache.answers("sha", (3,), x, compute)  # a miss: computed again
         assert np.array_equal(again[0], first[0]) and np.array_equal(again[1], first[1])
 
     monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path / "a file" / "cache"))
     (tmp_path / "a file").write_text("not a folder")
     machine_cache.store_fingerprint("k", {"node 0": "abc"})  # a cache that cannot be written is only slower
-    assert machine_cache.answers("sha", 3, x, compute)[0].shape == (5, 3)
+    assert machine_cache.answers("sha", (3,), x, compute)[0].shape == (5, 3)
