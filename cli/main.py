@@ -498,7 +498,7 @@ def predict(
 
         if runtime or save_prepared or device != "cpu":
             raise FcxError("--url classifies on the server; --runtime, --device and --save-prepared are for local runs")
-        predictions = predict_remote(images, url, str(model) if model else None, top_k, invert, timeout)
+        predictions = predict_remote(images, url, str(model) if model else None, top_k, invert, timeout, masks)
     else:
         if model is not None and not model.exists() and not model.suffix:
             raise FcxError(f"--model {model}: no such file; a served model's name goes with --url URL")

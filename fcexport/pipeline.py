@@ -857,7 +857,7 @@ def verify_remote(urls: list[str], model: str | None, artifacts: str | Path = "a
 
 
 def predict_remote(images: list[str | Path], url: str, model: str | None, top_k: int = 3, invert: str = "auto",
-                   timeout: float | None = None) -> Predictions:
+                   timeout: float | None = None, masks: str | Path = "masks") -> Predictions:
     """`fcx predict --url`: images prepared here (the spec comes from the served configuration), classified by the
     server within `timeout` seconds in all (default remote.COMMAND_TIMEOUT_SECONDS). Torch is not imported."""
     from fcexport import remote
@@ -868,4 +868,4 @@ def predict_remote(images: list[str | Path], url: str, model: str | None, top_k:
     endpoint = remote.connect(url, model, deadline)
     predictor = remote.remote_predictor(endpoint, remote.served_spec(endpoint))
     files = list(collect_image_files(str(i) for i in images))
-    return Predictions(predict_files(predictor, files, top_k, invert), predictor, None)
+    return Predictions(predict_files(predictor, files, top_k, invert, masks=Path(masks)), predictor, None)
