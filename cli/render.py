@@ -406,6 +406,9 @@ def inspection(result) -> None:
                 "input": f"float32 (N, {', '.join(map(str, spec.input_shape))}) in [0, 1]",
                 "classes": names,
                 **({"output": f"per-pixel logits (N, {', '.join(map(str, spec.output_shape))}): segmentation"} if spec.dense else {}),
+                **({"model's outputs": ", ".join(f"{shown(str(name))} {shown(str(list(shape) if isinstance(shape, tuple) else shape))}" + (" (kept)" if name == spec.architecture.details.get("output") else "")
+                                                 for name, shape in spec.architecture.details["outputs"].items())}
+                   if isinstance(spec.architecture.details.get("outputs"), Mapping) else {}),
                 "normalisation": f"mean {', '.join(f'{v:.4g}' for v in norm.mean)}, std {', '.join(f'{v:.4g}' for v in norm.std)} (inside the model)" if norm else "none",
                 "preparation": spec.preprocess.describe(),
                 "architecture": spec.architecture.kind,

@@ -131,6 +131,12 @@ def kwarg(node: Node, name: str, default=None):
 def capture(module: nn.Module, input_shape, output: str | None = None) -> Program:
     """Export an eval-mode module with a dynamic batch, lower it to core ATen, keep it as a Program (of several
     outputs, the one `output` names: from_exported)."""
+    return capture_outputs(module, input_shape, output)[0]
+
+
+def capture_outputs(module: nn.Module, input_shape, output: str | None = None) -> tuple[Program, dict[str, tuple]]:
+    """`capture`, and when the model returns several values, each one's name and shape for one image (what was
+    left out is said, not lost without a word); {} for a model with one output."""
     example = torch.rand(2, *input_shape)
     try:
         with _quiet_torch():
@@ -144,7 +150,13 @@ def capture(module: nn.Module, input_shape, output: str | None = None) -> Progra
                            "count does; fcexport takes classifiers and segmentation models, whose outputs have fixed shapes") from exc
         raise FcxError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}); "
                        "fcexport takes every model torch.export.export(model, (x,)) accepts") from exc
-    return from_exported(exported, output)
+    program = from_exported(exported, output)
+    named = output_names(exported)
+    if len(named) < 2:
+        return program, {}
+    values = exported.graph.output_node().args[0]
+    return program, {name: tuple(int(v) for v in values[at].meta["val"].shape[1:]) for name, at in named.items()
+                     if hasattr(values[at], "meta") and isinstance(values[at].meta.get("val"), torch.Tensor)}
 
 
 def _input_misfit(module: nn.Module, input_shape) -> str | None:
@@ -295,13 +307,18 @@ def output_names(exported) -> dict[str, int]:
     return {str(k): v for k, v in items if isinstance(v, int)}
 
 
+def default_output(names) -> str | None:
+    """The output kept when none is named: "out" (torchvision's segmentation models), "logits" (transformers), else
+    the first."""
+    return next((k for k in ("out", "logits") if k in names), next(iter(names), None))
+
+
 def _picked(exported, choice: str | None) -> int:
-    """The flat position of the output `choice` names; by default "out" (torchvision's segmentation models),
-    "logits" (transformers), else the first."""
+    """The flat position of the output `choice` names (default_output when None)."""
     named = output_names(exported)
     shown = ", ".join(named) or "none"
     if choice is None:
-        choice = next((k for k in ("out", "logits") if k in named), next(iter(named), None))
+        choice = default_output(named)
     if choice not in named:
         raise FcxError(f"the model returns several values ({shown}); --output {str(choice)[:40]!r} is not one of them"
                        if choice is not None else f"the model returns no single tensor of logits ({shown}); pass --output NAME")

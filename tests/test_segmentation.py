@@ -72,6 +72,8 @@ def test_output_picks_another_of_several_and_a_wrong_name_lists_them(tmp_path):
 
     _, spec = from_module(ColourSeg().eval(), (3, 64, 96), output="aux")
     assert spec.output_shape == (3, 32, 48)
+    details = spec.architecture.details  # what was left out is recorded, with its shape
+    assert details["output"] == "aux" and {k: list(v) for k, v in details["outputs"].items()} == {"out": [3, 64, 96], "aux": [3, 32, 48]}
     with pytest.raises(FcxError, match=r"several values \(out, aux\); --output 'logits' is not one of them"):
         from_module(ColourSeg().eval(), (3, 64, 96), output="logits")
 
