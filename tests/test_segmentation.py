@@ -198,3 +198,25 @@ def test_a_served_segmentation_model_verifies_and_predicts_masks_over_http_and_g
         row = json.loads(r.stdout)[0]
         assert np.asarray(Image.open(row["mask"]))[100, 100] == 0 and row["mask"].startswith(str(tmp_path / "masks"))
     assert not running.alive()
+
+
+def test_a_hugging_face_segmentation_folder_imports_with_no_flag_and_predicts_masks(tmp_path, runner):
+    """save_pretrained's folder of a SegFormer (logits at a quarter of the input's size): class names from id2label,
+    input size and normalisation from the image processor; the mask still covers the file's own pixels."""
+    import transformers
+
+    config = transformers.SegformerConfig(num_labels=3, hidden_sizes=[8, 16, 32, 64], decoder_hidden_size=32,
+                                          depths=[1, 1, 1, 1], id2label={0: "sky", 1: "road", 2: "car"})
+    transformers.SegformerForSemanticSegmentation(config).save_pretrained(tmp_path / "segformer")
+    transformers.SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "segformer")
+    r = invoke(runner, "import", str(tmp_path / "segformer"), "--artifacts", str(tmp_path / "a"))
+    assert r.exit_code == 0, r.output
+    from fcexport.checkpoint import read_model
+
+    spec = read_model(tmp_path / "a" / "model.pt").spec
+    assert (spec.task, spec.output_shape, spec.class_names) == ("segmentation", (3, 16, 16), ("sky", "road", "car"))
+    r = invoke(runner, "predict", str(scene(tmp_path / "scene.png")), "--model", str(tmp_path / "a" / "model.pt"),
+               "--masks", str(tmp_path / "masks"), "--json")
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)[0]
+    assert Image.open(row["mask"]).size == (320, 200) and abs(sum(s["share"] for s in row["shares"]) - 1) < 1e-9
