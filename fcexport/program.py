@@ -146,8 +146,9 @@ def capture_outputs(module: nn.Module, input_shape, output: str | None = None) -
         if misfit := _input_misfit(module, input_shape):
             raise FcxError(misfit) from exc
         if "data-dependent" in str(exc) or "DataDependent" in type(exc).__name__:
-            raise FcxError(f"the model's sizes depend on the image's values ({type(exc).__name__}), as a detection model's box "
-                           "count does; fcexport takes classifiers and segmentation models, whose outputs have fixed shapes") from exc
+            raise FcxError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}): what it does depends "
+                           "on the image's values (`if x.sum() > 0`, a detection model's box count); fcexport takes models whose "
+                           "ops and output shapes are fixed (classifiers, segmentation)") from exc
         raise FcxError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}); "
                        "fcexport takes every model torch.export.export(model, (x,)) accepts") from exc
     program = from_exported(exported, output)

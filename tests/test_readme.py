@@ -51,7 +51,7 @@ def test_readme_command_parses(command):
         sub.make_context(name, rest)
 
 
-# Commands that need nothing but a trained model in ./artifacts (run in a copy of one, as written).
+# Commands that need nothing but a trained model in ./artifacts, or the folder they name (run in a copy of one, as written).
 # (Those that need a server, --url, run in tests/test_serve.py against a real one.)
 RUNNABLE = [c for c in COMMANDS if c.split()[1] in ("fuse-bn", "export", "sign", "verify", "bench") and "../shared" not in c
             and "other.pt" not in c and "--url" not in c]
@@ -63,7 +63,9 @@ def test_readme_command_runs(command, exported_dir, tmp_path, monkeypatch, runne
 
     from test_signing import write_key_pair
 
-    shutil.copytree(exported_dir, tmp_path / "artifacts")
+    words = shlex.split(command)
+    folder = words[words.index("--artifacts") + 1] if "--artifacts" in words else "artifacts"  # the folder it names
+    shutil.copytree(exported_dir, tmp_path / folder)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     keys = tmp_path / ".config" / "fcx"
