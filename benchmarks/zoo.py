@@ -47,6 +47,14 @@ HF_MODELS = {
     "SwinForImageClassification": {}, "Swinv2ForImageClassification": {}, "LevitForImageClassification": {},
     "PoolFormerForImageClassification": {}, "PvtV2ForImageClassification": {}, "CvtForImageClassification": {},
     "FocalNetForImageClassification": {}, "SegformerForImageClassification": {}, "SwiftFormerForImageClassification": {},
+    # segmentation heads (per-pixel logits; run at SEGMENTATION_SIZE px like the others below)
+    "SegformerForSemanticSegmentation": {"hidden_sizes": [16, 32, 64, 128], "decoder_hidden_size": 64, "depths": [1, 1, 1, 1]},
+    "MobileViTForSemanticSegmentation": {}, "UperNetForSemanticSegmentation": {},
+    "DPTForSemanticSegmentation": {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 192,
+                                   "image_size": 128, "backbone_out_indices": [0, 1, 2, 3], "neck_hidden_sizes": [24, 48, 96, 96],
+                                   "fusion_hidden_size": 32},
+    "BeitForSemanticSegmentation": {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 192,
+                                    "image_size": 128, "out_indices": [0, 1, 2, 3]},
 }
 
 
@@ -76,6 +84,11 @@ def torchvision_models() -> list[str]:
 SMP_ARCHITECTURES = ("Unet", "FPN", "DeepLabV3Plus", "Linknet", "PSPNet")
 SMP_ENCODERS = ("resnet18", "mobilenet_v2", "efficientnet-b0")
 SEGMENTATION_SIZE = 128
+
+
+def dense(name: str) -> bool:
+    """Whether the zoo's model `name` is a segmentation model."""
+    return name.startswith(("seg:", "smp:")) or name.endswith("ForSemanticSegmentation")
 
 
 def segmentation_models() -> list[str]:
@@ -148,7 +161,7 @@ def run(name: str, folder: Path, untrained: bool = False, size: int = 224, input
     if cfg.get("fixed_input_size"):  # a timm model that takes only its own size (ViTs and friends)
         size = cfg["input_size"][-1]
     size = size if isinstance(size, int) else size[0]
-    size = min(size, SEGMENTATION_SIZE) if name.startswith(("seg:", "smp:")) else size
+    size = min(size, SEGMENTATION_SIZE) if dense(name) else size
     seconds = {}
     started = time.perf_counter()
     fcexport.import_model(model, (3, size, size), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), artifacts=folder)
@@ -169,7 +182,7 @@ def run(name: str, folder: Path, untrained: bool = False, size: int = 224, input
     if not report["passed"]:
         failed = {b: (r.get("problems"), r.get("max_abs"), r.get("allowed_max_abs")) for b, r in rows.items() if r["status"] != "pass"}
         raise AssertionError(f"verify failed: {failed}")
-    if name.startswith(("seg:", "smp:")):
+    if dense(name):
         seconds["predict"] = predict_masks(folder)
     return {
         "model": name,
