@@ -14,7 +14,6 @@ from fcexport.preprocess import Placement
 
 UNSEEN = 255  # a mask's value where the model saw nothing of the file (outside a centre crop); drawn in UNSEEN_COLOUR
 UNSEEN_COLOUR = (224, 224, 192)  # PASCAL VOC's "void"
-OVERLAY_ALPHA = 0.5
 
 
 def palette(count: int) -> np.ndarray:
@@ -41,7 +40,7 @@ def classes_on_image(logits: np.ndarray, placement: Placement) -> np.ndarray:
     inside_r, inside_c = (rows >= 0) & (rows < 1), (cols >= 0) & (cols < 1)
     r = np.clip(((top + rows * height) * scale_y).astype(np.int64), 0, out_h - 1)
     c = np.clip(((left + cols * width) * scale_x).astype(np.int64), 0, out_w - 1)
-    mask = decided[r[:, None], c[None, :]].astype(np.int64)
+    mask = decided[r[:, None], c[None, :]].astype(np.int32)  # (a 40-megapixel file: 160 MB)
     mask[~(inside_r[:, None] & inside_c[None, :])] = UNSEEN
     return mask
 
@@ -71,9 +70,9 @@ def write_masks(mask: np.ndarray, original: np.ndarray, classes: int, stem: Path
     else:
         image = Image.fromarray(np.where(mask == UNSEEN, 0, mask).astype(np.uint16))
     seen = mask != UNSEEN
-    painted = np.where(seen[..., None], colours[np.where(seen, mask, 0) % len(colours)], original)
-    blended = (original.astype(np.float32) * (1 - OVERLAY_ALPHA) + painted.astype(np.float32) * OVERLAY_ALPHA)
-    overlay = Image.fromarray(np.where(seen[..., None], blended.round(), original).astype(np.uint8), mode="RGB")
+    painted = colours[np.where(seen, mask, 0) % len(colours)]
+    blended = ((original.astype(np.uint16) + painted) // 2).astype(np.uint8)  # half the file, half the class's colour
+    overlay = Image.fromarray(np.where(seen[..., None], blended, original), mode="RGB")
     stem.parent.mkdir(parents=True, exist_ok=True)
     for picture, path in ((image, mask_path), (overlay, overlay_path)):
         with atomic_path(path) as tmp:

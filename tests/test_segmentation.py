@@ -125,8 +125,10 @@ def test_predict_writes_masks_on_the_files_own_pixels_with_the_letterbox_undone(
     assert row["label"] == "blue" and shares["red"] == pytest.approx(np.pi * 60**2 / (320 * 200), abs=0.02)
     overlay = Image.open(row["overlay"])
     assert overlay.mode == "RGB" and overlay.size == (320, 200)
-    table = invoke(runner, "predict", str(picture), "--artifacts", str(segmenter), "--masks", str(tmp_path / "m2"))
-    assert table.exit_code == 0 and "share" in table.stdout and "m2/000000_scene.mask.png" in table.stdout
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    table = invoke(runner, "predict", str(picture), str(tmp_path / "broken.png"), "--artifacts", str(segmenter), "--masks", str(tmp_path / "m2"))
+    assert table.exit_code == 2 and "share" in table.stdout and "m2/000000_scene.mask.png" in table.stdout  # the good file's row
+    assert "broken.png: not a readable image" in table.stdout and not list((tmp_path / "m2").glob("000001_*"))
 
 
 def test_a_centre_crop_leaves_the_unseen_margins_marked():
