@@ -45,7 +45,7 @@ class Skipped:
     hint: str | None = None
 
 
-SPEC_FIELDS = ("class_names", "input_shape", "normalization", "preprocess")  # what must match the model's spec
+SPEC_FIELDS = ("class_names", "input_shape", "normalization", "preprocess", "task", "output_shape")  # must match model.pt's
 
 
 def checked_budget(inputs: int | None) -> int | None:
@@ -85,7 +85,7 @@ def probe_inputs(program, spec: ModelSpec, limit: int) -> np.ndarray:
 def spec_differences(reference: ModelSpec, candidate: ModelSpec) -> list[str]:
     """The spec fields an artifact must carry unchanged (a swapped class name relabels every answer)."""
     ref, cand = reference.to_dict(), candidate.to_dict()
-    return [f"its {name} differs from model.pt's" for name in SPEC_FIELDS if ref[name] != cand[name]]
+    return [f"its {name} differs from model.pt's" for name in SPEC_FIELDS if ref.get(name) != cand.get(name)]
 
 
 def probe_count(budget: int | None, spec: ModelSpec) -> int:

@@ -222,3 +222,20 @@ def test_a_hugging_face_segmentation_folder_imports_with_no_flag_and_predicts_ma
     assert r.exit_code == 0, r.output
     row = json.loads(r.stdout)[0]
     assert Image.open(row["mask"]).size == (320, 200) and abs(sum(s["share"] for s in row["shares"]) - 1) < 1e-9
+
+
+def test_a_file_whose_spec_claims_another_task_is_named_by_verify(segmenter, tmp_path):
+    """model.onnx's embedded spec relabelled as a classifier's (task and output shape dropped), manifest refreshed."""
+    import shutil
+
+    served = Path(shutil.copytree(segmenter, tmp_path / "lying"))
+
+    def relabel(proto):
+        kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in ("task", "output_shape")]
+        del proto.metadata_props[:]
+        for key, value in kept:
+            proto.metadata_props.add(key=key, value=value)
+
+    rewrite_onnx(served, relabel)
+    row = fcexport.verify(served, ("onnxruntime",), ("cpu",), inputs=16).rows[0]
+    assert row.status.value == "fail" and any("task differs" in p or "output_shape" in p for p in row.problems), row
