@@ -743,12 +743,12 @@ def verify_with_reference(artifacts: str | Path = "artifacts", backends=None, de
     if any(check.status is Status.FAIL for check in trust):
         return VerifyReport(trust, None)
     manifest = names.read_manifest(artifacts)
-    x, logits, own_error, source = verification.read_reference(artifacts, manifest)
+    x, logits, own_error, source, weak = verification.read_reference(artifacts, manifest)
     vouch = verification.manifest_vouch(artifacts, manifest, source)
     runnable = [b for b in backends if registry.backend(b).runtime.format == "onnx"]  # the runtimes that need no torch
     found = verification.open_candidates(runnable, devices, lambda backend, device: registry.open_backend(
         backend, artifacts, device, Checks(vouch=vouch)), on_step)
-    return VerifyReport(trust, verification.against_reference(*found, x, logits, own_error, tolerance))
+    return VerifyReport(trust, verification.against_reference(*found, x, logits, own_error, weak, tolerance))
 
 
 def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backends=None, device: str = "cpu",

@@ -134,9 +134,10 @@ def capture(module: nn.Module, input_shape, output: str | None = None) -> Progra
     return capture_outputs(module, input_shape, output)[0]
 
 
-def capture_outputs(module: nn.Module, input_shape, output: str | None = None) -> tuple[Program, dict[str, tuple]]:
-    """`capture`, and when the model returns several values, each one's name and shape for one image (what was
-    left out is said, not lost without a word); {} for a model with one output."""
+def capture_outputs(module: nn.Module, input_shape, output: str | None = None) -> tuple[Program, dict]:
+    """`capture`, and when the model returns several values, which one was kept and each one's name and shape for
+    one image ({"output": name, "outputs": {name: [sizes]}}: what was left out is said, not lost without a word);
+    {} for a model with one output."""
     example = torch.rand(2, *input_shape)
     try:
         with _quiet_torch():
@@ -156,8 +157,9 @@ def capture_outputs(module: nn.Module, input_shape, output: str | None = None) -
     if len(named) < 2:
         return program, {}
     values = exported.graph.output_node().args[0]
-    return program, {name: tuple(int(v) for v in values[at].meta["val"].shape[1:]) for name, at in named.items()
-                     if hasattr(values[at], "meta") and isinstance(values[at].meta.get("val"), torch.Tensor)}
+    shapes = {name: [int(v) for v in values[at].meta["val"].shape[1:]] for name, at in named.items()
+              if hasattr(values[at], "meta") and isinstance(values[at].meta.get("val"), torch.Tensor)}
+    return program, {"output": default_output(named) if output is None else output, "outputs": shapes}
 
 
 def _input_misfit(module: nn.Module, input_shape) -> str | None:

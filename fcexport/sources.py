@@ -21,7 +21,7 @@ from torch import nn
 from fcexport.checkpoint import load_weights_file
 from fcexport.data import KNOWN_CLASS_SETS, known_class_names
 from fcexport.errors import HINTS, FcxError
-from fcexport.program import Program, capture_outputs, check_shapes, default_output, output_shape, task_of, with_input_normalization
+from fcexport.program import Program, capture_outputs, check_shapes, output_shape, task_of, with_input_normalization
 from fcexport.spec import RESAMPLING, Architecture, ModelSpec, Normalization, Preprocess, check_normalization, check_resize, default_preprocess
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -50,7 +50,7 @@ def from_module(
     normalization = _normalization(mean, std, shape[0])
     _step(on_step, "exporting with torch.export and lowering to core ATen")
     try:
-        program, outputs = capture_outputs(copy.deepcopy(module).eval(), shape, output)
+        program, kept = capture_outputs(copy.deepcopy(module).eval(), shape, output)
     except SystemExit as exc:  # the user's forward() may call sys.exit; that is its error, not fcx's exit
         where = (architecture or {}).get("model_def", "the model")
         raise FcxError(f"{where}: the model's code called sys.exit({exc.code!r}) while it was exported") from exc
@@ -67,19 +67,11 @@ def from_module(
         preprocess=preprocess or default_preprocess(shape[0]),
         normalization=Normalization(normalization["mean"], normalization["std"]) if normalization else None,
         architecture=Architecture("imported", (architecture or {"module": f"{type(module).__module__}.{type(module).__qualname__}"})
-                                  | _kept_output(outputs, output)),
+                                  | kept),
         task=task_of(out),
         output_shape=out,
     )
     return program, spec
-
-
-def _kept_output(outputs: dict[str, tuple], output: str | None) -> dict:
-    """For a model with several outputs: which one was kept, and every one's name and shape for one image."""
-    if not outputs:
-        return {}
-    kept = output if output is not None else default_output(outputs)
-    return {"output": kept, "outputs": {name: list(shape) for name, shape in outputs.items()}}
 
 
 def _normalization(mean, std, channels: int) -> dict | None:

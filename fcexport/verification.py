@@ -8,6 +8,9 @@ check is one function here.
 
 from __future__ import annotations
 
+import io
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from fcexport import parity, registry
 from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError
 from fcexport.results import Status, TrustCheck
+from fcexport.spec import ModelSpec
 from fcexport.targets import RANDOM_CALIBRATION, DeviceUnavailable, ExportSettings, Refused, Unsupported
 
 
@@ -255,11 +259,10 @@ def real_images(spec, data: str | None, data_root: str | None):
 
 # ---- a reference that travels ----------------------------------------------------------------
 
-def read_reference(folder: Path, manifest: dict | None, spec_shape=None) -> tuple[np.ndarray, np.ndarray, float, str]:
-    """(inputs, float64 logits, own float32 error, the model.pt sha256 it names) from a folder's reference.npz, read
-    once, vouched for by the manifest, every array checked (no pickles) before use."""
-    import io
-
+def read_reference(folder: Path, manifest: dict | None) -> tuple[np.ndarray, np.ndarray, float, str, str | None]:
+    """(inputs, float64 logits, own float32 error, the model.pt sha256 it names, "weak: ..." or None) from a folder's
+    reference.npz, read once, vouched for by the manifest, every array's header checked before its values are read
+    (no pickles, nothing larger than the file itself)."""
     from fcexport.targets.reference import FILE as REFERENCE
     from fcexport.targets.reference import reference_inputs
 
@@ -269,23 +272,48 @@ def read_reference(folder: Path, manifest: dict | None, spec_shape=None) -> tupl
     source = manifest["files"][REFERENCE].get("source_sha256")
     data = VouchedReader(Path(folder), manifest, source)(path)
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as found:
-            arrays = {k: found[k] for k in ("seed", "count", "input_shape", "logits", "own_error")}
-    except Exception as exc:  # zip, format, a missing key
+        arrays = _npz_arrays(data, ("seed", "count", "input_shape", "logits", "own_error", "spec"))
+        spec = ModelSpec.from_dict(json.loads(str(arrays["spec"])), str(path))
+    except FcxError:
+        raise
+    except Exception as exc:  # zip, format, a missing key, a header that lies
         raise FcxError(f"{path}: not a readable reference ({type(exc).__name__})", hint="export") from exc
     shape, count = [int(v) for v in arrays["input_shape"]], int(arrays["count"])
     logits, own = arrays["logits"], float(arrays["own_error"])
-    if not (len(shape) == 3 and all(0 < v <= 4096 for v in shape) and 0 < count <= parity.MAX_INPUTS
-            and count * int(np.prod(shape)) <= (1 << 28) and logits.dtype == np.float64 and logits.ndim in (2, 4)
-            and len(logits) == count and np.isfinite(own) and own >= 0):
+    if not (shape == list(spec.input_shape) and 0 < count <= parity.MAX_INPUTS
+            and count * int(np.prod(shape)) <= (1 << 28) and logits.dtype == np.float64
+            and logits.shape == (count, *spec.output_shape) and np.isfinite(own) and own >= 0):
         raise FcxError(f"{path}: its arrays do not describe a reference (shape {shape}, {count} inputs)", hint="export")
-    return reference_inputs(shape, count, int(arrays["seed"])), logits, own, source
+    weak = (f"weak: {count} inputs (a verdict needs {spec.random_inputs})") if count < spec.random_inputs else None
+    return reference_inputs(shape, count, int(arrays["seed"])), logits, own, source, weak
+
+
+def _npz_arrays(data: bytes, keys) -> dict[str, np.ndarray]:
+    """The named arrays of an .npz file's bytes, each one's header read first: a plain dtype, and no more values
+    than the file's own bytes hold (a deflated member cannot grow past that), then exactly those bytes read."""
+    import zipfile
+
+    arrays = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for key in keys:
+            with archive.open(f"{key}.npy") as member:
+                major, _ = np.lib.format.read_magic(member)
+                header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = header(member)
+                size = math.prod(shape) * dtype.itemsize
+                if dtype.hasobject or size > len(data):
+                    raise ValueError(f"{key}: {shape} {dtype} in a {len(data)}-byte file")
+                values = member.read(size)
+                if len(values) != size:
+                    raise ValueError(f"{key}: truncated")
+                arrays[key] = np.frombuffer(values, dtype).reshape(shape, order="F" if fortran else "C")
+    return arrays
 
 
 def against_reference(candidates: list, problems: list[list[str]], x: np.ndarray, logits: np.ndarray,
-                      own_error: float, tolerance: Tolerance):
+                      own_error: float, weak: str | None, tolerance: Tolerance):
     """Candidates judged against a stored reference instead of model.pt: the same rule, no structure check."""
-    inputs = parity.Inputs(x, None, f"{len(x)} seeded random inputs of reference.npz (no model.pt, no structure check)")
+    inputs = parity.Inputs(x, None, f"{len(x)} seeded random inputs of reference.npz (no model.pt, no structure check)", weak)
     rows = parity.compare_predictors(logits, own_error, candidates, inputs, tolerance)
     rows = [parity.with_problems(row, found) for row, found in zip(rows, problems, strict=True)]
     return parity.report(rows, inputs, None, own_error, tolerance)

@@ -99,8 +99,8 @@ def test_an_imported_model_without_images_is_told_to_name_them(runner, tmp_path)
     import fcexport
 
     folder = tmp_path / "imported"
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     fcexport.import_model(model, (1, 8, 8), artifacts=folder)
     r = invoke(runner, "export", "--format", "int8-static", "--artifacts", folder, "--json")
     assert r.exit_code == 0, r.output  # model.onnx, which it builds on, is written; int8-static is said not to be

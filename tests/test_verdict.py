@@ -367,6 +367,47 @@ def test_a_folder_verifies_against_its_travelling_reference_without_torch_or_mod
     assert rc == 1 and json.loads(out)["rows"][0]["status"] == "fail", out
 
 
+def _replace_reference(folder, change, save=np.savez) -> None:
+    """reference.npz's arrays changed by `change(arrays)`, written by `save`, the manifest refreshed to match."""
+    import io
+
+    from fcexport.artifacts import record_in_manifest
+
+    path = folder / "reference.npz"
+    with np.load(path) as found:
+        arrays = {k: found[k] for k in found.files}
+    change(arrays)
+    buffer = io.BytesIO()
+    save(buffer, **arrays)
+    path.write_bytes(buffer.getvalue())
+    source = json.loads((folder / "manifest.json").read_text())["files"]["reference.npz"]["source_sha256"]
+    record_in_manifest(folder, {"reference.npz": source}, {}, "tampered")
+
+
+def test_a_hostile_reference_is_refused_before_its_values_are_read(exported_dir, tmp_path):
+    """A deflated reference whose logits claim a shape larger than the file (zeros compress 1000:1) is refused from
+    its header, in bounded memory; one with fewer inputs than a verdict needs says it is weak."""
+    import shutil
+
+    from fcexport.errors import FcxError
+    from fcexport.pipeline import verify_with_reference
+
+    folder = shutil.copytree(exported_dir, tmp_path / "copy")
+    (folder / "model.pt").unlink()
+    honest = (folder / "reference.npz").read_bytes()
+    _replace_reference(folder, lambda a: a.update(logits=np.zeros((a["logits"].shape[0], 250_000), np.float64)),
+                       np.savez_compressed)
+    with pytest.raises(FcxError, match="not a readable reference"):
+        verify_with_reference(folder, backends=("onnxruntime",), devices=("cpu",))
+
+    def fewer(arrays):
+        arrays.update(count=np.int64(8), logits=arrays["logits"][:8])
+    (folder / "reference.npz").write_bytes(honest)
+    _replace_reference(folder, fewer)
+    report = verify_with_reference(folder, backends=("onnxruntime",), devices=("cpu",))
+    assert report.parity.weak and "8 inputs" in report.parity.weak, report.parity
+
+
 def test_group_norm_in_onnx_files_is_as_exact_as_torch(tmp_path):
     """Exported whole, GroupNorm became InstanceNormalization, which onnxruntime computed with 9x model.pt's own
     float32 error here (112x on timm test_efficientnet_gn at 224 px): an honest file failing. Spelled with means over
@@ -438,3 +479,21 @@ def test_an_int8_row_says_which_layer_carries_its_error(tmp_path):
     by_layer = [dict(found) for found in row.value("error_by_layer")]
     assert [found["layer"] for found in by_layer][0] == "3" and {found["layer"] for found in by_layer} == {"1", "3", "5"}
     assert by_layer[0]["share"] > 0.5 > max(found["share"] for found in by_layer[1:]), by_layer
+
+
+@pytest.mark.parametrize("seed", [108, 162])
+def test_a_small_honest_model_is_not_failed_on_rounding_alone(tmp_path, seed):
+    """A Conv + Linear net with 3 classes: torch's own float32 error is a step or two of the largest logit, and
+    onnxruntime, summing in another order, reached 4.1x and 5.7x it on these seeds (honest files failed by export's
+    own check); errors within a few float32 steps of the largest logit are rounding, not a change."""
+    import torch
+    from torch import nn
+
+    from fcexport import export, import_model
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    import_model(model, (1, 8, 8), artifacts=tmp_path)
+    result = export(tmp_path / "model.pt", tmp_path, formats=("onnx",))
+    (row,) = result.check.rows
+    assert row.status.value == "pass", row
