@@ -393,6 +393,18 @@ def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file
     return errors
 
 
+def _outputs(details: Mapping, limit: int = 6) -> str:
+    """A model's recorded outputs, name and shape, the kept one marked; at most `limit` of them, then how many more."""
+    outputs = details["outputs"]
+    def short(value) -> str:
+        text = str(list(value) if isinstance(value, tuple) else value)
+        return shown(text if len(text) <= 40 else text[:39] + "...")
+
+    listed = [f"{short(name)} {short(shape)}"
+              + (" (kept)" if name == details.get("output") else "") for name, shape in list(outputs.items())[:limit]]
+    return ", ".join(listed) + (f", ... ({len(outputs)} in all)" if len(outputs) > limit else "")
+
+
 def inspection(result) -> None:
     """An Inspection: one block per file, then the manifest digest and the signature."""
     for report in result.files:
@@ -406,8 +418,7 @@ def inspection(result) -> None:
                 "input": f"float32 (N, {', '.join(map(str, spec.input_shape))}) in [0, 1]",
                 "classes": names,
                 **({"output": f"per-pixel logits (N, {', '.join(map(str, spec.output_shape))}): segmentation"} if spec.dense else {}),
-                **({"model's outputs": ", ".join(f"{shown(str(name))} {shown(str(list(shape) if isinstance(shape, tuple) else shape))}" + (" (kept)" if name == spec.architecture.details.get("output") else "")
-                                                 for name, shape in spec.architecture.details["outputs"].items())}
+                **({"model's outputs": _outputs(spec.architecture.details)}
                    if isinstance(spec.architecture.details.get("outputs"), Mapping) else {}),
                 "normalisation": f"mean {', '.join(f'{v:.4g}' for v in norm.mean)}, std {', '.join(f'{v:.4g}' for v in norm.std)} (inside the model)" if norm else "none",
                 "preparation": spec.preprocess.describe(),

@@ -50,6 +50,8 @@ def predict_files(
         raise FcxError(f"--top-k must be >= 1, got {top_k}")
     if predictor.spec.dense:
         batch_size = min(batch_size, DENSE_BATCH_SIZE)
+        if Path(masks).exists() and not Path(masks).is_dir():
+            raise FcxError(f"{masks}: --masks names a file; name a folder for the mask and overlay PNGs")
     return _predicted_rows(predictor, collect_image_files(str(i) for i in inputs), top_k, invert, batch_size, save_prepared,
                            Path(masks))
 
@@ -63,7 +65,7 @@ def _predicted_rows(predictor: Predictor, files: Iterator[Path], top_k: int, inv
     def prepare(file: Path) -> np.ndarray | tuple | FcxError:
         try:
             if spec.dense:
-                return image_and_placement(file, spec.input_shape, spec.preprocess)
+                return image_and_placement(file, spec.input_shape, spec.preprocess, invert)
             return prepare_image(file, spec.input_shape, spec.preprocess, invert)
         except FcxError as exc:
             return exc
@@ -108,7 +110,12 @@ def _mask_row(file: Path, logits: np.ndarray, placement, original: np.ndarray, p
     names = (f"not {names[0]}", names[0]) if len(names) == 1 else names  # one logit: its sign decides
     mask = classes_on_image(logits, placement)
     covered = shares(mask, names, top_k)
-    mask_path, overlay_path = write_masks(mask, original, len(names), stem)
+    try:
+        mask_path, overlay_path = write_masks(mask, original, len(names), stem)
+    except FcxError as exc:
+        return {"file": str(file), "error": str(exc)}
+    except OSError as exc:  # a name too long, a folder that is a file, a full disk: this file's error, not the run's
+        return {"file": str(file), "error": f"{stem.parent}: could not write this file's masks ({exc.strerror or exc})"}
     return {"file": str(file), "label": covered[0]["label"], "index": names.index(covered[0]["label"]),
             "share": covered[0]["share"], "shares": covered, "mask": str(mask_path), "overlay": str(overlay_path)}
 

@@ -12,8 +12,11 @@ import numpy as np
 
 from fcexport.preprocess import Placement
 
-UNSEEN = 255  # a mask's value where the model saw nothing of the file (outside a centre crop); drawn in UNSEEN_COLOUR
+UNSEEN = -1  # a mask's class where the model saw nothing of the file (outside a centre crop); drawn in UNSEEN_COLOUR
 UNSEEN_COLOUR = (224, 224, 192)  # PASCAL VOC's "void"
+# In the PNG, unseen is the largest value: 255 in a palette mask (up to 255 classes), 65535 in a 16-bit one (more);
+# no PNG holds more than 65,535 classes besides the unseen value.
+UNSEEN_8, UNSEEN_16 = 255, 65535
 
 
 def palette(count: int) -> np.ndarray:
@@ -54,22 +57,26 @@ def shares(mask: np.ndarray, names: tuple[str, ...], top_k: int) -> list[dict]:
 
 
 def write_masks(mask: np.ndarray, original: np.ndarray, classes: int, stem: Path) -> tuple[Path, Path]:
-    """STEM.mask.png (a palette PNG: pixel value = class index, UNSEEN outside what the model saw; 16-bit gray beyond
-    255 classes) and STEM.overlay.png (the file with each class's colour blended in), written atomically."""
+    """STEM.mask.png (a palette PNG: pixel value = class index, UNSEEN_8 outside what the model saw; 16-bit gray with
+    UNSEEN_16 beyond 255 classes) and STEM.overlay.png (the file with each class's colour blended in), written
+    atomically."""
     from PIL import Image
 
+    from fcexport.errors import FcxError
     from fcexport.files import atomic_path
 
+    if classes > UNSEEN_16:
+        raise FcxError(f"a mask PNG holds at most {UNSEEN_16:,} classes; the model has {classes:,} (--json has the shares)")
     colours = palette(max(classes, 1))
     mask_path, overlay_path = stem.with_name(stem.name + ".mask.png"), stem.with_name(stem.name + ".overlay.png")
-    if classes < UNSEEN:
-        image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    seen = mask != UNSEEN
+    if classes <= UNSEEN_8:
+        image = Image.fromarray(np.where(seen, mask, UNSEEN_8).astype(np.uint8), mode="P")
         table = np.zeros((256, 3), dtype=np.uint8)
-        table[:classes], table[UNSEEN] = colours, UNSEEN_COLOUR
+        table[:classes], table[UNSEEN_8] = colours[:UNSEEN_8], UNSEEN_COLOUR
         image.putpalette(table.ravel().tolist())
     else:
-        image = Image.fromarray(np.where(mask == UNSEEN, 0, mask).astype(np.uint16))
-    seen = mask != UNSEEN
+        image = Image.fromarray(np.where(seen, mask, UNSEEN_16).astype(np.uint16))
     painted = colours[np.where(seen, mask, 0) % len(colours)]
     blended = ((original.astype(np.uint16) + painted) // 2).astype(np.uint8)  # half the file, half the class's colour
     overlay = Image.fromarray(np.where(seen[..., None], blended, original), mode="RGB")

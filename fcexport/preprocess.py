@@ -64,13 +64,14 @@ class Placement:
     input: tuple[int, int]
 
 
-def image_and_placement(path: Path, input_shape, preprocess) -> tuple[np.ndarray, Placement, np.ndarray]:
+def image_and_placement(path: Path, input_shape, preprocess, invert: str = "auto") -> tuple[np.ndarray, Placement, np.ndarray]:
     """(the model's input (C, H, W) as prepare_image makes it, its Placement, the file's own RGB pixels (h, w, 3)
-    uint8) from one read of the file: what a segmentation model's masks are drawn on. "object" preparation cuts
-    the object out, so its masks stay on the prepared input (placement: all of it)."""
+    uint8) from one read of the file: what a segmentation model's masks are drawn on. "object" preparation (only
+    when asked for: a segmentation model's default is "letterbox") cuts the object out, so its masks stay on the
+    prepared input (placement: all of it)."""
     channels, height, width = input_shape
     if preprocess.mode == "object":
-        pixels = prepare_image(path, input_shape, preprocess)
+        pixels = prepare_image(path, input_shape, preprocess, invert)
         shown = (np.clip(pixels[:3].transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
         shown = shown if shown.shape[2] == 3 else np.repeat(shown[..., :1], 3, axis=2)
         return pixels, Placement((height, width), (0, 0, width, height), (0, 0, height, width), (height, width)), shown

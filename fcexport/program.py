@@ -301,13 +301,23 @@ def from_exported(exported, choice: str | None = None) -> Program:
 
 
 def output_names(exported) -> dict[str, int]:
-    """The model's outputs by name (a dict's keys, a ModelOutput's fields, a tuple's positions) -> flat position."""
+    """The model's outputs by name (a dict's keys, a ModelOutput's fields, a tuple's positions; a nested one's joined
+    with dots: "aux.out") -> flat position."""
     from torch.utils import _pytree as pytree
 
     spec = exported.call_spec.out_spec
-    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
-    items = tree.items() if isinstance(tree, Mapping) else enumerate(tree) if isinstance(tree, (tuple, list)) else [("0", tree)]
-    return {str(k): v for k, v in items if isinstance(v, int)}
+    found = {}
+
+    def walk(node, name: str) -> None:
+        if isinstance(node, int):
+            found[name or "0"] = node
+            return
+        items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, (tuple, list)) else ()
+        for key, value in items:
+            walk(value, f"{name}.{key}" if name else str(key))
+
+    walk(pytree.tree_unflatten(list(range(spec.num_leaves)), spec), "")
+    return found
 
 
 def default_output(names) -> str | None:

@@ -64,7 +64,7 @@ def from_module(
     spec = ModelSpec(
         input_shape=shape,
         class_names=names,
-        preprocess=preprocess or default_preprocess(shape[0]),
+        preprocess=preprocess or default_preprocess(shape[0], dense=len(out) > 1),
         normalization=Normalization(normalization["mean"], normalization["std"]) if normalization else None,
         architecture=Architecture("imported", (architecture or {"module": f"{type(module).__module__}.{type(module).__qualname__}"})
                                   | kept),

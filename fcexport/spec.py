@@ -29,16 +29,28 @@ CROP_OFFSETS = ("floor", "round")  # an odd margin's half: floored (transformers
 MAX_RESIZE_RATIO = 16  # "resize": at most 16x the model's input side before the centre crop
 MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # (C, H, W) up to 3 x 1024 x 1024: bounds every buffer made from a spec
 MAX_CLASSES = 100_000
+MAX_SPEC_DEPTH = 32  # a spec's JSON nests at most this deep (honest ones: 5)
 # verify's random inputs (fcexport.parity) and reference.npz's: RANDOM_INPUTS for a classifier; a segmentation model's
 # hold at most DENSE_VALUES output values (every pixel is a decision; 256 images of 21 x 224 x 224 float64 logits
-# would take 2 GiB), and never fewer than MIN_DENSE_INPUTS
-RANDOM_INPUTS, DENSE_VALUES, MIN_DENSE_INPUTS = 256, 1 << 24, 16
+# would take 2 GiB), and at least one image (whose output MAX_TENSOR_BYTES bounds)
+RANDOM_INPUTS, DENSE_VALUES = 256, 1 << 24
 TASKS = ("classification", "segmentation")  # logits (N, classes), or per-pixel logits (N, classes, H, W)
 MAX_TENSOR_BYTES = 1 << 28  # the memory of any one intermediate of one image, in any format: 256 MiB
 MAX_TOTAL_BYTES = 1 << 32  # the memory of all intermediates of one image together: 4 GiB
 MAX_MACS = 10**11  # multiply-accumulates of one image, in any format (densenet121: 2.9e9, a 60M-parameter ViT: ~1.5e10)
 MAX_CLASS_NAME = 256  # characters: a label, not a payload (a 50 MB name would take minutes to print)
 MAX_NORMALIZATION, MIN_STD = 1e6, 1e-6  # mean/std on [0, 1] pixels; beyond these float32 models overflow
+
+
+def _depth(value) -> int:
+    """How deep a JSON-like value nests (a dict or list in a dict: 2), counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, Mapping) else
+                                                       node if isinstance(node, (list, tuple)) else ()))
+    return deepest
 
 
 def frozen(value):
@@ -182,7 +194,7 @@ class ModelSpec:
         """How many random inputs a verdict on this model takes (RANDOM_INPUTS, fewer for large per-pixel outputs)."""
         if not self.dense:
             return RANDOM_INPUTS
-        return min(RANDOM_INPUTS, max(MIN_DENSE_INPUTS, DENSE_VALUES // math.prod(self.output_shape)))
+        return min(RANDOM_INPUTS, max(1, DENSE_VALUES // math.prod(self.output_shape)))
 
     def validate(self, where: str = "model spec") -> None:
         """Types and ranges, checked before any buffer is sized from these values."""
@@ -251,6 +263,8 @@ class ModelSpec:
         """Read the embedded layout back, checking every type before anything is built from it."""
         if not isinstance(data, dict):
             raise FcxError(f"{where}: model spec must be an object")
+        if _depth(data) > MAX_SPEC_DEPTH:  # what reads it (freezing, rendering, JSON) recurses
+            raise FcxError(f"{where}: its model spec nests deeper than {MAX_SPEC_DEPTH} levels")
         missing = {"input_shape", "class_names"} - set(data)
         if missing:
             raise FcxError(f"{where}: model spec lacks {', '.join(sorted(missing))}")
@@ -334,6 +348,7 @@ def check_resize(resize, size: tuple[int, int], where: str = "preprocess") -> No
                        f"from [{size[0]}, {size[1]}], at most {MAX_RESIZE_RATIO}x the input, got {str(resize)[:40]}")
 
 
-def default_preprocess(channels: int, object_fill: float = 1.0) -> Preprocess:
-    """Gray models get Fashion-MNIST-style object preparation; colour models a letterboxed resize."""
-    return Preprocess("object", object_fill) if channels == 1 else Preprocess("letterbox")
+def default_preprocess(channels: int, object_fill: float = 1.0, dense: bool = False) -> Preprocess:
+    """Gray classifiers get Fashion-MNIST-style object preparation (the object cut out); colour models and every
+    segmentation model a letterboxed resize (a mask maps back onto the file's own pixels)."""
+    return Preprocess("object", object_fill) if channels == 1 and not dense else Preprocess("letterbox")

@@ -239,3 +239,87 @@ def test_a_file_whose_spec_claims_another_task_is_named_by_verify(segmenter, tmp
     rewrite_onnx(served, relabel)
     row = fcexport.verify(served, ("onnxruntime",), ("cpu",), inputs=16).rows[0]
     assert row.status.value == "fail" and any("task differs" in p or "output_shape" in p for p in row.problems), row
+
+
+def test_masks_beyond_255_classes_keep_class_255_apart_from_unseen(tmp_path):
+    """256 classes: a 16-bit mask where class 255 is 255 and unseen is 65535; a palette mask keeps 255 for unseen."""
+    from fcexport.masks import UNSEEN, UNSEEN_8, UNSEEN_16, write_masks
+
+    mask = np.array([[0, 255], [UNSEEN, 3]], dtype=np.int32)
+    original = np.zeros((2, 2, 3), np.uint8)
+    written, _ = write_masks(mask, original, 256, tmp_path / "wide")
+    assert np.asarray(Image.open(written)).tolist() == [[0, 255], [UNSEEN_16, 3]]
+    written, _ = write_masks(np.array([[0, 2], [UNSEEN, 3]], np.int32), original, 4, tmp_path / "narrow")
+    assert Image.open(written).mode == "P" and np.asarray(Image.open(written)).tolist() == [[0, 2], [UNSEEN_8, 3]]
+    with pytest.raises(FcxError, match="at most 65,535 classes"):
+        write_masks(mask, original, 70_000, tmp_path / "huge")
+
+
+def test_a_mask_that_cannot_be_written_is_that_files_row_and_masks_naming_a_file_is_refused(segmenter, tmp_path, runner):
+    picture = scene(tmp_path / "scene.png")
+    long = scene(tmp_path / ("x" * 250 + ".png"))  # its mask's name is too long for the file system
+    r = invoke(runner, "predict", str(long), str(picture), "--artifacts", str(segmenter), "--masks", str(tmp_path / "m"), "--json")
+    rows = json.loads(r.stdout)
+    assert r.exit_code == 2 and "cannot write" in rows[0]["error"] and Path(rows[1]["mask"]).is_file()
+    (tmp_path / "taken").write_text("a file")
+    r = invoke(runner, "predict", str(picture), "--artifacts", str(segmenter), "--masks", str(tmp_path / "taken"))
+    assert r.exit_code == 2 and "--masks names a file" in r.stderr and "Traceback" not in r.output
+
+
+def test_a_gray_segmentation_model_is_letterboxed_and_honours_invert(tmp_path, runner):
+    """A 1-channel segmentation model gets masks on the file's own pixels (not the object cut-out classifiers get),
+    and --invert reaches an object-prepared one."""
+    class Bright(nn.Module):  # class 1 where the pixel is bright
+        def forward(self, x):
+            return torch.cat([0.5 - x, x - 0.5], dim=1)
+
+    fcexport.import_model(Bright(), (1, 32, 32), artifacts=tmp_path / "gray")
+    assert fcexport.load_model(tmp_path / "gray" / "model.pt")[1].preprocess.mode == "letterbox"
+    picture = tmp_path / "half.png"
+    Image.fromarray(np.where(np.arange(60)[None, :] < 30, 255, 0).repeat(40, 0).astype(np.uint8)).save(picture)
+    r = invoke(runner, "predict", str(picture), "--artifacts", str(tmp_path / "gray"), "--masks", str(tmp_path / "m"), "--json")
+    mask = np.asarray(Image.open(json.loads(r.stdout)[0]["mask"]))
+    assert mask.shape == (40, 60) and (mask[:, :28] == 1).all() and (mask[:, 32:] == 0).all()
+    from fcexport.preprocess import image_and_placement
+    from fcexport.spec import Preprocess
+
+    as_is, inverted = (image_and_placement(picture, (1, 32, 32), Preprocess("object"), invert)[0] for invert in ("no", "yes"))
+    assert not np.array_equal(as_is, inverted)  # the object is the other half
+
+
+def test_a_nested_output_is_named_by_its_path():
+    from fcexport.sources import from_module
+
+    class Nested(nn.Module):
+        def forward(self, x):
+            return {"heads": {"out": torch.cat([x, -x], 1)}, "b": x.mean((2, 3))}
+
+    _, spec = from_module(Nested(), (1, 8, 8))
+    assert spec.architecture.details["output"] == "heads.out" and spec.output_shape == (2, 8, 8)
+    _, spec = from_module(Nested(), (1, 8, 8), output="b")
+    assert spec.output_shape == (1,)
+
+
+def test_a_large_per_pixel_output_bounds_the_random_inputs_down_to_one():
+    from fcexport.spec import DENSE_VALUES, ModelSpec
+
+    def count(shape):
+        names = [str(i) for i in range(shape[0])]
+        return ModelSpec(input_shape=(3, 8, 8), class_names=names, task="segmentation", output_shape=shape).random_inputs
+
+    assert count((4, 128, 128)) == 256 and count((21, 224, 224)) == 15 and count((8, 512, 512)) == 8
+    assert count((64, 1024, 1024)) == 1 and count((8, 512, 512)) * 8 * 512 * 512 <= DENSE_VALUES
+
+
+def test_a_spec_nested_too_deep_or_listing_many_outputs_is_bounded(tmp_path, runner):
+    from fcexport.spec import ModelSpec
+
+    deep = json.loads('{"a":' * 900 + "{}" + "}" * 900)
+    with pytest.raises(FcxError, match="nests deeper than"):
+        ModelSpec.from_dict({"input_shape": [3, 8, 8], "class_names": ["a"], "architecture": {"kind": "imported", "x": deep}})
+    spec = ModelSpec.from_dict({"input_shape": [3, 8, 8], "class_names": ["a"], "architecture": {
+        "kind": "imported", "output": "o0", "outputs": {f"o{i}" * 50: [1] * 500 for i in range(5000)}}})
+    from cli.render import _outputs
+
+    shown = _outputs(spec.architecture.details)
+    assert len(shown) < 600 and "(5000 in all)" in shown
