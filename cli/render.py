@@ -315,7 +315,8 @@ def export_summary(result) -> None:
                        "to keep them: --int8, --triton ...); an old signature vouches for the previous set only",
                        style="bright_black"))
     if result.check is not None and result.check.rows:
-        parts = [f"{r.backend} {r.status.value}" + (f" (max abs {fmt(r.value('max_abs'))})" if r.value("max_abs") is not None else "")
+        parts = [f"{r.backend} {r.status.value}" + (f" (max abs {fmt(r.value('max_abs'))})" if r.value("max_abs") is not None
+                                                     else f" ({shown(r.reason)})" if r.reason else "")
                  for r in result.check.rows]
         style = "green" if result.passed else "red"
         out.print(Text(f"checked on {result.check.inputs} against model.pt: {', '.join(parts)}", style=style))

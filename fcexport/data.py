@@ -192,12 +192,12 @@ def _download(cls, root: Path, raw: Path):
     # Downloads hang forever on a blackholed network; a short socket timeout turns that into an error.
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(15)
-    existed = {p for p in (root, raw.parent, raw) if p.exists()}
+    made = [p for p in (raw, *raw.parents) if not p.exists()]  # deepest first: what the download may create
     try:
         return cls(str(root), train=True, download=True), cls(str(root), train=False, download=True)
     except Exception as exc:  # network errors come in many types (URLError, timeout, HTTPError)
-        for folder in (raw, raw.parent, root):  # leave nothing behind: only folders this attempt made, if empty
-            if folder not in existed and folder.is_dir() and not any(folder.iterdir()):
+        for folder in made:  # leave nothing behind: only folders this attempt made, if empty
+            if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise FcxError(
             f"{cls.__name__} is not under {raw}/ and could not be downloaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}). "

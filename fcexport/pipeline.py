@@ -54,7 +54,6 @@ def _train(opts, on_epoch=None) -> dict:
     opts.validate()
     resolve_device(opts.device)
     out = Path(opts.artifacts)
-    check_writable_folder(out)  # before minutes of training, not after
     log = []
 
     def log_epoch(record: dict) -> None:
@@ -66,6 +65,7 @@ def _train(opts, on_epoch=None) -> dict:
 
     dataset = load_dataset(opts.data, opts.data_root, test_data=opts.test_data, class_names=opts.class_names,
                            label_column=opts.label_column)
+    check_writable_folder(out)  # after the data is found (a failed start leaves no folder), before minutes of training
     if opts.flip is None:
         opts.flip = dataset.name == "fashion-mnist"
     names.set_aside_history(out)  # this run writes history.csv as it goes; the model still here keeps its own

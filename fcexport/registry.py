@@ -141,7 +141,8 @@ def _open(chosen: Backend, paths: tuple[Path, ...], device: str, checks: Checks)
     if device not in DEVICES:
         raise FcxError(f"device must be {' or '.join(DEVICES)}, got {device}")
     if device not in chosen.devices:
-        raise DeviceUnavailable(f"{chosen.name} runs on {', '.join(chosen.devices)} only", hint="cpu")
+        raise DeviceUnavailable(f"{chosen.name} runs on {', '.join(chosen.devices)} only",  # the fix: the device it runs on
+                                hint="cpu" if "cpu" in chosen.devices else None)
     if why := chosen.runtime.missing():
         raise DeviceUnavailable(why)
     absent = [p for p in paths if not p.is_file()]

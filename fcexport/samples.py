@@ -11,11 +11,13 @@ the true class known (it is in the file name).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from fcexport.data import load_dataset
+from fcexport.errors import FcxError
 from fcexport.files import atomic_path
 
 
@@ -91,10 +93,14 @@ def main() -> None:
     parser.add_argument("--photos", action="store_true", help="stage the images as camera-like JPEG photos")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.photos:
-        written = write_photos(args.data, args.out, args.count, args.data_root, args.seed)
-    else:
-        written = write_samples(args.data, args.out, args.count, args.data_root)
+    try:
+        if args.photos:
+            written = write_photos(args.data, args.out, args.count, args.data_root, args.seed)
+        else:
+            written = write_samples(args.data, args.out, args.count, args.data_root)
+    except FcxError as exc:  # bad input: one line, as fcx says it
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     for path in written:
         print(path)
 

@@ -89,10 +89,10 @@ def test_missing_dataset_offline_exits_2_with_where_to_put_it(tmp_path, runner, 
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(tv_utils, "download_url", no_network)
-    r = invoke(runner, "train", "--data-root", tmp_path, "--artifacts", tmp_path / "out")
+    r = invoke(runner, "train", "--data-root", tmp_path / "nowhere" / "data", "--artifacts", tmp_path / "out")
     assert r.exit_code == 2
     assert "FashionMNIST/raw" in r.stderr and "--data digits" in r.stderr and "Traceback" not in r.output
-    assert not (tmp_path / "out" / "model.pt").exists()
+    assert not list(tmp_path.iterdir())  # neither the artifacts folder nor any folder of the data root is left behind
 
 
 def test_bad_csv_exits_2_naming_file_and_line(tmp_path, runner):
