@@ -102,7 +102,7 @@ def duration(ms: float) -> str:
 
 
 def key_values(title: str, items: dict, console: Console = out) -> None:
-    table(title, ["", "value"], [[k, v] for k, v in items.items()], console)
+    table(title, ["", "value"], [[k, v] for k, v in items.items()], console, text=(0, 1))  # values may be sentences
 
 
 @contextlib.contextmanager
@@ -287,7 +287,7 @@ def fuse_summary(result, wide: bool = False) -> None:
     else:
         rows = [[f"{f.layer} ({f.layer_type})", f.into, f.direction] for f in rep.folded]
     rows += [[f"{x.layer} ({x.layer_type})", "-", f"left in place: {x.reason}"] for x in rep.left]
-    table("folds", ["layer", "into", "how"], rows)
+    table("folds", ["layer", "into", "how"], rows, text=(0, 1, 2))
     key_values("fcx fuse-bn", {
         "parameters": f"{rep.parameters_before:,} -> {rep.parameters_after:,}",
         f"batch-1 latency, interpreter ({result.device}, p50)": (
