@@ -726,7 +726,12 @@ def verify(
     vouch = verification.manifest_vouch(artifacts, manifest, stored.sha256)  # what is not what was exported is never loaded
     found = verification.open_candidates(backends, devices, lambda backend, device: open_backend(
         backend, artifacts, device, model, admit=fresh.admit, vouch=vouch), on_step)
-    return VerifyReport(trust, verification.numbers(stored, model.path, *found, data, data_root, tolerance, on_step, inputs))
+    from fcexport import machine_cache
+
+    with machine_cache.one_command():  # model.pt's float64 answers computed once for both
+        parity_report = verification.numbers(stored, model.path, *found, data, data_root, tolerance, on_step, inputs)
+        trust += tuple(filter(None, [verification.reference_check(artifacts, manifest, stored, model.path, inputs)]))
+    return VerifyReport(trust, parity_report)
 
 
 def verify_with_reference(artifacts: str | Path = "artifacts", backends=None, devices=DEVICES,
@@ -743,12 +748,12 @@ def verify_with_reference(artifacts: str | Path = "artifacts", backends=None, de
     if any(check.status is Status.FAIL for check in trust):
         return VerifyReport(trust, None)
     manifest = names.read_manifest(artifacts)
-    x, logits, own_error, source, weak = verification.read_reference(artifacts, manifest)
+    found, source, weak = verification.read_reference(artifacts, manifest)
     vouch = verification.manifest_vouch(artifacts, manifest, source)
     runnable = [b for b in backends if registry.backend(b).runtime.format == "onnx"]  # the runtimes that need no torch
-    found = verification.open_candidates(runnable, devices, lambda backend, device: registry.open_backend(
+    opened = verification.open_candidates(runnable, devices, lambda backend, device: registry.open_backend(
         backend, artifacts, device, Checks(vouch=vouch)), on_step)
-    return VerifyReport(trust, verification.against_reference(*found, x, logits, own_error, weak, tolerance))
+    return VerifyReport(trust, verification.against_reference(*opened, found, weak, tolerance))
 
 
 def bench(artifacts: str | Path = "artifacts", batch_sizes=(1, 64, 1024), backends=None, device: str = "cpu",

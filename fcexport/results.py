@@ -30,7 +30,7 @@ def _no_numbers() -> Mapping[str, Any]:
 class TrustCheck:
     """The folder as a whole against its signature or an expected manifest digest."""
 
-    check: str  # "signature" | "digest"
+    check: str  # "signature", "digest", an exported folder's exporter (triton) or "reference.npz"
     status: Status
     detail: str
 

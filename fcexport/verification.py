@@ -8,9 +8,6 @@ check is one function here.
 
 from __future__ import annotations
 
-import io
-import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,6 @@ from fcexport import parity, registry
 from fcexport.compare import Tolerance, accuracy
 from fcexport.errors import FcxError
 from fcexport.results import Status, TrustCheck
-from fcexport.spec import ModelSpec
 from fcexport.targets import RANDOM_CALIBRATION, DeviceUnavailable, ExportSettings, Refused, Unsupported
 
 
@@ -259,61 +255,59 @@ def real_images(spec, data: str | None, data_root: str | None):
 
 # ---- a reference that travels ----------------------------------------------------------------
 
-def read_reference(folder: Path, manifest: dict | None) -> tuple[np.ndarray, np.ndarray, float, str, str | None]:
-    """(inputs, float64 logits, own float32 error, the model.pt sha256 it names, "weak: ..." or None) from a folder's
-    reference.npz, read once, vouched for by the manifest, every array's header checked before its values are read
-    (no pickles, nothing larger than the file itself)."""
-    from fcexport.targets.reference import FILE as REFERENCE
-    from fcexport.targets.reference import reference_inputs
+def read_reference(folder: Path, manifest: dict | None):
+    """(the checked targets.reference.Reference, the model.pt sha256 it names, "weak: ..." or None) from a folder's
+    reference.npz, read once and vouched for by the manifest."""
+    from fcexport.targets import reference
 
-    path = Path(folder) / REFERENCE
-    if manifest is None or REFERENCE not in manifest["files"]:
+    path = Path(folder) / reference.FILE
+    if manifest is None or reference.FILE not in manifest["files"]:
         raise FcxError(f"{path}: no reference listed in {names.MANIFEST}: export again with this fcexport", hint="export")
-    source = manifest["files"][REFERENCE].get("source_sha256")
-    data = VouchedReader(Path(folder), manifest, source)(path)
+    source = manifest["files"][reference.FILE].get("source_sha256")
+    found = reference.read(VouchedReader(Path(folder), manifest, source)(path), path)
+    wanted = found.spec.random_inputs
+    return found, source, (f"weak: {found.count} inputs (a verdict needs {wanted})" if found.count < wanted else None)
+
+
+# a stored reference's float64 answers must be model.pt's to within float64 rounding (another machine's kernels),
+# its own float32 error within REFERENCE_OWN_SPREAD of this machine's either way (float32 kernels differ more)
+REFERENCE_RTOL, REFERENCE_OWN_SPREAD = 1e-9, 4.0
+
+
+def reference_check(artifacts: Path, manifest: dict | None, stored, model_path: Path, budget: int | None) -> TrustCheck | None:
+    """reference.npz (None where the manifest lists none) against model.pt: readable as verify --reference reads it,
+    its answers model.pt's own in float64 on its inputs (the first `budget` of them when verify's budget is fixed
+    smaller: they are verify's own random inputs, so nothing is computed twice), its noise band this machine's: a
+    reference that would fail honest files, or pass any, on a deploy host is caught where model.pt is at hand."""
+    from fcexport.targets import reference
+
+    if manifest is None or reference.FILE not in manifest["files"]:
+        return None
     try:
-        arrays = _npz_arrays(data, ("seed", "count", "input_shape", "logits", "own_error", "spec"))
-        spec = ModelSpec.from_dict(json.loads(str(arrays["spec"])), str(path))
-    except FcxError:
-        raise
-    except Exception as exc:  # zip, format, a missing key, a header that lies
-        raise FcxError(f"{path}: not a readable reference ({type(exc).__name__})", hint="export") from exc
-    shape, count = [int(v) for v in arrays["input_shape"]], int(arrays["count"])
-    logits, own = arrays["logits"], float(arrays["own_error"])
-    if not (shape == list(spec.input_shape) and 0 < count <= parity.MAX_INPUTS
-            and count * int(np.prod(shape)) <= (1 << 28) and logits.dtype == np.float64
-            and logits.shape == (count, *spec.output_shape) and np.isfinite(own) and own >= 0):
-        raise FcxError(f"{path}: its arrays do not describe a reference (shape {shape}, {count} inputs)", hint="export")
-    weak = (f"weak: {count} inputs (a verdict needs {spec.random_inputs})") if count < spec.random_inputs else None
-    return reference_inputs(shape, count, int(arrays["seed"])), logits, own, source, weak
+        found, _, weak = read_reference(artifacts, manifest)
+    except FcxError as exc:
+        return TrustCheck(reference.FILE, Status.FAIL, str(exc))
+    if parity.spec_differences(stored.spec, found.spec):
+        return TrustCheck(reference.FILE, Status.FAIL, f"{reference.FILE}: " + "; ".join(parity.spec_differences(stored.spec, found.spec)))
+    checked = found.count if budget is None else min(found.count, budget)
+    expected, own = float64_reference(stored, model_path, found.inputs[:checked])
+    off = float(np.abs(found.logits[:checked] - expected).max(initial=0.0))
+    allowed = REFERENCE_RTOL * max(1.0, float(np.abs(expected).max(initial=0.0)))
+    if off > allowed:
+        return TrustCheck(reference.FILE, Status.FAIL, f"{reference.FILE}: its answers are {off:.2g} from model.pt's in float64 "
+                                                       f"(float64 rounding allows {allowed:.1g}): export again")
+    if not own / REFERENCE_OWN_SPREAD <= found.own_error <= own * REFERENCE_OWN_SPREAD:
+        return TrustCheck(reference.FILE, Status.FAIL, f"{reference.FILE}: its own float32 error {found.own_error:.2g} is not "
+                                                       f"model.pt's ({own:.2g} here, within {REFERENCE_OWN_SPREAD:g}x): export again")
+    return TrustCheck(reference.FILE, Status.PASS, f"model.pt's float64 answers on {checked} of its {found.count} inputs"
+                      + (f" ({weak})" if weak else "") + ": verify --reference can judge a copy without model.pt")
 
 
-def _npz_arrays(data: bytes, keys) -> dict[str, np.ndarray]:
-    """The named arrays of an .npz file's bytes, each one's header read first: a plain dtype, and no more values
-    than the file's own bytes hold (a deflated member cannot grow past that), then exactly those bytes read."""
-    import zipfile
-
-    arrays = {}
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for key in keys:
-            with archive.open(f"{key}.npy") as member:
-                major, _ = np.lib.format.read_magic(member)
-                header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = header(member)
-                size = math.prod(shape) * dtype.itemsize
-                if dtype.hasobject or size > len(data):
-                    raise ValueError(f"{key}: {shape} {dtype} in a {len(data)}-byte file")
-                values = member.read(size)
-                if len(values) != size:
-                    raise ValueError(f"{key}: truncated")
-                arrays[key] = np.frombuffer(values, dtype).reshape(shape, order="F" if fortran else "C")
-    return arrays
-
-
-def against_reference(candidates: list, problems: list[list[str]], x: np.ndarray, logits: np.ndarray,
-                      own_error: float, weak: str | None, tolerance: Tolerance):
-    """Candidates judged against a stored reference instead of model.pt: the same rule, no structure check."""
+def against_reference(candidates: list, problems: list[list[str]], reference, weak: str | None, tolerance: Tolerance):
+    """Candidates judged against a stored reference (targets.reference.Reference) instead of model.pt: the same rule,
+    no structure check."""
+    x = reference.inputs
     inputs = parity.Inputs(x, None, f"{len(x)} seeded random inputs of reference.npz (no model.pt, no structure check)", weak)
-    rows = parity.compare_predictors(logits, own_error, candidates, inputs, tolerance)
+    rows = parity.compare_predictors(reference.logits, reference.own_error, candidates, inputs, tolerance)
     rows = [parity.with_problems(row, found) for row, found in zip(rows, problems, strict=True)]
-    return parity.report(rows, inputs, None, own_error, tolerance)
+    return parity.report(rows, inputs, None, reference.own_error, tolerance)

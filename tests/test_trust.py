@@ -309,7 +309,7 @@ def test_verify_reads_each_artifact_once_and_checks_the_bytes_it_loads(exported_
     report = verify(exported_dir, backends=("fused", "torchscript", "pt2", "onnxruntime", "openvino"), devices=("cpu",))
     assert report.passed and not hashed
     assert reads == {"manifest.json": 1, "model.pt": 1, "model.fused.pt": 1, "model.ts": 1, "model.pt2": 1,
-                     "model.onnx": 2}  # two runtimes
+                     "model.onnx": 2, "reference.npz": 1}  # two runtimes; the reference checked against model.pt
 
 
 def test_verify_recalls_what_export_wrote_and_exports_afresh_on_any_change(artifacts_copy, monkeypatch):
@@ -348,6 +348,7 @@ def test_verify_reuses_the_float64_answers_fuse_bn_verify_computed(artifacts_cop
     monkeypatch.setattr(program, "float64_logits", lambda p, x, *a: computed.append(len(x)) or real(p, x, *a))
     first = fcexport.fuse(artifacts_copy / "model.pt", artifacts_copy / "model.fused.pt", verify=True, inputs=96)
     assert first.written and computed and sum(computed) >= 96
+    fcexport.export(artifacts_copy / "model.pt", artifacts_copy, ["onnx", "reference"], check=False)  # its inputs: verify's
     computed.clear()
     recalled = fcexport.verify(artifacts_copy, ("onnxruntime",), ("cpu",), inputs=96).to_json()
     assert computed == []

@@ -497,3 +497,44 @@ def test_a_small_honest_model_is_not_failed_on_rounding_alone(tmp_path, seed):
     result = export(tmp_path / "model.pt", tmp_path, formats=("onnx",))
     (row,) = result.check.rows
     assert row.status.value == "pass", row
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda a: a.update(logits=np.full_like(a["logits"], np.inf)), "do not describe a reference"),
+    (lambda a: a.update(logits=np.zeros_like(a["logits"])), "from model.pt's in float64"),
+    (lambda a: a.update(seed=np.int64(-1)), "do not describe a reference"),
+    (lambda a: a.update(seed=np.arange(3)), "not a readable reference"),
+    (lambda a: a.update(count=np.array("abc")), "not a readable reference"),
+    (lambda a: a.update(input_shape=np.array(3)), "do not describe a reference"),
+    (lambda a: a.update(own_error=np.float64(1.0)), "own float32 error"),
+])
+def test_full_verify_checks_the_reference_against_model_pt_and_a_bad_one_is_never_exit_3(exported_dir, tmp_path, runner, change, expected):
+    """A reference that would fail honest files on a deploy host, pass any (+inf answers), or crash the reader is a failed
+    check where model.pt is at hand; verify --reference says it in one line (exit 2)."""
+    import shutil
+
+    folder = shutil.copytree(exported_dir, tmp_path / "copy")
+    _replace_reference(folder, change)
+    r = invoke(runner, "verify", "--artifacts", folder, "--backends", "onnxruntime", "--devices", "cpu", "--json")
+    assert r.exit_code == 1, r.output
+    (check,) = [c for c in json.loads(r.stdout)["trust"] if c["check"] == "reference.npz"]
+    assert check["status"] == "fail" and expected in check["detail"], check
+    r = invoke(runner, "verify", "--artifacts", folder, "--reference", "--backends", "onnxruntime", "--devices", "cpu")
+    assert r.exit_code != 3 and "Traceback" not in r.output and "unexpected" not in r.output, r.output  # (a wide band
+    # passes without model.pt: the reference is trusted as far as the manifest and signature vouch for it)
+
+
+def test_an_honest_reference_passes_full_verify(exported_dir, runner, tmp_path):
+    r = invoke(runner, "verify", "--artifacts", exported_dir, "--backends", "onnxruntime", "--devices", "cpu", "--json")
+    (check,) = [c for c in json.loads(r.stdout)["trust"] if c["check"] == "reference.npz"]
+    assert r.exit_code == 0 and check["status"] == "pass", check
+
+
+def test_inspect_reads_a_deflated_reference_header_first(exported_dir, tmp_path, runner):
+    """A reference.npz whose count member claims 8 GB in a small deflated file: refused from its header."""
+    import shutil
+
+    folder = shutil.copytree(exported_dir, tmp_path / "copy")
+    _replace_reference(folder, lambda a: a.update(count=np.zeros(1 << 27, np.int64)), np.savez_compressed)
+    r = invoke(runner, "inspect", folder / "reference.npz")
+    assert r.exit_code == 2 and "not a readable reference" in r.stderr, r.output

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,16 +45,71 @@ def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> No
     write_bytes_atomic(stage / FILE, buffer.getvalue())
 
 
-def describe(data: bytes, path: Path) -> tuple[ModelSpec, dict]:
-    """The spec and what the reference holds, read with allow_pickle=False, never run."""
+@dataclass(frozen=True)
+class Reference:
+    """What a reference.npz holds, checked: its inputs are made from `seed` (reference_inputs), `logits` are model.pt's
+    float64 answers on them (count, *spec.output_shape), `own_error` its float32 error on them."""
+
+    spec: ModelSpec
+    seed: int
+    count: int
+    logits: np.ndarray
+    own_error: float
+
+    @property
+    def inputs(self) -> np.ndarray:
+        return reference_inputs(self.spec.input_shape, self.count, self.seed)
+
+
+def read(data: bytes, path: Path) -> Reference:
+    """A reference.npz's bytes, every array's header read before its values (no pickles, nothing larger than the file)
+    and every value checked: one FcxError for anything that is not what export writes."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as found:
-            spec = ModelSpec.from_dict(json.loads(str(found["spec"])), str(path))
-            return spec, {"inputs": int(found["count"]), "seed": int(found["seed"]), "own float32 error": f"{float(found['own_error']):.1e}"}
+        arrays = _npz_arrays(data, ("seed", "count", "input_shape", "logits", "own_error", "spec"))
+        spec = ModelSpec.from_dict(json.loads(str(arrays["spec"].item())), str(path))
+        scalars = [arrays[k] for k in ("seed", "count", "own_error")]
+        if any(a.shape != () for a in scalars) or any(a.dtype.kind not in "iuf" for a in scalars):
+            raise ValueError("seed, count and own_error must be numbers")
+        seed, count, own = int(arrays["seed"]), int(arrays["count"]), float(arrays["own_error"])
+        shape, logits = arrays["input_shape"], arrays["logits"]
     except FcxError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # zip, format, a missing key, a header that lies, a value of the wrong kind
         raise FcxError(f"{path}: not a readable reference ({type(exc).__name__})", hint="export") from exc
+    if not (shape.dtype.kind in "iu" and shape.tolist() == list(spec.input_shape) and 0 <= seed < 2**63
+            and 0 < count <= spec.random_inputs and logits.dtype == np.float64
+            and logits.shape == (count, *spec.output_shape) and np.isfinite(logits).all() and math.isfinite(own) and own >= 0):
+        raise FcxError(f"{path}: its arrays do not describe a reference of this model ({count} inputs of "
+                       f"{spec.random_inputs} at most, finite float64 answers of shape {[count, *spec.output_shape]})", hint="export")
+    return Reference(spec, seed, count, logits, own)
+
+
+def _npz_arrays(data: bytes, keys) -> dict[str, np.ndarray]:
+    """The named arrays of an .npz file's bytes, each one's header read first: a plain dtype, and no more values
+    than the file's own bytes hold (a deflated member cannot grow past that), then exactly those bytes read."""
+    import zipfile
+
+    arrays = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for key in keys:
+            with archive.open(f"{key}.npy") as member:
+                major, _ = np.lib.format.read_magic(member)
+                header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = header(member)
+                size = math.prod(shape) * dtype.itemsize
+                if dtype.hasobject or size > len(data):
+                    raise ValueError(f"{key}: {shape} {dtype} in a {len(data)}-byte file")
+                values = member.read(size)
+                if len(values) != size:
+                    raise ValueError(f"{key}: truncated")
+                arrays[key] = np.frombuffer(values, dtype).reshape(shape, order="F" if fortran else "C")
+    return arrays
+
+
+def describe(data: bytes, path: Path) -> tuple[ModelSpec, dict]:
+    """The spec and what the reference holds, checked as verify reads it, never run."""
+    found = read(data, path)
+    return found.spec, {"inputs": found.count, "seed": found.seed, "own float32 error": f"{found.own_error:.1e}"}
 
 
 EXPORTER = Exporter(name="reference", files=(FILE,), format="reference", write=write, describe=describe, from_source=True,
