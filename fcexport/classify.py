@@ -102,13 +102,16 @@ def _score(predictor: Predictor, chunk: list[Path], prepared: list, count, top_k
 def _mask_row(file: Path, logits: np.ndarray, placement, original: np.ndarray, predictor: Predictor, top_k: int,
               stem: Path) -> dict:
     """A segmentation model's row: the classes covering most of the file's pixels, its mask and overlay PNGs."""
-    from fcexport.masks import classes_on_image, shares, write_masks
+    from fcexport.masks import UNSEEN, classes_on_image, shares, write_masks
 
     if not np.isfinite(logits).all():
         return {"file": str(file), "error": f"{_source_name(predictor.source)} returned non-finite logits (NaN or inf) for this image"}
     names = predictor.spec.class_names
     names = (f"not {names[0]}", names[0]) if len(names) == 1 else names  # one logit: its sign decides
     mask = classes_on_image(logits, placement)
+    if (mask == UNSEEN).all():  # a thin file whose centre crop falls between its pixels' centres
+        return {"file": str(file), "error": f"the model saw none of this file's {mask.size:,} pixels (its centre crop "
+                                            "is thinner than one of them); crop or pad the file"}
     covered = shares(mask, names, top_k)
     try:
         mask_path, overlay_path = write_masks(mask, original, len(names), stem)

@@ -76,6 +76,7 @@ def image_and_placement(path: Path, input_shape, preprocess, invert: str = "auto
         shown = shown if shown.shape[2] == 3 else np.repeat(shown[..., :1], 3, axis=2)
         return pixels, Placement((height, width), (0, 0, width, height), (0, 0, height, width), (height, width)), shown
     with _open_image(Path(path)) as img:
+        img = _eight_bit(img)
         pixels, placement = _fitted(img, channels, (height, width), preprocess)
         return pixels, placement, np.asarray(img.convert("RGB"), dtype=np.uint8)
 
@@ -86,7 +87,7 @@ def _fitted(img, channels: int, size: tuple[int, int], preprocess) -> tuple[np.n
 
     out_h, out_w = size
     resample = getattr(Image.Resampling, preprocess.resample.upper())
-    pixels = img.convert("RGB" if channels == 3 else "L")
+    pixels = _eight_bit(img).convert("RGB" if channels == 3 else "L")
     width, height = pixels.size
     if preprocess.mode == "resize":
         box = centre_crop_box((height, width), preprocess.resize, size, preprocess.crop_offset)
@@ -417,7 +418,7 @@ def _composited(img):
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba)
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return img
 
 
@@ -425,11 +426,26 @@ def _to_rgb_array(img) -> np.ndarray:
     """Any Pillow mode (L, RGB, RGBA, P, LA, I;16, I, F, CMYK) -> float32 (H, W, 3) in [0, 1]."""
     img = _composited(img)
     if img.mode in HIGH_DEPTH_MODES:
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        gray = np.clip(arr / peak, 0.0, 1.0).astype(np.float32)
-        return np.repeat(gray[..., None], 3, axis=2)
+        return np.repeat(_high_depth_gray(img)[..., None], 3, axis=2)
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _high_depth_gray(img) -> np.ndarray:
+    """A 16-bit, 32-bit or float image's pixels in [0, 1] (65535 is white when any pixel is above 255, else 255)."""
+    arr = np.asarray(img, dtype=np.float64)
+    peak = 65535.0 if arr.max() > 255 else 255.0
+    return np.clip(arr / peak, 0.0, 1.0).astype(np.float32)
+
+
+def _eight_bit(img):
+    """Any Pillow mode as one Pillow resizes and converts without loss of meaning: transparency composited on white
+    (as transformers' convert_to_rgb does), 16-bit and float pixels scaled to 8 bits (convert() clips them at 255)."""
+    from PIL import Image
+
+    img = _composited(img)
+    if img.mode in HIGH_DEPTH_MODES:
+        return Image.fromarray((_high_depth_gray(img) * 255).round().astype(np.uint8), mode="L")
+    return img
 
 
 def collect_image_files(inputs: Iterable[str]) -> Iterator[Path]:

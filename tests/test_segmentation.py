@@ -323,3 +323,35 @@ def test_a_spec_nested_too_deep_or_listing_many_outputs_is_bounded(tmp_path, run
 
     shown = _outputs(spec.architecture.details)
     assert len(shown) < 600 and "(5000 in all)" in shown
+
+
+def test_16_bit_and_transparent_files_reach_a_letterboxed_model_scaled_not_clipped(tmp_path):
+    """Pillow's convert() clips 16-bit pixels at 255: a 0..65535 gradient became white after its first column."""
+    from fcexport.preprocess import image_and_placement
+    from fcexport.spec import Preprocess
+
+    gradient = tmp_path / "g16.png"
+    Image.fromarray(np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)).save(gradient)
+    pixels, _, original = image_and_placement(gradient, (1, 64, 64), Preprocess("letterbox"))
+    assert pixels[0, 32, 0] < 0.05 and pixels[0, 32, 63] > 0.95 and 0.4 < pixels[0, 32, 32] < 0.6
+    assert original[32, 32, 0] == pytest.approx(pixels[0, 32, 32] * 255, abs=2)
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(clear)  # fully transparent: white, as transformers composites it
+    pixels, _, _ = image_and_placement(clear, (3, 64, 64), Preprocess("letterbox"))
+    assert pixels.min() == 1.0
+
+
+def test_a_file_the_model_saw_none_of_is_its_error_row(tmp_path):
+    """A 300 x 4 strip under a resize-and-centre-crop whose crop is thinner than one of its pixels: no seen pixel, so
+    no class can be said to cover it."""
+    from fcexport.classify import predict_files
+    from fcexport.spec import ModelSpec, Preprocess
+    from fcexport.targets import Predictor
+
+    spec = ModelSpec(input_shape=(3, 8, 57), class_names=("a", "b", "c"), preprocess=Preprocess("resize", resize=64),
+                     task="segmentation", output_shape=(3, 8, 57))
+    predictor = Predictor("fake", "cpu", "fake", lambda x: np.zeros((len(x), 3, 8, 57), np.float32), spec)
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (300, 4), (200, 0, 0)).save(strip)
+    (row,) = predict_files(predictor, [strip], masks=tmp_path / "m")
+    assert "saw none of this file" in row["error"] and not (tmp_path / "m").exists()
