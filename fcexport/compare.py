@@ -143,12 +143,18 @@ def mean_iou(candidate: np.ndarray, reference: np.ndarray) -> float:
 
 
 def decisive_rows(reference: np.ndarray) -> np.ndarray:
-    """Rows (pixels, for per-pixel logits) whose top-1 leads the runner-up by more than DECISIVE_MARGIN of the row's
-    largest |logit|."""
-    if reference.shape[1] < 2:
-        return np.ones(reference.shape[:1] + reference.shape[2:], dtype=bool)
-    top2 = np.sort(reference, axis=1)[:, -2:]
-    return (top2[:, 1] - top2[:, 0]) > DECISIVE_MARGIN * np.abs(reference).max(axis=1)
+    """Rows (pixels, for per-pixel logits) whose top-1 leads the runner-up (one logit: 0) by more than DECISIVE_MARGIN
+    of the largest |logit| of its input (of its whole image for per-pixel logits, where a pixel's own logits may all
+    be near zero; of every input for one logit, which is its own largest)."""
+    classes = reference.shape[1]
+    if classes < 2:
+        lead, scale = np.abs(reference[:, 0]), np.abs(reference).max(initial=0.0)
+    else:
+        top2 = np.partition(reference, classes - 2, axis=1)  # [:, -1] the largest, [:, -2] the runner-up
+        lead, scale = top2[:, -1] - top2[:, -2], np.abs(reference).max(axis=1)
+    if reference.ndim == 4 and classes >= 2:
+        scale = scale.max(axis=(1, 2), keepdims=True)
+    return lead > DECISIVE_MARGIN * scale
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:

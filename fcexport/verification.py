@@ -283,6 +283,8 @@ def reference_check(artifacts: Path, manifest: dict | None, stored, model_path: 
 
     if manifest is None or reference.FILE not in manifest["files"]:
         return None
+    if not (Path(artifacts) / reference.FILE).exists():  # as a listed model file that is not here: skipped, said
+        return TrustCheck(reference.FILE, Status.SKIPPED, f"{reference.FILE} is not here: run `fcx export` to write it")
     try:
         found, _, weak = read_reference(artifacts, manifest)
     except FcxError as exc:

@@ -355,3 +355,18 @@ def test_a_file_the_model_saw_none_of_is_its_error_row(tmp_path):
     Image.new("RGB", (300, 4), (200, 0, 0)).save(strip)
     (row,) = predict_files(predictor, [strip], masks=tmp_path / "m")
     assert "saw none of this file" in row["error"] and not (tmp_path / "m").exists()
+
+
+def test_near_zero_pixels_and_single_logits_are_not_decisive():
+    """A pixel whose logits are all near zero, or a single logit near zero, flips on rounding alone: it must not count
+    as decisive (bf16 or int8 would fail an honest file on it)."""
+    from fcexport.compare import decisive_rows
+
+    image = np.zeros((1, 3, 2, 2))
+    image[0, :, 0, 0] = [10.0, 0.0, -10.0]  # clear
+    image[0, :, 0, 1] = [0.02, 0.0, -0.01]  # leads by a lot of its own size, by nothing of the image's
+    assert decisive_rows(image)[0].tolist() == [[True, False], [False, False]]
+    single = np.array([[5.0], [-4.0], [0.01]])
+    assert decisive_rows(single).tolist() == [True, True, False]
+    single_dense = np.array([[[[5.0, 0.01]]]])
+    assert decisive_rows(single_dense).tolist() == [[[True, False]]]
