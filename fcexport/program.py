@@ -144,7 +144,7 @@ def capture_outputs(module: nn.Module, input_shape, output: str | None = None) -
             exported = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
             exported = exported.run_decompositions(_decompositions())
     except Exception as exc:
-        if misfit := _input_misfit(module, input_shape):
+        if misfit := input_misfit(module, input_shape):
             raise FcxError(misfit) from exc
         if "data-dependent" in str(exc) or "DataDependent" in type(exc).__name__:
             raise FcxError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}): what it does depends "
@@ -162,7 +162,7 @@ def capture_outputs(module: nn.Module, input_shape, output: str | None = None) -
     return program, {"output": default_output(named) if output is None else output, "outputs": shapes}
 
 
-def _input_misfit(module: nn.Module, input_shape) -> str | None:
+def input_misfit(module: nn.Module, input_shape) -> str | None:
     """When the input shape is what failed: the first Conv or Linear whose input does not fit, in words with the fix
     (one eager call on one image, stopped at that layer)."""
     names = {m: name for name, m in module.named_modules()}

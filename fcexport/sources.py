@@ -21,7 +21,7 @@ from torch import nn
 from fcexport.checkpoint import load_weights_file
 from fcexport.data import KNOWN_CLASS_SETS, known_class_names
 from fcexport.errors import HINTS, FcxError
-from fcexport.program import Program, capture_outputs, check_shapes, output_shape, task_of, with_input_normalization
+from fcexport.program import Program, capture_outputs, check_shapes, input_misfit, output_shape, task_of, with_input_normalization
 from fcexport.spec import RESAMPLING, Architecture, ModelSpec, Normalization, Preprocess, check_normalization, check_resize, default_preprocess
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -47,7 +47,12 @@ def from_module(
     shape = parse_input_shape(input_shape)
     if not isinstance(module, nn.Module):
         raise FcxError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    normalization = _normalization(mean, std, shape[0])
+    try:
+        normalization = _normalization(mean, std, shape[0])
+    except FcxError:
+        if misfit := input_misfit(module, shape):  # a channels-last shape: the fix is the shape's, not the mean's
+            raise FcxError(misfit) from None
+        raise
     _step(on_step, "exporting with torch.export and lowering to core ATen")
     try:
         program, kept = capture_outputs(copy.deepcopy(module).eval(), shape, output)
@@ -188,7 +193,14 @@ MAX_MESSAGE_BYTES = 1 << 20
 def _check_arguments(weights, model_def: str, input_shape, mean, std) -> None:
     """What can be checked without the user's code: the shape, the normalisation, that the files are there."""
     if input_shape is not None:  # else the model's own (timm's pretrained_cfg, a transformers config) says it
-        _normalization(mean, std, parse_input_shape(input_shape)[0])
+        shape = parse_input_shape(input_shape)
+        try:
+            _normalization(mean, std, shape[0])
+        except FcxError as wrong:
+            try:  # a mean per channel of a channels-last shape (H,W,C): the model, built, names the shape's fix
+                _normalization(mean, std, shape[-1])
+            except FcxError:
+                raise wrong from None
     if not Path(weights).is_file():
         raise FcxError(f"{weights}: weights file not found")
     split_model_def(model_def)
@@ -455,10 +467,12 @@ def _hf_folder(folder: Path) -> tuple[nn.Module, dict, dict]:
         try:
             hf_config = cls.config_class.from_dict(config)
             with torch.device("meta"):  # what the config describes, sized before anything is allocated
-                wanted = sum(t.numel() for t in cls(hf_config).state_dict().values())
+                described_tensors = cls(hf_config).state_dict()
+            wanted = sum(t.numel() for t in described_tensors.values())
             if wanted > 2 * held + (1 << 20):  # (tied weights may be stored once)
                 raise FcxError(f"{folder / HF_CONFIG} describes a model of {wanted:,} values, its weights hold {held:,}: "
                                "they do not belong together")
+            _check_head(described_tensors, state_dict, weights, folder)
             module, info = cls.from_pretrained(None, config=hf_config, state_dict=state_dict, output_loading_info=True,
                                                attn_implementation="eager")
         finally:
@@ -475,6 +489,26 @@ def _hf_folder(folder: Path) -> tuple[nn.Module, dict, dict]:
     described = {"config": config, "preprocessor": _json_file(folder / HF_PREPROCESSOR) if (folder / HF_PREPROCESSOR).is_file() else {}}
     architecture = {"transformers": named[0], "folder": folder.name, "weights": [s.name for s in shards], "weights_sha256": digests}
     return module.eval(), described, architecture
+
+
+def _check_head(described: dict, state_dict: dict, weights: Path, folder: Path) -> None:
+    """Weights whose shapes differ from what config.json describes, said with both sides (transformers 5 raises "set
+    ignore_mismatched_sizes" and prints the details to a log fcexport keeps quiet); a head for another class count
+    says what to change in config.json."""
+    mismatched = [k for k, t in described.items() if k in state_dict and state_dict[k].shape != t.shape]
+    if not mismatched:
+        return
+    wrong = [f"{k} is {tuple(state_dict[k].shape)} in the file, {tuple(described[k].shape)} in the model config.json describes"
+             for k in mismatched]
+    head = {(state_dict[k].shape[0], described[k].shape[0]) for k in mismatched
+            if state_dict[k].dim() >= 1 and state_dict[k].shape[1:] == described[k].shape[1:]}
+    hint = ""
+    if len(head) == 1 and set(mismatched) <= set(list(described)[-2:]):
+        (file_classes, config_classes), = head
+        hint = (f". The file's head has {file_classes} classes, config.json's {config_classes}: give config.json an id2label "
+                f"(and num_labels) of the file's {file_classes}")
+    raise FcxError(f"{weights}: weights do not match {folder / HF_CONFIG}: shape mismatch ({len(wrong)}): "
+                   f"{'; '.join(wrong[:3])}{hint}")
 
 
 def _check_described_size(config: dict, state_dict: dict, folder: Path) -> None:

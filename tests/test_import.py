@@ -195,12 +195,15 @@ def test_a_head_for_another_class_count_says_which_side_is_the_files_and_what_to
     assert "The file's head has 5 classes, the model's 10" in r.stderr and '"num_classes": 5' in r.stderr and "--classes" in r.stderr
 
 
-@pytest.mark.parametrize("given, expected", [("1,32,32", "--input-shape 3,H,W"), ("32,32,3", "3,32,32")])
-def test_an_input_shape_the_first_layer_cannot_take_names_the_layer_and_the_fix(tmp_path, runner, given, expected):
+@pytest.mark.parametrize("given, expected, extra", [("1,32,32", "--input-shape 3,H,W", ()), ("32,32,3", "3,32,32", ()),
+                                                    ("32,32,3", "3,32,32", ("--mean", "0.5,0.4,0.3", "--std", "0.2,0.2,0.2"))])
+def test_an_input_shape_the_first_layer_cannot_take_names_the_layer_and_the_fix(tmp_path, runner, given, expected, extra):
+    """With a mean per channel too (every timm and Hugging Face model), the shape's fix, not "mean needs 32 values"."""
     write_course_model(tmp_path)
     net = user_classes()["ColourNet"](classes=4)
     torch.save(net.state_dict(), tmp_path / "colour.pt")
-    r = invoke(runner, "import", tmp_path / "colour.pt", "--model-def", f"{tmp_path}/course_model.py:ColourNet", "--input-shape", given)
+    r = invoke(runner, "import", tmp_path / "colour.pt", "--model-def", f"{tmp_path}/course_model.py:ColourNet", "--input-shape", given,
+               *extra)
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert "features.0" in r.stderr and "takes 3 channels" in r.stderr and expected in r.stderr, r.stderr
 

@@ -182,6 +182,18 @@ def test_a_config_that_describes_another_model_is_refused_before_it_is_built(cha
     assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_a_config_for_another_class_count_says_both_counts_and_what_to_change(runner, tmp_path):
+    """transformers 5 raises "set ignore_mismatched_sizes" and keeps the details for a log; fcexport says them."""
+    folder = save_pretrained(tmp_path / "model", "ViTForImageClassification")
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {str(i): f"c{i}" for i in range(4)}
+    config["label2id"] = {f"c{i}": i for i in range(4)}
+    (folder / "config.json").write_text(json.dumps(config))
+    r = invoke(runner, "import", folder, "--artifacts", tmp_path / "art")
+    assert r.exit_code == 2 and "classifier.weight is (3, " in r.stderr and "in the model config.json describes" in r.stderr
+    assert "The file's head has 3 classes, config.json's 4" in r.stderr and "Traceback" not in r.output
+
+
 def test_an_attention_implementation_in_the_config_is_not_followed(runner, tmp_path):
     """`attn_implementation` can name kernels on the Hub (native code, downloaded): the model is built with eager
     attention whatever the folder says."""
