@@ -14,7 +14,7 @@ import numpy as np
 
 from fcexport import artifacts as names
 from fcexport import parity, registry
-from fcexport.compare import Tolerance, accuracy
+from fcexport.compare import Tolerance, accuracy, allowed_error
 from fcexport.errors import FcxError
 from fcexport.results import Status, TrustCheck
 from fcexport.targets import RANDOM_CALIBRATION, DeviceUnavailable, ExportSettings, Refused, Unsupported
@@ -289,16 +289,18 @@ def reference_check(artifacts: Path, manifest: dict | None, stored, model_path: 
         found, _, weak = read_reference(artifacts, manifest)
     except FcxError as exc:
         return TrustCheck(reference.FILE, Status.FAIL, str(exc))
-    if parity.spec_differences(stored.spec, found.spec):
-        return TrustCheck(reference.FILE, Status.FAIL, f"{reference.FILE}: " + "; ".join(parity.spec_differences(stored.spec, found.spec)))
+    if differences := parity.spec_differences(stored.spec, found.spec):
+        return TrustCheck(reference.FILE, Status.FAIL, f"{reference.FILE}: " + "; ".join(differences))
     checked = found.count if budget is None else min(found.count, budget)
     expected, own = float64_reference(stored, model_path, found.inputs[:checked])
     off = float(np.abs(found.logits[:checked] - expected).max(initial=0.0))
-    allowed = REFERENCE_RTOL * max(1.0, float(np.abs(expected).max(initial=0.0)))
+    largest = float(np.abs(expected).max(initial=0.0))
+    allowed = REFERENCE_RTOL * max(1.0, largest)
     if off > allowed:
         return TrustCheck(reference.FILE, Status.FAIL, f"{reference.FILE}: its answers are {off:.2g} from model.pt's in float64 "
                                                        f"(float64 rounding allows {allowed:.1g}): export again")
-    if not own / REFERENCE_OWN_SPREAD <= found.own_error <= own * REFERENCE_OWN_SPREAD:
+    floor = allowed_error(0.0, expected, 1.0)  # own errors below the rule's noise floor change no verdict
+    if not own / REFERENCE_OWN_SPREAD - floor <= found.own_error <= own * REFERENCE_OWN_SPREAD + floor:
         return TrustCheck(reference.FILE, Status.FAIL, f"{reference.FILE}: its own float32 error {found.own_error:.2g} is not "
                                                        f"model.pt's ({own:.2g} here, within {REFERENCE_OWN_SPREAD:g}x): export again")
     return TrustCheck(reference.FILE, Status.PASS, f"model.pt's float64 answers on {checked} of its {found.count} inputs"
