@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fcexport.errors import FcxError
 from fcexport.preprocess import Placement
 
 UNSEEN = -1  # a mask's class where the model saw nothing of the file (outside a centre crop); drawn in UNSEEN_COLOUR
@@ -62,7 +63,6 @@ def write_masks(mask: np.ndarray, original: np.ndarray, classes: int, stem: Path
     atomically."""
     from PIL import Image
 
-    from fcexport.errors import FcxError
     from fcexport.files import atomic_path
 
     if classes > UNSEEN_16:
