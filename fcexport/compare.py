@@ -23,9 +23,9 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)
 # classes over 165 seeds; 2 of them failed a 2-step floor at 4.1x and 5.7x the own error).
 NOISE_FLOOR_ULPS = 8
 # An approximate result is judged on decisive inputs only: those whose reference top-1 leads the runner-up by more than
-# DECISIVE_MARGIN of the input's largest |logit| (the image's, per pixel: compare.decisive_rows) (bf16 rounds each value by 0.4%, int8 weights by up to 0.4% of their
-# range: a flip there is a real change, where a near-tie flips on rounding alone); fewer than MIN_DECISIVE such
-# inputs is no verdict, not a failure.
+# DECISIVE_MARGIN of the input's largest |logit| (per pixel: of the image's; see decisive_rows). bf16 rounds each value
+# by 0.4%, int8 weights by up to 0.4% of their range: a flip there is a real change, where a near-tie flips on rounding
+# alone. Fewer than MIN_DECISIVE such inputs is no verdict, not a failure.
 DECISIVE_MARGIN = 0.05
 MIN_DECISIVE = 64
 
