@@ -62,7 +62,8 @@ def test_a_signed_folder_copied_elsewhere_verifies(signed_copy, keys, runner, tm
     moved = Path(shutil.copytree(signed_copy, tmp_path / "somewhere" / "else"))
     r, report = verify_trust(runner, moved, "--public-key", keys[1])
     assert r.exit_code == 0, r.output
-    assert report["trust"] == [{"check": "signature", "status": "pass", "detail": report["trust"][0]["detail"]}]
+    assert report["trust"][0] == {"check": "signature", "status": "pass", "detail": report["trust"][0]["detail"]}
+    assert [(c["check"], c["status"]) for c in report["trust"][1:]] == [("reference.npz", "pass")]  # checked with model.pt
     assert report["passed"] and report["rows"][0]["status"] == "pass"
 
 
