@@ -270,7 +270,8 @@ def precision_note(rows) -> None:
 
 def import_summary(path) -> None:
     where = "" if str(path) == "artifacts/model.pt" else f" (with --artifacts {path.parent})"
-    out.print(Text(f"wrote {shown(path)}\nnext: fcx fuse-bn --verify, fcx export, fcx verify, fcx predict IMAGE{where}"))
+    out.print(Text(f"wrote {shown(path)} (fcx inspect {shown(path)}: the classes, normalisation, input size and preparation "
+                   f"it recorded)\nnext: fcx fuse-bn --verify, fcx export, fcx verify, fcx predict IMAGE{where}"))
 
 
 FOLDS_LISTED = 8  # more folds than this are summarised by kind unless --wide
