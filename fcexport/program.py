@@ -239,7 +239,17 @@ def _decompositions():
     table = torch.export.default_decompositions()
     for op in KEPT_WHOLE:
         table.pop(op, None)
+    table[torch.ops.aten.empty.memory_format] = _empty_without_values
     return table
+
+
+def _empty_without_values(size, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    """An `empty` tensor with no values (a 0 in its size: segmentation_models_pytorch's Mix Vision Transformer encoders
+    make a 0-channel placeholder) is `full` of nothing, a pure function; any other stays `empty`, which the opset
+    refuses (uninitialised memory)."""
+    if not any(type(s) is int and s == 0 for s in size):
+        return NotImplemented
+    return torch.full(size, 0, dtype=dtype, layout=layout, device=device)
 
 
 def from_exported(exported, choice: str | None = None) -> Program:

@@ -88,3 +88,24 @@ def test_operands_that_cannot_work_are_one_line_naming_the_node(node, expected):
     check_program(program, "test")
     with pytest.raises(FcxError, match=f"node 'p' .*{expected}"):
         check_shapes(program, (1, 8, 8), "test")
+
+
+def test_an_empty_placeholder_without_values_is_a_pure_function_and_other_empty_tensors_are_refused(tmp_path):
+    """segmentation_models_pytorch's Mix Vision Transformer encoders give a decoder a 0-channel torch.empty feature:
+    no values, so nothing uninitialised is read; an empty tensor with values stays refused."""
+    import torch
+
+    import fcexport
+    from fcexport.errors import FcxError
+
+    class Placeholder(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x, torch.empty(x.shape[0], 0, 8, 8)], 1).mean((2, 3))
+
+    class Garbage(torch.nn.Module):
+        def forward(self, x):
+            return (x + torch.empty_like(x)).mean((2, 3))
+
+    fcexport.import_model(Placeholder(), (3, 8, 8), artifacts=tmp_path / "ok")
+    with pytest.raises(FcxError, match="not in fcexport's opset"):
+        fcexport.import_model(Garbage(), (3, 8, 8), artifacts=tmp_path / "refused")
