@@ -73,7 +73,7 @@ def write_masks(mask: np.ndarray, original: np.ndarray, classes: int, stem: Path
     if classes <= UNSEEN_8:
         image = Image.fromarray(np.where(seen, mask, UNSEEN_8).astype(np.uint8), mode="P")
         table = np.zeros((256, 3), dtype=np.uint8)
-        table[:classes], table[UNSEEN_8] = colours[:UNSEEN_8], UNSEEN_COLOUR
+        table[:classes], table[UNSEEN_8] = colours, UNSEEN_COLOUR
         image.putpalette(table.ravel().tolist())
     else:
         image = Image.fromarray(np.where(seen, mask, UNSEEN_16).astype(np.uint16))

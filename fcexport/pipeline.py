@@ -730,7 +730,8 @@ def verify(
 
     with machine_cache.one_command():  # model.pt's float64 answers computed once for both
         parity_report = verification.numbers(stored, model.path, *found, data, data_root, tolerance, on_step, inputs)
-        trust += tuple(filter(None, [verification.reference_check(artifacts, manifest, stored, model.path, inputs)]))
+        reference = verification.reference_check(artifacts, manifest, stored, model.path, inputs)
+    trust += (reference,) if reference else ()
     return VerifyReport(trust, parity_report)
 
 

@@ -49,7 +49,7 @@ def prepare_image(path: str | os.PathLike, input_shape, preprocess, invert: str 
 def resized_image(path: Path, channels: int, size: tuple[int, int], preprocess) -> np.ndarray:
     """Colour (or gray) pixels resized as `preprocess` says (letterbox, or resize and centre crop) into `size`: (C, H, W)."""
     with _open_image(path) as img:
-        return _fitted(img, channels, size, preprocess)[0]
+        return _fitted(_eight_bit(img), channels, size, preprocess)[0]
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,13 @@ def image_and_placement(path: Path, input_shape, preprocess, invert: str = "auto
 
 
 def _fitted(img, channels: int, size: tuple[int, int], preprocess) -> tuple[np.ndarray, Placement]:
-    """A decoded image prepared into `size` as `preprocess` says ("letterbox" or "resize"), and its Placement."""
+    """A decoded image (made `_eight_bit`) prepared into `size` as `preprocess` says ("letterbox" or "resize"), and its
+    Placement."""
     from PIL import Image
 
     out_h, out_w = size
     resample = getattr(Image.Resampling, preprocess.resample.upper())
-    pixels = _eight_bit(img).convert("RGB" if channels == 3 else "L")
+    pixels = img.convert("RGB" if channels == 3 else "L")
     width, height = pixels.size
     if preprocess.mode == "resize":
         box = centre_crop_box((height, width), preprocess.resize, size, preprocess.crop_offset)

@@ -250,23 +250,25 @@ def check_weights(model: nn.Module, state_dict: dict, where: str) -> None:
     problems = [f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if items]
     if problems:
-        raise FcxError(f"{where}: weights do not match the model: {'; '.join(problems)}{_class_count_hint(state_dict, expected, mismatched)}")
+        counts = _head_counts(state_dict, expected, mismatched)
+        hint = (f". The file's head has {counts[0]} classes, the model's {counts[1]}: build the model with the file's count "
+                f"(--model-args '{{\"num_classes\": {counts[0]}}}', or the argument your factory takes), and name them with "
+                "--classes") if counts else ""
+        raise FcxError(f"{where}: weights do not match the model: {'; '.join(problems)}{hint}")
     for key, tensor in state_dict.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise FcxError(f"{where}: weight '{key}' holds NaN or Inf values; the model is unusable")
 
 
-def _class_count_hint(found: dict, expected: dict, mismatched: list[str]) -> str:
-    """When only the last layer's output size differs (a head made for another number of classes), what to give."""
+def _head_counts(found: dict, expected: dict, mismatched: list[str]) -> tuple[int, int] | None:
+    """When only the last layer's output size differs (a head made for another number of classes): (the file's class
+    count, the model's); else None."""
     pairs = {(found[k].shape[0], expected[k].shape[0]) for k in mismatched
              if found[k].dim() >= 1 and found[k].shape[1:] == expected[k].shape[1:]}
     last = [k for k in expected if expected[k].is_floating_point()][-2:]  # the head's weight and bias
     if len(pairs) != 1 or not mismatched or not set(mismatched) <= set(last):
-        return ""
-    (file_classes, model_classes), = pairs
-    return (f". The file's head has {file_classes} classes, the model's {model_classes}: build the model with the file's "
-            f"count (--model-args '{{\"num_classes\": {file_classes}}}', or the argument your factory takes), and "
-            f"name them with --classes")
+        return None
+    return next(iter(pairs))
 
 
 # ---- pieces ------------------------------------------------------------------------------
@@ -500,13 +502,9 @@ def _check_head(described: dict, state_dict: dict, weights: Path, folder: Path) 
         return
     wrong = [f"{k} is {tuple(state_dict[k].shape)} in the file, {tuple(described[k].shape)} in the model config.json describes"
              for k in mismatched]
-    head = {(state_dict[k].shape[0], described[k].shape[0]) for k in mismatched
-            if state_dict[k].dim() >= 1 and state_dict[k].shape[1:] == described[k].shape[1:]}
-    hint = ""
-    if len(head) == 1 and set(mismatched) <= set(list(described)[-2:]):
-        (file_classes, config_classes), = head
-        hint = (f". The file's head has {file_classes} classes, config.json's {config_classes}: give config.json an id2label "
-                f"(and num_labels) of the file's {file_classes}")
+    counts = _head_counts(state_dict, described, mismatched)
+    hint = (f". The file's head has {counts[0]} classes, config.json's {counts[1]}: give config.json an id2label "
+            f"(and num_labels) of the file's {counts[0]}") if counts else ""
     raise FcxError(f"{weights}: weights do not match {folder / HF_CONFIG}: shape mismatch ({len(wrong)}): "
                    f"{'; '.join(wrong[:3])}{hint}")
 
