@@ -1,11 +1,13 @@
 """What this machine computed before for verification, remembered so no command computes it twice.
 
-Two kinds of entries, each keyed by everything that decides its value plus the versions of torch / onnx / onnxruntime
-and a digest of fcexport's own source (an edited fcexport is a miss, never a wrong answer):
+Three kinds of entries, each keyed by everything that decides its value plus the versions of the packages it depends
+on and a digest of fcexport's own source (an edited fcexport is a miss, never a wrong answer):
 - fresh-export fingerprints (verify's structure check): keyed by the program's own fingerprint (every op and tensor),
   the spec, the artifact and its opset; `fcx export` records what it just wrote, verify what it had to export;
 - model.pt's float64 answers and its own float32 error, per input: keyed by model.pt's sha256, each input by the
-  sha256 of its bytes (fuse-bn --verify computes the inputs verify uses; verify then reuses them).
+  sha256 of its bytes (fuse-bn --verify computes the inputs verify uses; verify then reuses them);
+- ONNX files that passed fcexport.onnx_checks (keyed by their sha256 and onnx's version): predict opens a file it
+  checked before without importing onnx or running shape inference again (most of its start-up on a real model).
 Kept in the user's cache folder beside speeds.json (fcexport.speeds); FCX_FRESH=1 ignores what is recorded.
 """
 
@@ -101,6 +103,34 @@ def fresh_export_key(program_fingerprint: dict[str, str], spec, artifact: str, o
 
 def store_fingerprint(entry: str, fingerprint: dict[str, str]) -> None:
     _write("fingerprints", f"{entry}.json", json.dumps(fingerprint).encode())
+
+
+# ---- ONNX files that passed the bounds check ------------------------------------------------
+
+@functools.cache
+def _onnx_version() -> str:
+    """onnx's installed version (its dist-info folder's name), found without importing onnx (the point of the entry)
+    or importlib.metadata (10 ms)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnx")
+    found = sorted(p.name for p in Path(spec.origin).parent.parent.glob("onnx-*.dist-info")) if spec and spec.origin else []
+    return "|".join(found) or "unknown"
+
+
+def _onnx_check_entry(digest: str) -> str:
+    described = {"kind": "onnx check", "sha256": digest, "onnx": _onnx_version(), "fcexport": _source_digest()}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def passed_onnx_check(digest: str) -> bool:
+    """Whether the ONNX bytes of this sha256 passed fcexport.onnx_checks.check_onnx_model on this machine, with this
+    fcexport and this onnx."""
+    return enabled() and _onnx_version() != "unknown" and _read(folder("onnx-checks") / _onnx_check_entry(digest)) is not None
+
+
+def record_onnx_check(digest: str) -> None:
+    _write("onnx-checks", _onnx_check_entry(digest), b"")
 
 
 # ---- float64 answers ------------------------------------------------------------------------

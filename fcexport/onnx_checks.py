@@ -45,8 +45,13 @@ def check_onnx_model(data: bytes, path: Path):
     """Refuse an ONNX file that could hang or exhaust memory, before onnxruntime parses or folds it: ops
     outside ONNX_OPS, subgraphs, external data, sparse tensors, outsized attributes, an input that is not
     (N, C, H, W), and any tensor that shape inference at batch 1 cannot bound or finds too large.
-    Returns the parsed onnx.ModelProto, so nothing parses the bytes again."""
+    Returns the parsed onnx.ModelProto, so nothing parses the bytes again. Bytes that passed before on this
+    machine (fcexport.machine_cache) skip shape inference, the check's costly part."""
+    import hashlib
+
     import onnx
+
+    from fcexport import machine_cache
 
     if len(data) > MAX_ONNX_BYTES:
         raise FcxError(f"{path}: {len(data):,} bytes is larger than fcexport accepts ({MAX_ONNX_BYTES:,})")
@@ -77,8 +82,20 @@ def check_onnx_model(data: bytes, path: Path):
     if dims[0].HasField("dim_value") and not 0 < dims[0].dim_value <= MAX_FIXED_BATCH:
         raise FcxError(f"{path}: the input's batch is fixed at {dims[0].dim_value:,} (fcexport writes a dynamic batch; "
                        f"a fixed one may be at most {MAX_FIXED_BATCH:,}): refused")
-    _check_inferred_sizes(model, path)
+    digest = hashlib.sha256(data).hexdigest()
+    if not machine_cache.passed_onnx_check(digest):
+        _check_inferred_sizes(model, path)
+        machine_cache.record_onnx_check(digest)
     return model
+
+
+def checked_before(data: bytes) -> bool:
+    """Whether these exact bytes passed check_onnx_model on this machine: a runtime may then parse them itself."""
+    import hashlib
+
+    from fcexport import machine_cache
+
+    return len(data) <= MAX_ONNX_BYTES and machine_cache.passed_onnx_check(hashlib.sha256(data).hexdigest())
 
 
 def _check_inferred_sizes(model, path: Path) -> None:
@@ -278,10 +295,38 @@ Unsqueeze
 """.split())
 
 
+def strip_documentation(message) -> None:
+    """Clear, in place, what only documents a graph, node, value or function (doc_string, metadata_props, in
+    subgraphs too): torch's exporter writes the exporting source's path and line on every node, which says
+    where fcexport is installed and changes when its code moves, never what the model computes."""
+    for field in ("doc_string", "metadata_props"):
+        if hasattr(message, field):
+            message.ClearField(field)
+    for field in ("node", "input", "output", "value_info", "initializer", "sparse_initializer", "functions"):
+        for item in getattr(message, field, ()):
+            if not isinstance(item, str):
+                strip_documentation(item)
+    for attribute in getattr(message, "attribute", ()):
+        if not isinstance(attribute, str):
+            strip_documentation(attribute)
+            for graph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                strip_documentation(graph)
+
+
+def _documentation_free(message):
+    if not any(getattr(message, field, None) for field in ("doc_string", "metadata_props", "node", "attribute")):
+        return message  # an initializer as exported: its bytes are digested without a copy
+    copy = type(message)()
+    copy.CopyFrom(message)
+    strip_documentation(copy)
+    return copy
+
+
 def onnx_fingerprint(model) -> dict[str, str]:
     """What an ONNX model (an onnx.ModelProto, or its bytes) computes with: every initializer (sparse ones
     included) by its bytes, every node with its inputs, outputs and attributes (tensor attributes by their
-    bytes), the graph's inputs and outputs and opsets. Metadata is left out: the spec is compared on its own.
+    bytes), the graph's inputs and outputs and opsets. Metadata is left out: the spec is compared on its own,
+    and what only documents a node or value (strip_documentation) says nothing about what it computes.
     A calibrated activation scale or zero point (the scale and zero point a QuantizeLinear of a computed tensor
     reads: they follow the calibration images, fcexport.targets.int8_static) counts by its type and shape only."""
     import hashlib
@@ -289,7 +334,7 @@ def onnx_fingerprint(model) -> dict[str, str]:
     import onnx
 
     def digest(message) -> str:
-        return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+        return hashlib.sha256(_documentation_free(message).SerializeToString(deterministic=True)).hexdigest()
 
     if isinstance(model, bytes):
         model = onnx.load_from_string(model)

@@ -346,7 +346,7 @@ def object_fill(images: np.ndarray) -> float:
         extent = object_extent(image)
         if extent is not None:
             fills.append(max(extent[0].stop - extent[0].start, extent[1].stop - extent[1].start) / max(image.shape))
-    return float(np.median(fills)) if fills else 1.0
+    return median(np.array(fills)) if fills else 1.0
 
 
 def border_is_light(gray: np.ndarray) -> bool:
@@ -354,7 +354,7 @@ def border_is_light(gray: np.ndarray) -> bool:
     h, w = gray.shape
     m = max(1, min(h, w) // 20)
     border = np.concatenate([gray[:m].ravel(), gray[-m:].ravel(), gray[:, :m].ravel(), gray[:, -m:].ravel()])
-    return float(np.median(border)) > 0.5
+    return median(border) > 0.5
 
 
 def fit_and_pad(gray: np.ndarray, size: tuple[int, int], box: tuple[int, int] | None = None) -> np.ndarray:

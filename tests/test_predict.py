@@ -104,19 +104,44 @@ HEAVY = {"torch", "onnx", "onnxruntime", "openvino", "PIL", "pydantic", "transfo
 
 def _imported_by(argv: list[str]) -> set[str]:
     """The top-level packages a fresh process has imported after running `fcx ARGV` (start-up is what it imports)."""
-    code = ("import sys\nfrom cli.main import main\nsys.argv = ['fcx'] + sys.argv[1:]\ntry:\n    main()\nexcept SystemExit:\n"
-            "    pass\nsys.stderr.write('MODULES ' + ' '.join(sorted(sys.modules)))\n")
+    code = ("import sys\nfrom cli.main import main\nsys.argv = ['fcx'] + sys.argv[1:]\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\nsys.stderr.write('MODULES ' + ' '.join(sorted(sys.modules)))\n")
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, preexec_fn=bounded())
+    assert done.returncode == 0 and "MODULES " in done.stderr, done.stderr[-2000:]  # the command succeeded
     return {name.split(".")[0] for name in done.stderr.split("MODULES ")[-1].split()}
 
 
-def test_help_imports_no_runtime_and_predict_on_onnx_only_its_own(exported_dir, image_dir):
+def test_help_imports_no_runtime_and_predict_on_onnx_only_its_own(artifacts_copy, image_dir, tmp_path, monkeypatch):
     """Start-up, counted by imports rather than timed: `fcx --help` loads no model library at all, and predict on
-    model.onnx with onnxruntime loads onnxruntime (and onnx, which checks the file), never torch or OpenVINO."""
+    model.onnx with onnxruntime loads onnxruntime (and onnx, which checks the file the first time), never torch or
+    OpenVINO; the same bytes again go straight to onnxruntime, and bytes changed since are checked again."""
+    monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path / "cache"))  # nothing checked before
     helped = _imported_by(["--help"])
     assert "cli" in helped and not helped & HEAVY, helped & HEAVY
-    loaded = _imported_by(["predict", str(image_dir / "gray.png"), "--artifacts", str(exported_dir), "--runtime", "onnxruntime"])
+    argv = ["predict", str(image_dir / "gray.png"), "--artifacts", str(artifacts_copy), "--runtime", "onnxruntime"]
+    loaded = _imported_by(argv)
     assert {"onnxruntime", "onnx", "PIL"} <= loaded and not loaded & (HEAVY - {"onnxruntime", "onnx", "PIL"}), loaded & HEAVY
+    again = _imported_by(argv)
+    assert {"onnxruntime", "PIL"} <= again and not again & (HEAVY - {"onnxruntime", "PIL"}), again & HEAVY
+
+    import onnx
+
+    from fcexport.artifacts import record_in_manifest
+
+    model = onnx.load(str(artifacts_copy / "model.onnx"))
+    model.doc_string = "re-exported"  # other bytes, a refreshed manifest: checked like a file never seen
+    (artifacts_copy / "model.onnx").write_bytes(model.SerializeToString())
+    source = json.loads((artifacts_copy / "manifest.json").read_text())["files"]["model.onnx"]["source_sha256"]
+    record_in_manifest(artifacts_copy, {"model.onnx": source}, {}, "changed")
+    assert "onnx" in _imported_by(argv)
+
+
+def test_a_file_checked_before_is_checked_again_with_fcx_fresh(exported_dir, image_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["predict", str(image_dir / "gray.png"), "--artifacts", str(exported_dir), "--runtime", "onnxruntime"]
+    assert "onnx" in _imported_by(argv)
+    monkeypatch.setenv("FCX_FRESH", "1")
+    assert "onnx" in _imported_by(argv)
 
 
 def test_bench_runs_every_backend_with_tiny_counts(int8_dir, runner):

@@ -98,6 +98,32 @@ def test_swapped_class_names_and_changed_object_fill_fail(artifacts_copy, export
     assert "its class_names differs from model.pt's" in row["problems"] and "its preprocess differs from model.pt's" in row["problems"]
 
 
+def test_an_export_made_where_fcexport_lives_elsewhere_verifies(artifacts_copy, exported_dir, runner, tmp_path, monkeypatch):
+    """torch's exporter documents each node with the exporting source's path and line; fcexport leaves that out of
+    its files, and out of the fingerprint, so a file exported by fcexport installed elsewhere, or by an older
+    checkout whose lines sit elsewhere, is the honest file it is. A changed attribute beside it still fails."""
+    assert b"fcexport/program.py" not in (exported_dir / "model.onnx").read_bytes()  # no install path in the file
+
+    def documented_elsewhere(model):
+        for i, node in enumerate(model.graph.node):
+            node.metadata_props.add(key="pkg.torch.onnx.stack_trace", value=f'File "/elsewhere/fcexport/program.py", line {700 + i}')
+            node.doc_string = "exported on another machine"
+        model.graph.input[0].metadata_props.add(key="pkg.torch.onnx.original_node_name", value="x")
+
+    monkeypatch.setenv("FCX_FRESH", "1")  # compared with an export made now, not a recorded fingerprint
+    rewrite_onnx(artifacts_copy, documented_elsewhere)
+    r, row = verify_json(runner, artifacts_copy, tmp_path)
+    assert r.exit_code == 0 and row["status"] == "pass", row
+
+    def scaled_gemm(model):
+        gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+        gemm.attribute.append(onnx.helper.make_attribute("alpha", 1.001))
+
+    rewrite_onnx(artifacts_copy, scaled_gemm)
+    r, row = verify_json(runner, artifacts_copy, tmp_path)
+    assert r.exit_code == 1 and row["status"] == "fail" and any("Gemm" in p for p in row["problems"]), row
+
+
 def test_bytes_edited_after_export_fail_integrity(artifacts_copy, runner, tmp_path):
     rewrite_onnx(artifacts_copy, lambda m: setattr(m, "doc_string", "harmless looking edit"), refresh_manifest=False)
     r, row = verify_json(runner, artifacts_copy, tmp_path)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from fcexport.errors import FcxError
-from fcexport.onnx_checks import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, describe_onnx, onnx_fingerprint
+from fcexport.onnx_checks import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, describe_onnx, onnx_fingerprint, strip_documentation
 from fcexport.spec import ModelSpec
 from fcexport.targets import Exporter, ExportSettings, quiet_loggers, quiet_warnings, tapped_layers
 
@@ -59,7 +59,50 @@ def _exported(module, example, dynamic_shapes, opset: int):
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise FcxError(f"ONNX export failed ({type(exc).__name__}: {first}); try without fusing or another opset") from exc
-    return exported.model_proto
+    proto = exported.model_proto
+    strip_documentation(proto.graph)  # the same file wherever fcexport is installed (no source paths or lines)
+    for function in proto.functions:
+        strip_documentation(function)
+    _halve_last(proto.graph)
+    return proto
+
+
+def _halve_last(graph) -> None:
+    """Below opset 20 the exporter writes GELU as x * (0.5 * (1 + erf(x / sqrt 2))); onnxruntime fuses it into one Gelu
+    kernel only as (x * (1 + erf(x / sqrt 2))) * 0.5, so the two Muls trade places (halving is exact in float32: the
+    same numbers). Measured: convnext_tiny's model.onnx at batch 64 ran at 0.82x a plain export's at opset 20."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if not t.dims or list(t.dims) == [1]}
+
+    def is_constant(name: str, value: float) -> bool:
+        return name in constants and constants[name].size == 1 and np.float32(constants[name].ravel()[0]) == np.float32(value)
+
+    made_by = {output: node for node in graph.node for output in node.output}
+
+    def made(name: str, op: str):
+        node = made_by.get(name)
+        return node if node is not None and node.op_type == op else None
+
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for outer in graph.node:
+        if outer.op_type != "Mul" or len(outer.input) != 2:
+            continue
+        x, inner_out = outer.input if made(outer.input[1], "Mul") else reversed(outer.input)
+        inner = made(inner_out, "Mul")
+        half = next((i for i in (0, 1) if is_constant(inner.input[i], 0.5)), None) if inner and uses[inner_out] == 1 else None
+        add = made(inner.input[1 - half], "Add") if half is not None else None
+        erf = next((made(i, "Erf") for i in add.input if made(i, "Erf")), None) if add and len(add.input) == 2 else None
+        div = made(erf.input[0], "Div") if erf else None
+        if not (div and div.input[0] == x and is_constant(div.input[1], 2 ** 0.5) and any(is_constant(i, 1.0) for i in add.input)):
+            continue
+        halving = inner.input[half]
+        inner.input[:] = [x, add.output[0]]
+        outer.input[:] = [inner_out, halving]
 
 
 def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> None:

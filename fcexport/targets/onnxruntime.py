@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fcexport.errors import FcxError
-from fcexport.onnx_checks import MAX_ONNX_BYTES, QUANTIZATION_KEY, check_onnx_model, onnx_fingerprint, read_onnx_spec
+from fcexport.onnx_checks import MAX_ONNX_BYTES, QUANTIZATION_KEY, check_onnx_model, checked_before, onnx_fingerprint, read_onnx_spec
 from fcexport.targets import Checks, DeviceUnavailable, Predictor, Runtime
 
 
@@ -41,13 +41,19 @@ def providers(device: str) -> list:
 
 
 def open_onnx(files: tuple[Path, ...], device: str, checks: Checks, backend: str) -> Predictor:
-    """Read the file once; check those bytes (bounds, then `checks`), run those bytes."""
+    """Read the file once; check those bytes (bounds, then `checks`), run those bytes. Bytes that passed the bounds
+    check before, opened with nothing else to check (predict, serve), go straight to onnxruntime: no onnx import."""
     path = files[0]
     data = checks.read(path, MAX_ONNX_BYTES)
-    model = check_onnx_model(data, path)
-    spec = read_onnx_spec({p.key: p.value for p in model.metadata_props}, path)
-    checks.vet(path, backend, spec, onnx_fingerprint(model))
-    session = _session(data, path, device)
+    if checks.admit is None and checks.source is None and checked_before(data):
+        session = _session(data, path, device)
+        spec = read_onnx_spec(dict(session.get_modelmeta().custom_metadata_map), path)
+        model = None
+    else:
+        model = check_onnx_model(data, path)
+        spec = read_onnx_spec({p.key: p.value for p in model.metadata_props}, path)
+        checks.vet(path, backend, spec, onnx_fingerprint(model))
+        session = _session(data, path, device)
     declared = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape[1:]]
     if declared != list(spec.input_shape):
         raise FcxError(f"{path}: the model's input is {declared} but its metadata says {list(spec.input_shape)}")
