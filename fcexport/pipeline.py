@@ -173,9 +173,12 @@ def import_pretrained(source, artifacts: str | Path = "artifacts", input_shape=N
     """`fcx import DIR`: a model as libraries ship it -> ARTIFACTS/model.pt: a Hugging Face folder (save_pretrained:
     config.json, safetensors or pytorch_model.bin, preprocessor_config.json), or a live transformers or timm model;
     class names, mean / std and input size from the model's own files and config unless given."""
-    from fcexport.sources import from_pretrained
+    from fcexport.sources import HF_PREPROCESSOR, from_pretrained
 
     program, spec = from_pretrained(source, input_shape, class_names, mean, std, on_step)
+    if isinstance(source, (str, Path)) and mean is None and std is None and not (Path(source) / HF_PREPROCESSOR).is_file():
+        log.warning(f"{source} has no {HF_PREPROCESSOR}, so nothing says how the model's pixels were normalised: it "
+                    "gets [0, 1] pixels as they are. Give --mean and --std if it was trained on normalised ones.")
     _step(on_step, f"writing {names.MODEL}")
     _save_model(program, spec, Path(artifacts))
     return Path(artifacts) / names.MODEL

@@ -59,6 +59,22 @@ def test_a_save_pretrained_folder_imports_with_no_other_flag_and_verifies(name, 
         assert r.exit_code == 0, (args, r.output)
 
 
+def test_a_folder_without_its_image_processor_imports_and_says_nothing_normalises(runner, tmp_path):
+    """save_pretrained of the model alone: no preprocessor_config.json says the normalisation, so fcx imports the
+    model on [0, 1] pixels as they are and says so, with what to give; with --mean / --std it says nothing."""
+    folder = save_pretrained(tmp_path / "model", "MobileNetV2ForImageClassification")
+    (folder / "preprocessor_config.json").unlink()
+    r = invoke(runner, "import", folder, "--artifacts", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.stderr.split())
+    assert "has no preprocessor_config.json" in said and "--mean and --std" in said, r.stderr
+    from fcexport.checkpoint import read_model
+
+    assert read_model(tmp_path / "a" / "model.pt").spec.normalization is None
+    r = invoke(runner, "import", folder, "--artifacts", tmp_path / "b", "--mean", "0.5", "--std", "0.25")
+    assert r.exit_code == 0 and "preprocessor_config.json" not in r.stderr, r.output
+
+
 def test_the_same_from_python_and_a_live_timm_model_brings_its_own_pretrained_cfg(tmp_path):
     import fcexport
 
