@@ -47,6 +47,11 @@ HF_MODELS = {
     "SwinForImageClassification": {}, "Swinv2ForImageClassification": {}, "LevitForImageClassification": {},
     "PoolFormerForImageClassification": {}, "PvtV2ForImageClassification": {}, "CvtForImageClassification": {},
     "FocalNetForImageClassification": {}, "SegformerForImageClassification": {}, "SwiftFormerForImageClassification": {},
+    "Data2VecVisionForImageClassification": TINY_TRANSFORMER, "Dinov2WithRegistersForImageClassification": TINY_TRANSFORMER,
+    "IJepaForImageClassification": TINY_TRANSFORMER, "ViTMSNForImageClassification": TINY_TRANSFORMER,
+    # composite (text + vision) configs: the classifier builds only the vision tower, so only vision_config is cut
+    "SiglipForImageClassification": {"vision_config": {**TINY_TRANSFORMER, "image_size": 224, "patch_size": 16}},
+    "CLIPForImageClassification": {"vision_config": {**TINY_TRANSFORMER, "image_size": 224, "patch_size": 16}},
     # segmentation heads (per-pixel logits; run at SEGMENTATION_SIZE px like the others below)
     "SegformerForSemanticSegmentation": {"hidden_sizes": [16, 32, 64, 128], "decoder_hidden_size": 64, "depths": [1, 1, 1, 1]},
     "MobileViTForSemanticSegmentation": {}, "UperNetForSemanticSegmentation": {},
@@ -122,7 +127,7 @@ def build(name: str, untrained: bool = False):
         import transformers
 
         cls = getattr(transformers, name[3:])
-        model = cls(cls.config_class(num_labels=CLASSES, **HF_MODELS[name[3:]]))
+        model = cls(cls.config_class(num_labels=CLASSES, **HF_MODELS.get(name[3:], {})))
     elif name.startswith("timm:"):
         import timm
 
