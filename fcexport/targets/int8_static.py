@@ -1,9 +1,12 @@
 """Exporter: model.onnx -> model.int8-static.onnx, int8 weights and activations with scales calibrated on real images
-(QDQ: QuantizeLinear / DequantizeLinear around each Conv, Gemm and MatMul; opt-in, approximate).
+(QDQ: QuantizeLinear / DequantizeLinear around each Conv, Gemm and MatMul, and the pooling, ReLU and residual Add
+between them; opt-in, approximate).
 
 Where dynamic int8 (fcexport.targets.int8) quantises only Gemm/MatMul and pays nothing on conv nets, static int8
-runs every convolution in int8: resnet18 at batch 64 ran 3x faster in onnxruntime and 7.5x in OpenVINO (which reads
-the same QDQ file and runs it with its int8 kernels) than model.onnx in float32 on this 2-core AVX-512 VNNI / AMX CPU.
+runs every convolution in int8. Measured at batch 64 against model.onnx in float32 on this 2-core AVX-512 VNNI CPU
+(benchmarks/RESULTS.md): resnet18 2.7x in onnxruntime (2.1x with only Conv, Gemm and MatMul quantised), the
+Fashion-MNIST CNN 1.4x (0.63x: a float MaxPool and ReLU between int8 convolutions cost a dequantise and a
+quantise each). OpenVINO reads the same QDQ file and runs it with its own int8 kernels.
 Calibration: CALIBRATION_IMAGES images of the folder the user names (prepared as fcx predict prepares them), else of
 the model's own dataset's training split (never its test split, which verify judges accuracy on). Weights are
 per-channel symmetric int8, computed from the weights alone; activation scales come from the calibration images'
@@ -26,7 +29,7 @@ from fcexport.targets import RANDOM_CALIBRATION, Exporter, ExportSettings
 FILE = "model.int8-static.onnx"
 CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 16
-QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "MaxPool", "Relu", "Add", "GlobalAveragePool")
 
 
 def calibration_inputs(spec: ModelSpec, calibration) -> tuple[np.ndarray, str]:
@@ -94,5 +97,5 @@ def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> No
 
 
 EXPORTER = Exporter(name="int8-static", files=(FILE,), format="onnx", write=write, fingerprint=onnx_fingerprint,
-                    summary="int8 QDQ ONNX from model.onnx, calibrated on real images (approximate, CPU, 3-7x on conv nets)",
+                    summary="int8 QDQ ONNX from model.onnx, calibrated on real images (approximate, CPU, 1.4-2.7x on conv nets)",
                     builds_on="onnx", by_default=False, approximate=True, devices=("cpu",), describe=describe_onnx)
