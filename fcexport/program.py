@@ -250,12 +250,18 @@ def _plain_attention(torchs, query, key, value, attn_mask=None, dropout_p=0.0, i
     """softmax(q k^T * scale) v where nothing is masked: the same function as torch's decomposition, which guards the
     softmax against rows masked entirely (ReduceMax, Equal, Where per block in model.onnx) and scales q and k apart:
     timm vit_tiny's model.onnx ran at 0.80-0.86x of a plain export's with it. A mask, causality, dropout or grouped
-    heads keep torch's own decomposition."""
-    if attn_mask is not None or is_causal or dropout_p or enable_gqa:
+    heads keep torch's own decomposition; inputs without a heads dimension keep it as it is."""
+    if query.dim() != 4:
         return torchs(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-    factor = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
-    scores = torch.matmul(query, key.transpose(-2, -1)) * factor
-    return torch.matmul(torch.softmax(scores, dim=-1), value)
+    if attn_mask is not None or is_causal or dropout_p or enable_gqa:
+        out = torchs(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    else:
+        factor = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+        out = torch.matmul(torch.softmax(torch.matmul(query, key.transpose(-2, -1)) * factor, dim=-1), value)
+    # laid out (N, L, H, E) in memory, as torch's CPU kernel returns it: the model was traced against that layout
+    # (transformers' `.permute(0, 2, 1, 3).contiguous().view(...)` after it recorded no copy, and torch's own
+    # decomposition of a masked attention fails it)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _empty_without_values(size, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
