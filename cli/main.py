@@ -46,7 +46,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON
 JsonFileOpt = Annotated[Optional[Path], typer.Option("--json-file", help="Also write the result as JSON to this file")]
 QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no tables: errors, and the exit code, only")]
 SignKeyOpt = Annotated[Optional[Path], typer.Option("--sign-key", help="Sign the folder with this elliptic-curve private key (PEM): model.sig")]
-InputsOpt = Annotated[Optional[int], typer.Option("--inputs", help="Compare on this many inputs (8-4096), the same ones every run [default: sized from the model's cost and this machine's speed]")]
+InputsOpt = Annotated[Optional[int], typer.Option("--inputs", help="Compare on this many inputs (8-4096), the same ones every run [default: up to 2,000 test images + 256 random + up to 256 first-layer probes, the same on every machine]")]
 WideFlag = Annotated[bool, typer.Option("--wide", help="Show every column (mean and p99 error, max relative error)")]
 
 

@@ -808,6 +808,39 @@ def _var_for_onnx(x, dim=None, correction=None, keepdim=False):
 _ONNX_SPELLED = {"aten.native_group_norm.default": _group_norm_for_onnx, "aten.var.correction": _var_for_onnx}
 
 
+def _depthwise_float64(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    """A float64 depthwise convolution of 7x7 or more as one multiply-add per kernel tap over the whole batch (the
+    same sums in another order): torch's float64 kernel runs one convolution per channel, which made ConvNeXt's
+    float64 answers 1.7-2x slower on a quiet machine and 3.5x beside other work. Smaller kernels (a MobileNet's 3x3,
+    where the taps were 0.75-0.9x), any other convolution, or a padding that would copy more than three times the
+    input stay torch's own."""
+    flat = (list(stride), list(padding), list(dilation))
+    if (transposed or x.dim() != 4 or groups == 1 or weight.shape[1] != 1 or x.shape[1] != groups
+            or weight.shape[2] * weight.shape[3] < 49 or any(len(v) != 2 for v in flat) or weight.dtype != x.dtype):
+        return torch.ops.aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    (sh, sw), (ph, pw), (dh, dw) = flat
+    n, c, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    if (h + 2 * ph) * (w + 2 * pw) > 4 * h * w:
+        return torch.ops.aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    out_h, out_w = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    per = weight.shape[0] // c  # outputs per input channel (a depth multiplier)
+    padded = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    spread = padded.unsqueeze(2).expand(n, c, per, *padded.shape[2:])
+    taps = weight.reshape(1, c, per, kh, kw)
+    out = torch.zeros(n, c, per, out_h, out_w, dtype=x.dtype, device=x.device)
+    for i in range(kh):
+        for j in range(kw):
+            window = spread[..., i * dh: i * dh + sh * (out_h - 1) + 1: sh, j * dw: j * dw + sw * (out_w - 1) + 1: sw]
+            out.addcmul_(window, taps[..., i, j, None, None])
+    out = out.reshape(n, c * per, out_h, out_w)
+    return out if bias is None else out + bias.reshape(1, -1, 1, 1)
+
+
+# while model.pt's float64 answers are computed (the reference), these ops take a faster float64 path
+_FLOAT64_SPELLED = {"aten.convolution.default": _depthwise_float64}
+
+
 def run_steps(module: ProgramModule, x: torch.Tensor, check=None) -> torch.Tensor:
     """Run every node; `check(node, args, kwargs, value)` (the shape check) sees each result before the next op.
     Factory ops (full, arange, scalar_tensor) make their tensors on the input's device, as every other op does."""
@@ -836,6 +869,8 @@ def run_steps(module: ProgramModule, x: torch.Tensor, check=None) -> torch.Tenso
                 fn = _TRACEABLE[node.op]
             elif onnx and node.op in _ONNX_SPELLED:
                 fn = _ONNX_SPELLED[node.op]
+            elif widen and not (tracing or onnx) and node.op in _FLOAT64_SPELLED:
+                fn = _FLOAT64_SPELLED[node.op]
             args, kwargs = [value(a) for a in node.args], {k: value(v) for k, v in node.kwargs}
             if node.op in FACTORIES:
                 kwargs.setdefault("device", device)

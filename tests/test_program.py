@@ -35,6 +35,29 @@ def test_float64_run_widens_every_op():
     assert out.dtype == torch.float64
 
 
+@pytest.mark.parametrize("per, kernel, stride, padding, dilation, bias", [
+    (1, (7, 7), (1, 1), (3, 3), (1, 1), True), (2, (7, 7), (2, 2), (2, 2), (1, 1), False),
+    (3, (7, 9), (2, 1), (4, 3), (2, 1), True), (1, (7, 7), (3, 3), (0, 0), (1, 1), False)])
+def test_a_large_depthwise_convolution_in_float64_gives_torchs_sums_in_another_order(per, kernel, stride, padding, dilation, bias):
+    """The reference's depthwise taps (program._depthwise_float64): the same answers as torch's float64 kernel to
+    float64 rounding, whatever the stride, padding, dilation, depth multiplier and bias; run through a program too."""
+    from fcexport.program import _depthwise_float64
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 6, 23, 19, dtype=torch.float64, generator=generator)
+    weight = torch.randn(6 * per, 1, *kernel, dtype=torch.float64, generator=generator)
+    b = torch.randn(6 * per, dtype=torch.float64, generator=generator) if bias else None
+    args = (x, weight, b, list(stride), list(padding), list(dilation), False, [0, 0], 6)
+    expected = torch.ops.aten.convolution.default(*args)
+    got = _depthwise_float64(*args)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+    net = nn.Sequential(nn.Conv2d(6, 6 * per, kernel, stride, padding, dilation, groups=6, bias=bias), nn.ReLU())
+    program = capture(net, (6, 23, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(ProgramModule(program).double()(x), net.double()(x), rtol=1e-13, atol=1e-13)
+
+
 def test_tensor_names_that_clash_with_module_attributes_still_run():
     program = Program(
         (Node("relu", "aten.relu.default", (Ref("training"),)), Node("out", "aten.add.Tensor", (Ref(INPUT), Ref("relu")))),
