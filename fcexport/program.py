@@ -184,6 +184,10 @@ def input_misfit(module: nn.Module, input_shape) -> str | None:
                 f"give --input-shape {wanted},H,W"
             found.append(f"the model's first {type(layer).__name__} (layer {names[layer] or 'the model itself'}) takes {wanted} channels, "
                          f"the input shape {given} has {x.shape[1]}: {fix}")
+        elif isinstance(layer, nn.Linear) and x.shape[-1] != layer.in_features and x.dim() > 2 and x.shape[1:] == tuple(shape):
+            found.append(f"the model's first Linear (layer {names[layer] or 'the model itself'}) reads the image's last axis "
+                         f"({x.shape[-1]} values; it takes {layer.in_features}): the model takes patches or a sequence, not an "
+                         f"image of shape C,H,W; fcexport takes models whose input is an image (N, C, H, W)")
         elif isinstance(layer, nn.Linear) and x.shape[-1] != layer.in_features:
             found.append(f"the model's first Linear (layer {names[layer] or 'the model itself'}) takes {layer.in_features} values, but "
                          f"an input of shape {given} gives it {x.shape[-1]}: give an --input-shape C,H,W "
@@ -643,8 +647,9 @@ def _matches(kind: str, value, kinds: dict) -> bool:
         return type(value) in (int, float)
     if kind == "bool":
         return type(value) is bool
-    if kind == "number":
-        return type(value) in (int, float, bool) and (type(value) is not int or abs(value) < (1 << 63))
+    if kind == "number":  # a computed integer too (transformers' masks take torch.arange(batch size))
+        return (isinstance(value, Ref) and kinds.get(value.name) == "int") or \
+            (type(value) in (int, float, bool) and (type(value) is not int or abs(value) < (1 << 63)))
     if kind == "ScalarType":
         return isinstance(value, torch.dtype) and value in DTYPES.values()
     if kind == "MemoryFormat":
@@ -752,13 +757,23 @@ def _callable(op: str):
     return aten_op(op)
 
 
+def _traceable_full(size, value, dtype=None, device=None, **_):
+    """torch.full for torch.jit.trace: TorchScript's full takes no bool fill value (transformers' masks make
+    full((), True)), so a bool is given as 0 / 1 with the bool dtype it stands for."""
+    if type(value) is bool:
+        value, dtype = int(value), dtype or torch.bool
+    return torch.full(size, value, dtype=dtype, device=device)
+
+
 # torch.jit.trace records sizes as values only through Tensor methods (x.size(0), x.view(n, -1)); while
 # tracing, the ops that take sizes are called that way, so model.ts keeps a dynamic batch.
 _TRACEABLE = {
     "aten.sym_size.int": lambda x, dim: x.size(dim),
     "aten.view.default": lambda x, size: x.view(size),
     "aten.expand.default": lambda x, size, implicit=False: x.expand(size),
-    "aten.full.default": lambda size, value, **kw: torch.full(size, value, **{k: v for k, v in kw.items() if k in ("dtype", "device")}),
+    "aten.full.default": lambda size, value, **kw: _traceable_full(size, value, **kw),
+    "aten.arange.start_step": lambda start, end, step=1, **kw: torch.arange(
+        start, end, step, **{k: v for k, v in kw.items() if k in ("dtype", "device")}),
     # group norm's schema takes the batch size; the functional form reads it from x (same kernel underneath)
     "aten.native_group_norm.default": lambda x, weight, bias, n, c, hw, groups, eps: (
         torch.nn.functional.group_norm(x, groups, weight, bias, eps), None, None),

@@ -1,6 +1,7 @@
 """The stored program: capture, JSON round trip, checks, meta-device bounds, the interpreter."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -56,6 +57,44 @@ def test_a_large_depthwise_convolution_in_float64_gives_torchs_sums_in_another_o
     program = capture(net, (6, 23, 19))
     with torch.no_grad():
         torch.testing.assert_close(ProgramModule(program).double()(x), net.double()(x), rtol=1e-13, atol=1e-13)
+
+
+def test_indexing_by_arange_of_the_batch_size_runs_at_every_batch_and_traces_with_a_dynamic_batch():
+    """`y[torch.arange(x.shape[0]), idx]` and `torch.full((), True)` (transformers' masks, HF Perceiver): stored,
+    run, and traced for model.ts without fixing the batch size."""
+    class Pick(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 4)
+
+        def forward(self, x):
+            y = self.fc(x.flatten(1))
+            rows = torch.arange(x.shape[0])
+            keep = torch.full((), True)  # a bool fill value, which TorchScript's full does not take as such
+            return torch.where(keep, y + y[rows, rows % 4].unsqueeze(1), y)
+
+    model = Pick().eval()
+    program = capture(model, (3, 2, 2))
+    assert any(n.op == "aten.arange.start_step" and isinstance(n.args[1], Ref) for n in program.nodes)
+    assert any(n.op == "aten.full.default" and n.args[1] is True for n in program.nodes)
+    module = ProgramModule(program)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated; fcexport's model.ts is traced the same way
+        traced = torch.jit.trace(module, torch.rand(2, 3, 2, 2))
+    with torch.no_grad():
+        for batch in (1, 5):
+            x = torch.rand(batch, 3, 2, 2)
+            torch.testing.assert_close(module(x), model(x))
+            torch.testing.assert_close(traced(x), model(x))
+
+
+def test_a_model_whose_first_linear_reads_the_images_last_axis_is_told_it_takes_patches_not_images():
+    """Siglip2's classifier takes patches (N, L, 3*16*16): the misfit says so instead of suggesting another C,H,W."""
+    from fcexport.program import input_misfit
+
+    said = input_misfit(nn.Sequential(nn.Linear(768, 4)), (3, 224, 224))
+    assert "reads the image's last axis (224 values; it takes 768)" in said and "patches or a sequence" in said
+    assert "C*H*W = 64" in input_misfit(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), (1, 9, 9))
 
 
 def test_tensor_names_that_clash_with_module_attributes_still_run():

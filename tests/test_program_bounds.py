@@ -133,6 +133,21 @@ def test_a_batch_dependent_size_that_grows_linearly_passes():
     assert shapes.of["rows"] == (5, 4000) and shapes.of["logits"] == (1, 10)
 
 
+def test_an_arange_of_a_computed_size_is_bounded_like_any_size():
+    """transformers' masks call torch.arange(batch size): a computed integer may be a factory's number, and the same
+    checks bound what it makes (linear in the batch passes; N * N, or too many values for one image, is refused)."""
+    batch = Node("bn", "aten.sym_size.int", (Ref(INPUT), 0))
+    linear = (batch, Node("b3", "sym.mul", (Ref("bn"), 3)), Node("rows", "aten.arange.start_step", (0, Ref("b3"), 1)))
+    assert check_shapes(classifier(*linear), SHAPE, "test").of["rows"] == (3,)
+    squared = (batch, Node("bn2", "sym.mul", (Ref("bn"), Ref("bn"))), Node("rows", "aten.arange.start_step", (0, Ref("bn2"))))
+    check_program(classifier(*squared), "test")
+    with pytest.raises(FcxError, match=r"node 'bn2' .*computes a size of N\*\*2 for a batch of N"):
+        check_shapes(classifier(*squared), SHAPE, "test")
+    huge = (batch, Node("many", "sym.mul", (Ref("bn"), 1 << 40)), Node("rows", "aten.arange.start_step", (0, Ref("many"))))
+    with pytest.raises(FcxError, match="node 'rows' .*makes a tensor of shape"):
+        check_shapes(classifier(*huge), SHAPE, "test")
+
+
 @pytest.mark.parametrize("size_op", ["sym.mod", "sym.floordiv"])
 def test_sizes_that_are_not_linear_in_the_batch_are_refused(size_op):
     nodes = (Node("bn", "aten.sym_size.int", (Ref(INPUT), 0)), Node("odd", size_op, (Ref("bn"), 7)), full("rows", (Ref("odd"), 4)))
