@@ -52,6 +52,13 @@ HF_MODELS = {
     # composite (text + vision) configs: the classifier builds only the vision tower, so only vision_config is cut
     "SiglipForImageClassification": {"vision_config": {**TINY_TRANSFORMER, "image_size": 224, "patch_size": 16}},
     "CLIPForImageClassification": {"vision_config": {**TINY_TRANSFORMER, "image_size": 224, "patch_size": 16}},
+    "MetaClip2ForImageClassification": {"vision_config": {**TINY_TRANSFORMER, "image_size": 224, "patch_size": 16}},
+    "DeiTForImageClassificationWithTeacher": TINY_TRANSFORMER, "LevitForImageClassificationWithTeacher": {},
+    "TimmWrapperForImageClassification": {"architecture": "resnet18"},
+    # Perceiver cut to 32 latents of 128 (its masks take torch.arange(batch size))
+    **{f"PerceiverForImageClassification{kind}": {"d_latents": 128, "num_latents": 32, "num_self_attends_per_block": 2,
+                                                  "num_self_attention_heads": 4, "num_cross_attention_heads": 1}
+       for kind in ("Learned", "Fourier", "ConvProcessing")},
     # segmentation heads (per-pixel logits; run at SEGMENTATION_SIZE px like the others below)
     "SegformerForSemanticSegmentation": {"hidden_sizes": [16, 32, 64, 128], "decoder_hidden_size": 64, "depths": [1, 1, 1, 1]},
     "MobileViTForSemanticSegmentation": {}, "UperNetForSemanticSegmentation": {},
@@ -60,6 +67,9 @@ HF_MODELS = {
                                    "fusion_hidden_size": 32},
     "BeitForSemanticSegmentation": {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 192,
                                     "image_size": 128, "out_indices": [0, 1, 2, 3]},
+    "Data2VecVisionForSemanticSegmentation": {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 3,
+                                              "intermediate_size": 192, "image_size": 128, "out_indices": [0, 1, 2, 3]},
+    "MobileViTV2ForSemanticSegmentation": {},
 }
 
 
