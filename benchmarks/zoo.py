@@ -36,6 +36,8 @@ TIMM_MODELS = (
 # transformers classes, built from their config class (no download); transformer widths cut to ViT-Tiny's so a sweep
 # stays affordable on a CPU (the structure, the ops and the exporters' paths are the same at any width)
 TINY_TRANSFORMER = {"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 768}
+# composite (text + vision) configs: the classifier builds only the vision tower, so only vision_config is cut
+TINY_VISION_TOWER = {"vision_config": {**TINY_TRANSFORMER, "image_size": 224, "patch_size": 16}}
 HF_MODELS = {
     "ResNetForImageClassification": {}, "RegNetForImageClassification": {}, "BitForImageClassification": {},
     "ConvNextForImageClassification": {}, "ConvNextV2ForImageClassification": {}, "MobileNetV1ForImageClassification": {},
@@ -49,10 +51,8 @@ HF_MODELS = {
     "FocalNetForImageClassification": {}, "SegformerForImageClassification": {}, "SwiftFormerForImageClassification": {},
     "Data2VecVisionForImageClassification": TINY_TRANSFORMER, "Dinov2WithRegistersForImageClassification": TINY_TRANSFORMER,
     "IJepaForImageClassification": TINY_TRANSFORMER, "ViTMSNForImageClassification": TINY_TRANSFORMER,
-    # composite (text + vision) configs: the classifier builds only the vision tower, so only vision_config is cut
-    "SiglipForImageClassification": {"vision_config": {**TINY_TRANSFORMER, "image_size": 224, "patch_size": 16}},
-    "CLIPForImageClassification": {"vision_config": {**TINY_TRANSFORMER, "image_size": 224, "patch_size": 16}},
-    "MetaClip2ForImageClassification": {"vision_config": {**TINY_TRANSFORMER, "image_size": 224, "patch_size": 16}},
+    "SiglipForImageClassification": TINY_VISION_TOWER, "CLIPForImageClassification": TINY_VISION_TOWER,
+    "MetaClip2ForImageClassification": TINY_VISION_TOWER,
     "DeiTForImageClassificationWithTeacher": TINY_TRANSFORMER, "LevitForImageClassificationWithTeacher": {},
     "TimmWrapperForImageClassification": {"architecture": "resnet18"},
     # Perceiver cut to 32 latents of 128 (its masks take torch.arange(batch size))

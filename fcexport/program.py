@@ -648,7 +648,7 @@ def _matches(kind: str, value, kinds: dict) -> bool:
     if kind == "bool":
         return type(value) is bool
     if kind == "number":  # a computed integer too (transformers' masks take torch.arange(batch size))
-        return (isinstance(value, Ref) and kinds.get(value.name) == "int") or \
+        return (isinstance(value, Ref) and _is_int(value, kinds)) or \
             (type(value) in (int, float, bool) and (type(value) is not int or abs(value) < (1 << 63)))
     if kind == "ScalarType":
         return isinstance(value, torch.dtype) and value in DTYPES.values()
@@ -771,9 +771,9 @@ _TRACEABLE = {
     "aten.sym_size.int": lambda x, dim: x.size(dim),
     "aten.view.default": lambda x, size: x.view(size),
     "aten.expand.default": lambda x, size, implicit=False: x.expand(size),
-    "aten.full.default": lambda size, value, **kw: _traceable_full(size, value, **kw),
-    "aten.arange.start_step": lambda start, end, step=1, **kw: torch.arange(
-        start, end, step, **{k: v for k, v in kw.items() if k in ("dtype", "device")}),
+    "aten.full.default": _traceable_full,
+    "aten.arange.start_step": lambda start, end, step=1, dtype=None, device=None, **_: torch.arange(
+        start, end, step, dtype=dtype, device=device),
     # group norm's schema takes the batch size; the functional form reads it from x (same kernel underneath)
     "aten.native_group_norm.default": lambda x, weight, bias, n, c, hw, groups, eps: (
         torch.nn.functional.group_norm(x, groups, weight, bias, eps), None, None),
@@ -827,17 +827,16 @@ def _depthwise_float64(x, weight, bias, stride, padding, dilation, transposed, o
     """A float64 depthwise convolution of 7x7 or more as one multiply-add per kernel tap over the whole batch (the
     same sums in another order): torch's float64 kernel runs one convolution per channel, which made ConvNeXt's
     float64 answers 1.7-2x slower on a quiet machine and 3.5x beside other work. Smaller kernels (a MobileNet's 3x3,
-    where the taps were 0.75-0.9x), any other convolution, or a padding that would copy more than three times the
-    input stay torch's own."""
+    where the taps were 0.75-0.9x), any other convolution, or a padding whose padded copy would be over four times
+    the input stay torch's own."""
     flat = (list(stride), list(padding), list(dilation))
     if (transposed or x.dim() != 4 or groups == 1 or weight.shape[1] != 1 or x.shape[1] != groups
-            or weight.shape[2] * weight.shape[3] < 49 or any(len(v) != 2 for v in flat) or weight.dtype != x.dtype):
+            or weight.shape[2] * weight.shape[3] < 49 or any(len(v) != 2 for v in flat) or weight.dtype != x.dtype
+            or (x.shape[2] + 2 * flat[1][0]) * (x.shape[3] + 2 * flat[1][1]) > 4 * x.shape[2] * x.shape[3]):
         return torch.ops.aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     (sh, sw), (ph, pw), (dh, dw) = flat
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
-    if (h + 2 * ph) * (w + 2 * pw) > 4 * h * w:
-        return torch.ops.aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     out_h, out_w = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     per = weight.shape[0] // c  # outputs per input channel (a depth multiplier)
     padded = torch.nn.functional.pad(x, (pw, pw, ph, ph))
