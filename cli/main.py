@@ -4,8 +4,6 @@ Heavy modules (torch, onnxruntime) are imported inside each command so `fcx --he
 `fcx predict` on an ONNX model start fast.
 """
 
-from __future__ import annotations
-
 import importlib.util
 from pathlib import Path
 from typing import Annotated, Optional

@@ -231,3 +231,16 @@ def test_times_print_in_the_unit_that_fits(ms, shown):
     from cli.render import duration
 
     assert duration(ms) == shown
+
+
+def test_cli_annotations_are_objects_not_strings():
+    """typer reads every command's annotations on each start; written as strings (`from __future__ import
+    annotations`), each one is compiled and evaluated again every run: that was most of `fcx --help`'s start-up."""
+    import inspect
+
+    from cli.main import app
+
+    for command in app.registered_commands:
+        function = inspect.unwrap(command.callback)
+        strings = [name for name, p in inspect.signature(function).parameters.items() if isinstance(p.annotation, str)]
+        assert not strings, (function.__name__, strings)
