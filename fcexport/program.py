@@ -16,6 +16,7 @@ import functools
 import io
 import logging
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -144,7 +145,7 @@ def capture_outputs(module: nn.Module, input_shape, output: str | None = None) -
             exported = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
             exported = exported.run_decompositions(_decompositions())
     except Exception as exc:
-        if misfit := input_misfit(module, input_shape):
+        if misfit := input_misfit(module, input_shape) or eager_failure(module, input_shape):
             raise FcxError(misfit) from exc
         if "data-dependent" in str(exc) or "DataDependent" in type(exc).__name__:
             raise FcxError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}): what it does depends "
@@ -205,6 +206,26 @@ def input_misfit(module: nn.Module, input_shape) -> str | None:
         for hook in hooks:
             hook.remove()
     return found[0] if found else None
+
+
+def eager_failure(module: nn.Module, input_shape) -> str | None:
+    """When the model itself fails on this input shape (say, an `assert H % block == 0` in its code), that failure
+    and where in the model's code, rather than torch.export's account of it (one eager call on two images)."""
+    import traceback
+
+    try:
+        with torch.no_grad(), _quiet_torch():
+            module(torch.rand(2, *input_shape))
+    except Exception as exc:
+        torch_dir = os.path.dirname(torch.__file__)
+        frames = traceback.extract_tb(exc.__traceback__)
+        frame = next((f for f in reversed(frames) if not f.filename.startswith(torch_dir)), frames[-1])  # the model's line
+        said = f"{type(exc).__name__}: {_first_line(exc)}" if _first_line(exc) else type(exc).__name__
+        size = (getattr(module, "pretrained_cfg", None) or {}).get("input_size")
+        hint = f" (its pretrained_cfg says {','.join(map(str, size))})" if size else ""
+        return (f"the model itself fails on an input of shape {','.join(map(str, input_shape))} ({said}, at "
+                f"{_printable(os.path.basename(frame.filename), 80)}:{frame.lineno}): give an --input-shape it takes{hint}")
+    return None
 
 
 def _square_shape(values: int) -> str:

@@ -97,6 +97,28 @@ def test_a_model_whose_first_linear_reads_the_images_last_axis_is_told_it_takes_
     assert "C*H*W = 64" in input_misfit(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), (1, 9, 9))
 
 
+class _Blocks(nn.Module):
+    """Takes only sides that are a multiple of 8, as timm's halo attention does (an assert in the model's code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.pretrained_cfg = {"input_size": (3, 32, 32)}
+
+    def forward(self, x):
+        assert x.shape[-1] % 8 == 0, "side must be a multiple of 8"
+        return self.conv(x).mean((2, 3))
+
+
+def test_a_model_that_fails_on_the_input_shape_is_told_where_in_its_code_not_what_torch_export_saw():
+    with pytest.raises(FcxError) as caught:
+        capture(_Blocks().eval(), (3, 20, 20))
+    said = str(caught.value)
+    assert "the model itself fails on an input of shape 3,20,20" in said and "side must be a multiple of 8" in said
+    assert f"test_program.py:{_Blocks.forward.__code__.co_firstlineno + 1}" in said and "pretrained_cfg says 3,32,32" in said
+    capture(_Blocks().eval(), (3, 24, 24))  # a side it takes
+
+
 def test_tensor_names_that_clash_with_module_attributes_still_run():
     program = Program(
         (Node("relu", "aten.relu.default", (Ref("training"),)), Node("out", "aten.add.Tensor", (Ref(INPUT), Ref("relu")))),
