@@ -9,7 +9,7 @@ import traceback
 import typer
 
 from cli.hints import with_hint
-from cli.render import shown
+from cli.lines import shown
 from fcexport.errors import FcxError
 
 DEBUG = {"enabled": False}

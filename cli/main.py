@@ -1,7 +1,7 @@
 """`fcx`: parse options, call fcexport.pipeline, render results. No logic lives here.
 
-Heavy modules (torch, onnxruntime) are imported inside each command so `fcx --help` and
-`fcx predict` on an ONNX model start fast.
+Heavy modules (torch, onnxruntime, and rich's tables in cli.render) are imported inside each command so
+`fcx --help` and `fcx predict` on an ONNX model start fast (predict prints plain lines: cli.lines).
 """
 
 import importlib.util
@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli import render
+from cli import lines
 from cli.errors import DEBUG, fail, handle_errors
 from cli.helpformat import PlainHelp
 from cli.hints import json_with_commands
@@ -60,7 +60,7 @@ def _global(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     DEBUG["enabled"] = debug
-    render.show_library_warnings()
+    lines.show_library_warnings()
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -101,9 +101,9 @@ def _check_timeout(timeout: Optional[float], url) -> None:
 
 def _emit_json(obj, json_out: bool, json_file: Optional[Path]) -> None:
     if json_file is not None:
-        render.save_json(obj, json_file)
+        lines.save_json(obj, json_file)
     if json_out:
-        render.print_json(obj)
+        lines.print_json(obj)
 
 
 @app.command(cls=PlainHelp, epilog=examples(
@@ -146,6 +146,7 @@ def train(
     """Train a classifier (MLP, CNN or softmax regression).
 
     Writes model.pt, metrics.json, history.csv, curves.png and confusion.png."""
+    from cli import render
     from fcexport.pipeline import train as run
     from fcexport.sources import parse_class_names
 
@@ -197,6 +198,7 @@ def import_(
     Every later command then uses ARTIFACTS/model.pt without your code."""
     import json
 
+    from cli import render
     from fcexport.pipeline import import_weights
     from fcexport.sources import parse_class_names
 
@@ -275,6 +277,7 @@ def fuse_bn(
     """Fold every BatchNorm exactly: model.fused.pt.
 
     The input normalisation folds too where that is exact (a Linear, a Conv without padding)."""
+    from cli import render
     from fcexport.compare import Tolerance
     from fcexport.pipeline import fuse
 
@@ -322,6 +325,7 @@ def export(
 
     Each takes float32 pixels in [0, 1], shape (N, C, H, W), and returns logits. The manifest's sha256 is
     printed: `fcx verify --expect-digest` checks a copy of the folder against it."""
+    from cli import render
     from fcexport.pipeline import export as run
 
     formats = [f for item in _names(format) for f in (registry.default_exporters() if item == "all" else [item])]
@@ -361,6 +365,7 @@ def sign(
 
     Its files must match its manifest. Adding, removing or changing any file afterwards fails
     `fcx verify --public-key`."""
+    from cli import render
     from fcexport.pipeline import sign as run
 
     result = run(artifacts, key, signature)
@@ -405,6 +410,7 @@ def verify(
 
     Checks the signature or digest (given one), integrity (manifest.json), structure (a fresh export's
     ops, weights and spec) and numbers (real and random inputs). Nothing is loaded before its checks pass."""
+    from cli import render
     from fcexport.compare import Tolerance
     from fcexport.pipeline import verify as run
 
@@ -502,10 +508,10 @@ def predict(
             raise FcxError(f"--model {model}: no such file; a served model's name goes with --url URL")
         predictions = run(images, model, artifacts, top_k, invert, device, runtime, save_prepared, allow_stale, masks)
     if predictions.stale:
-        render.warning(f"{predictions.stale} (--allow-stale); run `fcx export --artifacts {artifacts}` (and `fcx fuse-bn`) again")
+        lines.warning(f"{predictions.stale} (--allow-stale); run `fcx export --artifacts {artifacts}` (and `fcx fuse-bn`) again")
     rows, predictor = predictions.rows, predictions.predictor
     mode = "jsonl" if jsonl else "json" if json_out else "table"
-    errors = render.stream_predictions(predictor, rows, mode, wide, json_file)
+    errors = lines.stream_predictions(predictor, rows, mode, wide, json_file)
     if errors:
         first = errors[0]
         fail(f"{len(errors)} file(s) could not be classified (first: {first['error']})", 2)
@@ -529,6 +535,7 @@ def bench(
     json_file: JsonFileOpt = None,
 ) -> None:
     """Latency (p50/p90) and throughput per backend and batch size."""
+    from cli import render
     from fcexport.pipeline import bench as run
 
     with render.steps("bench", not (quiet or json_out)) as on_step:
@@ -561,6 +568,7 @@ def serve(
     import signal
     import time
 
+    from cli import render
     from fcexport.pipeline import serve as run
 
     def stop(signum, frame):
@@ -590,6 +598,7 @@ def inspect(
     """Show what a model file holds, without running it: spec, inputs/outputs, opsets, sizes, folds, provenance.
 
     Each file is checked as fcx reads it (bounds, zip records) and against the folder's manifest."""
+    from cli import render
     from fcexport.pipeline import inspect as run
 
     result = run(path)

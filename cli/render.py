@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import sys
 from collections.abc import Mapping
 
@@ -15,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.hints import with_hint
+from cli.lines import shown, warning
 from fcexport.results import Status
 
 class _Out(Console):
@@ -30,44 +29,6 @@ class _Out(Console):
 # Piped output (CI logs, files) gets 120 columns instead of rich's 80, so tables are not truncated.
 out = _Out(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2))
-
-
-def save_json(obj, path) -> None:
-    """--json-file PATH: the same JSON that --json prints, written atomically."""
-    from fcexport.files import write_json_atomic
-
-    write_json_atomic(path, obj)
-
-
-def shown(text) -> str:
-    """Text safe for a terminal: control and other unprintable characters (ESC, newlines, bidi overrides) are
-    shown escaped, as `ls` does, so a file or class name cannot clear the screen or forge a row. JSON stays exact."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-def warning(message: str) -> None:
-    err.print(Text(f"warning: {shown(message)}", style="yellow"))
-
-
-class _WarningLines(logging.Handler):
-    """The library's warnings (the "fcexport" logger) as one yellow line each on stderr."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        warning(record.getMessage())
-
-
-def show_library_warnings() -> None:
-    logger = logging.getLogger("fcexport")
-    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
-        logger.addHandler(_WarningLines(logging.WARNING))
-        logger.propagate = False
 
 
 def table(title: str, columns: list[str], rows: list[list], console: Console = out, text: tuple[int, ...] = (0,)) -> None:
@@ -350,49 +311,6 @@ def verify_report(result, wide: bool = False, artifacts=None) -> None:
         title = "fcx verify: the served model vs model.pt (KServe v2)" if served else "fcx verify: each artifact vs model.pt on cpu"
         comparison_table(title, result.parity, wide, artifacts)
     out.print("[green]PASSED[/]" if result.passed else "[red]FAILED[/]")
-
-
-def stream_predictions(predictor, rows, mode: str, wide: bool = False, json_file=None) -> list[dict]:
-    """Print each row as it comes (mode: table, json or jsonl); return the error rows.
-
-    Tables stream as aligned lines with the file name last, so no row waits for the widest name;
-    --json prints one JSON array, written as it goes."""
-    labels = {name: shown(name) for name in predictor.spec.class_names}
-    names_width = max(len("class"), *(len(n) for n in labels.values()))
-    errors, saved = [], [] if json_file is not None else None
-    dense = predictor.spec.dense  # a segmentation model: the class covering most pixels, its share, the mask written
-    if mode == "table":
-        out.print(Text(f"model: {shown(predictor.source)} ({predictor.backend}, {predictor.device})"))
-        out.print(Text(f"{'class':<{names_width}}  {'share' if dense else 'prob':>6}  file" + (" -> mask" if dense else "")
-                       + ("  (runners-up)" if wide else ""), style="bold"))
-    elif mode == "json":
-        err.print(Text(f"model: {shown(predictor.source)} ({predictor.backend}, {predictor.device})"))
-        sys.stdout.write("[")
-    for number, row in enumerate(rows):
-        if saved is not None:
-            saved.append(row)
-        if "error" in row:
-            errors.append(row)
-        if mode == "jsonl":
-            print(json.dumps(row), flush=True)
-        elif mode == "json":
-            sys.stdout.write(("," if number else "") + "\n  " + json.dumps(row))
-        elif "error" in row:  # one line per file, however long its name: grep and wc -l keep working
-            out.print(Text(f"{'-':<{names_width}}  {'error':>6}  {shown(row['error'])}", style="red"), soft_wrap=True)
-        elif dense:
-            extra = "  (" + ", ".join(f"{shown(t['label'])} {t['share']:.1%}" for t in row["shares"][1:]) + ")" if wide else ""
-            out.print(Text(f"{shown(row['label']):<{names_width}}  {row['share']:>6.1%}  {shown(row['file'])} -> {shown(row['mask'])}{extra}"),
-                      soft_wrap=True)
-        else:
-            extra = "  (" + ", ".join(f"{labels[t['label']]} {t['probability']:.1%}" for t in row["top"][1:]) + ")" if wide else ""
-            # one line per file, however long its path (the terminal wraps it; grep and wc -l see one line)
-            out.print(Text(f"{labels[row['label']]:<{names_width}}  {row['probability']:>6.1%}  {shown(row['file'])}{extra}"), soft_wrap=True)
-    if mode == "json":
-        sys.stdout.write("\n]\n")
-        sys.stdout.flush()
-    if saved is not None:
-        save_json(saved, json_file)
-    return errors
 
 
 def _outputs(details: Mapping, limit: int = 6) -> str:

@@ -1,5 +1,6 @@
 """`fcx predict` on real image files of every kind, and `fcx bench` (no timing assertions)."""
 
+import io
 import json
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def test_default_model_is_onnx_and_is_named(exported_dir, image_dir, runner):
     assert "gray.png" in r.stdout and "photo.jpg" not in r.stdout
 
 
-HEAVY = {"torch", "onnx", "onnxruntime", "openvino", "PIL", "pydantic", "transformers", "timm", "torchvision"}
+HEAVY = {"torch", "onnx", "onnxruntime", "openvino", "PIL", "pydantic", "transformers", "timm", "torchvision",
+         "rich"}  # rich's tables: about 45 ms; predict prints plain lines
 
 
 def _imported_by(argv: list[str]) -> set[str]:
@@ -244,3 +246,26 @@ def test_cli_annotations_are_objects_not_strings():
         function = inspect.unwrap(command.callback)
         strings = [name for name, p in inspect.signature(function).parameters.items() if isinstance(p.annotation, str)]
         assert not strings, (function.__name__, strings)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_plain_lines_are_styled_on_a_colour_terminal_only(monkeypatch):
+    """predict's lines (cli.lines, no rich): ANSI style on a terminal, none when piped, with NO_COLOR or TERM=dumb."""
+    from cli.lines import line
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    terminal, piped = _Terminal(), io.StringIO()
+    line("FAIL", "red", terminal)
+    line("FAIL", "red", piped)
+    assert terminal.getvalue() == "\x1b[31mFAIL\x1b[0m\n" and piped.getvalue() == "FAIL\n"
+    for name, value in (("NO_COLOR", "1"), ("TERM", "dumb")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            plain = _Terminal()
+            line("FAIL", "red", plain)
+            assert plain.getvalue() == "FAIL\n"
