@@ -131,7 +131,7 @@ reflection_pad3d.default relu.default remainder.Scalar remainder.Tensor repeat.d
 replication_pad3d.default round.default rsqrt.default scalar_tensor.default scatter.src scatter.value
 scatter_add.default scatter_reduce.two select.int select_scatter.default sigmoid.default sign.default silu.default sin.default
 sinh.default slice.Tensor slice_scatter.default split_with_sizes.default sqrt.default squeeze.dim squeeze.dims
-sub.Scalar sub.Tensor sum.dim_IntList tan.default tanh.default trunc.default unsqueeze.default var.correction var.dim
+sub.Scalar sub.Tensor sum.dim_IntList tan.default tanh.default trunc.default unfold.default unsqueeze.default var.correction var.dim
 view.default where.self
 """.split()
 

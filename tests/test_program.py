@@ -174,6 +174,36 @@ def test_operands_that_cannot_work_are_one_line_naming_the_node(node, expected):
         check_shapes(program, (1, 8, 8), "test")
 
 
+class _Windows(nn.Module):
+    """Overlapping windows as timm's HaloAttn takes them: Tensor.unfold twice (aten.unfold, a view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        windows = y.unfold(2, 4, 2).unfold(3, 4, 2)  # (N, 8, 7, 7, 4, 4): windows of 4 every 2
+        return self.head(windows.mean((2, 3, 4, 5)) + windows[..., 0, 0].amax((2, 3)))
+
+
+def test_overlapping_windows_run_as_the_model_does_and_export_to_every_default_format(tmp_path):
+    import fcexport
+
+    model = _Windows().eval()
+    program = capture(model, (3, 16, 16))
+    assert any(n.op == "aten.unfold.default" for n in program.nodes)
+    with torch.no_grad():
+        for batch in (1, 5):
+            x = torch.rand(batch, 3, 16, 16)
+            torch.testing.assert_close(ProgramModule(program)(x), model(x))
+    fcexport.import_model(model, (3, 16, 16), artifacts=tmp_path)
+    fcexport.export(tmp_path / "model.pt", tmp_path, formats=("torchscript", "onnx", "pt2"))
+    report = fcexport.verify(tmp_path, backends=("torchscript", "pt2", "onnxruntime"), devices=("cpu",), inputs=16)
+    assert report.passed and [r.status.value for r in report.parity.rows] == ["pass"] * 3
+
+
 def test_an_empty_placeholder_without_values_is_a_pure_function_and_other_empty_tensors_are_refused(tmp_path):
     """segmentation_models_pytorch's Mix Vision Transformer encoders give a decoder a 0-channel torch.empty feature:
     no values, so nothing uninitialised is read; an empty tensor with values stays refused."""

@@ -88,6 +88,10 @@ ATTACKS = {
         (*view_of("v", (1, 1 << 14, 256, 256)), full("w", (1, 1 << 14, 1, 1)),
          Node("c", "aten.convolution.default", (Ref("v"), Ref("w"), None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1))),
         r"makes a tensor of shape \(1, 16384, 256, 256\)"),
+    "overlapping windows: unfold(2^16 values, size 2^15, step 1)": (  # Tensor.unfold, as timm's HaloAttn takes windows
+        (full("row", (1, 1 << 16)), Node("w", "aten.unfold.default", (Ref("row"), 1, 1 << 15, 1)),
+         Node("s", "aten.sum.dim_IntList", (Ref("w"), (1, 2)))),
+        r"node 'w' .*makes a tensor of shape \(1, 32769, 32768\)"),
     "full([N * N, 40000])": (N_SQUARED, r"node 'bn2' .*computes a size of N\*\*2 for a batch of N"),
 }
 
@@ -112,6 +116,7 @@ def write_model(folder: Path, program: Program) -> Path:
                                            ("pdist over a contiguous 8192x8192", "inspect"),
                                            ("avg_pool2d with a 4096 kernel over an 8192^2 view", "predict"),
                                            ("1x1 convolution over a 2^30-value expanded view", "predict"),
+                                           ("overlapping windows: unfold(2^16 values, size 2^15, step 1)", "predict"),
                                            ("full([N * N, 40000])", "fuse-bn")])
 def test_hostile_model_pt_is_exit_2_one_line_nothing_written(tmp_path, name, command):
     model = write_model(tmp_path / "in", classifier(*ATTACKS[name][0]))
