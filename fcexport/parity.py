@@ -213,6 +213,18 @@ def with_problems(row: CheckRow, problems: list[str]) -> CheckRow:
     return replace(row, status=Status.FAIL, problems=tuple(problems), numbers={**row.numbers, "passed": False}, hint=None)
 
 
-def report(rows: list[CheckRow], inputs: Inputs, reference_accuracy: float | None, own_error: float, tolerance: Tolerance) -> ParityReport:
+def inert(reference: np.ndarray) -> str | None:
+    """When model.pt gives every input the same answer (timm zero-initialises some heads: an untrained gMLP's logits
+    are its bias), no number can tell a changed layer before that: said in the verdict, as too few inputs are."""
+    flat = reference.reshape(len(reference), -1)
+    if len(flat) > 1 and bool(np.all(flat == flat[0])):
+        return ("weak: model.pt gives every input the same output (an untrained head of zeros?): the numbers prove "
+                "nothing about the layers before it")
+    return None
+
+
+def report(rows: list[CheckRow], inputs: Inputs, reference: np.ndarray, reference_accuracy: float | None, own_error: float,
+           tolerance: Tolerance) -> ParityReport:
+    weak = "; ".join(w for w in (inputs.weak, inert(reference)) if w) or None
     return ParityReport(tuple(rows), tolerance.describe(), own_error, tolerance, inputs.description, len(inputs.x), reference_accuracy,
-                        inputs.weak)
+                        weak)

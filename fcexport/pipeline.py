@@ -474,7 +474,7 @@ def export_check(model: _Model, artifacts: Path, exported: list[str], on_step=No
     inputs = parity.Inputs(x, None, f"{EXPORT_CHECK_INPUTS} random inputs")
     reference, own_error = verification.float64_reference(stored, model.path, x)
     rows = parity.compare_predictors(reference, own_error, candidates, inputs, DEFAULT_TOLERANCE)
-    return parity.report(rows, inputs, None, own_error, DEFAULT_TOLERANCE)
+    return parity.report(rows, inputs, reference, None, own_error, DEFAULT_TOLERANCE)
 
 
 def sign(artifacts: Path, private_key: Path, signature: Path | None = None) -> dict:

@@ -221,7 +221,7 @@ def numbers(stored, model_path: Path, candidates: list, problems: list[list[str]
     rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance, on_step)
     # a file refused before loading is a failure, not a skip
     rows = [parity.with_problems(row, found) for row, found in zip(rows, problems, strict=True)]
-    return parity.report(rows, inputs, accuracy(reference, inputs.labels), own_error, tolerance)
+    return parity.report(rows, inputs, reference, accuracy(reference, inputs.labels), own_error, tolerance)
 
 
 def float64_reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -314,4 +314,4 @@ def against_reference(candidates: list, problems: list[list[str]], reference, we
     inputs = parity.Inputs(x, None, f"{len(x)} seeded random inputs of reference.npz (no model.pt, no structure check)", weak)
     rows = parity.compare_predictors(reference.logits, reference.own_error, candidates, inputs, tolerance)
     rows = [parity.with_problems(row, found) for row, found in zip(rows, problems, strict=True)]
-    return parity.report(rows, inputs, None, reference.own_error, tolerance)
+    return parity.report(rows, inputs, reference.logits, None, reference.own_error, tolerance)

@@ -538,3 +538,28 @@ def test_inspect_reads_a_deflated_reference_header_first(exported_dir, tmp_path,
     _replace_reference(folder, lambda a: a.update(count=np.zeros(1 << 27, np.int64)), np.savez_compressed)
     r = invoke(runner, "inspect", folder / "reference.npz")
     assert r.exit_code == 2 and "not a readable reference" in r.stderr, r.output
+
+
+def test_a_model_that_answers_every_input_alike_is_a_weak_verdict(tmp_path):
+    """timm zero-initialises some heads (an untrained gMLP's logits are its bias): equal numbers everywhere then prove
+    nothing about the layers before the head, and the verdict says so; the same body with a live head does not."""
+    import torch
+    from torch import nn
+
+    import fcexport
+
+    def model(head_weight: float):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+        nn.init.constant_(net[3].weight, head_weight)
+        return net
+
+    for weight, folder in ((0.0, tmp_path / "zero"), (0.1, tmp_path / "live")):
+        fcexport.import_model(model(weight), (1, 8, 8), artifacts=folder)
+        fcexport.fuse(folder / "model.pt", folder / "model.fused.pt")
+        report = fcexport.verify(folder, backends=("fused",), devices=("cpu",)).to_json()
+        assert report["passed"] and report["input_count"] >= 256
+        if weight == 0.0:
+            assert "gives every input the same output" in report["weak"], report["weak"]
+        else:
+            assert report["weak"] is None
