@@ -55,6 +55,9 @@ HF_MODELS = {
     "MetaClip2ForImageClassification": TINY_VISION_TOWER,
     "DeiTForImageClassificationWithTeacher": TINY_TRANSFORMER, "LevitForImageClassificationWithTeacher": {},
     "TimmWrapperForImageClassification": {"architecture": "resnet18"},
+    "PPLCNetForImageClassification": {}, "PvtForImageClassification": {}, "DonutSwinForImageClassification": {},
+    "TextNetForImageClassification": {"image_size": [224, 224]},  # its default is 640 px
+    "HieraForImageClassification": {"depths": [1, 1, 2, 1]},  # 4 blocks instead of 24: a CPU sweep stays affordable
     # Perceiver cut to 32 latents of 128 (its masks take torch.arange(batch size))
     **{f"PerceiverForImageClassification{kind}": {"d_latents": 128, "num_latents": 32, "num_self_attends_per_block": 2,
                                                   "num_self_attention_heads": 4, "num_cross_attention_heads": 1}
@@ -69,7 +72,7 @@ HF_MODELS = {
                                     "image_size": 128, "out_indices": [0, 1, 2, 3]},
     "Data2VecVisionForSemanticSegmentation": {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 3,
                                               "intermediate_size": 192, "image_size": 128, "out_indices": [0, 1, 2, 3]},
-    "MobileViTV2ForSemanticSegmentation": {},
+    "MobileViTV2ForSemanticSegmentation": {}, "MobileNetV2ForSemanticSegmentation": {},
 }
 
 
