@@ -210,6 +210,7 @@ def run(name: str, folder: Path, untrained: bool = False, size: int = 224, input
         "noise_ratio": {b: r["noise_ratio"] for b, r in rows.items()},
         "own_error": report["own_float32_error"],
         "inputs": report["input_count"],
+        "weak": report["weak"],  # e.g. a zero-initialised head: every input answered alike, the numbers prove little
         "skipped": exported["skipped"],
         "seconds": seconds,
     }
@@ -270,6 +271,7 @@ def main() -> None:
                            for b in result["max_abs"])
         s = result["seconds"]
         skipped = f"; not written: {', '.join(result['skipped'])}" if result["skipped"] else ""
+        skipped += f"; {result['weak']}" if result.get("weak") else ""
         masks = f" / predict {s['predict']:.1f}" if "predict" in s else ""
         print(f"| {name} | {result['folds']} | {errors}{skipped} | {s['import']:.0f} / {s['fuse']:.0f} / {s['export']:.0f} / "
               f"{s['verify']:.0f}{masks} |", flush=True)
