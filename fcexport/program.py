@@ -586,6 +586,9 @@ def check_tensor(name, tensor, declared, where: str) -> None:
 
 def check_program(program: Program, where: str) -> None:
     """Every node: a fresh valid name, an allow-listed op, arguments of its schema's types, refs to earlier values."""
+    if not 0 < len(program.nodes) <= MAX_NODES:  # what model.pt's reader allows: import never writes a file fcx refuses
+        raise FcxError(f"{where}: the program has {len(program.nodes):,} nodes, fcexport takes 1 to {MAX_NODES:,} (a loop "
+                       "or an LSTM unrolled over a long sequence makes thousands: timm's sequencer2d_s has 26,480)")
     kinds: dict[str, object] = {INPUT: "tensor", **{name: "tensor" for name in program.tensors}}
     for node in program.nodes:
         label = f"{where}: {node.label}"

@@ -223,3 +223,16 @@ def test_an_empty_placeholder_without_values_is_a_pure_function_and_other_empty_
     fcexport.import_model(Placeholder(), (3, 8, 8), artifacts=tmp_path / "ok")
     with pytest.raises(FcxError, match="not in fcexport's opset"):
         fcexport.import_model(Garbage(), (3, 8, 8), artifacts=tmp_path / "refused")
+
+
+def test_import_refuses_a_program_longer_than_model_pt_may_be_rather_than_writing_it(monkeypatch, tmp_path):
+    """timm's sequencer2d_s unrolls its LSTMs into 26,480 nodes: import wrote a model.pt that every later command
+    refused; now import refuses it, naming the bound, and writes nothing."""
+    import fcexport
+    from fcexport import program as program_module
+
+    monkeypatch.setattr(program_module, "MAX_NODES", 3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4), nn.Softmax(-1)).eval()
+    with pytest.raises(FcxError, match=r"the model: the program has \d+ nodes, fcexport takes 1 to 3"):
+        fcexport.import_model(model, (3, 2, 2), artifacts=tmp_path / "out")
+    assert not (tmp_path / "out" / "model.pt").exists()
