@@ -9,7 +9,7 @@ import os
 import sys
 
 # ANSI styles for a terminal; rich's names
-STYLES = {"bold": "1", "red": "31", "yellow": "33", "bold red": "1;31"}
+STYLES = {"bold": "1", "red": "31", "yellow": "33"}
 
 
 def shown(text) -> str:

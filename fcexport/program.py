@@ -508,8 +508,7 @@ def from_data(data, tensors, where: str) -> Program:
         raise FcxError(f"{where}: the program must be {{'nodes': [...], 'tensors': {{...}}, 'output': name}}")
     if data.get("input", INPUT) != INPUT:
         raise FcxError(f"{where}: the program's input must be named {INPUT!r}")
-    if not 0 < len(data["nodes"]) <= MAX_NODES:
-        raise FcxError(f"{where}: the program has {len(data['nodes'])} nodes (1..{MAX_NODES} allowed)")
+    _check_node_count(len(data["nodes"]), where)  # before any node is decoded
     if not isinstance(tensors, dict) or set(tensors) != set(data["tensors"]):
         extra = sorted(set(tensors) ^ set(data["tensors"])) if isinstance(tensors, dict) else ["(not a dict)"]
         raise FcxError(f"{where}: the tensors do not match the program's list ({', '.join(map(str, extra[:3]))})")
@@ -584,11 +583,16 @@ def check_tensor(name, tensor, declared, where: str) -> None:
 # ---- static checks: names, ops, argument types ------------------------------------------------
 
 
+def _check_node_count(count: int, where: str) -> None:
+    """One bound for model.pt's reader and for import, so import never writes a file that fcx then refuses."""
+    if not 0 < count <= MAX_NODES:
+        raise FcxError(f"{where}: the program has {count:,} nodes, fcexport takes 1 to {MAX_NODES:,} (a loop or an LSTM "
+                       "unrolled over a long sequence makes thousands: timm's sequencer2d_s has 26,480)")
+
+
 def check_program(program: Program, where: str) -> None:
     """Every node: a fresh valid name, an allow-listed op, arguments of its schema's types, refs to earlier values."""
-    if not 0 < len(program.nodes) <= MAX_NODES:  # what model.pt's reader allows: import never writes a file fcx refuses
-        raise FcxError(f"{where}: the program has {len(program.nodes):,} nodes, fcexport takes 1 to {MAX_NODES:,} (a loop "
-                       "or an LSTM unrolled over a long sequence makes thousands: timm's sequencer2d_s has 26,480)")
+    _check_node_count(len(program.nodes), where)
     kinds: dict[str, object] = {INPUT: "tensor", **{name: "tensor" for name in program.tensors}}
     for node in program.nodes:
         label = f"{where}: {node.label}"
