@@ -175,6 +175,12 @@ def comparison_table(title: str, report, wide: bool = False, artifacts=None) -> 
             remarks.append(f"[bold red]FAIL[/] {escape(r.backend)} on {r.device}: first out of its noise band at layer "
                            f"{escape(shown(where['layer']))} ({escape(shown(where['layer_type']))}): max abs "
                            f"{where['max_abs']:.1e} > {where['band']:.1e}")
+        for name, numbers in (r.value("other_outputs") or {}).items():  # an output besides the logits that failed
+            if not numbers.get("passed", True):
+                why = numbers.get("missing") or numbers.get("shape_mismatch") or (
+                    f"max abs {numbers['max_abs']:.1e} > {numbers['allowed_max_abs']:.1e}" if "allowed_max_abs" in numbers
+                    else f"top-1 agreement {numbers.get('decisive_agreement') or 0:.2%} on decisive pixels")
+                remarks.append(f"[bold red]FAIL[/] {escape(r.backend)} on {r.device}: its output '{escape(name)}' is off: {escape(shown(why))}")
         if by_layer := [row for row in r.value("error_by_layer") or () if row["share"] > 0][:3]:  # what to leave unquantised
             shares = ", ".join(f"{escape(shown(row['layer']))} {row['share']:.0%}" for row in by_layer)
             remarks.append(f"[bright_black]{escape(r.backend)} on {r.device}: its error drops most with one layer left "
@@ -199,6 +205,16 @@ def comparison_table(title: str, report, wide: bool = False, artifacts=None) -> 
     if parts:  # one grey line: skips are information, not warnings
         out.print(Text(shown("skipped: " + "; ".join(parts)), style="bright_black"))
     ref = report.reference_accuracy
+    others = {}
+    for r in report.rows:
+        for name, numbers in (r.value("other_outputs") or {}).items():
+            if numbers.get("noise_ratio") is not None and numbers.get("criterion") == "noise":
+                others[name] = max(others.get(name, 0.0), numbers["noise_ratio"])
+            else:
+                others.setdefault(name, None)
+    if others:  # the outputs besides the logits (torchvision's "aux"): judged on every row by the same rule
+        out.print(Text(shown("other outputs, judged on every row by the same rule: " + ", ".join(
+            name + (f" (largest {ratio:.1f} x own)" if ratio is not None else "") for name, ratio in others.items()))))
     out.print(Text(f"inputs: {shown(report.inputs)}"))
     if report.weak:
         warning(report.weak)
@@ -314,14 +330,14 @@ def verify_report(result, wide: bool = False, artifacts=None) -> None:
 
 
 def _outputs(details: Mapping, limit: int = 6) -> str:
-    """A model's recorded outputs, name and shape, the kept one marked; at most `limit` of them, then how many more."""
+    """A model's recorded outputs, name and shape, the predicted one marked; at most `limit` of them, then how many more."""
     outputs = details["outputs"]
     def short(value) -> str:
         text = str(list(value) if isinstance(value, tuple) else value)
         return shown(text if len(text) <= 40 else text[:39] + "...")
 
     listed = [f"{short(name)} {short(shape)}"
-              + (" (kept)" if name == details.get("output") else "") for name, shape in list(outputs.items())[:limit]]
+              + (" (predicted)" if name == details.get("output") else "") for name, shape in list(outputs.items())[:limit]]
     return ", ".join(listed) + (f", ... ({len(outputs)} in all)" if len(outputs) > limit else "")
 
 
@@ -340,6 +356,8 @@ def inspection(result) -> None:
                 **({"output": f"per-pixel logits (N, {', '.join(map(str, spec.output_shape))}): segmentation"} if spec.dense else {}),
                 **({"model's outputs": _outputs(spec.architecture.details)}
                    if isinstance(spec.architecture.details.get("outputs"), Mapping) else {}),
+                **({"exported beside the logits": ", ".join(f"{name} {list(shape)}" for name, shape in spec.other_outputs)
+                    + " (every file returns them; verify judges them)"} if spec.other_outputs else {}),
                 "normalisation": f"mean {', '.join(f'{v:.4g}' for v in norm.mean)}, std {', '.join(f'{v:.4g}' for v in norm.std)} (inside the model)" if norm else "none",
                 "preparation": spec.preprocess.describe(),
                 "architecture": spec.architecture.kind,

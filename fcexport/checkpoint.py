@@ -89,6 +89,9 @@ def read_model(path: str | Path, data: bytes | None = None) -> StoredModel:
     if out != spec.output_shape:
         raise FcxError(f"{path}: the model returns {list(out)} logits per image but its spec says {list(spec.output_shape)} "
                        f"({len(spec.class_names)} classes)")
+    if programs.other_outputs(program, shapes, where) != spec.other_outputs:
+        raise FcxError(f"{path}: the program's other outputs differ from those its spec lists "
+                       f"({', '.join(name for name, _ in spec.other_outputs) or 'none'})")
     return StoredModel(program, spec, hashlib.sha256(data).hexdigest(), shapes)
 
 

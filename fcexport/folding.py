@@ -167,7 +167,7 @@ class _Work:
         self.order = [n.name for n in program.nodes]
         self.nodes = {n.name: n for n in program.nodes}
         self.tensors = dict(program.tensors)
-        self.output = program.output
+        self.output, self.extras = program.output, program.extras
         self.shapes = shapes
         self.readers: dict[str, set[str]] = {}
         for node in program.nodes:
@@ -179,7 +179,7 @@ class _Work:
 
     def program(self) -> Program:
         nodes = tuple(self.nodes[name] for name in self.order if name in self.nodes)
-        return Program(nodes, self.output, self.tensors).without_unused()
+        return Program(nodes, self.output, self.tensors, self.extras).without_unused()
 
     def users(self, name: str) -> list[Node]:
         return [self.nodes[n] for n in sorted(self.readers.get(name, ())) if n in self.nodes]
@@ -360,5 +360,5 @@ class _Work:
             if name in self.nodes:
                 node = self.nodes[name] = replace(self.nodes[name], args=rewire(self.nodes[name].args), kwargs=rewire(self.nodes[name].kwargs))
                 self._add_reader(node)
-        if self.output == affine.value:
-            self.output = affine.source
+        renamed = Program((), self.output, {}, self.extras).renamed_output(affine.value, affine.source)
+        self.output, self.extras = renamed.output, renamed.extras

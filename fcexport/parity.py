@@ -36,6 +36,16 @@ class Inputs:
 
 
 @dataclass(frozen=True)
+class OtherOutput:
+    """An output besides the logits (fcexport.program.Program.extras, torchvision's "aux"): its name, model.pt's
+    float64 values on the inputs and its own float32 error there, judged by the same rule as the logits."""
+
+    name: str
+    reference: np.ndarray
+    own_error: float
+
+
+@dataclass(frozen=True)
 class Skipped:
     """A candidate that cannot run here, with the reason (and the errors.HINTS step that would fix it)."""
 
@@ -45,7 +55,7 @@ class Skipped:
     hint: str | None = None
 
 
-SPEC_FIELDS = ("class_names", "input_shape", "normalization", "preprocess", "task", "output_shape")  # must match model.pt's
+SPEC_FIELDS = ("class_names", "input_shape", "normalization", "preprocess", "task", "output_shape", "other_outputs")  # must match model.pt's
 
 
 def checked_budget(inputs: int | None) -> int | None:
@@ -121,9 +131,10 @@ def make_inputs(spec: ModelSpec, budget: int | None, test=None, source: str | No
 
 
 def compare_predictors(reference: np.ndarray, own_error: float, candidates: list[Predictor | Skipped], inputs: Inputs,
-                       tolerance: Tolerance, on_step=None) -> list[CheckRow]:
-    """Run each candidate and compare it with the float64 reference; skipped ones keep their reason. `on_step`
-    (text) hears what is about to run."""
+                       tolerance: Tolerance, on_step=None, others: tuple[OtherOutput, ...] = ()) -> list[CheckRow]:
+    """Run each candidate and compare it with the float64 reference (its other outputs with `others`, each by the
+    same rule: one that fails fails the row); skipped ones keep their reason. `on_step` (text) hears what is about
+    to run."""
     rows = []
     for candidate in candidates:
         if isinstance(candidate, Skipped):
@@ -132,15 +143,19 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
         if on_step:
             on_step(f"running {candidate.backend} on {candidate.device} ({len(inputs.x):,} inputs)")
         try:
-            logits = candidate(inputs.x)
+            found = candidate.outputs(inputs.x)
         except Unsupported as exc:  # the runtime cannot run a file that passed every check: said, not judged
             rows.append(CheckRow(candidate.backend, candidate.device, Status.SKIPPED, reason=str(exc)))
             continue
+        logits = found[0]
         rule = replace(tolerance, factor=tolerance.factor * candidate.noise_scale)
         stats = compare(logits, reference, own_error, inputs.labels, rule, candidate.approximate)
         stats["precision"] = candidate.precision
         if not stats["passed"] and candidate.layers and "allowed_max_abs" in stats:
             stats["first_divergent_layer"] = where_it_broke(candidate, inputs.x, logits, reference, stats["allowed_max_abs"], rule)
+        if others:
+            stats["other_outputs"] = judged = other_outputs(candidate, found[1:], others, rule)
+            stats["passed"] = stats["passed"] and all(v.get("passed", True) for v in judged.values())
         if candidate.left_float:
             if on_step:
                 on_step(f"remaking {candidate.backend} with one layer left float32 at a time")
@@ -152,6 +167,19 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
         status = Status.PASS if stats["passed"] else Status.FAIL
         rows.append(CheckRow(candidate.backend, candidate.device, status, str(candidate.source), stats))
     return rows
+
+
+def other_outputs(candidate: Predictor, found: tuple[np.ndarray, ...], others: tuple[OtherOutput, ...],
+                  rule: Tolerance) -> dict[str, dict]:
+    """Each other output's numbers against model.pt's (compare, as the logits are judged), by name; one the candidate
+    does not return fails, unless it was only asked for its logits (a served model: said)."""
+    if candidate.logits_only:
+        return {other.name: {"passed": True, "not_compared": "only the logits were asked for"} for other in others}
+    if len(found) != len(others):
+        return {other.name: {"passed": False, "missing": f"{candidate.source} returns {len(found) + 1} outputs where "
+                             f"model.pt has {len(others) + 1}"} for other in others}
+    return {other.name: compare(values, other.reference, other.own_error, None, rule, candidate.approximate)
+            for other, values in zip(others, found)}
 
 
 LOCALISED_INPUTS = 8  # the failing inputs whose intermediate values are compared, layer by layer,
@@ -167,7 +195,7 @@ def where_it_broke(candidate: Predictor, x: np.ndarray, logits: np.ndarray, refe
     from fcexport.targets.program import reference_layers
 
     program, layers = candidate.layers
-    errors = np.abs(logits.astype(np.float64) - reference).max(axis=1)
+    errors = np.abs(logits.astype(np.float64) - reference).reshape(len(x), -1).max(axis=1)  # per input (all its pixels)
     worst = np.argsort(-np.nan_to_num(errors, nan=np.inf))[:LOCALISED_INPUTS]
     worst = worst[~(errors[worst] <= allowed)]
     if not len(worst):

@@ -73,11 +73,23 @@ class Node:
 
 @dataclass(frozen=True)
 class Program:
-    """Nodes in execution order, the name of the returned node, and the tensors the nodes read by name."""
+    """Nodes in execution order, the name of the returned node, the tensors the nodes read by name, and the model's
+    other outputs ((name, node) pairs: torchvision's "aux"), exported and verified beside the one predict reads."""
 
     nodes: tuple[Node, ...]
     output: str
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)  # treated as read-only: passes make new ones
+    extras: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def output_nodes(self) -> tuple[str, ...]:
+        """The node of every output, the predicted one first."""
+        return (self.output, *(node for _, node in self.extras))
+
+    def renamed_output(self, old: str, new: str) -> "Program":
+        """The same program with every output that returned node `old` returning node `new` (a pass replaced it)."""
+        return replace(self, output=new if self.output == old else self.output,
+                       extras=tuple((name, new if node == old else node) for name, node in self.extras))
 
     def node(self, name: str) -> Node | None:
         return self._index().get(name)
@@ -103,7 +115,7 @@ class Program:
 
     def without_unused(self) -> "Program":
         """Drop nodes whose values nobody reads and tensors no node reads."""
-        needed = {self.output}
+        needed = set(self.output_nodes)
         kept = []
         for node in reversed(self.nodes):
             if node.name in needed:
@@ -300,7 +312,8 @@ def _empty_without_values(size, *, dtype=None, layout=None, device=None, pin_mem
 
 def from_exported(exported, choice: str | None = None) -> Program:
     """A Program from a torch.export ExportedProgram already decomposed to core ATen; of several outputs (a dict,
-    a tuple, a transformers ModelOutput) the one named `choice` (see _picked), the others dropped."""
+    a tuple, a transformers ModelOutput) the one named `choice` (see _picked) is predicted, the others are kept as
+    the program's extras (those with the batch as their first size, up to MAX_EXTRAS)."""
     from torch.export.graph_signature import InputKind
 
     signature = exported.graph_signature
@@ -327,16 +340,17 @@ def from_exported(exported, choice: str | None = None) -> Program:
     if len(inputs) != 1:
         raise FcxError(f"the model's forward() must take exactly one input tensor (N, C, H, W), it takes {len(inputs)}")
     nodes = []
-    output = None
+    output, extras = None, ()
     for fx_node in exported.graph.nodes:
         if fx_node.op == "placeholder":
             continue
         if fx_node.op == "output":
             outputs = fx_node.args[0]
-            picked = outputs[_picked(exported, choice)] if choice is not None or len(outputs) > 1 else outputs[0]
-            if getattr(picked, "op", None) is None:
+            at = _picked(exported, choice) if choice is not None or len(outputs) > 1 else 0
+            if getattr(outputs[at], "op", None) is None:
                 raise FcxError("the model must return a tensor of logits, it returns a constant")
-            output = names[picked.name]
+            output = names[outputs[at].name]
+            extras = _extras(exported, outputs, at, names)
             continue
         if str(fx_node.target) in GUARDS and not fx_node.users:
             continue  # a check torch.export proved at export time (a dtype after .to()); it computes nothing
@@ -351,9 +365,27 @@ def from_exported(exported, choice: str | None = None) -> Program:
                           layer, layer_type))
     if output is None or output == INPUT:
         raise FcxError("the model returns its input unchanged")
-    program = Program(tuple(nodes), output, tensors).without_unused()
+    program = Program(tuple(nodes), output, tensors, extras).without_unused()
     check_program(program, "the model")
     return program
+
+
+def _extras(exported, outputs, picked: int, names: dict) -> tuple[tuple[str, str], ...]:
+    """(name, node) of each output besides the predicted one that a node computes for the whole batch (a tensor whose
+    first size is the batch), under a name every exported file can carry (OUTPUT_NAME, not a reserved one)."""
+    kept: list[tuple[str, str]] = []
+    taken = set(RESERVED_OUTPUT_NAMES)
+    for name, at in output_names(exported).items():
+        value = outputs[at]
+        node = names.get(getattr(value, "name", None))
+        shape = getattr(getattr(value, "meta", {}).get("val"), "shape", None)
+        if at == picked or node in (None, INPUT, names.get(outputs[picked].name)) or not shape or isinstance(shape[0], int) or len(kept) == MAX_EXTRAS:
+            continue
+        safe = re.sub(r"\W", "_", name)[:56]
+        safe = _unique(safe if re.match(r"[A-Za-z_]", safe) and safe not in RESERVED_OUTPUT_NAMES else f"output_{safe}", taken)
+        taken.add(safe)
+        kept.append((safe, node))
+    return tuple(kept)
 
 
 def output_names(exported) -> dict[str, int]:
@@ -467,7 +499,7 @@ def with_input_normalization(program: Program, mean: list[float], std: list[floa
             Node(div, "aten.div.Tensor", (Ref(sub), Ref(std_name)), (), layer, "Normalize"))
     tensors = {**program.tensors, mean_name: torch.tensor(mean, dtype=torch.float32).reshape(shape),
                std_name: torch.tensor(std, dtype=torch.float32).reshape(shape)}
-    return Program((*head, *nodes), program.output, tensors)
+    return replace(program, nodes=(*head, *nodes), tensors=tensors)
 
 
 # ---- data <-> Program -------------------------------------------------------------------------
@@ -480,6 +512,7 @@ def to_data(program: Program) -> dict:
         "nodes": [{"name": n.name, "op": n.op, "args": _to_json(n.args), "kwargs": {k: _to_json(v) for k, v in n.kwargs},
                    "layer": n.layer, "layer_type": n.layer_type} for n in program.nodes],
         "output": program.output,
+        **({"extras": [list(pair) for pair in program.extras]} if program.extras else {}),
         "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in program.tensors.items()},
     }
 
@@ -527,9 +560,21 @@ def from_data(data, tensors, where: str) -> Program:
             raise FcxError(f"{label}: layer names must be strings")
         nodes.append(Node(raw["name"], raw["op"], _from_json(args, label, 0), tuple((str(k), _from_json(v, label, 0)) for k, v in kwargs.items()),
                           _printable(layer), _printable(layer_type, 100)))
-    program = Program(tuple(nodes), data.get("output"), tensors)
+    program = Program(tuple(nodes), data.get("output"), tensors, _extras_from_json(data.get("extras", []), where))
     check_program(program, where)
     return program
+
+
+MAX_EXTRAS = 16  # a model's outputs besides the predicted one that are kept (the others are named in its spec)
+OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # an exported file's output name (ONNX, Triton)
+RESERVED_OUTPUT_NAMES = ("pixels", "logits")  # the input's and the predicted output's names in every exported file
+
+
+def _extras_from_json(value, where: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list) or len(value) > MAX_EXTRAS or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair) for pair in value):
+        raise FcxError(f"{where}: the program's other outputs must be a list of at most {MAX_EXTRAS} [name, node] pairs")
+    return tuple((name, node) for name, node in value)
 
 
 def _from_json(value, label: str, depth: int):
@@ -602,8 +647,15 @@ def check_program(program: Program, where: str) -> None:
             if ref.name not in kinds:
                 raise FcxError(f"{label}: uses {_printable(ref.name, 80)!r} before it is defined")
         kinds[node.name] = _check_node(node, kinds, label)
-    if not isinstance(program.output, str) or kinds.get(program.output) != "tensor" or program.output not in {n.name for n in program.nodes}:
+    computed = {n.name for n in program.nodes}
+    if not isinstance(program.output, str) or kinds.get(program.output) != "tensor" or program.output not in computed:
         raise FcxError(f"{where}: the program's output must be a tensor computed by one of its nodes")
+    names = [name for name, _ in program.extras]
+    if len(program.extras) > MAX_EXTRAS or len(set(names)) != len(names) or not all(
+            isinstance(name, str) and OUTPUT_NAME.fullmatch(name) and name not in RESERVED_OUTPUT_NAMES
+            and kinds.get(node) == "tensor" and node in computed for name, node in program.extras):
+        raise FcxError(f"{where}: the program's other outputs must be at most {MAX_EXTRAS} tensors computed by its nodes, "
+                       f"each with its own name of letters, digits and '_' (not {', '.join(RESERVED_OUTPUT_NAMES)})")
 
 
 def _check_node(node: Node, kinds: dict, label: str):
@@ -698,9 +750,10 @@ class ProgramModule(nn.Module):
     """Runs a Program op by op (an interpreter: no code is generated). Its tensors are buffers, so
     `.to(device)` / `.double()` move them; a float64 input runs every float32 op in float64 too."""
 
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, every_output: bool = False):
         super().__init__()
         self.program = program
+        self.every_output = every_output and bool(program.extras)  # forward returns (predicted, *extras)
         self._slots = {}  # program tensor name -> the buffer's dotted path in this module
         for name, tensor in program.tensors.items():
             self._slots[name] = self._register(name, tensor)
@@ -710,7 +763,7 @@ class ProgramModule(nn.Module):
                 last_use[ref.name] = i
         freed_at: dict[int, list[str]] = {}  # step -> the values no later step reads (dropped there to save memory)
         for name, at in last_use.items():
-            if name not in self._slots and name != program.output:
+            if name not in self._slots and name not in program.output_nodes:
                 freed_at.setdefault(at, []).append(name)
         self._steps = [(node, _callable(node.op), tuple(freed_at.get(i, ()))) for i, node in enumerate(program.nodes)]
 
@@ -741,8 +794,8 @@ class ProgramModule(nn.Module):
         """The program's tensors by their stored names, as they are now (device, dtype)."""
         return {name: self.get_buffer(path) for name, path in self._slots.items()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_steps(self, x)
+    def forward(self, x: torch.Tensor):
+        return run_steps(self, x, every_output=self.every_output)
 
 
 def _global_average_pool(x: torch.Tensor, output_size) -> torch.Tensor:
@@ -883,9 +936,10 @@ def _depthwise_float64(x, weight, bias, stride, padding, dilation, transposed, o
 _FLOAT64_SPELLED = {"aten.convolution.default": _depthwise_float64}
 
 
-def run_steps(module: ProgramModule, x: torch.Tensor, check=None) -> torch.Tensor:
+def run_steps(module: ProgramModule, x: torch.Tensor, check=None, every_output: bool = False):
     """Run every node; `check(node, args, kwargs, value)` (the shape check) sees each result before the next op.
-    Factory ops (full, arange, scalar_tensor) make their tensors on the input's device, as every other op does."""
+    Factory ops (full, arange, scalar_tensor) make their tensors on the input's device, as every other op does.
+    The predicted output, or with `every_output` a tuple of every output (the predicted one first)."""
     env = {INPUT: x}
     stored = module.named_program_tensors()
     tracing = torch.jit.is_tracing()
@@ -929,6 +983,8 @@ def run_steps(module: ProgramModule, x: torch.Tensor, check=None) -> torch.Tenso
             raise
         raise FcxError(f"{node.label} failed on input of shape {tuple(x.shape)} ({type(exc).__name__}: "
                        f"{_first_line(exc)})") from exc
+    if every_output:
+        return tuple(env[name] for name in module.program.output_nodes)
     return env[module.program.output]
 
 
@@ -969,6 +1025,8 @@ def fingerprint(program: Program) -> dict[str, str]:
 
     items = {f"node '{n.name}' ({n.op})": repr((n.op, n.args, n.kwargs)) for n in program.nodes}
     items["output"] = program.output
+    for name, node in program.extras:
+        items[f"output '{name}'"] = node
     for name, tensor in program.tensors.items():
         data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
         items[f"tensor '{name}' ({str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)})"] = hashlib.sha256(data).hexdigest()
@@ -1045,7 +1103,7 @@ def _check_growth(program: Program, input_shape, where: str) -> None:
 
     meta = _on_meta(program)
     x = fake(torch.empty((2, *input_shape), device="meta"), dynamic=(0,))
-    module = ProgramModule(Program(program.nodes, program.output, {k: fake(v) for k, v in meta.tensors.items()}))
+    module = ProgramModule(replace(program, tensors={k: fake(v) for k, v in meta.tensors.items()}))
     batch = x.shape[0].node.expr
     totals = {"bytes": 0, "work": 0}
 
@@ -1082,6 +1140,18 @@ def output_shape(program: Program, shapes: Shapes, where: str) -> tuple[int, ...
     return out[1:]
 
 
+def other_outputs(program: Program, shapes: Shapes, where: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, one image's shape) of each output besides the logits (spec.ModelSpec.other_outputs); each must have the
+    batch as its first size."""
+    found = []
+    for name, node in program.extras:
+        shape = tuple(int(v) for v in shapes.of.get(node, ()))
+        if not shape or shape[0] != 1 or len(shape) < 2:
+            raise FcxError(f"{where}: the output '{name}' has shape {shape} for one image: each output must have the batch first")
+        found.append((name, shape[1:]))
+    return tuple(found)
+
+
 def task_of(shape: tuple[int, ...]) -> str:
     """spec.TASKS by the output's shape for one image."""
     return "classification" if len(shape) == 1 else "segmentation"
@@ -1090,7 +1160,7 @@ def task_of(shape: tuple[int, ...]) -> str:
 def _on_meta(program: Program) -> Program:
     """The program with empty meta tensors of its tensors' shapes and dtypes: nothing real to read or copy."""
     with torch.device("meta"):
-        return Program(program.nodes, program.output, {k: torch.empty(v.shape, dtype=v.dtype) for k, v in program.tensors.items()})
+        return replace(program, tensors={k: torch.empty(v.shape, dtype=v.dtype) for k, v in program.tensors.items()})
 
 
 def _check_totals(totals: dict, node: Node, where: str, per: str) -> None:

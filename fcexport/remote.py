@@ -118,8 +118,9 @@ def connect(url: str, model: str | None, deadline: Deadline | None = None) -> En
         config = json_format.ParseDict(client.model_config(model), schema().ModelConfig(), ignore_unknown_fields=True)
     except (json_format.ParseError, TypeError, AttributeError, ValueError) as exc:
         raise FcxError(f"{where}: the configuration it sent is not Triton's ({str(exc)[:200]})") from exc
-    if len(config.input) != 1 or len(config.output) != 1:
-        raise FcxError(f"{where}: the model has {len(config.input)} inputs and {len(config.output)} outputs; an fcexport classifier has 1 and 1")
+    if len(config.input) != 1 or not config.output:
+        raise FcxError(f"{where}: the model has {len(config.input)} inputs and {len(config.output)} outputs; an fcexport model has "
+                       "1 input and its logits first")
     return Endpoint(url, protocol, model, client, config)
 
 
@@ -158,7 +159,7 @@ def remote_predictor(endpoint: Endpoint, spec: ModelSpec) -> Predictor:
         return logits
 
     batch = endpoint.config.max_batch_size if endpoint.config.max_batch_size > 0 else 256
-    return Predictor(f"triton-{endpoint.protocol}", endpoint.device, endpoint.where(), run, spec, batch)
+    return Predictor(f"triton-{endpoint.protocol}", endpoint.device, endpoint.where(), run, spec, batch, logits_only=True)
 
 
 def label_problems(endpoint: Endpoint, spec: ModelSpec, x: np.ndarray) -> list[str]:

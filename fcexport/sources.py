@@ -21,7 +21,8 @@ from torch import nn
 from fcexport.checkpoint import load_weights_file
 from fcexport.data import KNOWN_CLASS_SETS, known_class_names
 from fcexport.errors import HINTS, FcxError
-from fcexport.program import Program, capture_outputs, check_shapes, input_misfit, output_shape, task_of, with_input_normalization
+from fcexport.program import (Program, capture_outputs, check_shapes, input_misfit, other_outputs, output_shape, task_of,
+                              with_input_normalization)
 from fcexport.spec import RESAMPLING, Architecture, ModelSpec, Normalization, Preprocess, check_normalization, check_resize, default_preprocess
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -62,7 +63,8 @@ def from_module(
     if normalization:
         program = with_input_normalization(program, normalization["mean"], normalization["std"])
     _step(on_step, "checking every op and size")
-    out = output_shape(program, check_shapes(program, shape, "the model"), "the model")
+    shapes = check_shapes(program, shape, "the model")
+    out = output_shape(program, shapes, "the model")
     names = [str(i) for i in range(out[0])] if class_names is None else _names_list(class_names)
     if len(names) != out[0]:
         raise FcxError(f"{len(names)} class names given but the model returns {out[0]} logits per {'pixel' if len(out) > 1 else 'image'}")
@@ -75,6 +77,7 @@ def from_module(
                                   | kept),
         task=task_of(out),
         output_shape=out,
+        other_outputs=other_outputs(program, shapes, "the model"),
     )
     return program, spec
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -38,6 +39,8 @@ TASKS = ("classification", "segmentation")  # logits (N, classes), or per-pixel 
 MAX_TENSOR_BYTES = 1 << 28  # the memory of any one intermediate of one image, in any format: 256 MiB
 MAX_TOTAL_BYTES = 1 << 32  # the memory of all intermediates of one image together: 4 GiB
 MAX_MACS = 10**11  # multiply-accumulates of one image, in any format (densenet121: 2.9e9, a 60M-parameter ViT: ~1.5e10)
+MAX_OTHER_OUTPUTS = 16  # outputs besides the logits a spec lists (fcexport.program.MAX_EXTRAS)
+OTHER_OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # fcexport.program.OUTPUT_NAME: a name every exported file carries
 MAX_CLASS_NAME = 256  # characters: a label, not a payload (a 50 MB name would take minutes to print)
 MAX_NORMALIZATION, MIN_STD = 1e6, 1e-6  # mean/std on [0, 1] pixels; beyond these float32 models overflow
 
@@ -164,6 +167,8 @@ class ModelSpec:
     provenance: Provenance = Provenance()
     task: str = "classification"  # TASKS
     output_shape: tuple[int, ...] | None = None  # one image's output: (classes,) or (classes, H, W)
+    # the model's outputs besides the logits, exported and verified beside them: ((name, one image's shape), ...)
+    other_outputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self):
         shape, names = self.input_shape, self.class_names
@@ -175,6 +180,10 @@ class ModelSpec:
             object.__setattr__(self, "output_shape", (len(self.class_names),))
         if isinstance(names, (list, tuple)):
             object.__setattr__(self, "class_names", tuple(names))
+        if isinstance(self.other_outputs, (list, tuple)):
+            object.__setattr__(self, "other_outputs", tuple(
+                (pair[0], tuple(pair[1]) if isinstance(pair[1], (list, tuple)) else pair[1])
+                if isinstance(pair, (list, tuple)) and len(pair) == 2 else pair for pair in self.other_outputs))
         for name in ("dataset", "metrics", "training"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, frozen(getattr(self, name)))
@@ -219,6 +228,14 @@ class ModelSpec:
                 and out[0] == len(names) and math.prod(out) * 4 <= MAX_TENSOR_BYTES):
             raise FcxError(f"{where}: output_shape must be [classes{', H, W' if self.dense else ''}] with one class name "
                            f"per class, got {list(out) if isinstance(out, tuple) else str(out)[:40]}")
+        others = self.other_outputs
+        if not (isinstance(others, tuple) and len(others) <= MAX_OTHER_OUTPUTS and all(
+                isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and OTHER_OUTPUT_NAME.fullmatch(pair[0])
+                and pair[0] not in ("pixels", "logits") and isinstance(pair[1], tuple) and 1 <= len(pair[1]) <= 8
+                and all(type(v) is int and v > 0 for v in pair[1]) and math.prod(pair[1]) * 4 <= MAX_TENSOR_BYTES
+                for pair in others) and len({name for name, _ in others}) == len(others)):
+            raise FcxError(f"{where}: other_outputs must be at most {MAX_OTHER_OUTPUTS} outputs, each a distinct name of letters, "
+                           "digits and '_' (not pixels or logits) and one image's shape of positive sizes")
         parts = {"preprocess": Preprocess, "architecture": Architecture, "provenance": Provenance}
         for name, kind in parts.items():
             if not isinstance(getattr(self, name), kind):
@@ -256,6 +273,8 @@ class ModelSpec:
         }
         if self.dense:  # a classifier's layout stays as it always was
             data |= {"task": self.task, "output_shape": list(self.output_shape)}
+        if self.other_outputs:
+            data["other_outputs"] = [{"name": name, "shape": list(shape)} for name, shape in self.other_outputs]
         return json.loads(json.dumps(data))  # plain values only (str subclasses such as torch.__version__ become str)
 
     @classmethod
@@ -293,6 +312,7 @@ class ModelSpec:
                 provenance=_provenance(provenance, where),
                 task=data.get("task", "classification"),
                 output_shape=tuple(data["output_shape"]) if isinstance(data.get("output_shape"), list) else data.get("output_shape"),
+                other_outputs=_other_outputs(data.get("other_outputs", []), where),
             )
         except FcxError as exc:
             raise FcxError(str(exc).replace("model spec", where, 1)) from exc
@@ -352,3 +372,11 @@ def default_preprocess(channels: int, object_fill: float = 1.0, dense: bool = Fa
     """Gray classifiers get Fashion-MNIST-style object preparation (the object cut out); colour models and every
     segmentation model a letterboxed resize (a mask maps back onto the file's own pixels)."""
     return Preprocess("object", object_fill) if channels == 1 and not dense else Preprocess("letterbox")
+
+
+def _other_outputs(value, where: str) -> tuple:
+    """other_outputs' JSON ([{"name", "shape"}, ...]) as ModelSpec takes it; validate() checks the values."""
+    if not isinstance(value, list) or len(value) > MAX_OTHER_OUTPUTS or not all(
+            isinstance(item, dict) and set(item) == {"name", "shape"} and isinstance(item["shape"], list) for item in value):
+        raise FcxError(f"{where}: other_outputs must be a list of at most {MAX_OTHER_OUTPUTS} {{name, shape}} objects")
+    return tuple((item["name"], tuple(item["shape"])) for item in value)

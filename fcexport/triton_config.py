@@ -54,6 +54,11 @@ class Served:
         return self.config.platform
 
 
+def other_output_names(platform: str, spec: ModelSpec) -> list[str]:
+    """The served names of the model's other outputs: the file's own for ONNX, libtorch's positional `name__i`."""
+    return [name if platform != LIBTORCH_PLATFORM else f"{name}__{i}" for i, (name, _) in enumerate(spec.other_outputs, 1)]
+
+
 def model_config(name: str, platform: str, spec: ModelSpec, settings) -> object:
     """The ModelConfig message of one served model (`settings`: a TritonSettings)."""
     types = schema()
@@ -63,7 +68,9 @@ def model_config(name: str, platform: str, spec: ModelSpec, settings) -> object:
         name=name, platform=platform, max_batch_size=settings.max_batch_size, default_model_filename=MODEL_FILES[platform],
         input=[types.ModelInput(name=input_name, data_type=types.TYPE_FP32, dims=list(spec.input_shape))],
         output=[types.ModelOutput(name=output_name, data_type=types.TYPE_FP32, dims=list(spec.output_shape),
-                                   label_filename=LABELS_FILE)],  # dense too: the class of each channel
+                                   label_filename=LABELS_FILE),  # dense too: the class of each channel
+                *(types.ModelOutput(name=served, data_type=types.TYPE_FP32, dims=list(shape))
+                  for served, (_, shape) in zip(other_output_names(platform, spec), spec.other_outputs))],
         dynamic_batching=types.ModelDynamicBatching(max_queue_delay_microseconds=100),
         instance_group=[types.ModelInstanceGroup(count=settings.instances, kind=kind)],
         version_policy=types.ModelVersionPolicy(latest=types.ModelVersionPolicy.Latest(num_versions=1)),
@@ -160,8 +167,9 @@ def config_problems(served: Served, spec: ModelSpec, graph: tuple[tuple[str, tup
         problems.append(f"{where}: default_model_filename '{config.default_model_filename}' should be '{MODEL_FILES[config.platform]}'")
     if config.max_batch_size < 1:
         problems.append(f"{where}: max_batch_size {config.max_batch_size}: the model has a batch dimension, so it must be >= 1")
-    if len(config.input) != 1 or len(config.output) != 1:
-        return problems + [f"{where}: {len(config.input)} inputs and {len(config.output)} outputs; the model has 1 and 1"]
+    if len(config.input) != 1 or len(config.output) != 1 + len(spec.other_outputs):
+        return problems + [f"{where}: {len(config.input)} inputs and {len(config.output)} outputs; the model has 1 and "
+                           f"{1 + len(spec.other_outputs)}"]
     expected_names = TENSOR_NAMES[ONNX_PLATFORM if standin else config.platform]
     if graph is not None:
         expected_names = (graph[0][0], graph[1][0])
@@ -176,6 +184,10 @@ def config_problems(served: Served, spec: ModelSpec, graph: tuple[tuple[str, tup
             batch_in = len(tensor.dims) == len(dims) + 1 and tuple(tensor.dims[1:]) == dims
             problems.append(f"{where}: {role} '{tensor.name}' dims {list(tensor.dims)} should be {list(dims)}"
                             + (" (the batch dimension is left out of dims when max_batch_size > 0)" if batch_in else ""))
+    others = zip(config.output[1:], other_output_names(ONNX_PLATFORM if standin else config.platform, spec), spec.other_outputs)
+    for tensor, name, (_, dims) in others:
+        if (tensor.name, tuple(tensor.dims), tensor.data_type) != (name, tuple(dims), types.TYPE_FP32):
+            problems.append(f"{where}: output '{tensor.name}' should be '{name}', TYPE_FP32, dims {list(dims)}")
     if graph is not None:
         for (name, dims), want in zip(graph, expected_dims):
             if tuple(dims) != want:

@@ -23,7 +23,7 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_name = config["input"][0]["name"]
-        self.output_name = config["output"][0]["name"]
+        self.output_names = [output["name"] for output in config["output"]]  # the logits, then any other outputs
 
     def execute(self, requests):
         import numpy as np
@@ -31,13 +31,13 @@ class TritonPythonModel:
 
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         try:
-            logits = self.session.run([self.output_name], {self.input_name: np.concatenate(arrays)})[0]
+            found = self.session.run(self.output_names, {self.input_name: np.concatenate(arrays)})
         except Exception as exc:  # every request of the batch gets the reason
             error = pb_utils.TritonError(f"onnxruntime could not run the model: {str(exc).splitlines()[0][:300]}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
         responses, start = [], 0
         for array in arrays:
-            part = logits[start : start + len(array)]
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)]))
+            parts = [pb_utils.Tensor(name, values[start : start + len(array)]) for name, values in zip(self.output_names, found)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=parts))
             start += len(array)
         return responses

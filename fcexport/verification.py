@@ -218,7 +218,7 @@ def numbers(stored, model_path: Path, candidates: list, problems: list[list[str]
     if on_step is not None:
         on_step(f"computing model.pt's answers in float64 ({len(inputs.x):,} inputs)")
     reference, own_error = float64_reference(stored, model_path, inputs.x)
-    rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance, on_step)
+    rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance, on_step, other_references(stored, inputs.x))
     # a file refused before loading is a failure, not a skip
     rows = [parity.with_problems(row, found) for row, found in zip(rows, problems, strict=True)]
     return parity.report(rows, inputs, reference, accuracy(reference, inputs.labels), own_error, tolerance)
@@ -232,6 +232,17 @@ def float64_reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarr
     reference, own = machine_cache.answers(stored.sha256, stored.spec.output_shape, x,  # fuse-bn --verify's inputs
                                            lambda part: float64_answers(stored.program, stored.spec, model_path, part))
     return reference, float(own.max(initial=0.0))
+
+
+def other_references(stored, x: np.ndarray) -> tuple:
+    """model.pt's other outputs (parity.OtherOutput: torchvision's "aux") for `x` in float64, each with its own float32
+    error; () for a model with one output."""
+    from fcexport.targets.program import other_answers
+
+    if not stored.program.extras:
+        return ()
+    return tuple(parity.OtherOutput(name, values, own) for (name, _), (values, own)
+                 in zip(stored.spec.other_outputs, other_answers(stored.program, x), strict=True))
 
 
 def real_images(spec, data: str | None, data_root: str | None):

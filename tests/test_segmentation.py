@@ -370,3 +370,102 @@ def test_near_zero_pixels_and_single_logits_are_not_decisive():
     assert decisive_rows(single).tolist() == [True, True, False]
     single_dense = np.array([[[[5.0, 0.01]]]])
     assert decisive_rows(single_dense).tolist() == [[[True, False]]]
+
+
+# ---- the model's other outputs (torchvision's "aux"): exported and verified beside the logits -------------------
+
+
+def test_every_output_is_in_every_file_and_judged_on_every_row(segmenter):
+    import onnxruntime as ort
+
+    from fcexport.checkpoint import read_model
+    from fcexport.targets import TritonSettings
+    from fcexport.triton_config import model_config
+
+    stored = read_model(segmenter / "model.pt")
+    assert stored.spec.other_outputs == (("aux", (3, 32, 48)),)
+    assert read_model(segmenter / "model.fused.pt").program.extras  # folding kept it (aux is a folded BatchNorm's output)
+    x = np.random.default_rng(0).random((2, 3, 64, 96), dtype=np.float32)
+    expected = ColourSeg().eval()(torch.from_numpy(x))
+    session = ort.InferenceSession(str(segmenter / "model.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["logits", "aux"]
+    logits, aux = session.run(None, {"pixels": x})
+    np.testing.assert_allclose(aux, expected["aux"].detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(logits, expected["out"].detach().numpy(), atol=1e-5)
+    traced = torch.jit.load(str(segmenter / "model.ts"))(torch.from_numpy(x))
+    assert isinstance(traced, tuple) and traced[1].shape == (2, 3, 32, 48)
+    for platform, name in (("onnxruntime_onnx", "aux"), ("pytorch_libtorch", "aux__1")):
+        config = model_config("seg", platform, stored.spec, TritonSettings("seg"))
+        assert [(o.name, list(o.dims)) for o in config.output[1:]] == [(name, [3, 32, 48])]
+    report = fcexport.verify(segmenter, None, ("cpu",), inputs=64)
+    ran = [row for row in report.rows if row.status.value != "skipped"]
+    assert report.passed and {"fused", "torchscript", "pt2", "onnxruntime"} <= {row.backend for row in ran}
+    for row in ran:
+        aux = row.value("other_outputs")["aux"]
+        assert aux["passed"] and aux["max_abs"] <= aux["allowed_max_abs"], row
+
+
+def test_an_other_output_that_is_off_or_missing_fails_its_row_and_a_served_one_is_said_not_compared(segmenter):
+    from dataclasses import replace
+
+    from fcexport import parity
+    from fcexport.checkpoint import read_model
+    from fcexport.compare import Tolerance
+    from fcexport.targets.program import float64_answers, other_answers, program_predictor
+
+    stored = read_model(segmenter / "model.pt")
+    x = np.random.default_rng(1).random((8, 3, 64, 96), dtype=np.float32)
+    reference, own = float64_answers(stored.program, stored.spec, segmenter / "model.pt", x)
+    (aux, aux_own), = other_answers(stored.program, x)
+    others = (parity.OtherOutput("aux", aux, aux_own),)
+    honest = program_predictor(stored.program, "fused", "cpu", segmenter / "model.pt", stored.spec)
+
+    def shifted(batch):
+        logits, found = honest.run(batch)
+        return logits, found + 1e-3 * np.abs(found).max()  # the logits as they were: only aux is off
+
+    def logits_off(batch):
+        logits, found = honest.run(batch)
+        return logits + 1e-3 * np.abs(logits).max(), found
+
+    candidates = [honest, replace(honest, backend="off", run=shifted), replace(honest, backend="logits off", run=logits_off),
+                  replace(honest, backend="missing", run=lambda batch: honest.run(batch)[0]),
+                  replace(honest, backend="served", run=lambda batch: honest.run(batch)[0], logits_only=True)]
+    inputs = parity.Inputs(x, None, "8 random inputs")
+    rows = {row.backend: row for row in parity.compare_predictors(reference, float(own.max()), candidates, inputs, Tolerance(),
+                                                                  others=others)}
+    assert rows["fused"].status.value == "pass" and rows["fused"].value("max_abs") == rows["off"].value("max_abs")
+    assert rows["off"].status.value == "fail" and not rows["off"].value("other_outputs")["aux"]["passed"]
+    assert rows["missing"].status.value == "fail" and "returns 1 outputs" in rows["missing"].value("other_outputs")["aux"]["missing"]
+    assert rows["served"].status.value == "pass" and "not_compared" in rows["served"].value("other_outputs")["aux"]
+    # per-pixel logits that fail are localised per input (over all its pixels): here no layer of the honest program is off
+    assert rows["logits off"].status.value == "fail" and rows["logits off"].value("first_divergent_layer") is None
+    assert rows["logits off"].value("other_outputs")["aux"]["passed"]
+
+
+@pytest.mark.parametrize("extras, expected", [
+    ([["aux", "nowhere"]], "other outputs must be"),
+    ([["logits", "y"]], "other outputs must be"),
+    ([["a b", "y"]], "other outputs must be"),
+    ([[f"o{i}", "y"] for i in range(17)], "at most 16"),
+    ("aux", "at most 16"),
+])
+def test_a_hostile_list_of_other_outputs_in_model_pt_is_one_clear_line(extras, expected):
+    from fcexport.program import INPUT, Node, Program, Ref, from_data, to_data
+
+    program = Program((Node("y", "aten.relu.default", (Ref(INPUT),)),), "y", {})
+    data = to_data(program) | {"extras": extras}
+    with pytest.raises(FcxError, match=expected):
+        from_data(data, {}, "model.pt")
+
+
+def test_a_spec_that_lists_other_outputs_the_program_lacks_is_refused(segmenter, tmp_path):
+    from dataclasses import replace
+
+    from fcexport.checkpoint import read_model, save_program
+
+    stored = read_model(segmenter / "model.pt")
+    lying = tmp_path / "model.pt"
+    save_program(replace(stored.program, extras=()), stored.spec, lying)  # a well-formed file whose spec lies
+    with pytest.raises(FcxError, match="other outputs differ from those its spec lists"):
+        read_model(lying)

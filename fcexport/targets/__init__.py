@@ -89,15 +89,17 @@ class Checks:
 @dataclass(frozen=True)
 class Predictor:
     """Runs a model: float32 pixels (N, C, H, W) in [0, 1] -> logits (N, *spec.output_shape), in batches of at most `batch`. (What an
-    artifact computes with is checked before it becomes one: see `Checks`.)"""
+    artifact computes with is checked before it becomes one: see `Checks`.) `run` returns one array, or for a model with
+    other outputs (fcexport.program.Program.extras) a tuple of every output, the predicted one first."""
 
     backend: str
     device: str
     source: Path | str  # the file it runs, or where it is served (a URL and model name)
-    run: Callable[[np.ndarray], np.ndarray]
+    run: Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, ...]"]
     spec: ModelSpec
     batch: int | None = None  # images per call; None: chunk_size(the input shape)
     approximate: bool = False  # judged by top-1 agreement and accuracy, not float tolerances (int8)
+    logits_only: bool = False  # asked for the logits alone (a served model): its other outputs are not compared
     precision: str = "float32"  # what it computes in, said in verify's and bench's rows
     noise_scale: float = 1.0  # the exact rule's factor is multiplied by this (a runtime with its own float32 kernels)
     # where a runtime can show its intermediate values: (the checked program it computes, layers(x) -> {layer: (type,
@@ -107,15 +109,23 @@ class Predictor:
     left_float: Callable[[], dict] | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.outputs(x)[0]
+
+    def outputs(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Every output for `x` (the logits first), the logits checked against the spec's shape."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         batch = self.batch or chunk_size(self.spec.input_shape)
         parts = [self.run(x[i : i + batch]) for i in range(0, len(x), batch)] if len(x) else [self.run(x)]
-        logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        parts = [part if isinstance(part, tuple) else (part,) for part in parts]
+        if len({len(part) for part in parts}) != 1:
+            raise FcxError(f"{self.source}: the model returned a different number of outputs from one batch to the next")
+        found = tuple(group[0] if len(group) == 1 else np.concatenate(group) for group in zip(*parts))
+        logits = found[0]
         expected = (len(x), *self.spec.output_shape)
         if getattr(logits, "shape", None) != expected:
             raise FcxError(f"{self.source}: the model returned shape {getattr(logits, 'shape', type(logits).__name__)} "
                            f"for {len(x)} images, but its spec names {expected[1]} classes: expected {expected}")
-        return logits
+        return found
 
 
 CHUNK_BYTES = 8 << 20
@@ -277,9 +287,12 @@ def torch_runner(module, dev):
     copy back to the host synchronises, so a timed call includes the GPU's work)."""
     import torch
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray):
         with torch.inference_mode(), exact_float32():
-            return module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
+            found = module(torch.from_numpy(x).to(dev))
+            if isinstance(found, (tuple, list)):
+                return tuple(value.float().cpu().numpy() for value in found)
+            return found.float().cpu().numpy()
 
     return run
 

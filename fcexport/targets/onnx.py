@@ -26,7 +26,8 @@ def onnx_bytes(program, spec: ModelSpec, opset: int = ExportSettings.opset) -> b
     from fcexport.program import ProgramModule
 
     example = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))  # batch >= 2: not specialised to 1
-    proto = _exported(ProgramModule(program), example, ({0: torch.export.Dim("batch")},), opset)
+    proto = _exported(ProgramModule(program, every_output=True), example, ({0: torch.export.Dim("batch")},), opset,
+                      [OUTPUT_NAME, *(name for name, _ in program.extras)])
     proto.doc_string = ("fcexport segmentation model: float32 pixels in [0, 1] (N, C, H, W) -> per-pixel logits (N, classes, H, W)"
                         if spec.dense else "fcexport classifier: float32 pixels in [0, 1] (N, C, H, W) -> logits (N, classes)")
     del proto.metadata_props[:]
@@ -43,17 +44,17 @@ def layer_tap_bytes(program, input_shape, batch: int, opset: int = ExportSetting
 
     from fcexport.program import LayerTap
 
-    return _exported(LayerTap(program), torch.rand(batch, *input_shape), None, opset).SerializeToString()
+    return _exported(LayerTap(program), torch.rand(batch, *input_shape), None, opset, [OUTPUT_NAME]).SerializeToString()
 
 
-def _exported(module, example, dynamic_shapes, opset: int):
+def _exported(module, example, dynamic_shapes, opset: int, output_names: list[str]):
     import torch
 
     try:
         # torch.onnx and onnxscript print progress, and log notes about opset conversion on every call
         with quiet_warnings(), quiet_loggers("torch.onnx", "onnxscript"), contextlib.redirect_stdout(io.StringIO()):
             exported = torch.onnx.export(
-                module.eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                module.eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=output_names,
                 dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False,
             )
     except Exception as exc:

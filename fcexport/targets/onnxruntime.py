@@ -88,12 +88,13 @@ def _session(data: bytes, path: Path, device: str):
 
 
 def _runner(session, path: Path):
-    """x -> the session's first output."""
-    input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+    """x -> the session's output, or a tuple of its outputs (the logits first) where it has several."""
+    input_name = session.get_inputs()[0].name
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray):
         try:
-            return session.run([output_name], {input_name: x})[0]
+            found = session.run(None, {input_name: x})
+            return found[0] if len(found) == 1 else tuple(found)
         except Exception as exc:  # ORT's Fail / RuntimeException: the model cannot run on this input
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise FcxError(f"{path}: onnxruntime could not run the model on a batch of {len(x)}: {first}") from exc

@@ -63,10 +63,14 @@ def _compiled(data: bytes, path: Path, precision: str):
 
 
 def _runner(request, path: Path):
-    def run(x: np.ndarray) -> np.ndarray:
+    """x -> the file's output, or a tuple of its outputs (the logits first) where it has several."""
+    count = len(request.model_outputs)
+
+    def run(x: np.ndarray):
         try:
             request.infer({0: x})
-            return request.get_output_tensor(0).data.copy()
+            found = tuple(request.get_output_tensor(i).data.copy() for i in range(count))
+            return found[0] if count == 1 else found
         except Exception as exc:
             raise Unsupported(f"OpenVINO could not run {path.name} on a batch of {len(x)}: {_first_line(exc)}") from exc
 

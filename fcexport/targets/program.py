@@ -20,7 +20,7 @@ def program_predictor(program, backend: str, device: str, source: Path, spec: Mo
 
     from fcexport.program import ProgramModule, layer_values
 
-    module = ProgramModule(program)
+    module = ProgramModule(program, every_output=True)
     predictor = module_predictor(module, backend, device, source, spec, batch)
     dev = torch.device(predictor.device)
 
@@ -53,6 +53,24 @@ def float64_answers(program, spec, source: Path, x: np.ndarray) -> tuple[np.ndar
     exact = float64_logits(program, x)
     own = program_predictor(program, "eager", "cpu", source, spec)(x)
     return exact, np.abs(own.astype(np.float64) - exact).reshape(len(x), -1).max(axis=1, initial=0.0)
+
+
+def other_answers(program, x: np.ndarray) -> list[tuple[np.ndarray, float]]:
+    """For each output besides the logits (program.extras): (its float64 values for `x`, the program's own float32
+    max abs error there), as float64_answers gives them for the logits; one pass in each precision, in chunks."""
+    import torch
+
+    from fcexport.program import ProgramModule
+    from fcexport.targets import chunk_size
+
+    batch = max(1, chunk_size(x.shape[1:]) // 2)
+    exact, own = [], []
+    with torch.inference_mode():
+        for module, dtype, kept in ((ProgramModule(program, every_output=True).double().eval(), torch.float64, exact),
+                                    (ProgramModule(program, every_output=True).eval(), torch.float32, own)):
+            parts = [module(torch.from_numpy(x[i : i + batch]).to(dtype))[1:] for i in range(0, len(x), batch)]
+            kept.extend(np.concatenate([part[k].numpy() for part in parts]) for k in range(len(program.extras)))
+    return [(values, float(np.abs(mine.astype(np.float64) - values).max(initial=0.0))) for values, mine in zip(exact, own)]
 
 
 def reference_layers(program, x: np.ndarray) -> tuple[dict, dict]:

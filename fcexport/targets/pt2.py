@@ -31,7 +31,7 @@ def exported_program(program, spec: ModelSpec, device=None):
     example = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))  # batch >= 2: not specialised
     try:
         with quiet_warnings():
-            exported = torch.export.export(ProgramModule(program).eval().to(device), (example.to(device),),
+            exported = torch.export.export(ProgramModule(program, every_output=True).eval().to(device), (example.to(device),),
                                            dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
