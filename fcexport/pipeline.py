@@ -472,8 +472,7 @@ def export_check(model: _Model, artifacts: Path, exported: list[str], on_step=No
             candidates.append(parity.Skipped(chosen.name, "cpu", str(exc)))
     x = np.random.default_rng(3).random((EXPORT_CHECK_INPUTS, *stored.spec.input_shape), dtype=np.float32)
     inputs = parity.Inputs(x, None, f"{EXPORT_CHECK_INPUTS} random inputs")
-    reference, own_error = verification.float64_reference(stored, model.path, x)
-    others = verification.other_references(stored, x)
+    reference, own_error, others = verification.float64_reference(stored, model.path, x)
     rows = parity.compare_predictors(reference, own_error, candidates, inputs, DEFAULT_TOLERANCE, others=others)
     return parity.report(rows, inputs, reference, None, own_error, DEFAULT_TOLERANCE)
 

@@ -217,32 +217,35 @@ def numbers(stored, model_path: Path, candidates: list, problems: list[list[str]
     inputs = parity.make_inputs(stored.spec, budget, *real_images(stored.spec, data, data_root), probes=probes)
     if on_step is not None:
         on_step(f"computing model.pt's answers in float64 ({len(inputs.x):,} inputs)")
-    reference, own_error = float64_reference(stored, model_path, inputs.x)
-    rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance, on_step, other_references(stored, inputs.x))
+    reference, own_error, others = float64_reference(stored, model_path, inputs.x)
+    rows = parity.compare_predictors(reference, own_error, candidates, inputs, tolerance, on_step, others)
     # a file refused before loading is a failure, not a skip
     rows = [parity.with_problems(row, found) for row, found in zip(rows, problems, strict=True)]
     return parity.report(rows, inputs, reference, accuracy(reference, inputs.labels), own_error, tolerance)
 
 
-def float64_reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
-    """(model.pt's logits for `x` in float64, model.pt's own float32 error on them: the yardstick)."""
+def float64_reference(stored, model_path: Path, x: np.ndarray) -> tuple[np.ndarray, float, tuple]:
+    """(model.pt's logits for `x` in float64, model.pt's own float32 error on them: the yardstick, and its other
+    outputs as parity.OtherOutput), each recorded on this machine (fuse-bn --verify's inputs); the rows not recorded
+    come from one pass over every output."""
     from fcexport import machine_cache
-    from fcexport.targets.program import float64_answers
+    from fcexport.targets.program import every_answer
 
-    reference, own = machine_cache.answers(stored.sha256, stored.spec.output_shape, x,  # fuse-bn --verify's inputs
-                                           lambda part: float64_answers(stored.program, stored.spec, model_path, part))
-    return reference, float(own.max(initial=0.0))
+    made: list = []  # (inputs, every output's answers) of the last pass: the logits' pass serves the other outputs
 
+    def answers(index: int):
+        def compute(part: np.ndarray):
+            if not (made and made[0][0].shape == part.shape and np.array_equal(made[0][0], part)):
+                made[:] = [(part, every_answer(stored.program, stored.spec, model_path, part))]
+            return made[0][1][index]
+        return compute
 
-def other_references(stored, x: np.ndarray) -> tuple:
-    """model.pt's other outputs (parity.OtherOutput: torchvision's "aux") for `x` in float64, each with its own float32
-    error; () for a model with one output."""
-    from fcexport.targets.program import other_answers
-
-    if not stored.program.extras:
-        return ()
-    return tuple(parity.OtherOutput(name, values, own) for (name, _), (values, own)
-                 in zip(stored.spec.other_outputs, other_answers(stored.program, x), strict=True))
+    reference, own = machine_cache.answers(stored.sha256, stored.spec.output_shape, x, answers(0))
+    others = []
+    for index, (name, shape) in enumerate(stored.spec.other_outputs, 1):
+        values, own_rows = machine_cache.answers(f"{stored.sha256}/{name}", shape, x, answers(index))
+        others.append(parity.OtherOutput(name, values, float(own_rows.max(initial=0.0))))
+    return reference, float(own.max(initial=0.0)), tuple(others)
 
 
 def real_images(spec, data: str | None, data_root: str | None):
@@ -303,7 +306,7 @@ def reference_check(artifacts: Path, manifest: dict | None, stored, model_path: 
     if differences := parity.spec_differences(stored.spec, found.spec):
         return TrustCheck(reference.FILE, Status.FAIL, f"{reference.FILE}: " + "; ".join(differences))
     checked = found.count if budget is None else min(found.count, budget)
-    expected, own = float64_reference(stored, model_path, found.inputs[:checked])
+    expected, own, _ = float64_reference(stored, model_path, found.inputs[:checked])
     off = float(np.abs(found.logits[:checked] - expected).max(initial=0.0))
     largest = float(np.abs(expected).max(initial=0.0))
     allowed = REFERENCE_RTOL * max(1.0, largest)

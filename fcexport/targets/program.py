@@ -47,30 +47,32 @@ def float64_logits(program, x: np.ndarray) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float64)
 
 
-def float64_answers(program, spec, source: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the program's logits for `x` in float64, its own float32 max abs error per input: the yardstick), as
-    fcexport.machine_cache.answers records them."""
-    exact = float64_logits(program, x)
-    own = program_predictor(program, "eager", "cpu", source, spec)(x)
-    return exact, np.abs(own.astype(np.float64) - exact).reshape(len(x), -1).max(axis=1, initial=0.0)
-
-
-def other_answers(program, x: np.ndarray) -> list[tuple[np.ndarray, float]]:
-    """For each output besides the logits (program.extras): (its float64 values for `x`, the program's own float32
-    max abs error there), as float64_answers gives them for the logits; one pass in each precision, in chunks."""
+def float64_outputs(program, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """float64_logits for a program with other outputs (program.extras): every output, the logits first, in one pass."""
     import torch
 
     from fcexport.program import ProgramModule
     from fcexport.targets import chunk_size
 
     batch = max(1, chunk_size(x.shape[1:]) // 2)
-    exact, own = [], []
+    module = ProgramModule(program, every_output=True).double().eval()
     with torch.inference_mode():
-        for module, dtype, kept in ((ProgramModule(program, every_output=True).double().eval(), torch.float64, exact),
-                                    (ProgramModule(program, every_output=True).eval(), torch.float32, own)):
-            parts = [module(torch.from_numpy(x[i : i + batch]).to(dtype))[1:] for i in range(0, len(x), batch)]
-            kept.extend(np.concatenate([part[k].numpy() for part in parts]) for k in range(len(program.extras)))
-    return [(values, float(np.abs(mine.astype(np.float64) - values).max(initial=0.0))) for values, mine in zip(exact, own)]
+        parts = [module(torch.from_numpy(x[i : i + batch]).double()) for i in range(0, len(x), batch)]
+    return tuple(np.concatenate([part[k].numpy() for part in parts]) for k in range(1 + len(program.extras)))
+
+
+def every_answer(program, spec, source: Path, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For every output, the logits first: (its float64 values for `x`, the program's own float32 max abs error per
+    input there: the yardstick), as fcexport.machine_cache.answers records them; one pass in each precision."""
+    exact = float64_outputs(program, x) if program.extras else (float64_logits(program, x),)
+    own = program_predictor(program, "eager", "cpu", source, spec).outputs(x)
+    return [(values, np.abs(mine.astype(np.float64) - values).reshape(len(x), -1).max(axis=1, initial=0.0))
+            for values, mine in zip(exact, own, strict=True)]
+
+
+def float64_answers(program, spec, source: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """every_answer's logits: (float64 logits for `x`, own float32 max abs error per input)."""
+    return every_answer(program, spec, source, x)[0]
 
 
 def reference_layers(program, x: np.ndarray) -> tuple[dict, dict]:
