@@ -116,7 +116,13 @@ def segmentation_models() -> list[str]:
 
     names = [f"seg:{name}" for name in torchvision.models.list_models(module=torchvision.models.segmentation)
              if not name.endswith("101")]  # fcn_resnet101 and deeplabv3_resnet101: over 50M parameters, as resnet101's
-    return names + [f"smp:{arch}:{encoder}" for arch in SMP_ARCHITECTURES for encoder in SMP_ENCODERS]
+    return (names + [f"smp:{arch}:{encoder}" for arch in SMP_ARCHITECTURES for encoder in SMP_ENCODERS]
+            + list(SEVERAL_OUTPUTS))
+
+
+# models with an output besides the logits, exported and verified beside them: torchvision's auxiliary classifier
+# ("seg:NAME:aux": {"out", "aux"}) and segmentation_models_pytorch's per-image label head ("smp:ARCH:ENCODER:label")
+SEVERAL_OUTPUTS = ("seg:fcn_resnet50:aux", "smp:Unet:resnet18:label")
 
 
 def all_models() -> list[str]:
@@ -130,12 +136,15 @@ def build(name: str, untrained: bool = False):
     if name.startswith("seg:"):
         import torchvision
 
-        model = torchvision.models.get_model(name[4:], weights=None, weights_backbone=None, num_classes=CLASSES)
+        base, _, aux = name[4:].partition(":")
+        model = torchvision.models.get_model(base, weights=None, weights_backbone=None, num_classes=CLASSES,
+                                             **({"aux_loss": True} if aux == "aux" else {}))
     elif name.startswith("smp:"):
         import segmentation_models_pytorch as smp
 
-        arch, encoder = name[4:].split(":")
-        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=CLASSES)
+        arch, encoder, *label = name[4:].split(":")
+        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=CLASSES,
+                                 **({"aux_params": {"classes": 3}} if label == ["label"] else {}))
     elif name.startswith("hf:"):
         import transformers
 
@@ -208,6 +217,9 @@ def run(name: str, folder: Path, untrained: bool = False, size: int = 224, input
         "left": [f"{x['layer']}: {x['reason']}" for x in fused["report"]["left"]],
         "max_abs": {b: r["max_abs"] for b, r in rows.items()},
         "noise_ratio": {b: r["noise_ratio"] for b, r in rows.items()},
+        # each output besides the logits: its largest ratio to its own float32 error over the rows
+        "other_outputs": {name: max((r["other_outputs"][name].get("noise_ratio") or 0.0) for r in rows.values())
+                          for name in next(iter(rows.values())).get("other_outputs", {})},
         "own_error": report["own_float32_error"],
         "inputs": report["input_count"],
         "weak": report["weak"],  # e.g. a zero-initialised head: every input answered alike, the numbers prove little
@@ -272,6 +284,7 @@ def main() -> None:
         s = result["seconds"]
         skipped = f"; not written: {', '.join(result['skipped'])}" if result["skipped"] else ""
         skipped += f"; {result['weak']}" if result.get("weak") else ""
+        skipped += "".join(f"; {name} at most {ratio:.1f}x own" for name, ratio in result.get("other_outputs", {}).items())
         masks = f" / predict {s['predict']:.1f}" if "predict" in s else ""
         print(f"| {name} | {result['folds']} | {errors}{skipped} | {s['import']:.0f} / {s['fuse']:.0f} / {s['export']:.0f} / "
               f"{s['verify']:.0f}{masks} |", flush=True)
