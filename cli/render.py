@@ -205,16 +205,17 @@ def comparison_table(title: str, report, wide: bool = False, artifacts=None) -> 
     if parts:  # one grey line: skips are information, not warnings
         out.print(Text(shown("skipped: " + "; ".join(parts)), style="bright_black"))
     ref = report.reference_accuracy
-    others = {}
+    others: dict[str, list[float]] = {}  # each output besides the logits: its ratios to its own error, exact rows
     for r in report.rows:
         for name, numbers in (r.value("other_outputs") or {}).items():
-            if numbers.get("noise_ratio") is not None and numbers.get("criterion") == "noise":
-                others[name] = max(others.get(name, 0.0), numbers["noise_ratio"])
-            else:
-                others.setdefault(name, None)
+            exact = numbers.get("criterion") == "noise" and numbers.get("noise_ratio") is not None
+            others.setdefault(name, []).extend([numbers["noise_ratio"]] if exact else [])
     if others:  # the outputs besides the logits (torchvision's "aux"): judged on every row by the same rule
         out.print(Text(shown("other outputs, judged on every row by the same rule: " + ", ".join(
-            name + (f" (largest {ratio:.1f} x own)" if ratio is not None else "") for name, ratio in others.items()))))
+            name + (f" (largest {max(ratios):.1f} x own)" if ratios else "") for name, ratios in others.items()))))
+    unjudged = next((r.value("other_outputs_not_compared") for r in report.rows if r.value("other_outputs_not_compared")), None)
+    if unjudged:
+        warning(unjudged)
     out.print(Text(f"inputs: {shown(report.inputs)}"))
     if report.weak:
         warning(report.weak)

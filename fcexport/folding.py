@@ -184,6 +184,10 @@ class _Work:
     def users(self, name: str) -> list[Node]:
         return [self.nodes[n] for n in sorted(self.readers.get(name, ())) if n in self.nodes]
 
+    def returned(self, name: str) -> bool:
+        """Whether the model returns this value (its logits or another output): a fold must not change it."""
+        return name == self.output or any(node == name for _, node in self.extras)
+
     def stored(self, arg) -> torch.Tensor | None:
         return self.tensors.get(arg.name) if isinstance(arg, Ref) else None
 
@@ -218,7 +222,7 @@ class _Work:
             return None
         source, mean_ref = sub.args
         mean, std = self.stored(mean_ref), self.stored(std_ref)
-        if mean is None or std is None or not isinstance(source, Ref) or len(self.users(sub.name)) != 1:
+        if mean is None or std is None or not isinstance(source, Ref) or len(self.users(sub.name)) != 1 or self.returned(sub.name):
             return None
         rank = len(self.shapes.get(source.name, ())) if source.name != INPUT else 4
         per_channel = [t for t in (mean, std) if t.numel() > 1]
@@ -236,12 +240,12 @@ class _Work:
     def fold_before(self, affine: _Affine) -> Fold | None:
         """Into the Conv or Linear that produces the affine map's input, when nothing else reads it."""
         producer = self.nodes.get(affine.source)
-        if producer is None or len(self.users(producer.name)) != 1:
+        if producer is None or len(self.users(producer.name)) != 1 or self.returned(producer.name):
             return None
         if producer.op == "aten.view.default":  # timm's (N, L, C) -> (N * L, C) -> BatchNorm1d: the channel axis stays last
             merged, inner = self.shapes.get(producer.name, ()), self.nodes.get(getattr(producer.args[0], "name", ""))
             if inner is None or inner.op not in (LINEAR, *LINEARS) or len(merged) != 2 or self.shapes.get(inner.name, ())[-1:] != merged[-1:] \
-                    or len(self.users(inner.name)) != 1:
+                    or len(self.users(inner.name)) != 1 or self.returned(inner.name):
                 return None
             producer = inner
         elif producer.op != CONV and len(self.shapes.get(producer.name, ())) != 2:
@@ -264,6 +268,8 @@ class _Work:
         users = [u for u in self.users(affine.value) if u.op not in SHAPE_READERS]
         if len(users) != 1:
             return f"its output has {len(users)} users, so no single layer can absorb it"
+        if self.returned(affine.value):
+            return "its output is also one of the model's outputs, so no following layer can absorb it"
         user, repeat = users[0], 1
         shape = self.shapes.get(affine.value) or self.shapes.get(affine.source) or ()
         if user.op == "aten.view.default" and len(self.users(user.name)) == 1 and self._flattens(shape, self.shapes.get(user.name)):

@@ -156,6 +156,9 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
         if others:
             stats["other_outputs"] = judged = other_outputs(candidate, found[1:], others, rule)
             stats["passed"] = stats["passed"] and all(v.get("passed", True) for v in judged.values())
+        elif len(found) > 1:  # a reference of the logits alone (reference.npz): what it cannot judge is said
+            stats["other_outputs_not_compared"] = (f"{candidate.source} returns {len(found) - 1} output(s) besides the "
+                                                   "logits that nothing here judges: the reference holds the logits only")
         if candidate.left_float:
             if on_step:
                 on_step(f"remaking {candidate.backend} with one layer left float32 at a time")

@@ -371,17 +371,23 @@ def from_exported(exported, choice: str | None = None) -> Program:
 
 
 def _extras(exported, outputs, picked: int, names: dict) -> tuple[tuple[str, str], ...]:
-    """(name, node) of each output besides the predicted one that a node computes for the whole batch (a tensor whose
-    first size is the batch), under a name every exported file can carry (OUTPUT_NAME, not a reserved one)."""
+    """(name, node) of each output besides the predicted one that fcexport can carry through every file and judge:
+    float32, computed by a node, of shape (N, ...) with the input's batch N first and fixed sizes after it (up to
+    MAX_EXTRAS), under a name every exported file can carry (OUTPUT_NAME, not a reserved one). The others (a per-image
+    scalar of shape (N,), an argmax, a flattened batch) are left out, as before: the spec's details still list them."""
+    batch = next(str(n.meta["val"].shape[0]) for n in exported.graph.nodes if n.op == "placeholder" and names.get(n.name) == INPUT)
     kept: list[tuple[str, str]] = []
     taken = set(RESERVED_OUTPUT_NAMES)
     for name, at in output_names(exported).items():
         value = outputs[at]
         node = names.get(getattr(value, "name", None))
-        shape = getattr(getattr(value, "meta", {}).get("val"), "shape", None)
-        if at == picked or node in (None, INPUT, names.get(outputs[picked].name)) or not shape or isinstance(shape[0], int) or len(kept) == MAX_EXTRAS:
+        meta = getattr(value, "meta", {}).get("val")
+        shape = getattr(meta, "shape", ())
+        if at == picked or node in (None, INPUT, names.get(outputs[picked].name)) or len(kept) == MAX_EXTRAS \
+                or getattr(meta, "dtype", None) != torch.float32 or len(shape) < 2 or str(shape[0]) != batch \
+                or not all(isinstance(size, int) for size in shape[1:]):
             continue
-        safe = re.sub(r"\W", "_", name)[:56]
+        safe = re.sub(r"[^A-Za-z0-9_]", "_", name)[:48]
         safe = _unique(safe if re.match(r"[A-Za-z_]", safe) and safe not in RESERVED_OUTPUT_NAMES else f"output_{safe}", taken)
         taken.add(safe)
         kept.append((safe, node))
@@ -1127,7 +1133,14 @@ def _check_growth(program: Program, input_shape, where: str) -> None:
         _check_totals(totals, node, where, " for each image added to a batch")
 
     with mode, enable_python_dispatcher():
-        run_steps(module, x, check)
+        found = run_steps(module, x, check, every_output=True)
+    for (name, _), value in zip(program.extras, found[1:]):  # each (N, fixed sizes) in float32, as capture keeps them
+        if not (isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.dim() >= 2
+                and isinstance(value.shape[0], torch.SymInt) and value.shape[0].node.expr == batch
+                and all(isinstance(size, int) for size in value.shape[1:])):
+            raise FcxError(f"{where}: the output '{name}' is {tuple(getattr(value, 'shape', ()))} of "
+                           f"{getattr(value, 'dtype', type(value).__name__)} for a batch of N: each output must be float32 "
+                           "of shape (N, ...) with fixed sizes after the batch")
 
 
 def output_shape(program: Program, shapes: Shapes, where: str) -> tuple[int, ...]:

@@ -200,10 +200,12 @@ class ModelSpec:
 
     @property
     def random_inputs(self) -> int:
-        """How many random inputs a verdict on this model takes (RANDOM_INPUTS, fewer for large per-pixel outputs)."""
-        if not self.dense:
+        """How many random inputs a verdict on this model takes (RANDOM_INPUTS, fewer for large outputs: the logits and
+        the other outputs together hold at most DENSE_VALUES values, which bounds the float64 reference's memory)."""
+        if not self.dense and not self.other_outputs:
             return RANDOM_INPUTS
-        return min(RANDOM_INPUTS, max(1, DENSE_VALUES // math.prod(self.output_shape)))
+        values = math.prod(self.output_shape) + sum(math.prod(shape) for _, shape in self.other_outputs)
+        return min(RANDOM_INPUTS, max(1, DENSE_VALUES // values))
 
     def validate(self, where: str = "model spec") -> None:
         """Types and ranges, checked before any buffer is sized from these values."""

@@ -468,3 +468,83 @@ def test_a_spec_that_lists_other_outputs_the_program_lacks_is_refused(segmenter,
     save_program(replace(stored.program, extras=()), stored.spec, lying)  # a well-formed file whose spec lies
     with pytest.raises(FcxError, match="other outputs differ from those its spec lists"):
         read_model(lying)
+
+
+class Several(nn.Module):
+    """A conv and a BatchNorm returning what `kind` names besides its logits (the shapes an adversary tried)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.conv, self.bn, self.head = kind, nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5), self.bn.running_var.uniform_(0.5, 2.0), self.bn.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        c = self.conv(x)
+        if self.kind == "before":  # the value a BatchNorm reads is an output: folding it into the conv would change it
+            return {"out": self.bn(c), "pre": c}
+        if self.kind == "logits before":
+            return {"out": c, "aux": self.bn(c)}
+        if self.kind == "after":  # a BatchNorm's output is returned and read by the next conv
+            f = self.bn(torch.relu(c))
+            return {"out": self.head(f), "feat": f}
+        if self.kind == "gelu gate":  # a GELU's half that the ONNX export reorders is itself returned
+            g = (1 + torch.erf(c / 2 ** 0.5)) * 0.5
+            return {"out": c * g, "gate": g}
+        if self.kind == "op names":  # keys the exporter also names its own values with
+            return {"out": torch.relu(c) * 2, "convolution": c + 1, "relu": c * 3, "val_0": c * 4}
+        # left out, as before: a per-image scalar (N,), a flattened batch, an argmax, half precision; a non-ASCII name kept
+        return {"out": c, "mean": c.mean((1, 2, 3)), "flat": c.flatten(), "label": c.argmax(1), "half": c.half(), "aüx": c * 2}
+
+
+@pytest.mark.parametrize("kind", ["before", "logits before", "after", "gelu gate", "op names"])
+def test_other_outputs_that_folding_or_the_onnx_export_could_touch_stay_exact(kind, tmp_path):
+    model = Several(kind).eval()
+    fcexport.import_model(model, (3, 16, 16), artifacts=tmp_path)
+    assert fcexport.fuse(tmp_path / "model.pt", tmp_path / "model.fused.pt", verify=True, inputs=16).written
+    fcexport.export(tmp_path / "model.pt", tmp_path, formats=["onnx", "torchscript"])
+    report = fcexport.verify(tmp_path, ("fused", "onnxruntime", "torchscript"), ("cpu",), inputs=16)
+    assert report.passed, report.to_json()["rows"]
+    assert all(row.value("other_outputs") for row in report.rows)
+
+
+def test_outputs_no_file_can_carry_are_left_out_and_a_name_is_made_ascii(tmp_path):
+    from fcexport.checkpoint import read_model
+
+    fcexport.import_model(Several("left out").eval(), (3, 16, 16), artifacts=tmp_path)
+    spec = read_model(tmp_path / "model.pt").spec
+    assert spec.other_outputs == (("a_x", (4, 16, 16)),)
+    assert set(spec.architecture.details["outputs"]) == {"out", "mean", "flat", "label", "half", "aüx"}  # all still listed
+
+
+def test_a_hostile_other_output_without_the_batch_is_refused_when_read(segmenter, tmp_path, runner):
+    import io
+
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    checkpoint = torch.load(segmenter / "model.pt", weights_only=True)
+    program = json.loads(checkpoint["program"])
+    source = program["extras"][0][1]
+    program["nodes"].append({"name": "batch_sum", "op": "aten.sum.dim_IntList", "args": [{"ref": source}, [0], True],
+                             "kwargs": {}, "layer": "", "layer_type": ""})
+    program["extras"] = [["aux", "batch_sum"]]  # (1, ...) at batch 1, as an honest output is: only N shows it
+    checkpoint["program"] = json.dumps(program)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    (folder / "model.pt").write_bytes(buffer.getvalue())
+    r = invoke(runner, "export", "--artifacts", folder)
+    assert r.exit_code == 2 and "the output 'aux' is (1, 3, 32, 48)" in r.output and "Traceback" not in r.output
+    assert sorted(p.name for p in folder.iterdir()) == ["model.pt"]
+
+
+def test_an_approximate_row_before_an_exact_one_and_a_reference_of_the_logits_are_said(segmenter, tmp_path, runner):
+    import shutil
+
+    folder = tmp_path / "int8"
+    shutil.copytree(segmenter, folder)
+    assert invoke(runner, "export", "--int8", "--artifacts", folder).exit_code == 0
+    r = invoke(runner, "verify", "--artifacts", folder, "--backends", "onnxruntime-int8,onnxruntime", "--devices", "cpu",
+               "--inputs", "16")
+    assert r.exit_code in (0, 1) and "other outputs, judged on every row by the same rule: aux" in r.output, r.output
+    r = invoke(runner, "verify", "--artifacts", folder, "--reference", "--backends", "onnxruntime", "--devices", "cpu")
+    assert r.exit_code == 0 and "besides the logits that nothing here judges" in r.output, r.output

@@ -60,12 +60,37 @@ def _exported(module, example, dynamic_shapes, opset: int, output_names: list[st
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise FcxError(f"ONNX export failed ({type(exc).__name__}: {first}); try without fusing or another opset") from exc
+    _unclash(exported.model.graph)
     proto = exported.model_proto
     strip_documentation(proto.graph)  # the same file wherever fcexport is installed (no source paths or lines)
     for function in proto.functions:
         strip_documentation(function)
     _halve_last(proto.graph)
     return proto
+
+
+def _unclash(graph) -> None:
+    """The outputs are named by the model ("aux"); an internal value the exporter named alike (a dict key "relu" or
+    "convolution" is also an op's name) is renamed, so every name in the file stays unique (ONNX's SSA rule)."""
+    returned = {id(value) for value in graph.outputs}
+    names = {value.name for value in graph.outputs}
+    values = [*graph.inputs, *(value for node in graph for value in node.outputs)]
+    taken = {value.name for value in values} | set(graph.initializers)
+    for value in values:
+        if id(value) not in returned and value.name in names:
+            fresh, i = f"{value.name}_value", 1
+            while fresh in taken:
+                fresh, i = f"{value.name}_value{i}", i + 1
+            taken.add(fresh)
+            value.name = fresh
+    for name in names & set(graph.initializers):  # a stored tensor named like an output: renamed the same way
+        value = graph.initializers.pop(name)
+        fresh, i = f"{name}_value", 1
+        while fresh in taken:
+            fresh, i = f"{name}_value{i}", i + 1
+        taken.add(fresh)
+        value.name = fresh
+        graph.initializers[fresh] = value
 
 
 def _halve_last(graph) -> None:
@@ -87,9 +112,8 @@ def _halve_last(graph) -> None:
         return node if node is not None and node.op_type == op else None
 
     uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    for name in (*(i for node in graph.node for i in node.input), *(o.name for o in graph.output)):  # a returned value is used
+        uses[name] = uses.get(name, 0) + 1
     for outer in graph.node:
         if outer.op_type != "Mul" or len(outer.input) != 2:
             continue
