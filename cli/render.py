@@ -296,6 +296,8 @@ def export_summary(result) -> None:
     if result.check is not None and result.check.rows:
         parts = [f"{r.backend} {r.status.value}" + (f" (max abs {fmt(r.value('max_abs'))})" if r.value("max_abs") is not None
                                                      else f" ({shown(r.reason)})" if r.reason else "")
+                 + "".join(f", its output '{name}' off" for name, numbers in (r.value("other_outputs") or {}).items()
+                           if not numbers.get("passed", True))
                  for r in result.check.rows]
         style = "green" if result.passed else "red"
         out.print(Text(f"checked on {result.check.inputs} against model.pt: {', '.join(parts)}", style=style))
