@@ -366,5 +366,6 @@ class _Work:
             if name in self.nodes:
                 node = self.nodes[name] = replace(self.nodes[name], args=rewire(self.nodes[name].args), kwargs=rewire(self.nodes[name].kwargs))
                 self._add_reader(node)
-        renamed = Program((), self.output, {}, self.extras).renamed_output(affine.value, affine.source)
-        self.output, self.extras = renamed.output, renamed.extras
+        if self.returned(affine.value):  # a returned BatchNorm (the logits) folded backwards: its producer is returned
+            self.output = affine.source if self.output == affine.value else self.output
+            self.extras = tuple((name, affine.source if node == affine.value else node) for name, node in self.extras)

@@ -28,7 +28,7 @@ from torch import nn
 
 from fcexport.errors import FcxError
 from fcexport.opset import ATEN_OPS, COST_MODELS, GETITEM, SIZE_OP_NAMES, SIZE_OPS, aten_op
-from fcexport.spec import MAX_MACS, MAX_TENSOR_BYTES, MAX_TOTAL_BYTES
+from fcexport.spec import MAX_MACS, MAX_OTHER_OUTPUTS, MAX_TENSOR_BYTES, MAX_TOTAL_BYTES, OUTPUT_NAME, RESERVED_OUTPUT_NAMES
 
 INPUT = "x"
 MAX_NODES = 10_000  # torchvision's largest classifiers have under 2,000 (maxvit_t 1,745); the check costs ~2 ms a node
@@ -85,11 +85,6 @@ class Program:
     def output_nodes(self) -> tuple[str, ...]:
         """The node of every output, the predicted one first."""
         return (self.output, *(node for _, node in self.extras))
-
-    def renamed_output(self, old: str, new: str) -> "Program":
-        """The same program with every output that returned node `old` returning node `new` (a pass replaced it)."""
-        return replace(self, output=new if self.output == old else self.output,
-                       extras=tuple((name, new if node == old else node) for name, node in self.extras))
 
     def node(self, name: str) -> Node | None:
         return self._index().get(name)
@@ -313,7 +308,7 @@ def _empty_without_values(size, *, dtype=None, layout=None, device=None, pin_mem
 def from_exported(exported, choice: str | None = None) -> Program:
     """A Program from a torch.export ExportedProgram already decomposed to core ATen; of several outputs (a dict,
     a tuple, a transformers ModelOutput) the one named `choice` (see _picked) is predicted, the others are kept as
-    the program's extras (those with the batch as their first size, up to MAX_EXTRAS)."""
+    the program's extras (those with the batch as their first size, up to MAX_OTHER_OUTPUTS)."""
     from torch.export.graph_signature import InputKind
 
     signature = exported.graph_signature
@@ -373,7 +368,7 @@ def from_exported(exported, choice: str | None = None) -> Program:
 def _extras(exported, outputs, picked: int, names: dict) -> tuple[tuple[str, str], ...]:
     """(name, node) of each output besides the predicted one that fcexport can carry through every file and judge:
     float32, computed by a node, of shape (N, ...) with the input's batch N first and fixed sizes after it (up to
-    MAX_EXTRAS), under a name every exported file can carry (OUTPUT_NAME, not a reserved one). The others (a per-image
+    MAX_OTHER_OUTPUTS), under a name every exported file can carry (OUTPUT_NAME, not a reserved one). The others (a per-image
     scalar of shape (N,), an argmax, a flattened batch) are left out, as before: the spec's details still list them."""
     batch = next(str(n.meta["val"].shape[0]) for n in exported.graph.nodes if n.op == "placeholder" and names.get(n.name) == INPUT)
     kept: list[tuple[str, str]] = []
@@ -383,7 +378,7 @@ def _extras(exported, outputs, picked: int, names: dict) -> tuple[tuple[str, str
         node = names.get(getattr(value, "name", None))
         meta = getattr(value, "meta", {}).get("val")
         shape = getattr(meta, "shape", ())
-        if at == picked or node in (None, INPUT, names.get(outputs[picked].name)) or len(kept) == MAX_EXTRAS \
+        if at == picked or node in (None, INPUT, names.get(outputs[picked].name)) or len(kept) == MAX_OTHER_OUTPUTS \
                 or getattr(meta, "dtype", None) != torch.float32 or len(shape) < 2 or str(shape[0]) != batch \
                 or not all(isinstance(size, int) for size in shape[1:]):
             continue
@@ -571,15 +566,10 @@ def from_data(data, tensors, where: str) -> Program:
     return program
 
 
-MAX_EXTRAS = 16  # a model's outputs besides the predicted one that are kept (the others are named in its spec)
-OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # an exported file's output name (ONNX, Triton)
-RESERVED_OUTPUT_NAMES = ("pixels", "logits")  # the input's and the predicted output's names in every exported file
-
-
 def _extras_from_json(value, where: str) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, list) or len(value) > MAX_EXTRAS or not all(
+    if not isinstance(value, list) or len(value) > MAX_OTHER_OUTPUTS or not all(
             isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair) for pair in value):
-        raise FcxError(f"{where}: the program's other outputs must be a list of at most {MAX_EXTRAS} [name, node] pairs")
+        raise FcxError(f"{where}: the program's other outputs must be a list of at most {MAX_OTHER_OUTPUTS} [name, node] pairs")
     return tuple((name, node) for name, node in value)
 
 
@@ -657,10 +647,10 @@ def check_program(program: Program, where: str) -> None:
     if not isinstance(program.output, str) or kinds.get(program.output) != "tensor" or program.output not in computed:
         raise FcxError(f"{where}: the program's output must be a tensor computed by one of its nodes")
     names = [name for name, _ in program.extras]
-    if len(program.extras) > MAX_EXTRAS or len(set(names)) != len(names) or not all(
+    if len(program.extras) > MAX_OTHER_OUTPUTS or len(set(names)) != len(names) or not all(
             isinstance(name, str) and OUTPUT_NAME.fullmatch(name) and name not in RESERVED_OUTPUT_NAMES
             and kinds.get(node) == "tensor" and node in computed for name, node in program.extras):
-        raise FcxError(f"{where}: the program's other outputs must be at most {MAX_EXTRAS} tensors computed by its nodes, "
+        raise FcxError(f"{where}: the program's other outputs must be at most {MAX_OTHER_OUTPUTS} tensors computed by its nodes, "
                        f"each with its own name of letters, digits and '_' (not {', '.join(RESERVED_OUTPUT_NAMES)})")
 
 

@@ -39,8 +39,9 @@ TASKS = ("classification", "segmentation")  # logits (N, classes), or per-pixel 
 MAX_TENSOR_BYTES = 1 << 28  # the memory of any one intermediate of one image, in any format: 256 MiB
 MAX_TOTAL_BYTES = 1 << 32  # the memory of all intermediates of one image together: 4 GiB
 MAX_MACS = 10**11  # multiply-accumulates of one image, in any format (densenet121: 2.9e9, a 60M-parameter ViT: ~1.5e10)
-MAX_OTHER_OUTPUTS = 16  # outputs besides the logits a spec lists (fcexport.program.MAX_EXTRAS)
-OTHER_OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # fcexport.program.OUTPUT_NAME: a name every exported file carries
+MAX_OTHER_OUTPUTS = 16  # a model's outputs besides the predicted one that are kept (the others are named in its details)
+OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # an exported file's output name (ONNX, Triton)
+RESERVED_OUTPUT_NAMES = ("pixels", "logits")  # the input's and the predicted output's names in every exported file
 MAX_CLASS_NAME = 256  # characters: a label, not a payload (a 50 MB name would take minutes to print)
 MAX_NORMALIZATION, MIN_STD = 1e6, 1e-6  # mean/std on [0, 1] pixels; beyond these float32 models overflow
 
@@ -232,8 +233,8 @@ class ModelSpec:
                            f"per class, got {list(out) if isinstance(out, tuple) else str(out)[:40]}")
         others = self.other_outputs
         if not (isinstance(others, tuple) and len(others) <= MAX_OTHER_OUTPUTS and all(
-                isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and OTHER_OUTPUT_NAME.fullmatch(pair[0])
-                and pair[0] not in ("pixels", "logits") and isinstance(pair[1], tuple) and 1 <= len(pair[1]) <= 8
+                isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and OUTPUT_NAME.fullmatch(pair[0])
+                and pair[0] not in RESERVED_OUTPUT_NAMES and isinstance(pair[1], tuple) and 1 <= len(pair[1]) <= 8
                 and all(type(v) is int and v > 0 for v in pair[1]) and math.prod(pair[1]) * 4 <= MAX_TENSOR_BYTES
                 for pair in others) and len({name for name, _ in others}) == len(others)):
             raise FcxError(f"{where}: other_outputs must be at most {MAX_OTHER_OUTPUTS} outputs, each a distinct name of letters, "

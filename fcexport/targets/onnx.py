@@ -76,21 +76,21 @@ def _unclash(graph) -> None:
     names = {value.name for value in graph.outputs}
     values = [*graph.inputs, *(value for node in graph for value in node.outputs)]
     taken = {value.name for value in values} | set(graph.initializers)
+
+    def fresh(name: str) -> str:
+        found, i = f"{name}_value", 1
+        while found in taken:
+            found, i = f"{name}_value{i}", i + 1
+        taken.add(found)
+        return found
+
     for value in values:
         if id(value) not in returned and value.name in names:
-            fresh, i = f"{value.name}_value", 1
-            while fresh in taken:
-                fresh, i = f"{value.name}_value{i}", i + 1
-            taken.add(fresh)
-            value.name = fresh
+            value.name = fresh(value.name)
     for name in names & set(graph.initializers):  # a stored tensor named like an output: renamed the same way
         value = graph.initializers.pop(name)
-        fresh, i = f"{name}_value", 1
-        while fresh in taken:
-            fresh, i = f"{name}_value{i}", i + 1
-        taken.add(fresh)
-        value.name = fresh
-        graph.initializers[fresh] = value
+        value.name = fresh(name)
+        graph.initializers[value.name] = value
 
 
 def _halve_last(graph) -> None:

@@ -33,22 +33,13 @@ def program_predictor(program, backend: str, device: str, source: Path, spec: Mo
 
 
 def float64_logits(program, x: np.ndarray) -> np.ndarray:
-    """The reference: the program run in float64 on the CPU (every float32 tensor and op widened), in chunks of half
-    what a float32 call takes."""
-    import torch
-
-    from fcexport.program import ProgramModule
-    from fcexport.targets import chunk_size
-
-    batch = max(1, chunk_size(x.shape[1:]) // 2)
-    module = ProgramModule(program).double().eval()
-    with torch.inference_mode():
-        parts = [module(torch.from_numpy(x[i : i + batch]).double()).numpy() for i in range(0, len(x), batch)]
-    return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float64)
+    """The reference: the program run in float64 on the CPU (every float32 tensor and op widened)."""
+    return float64_outputs(program, x)[0]
 
 
 def float64_outputs(program, x: np.ndarray) -> tuple[np.ndarray, ...]:
-    """float64_logits for a program with other outputs (program.extras): every output, the logits first, in one pass."""
+    """float64_logits and every other output (program.extras) after them, in one pass, in chunks of half what a
+    float32 call takes."""
     import torch
 
     from fcexport.program import ProgramModule
@@ -58,7 +49,10 @@ def float64_outputs(program, x: np.ndarray) -> tuple[np.ndarray, ...]:
     module = ProgramModule(program, every_output=True).double().eval()
     with torch.inference_mode():
         parts = [module(torch.from_numpy(x[i : i + batch]).double()) for i in range(0, len(x), batch)]
-    return tuple(np.concatenate([part[k].numpy() for part in parts]) for k in range(1 + len(program.extras)))
+    parts = [part if isinstance(part, tuple) else (part,) for part in parts]
+    if not parts:
+        return tuple(np.zeros((0,), dtype=np.float64) for _ in range(1 + len(program.extras)))
+    return tuple(np.concatenate([part[k].numpy() for part in parts]) for k in range(len(parts[0])))
 
 
 def every_answer(program, spec, source: Path, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
