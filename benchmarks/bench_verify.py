@@ -98,9 +98,9 @@ def main() -> None:
         folder = Path(tmp)
         prepare(args.model, folder, args.size, budget)
         with np.load(folder / FILE, allow_pickle=False) as stored:
-            from fcexport.targets.reference import reference_inputs
+            from fcexport.spec import random_pixels
 
-            x_ref, logits_ref = reference_inputs(tuple(stored["input_shape"]), int(stored["count"])), stored["logits"]
+            x_ref, logits_ref = random_pixels(tuple(stored["input_shape"]), int(stored["count"])), stored["logits"]
         counted: dict[str, int] = {}  # verify's input count, read off its first report
 
         def polygraphy_verify_count(step):

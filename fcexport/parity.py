@@ -14,14 +14,14 @@ from fcexport.compare import Tolerance, compare
 from fcexport.errors import FcxError
 from fcexport.results import CheckRow, ParityReport, Status
 from fcexport.targets import Predictor, Unsupported
-from fcexport.spec import ModelSpec
+from fcexport.spec import ModelSpec, random_pixels
 
 # The default budget, the same on every machine whatever its load (a slow machine takes longer, never proves less):
-# every real test image up to REAL_INPUTS, RANDOM_INPUTS uniform random images (what any model can be given: the
+# every real test image up to REAL_INPUTS, spec.RANDOM_INPUTS uniform random images (what any model can be given: the
 # minimum for a verdict), and up to PROBE_INPUTS first-layer probes. `--inputs N` fixes the total instead; fewer
 # random inputs than the minimum are said in the verdict ("weak").
 # (A segmentation model's random inputs are fewer where its outputs are large: spec.ModelSpec.random_inputs.)
-REAL_INPUTS, RANDOM_INPUTS, PROBE_INPUTS = 2000, 256, 256
+REAL_INPUTS, PROBE_INPUTS = 2000, 256
 MIN_INPUTS, MAX_INPUTS = 8, 4096
 
 
@@ -106,10 +106,10 @@ def probe_count(budget: int | None, spec: ModelSpec) -> int:
 
 
 def make_inputs(spec: ModelSpec, budget: int | None, test=None, source: str | None = None, unavailable: str | None = None,
-                seed: int = 0, probes: np.ndarray | None = None) -> Inputs:
+                probes: np.ndarray | None = None) -> Inputs:
     """The inputs: real test images (`test`, a data.Split named `source`; `unavailable` says why there are none),
-    random pixels from `seed`, then `probes` (see probe_inputs). `budget` None: the default budget (up to REAL_INPUTS
-    + RANDOM_INPUTS + the probes); a number: at most that many in all."""
+    seeded random pixels (spec.random_pixels), then `probes` (see probe_inputs). `budget` None: the default budget (up to REAL_INPUTS
+    + spec.RANDOM_INPUTS + the probes); a number: at most that many in all."""
     shape = spec.input_shape
     probes = np.zeros((0, *shape), dtype=np.float32) if probes is None else probes
     if test is not None and list(test.images.shape[1:]) != list(shape):
@@ -119,7 +119,7 @@ def make_inputs(spec: ModelSpec, budget: int | None, test=None, source: str | No
     taken = len(probes) + (0 if real is None else len(real))
     wanted = spec.random_inputs
     random_count = wanted if budget is None else min(wanted, max(MIN_INPUTS, budget - taken))
-    random = np.random.default_rng(seed).random((random_count, *shape), dtype=np.float32)
+    random = random_pixels(shape, random_count)
     extra = np.concatenate([random, probes])
     described = f"{random_count} random inputs" + (f" + {len(probes)} first-layer probes" if len(probes) else "")
     weak = (f"weak: {taken + random_count} inputs, {random_count} of them random (a verdict needs {wanted} "

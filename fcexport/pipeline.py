@@ -20,7 +20,7 @@ from fcexport import parity, registry, verification
 from fcexport.compare import Tolerance
 from fcexport.errors import FcxError, check_choices
 from fcexport.results import BenchRow, ExportResult, FileReport, FuseResult, Inspection, Status, VerifyReport
-from fcexport.spec import thawed
+from fcexport.spec import random_pixels, thawed
 from fcexport.targets import DEVICES, Checks, DeviceUnavailable, ExportSettings, Predictor, TritonSettings, Unsupported
 from fcexport.targets.program import program_predictor
 
@@ -470,7 +470,7 @@ def export_check(model: _Model, artifacts: Path, exported: list[str], on_step=No
             candidates.append(open_backend(chosen.name, artifacts, "cpu", model, vouch=vouch))
         except DeviceUnavailable as exc:
             candidates.append(parity.Skipped(chosen.name, "cpu", str(exc)))
-    x = np.random.default_rng(3).random((EXPORT_CHECK_INPUTS, *stored.spec.input_shape), dtype=np.float32)
+    x = random_pixels(stored.spec.input_shape, EXPORT_CHECK_INPUTS)  # verify's first: fuse-bn --verify's answers serve
     inputs = parity.Inputs(x, None, f"{EXPORT_CHECK_INPUTS} random inputs")
     reference, own_error, others = verification.float64_reference(stored, model.path, x)
     rows = parity.compare_predictors(reference, own_error, candidates, inputs, DEFAULT_TOLERANCE, others=others)

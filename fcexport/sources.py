@@ -21,7 +21,7 @@ from torch import nn
 from fcexport.checkpoint import load_weights_file
 from fcexport.data import KNOWN_CLASS_SETS, known_class_names
 from fcexport.errors import HINTS, FcxError
-from fcexport.program import (Program, capture_outputs, check_shapes, input_misfit, other_outputs, output_shape, task_of,
+from fcexport.program import (Program, all_finite, capture_outputs, check_shapes, input_misfit, other_outputs, output_shape, task_of,
                               with_input_normalization)
 from fcexport.spec import RESAMPLING, Architecture, ModelSpec, Normalization, Preprocess, check_normalization, check_resize, default_preprocess
 
@@ -259,7 +259,7 @@ def check_weights(model: nn.Module, state_dict: dict, where: str) -> None:
                 "--classes") if counts else ""
         raise FcxError(f"{where}: weights do not match the model: {'; '.join(problems)}{hint}")
     for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise FcxError(f"{where}: weight '{key}' holds NaN or Inf values; the model is unusable")
 
 

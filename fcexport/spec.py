@@ -35,6 +35,16 @@ MAX_SPEC_DEPTH = 32  # a spec's JSON nests at most this deep (honest ones: 5)
 # hold at most DENSE_VALUES output values (every pixel is a decision; 256 images of 21 x 224 x 224 float64 logits
 # would take 2 GiB), and at least one image (whose output MAX_TENSOR_BYTES bounds)
 RANDOM_INPUTS, DENSE_VALUES = 256, 1 << 24
+RANDOM_SEED = 0
+
+
+def random_pixels(input_shape, count: int, seed: int = RANDOM_SEED):
+    """`count` uniform random images in [0, 1) from NumPy's PCG64, the same on every machine. Verify's random inputs,
+    reference.npz's and export's own check are all the first rows of one seed's stream, so model.pt's float64
+    answers computed for one (fcexport.machine_cache) serve the others."""
+    import numpy as np
+
+    return np.random.default_rng(seed).random((count, *input_shape), dtype=np.float32)
 TASKS = ("classification", "segmentation")  # logits (N, classes), or per-pixel logits (N, classes, H, W)
 MAX_TENSOR_BYTES = 1 << 28  # the memory of any one intermediate of one image, in any format: 256 MiB
 MAX_TOTAL_BYTES = 1 << 32  # the memory of all intermediates of one image together: 4 GiB

@@ -15,6 +15,7 @@ import pytest
 from helpers import bounded, invoke, save_png
 
 from cli.main import app
+from fcexport.spec import RANDOM_INPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,7 +269,7 @@ def test_the_default_input_budget_is_the_same_on_every_machine():
 
     from fcexport import parity, verification
 
-    assert (parity.REAL_INPUTS, parity.RANDOM_INPUTS, parity.PROBE_INPUTS) == (2000, 256, 256)
+    assert (parity.REAL_INPUTS, RANDOM_INPUTS, parity.PROBE_INPUTS) == (2000, 256, 256)
     assert "perf_counter" not in inspect.getsource(verification.numbers) and not hasattr(parity, "input_budget")
 
 

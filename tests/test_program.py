@@ -236,3 +236,15 @@ def test_import_refuses_a_program_longer_than_model_pt_may_be_rather_than_writin
     with pytest.raises(FcxError, match=r"the model: the program has \d+ nodes, fcexport takes 1 to 3"):
         fcexport.import_model(model, (3, 2, 2), artifacts=tmp_path / "out")
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_sees_nan_and_inf_in_every_float_dtype(dtype):
+    from fcexport.program import all_finite
+
+    values = torch.linspace(-3, 3, 1000, dtype=dtype)
+    assert all_finite(values) and all_finite(values.reshape(10, 100).t())  # a view that is not contiguous too
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = values.clone()
+        broken[617] = bad
+        assert not all_finite(broken)

@@ -16,16 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from fcexport.errors import FcxError
-from fcexport.spec import ModelSpec
+from fcexport.spec import RANDOM_SEED, ModelSpec, random_pixels
 from fcexport.targets import Exporter, ExportSettings
 
 FILE = "reference.npz"
-SEED = 0
-
-
-def reference_inputs(input_shape, count: int, seed: int = SEED) -> np.ndarray:
-    """The reference's inputs: uniform random pixels from NumPy's PCG64, the same on every machine."""
-    return np.random.default_rng(seed).random((count, *input_shape), dtype=np.float32)
 
 
 def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> None:
@@ -35,19 +29,19 @@ def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> No
     from fcexport.files import write_bytes_atomic
     from fcexport.targets.program import float64_answers
 
-    x = reference_inputs(spec.input_shape, spec.random_inputs)  # the random part of verify's own budget
+    x = random_pixels(spec.input_shape, spec.random_inputs)  # the random part of verify's own budget
     logits, own = machine_cache.answers(spec.provenance.source_sha256, spec.output_shape, x,
                                         lambda part: float64_answers(program, spec, stage / FILE, part))
     own_error = float(own.max(initial=0.0))
     buffer = io.BytesIO()
-    np.savez(buffer, seed=np.int64(SEED), count=np.int64(len(x)), input_shape=np.array(spec.input_shape), logits=logits,
+    np.savez(buffer, seed=np.int64(RANDOM_SEED), count=np.int64(len(x)), input_shape=np.array(spec.input_shape), logits=logits,
              own_error=np.float64(own_error), spec=np.array(json.dumps(spec.to_dict())))
     write_bytes_atomic(stage / FILE, buffer.getvalue())
 
 
 @dataclass(frozen=True)
 class Reference:
-    """What a reference.npz holds, checked: its inputs are made from `seed` (reference_inputs), `logits` are model.pt's
+    """What a reference.npz holds, checked: its inputs are made from `seed` (spec.random_pixels), `logits` are model.pt's
     float64 answers on them (count, *spec.output_shape), `own_error` its float32 error on them."""
 
     spec: ModelSpec
@@ -58,7 +52,7 @@ class Reference:
 
     @property
     def inputs(self) -> np.ndarray:
-        return reference_inputs(self.spec.input_shape, self.count, self.seed)
+        return random_pixels(self.spec.input_shape, self.count, self.seed)
 
 
 def read(data: bytes, path: Path) -> Reference:
