@@ -10,11 +10,13 @@ make us allocate what it declares.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import hashlib
 import io
 import json
 import pickle
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, replace
@@ -207,10 +209,16 @@ def load_weights_file(path: Path) -> tuple[object, str]:
     if path.suffix.lower() == ".pt2":
         raise FcxError(f"{path}: a torch.export program is compiled code, not weights; save model.state_dict() "
                        "with torch.save and import it with the model's code", hint="import")
-    return _unpickle(data, path), hashlib.sha256(data).hexdigest()
+    return _unpickle(data, path, TRAINING_SCRIPT_GLOBALS), hashlib.sha256(data).hexdigest()
 
 
-def _unpickle(data: bytes, path: Path):
+# Plain-data classes training scripts save beside the weights (timm's train.py: its arguments as an argparse.Namespace):
+# unpickled as attribute bags, never called with code of the file's choosing
+TRAINING_SCRIPT_GLOBALS = (argparse.Namespace,)
+
+
+def _unpickle(data: bytes, path: Path, allowed: tuple = ()):
+    """torch.load(weights_only=True) of checked bytes, with `allowed` plain-data classes besides tensors and containers."""
     if is_torchscript(data):
         raise FcxError(f"{path}: a TorchScript file is code, not weights, and is not loaded; save model.state_dict() "
                        "with torch.save and import it with the model's code", hint="import")
@@ -218,11 +226,14 @@ def _unpickle(data: bytes, path: Path):
     try:
         with warnings.catch_warnings():  # torch warns about sparse tensors it validates; fcexport refuses them after
             warnings.simplefilter("ignore")
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(list(allowed)):
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a pickled {named.group(1)[:80]}" if named else "pickled Python objects"
         raise FcxError(
-            f"{path}: refused: it holds pickled Python objects (a whole model saved with torch.save(model)?), which "
-            "could run code; save model.state_dict() instead and import it with the model's code", hint="import"
+            f"{path}: refused: it holds {what} (a whole model saved with torch.save(model)?), which could run code "
+            "when loaded; save model.state_dict() instead and import it with the model's code", hint="import"
         ) from exc
     except Exception as exc:  # zip/EOF/runtime errors all mean a damaged file
         raise FcxError(f"{path}: corrupt or truncated file ({type(exc).__name__}); copy or save it again") from exc

@@ -155,6 +155,11 @@ def capture_outputs(module: nn.Module, input_shape, output: str | None = None) -
     except Exception as exc:
         if misfit := input_misfit(module, input_shape) or eager_failure(module, input_shape):
             raise FcxError(misfit) from exc
+        if "Constraints violated" in str(exc):  # the batch dimension was specialised to one value
+            raise FcxError("the model's code fixes the batch size (torch.export found the batch tied to one value): "
+                           "fcexport exports models that take any batch; look for a size taken with int(x.shape[0]), a "
+                           "reshape or view with a literal batch, or a module exported for one batch "
+                           "(ExportedProgram.module())") from exc
         if "data-dependent" in str(exc) or "DataDependent" in type(exc).__name__:
             raise FcxError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}): what it does depends "
                            "on the image's values (`if x.sum() > 0`, a detection model's box count); fcexport takes models whose "
@@ -221,19 +226,30 @@ def eager_failure(module: nn.Module, input_shape) -> str | None:
     and where in the model's code, rather than torch.export's account of it (one eager call on two images)."""
     import traceback
 
-    try:
-        with torch.no_grad(), _quiet_torch():
-            module(torch.rand(2, *input_shape))
-    except Exception as exc:
-        torch_dir = os.path.dirname(torch.__file__)
-        frames = traceback.extract_tb(exc.__traceback__)
-        frame = next((f for f in reversed(frames) if not f.filename.startswith(torch_dir)), frames[-1])  # the model's line
-        said = f"{type(exc).__name__}: {_first_line(exc)}" if _first_line(exc) else type(exc).__name__
-        size = (getattr(module, "pretrained_cfg", None) or {}).get("input_size")
-        hint = f" (its pretrained_cfg says {','.join(map(str, size))})" if size else ""
-        return (f"the model itself fails on an input of shape {','.join(map(str, input_shape))} ({said}, at "
-                f"{_printable(os.path.basename(frame.filename), 80)}:{frame.lineno}): give an --input-shape it takes{hint}")
-    return None
+    def fails(batch: int) -> str | None:
+        """The failure in words with the model's line (the last frame outside torch and fcexport), or None."""
+        try:
+            with torch.no_grad(), _quiet_torch():
+                module(torch.rand(batch, *input_shape))
+        except Exception as exc:
+            ours = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+            frames = traceback.extract_tb(exc.__traceback__)
+            frame = next((f for f in reversed(frames) if not f.filename.startswith(ours)), frames[-1])
+            said = f"{type(exc).__name__}: {_first_line(exc)}" if _first_line(exc) else type(exc).__name__
+            return f"{said}, at {_printable(os.path.basename(frame.filename), 80)}:{frame.lineno}"
+        return None
+
+    failed = fails(2)
+    if failed is None:
+        return None
+    if fails(1) is None:
+        return (f"the model runs on one image but fails on a batch of two ({failed}): its code fixes the batch size "
+                "(a reshape(1, -1) or view(1, ...)?); fcexport exports models that take any batch: write x.flatten(1) "
+                "or x.reshape(x.shape[0], -1)")
+    size = (getattr(module, "pretrained_cfg", None) or {}).get("input_size")
+    hint = f" (its pretrained_cfg says {','.join(map(str, size))})" if size else ""
+    return (f"the model itself fails on an input of shape {','.join(map(str, input_shape))} ({failed}): give an "
+            f"--input-shape it takes{hint}")
 
 
 def _square_shape(values: int) -> str:
@@ -269,11 +285,17 @@ def _decompositions():
     (and folding sees the layer as the user wrote it), a global average pool instead of `as_strided` views that ONNX
     can only size at run time, and one HardSwish instead of add, clamp, mul and div (mobilenet_v3_small's model.onnx
     ran at 0.5-0.7x of a plain export's with them taken apart). Attention without a mask becomes the three ops
-    runtimes fuse (_plain_attention)."""
+    runtimes fuse (_plain_attention); adaptive max pooling, where it can, an amax or a max pool."""
+    from torch._decomp import decomposition_table
+
     table = torch.export.default_decompositions()
     for op in KEPT_WHOLE:
         table.pop(op, None)
     table[torch.ops.aten.empty.memory_format] = _empty_without_values
+    # torch's own: to 1x1 an amax, to sizes that divide the input a max pool (fastai's AdaptiveConcatPool2d head);
+    # other sizes stay adaptive_max_pool2d, outside the opset
+    max_pool = torch.ops.aten.adaptive_max_pool2d.default
+    table[max_pool] = decomposition_table[max_pool]
     attention = torch.ops.aten.scaled_dot_product_attention.default
     table[attention] = functools.partial(_plain_attention, table[attention])
     return table

@@ -7,7 +7,7 @@ user's code.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -48,6 +48,7 @@ def from_module(
     shape = parse_input_shape(input_shape)
     if not isinstance(module, nn.Module):
         raise FcxError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    module = _unwrapped(module)
     try:
         normalization = _normalization(mean, std, shape[0])
     except FcxError:
@@ -56,7 +57,12 @@ def from_module(
         raise
     _step(on_step, "exporting with torch.export and lowering to core ATen")
     try:
-        program, kept = capture_outputs(copy.deepcopy(module).eval(), shape, output)
+        with _in_eval_mode(module):
+            program, kept = capture_outputs(module, shape, output)
+    except FcxError as exc:
+        if wrong := _weights_dtype(module):  # the likely cause of whatever failed: said instead
+            raise FcxError(wrong) from exc
+        raise
     except SystemExit as exc:  # the user's forward() may call sys.exit; that is its error, not fcx's exit
         where = (architecture or {}).get("model_def", "the model")
         raise FcxError(f"{where}: the model's code called sys.exit({exc.code!r}) while it was exported") from exc
@@ -80,6 +86,47 @@ def from_module(
         other_outputs=other_outputs(program, shapes, "the model"),
     )
     return program, spec
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The model inside the wrappers users hand over: torch.compile's OptimizedModule, nn.DataParallel and
+    DistributedDataParallel (their forward takes *args, which torch.export's batch dimension cannot be given for)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(module, OptimizedModule):
+            inner = module._orig_mod
+        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = module.module
+        else:
+            return module
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+def _weights_dtype(module: nn.Module) -> str | None:
+    """When the model's floating weights are not float32 (model.half()): that, in words with the fix; else None."""
+    found = {t.dtype for t in module.parameters() if t.is_floating_point()} - {torch.float32}
+    if not found:
+        return None
+    kinds = ", ".join(sorted(str(d).removeprefix("torch.") for d in found))
+    return (f"the model's weights are {kinds}: fcexport imports float32 models (its reference is float64, its files "
+            "float32, int8 by export); import model.float() (float16 and bfloat16 weights become float32 exactly)")
+
+
+@contextlib.contextmanager
+def _in_eval_mode(module: nn.Module):
+    """The module itself in eval mode while it is captured, each submodule's own mode restored after. Not a copy: a
+    copy doubles the memory, and deepcopy refuses the computed weights of pruned (torch.nn.utils.prune) and legacy
+    weight-normed models."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _normalization(mean, std, channels: int) -> dict | None:
@@ -349,11 +396,21 @@ def _is_state_dict(value) -> bool:
     return isinstance(value, dict) and bool(value) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
+# What wrappers put in front of every key: nn.DataParallel / DistributedDataParallel, torch.compile, Lightning (its
+# LightningModule's own attribute, by convention `model`), and EMA wrappers (timm's ModelEmaV2: `module.`)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
 def _strip_prefix(state_dict: dict, module: nn.Module) -> dict:
-    """Weights saved from nn.DataParallel / DistributedDataParallel carry a `module.` prefix."""
-    own = module.state_dict()
-    if all(k.startswith("module.") for k in state_dict) and not any(k.startswith("module.") for k in own):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
+    """The state dict without the prefixes a wrapper added (WRAPPER_PREFIXES, in any nesting: `module._orig_mod.`),
+    stripped only while every key carries it and the model's own keys do not."""
+    own = set(module.state_dict())
+    while not own & set(state_dict):
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)
+                       and not any(k.startswith(p) for k in own)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -390,6 +447,9 @@ def _import_location(location: str):
         spec = importlib.util.spec_from_file_location(module_name, path)
         namespace = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = namespace  # dataclasses and pickling look the module up by name
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:  # as `python FILE.py` runs it: its own imports find the files beside it
+            sys.path.insert(0, folder)
         try:
             spec.loader.exec_module(namespace)
         except (Exception, SystemExit) as exc:

@@ -347,7 +347,7 @@ def test_torchscript_and_pickled_models_are_refused_with_the_way_in(tmp_path, ru
         torch.jit.save(torch.jit.script(model.eval()), str(tmp_path / "scripted.pt"))
     torch.save(model, tmp_path / "whole.pt")
     args = ["--model-def", f"{tmp_path}/course_model.py:course_mlp", "--input-shape", "1,8,8"]
-    for name, expected in (("scripted.pt", "a TorchScript file is code"), ("whole.pt", "pickled Python objects")):
+    for name, expected in (("scripted.pt", "a TorchScript file is code"), ("whole.pt", "it holds a pickled torch.nn.modules")):
         for argv in (["import", tmp_path / name, *args], ["fuse-bn", tmp_path / name, "--out", tmp_path / "f.pt"]):
             r = invoke(runner, *argv)
             assert r.exit_code == 2, r.output
