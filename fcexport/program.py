@@ -223,7 +223,8 @@ def input_misfit(module: nn.Module, input_shape) -> str | None:
 
 def eager_failure(module: nn.Module, input_shape) -> str | None:
     """When the model itself fails on this input shape (say, an `assert H % block == 0` in its code), that failure
-    and where in the model's code, rather than torch.export's account of it (one eager call on two images)."""
+    and where in the model's code, rather than torch.export's account of it (one eager call on two images; when it
+    fails, one on one image: a model that takes only that has its batch fixed in its code)."""
     import traceback
 
     def fails(batch: int) -> str | None:

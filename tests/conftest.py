@@ -5,6 +5,10 @@ Nothing here touches the network or ../shared: every file is made by the tests.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as fcx itself runs torch (cli/__init__.py): before torch loads
+
 import shutil
 from pathlib import Path
 

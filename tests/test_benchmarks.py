@@ -58,6 +58,7 @@ QUICK = {
     "bench_pipeline.py": ["--quick"],
     "bench_photos.py": ["--quick", "--data-root", "{data}", "--artifacts", "{trained}"],
     "bench_serve.py": ["--quick"],
+    "bench_threads.py": ["--quick"],
     "bench_train.py": ["--quick", "--data-root", "{data}"],
     "bench_verify.py": ["--quick"],
     "gpu_check.py": None,  # its --dry-run is tests/test_gpu_check.py

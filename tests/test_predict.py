@@ -269,3 +269,16 @@ def test_plain_lines_are_styled_on_a_colour_terminal_only(monkeypatch):
             plain = _Terminal()
             line("FAIL", "red", plain)
             assert plain.getvalue() == "FAIL\n"
+
+
+@pytest.mark.parametrize("own", [None, "300000"])
+def test_fcx_lets_torch_threads_sleep_soon_unless_the_user_says_otherwise(own):
+    """fcx sets GOMP_SPINCOUNT before torch loads (cli/__init__.py: long spins cost 3-18x on a shared machine), and a
+    user's own setting is kept."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | ({"GOMP_SPINCOUNT": own} if own else {})
+    code = "import cli.main, os, torch\nprint(os.environ['GOMP_SPINCOUNT'], 'torch' in __import__('sys').modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, preexec_fn=bounded())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [own or "10000", "True"]
