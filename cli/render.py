@@ -221,11 +221,11 @@ def comparison_table(title: str, report, wide: bool = False, artifacts=None) -> 
         warning(report.weak)
     out.print(f"pass: {report.criterion}; model.pt's own float32 error {report.own_float32_error:.1e}"
               + (f"; model.pt's accuracy on those test images (float64) {ref:.2%}" if ref is not None else ""), highlight=False)
-    own_rules = {r.backend: r.value("noise_factor") for r in report.rows
+    own_rules = {r.backend: (r.value("noise_factor"), r.value("noise_floor_steps")) for r in report.rows
                  if r.value("noise_factor") not in (None, report.tolerance.factor)}
-    if own_rules:  # a runtime with float32 kernels of its own carries its own calibrated factor
-        out.print("runtimes with float32 kernels of their own: " + ", ".join(f"{b} <= {f:g} x" for b, f in own_rules.items()),
-                  highlight=False)
+    if own_rules:  # a runtime with float32 kernels of its own carries its own calibrated factor (and floor)
+        out.print("runtimes with float32 kernels of their own: " + ", ".join(
+            f"{b} <= {f:g} x (at least {steps:g} steps)" for b, (f, steps) in own_rules.items()), highlight=False)
     if any(r.value("criterion") == "agreement" for r in report.rows):
         from fcexport.compare import DECISIVE_MARGIN
 

@@ -148,7 +148,8 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
             rows.append(CheckRow(candidate.backend, candidate.device, Status.SKIPPED, reason=str(exc)))
             continue
         logits = found[0]
-        rule = replace(tolerance, factor=tolerance.factor * candidate.noise_scale)
+        rule = replace(tolerance, factor=tolerance.factor * candidate.noise_scale,
+                       floor_ulps=tolerance.floor_ulps * candidate.noise_scale)
         stats = compare(logits, reference, own_error, inputs.labels, rule, candidate.approximate)
         stats["precision"] = candidate.precision
         if not stats["passed"] and candidate.layers and "allowed_max_abs" in stats:
@@ -212,7 +213,7 @@ def where_it_broke(candidate: Predictor, x: np.ndarray, logits: np.ndarray, refe
         found = layers(np.ascontiguousarray(x[worst]))
     except (FcxError, Unsupported):  # the runtime cannot run the copy that shows its values: the row still fails
         return None
-    return first_out_of_band(float64, float32, found, rule.factor)
+    return first_out_of_band(float64, float32, found, rule.factor, rule.floor_ulps)
 
 
 BY_LAYER_INPUTS = 256  # inputs, spread over the whole set, on which an approximate file is remade layer by layer

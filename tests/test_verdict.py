@@ -563,3 +563,29 @@ def test_a_model_that_answers_every_input_alike_is_a_weak_verdict(tmp_path):
             assert "gives every input the same output" in report["weak"], report["weak"]
         else:
             assert report["weak"] is None
+
+
+def test_openvinos_floor_is_scaled_with_its_factor_so_a_small_honest_net_passes(tmp_path):
+    """A Conv + global max and average pool net (fastai's head): OpenVINO's float32 kernels reached 8.3x and 10.5x the
+    own error (past its 8x) on 2 of 6 seeds (this one: 10.5x on these inputs), under 16 float32 steps of the largest
+    logit; its floor is 16 steps (its factor's scale), onnxruntime's stays 8, and every row says its own."""
+    import torch
+    from torch import nn
+
+    from fcexport import export, import_model, verify
+
+    class ConcatPool(nn.Module):
+        def forward(self, x):
+            return torch.cat([torch.nn.functional.adaptive_max_pool2d(x, 1), x.mean((2, 3), keepdim=True)], 1)
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), ConcatPool(), nn.Flatten(),
+                          nn.Linear(16, 10)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    import_model(model, (3, 32, 32), artifacts=tmp_path)
+    export(tmp_path / "model.pt", tmp_path, formats=("onnx",), check=False)
+    report = verify(tmp_path, ["onnxruntime", "openvino"], ["cpu"], inputs=64)
+    rows = {row.backend: row for row in report.parity.rows}
+    assert report.passed, report.to_json()
+    assert rows["onnxruntime"].value("noise_floor_steps") == 8 and rows["openvino"].value("noise_floor_steps") == 16
