@@ -93,16 +93,17 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     DistributedDataParallel (their forward takes *args, which torch.export's batch dimension cannot be given for)."""
     from torch._dynamo.eval_frame import OptimizedModule
 
-    while True:
+    for _ in range(8):  # wrappers in wrappers, a few deep; never a loop
         if isinstance(module, OptimizedModule):
             inner = module._orig_mod
         elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             inner = module.module
         else:
             return module
-        if not isinstance(inner, nn.Module):
+        if not isinstance(inner, nn.Module) or inner is module:
             return module
         module = inner
+    return module
 
 
 def _weights_dtype(module: nn.Module) -> str | None:

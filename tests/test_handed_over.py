@@ -30,7 +30,8 @@ def stored_program(module, tmp_path, name: str, shape=(3, 16, 16)):
     return load_model(tmp_path / name / "model.pt")
 
 
-@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["torch.compile", "DataParallel"])
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel, lambda m: torch.compile(nn.DataParallel(m))],
+                         ids=["torch.compile", "DataParallel", "both"])
 def test_a_wrapped_model_is_stored_as_the_model_inside(wrap, tmp_path):
     model = small()
     plain, _ = stored_program(model, tmp_path, "plain")
