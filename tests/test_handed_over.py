@@ -113,16 +113,6 @@ def test_fastais_concat_pool_head_gets_in_and_verifies(size, tmp_path):
     assert report.passed, report.to_json()
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
-
-
 NEIGHBOUR = '''
 import torch
 from torch import nn
@@ -137,6 +127,9 @@ class Net(nn.Module):
     def forward(self, x):
         return self.head(self.features(x).mean((2, 3)))
 '''
+_defined: dict = {}
+exec(NEIGHBOUR, _defined)  # the user's file, and the model the tests build from the same code
+Net = _defined["Net"]
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod."])
