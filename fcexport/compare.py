@@ -51,6 +51,8 @@ class Tolerance:
             raise FcxError(f"the noise factor must be a finite number >= 1, got {self.factor}")
         if not all(v is None or (math.isfinite(v) and v >= 0) for v in (self.atol, self.rtol)):
             raise FcxError(f"atol and rtol must be finite and >= 0, got {self.atol} and {self.rtol}")
+        if not (math.isfinite(self.floor_ulps) and self.floor_ulps >= 0):
+            raise FcxError(f"the noise floor must be a finite number of float32 steps >= 0, got {self.floor_ulps}")
         if not (0 <= self.min_agreement <= 1 and 0 <= self.max_accuracy_drop <= 1):
             raise FcxError(f"int8 agreement and max drop must be in [0, 1], got {self.min_agreement} and {self.max_accuracy_drop}")
 

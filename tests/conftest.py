@@ -5,10 +5,7 @@ Nothing here touches the network or ../shared: every file is made by the tests.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as fcx itself runs torch (cli/__init__.py): before torch loads
-
+import cli  # noqa: F401  (first: it sets torch's thread settings as fcx runs them, before anything loads torch)
 import shutil
 from pathlib import Path
 

@@ -589,3 +589,12 @@ def test_openvinos_floor_is_scaled_with_its_factor_so_a_small_honest_net_passes(
     rows = {row.backend: row for row in report.parity.rows}
     assert report.passed, report.to_json()
     assert rows["onnxruntime"].value("noise_floor_steps") == 8 and rows["openvino"].value("noise_floor_steps") == 16
+
+
+@pytest.mark.parametrize("floor", [float("nan"), float("inf"), -1.0])
+def test_a_noise_floor_that_is_not_a_number_of_steps_is_refused(floor):
+    from fcexport.compare import Tolerance
+    from fcexport.errors import FcxError
+
+    with pytest.raises(FcxError, match="noise floor must be a finite number"):
+        Tolerance(floor_ulps=floor)
