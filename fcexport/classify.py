@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fcexport.errors import FcxError
-from fcexport.preprocess import INVERT_CHOICES, collect_image_files, image_and_placement, prepare_image
+from fcexport.preprocess import INVERT_CHOICES, collect_image_files, image_and_placement, image_shape, prepare_image
 from fcexport.targets import Predictor
 
 BATCH_SIZE = 256  # images decoded and scored at a time: bounds memory for folders of any size
@@ -48,6 +48,10 @@ def predict_files(
         raise FcxError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert}")
     if top_k < 1:
         raise FcxError(f"--top-k must be >= 1, got {top_k}")
+    try:  # a model no image file fits is said once, not once per file
+        image_shape(predictor.spec.input_shape)
+    except FcxError as exc:
+        raise FcxError(f"{predictor.source}: {exc}") from exc
     if predictor.spec.dense:
         batch_size = min(batch_size, DENSE_BATCH_SIZE)
         if Path(masks).exists() and not Path(masks).is_dir():

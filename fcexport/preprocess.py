@@ -39,14 +39,14 @@ MAX_MATCHES = 500_000  # files one glob pattern or folder may name: bounds what 
 
 def prepare_image(path: str | os.PathLike, input_shape, preprocess, invert: str = "auto") -> np.ndarray:
     """One image file -> float32 (C, H, W) in [0, 1], prepared as the model's spec says (fcexport.spec)."""
-    channels, height, width = _image_shape(input_shape)
+    channels, height, width = image_shape(input_shape)
     if preprocess.mode != "object":
         return resized_image(Path(path), channels, (height, width), preprocess)
     gray = load_image(path, (height, width), invert, preprocess.object_fill)
     return np.repeat(gray[None], channels, axis=0)
 
 
-def _image_shape(input_shape) -> tuple[int, int, int]:
+def image_shape(input_shape) -> tuple[int, int, int]:
     """(C, H, W) of a model an image file can be given: gray (1 channel) or colour (3). Any other count (RGBA? a
     near-infrared band?) is not something an image file says, so none is guessed."""
     channels, height, width = input_shape
@@ -79,7 +79,7 @@ def image_and_placement(path: Path, input_shape, preprocess, invert: str = "auto
     uint8) from one read of the file: what a segmentation model's masks are drawn on. "object" preparation (only
     when asked for: a segmentation model's default is "letterbox") cuts the object out, so its masks stay on the
     prepared input (placement: all of it)."""
-    channels, height, width = _image_shape(input_shape)
+    channels, height, width = image_shape(input_shape)
     if preprocess.mode == "object":
         pixels = prepare_image(path, input_shape, preprocess, invert)
         shown = (np.clip(pixels[:3].transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)

@@ -174,5 +174,6 @@ def test_predict_refuses_a_model_of_four_channels_instead_of_feeding_it_gray(tmp
     save_png(tmp_path / "red.png", rgba)
     done = subprocess.run([sys.executable, "-c", "from cli.main import main; main()", "predict", str(tmp_path / "red.png"),
                            "--artifacts", str(tmp_path)], capture_output=True, text=True, preexec_fn=bounded())
-    assert done.returncode == 2 and "takes 4 channels" in done.stdout + done.stderr, done.stdout + done.stderr
-    assert "Traceback" not in done.stderr
+    said = done.stdout + done.stderr
+    assert done.returncode == 2 and "model.onnx: the model takes 4 channels" in said, said
+    assert said.count("takes 4 channels") == 1 and "red.png" not in said and "Traceback" not in done.stderr  # once, for the model
