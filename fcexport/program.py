@@ -286,17 +286,15 @@ def _decompositions():
     (and folding sees the layer as the user wrote it), a global average pool instead of `as_strided` views that ONNX
     can only size at run time, and one HardSwish instead of add, clamp, mul and div (mobilenet_v3_small's model.onnx
     ran at 0.5-0.7x of a plain export's with them taken apart). Attention without a mask becomes the three ops
-    runtimes fuse (_plain_attention); adaptive max pooling, where it can, an amax or a max pool."""
+    runtimes fuse (_plain_attention); adaptive max pooling an amax, a max pool or window slices (_adaptive_max_pool)."""
     from torch._decomp import decomposition_table
 
     table = torch.export.default_decompositions()
     for op in KEPT_WHOLE:
         table.pop(op, None)
     table[torch.ops.aten.empty.memory_format] = _empty_without_values
-    # torch's own: to 1x1 an amax, to sizes that divide the input a max pool (fastai's AdaptiveConcatPool2d head);
-    # other sizes stay adaptive_max_pool2d, outside the opset
     max_pool = torch.ops.aten.adaptive_max_pool2d.default
-    table[max_pool] = decomposition_table[max_pool]
+    table[max_pool] = functools.partial(_adaptive_max_pool, decomposition_table[max_pool])
     attention = torch.ops.aten.scaled_dot_product_attention.default
     table[attention] = functools.partial(_plain_attention, table[attention])
     return table
@@ -318,6 +316,38 @@ def _plain_attention(torchs, query, key, value, attn_mask=None, dropout_p=0.0, i
     # (transformers' `.permute(0, 2, 1, 3).contiguous().view(...)` after it recorded no copy, and torch's own
     # decomposition of a masked attention fails it)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+MAX_ADAPTIVE_WINDOWS = 1024  # adaptive max pooling to more output cells than this stays refused (a slice per cell)
+
+
+def _adaptive_max_pool(torchs, x, output_size):
+    """adaptive_max_pool2d as torch computes it: to 1x1 an amax, to sizes that divide the input a max pool (torch's own
+    decomposition: fastai's AdaptiveConcatPool2d head); to other sizes each output cell the max of its window
+    [floor(i H / h), ceil((i + 1) H / h)) (windows overlap), rows first, then columns. The indices (for max_unpool) are
+    each window's argmax, made only where the model uses them."""
+    found = torchs(x, output_size)
+    if found is not NotImplemented:
+        return found
+    (h_in, w_in), (h_out, w_out) = x.shape[-2:], output_size
+    if not all(type(s) is int for s in (h_in, w_in, h_out, w_out)) or h_out * w_out > MAX_ADAPTIVE_WINDOWS:
+        return NotImplemented
+
+    def windows(size_in, size_out):
+        return [((i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)) for i in range(size_out)]
+
+    rows, cols = windows(h_in, h_out), windows(w_in, w_out)
+    by_row = torch.cat([x[..., a:b, :].amax(-2, keepdim=True) for a, b in rows], -2)
+    values = torch.cat([by_row[..., a:b].amax(-1, keepdim=True) for a, b in cols], -1)
+    indices = torch.stack([torch.stack([_window_argmax(x[..., r0:r1, c0:c1], r0, c0, w_in) for c0, c1 in cols], -1)
+                           for r0, r1 in rows], -2)
+    return values, indices
+
+
+def _window_argmax(window, top: int, left: int, width: int):
+    """The flat index (row * width + column, in the whole plane) of a window's largest value, as torch's kernel says it."""
+    at = window.flatten(-2).argmax(-1)
+    return (at // window.shape[-1] + top) * width + at % window.shape[-1] + left
 
 
 def _empty_without_values(size, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):

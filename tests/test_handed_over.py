@@ -93,9 +93,9 @@ def test_a_batch_fixed_in_the_models_code_is_said_as_such(module, expected, tmp_
     assert "input-shape" not in str(caught.value) and "Constraints violated" not in str(caught.value)
 
 
-@pytest.mark.parametrize("size", [1, 2])
+@pytest.mark.parametrize("size", [1, 2, (3, 5)])
 def test_fastais_concat_pool_head_gets_in_and_verifies(size, tmp_path):
-    """AdaptiveMaxPool2d to 1x1 (an amax) or to a size that divides the input (a max pool)."""
+    """AdaptiveMaxPool2d to 1x1 (an amax), to a size that divides the input (a max pool) or to any other (windows)."""
     class ConcatPool(nn.Module):
         def __init__(self):
             super().__init__()
@@ -105,12 +105,23 @@ def test_fastais_concat_pool_head_gets_in_and_verifies(size, tmp_path):
             return torch.cat([self.mp(x), self.ap(x)], 1)
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ConcatPool(), nn.Flatten(),
-                          nn.Linear(16 * size * size, 5)).eval()
+    cells = size * size if isinstance(size, int) else size[0] * size[1]
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ConcatPool(), nn.Flatten(), nn.Linear(16 * cells, 5)).eval()
     fcexport.import_model(model, (3, 8, 8), artifacts=tmp_path)
     fcexport.export(tmp_path / "model.pt", tmp_path, ["onnx", "torchscript"])
     report = fcexport.verify(tmp_path, ["torchscript", "onnxruntime"], ["cpu"], inputs=16)
     assert report.passed, report.to_json()
+
+
+@pytest.mark.parametrize("size, output", [((7, 7), (5, 5)), ((16, 13), (5, 7)), ((9, 20), (4, 6)), ((6, 6), (6, 4))])
+def test_adaptive_max_pooling_to_any_size_is_torchs_values_and_indices(size, output):
+    """Windows that overlap or differ in size: each output cell and its argmax exactly as torch's kernel has them."""
+    from fcexport.program import _adaptive_max_pool
+
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    values, indices = _adaptive_max_pool(lambda *args: NotImplemented, x, output)
+    expected_values, expected_indices = nn.functional.adaptive_max_pool2d(x, output, return_indices=True)
+    assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
 
 
 NEIGHBOUR = '''
