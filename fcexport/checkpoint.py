@@ -94,6 +94,9 @@ def read_model(path: str | Path, data: bytes | None = None) -> StoredModel:
     if programs.other_outputs(program, shapes, where) != spec.other_outputs:
         raise FcxError(f"{path}: the program's other outputs differ from those its spec lists "
                        f"({', '.join(name for name, _ in spec.other_outputs) or 'none'})")
+    if programs.returns_probabilities(program, out) != spec.probabilities:
+        raise FcxError(f"{path}: its spec says the model returns {'probabilities' if spec.probabilities else 'logits'}, "
+                       "which the program's last op contradicts; import the model again")
     return StoredModel(program, spec, hashlib.sha256(data).hexdigest(), shapes)
 
 

@@ -25,9 +25,16 @@ DENSE_BATCH_SIZE = 8  # a segmentation model's: each image's file pixels are kep
 PREPARE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
+def class_probabilities(outputs: np.ndarray, probabilities: bool = False) -> np.ndarray:
+    """(N, K) outputs -> each row's class probabilities: a softmax of logits, or the outputs as they are where the model
+    already made them (spec.probabilities). One output is its class's probability (a sigmoid of a logit) beside the
+    complement, (N, 2): "not X" first, as a one-logit mask is drawn."""
+    if outputs.shape[1] == 1:
+        p = outputs if probabilities else 1.0 / (1.0 + np.exp(-outputs))
+        return np.concatenate([1.0 - p, p], axis=1)
+    if probabilities:
+        return outputs
+    exp = np.exp(outputs - outputs.max(axis=1, keepdims=True))
     return exp / exp.sum(axis=1, keepdims=True)
 
 
@@ -100,7 +107,7 @@ def _score(predictor: Predictor, chunk: list[Path], prepared: list, count, top_k
         if dense:
             yield _mask_row(file, next(logits), item[1], item[2], predictor, top_k, masks / f"{index:06d}_{file.stem}")
         else:
-            yield _row(file, next(logits).astype(np.float64), predictor.spec.class_names, top_k, predictor.source)
+            yield _row(file, next(logits).astype(np.float64), predictor.spec, top_k, predictor.source)
 
 
 def _mask_row(file: Path, logits: np.ndarray, placement, original: np.ndarray, predictor: Predictor, top_k: int,
@@ -111,8 +118,8 @@ def _mask_row(file: Path, logits: np.ndarray, placement, original: np.ndarray, p
     if not np.isfinite(logits).all():
         return {"file": str(file), "error": f"{_source_name(predictor.source)} returned non-finite logits (NaN or inf) for this image"}
     names = predictor.spec.class_names
-    names = (f"not {names[0]}", names[0]) if len(names) == 1 else names  # one logit: its sign decides
-    mask = classes_on_image(logits, placement)
+    names = one_logit_names(names)
+    mask = classes_on_image(logits, placement, predictor.spec.probabilities)
     if (mask == UNSEEN).all():  # a thin file whose centre crop falls between its pixels' centres
         return {"file": str(file), "error": f"the model saw none of this file's {mask.size:,} pixels (its centre crop "
                                             "is thinner than one of them); crop or pad the file"}
@@ -131,10 +138,17 @@ def _source_name(source: Path | str) -> str:
     return Path(source).name if isinstance(source, Path) else str(source)
 
 
-def _row(file: Path, logits: np.ndarray, names: list[str], top_k: int, source: Path | str) -> dict:
+def one_logit_names(names) -> tuple[str, ...]:
+    """The classes a prediction names: one logit decides between "not X" and X (its sign, or its probability's side
+    of one half)."""
+    return (f"not {names[0]}", names[0]) if len(names) == 1 else tuple(names)
+
+
+def _row(file: Path, logits: np.ndarray, spec, top_k: int, source: Path | str) -> dict:
     if not np.isfinite(logits).all():
         return {"file": str(file), "error": f"{_source_name(source)} returned non-finite logits (NaN or inf) for this image"}
-    probs = softmax(logits[None])[0]
+    probs = class_probabilities(logits[None], spec.probabilities)[0]
+    names = one_logit_names(spec.class_names)
     order = np.argsort(-probs, kind="stable")[: min(top_k, len(names))]
     return {
         "file": str(file),

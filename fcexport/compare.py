@@ -87,13 +87,14 @@ def allowed_error(own_error: float, reference: np.ndarray, factor: float, floor_
 
 
 def compare(candidate: np.ndarray, reference: np.ndarray, own_error: float, labels: np.ndarray | None,
-            tolerance: Tolerance, approximate: bool = False) -> dict:
-    """error_stats plus top-1 agreement with the reference, accuracy on the labelled rows and `passed`."""
+            tolerance: Tolerance, approximate: bool = False, probabilities: bool = False) -> dict:
+    """error_stats plus top-1 agreement with the reference, accuracy on the labelled rows and `passed` (`probabilities`:
+    the outputs are the model's own probabilities, spec.probabilities)."""
     if candidate.shape != reference.shape:
         return {"shape_mismatch": f"{candidate.shape} vs reference {reference.shape}", "passed": False}
     row = error_stats(candidate, reference)
     finite = bool(np.isfinite(candidate).all() and np.isfinite(reference).all())  # nothing passes beside an inf
-    ours, theirs = decisions(candidate), decisions(reference)  # per input, or per pixel: computed once
+    ours, theirs = decisions(candidate, probabilities), decisions(reference, probabilities)  # per input or pixel, once
     agree = ours == theirs
     row["top1_agreement"] = float(agree.mean())
     row["accuracy"] = accuracy(candidate, labels)
@@ -102,7 +103,7 @@ def compare(candidate: np.ndarray, reference: np.ndarray, own_error: float, labe
         reference_accuracy = accuracy(reference, labels)
         drop = None if reference_accuracy is None else reference_accuracy - row["accuracy"]
         slack = 1e-9  # shares are k/n in float64: exactly-at-the-limit must not fail on rounding
-        decisive = decisive_rows(reference)
+        decisive = decisive_rows(reference, probabilities)
         row |= {"criterion": "agreement", "accuracy_drop": drop, "decisive_inputs": int(decisive.sum()),
                 "decisive_agreement": float(agree[decisive].mean()) if decisive.any() else None}
         if reference.ndim == 4:  # per-pixel classes: how well the masks overlap, as a segmentation user measures it
@@ -138,9 +139,15 @@ def first_out_of_band(reference: dict, own: dict, candidate: dict, factor: float
     return None
 
 
-def decisions(logits: np.ndarray) -> np.ndarray:
-    """The class each input (or each pixel of per-pixel logits) is given: the top-1, or for one logit its sign."""
-    return logits.argmax(1) if logits.shape[1] > 1 else logits[:, 0] > 0
+def decisions(logits: np.ndarray, probabilities: bool = False) -> np.ndarray:
+    """The class each input (or each pixel of per-pixel logits) is given: the top-1, or for one logit its sign (for
+    one probability, its side of one half)."""
+    return logits.argmax(1) if logits.shape[1] > 1 else logits[:, 0] > one_output_cut(probabilities)
+
+
+def one_output_cut(probabilities: bool) -> float:
+    """Where a model with one output decides between its class and the rest: a logit's 0, a probability's 1/2."""
+    return 0.5 if probabilities else 0.0
 
 
 def mean_iou(candidate: np.ndarray, reference: np.ndarray) -> float:
@@ -150,13 +157,14 @@ def mean_iou(candidate: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else 1.0
 
 
-def decisive_rows(reference: np.ndarray) -> np.ndarray:
+def decisive_rows(reference: np.ndarray, probabilities: bool = False) -> np.ndarray:
     """Rows (pixels, for per-pixel logits) whose top-1 leads the runner-up (one logit: 0) by more than DECISIVE_MARGIN
     of the largest |logit| of its input (of its whole image for per-pixel logits, where a pixel's own logits may all
     be near zero; of every input for one logit, which is its own largest)."""
     classes = reference.shape[1]
     if classes < 2:
-        lead, scale = np.abs(reference[:, 0]), np.abs(reference).max(initial=0.0)
+        centred = reference - one_output_cut(probabilities)
+        lead, scale = np.abs(centred[:, 0]), np.abs(centred).max(initial=0.0)
     else:
         top2 = np.partition(reference, classes - 2, axis=1)  # [:, -1] the largest, [:, -2] the runner-up
         lead, scale = top2[:, -1] - top2[:, -2], np.abs(reference).max(axis=1)

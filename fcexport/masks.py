@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fcexport import compare
 from fcexport.errors import FcxError
 from fcexport.preprocess import Placement
 
@@ -30,10 +31,11 @@ def palette(count: int) -> np.ndarray:
     return colours.astype(np.uint8)
 
 
-def classes_on_image(logits: np.ndarray, placement: Placement) -> np.ndarray:
+def classes_on_image(logits: np.ndarray, placement: Placement, probabilities: bool = False) -> np.ndarray:
     """(h, w) class per pixel of the file (UNSEEN where the model saw none of it) from one image's logits (K, H', W')
-    on the model's input: each file pixel takes the input pixel it was resampled to (nearest)."""
-    decided = logits.argmax(0) if logits.shape[0] > 1 else (logits[0] > 0).astype(np.int64)
+    on the model's input (`probabilities`: the model's own, spec.probabilities): each file pixel takes the input
+    pixel it was resampled to (nearest)."""
+    decided = compare.decisions(logits[None], probabilities)[0].astype(np.int64)
     top, left, height, width = placement.region
     image_h, image_w = placement.image
     x0, y0, x1, y1 = placement.seen

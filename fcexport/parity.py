@@ -150,7 +150,7 @@ def compare_predictors(reference: np.ndarray, own_error: float, candidates: list
         logits = found[0]
         rule = replace(tolerance, factor=tolerance.factor * candidate.noise_scale,
                        floor_ulps=tolerance.floor_ulps * candidate.noise_scale)
-        stats = compare(logits, reference, own_error, inputs.labels, rule, candidate.approximate)
+        stats = compare(logits, reference, own_error, inputs.labels, rule, candidate.approximate, candidate.spec.probabilities)
         stats["precision"] = candidate.precision
         if not stats["passed"] and candidate.layers and "allowed_max_abs" in stats:
             stats["first_divergent_layer"] = where_it_broke(candidate, inputs.x, logits, reference, stats["allowed_max_abs"], rule)

@@ -1218,6 +1218,17 @@ def other_outputs(program: Program, shapes: Shapes, where: str) -> tuple[tuple[s
     return tuple(found)
 
 
+def returns_probabilities(program: Program, output: tuple[int, ...]) -> bool:
+    """Whether the kept output (one image's `output` shape) is already probabilities: the model's last op a softmax
+    over the class axis (an nn.Softmax at the end, a YOLO classifier) or a sigmoid on its one logit."""
+    last = program.node(program.output)
+    if last is None:
+        return False
+    if last.op == "aten._softmax.default" and len(last.args) > 1 and type(last.args[1]) is int:
+        return last.args[1] % (len(output) + 1) == 1
+    return last.op == "aten.sigmoid.default" and output[0] == 1
+
+
 def task_of(shape: tuple[int, ...]) -> str:
     """spec.TASKS by the output's shape for one image."""
     return "classification" if len(shape) == 1 else "segmentation"

@@ -21,8 +21,8 @@ from torch import nn
 from fcexport.checkpoint import load_weights_file
 from fcexport.data import KNOWN_CLASS_SETS, known_class_names
 from fcexport.errors import HINTS, FcxError
-from fcexport.program import (Program, all_finite, capture_outputs, check_shapes, input_misfit, other_outputs, output_shape, task_of,
-                              with_input_normalization)
+from fcexport.program import (Program, all_finite, capture_outputs, check_shapes, input_misfit, other_outputs, output_shape,
+                              returns_probabilities, task_of, with_input_normalization)
 from fcexport.spec import RESAMPLING, Architecture, ModelSpec, Normalization, Preprocess, check_normalization, check_resize, default_preprocess
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -84,6 +84,7 @@ def from_module(
         task=task_of(out),
         output_shape=out,
         other_outputs=other_outputs(program, shapes, "the model"),
+        probabilities=returns_probabilities(program, out),
     )
     return program, spec
 

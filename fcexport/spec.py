@@ -180,6 +180,8 @@ class ModelSpec:
     output_shape: tuple[int, ...] | None = None  # one image's output: (classes,) or (classes, H, W)
     # the model's outputs besides the logits, exported and verified beside them: ((name, one image's shape), ...)
     other_outputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # the model's last op already makes probabilities of its output (a softmax, or a sigmoid on one logit)
+    probabilities: bool = False
 
     def __post_init__(self):
         shape, names = self.input_shape, self.class_names
@@ -249,6 +251,8 @@ class ModelSpec:
                 for pair in others) and len({name for name, _ in others}) == len(others)):
             raise FcxError(f"{where}: other_outputs must be at most {MAX_OTHER_OUTPUTS} outputs, each a distinct name of letters, "
                            "digits and '_' (not pixels or logits) and one image's shape of positive sizes")
+        if type(self.probabilities) is not bool:
+            raise FcxError(f"{where}: probabilities must be true or false, got {str(self.probabilities)[:40]!r}")
         parts = {"preprocess": Preprocess, "architecture": Architecture, "provenance": Provenance}
         for name, kind in parts.items():
             if not isinstance(getattr(self, name), kind):
@@ -288,6 +292,8 @@ class ModelSpec:
             data |= {"task": self.task, "output_shape": list(self.output_shape)}
         if self.other_outputs:
             data["other_outputs"] = [{"name": name, "shape": list(shape)} for name, shape in self.other_outputs]
+        if self.probabilities:  # a model returning logits keeps the layout it always had
+            data["probabilities"] = True
         return json.loads(json.dumps(data))  # plain values only (str subclasses such as torch.__version__ become str)
 
     @classmethod
@@ -326,6 +332,7 @@ class ModelSpec:
                 task=data.get("task", "classification"),
                 output_shape=tuple(data["output_shape"]) if isinstance(data.get("output_shape"), list) else data.get("output_shape"),
                 other_outputs=_other_outputs(data.get("other_outputs", []), where),
+                probabilities=data.get("probabilities", False),
             )
         except FcxError as exc:
             raise FcxError(str(exc).replace("model spec", where, 1)) from exc

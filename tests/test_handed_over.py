@@ -1,12 +1,14 @@
 """Models as users hand them over: wrapped (torch.compile, DataParallel), pruned, weight-normed, left in train mode,
 in float16, with a batch fixed in their code, saved by training scripts with their wrappers' key prefixes and
-arguments, with model files that import their neighbours, with a fastai pooling head, with four input channels."""
+arguments, with model files that import their neighbours, with a fastai pooling head, with four input channels,
+ending in a softmax or a sigmoid, with one logit."""
 
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,8 +17,11 @@ from helpers import bounded, invoke, save_png
 from torch import nn
 
 import fcexport
-from fcexport.checkpoint import load_model
+from fcexport.checkpoint import load_model, read_model, save_program
+from fcexport.compare import Tolerance, compare
 from fcexport.errors import FcxError
+from fcexport.preprocess import prepare_image
+from fcexport.spec import ModelSpec
 
 
 def small(channels: int = 3) -> nn.Module:
@@ -188,3 +193,71 @@ def test_predict_refuses_a_model_of_four_channels_instead_of_feeding_it_gray(tmp
     said = done.stdout + done.stderr
     assert done.returncode == 2 and "model.onnx: the model takes 4 channels" in said, said
     assert said.count("takes 4 channels") == 1 and "red.png" not in said and "Traceback" not in done.stderr  # once, for the model
+
+
+class YoloLikeHead(nn.Module):
+    """An ultralytics classifier's head in eval mode: (softmax probabilities, logits), the probabilities first."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = small()
+
+    def forward(self, x):
+        logits = self.body(x)
+        return logits.softmax(1), logits
+
+
+def one_logit(end: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1), end).eval()
+
+
+@pytest.mark.parametrize("model, expected", [
+    (lambda: nn.Sequential(small(), nn.Softmax(dim=1)), "softmax"), (YoloLikeHead, "softmax"),
+    (lambda: nn.Sequential(small(), nn.LogSoftmax(dim=1)), "softmax"), (small, "softmax"),
+    (lambda: one_logit(nn.Sigmoid()), "p"), (lambda: one_logit(nn.Identity()), "sigmoid")],
+    ids=["nn.Softmax", "yolo-cls", "log_softmax", "logits", "sigmoid", "one-logit"])
+def test_predict_shows_the_models_own_probabilities(model, expected, tmp_path):
+    """A model that already returns probabilities (its last op a softmax, or a sigmoid on one logit) is shown them as
+    they are, not a softmax of them; logits (log_softmax too) are softmaxed; one logit is X or "not X" by a sigmoid."""
+    model = model().eval()
+    fcexport.import_model(model, (3, 16, 16), artifacts=tmp_path)
+    fcexport.export(tmp_path / "model.pt", tmp_path, ["onnx"])
+    save_png(tmp_path / "a.png", np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    row = next(iter(fcexport.predict([tmp_path / "a.png"], artifacts=tmp_path, runtime="onnxruntime", top_k=10)))
+    spec = load_model(tmp_path / "model.pt")[1]
+    with torch.no_grad():
+        out = model(torch.from_numpy(prepare_image(tmp_path / "a.png", spec.input_shape, spec.preprocess))[None])
+    out = (out[0] if isinstance(out, tuple) else out)[0].double()
+    assert spec.probabilities == (expected == "p" or isinstance(model, YoloLikeHead) or isinstance(model[-1], nn.Softmax))
+    if out.numel() == 1:
+        p = float(out if expected == "p" else torch.sigmoid(out))
+        shown = {t["label"]: t["probability"] for t in row["top"]}
+        assert shown == pytest.approx({"0": p, "not 0": 1 - p}, abs=1e-5) and row["label"] == ("0" if p > 0.5 else "not 0")
+    else:
+        wanted = out if spec.probabilities else out.softmax(0)
+        assert [t["probability"] for t in row["top"]] == pytest.approx(sorted(wanted.tolist(), reverse=True), abs=1e-5)
+    assert sum(t["probability"] for t in row["top"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_spec_that_lies_about_probabilities_is_refused(tmp_path):
+    fcexport.import_model(small(), (3, 16, 16), artifacts=tmp_path)
+    stored = read_model(tmp_path / "model.pt")
+    save_program(stored.program, replace(stored.spec, probabilities=True), tmp_path / "lying.pt")
+    with pytest.raises(FcxError, match="lying.pt: its spec says the model returns probabilities"):
+        load_model(tmp_path / "lying.pt")
+    for value in ("yes", 1, None):
+        with pytest.raises(FcxError, match="probabilities must be true or false"):
+            ModelSpec.from_dict({"input_shape": [3, 8, 8], "class_names": ["a", "b"], "probabilities": value})
+    assert "probabilities" not in stored.spec.to_dict()  # a model returning logits keeps its spec's layout
+
+
+def test_one_probability_is_decided_at_one_half():
+    """A sigmoid output decides by its side of 1/2 (its sign would call every input the class): an approximate file
+    that flips one input across 1/2 disagrees on it."""
+    reference = np.array([[0.9], [0.1], [0.8], [0.3], [0.95], [0.05]])
+    flipped = reference.copy()
+    flipped[0] = 0.4
+    row = compare(flipped, reference, 1e-7, None, Tolerance(), approximate=True, probabilities=True)
+    assert row["top1_agreement"] == pytest.approx(5 / 6)
+    assert compare(flipped, reference, 1e-7, None, Tolerance(), approximate=True)["top1_agreement"] == 1.0  # by sign: blind
