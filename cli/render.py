@@ -356,8 +356,10 @@ def inspection(result) -> None:
             items |= {
                 "input": f"float32 (N, {', '.join(map(str, spec.input_shape))}) in [0, 1]",
                 "classes": names,
-                **({"output": f"per-pixel logits (N, {', '.join(map(str, spec.output_shape))}): segmentation"} if spec.dense else {}),
-                **({"probabilities": "the model's last op makes them (predict shows them as they are)"} if spec.probabilities else {}),
+                **({"output": f"per-pixel {'probabilities' if spec.probabilities else 'logits'} "
+                              f"(N, {', '.join(map(str, spec.output_shape))}): segmentation"} if spec.dense else
+                   {"output": f"probabilities (N, {spec.output_shape[0]}), made by the model's last op: predict shows "
+                              "them as they are"} if spec.probabilities else {}),
                 **({"model's outputs": _outputs(spec.architecture.details)}
                    if isinstance(spec.architecture.details.get("outputs"), Mapping) else {}),
                 **({"exported beside the logits": ", ".join(f"{name} {list(shape)}" for name, shape in spec.other_outputs)

@@ -27,7 +27,7 @@ import torch
 import fcexport
 from fcexport import program as programs
 from fcexport.errors import FcxError
-from fcexport.files import stored_zip_records, write_bytes_atomic, zip_directory
+from fcexport.files import read_record, stored_zip_records, write_bytes_atomic, zip_directory
 from fcexport.program import Program, Shapes
 from fcexport.spec import ModelSpec
 from fcexport.targets import read_bytes
@@ -184,11 +184,77 @@ def load_safetensors(data: bytes, path: Path) -> dict:
 
 
 def check_archive(data: bytes, path: Path) -> None:
-    """A torch.save zip whose records are stored as they are (files.stored_zip_records), with a pickle of bounded
-    size, checked before anything is read from it."""
-    for record in stored_zip_records(data, path, MAX_RECORDS):
-        if record.filename.endswith(".pkl") and record.file_size > MAX_PICKLE_BYTES:
+    """A torch.save zip whose records are stored as they are (files.stored_zip_records), with pickles of bounded
+    size whose dict keys cannot be made to collide (check_keys), checked before anything is read from it."""
+    pickles = [r for r in stored_zip_records(data, path, MAX_RECORDS) if r.filename.endswith(".pkl")]
+    for record in pickles:
+        if record.file_size > MAX_PICKLE_BYTES:
             raise FcxError(f"{path}: its pickle is {record.file_size:,} bytes (at most {MAX_PICKLE_BYTES:,})")
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for record in pickles:
+            check_keys(read_record(archive, record, path), path)
+
+
+# Pickle opcodes by what they push: values whose hash an attacker chooses freely (integers beyond the hash modulus,
+# floats, tuples, frozensets, objects built by calls) and the values whose hash is fixed by Python (strings and bytes,
+# salted per process; small integers; None, booleans; empty containers, unhashable)
+_INTEGERS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
+_CHOSEN_HASH = {"FLOAT", "BINFLOAT", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET", "REDUCE", "NEWOBJ", "NEWOBJ_EX",
+                "OBJ", "INST", "BUILD", "STACK_GLOBAL", "GLOBAL"}
+MAX_CHOSEN_KEYS = 1_000  # keys or set members of a chosen hash: a thousand that all collide cost milliseconds
+HASH_MODULUS = (1 << 61) - 1  # Python's integers below it hash to themselves: distinct ones never collide
+
+
+def check_keys(data: bytes, path: Path) -> None:
+    """Refuse a pickle whose dicts and sets would hold more than MAX_CHOSEN_KEYS keys of a hash the file chooses:
+    integers that are equal modulo 2**61 - 1 (or tuples of small ones) all land in one slot, and inserting N of them
+    costs N**2 (100,000 in a 1.3 MB file: minutes). The opcodes are walked once, the stack holding only whether each
+    value's hash is the file's choice; nothing is built."""
+    import pickletools
+
+    stack: list[bool] = []
+    marks: list[int] = []
+    memo: dict = {}
+    chosen = 0
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            name, before = opcode.name, opcode.stack_before
+            if name == "MARK":
+                marks.append(len(stack))
+                continue
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if name == "MEMOIZE" else arg] = bool(stack and stack[-1])
+                continue
+            items: list[bool] = []
+            if pickletools.markobject in before:  # everything down to the mark, then the fixed items below it
+                at = marks.pop()
+                items, stack[at:] = stack[at:], []
+                before = before[:before.index(pickletools.markobject)]
+            if len(before) > len(stack):
+                raise ValueError("stack underflow")
+            popped = stack[len(stack) - len(before):] if before else []
+            del stack[len(stack) - len(before):]
+            if name == "SETITEM":
+                items = popped[1:2]
+            elif name in ("SETITEMS", "DICT"):
+                items = items[0::2]
+            if name in ("SETITEM", "SETITEMS", "DICT", "ADDITEMS", "FROZENSET"):
+                chosen += sum(items)
+                if chosen > MAX_CHOSEN_KEYS:
+                    raise FcxError(f"{path}: refused: its pickle keys dicts or sets by more than {MAX_CHOSEN_KEYS:,} values "
+                                   "of a hash it chooses (integers beyond 2**61, tuples, floats); built, they could collide "
+                                   "and take hours, and no checkpoint needs them")
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, False))
+            elif name == "DUP":
+                stack += popped * 2
+            else:  # True: a value whose hash the file chooses
+                kind = name in _CHOSEN_HASH or (name in _INTEGERS and isinstance(arg, int) and abs(arg) >= HASH_MODULUS)
+                stack += [kind] * len(opcode.stack_after)
+    except FcxError:
+        raise
+    except Exception as exc:  # genops refuses what no unpickler could read
+        raise FcxError(f"{path}: corrupt or truncated file (its pickle: {type(exc).__name__})") from exc
 
 
 def is_torchscript(data: bytes) -> bool:

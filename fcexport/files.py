@@ -180,6 +180,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 ZIP_RECORD_OVERHEAD = 256  # bytes a zip spends per record besides its data and twice its name (headers, alignment)
 ZIP_TAIL_BYTES = (1 << 16) + 1024  # the end records and the longest comment a zip can carry
 MAX_DIRECTORY_ENTRY_BYTES = 512  # a central-directory entry with a name of the length torch writes, with room
+LEGACY_TORCH_SAVE = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # its first pickle: torch's magic number
 
 
 def zip_directory(source: bytes | Path, path, max_records: int) -> list:
@@ -204,6 +205,9 @@ def zip_directory(source: bytes | Path, path, max_records: int) -> list:
                 raise FcxError(f"{path}: {count:,} records in a {directory:,}-byte directory is more than a model file holds")
             records = zipfile.ZipFile(f).infolist()
     except (zipfile.BadZipFile, ValueError, EOFError, struct.error) as exc:  # struct: an entry cut short
+        if _head(source).startswith(LEGACY_TORCH_SAVE):
+            raise FcxError(f"{path}: saved in torch.save's format from before torch 1.6, which fcexport does not read; "
+                           "load it with torch.load and save it again with torch.save (a zip archive)") from exc
         raise FcxError(f"{path}: corrupt or truncated file (not a torch zip archive); copy or save it again") from exc
     except OSError as exc:
         raise FcxError(f"{path}: cannot read ({exc.strerror or exc})") from exc
@@ -216,6 +220,13 @@ def zip_directory(source: bytes | Path, path, max_records: int) -> list:
     if size > accounted:
         raise FcxError(f"{path}: {size - stored:,} of its {size:,} bytes belong to no record its zip directory lists: refused")
     return records
+
+
+def _head(source: bytes | Path) -> bytes:
+    if isinstance(source, bytes):
+        return source[:len(LEGACY_TORCH_SAVE)]
+    with open(source, "rb") as f:
+        return f.read(len(LEGACY_TORCH_SAVE))
 
 
 def stored_zip_records(data: bytes, path, max_records: int, deflated: bool = False) -> list:

@@ -152,6 +152,8 @@ def capture_outputs(module: nn.Module, input_shape, output: str | None = None) -
         with _quiet_torch():
             exported = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
             exported = exported.run_decompositions(_decompositions())
+    except FcxError as exc:  # a decomposition's own refusal (adaptive max pooling to too many windows), without
+        raise FcxError(str(exc).splitlines()[0]) from exc  # the lines torch adds about the node it was running
     except Exception as exc:
         if misfit := input_misfit(module, input_shape) or eager_failure(module, input_shape):
             raise FcxError(misfit) from exc
@@ -318,7 +320,9 @@ def _plain_attention(torchs, query, key, value, attn_mask=None, dropout_p=0.0, i
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-MAX_ADAPTIVE_WINDOWS = 1024  # adaptive max pooling to more output cells than this stays refused (a slice per cell)
+# adaptive max pooling to more output cells than this is refused: each cell is a window's slice, max and argmax
+# (about 12 nodes with its index), and a program holds at most MAX_NODES
+MAX_ADAPTIVE_WINDOWS = 256
 
 
 def _adaptive_max_pool(torchs, x, output_size):
@@ -330,8 +334,12 @@ def _adaptive_max_pool(torchs, x, output_size):
     if found is not NotImplemented:
         return found
     (h_in, w_in), (h_out, w_out) = x.shape[-2:], output_size
-    if not all(type(s) is int for s in (h_in, w_in, h_out, w_out)) or h_out * w_out > MAX_ADAPTIVE_WINDOWS:
+    if not all(type(s) is int for s in (h_in, w_in, h_out, w_out)):
         return NotImplemented
+    if h_out * w_out > MAX_ADAPTIVE_WINDOWS:
+        raise FcxError(f"adaptive max pooling of {h_in}x{w_in} to {h_out}x{w_out} ({h_out * w_out:,} windows that do not "
+                       f"tile the input): fcexport spells at most {MAX_ADAPTIVE_WINDOWS} such windows (each a slice and a "
+                       "max); pool to a size that divides the input, or to fewer cells")
 
     def windows(size_in, size_out):
         return [((i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)) for i in range(size_out)]

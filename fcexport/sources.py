@@ -25,7 +25,8 @@ from fcexport.program import (Program, all_finite, capture_outputs, check_shapes
                               returns_probabilities, task_of, with_input_normalization)
 from fcexport.spec import RESAMPLING, Architecture, ModelSpec, Normalization, Preprocess, check_normalization, check_resize, default_preprocess
 
-NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+# where training scripts nest the weights, in order of preference (an EMA copy only when there is nothing else)
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "state_dict_ema", "model_ema", "ema")
 
 
 def from_module(
@@ -97,8 +98,8 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     for _ in range(8):  # wrappers in wrappers, a few deep; never a loop
         if isinstance(module, OptimizedModule):
             inner = module._orig_mod
-        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = module.module
+        elif type(module).forward in (nn.DataParallel.forward, nn.parallel.DistributedDataParallel.forward):
+            inner = module.module  # a subclass with a forward of its own is a model, not a wrapper
         else:
             return module
         if not isinstance(inner, nn.Module) or inner is module:
@@ -240,6 +241,11 @@ def _answer(receive, on_step):
 
 
 MAX_MESSAGE_BYTES = 1 << 20
+MAX_SAID = 4_000  # characters of an error the child passes on (a key list can name keys of any length)
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_SAID else text[:MAX_SAID] + f" ... ({len(text) - MAX_SAID:,} more characters)"
 
 
 def _check_arguments(weights, model_def: str, input_shape, mean, std) -> None:
@@ -281,7 +287,7 @@ def _from_state_dict_child(send, staged: Path, weights, model_def, *args) -> Non
         save_program(program, spec, staged)
         answer = {"ok": True}
     except FcxError as exc:
-        answer = {"error": str(exc), "hint": exc.hint}
+        answer = {"error": _bounded(str(exc)), "hint": exc.hint}
     except BaseException as exc:  # KeyboardInterrupt, GeneratorExit, the user's own BaseException subclasses
         said = f": {str(exc)[:500]}" if str(exc) else ""
         answer = {"error": f"{model_def}: the model's code raised {type(exc).__name__}{said}"}
@@ -295,11 +301,17 @@ def check_weights(model: nn.Module, state_dict: dict, where: str) -> None:
     expected = model.state_dict()
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise FcxError(f"{where}: weights must be a dict of tensors")
+    for key, tensor in state_dict.items():  # what load_state_dict would take apart or convert without a word
+        kind = ("sparse" if tensor.layout != torch.strided else "quantised" if tensor.is_quantized
+                else "complex" if tensor.is_complex() else None)
+        if kind:
+            raise FcxError(f"{where}: weight '{key[:80]}' is a {kind} tensor; fcexport imports dense real-valued weights "
+                           "(save the float model's state_dict())")
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
     wrong = [f"{k} is {tuple(state_dict[k].shape)} in the file, {tuple(expected[k].shape)} in the model" for k in mismatched]
-    problems = [f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+    problems = [f"{label} ({len(items)}): {', '.join(item[:200] for item in items[:3])}{', ...' if len(items) > 3 else ''}"
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if items]
     if problems:
         counts = _head_counts(state_dict, expected, mismatched)
@@ -380,14 +392,17 @@ def find_state_dict(loaded, path: Path, key: str | None = None) -> dict[str, tor
     """The state dict itself, or the one a training checkpoint nests under `key` (or a usual key)."""
     if not isinstance(loaded, dict):
         raise FcxError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
+    if not loaded:
+        raise FcxError(f"{path}: holds an empty dict: no weights")
+    keys = ", ".join(str(k)[:80] for k in list(loaded)[:8])
     if key is not None:
         if not isinstance(loaded.get(key), dict):
-            raise FcxError(f"{path}: has no state dict under key {key!r} (keys: {', '.join(map(str, list(loaded)[:8]))})")
+            raise FcxError(f"{path}: has no state dict under key {str(key)[:80]!r} (keys: {keys})")
         loaded = loaded[key]
     elif not _is_state_dict(loaded):
         nested = [k for k in NESTED_KEYS if _is_state_dict(loaded.get(k))]
         if not nested:
-            raise FcxError(f"{path}: no state dict found (keys: {', '.join(map(str, list(loaded)[:8]))}); name the key that holds it")
+            raise FcxError(f"{path}: no state dict found (keys: {keys}); name the key that holds it")
         loaded = loaded[nested[0]]
     if not _is_state_dict(loaded):
         raise FcxError(f"{path}: the state dict holds values that are not tensors")
@@ -405,14 +420,17 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 def _strip_prefix(state_dict: dict, module: nn.Module) -> dict:
     """The state dict without the prefixes a wrapper added (WRAPPER_PREFIXES, in any nesting: `module._orig_mod.`),
-    stripped only while every key carries it and the model's own keys do not."""
+    stripped while no key matches the model's and every key carries the prefix: first one whose removal makes keys
+    match (a Lightning `model.` before a model's own `model.`), else one the model's own keys do not start with."""
     own = set(module.state_dict())
     while not own & set(state_dict):
-        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)
-                       and not any(k.startswith(p) for k in own)), None)
+        carried = {p: {k[len(p):]: v for k, v in state_dict.items()} for p in WRAPPER_PREFIXES
+                   if all(k.startswith(p) for k in state_dict)}
+        prefix = next((p for p, stripped in carried.items() if own & set(stripped)), None) or next(
+            (p for p in carried if not any(k.startswith(p) for k in own)), None)
         if prefix is None:
             break
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+        state_dict = carried[prefix]
     return state_dict
 
 
@@ -450,12 +468,16 @@ def _import_location(location: str):
         namespace = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = namespace  # dataclasses and pickling look the module up by name
         folder = str(path.resolve().parent)
-        if folder not in sys.path:  # as `python FILE.py` runs it: its own imports find the files beside it
+        added = folder not in sys.path
+        if added:  # as `python FILE.py` runs it: its own imports find the files beside it, while it runs
             sys.path.insert(0, folder)
         try:
             spec.loader.exec_module(namespace)
         except (Exception, SystemExit) as exc:
             raise FcxError(f"{path}: running the model file failed: {type(exc).__name__}: {exc}") from exc
+        finally:  # else a file beside it named like a module torch imports later (profile.py, secrets.py) would run
+            if added and folder in sys.path:
+                sys.path.remove(folder)
         return namespace
     try:
         return importlib.import_module(location)

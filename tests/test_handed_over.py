@@ -6,6 +6,7 @@ ending in a softmax or a sigmoid, with one logit."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import subprocess
 import sys
 from dataclasses import replace
@@ -127,6 +128,17 @@ def test_adaptive_max_pooling_to_any_size_is_torchs_values_and_indices(size, out
     values, indices = _adaptive_max_pool(lambda *args: NotImplemented, x, output)
     expected_values, expected_indices = nn.functional.adaptive_max_pool2d(x, output, return_indices=True)
     assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
+
+
+def test_adaptive_max_pooling_to_more_windows_than_spelled_is_said_as_such(tmp_path):
+    """17 x 16 windows of 37 x 37: one line naming the bound and the fix, before anything is written."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveMaxPool2d((17, 16)), nn.Flatten(), nn.Linear(4 * 272, 5))
+    with pytest.raises(FcxError) as refused:
+        fcexport.import_model(model.eval(), (3, 37, 37), artifacts=tmp_path)
+    said = str(refused.value)
+    assert "to 17x16 (272 windows" in said and "at most 256" in said and "\n" not in said, said
+    assert not (tmp_path / "model.pt").exists()
 
 
 NEIGHBOUR = '''
@@ -261,3 +273,88 @@ def test_one_probability_is_decided_at_one_half():
     row = compare(flipped, reference, 1e-7, None, Tolerance(), approximate=True, probabilities=True)
     assert row["top1_agreement"] == pytest.approx(5 / 6)
     assert compare(flipped, reference, 1e-7, None, Tolerance(), approximate=True)["top1_agreement"] == 1.0  # by sign: blind
+
+
+class Holder(nn.Module):
+    """A model whose own keys begin with a wrapper's word (`model.`, `module.`)."""
+
+    def __init__(self, attribute: str):
+        super().__init__()
+        self.attribute = attribute
+        self.add_module(attribute, small())
+
+    def forward(self, x):
+        return getattr(self, self.attribute)(x)
+
+
+@pytest.mark.parametrize("attribute, prefix", [("model", "model."), ("module", "module."), ("module", "_orig_mod.module.")])
+def test_a_wrappers_prefix_is_dropped_when_the_models_own_keys_begin_alike(attribute, prefix):
+    """Lightning's `model.` before a model that has its own `model`; DataParallel (and torch.compile over it) of a
+    model with its own `module`."""
+    from fcexport.sources import _strip_prefix
+
+    model = Holder(attribute)
+    saved = {prefix + k: v for k, v in model.state_dict().items()}
+    stripped = _strip_prefix(saved, model)
+    assert list(stripped) == list(model.state_dict()) and all(stripped[k] is saved[prefix + k] for k in stripped)
+
+
+def test_a_dataparallel_subclass_with_its_own_forward_is_the_model(tmp_path):
+    class Scaled(nn.DataParallel):
+        def forward(self, x):
+            return self.module(x) * 10
+
+    model = Scaled(small())
+    stored, _ = stored_program(model, tmp_path, "scaled")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(stored(x), model(x), atol=1e-5)
+
+
+def test_the_model_files_folder_is_on_sys_path_only_while_the_file_runs(tmp_path):
+    """Its own imports find their neighbours; a neighbour it never imports (a profile.py, a secrets.py) is not found
+    by what torch imports later."""
+    from fcexport.sources import build_user_model
+
+    (tmp_path / "layers.py").write_text(NEIGHBOUR)
+    (tmp_path / "net.py").write_text("from layers import Net\n")
+    (tmp_path / "fcx_late_neighbour.py").write_text("raise SystemExit('ran')\n")
+    assert isinstance(build_user_model(f"{tmp_path / 'net.py'}:Net", {}), nn.Module)
+    assert str(tmp_path) not in sys.path
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("fcx_late_neighbour")
+
+
+@pytest.mark.parametrize("kind", ["sparse", "quantised", "complex"])
+def test_weights_that_are_not_dense_and_real_are_named_with_the_file(kind):
+    from fcexport.sources import check_weights
+
+    model = small()
+    weights = model.state_dict()
+    weight = weights["0.weight"]
+    weights["0.weight"] = {"sparse": weight.to_sparse(), "complex": weight.to(torch.complex64),
+                           "quantised": torch.quantize_per_tensor(weight, 0.1, 0, torch.qint8)}[kind]
+    with pytest.raises(FcxError, match=f"w.pt: weight '0.weight' is a {kind} tensor"):
+        check_weights(model, weights, "w.pt")
+
+
+def test_a_key_of_megabytes_is_said_in_one_bounded_line(tmp_path, runner):
+    """The child passes on at most a few thousand characters of its error (its pipe takes a megabyte)."""
+    (tmp_path / "net.py").write_text(NEIGHBOUR)
+    torch.save({**Net().state_dict(), "x" * 5_000_000: torch.zeros(1)}, tmp_path / "w.pt")
+    r = invoke(runner, "import", str(tmp_path / "w.pt"), "--model-def", str(tmp_path / "net.py") + ":Net",
+               "--input-shape", "3,8,8", "--artifacts", str(tmp_path / "out"))
+    assert r.exit_code == 2 and "weights do not match the model: unexpected (1)" in r.output, r.output[:500]
+    assert len(r.output) < 10_000 and "Traceback" not in r.output
+
+
+def test_an_ema_copy_is_found_only_where_nothing_else_is_and_an_empty_file_is_said():
+    from pathlib import Path
+
+    from fcexport.sources import find_state_dict
+
+    weights, ema = small().state_dict(), {k: v + 1 for k, v in small().state_dict().items()}
+    assert find_state_dict({"state_dict_ema": ema}, Path("ema.pt")) is ema
+    assert find_state_dict({"state_dict": weights, "state_dict_ema": ema}, Path("both.pt")) is weights
+    with pytest.raises(FcxError, match="empty.pt: holds an empty dict: no weights"):
+        find_state_dict({}, Path("empty.pt"))

@@ -140,6 +140,31 @@ def zip_bomb(folder: Path) -> Path:
     return path
 
 
+def hash_flood(folder: Path, keys: int = 100_000) -> Path:
+    """A torch.save zip whose pickle is a dict keyed by multiples of 2**61 - 1: every key hashes alike, so each
+    insertion walks the earlier ones (100,000 keys in 1.3 MB: minutes of CPU once unpickled)."""
+    modulus = (1 << 61) - 1
+
+    def long1(value: int) -> bytes:  # the LONG1 opcode: a little-endian integer of a given byte count
+        raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+        return b"\x8a" + bytes([len(raw)]) + raw
+
+    flood = b"\x80\x02}(" + b"".join(long1(i * modulus) + b"N" for i in range(keys)) + b"u."
+    path = folder / "flood.pt"
+    writer = torch._C.PyTorchFileWriter(str(path))
+    writer.write_record("data.pkl", flood, len(flood))
+    writer.write_record("byteorder", b"little", 6)
+    writer.write_end_of_file()
+    return path
+
+
+def legacy_save(folder: Path) -> Path:
+    """A state dict in torch.save's format from before torch 1.6 (no zip)."""
+    path = folder / "old.pt"
+    torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
+    return path
+
+
 def csv_file(folder: Path, name: str, text: str | bytes) -> Path:
     path = folder / name
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -192,6 +217,10 @@ CASES = [
     ("checkpoint: a sparse tensor", lambda a, s: ["export", with_checkpoint(a, "sparse.pt", lambda p: p["tensors"].update({"fc1.weight": p["tensors"]["fc1.weight"].to_sparse()})), "--artifacts", s],
      "only dense CPU tensors are stored"),
     ("checkpoint: a compressed (zip bomb) record", lambda a, s: ["export", zip_bomb(a), "--artifacts", s], "is compressed"),
+    ("checkpoint: dict keys that all hash alike", lambda a, s: ["export", hash_flood(s), "--artifacts", s],
+     "values of a hash it chooses"),
+    ("checkpoint: torch.save's format from before 1.6", lambda a, s: ["export", legacy_save(s), "--artifacts", s],
+     "from before torch 1.6"),
     ("train --artifacts is a file", lambda a, s: ["train", "--data", "digits", "--artifacts", csv_file(s, "file", "x")], "a file is in the way"),
     ("--json-file is a folder", lambda a, s: ["bench", "--artifacts", a, "--backends", "onnxruntime", "--batch-sizes", "1", "--seconds", "0.01", "--json-file", s], "a folder has that name"),
     ("bench --repeat 0", lambda a, s: ["bench", "--artifacts", a, "--repeat", "0"], "repeat >= 1"),
