@@ -199,20 +199,36 @@ def check_archive(data: bytes, path: Path) -> None:
 # floats, tuples, frozensets, objects built by calls) and the values whose hash is fixed by Python (strings and bytes,
 # salted per process; small integers; None, booleans; empty containers, unhashable)
 _INTEGERS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
-_CHOSEN_HASH = {"FLOAT", "BINFLOAT", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET", "REDUCE", "NEWOBJ", "NEWOBJ_EX",
-                "OBJ", "INST", "BUILD", "STACK_GLOBAL", "GLOBAL"}
+_CHOSEN_HASH = {"FLOAT", "BINFLOAT", "FROZENSET", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "BUILD", "STACK_GLOBAL",
+                "GLOBAL"}
 MAX_CHOSEN_KEYS = 1_000  # keys or set members of a chosen hash: a thousand that all collide cost milliseconds
 HASH_MODULUS = (1 << 61) - 1  # Python's integers below it hash to themselves: distinct ones never collide
+
+
+class _Items:
+    """A list or tuple on check_keys' stack, shared through the memo as the list is: how many of its items have a hash
+    the file chooses (`chosen`) and how many the lists and tuples among them hold (`nested`: what a call taking it as
+    its arguments, OrderedDict([(key, value), ...]), would insert). A tuple is itself such a value."""
+
+    def __init__(self, items: list, is_tuple: bool):
+        self.chosen = sum(map(_chosen, items))
+        self.nested = sum(v.chosen for v in items if isinstance(v, _Items))
+        self.is_tuple = is_tuple
+
+
+def _chosen(value) -> bool:
+    return value is True or (isinstance(value, _Items) and value.is_tuple)
 
 
 def check_keys(data: bytes, path: Path) -> None:
     """Refuse a pickle whose dicts and sets would hold more than MAX_CHOSEN_KEYS keys of a hash the file chooses:
     integers that are equal modulo 2**61 - 1 (or tuples of small ones) all land in one slot, and inserting N of them
-    costs N**2 (100,000 in a 1.3 MB file: minutes). The opcodes are walked once, the stack holding only whether each
-    value's hash is the file's choice; nothing is built."""
+    costs N**2 (100,000 in a 1.3 MB file: minutes). Counted where keys go in: SETITEM(S), DICT, ADDITEMS, FROZENSET,
+    and the lists a call takes (OrderedDict([(key, value), ...])). The opcodes are walked once, the stack holding
+    only what each value is; nothing is built."""
     import pickletools
 
-    stack: list[bool] = []
+    stack: list = []
     marks: list[int] = []
     memo: dict = {}
     chosen = 0
@@ -223,9 +239,9 @@ def check_keys(data: bytes, path: Path) -> None:
                 marks.append(len(stack))
                 continue
             if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-                memo[len(memo) if name == "MEMOIZE" else arg] = bool(stack and stack[-1])
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else False
                 continue
-            items: list[bool] = []
+            items: list = []
             if pickletools.markobject in before:  # everything down to the mark, then the fixed items below it
                 at = marks.pop()
                 items, stack[at:] = stack[at:], []
@@ -234,20 +250,27 @@ def check_keys(data: bytes, path: Path) -> None:
                 raise ValueError("stack underflow")
             popped = stack[len(stack) - len(before):] if before else []
             del stack[len(stack) - len(before):]
-            if name == "SETITEM":
-                items = popped[1:2]
-            elif name in ("SETITEMS", "DICT"):
-                items = items[0::2]
             if name in ("SETITEM", "SETITEMS", "DICT", "ADDITEMS", "FROZENSET"):
-                chosen += sum(items)
-                if chosen > MAX_CHOSEN_KEYS:
-                    raise FcxError(f"{path}: refused: its pickle keys dicts or sets by more than {MAX_CHOSEN_KEYS:,} values "
-                                   "of a hash it chooses (integers beyond 2**61, tuples, floats); built, they could collide "
-                                   "and take hours, and no checkpoint needs them")
+                keys = popped[1:2] if name == "SETITEM" else items if name in ("ADDITEMS", "FROZENSET") else items[0::2]
+                chosen += sum(map(_chosen, keys))
+            elif name in ("APPEND", "APPENDS") and isinstance(popped[0], _Items):
+                popped[0].chosen += sum(map(_chosen, popped[1:] + items))
+            elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX") and isinstance(popped[1], _Items):
+                chosen += popped[1].nested  # what a mapping or set built from the call's arguments would hold
+            if chosen > MAX_CHOSEN_KEYS:
+                raise FcxError(f"{path}: refused: its pickle keys dicts or sets by more than {MAX_CHOSEN_KEYS:,} values "
+                               "of a hash it chooses (integers beyond 2**61, tuples, floats); built, they could collide "
+                               "and take hours, and no checkpoint needs them")
             if name in ("GET", "BINGET", "LONG_BINGET"):
                 stack.append(memo.get(arg, False))
             elif name == "DUP":
                 stack += popped * 2
+            elif name in ("APPEND", "APPENDS"):  # the same list, longer
+                stack.append(popped[0])
+            elif name in ("EMPTY_LIST", "LIST"):
+                stack.append(_Items(items, is_tuple=False))
+            elif name.startswith("TUPLE") or name == "EMPTY_TUPLE":
+                stack.append(_Items(popped + items, is_tuple=True))
             else:  # True: a value whose hash the file chooses
                 kind = name in _CHOSEN_HASH or (name in _INTEGERS and isinstance(arg, int) and abs(arg) >= HASH_MODULUS)
                 stack += [kind] * len(opcode.stack_after)

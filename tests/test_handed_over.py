@@ -358,3 +358,24 @@ def test_an_ema_copy_is_found_only_where_nothing_else_is_and_an_empty_file_is_sa
     assert find_state_dict({"state_dict": weights, "state_dict_ema": ema}, Path("both.pt")) is weights
     with pytest.raises(FcxError, match="empty.pt: holds an empty dict: no weights"):
         find_state_dict({}, Path("empty.pt"))
+
+
+def test_training_checkpoints_pass_the_hash_flood_check(tmp_path):
+    """What check_keys must never refuse: optimizer and scheduler states (integer keys), a Namespace with a 64-bit
+    seed and tuples, an EMA copy, RNG states, a few float keys."""
+    import random
+
+    from fcexport.checkpoint import load_weights_file
+
+    model = small()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.rand(2, 3, 16, 16)).sum().backward()
+    optimizer.step()
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+    torch.save({"epoch": 3, "global_step": 2 ** 40, "state_dict": model.state_dict(), "state_dict_ema": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "lr_schedulers": [schedule.state_dict()],
+                "args": argparse.Namespace(seed=2 ** 63 + 5, img_size=(224, 224), mean=(0.5, 0.5, 0.5)),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "thresholds": {0.5: 1, 0.25: 2}},
+               tmp_path / "train.pth.tar")
+    loaded, _ = load_weights_file(tmp_path / "train.pth.tar")
+    assert loaded["epoch"] == 3 and set(loaded["state_dict"]) == set(model.state_dict())

@@ -140,16 +140,21 @@ def zip_bomb(folder: Path) -> Path:
     return path
 
 
-def hash_flood(folder: Path, keys: int = 100_000) -> Path:
-    """A torch.save zip whose pickle is a dict keyed by multiples of 2**61 - 1: every key hashes alike, so each
-    insertion walks the earlier ones (100,000 keys in 1.3 MB: minutes of CPU once unpickled)."""
+def hash_flood(folder: Path, through_a_call: bool = False, keys: int = 100_000) -> Path:
+    """A torch.save zip whose pickle is a dict keyed by multiples of 2**61 - 1 (SETITEMS, or `through_a_call`:
+    OrderedDict([(key, None), ...])): every key hashes alike, so each insertion walks the earlier ones (100,000 keys
+    in 1.3 MB: minutes of CPU once unpickled)."""
     modulus = (1 << 61) - 1
 
     def long1(value: int) -> bytes:  # the LONG1 opcode: a little-endian integer of a given byte count
         raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
         return b"\x8a" + bytes([len(raw)]) + raw
 
-    flood = b"\x80\x02}(" + b"".join(long1(i * modulus) + b"N" for i in range(keys)) + b"u."
+    if through_a_call:  # GLOBAL OrderedDict, a list of (key, None) pairs (TUPLE2, APPENDS), one argument, REDUCE
+        flood = (b"\x80\x02ccollections\nOrderedDict\n](" + b"".join(long1(i * modulus) + b"N\x86" for i in range(keys))
+                 + b"e\x85R.")
+    else:  # EMPTY_DICT, MARK, key value ..., SETITEMS
+        flood = b"\x80\x02}(" + b"".join(long1(i * modulus) + b"N" for i in range(keys)) + b"u."
     path = folder / "flood.pt"
     writer = torch._C.PyTorchFileWriter(str(path))
     writer.write_record("data.pkl", flood, len(flood))
@@ -218,6 +223,8 @@ CASES = [
      "only dense CPU tensors are stored"),
     ("checkpoint: a compressed (zip bomb) record", lambda a, s: ["export", zip_bomb(a), "--artifacts", s], "is compressed"),
     ("checkpoint: dict keys that all hash alike", lambda a, s: ["export", hash_flood(s), "--artifacts", s],
+     "values of a hash it chooses"),
+    ("checkpoint: an OrderedDict of pairs whose keys hash alike", lambda a, s: ["export", hash_flood(s, True), "--artifacts", s],
      "values of a hash it chooses"),
     ("checkpoint: torch.save's format from before 1.6", lambda a, s: ["export", legacy_save(s), "--artifacts", s],
      "from before torch 1.6"),
