@@ -11,12 +11,15 @@ make us allocate what it declares.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import hashlib
 import io
 import json
 import pickle
 import re
+import signal
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, replace
@@ -186,7 +189,8 @@ def load_safetensors(data: bytes, path: Path) -> dict:
 def check_archive(data: bytes, path: Path) -> None:
     """A torch.save zip whose records are stored as they are (files.stored_zip_records), with pickles of bounded
     size whose dict keys cannot be made to collide (check_keys), checked before anything is read from it."""
-    pickles = [r for r in stored_zip_records(data, path, MAX_RECORDS) if r.filename.endswith(".pkl")]
+    records = stored_zip_records(data, path, MAX_RECORDS)
+    pickles = [r for r in records if r.filename.lower().endswith(".pkl")]  # in any case, as torch finds them
     for record in pickles:
         if record.file_size > MAX_PICKLE_BYTES:
             raise FcxError(f"{path}: its pickle is {record.file_size:,} bytes (at most {MAX_PICKLE_BYTES:,})")
@@ -206,18 +210,26 @@ HASH_MODULUS = (1 << 61) - 1  # Python's integers below it hash to themselves: d
 
 
 class _Items:
-    """A list or tuple on check_keys' stack, shared through the memo as the list is: how many of its items have a hash
-    the file chooses (`chosen`) and how many the lists and tuples among them hold (`nested`: what a call taking it as
-    its arguments, OrderedDict([(key, value), ...]), would insert). A tuple is itself such a value."""
+    """A list or tuple on check_keys' stack, shared through the memo as the list is (items appended later count): its
+    items, and whether it is a tuple (itself a value whose hash the file chooses)."""
 
     def __init__(self, items: list, is_tuple: bool):
-        self.chosen = sum(map(_chosen, items))
-        self.nested = sum(v.chosen for v in items if isinstance(v, _Items))
+        self.items = items
         self.is_tuple = is_tuple
 
 
 def _chosen(value) -> bool:
     return value is True or (isinstance(value, _Items) and value.is_tuple)
+
+
+def _inserted_by_call(arguments) -> int:
+    """What a call (OrderedDict(pairs), set(items), torch's _rebuild_from_type_v2(set, ..., (items,), ...)) could insert
+    from its arguments: the chosen-hash items of the lists and tuples it is given, and of those they hold."""
+    if not isinstance(arguments, _Items):
+        return 0
+    given = [v for v in arguments.items if isinstance(v, _Items)]
+    held = [w for v in given for w in v.items if isinstance(w, _Items)]
+    return sum(sum(map(_chosen, v.items)) for v in given + held)
 
 
 def check_keys(data: bytes, path: Path) -> None:
@@ -254,9 +266,11 @@ def check_keys(data: bytes, path: Path) -> None:
                 keys = popped[1:2] if name == "SETITEM" else items if name in ("ADDITEMS", "FROZENSET") else items[0::2]
                 chosen += sum(map(_chosen, keys))
             elif name in ("APPEND", "APPENDS") and isinstance(popped[0], _Items):
-                popped[0].chosen += sum(map(_chosen, popped[1:] + items))
-            elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX") and isinstance(popped[1], _Items):
-                chosen += popped[1].nested  # what a mapping or set built from the call's arguments would hold
+                popped[0].items += popped[1:] + items
+            elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX"):
+                chosen += _inserted_by_call(popped[1])  # counted as the call runs: lists filled after the tuple count
+            elif name == "BUILD":  # the object's dict updated from the state: a list of pairs inserts its keys
+                chosen += _inserted_by_call(_Items([popped[1]], is_tuple=True))
             if chosen > MAX_CHOSEN_KEYS:
                 raise FcxError(f"{path}: refused: its pickle keys dicts or sets by more than {MAX_CHOSEN_KEYS:,} values "
                                "of a hash it chooses (integers beyond 2**61, tuples, floats); built, they could collide "
@@ -309,17 +323,63 @@ def load_weights_file(path: Path) -> tuple[object, str]:
 TRAINING_SCRIPT_GLOBALS = (argparse.Namespace,)
 
 
+UNPICKLE_CPU_SECONDS = 15  # a pickle can repeat work (re-insert one mapping thousands of times): at most this much
+
+
+class _OverBudget(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _cpu_budget(seconds: float):
+    """Stop the block with _OverBudget once the process has spent `seconds` more of CPU time in it (SIGPROF); the
+    state says whether it fired (torch re-raises what its unpickler meets as its own error). Signals reach the main
+    thread only: elsewhere the block runs unbounded."""
+    state = {"fired": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def stop(signum, frame):
+        state["fired"] = True
+        raise _OverBudget
+
+    previous = signal.signal(signal.SIGPROF, stop)
+    outer = signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield state
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+        if outer[0] > 0:  # a profiler's own timer, going on
+            signal.setitimer(signal.ITIMER_PROF, *outer)
+
+
 def _unpickle(data: bytes, path: Path, allowed: tuple = ()):
-    """torch.load(weights_only=True) of checked bytes, with `allowed` plain-data classes besides tensors and containers."""
+    """torch.load(weights_only=True) of checked bytes, with `allowed` plain-data classes besides tensors and containers,
+    in at most UNPICKLE_CPU_SECONDS of CPU time."""
     if is_torchscript(data):
         raise FcxError(f"{path}: a TorchScript file is code, not weights, and is not loaded; save model.state_dict() "
                        "with torch.save and import it with the model's code", hint="import")
-    check_archive(data, path)
+    with _cpu_budget(UNPICKLE_CPU_SECONDS) as budget:
+        try:
+            check_archive(data, path)
+            return _loaded(data, path, allowed)
+        except Exception as exc:
+            if budget["fired"]:
+                raise FcxError(f"{path}: refused: unpickling it took more than {UNPICKLE_CPU_SECONDS} s of CPU time (a "
+                               "pickle that repeats work, or collides its keys, without end)") from exc
+            raise
+
+
+def _loaded(data: bytes, path: Path, allowed: tuple):
     try:
         with warnings.catch_warnings():  # torch warns about sparse tensors it validates; fcexport refuses them after
             warnings.simplefilter("ignore")
             with torch.serialization.safe_globals(list(allowed)):
                 return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except _OverBudget:
+        raise
     except pickle.UnpicklingError as exc:
         named = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f"a pickled {named.group(1)[:80]}" if named else "pickled Python objects"

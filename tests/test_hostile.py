@@ -140,21 +140,30 @@ def zip_bomb(folder: Path) -> Path:
     return path
 
 
-def hash_flood(folder: Path, through_a_call: bool = False, keys: int = 100_000) -> Path:
-    """A torch.save zip whose pickle is a dict keyed by multiples of 2**61 - 1 (SETITEMS, or `through_a_call`:
-    OrderedDict([(key, None), ...])): every key hashes alike, so each insertion walks the earlier ones (100,000 keys
-    in 1.3 MB: minutes of CPU once unpickled)."""
+def hash_flood(folder: Path, route: str = "setitems", keys: int = 100_000) -> Path:
+    """A torch.save zip whose pickle builds a mapping keyed by multiples of 2**61 - 1: every key hashes alike, so each
+    insertion walks the earlier ones (100,000 keys in 1.3 MB: minutes of CPU once unpickled). The keys go in by
+    `route`: SETITEMS; a call, OrderedDict([(key, None), ...]); the same with the argument tuple made before the list
+    is filled (through the memo); BUILD of a list of pairs; or `repeat`: a dict of 1,000 such keys (allowed) put into
+    one OrderedDict `keys` times by BUILD (work repeated, not keys: bounded by CPU time)."""
     modulus = (1 << 61) - 1
 
     def long1(value: int) -> bytes:  # the LONG1 opcode: a little-endian integer of a given byte count
         raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
         return b"\x8a" + bytes([len(raw)]) + raw
 
-    if through_a_call:  # GLOBAL OrderedDict, a list of (key, None) pairs (TUPLE2, APPENDS), one argument, REDUCE
-        flood = (b"\x80\x02ccollections\nOrderedDict\n](" + b"".join(long1(i * modulus) + b"N\x86" for i in range(keys))
-                 + b"e\x85R.")
-    else:  # EMPTY_DICT, MARK, key value ..., SETITEMS
-        flood = b"\x80\x02}(" + b"".join(long1(i * modulus) + b"N" for i in range(keys)) + b"u."
+    ordered_dict = b"ccollections\nOrderedDict\n"
+    count = 1_000 if route == "repeat" else keys
+    pairs = b"".join(long1(i * modulus) + b"N\x86" for i in range(count))  # (key, None), TUPLE2
+    flood = b"\x80\x02" + {
+        "setitems": b"}(" + b"".join(long1(i * modulus) + b"N" for i in range(count)) + b"u.",  # EMPTY_DICT MARK .. SETITEMS
+        "call": ordered_dict + b"](" + pairs + b"e\x85R.",  # GLOBAL, EMPTY_LIST MARK .. APPENDS, TUPLE1, REDUCE
+        # OrderedDict and (L,) memoised while L is empty, L filled through its memo, then the call from the memo
+        "alias": ordered_dict + b"q\x00]q\x01\x85q\x02h\x01(" + pairs + b"eh\x00h\x02R.",
+        "build": ordered_dict + b")R](" + pairs + b"eb.",  # OrderedDict(), then BUILD with the pairs
+        "repeat": b"}q\x00(" + b"".join(long1(i * modulus) + b"N" for i in range(count)) + b"u" + ordered_dict + b")R"
+                  + b"h\x00b" * keys + b".",
+    }[route]
     path = folder / "flood.pt"
     writer = torch._C.PyTorchFileWriter(str(path))
     writer.write_record("data.pkl", flood, len(flood))
@@ -224,8 +233,10 @@ CASES = [
     ("checkpoint: a compressed (zip bomb) record", lambda a, s: ["export", zip_bomb(a), "--artifacts", s], "is compressed"),
     ("checkpoint: dict keys that all hash alike", lambda a, s: ["export", hash_flood(s), "--artifacts", s],
      "values of a hash it chooses"),
-    ("checkpoint: an OrderedDict of pairs whose keys hash alike", lambda a, s: ["export", hash_flood(s, True), "--artifacts", s],
-     "values of a hash it chooses"),
+    *((f"checkpoint: keys that hash alike, through {route}", lambda a, s, route=route: ["export", hash_flood(s, route, 20_000),
+       "--artifacts", s], "values of a hash it chooses") for route in ("call", "alias", "build")),
+    ("checkpoint: one mapping of colliding keys re-inserted 8,000 times", lambda a, s: ["export", hash_flood(s, "repeat", 8_000),
+     "--artifacts", s], "took more than 15 s of CPU time"),
     ("checkpoint: torch.save's format from before 1.6", lambda a, s: ["export", legacy_save(s), "--artifacts", s],
      "from before torch 1.6"),
     ("train --artifacts is a file", lambda a, s: ["train", "--data", "digits", "--artifacts", csv_file(s, "file", "x")], "a file is in the way"),
