@@ -199,51 +199,68 @@ def check_archive(data: bytes, path: Path) -> None:
             check_keys(read_record(archive, record, path), path)
 
 
-# Pickle opcodes by what they push: values whose hash an attacker chooses freely (integers beyond the hash modulus,
-# floats, tuples, frozensets, objects built by calls) and the values whose hash is fixed by Python (strings and bytes,
-# salted per process; small integers; None, booleans; empty containers, unhashable)
+# What check_keys tracks of each value a pickle makes: an atom's kind, or a container (_Node) of the values it holds
+PLAIN, CRAFTED, COLLIDING = 0, 1, 2  # COLLIDING: an integer beyond the hash modulus (distinct ones can hash alike);
+# CRAFTED: an integer beyond 32 bits or a float, whose hash the file picks freely: a tuple holding one can be made to
+# collide with others (a tuple of small integers cannot, short of an enormous search)
 _INTEGERS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
-_CHOSEN_HASH = {"FLOAT", "BINFLOAT", "FROZENSET", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "BUILD", "STACK_GLOBAL",
-                "GLOBAL"}
-MAX_CHOSEN_KEYS = 1_000  # keys or set members of a chosen hash: a thousand that all collide cost milliseconds
 HASH_MODULUS = (1 << 61) - 1  # Python's integers below it hash to themselves: distinct ones never collide
+MAX_CHOSEN_KEYS = 10_000  # insertions of values of a chosen hash: 10,000 that all collide cost a second, not hours
+ALLOCATING_CALLS = {"builtins bytearray", "__builtin__ bytearray"}  # bytearray(2**34): gigabytes from 14 bytes
 
 
-class _Items:
-    """A list or tuple on check_keys' stack, shared through the memo as the list is (items appended later count): its
-    items, and whether it is a tuple (itself a value whose hash the file chooses)."""
+class _Node:
+    """A container on check_keys' stack (a tuple, list, dict or set, or an object a call or BUILD made, holding its
+    arguments), shared through the memo: what is added to it later is in it."""
 
-    def __init__(self, items: list, is_tuple: bool):
-        self.items = items
-        self.is_tuple = is_tuple
-
-
-def _chosen(value) -> bool:
-    return value is True or (isinstance(value, _Items) and value.is_tuple)
+    def __init__(self, kind: str, held: list):
+        self.kind, self.held = kind, held
 
 
-def _inserted_by_call(arguments) -> int:
-    """What a call (OrderedDict(pairs), set(items), torch's _rebuild_from_type_v2(set, ..., (items,), ...)) could insert
-    from its arguments: the chosen-hash items of the lists and tuples it is given, and of those they hold."""
-    if not isinstance(arguments, _Items):
-        return 0
-    given = [v for v in arguments.items if isinstance(v, _Items)]
-    held = [w for v in given for w in v.items if isinstance(w, _Items)]
-    return sum(sum(map(_chosen, v.items)) for v in given + held)
+def _atom(opcode, arg) -> int:
+    if opcode.name in ("FLOAT", "BINFLOAT"):
+        return CRAFTED
+    if opcode.name in _INTEGERS and type(arg) is int:
+        return COLLIDING if abs(arg) >= HASH_MODULUS else CRAFTED if abs(arg) >= 1 << 31 else PLAIN
+    return PLAIN
+
+
+def _weight(value, seen: dict) -> tuple[int, bool]:
+    """(how many values of a chosen hash `value` holds, counting repeats: what inserting it, or the pairs or items it
+    is made of, could put into one table; whether its own hash is the file's choice)."""
+    if not isinstance(value, _Node):
+        return (1 if value == COLLIDING else 0), value in (CRAFTED, COLLIDING)
+    if id(value) in seen:
+        return seen[id(value)]
+    seen[id(value)] = (0, False)  # a container that holds itself
+    total, crafted = 0, False
+    for item in value.held:
+        count, chosen = _weight(item, seen)
+        total, crafted = total + count, crafted or chosen
+    hashable = value.kind in ("tuple", "object")  # a tuple (or torch.Size) hashes from its items
+    found = (total + (1 if hashable and crafted else 0), hashable and crafted)
+    seen[id(value)] = found
+    return found
 
 
 def check_keys(data: bytes, path: Path) -> None:
-    """Refuse a pickle whose dicts and sets would hold more than MAX_CHOSEN_KEYS keys of a hash the file chooses:
-    integers that are equal modulo 2**61 - 1 (or tuples of small ones) all land in one slot, and inserting N of them
-    costs N**2 (100,000 in a 1.3 MB file: minutes). Counted where keys go in: SETITEM(S), DICT, ADDITEMS, FROZENSET,
-    and the lists a call takes (OrderedDict([(key, value), ...])). The opcodes are walked once, the stack holding
-    only what each value is; nothing is built."""
+    """Refuse a pickle that would insert more than MAX_CHOSEN_KEYS values of a chosen hash into dicts and sets:
+    integers equal modulo 2**61 - 1, or tuples of chosen integers and floats, can all land in one slot, and inserting
+    N of them costs N**2 (100,000 in a 1.3 MB file: minutes), most of it in one call no signal interrupts. Counted
+    wherever keys can go in: the keys of SETITEM(S), DICT, ADDITEMS, FROZENSET; everything a call (REDUCE, NEWOBJ)
+    or BUILD is given (OrderedDict(pairs), dict.update(state)), repeats and lists filled later included. The opcodes
+    are walked once; nothing is built."""
     import pickletools
 
     stack: list = []
     marks: list[int] = []
     memo: dict = {}
     chosen = 0
+
+    def weigh(values) -> int:
+        seen: dict = {}
+        return sum(_weight(v, seen)[0] for v in values)
+
     try:
         for opcode, arg, _ in pickletools.genops(data):
             name, before = opcode.name, opcode.stack_before
@@ -251,7 +268,7 @@ def check_keys(data: bytes, path: Path) -> None:
                 marks.append(len(stack))
                 continue
             if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else False
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else PLAIN
                 continue
             items: list = []
             if pickletools.markobject in before:  # everything down to the mark, then the fixed items below it
@@ -262,32 +279,43 @@ def check_keys(data: bytes, path: Path) -> None:
                 raise ValueError("stack underflow")
             popped = stack[len(stack) - len(before):] if before else []
             del stack[len(stack) - len(before):]
-            if name in ("SETITEM", "SETITEMS", "DICT", "ADDITEMS", "FROZENSET"):
-                keys = popped[1:2] if name == "SETITEM" else items if name in ("ADDITEMS", "FROZENSET") else items[0::2]
-                chosen += sum(map(_chosen, keys))
-            elif name in ("APPEND", "APPENDS") and isinstance(popped[0], _Items):
-                popped[0].items += popped[1:] + items
+            target = popped[0] if popped and isinstance(popped[0], _Node) else None
+            if name in ("SETITEM", "SETITEMS", "ADDITEMS"):  # into the dict or set below
+                added = popped[1:] + items
+                chosen += weigh(added if name == "ADDITEMS" else added[0::2])
+                if target:
+                    target.held += added
+                stack.append(popped[0])
+            elif name in ("APPEND", "APPENDS", "BUILD"):  # the list or object below, with more in it
+                chosen += weigh(popped[1:]) if name == "BUILD" else 0
+                if target:
+                    target.held += popped[1:] + items
+                stack.append(popped[0])
+            elif name in ("DICT", "FROZENSET"):
+                chosen += weigh(items[0::2] if name == "DICT" else items)
+                stack.append(_Node("dict" if name == "DICT" else "tuple", items))
             elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX"):
-                chosen += _inserted_by_call(popped[1])  # counted as the call runs: lists filled after the tuple count
-            elif name == "BUILD":  # the object's dict updated from the state: a list of pairs inserts its keys
-                chosen += _inserted_by_call(_Items([popped[1]], is_tuple=True))
-            if chosen > MAX_CHOSEN_KEYS:
-                raise FcxError(f"{path}: refused: its pickle keys dicts or sets by more than {MAX_CHOSEN_KEYS:,} values "
-                               "of a hash it chooses (integers beyond 2**61, tuples, floats); built, they could collide "
-                               "and take hours, and no checkpoint needs them")
-            if name in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo.get(arg, False))
+                if popped[0] in ALLOCATING_CALLS:
+                    raise FcxError(f"{path}: refused: its pickle calls {popped[0].split()[-1]}, which allocates what the "
+                                   "file merely declares; no checkpoint needs it")
+                chosen += weigh(popped[1:])
+                stack.append(_Node("object", popped[1:]))
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, PLAIN))
+            elif name == "GLOBAL":  # "module name", to know the calls it makes
+                stack.append(str(arg))
             elif name == "DUP":
                 stack += popped * 2
-            elif name in ("APPEND", "APPENDS"):  # the same list, longer
-                stack.append(popped[0])
-            elif name in ("EMPTY_LIST", "LIST"):
-                stack.append(_Items(items, is_tuple=False))
+            elif name in ("EMPTY_LIST", "LIST", "EMPTY_DICT", "EMPTY_SET"):
+                stack.append(_Node("list" if "LIST" in name else "dict", items))
             elif name.startswith("TUPLE") or name == "EMPTY_TUPLE":
-                stack.append(_Items(popped + items, is_tuple=True))
-            else:  # True: a value whose hash the file chooses
-                kind = name in _CHOSEN_HASH or (name in _INTEGERS and isinstance(arg, int) and abs(arg) >= HASH_MODULUS)
-                stack += [kind] * len(opcode.stack_after)
+                stack.append(_Node("tuple", popped + items))
+            else:
+                stack += [_atom(opcode, arg)] * len(opcode.stack_after)
+            if chosen > MAX_CHOSEN_KEYS:
+                raise FcxError(f"{path}: refused: its pickle would insert more than {MAX_CHOSEN_KEYS:,} keys of a hash it "
+                               "chooses (integers beyond 2**61, tuples of large integers or floats) into its dicts and "
+                               "sets; built, they could collide and take hours, and no checkpoint needs them")
     except FcxError:
         raise
     except Exception as exc:  # genops refuses what no unpickler could read

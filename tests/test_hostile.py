@@ -144,8 +144,9 @@ def hash_flood(folder: Path, route: str = "setitems", keys: int = 100_000) -> Pa
     """A torch.save zip whose pickle builds a mapping keyed by multiples of 2**61 - 1: every key hashes alike, so each
     insertion walks the earlier ones (100,000 keys in 1.3 MB: minutes of CPU once unpickled). The keys go in by
     `route`: SETITEMS; a call, OrderedDict([(key, None), ...]); the same with the argument tuple made before the list
-    is filled (through the memo); BUILD of a list of pairs; or `repeat`: a dict of 1,000 such keys (allowed) put into
-    one OrderedDict `keys` times by BUILD (work repeated, not keys: bounded by CPU time)."""
+    is filled (through the memo); BUILD of a list of pairs; torch's _rebuild_from_type_v2 given pairs as lists; or
+    `repeat`: a dict of 20,000 small integer keys (they never collide) put into one OrderedDict `keys` times by BUILD
+    (work repeated: bounded by CPU time). `bytearray`: no keys, a call that allocates 16 GiB."""
     modulus = (1 << 61) - 1
 
     def long1(value: int) -> bytes:  # the LONG1 opcode: a little-endian integer of a given byte count
@@ -153,17 +154,24 @@ def hash_flood(folder: Path, route: str = "setitems", keys: int = 100_000) -> Pa
         return b"\x8a" + bytes([len(raw)]) + raw
 
     ordered_dict = b"ccollections\nOrderedDict\n"
-    count = 1_000 if route == "repeat" else keys
-    pairs = b"".join(long1(i * modulus) + b"N\x86" for i in range(count))  # (key, None), TUPLE2
+    count = 20_000 if route == "repeat" else keys
+
+    def pairs() -> bytes:  # (key, None) each, TUPLE2
+        return b"".join(long1(i * modulus) + b"N\x86" for i in range(count))
+
     flood = b"\x80\x02" + {
-        "setitems": b"}(" + b"".join(long1(i * modulus) + b"N" for i in range(count)) + b"u.",  # EMPTY_DICT MARK .. SETITEMS
-        "call": ordered_dict + b"](" + pairs + b"e\x85R.",  # GLOBAL, EMPTY_LIST MARK .. APPENDS, TUPLE1, REDUCE
+        "setitems": lambda: b"}(" + b"".join(long1(i * modulus) + b"N" for i in range(count)) + b"u.",  # .. SETITEMS
+        "call": lambda: ordered_dict + b"](" + pairs() + b"e\x85R.",  # GLOBAL, EMPTY_LIST MARK .. APPENDS, TUPLE1, REDUCE
         # OrderedDict and (L,) memoised while L is empty, L filled through its memo, then the call from the memo
-        "alias": ordered_dict + b"q\x00]q\x01\x85q\x02h\x01(" + pairs + b"eh\x00h\x02R.",
-        "build": ordered_dict + b")R](" + pairs + b"eb.",  # OrderedDict(), then BUILD with the pairs
-        "repeat": b"}q\x00(" + b"".join(long1(i * modulus) + b"N" for i in range(count)) + b"u" + ordered_dict + b")R"
-                  + b"h\x00b" * keys + b".",
-    }[route]
+        "alias": lambda: ordered_dict + b"q\x00]q\x01\x85q\x02h\x01(" + pairs() + b"eh\x00h\x02R.",
+        "build": lambda: ordered_dict + b")R](" + pairs() + b"eb.",  # OrderedDict(), then BUILD with the pairs
+        # torch's _rebuild_from_type_v2(OrderedDict, Tensor, ([[key, None], ...],), None): pairs as lists, two deep
+        "rebuild": lambda: b"ctorch._tensor\n_rebuild_from_type_v2\n(" + ordered_dict + b"ctorch\nTensor\n]("
+                           + b"".join(b"](" + long1(i * modulus) + b"Ne" for i in range(count)) + b"e\x85Nt" + b"R.",
+        "bytearray": lambda: b"c__builtin__\nbytearray\n" + long1(1 << 34) + b"\x85R.",  # 16 GiB of zeros
+        "repeat": lambda: b"}q\x00(" + b"".join(b"M" + i.to_bytes(2, "little") + b"N" for i in range(count)) + b"u"  # BININT2
+                          + ordered_dict + b")R" + b"h\x00b" * keys + b".",
+    }[route]()
     path = folder / "flood.pt"
     writer = torch._C.PyTorchFileWriter(str(path))
     writer.write_record("data.pkl", flood, len(flood))
@@ -232,10 +240,12 @@ CASES = [
      "only dense CPU tensors are stored"),
     ("checkpoint: a compressed (zip bomb) record", lambda a, s: ["export", zip_bomb(a), "--artifacts", s], "is compressed"),
     ("checkpoint: dict keys that all hash alike", lambda a, s: ["export", hash_flood(s), "--artifacts", s],
-     "values of a hash it chooses"),
-    *((f"checkpoint: keys that hash alike, through {route}", lambda a, s, route=route: ["export", hash_flood(s, route, 20_000),
-       "--artifacts", s], "values of a hash it chooses") for route in ("call", "alias", "build")),
-    ("checkpoint: one mapping of colliding keys re-inserted 8,000 times", lambda a, s: ["export", hash_flood(s, "repeat", 8_000),
+     "keys of a hash it chooses"),
+    *((f"checkpoint: keys that hash alike, through {route}", lambda a, s, route=route: ["export", hash_flood(s, route, 25_000),
+       "--artifacts", s], "keys of a hash it chooses") for route in ("call", "alias", "build", "rebuild")),
+    ("checkpoint: bytearray(2**34)", lambda a, s: ["export", hash_flood(s, "bytearray"), "--artifacts", s],
+     "calls bytearray, which allocates what the file merely declares"),
+    ("checkpoint: one mapping re-inserted 100,000 times", lambda a, s: ["export", hash_flood(s, "repeat", 100_000),
      "--artifacts", s], "took more than 15 s of CPU time"),
     ("checkpoint: torch.save's format from before 1.6", lambda a, s: ["export", legacy_save(s), "--artifacts", s],
      "from before torch 1.6"),
