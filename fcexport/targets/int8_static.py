@@ -78,11 +78,13 @@ def int8_static_bytes(onnx_data: bytes, x: np.ndarray, source: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="fcx-int8-static-") as tmp, _without_preprocessing_hint():
         src, target = Path(tmp) / "model.onnx", Path(tmp) / FILE
         src.write_bytes(onnx_data)
-        quantize_static(src, target, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+        # reduce_range: weights in 7 bits, so x86 CPUs without VNNI (AVX2: pmaddubsw sums two u8 x s8 products in 16
+        # bits) never saturate; with 8 bits the course CNN agreed with float64 on 95% of decisive inputs there
+        quantize_static(src, target, Batches(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=list(QUANTIZED_OPS), extra_options={"QuantizeBias": False})
         proto = onnx.load(str(target))
-    described = {"method": "onnxruntime static quantization (QDQ)", "weights": "int8, per channel, symmetric",
+    described = {"method": "onnxruntime static quantization (QDQ)", "weights": "int8 in a 7-bit range, per channel, symmetric",
                  "activations": "uint8, scales calibrated (MinMax)", "calibration": source, "exact": False}
     proto.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(described))
     onnx.checker.check_model(proto, full_check=True)
