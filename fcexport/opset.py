@@ -101,9 +101,33 @@ def _antialiased(taps: int):
     value's reach by it along each axis, so `taps` per value times both shrink factors."""
     def cost(a: dict, out) -> tuple[int, int]:
         size = a["self"].shape
+        for axis, name in ((-2, "scales_h"), (-1, "scales_w")):  # torch's CPU kernel sizes its filter by a given scale
+            scale = a.get(name)  # unchecked: one that disagrees with the sizes reads outside the input (a crash)
+            if scale is not None and not (type(scale) in (int, float) and 0 < scale < 1 << 20
+                                          and math.floor(size[axis] * scale) == out.shape[axis]):
+                raise ValueError(f"{name} {scale!r} disagrees with the sizes {size[axis]} -> {out.shape[axis]} "
+                                 "(torch's interpolate gives None or their ratio)")
         shrink = max(1.0, size[-2] / max(out.shape[-2], 1)) * max(1.0, size[-1] / max(out.shape[-1], 1))
         return 0, _read_and_written(a, out)[1] + int(out.numel() * taps * shrink)
     return cost
+
+
+def _index_put(a: dict, out) -> tuple[int, int]:
+    """index_put writes once per element of its indices' broadcast shape, times the values each index selects: the
+    dims of `self` that no index covers (a boolean mask covers as many dims as it has and counts at its full size)."""
+    import torch
+
+    shapes, dims, selected = [], list(a["self"].shape), 1
+    for index in a["indices"]:
+        if index is None:  # a whole dim, as a slice
+            selected *= dims.pop(0) if dims else 1
+            continue
+        mask = index.dtype in (torch.bool, torch.uint8)
+        shapes.append((index.numel(),) if mask else tuple(index.shape))
+        del dims[: index.dim() if mask else 1]
+    selected *= math.prod(dims)
+    writes = math.prod(torch.broadcast_shapes(*shapes)) * selected if shapes else 0
+    return 0, _read_and_written(a, out)[1] + writes
 
 
 def _sorting(a: dict, out) -> tuple[int, int]:
@@ -121,7 +145,7 @@ clamp.default clone.default col2im.default constant_pad_nd.default copy.default 
 cumsum.default diagonal.default div.Scalar div.Scalar_mode div.Tensor div.Tensor_mode elu.default embedding.default
 eq.Scalar eq.Tensor erf.default exp.default expand.default expm1.default fill.Scalar flip.default floor.default
 fmod.Scalar fmod.Tensor full.default full_like.default gather.default ge.Scalar ge.Tensor gelu.default gt.Scalar
-gt.Tensor hardsigmoid.default hardswish.default hardtanh.default index.Tensor index_put.default index_select.default isinf.default isnan.default le.Scalar
+gt.Tensor hardsigmoid.default hardswish.default hardtanh.default index.Tensor index_select.default isinf.default isnan.default le.Scalar
 le.Tensor leaky_relu.default log.default log10.default log1p.default log2.default logical_and.default
 logical_not.default logical_or.default logical_xor.default lt.Scalar lt.Tensor masked_scatter.default max.dim
 maximum.default mish.default mean.default mean.dim min.dim minimum.default mul.Scalar mul.Tensor native_group_norm.default
@@ -150,6 +174,7 @@ COST_MODELS = {
     "aten.grid_sampler_2d.default": _interpolate(16),
     "aten._upsample_bicubic2d_aa.default": _antialiased(16), "aten._upsample_bilinear2d_aa.default": _antialiased(4),
     "aten.upsample_bicubic2d.vec": _interpolate(16),
+    "aten.index_put.default": _index_put,
     "aten.sort.default": _sorting, "aten.topk.default": _sorting,
 }
 ATEN_OPS = tuple(COST_MODELS)

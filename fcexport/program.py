@@ -34,6 +34,7 @@ from fcexport.spec import MAX_MACS, MAX_OTHER_OUTPUTS, MAX_TENSOR_BYTES, MAX_TOT
 INPUT = "x"
 MAX_NODES = 10_000  # torchvision's largest classifiers have under 2,000 (maxvit_t 1,745); the check costs ~2 ms a node
 MAX_LIST = 4096
+MAX_LISTED = 16_384  # node values inside lists (cat's operands), over the whole program
 MAX_INT = 1 << 40
 MAX_WORK = MAX_MACS  # multiply-accumulates plus values read, written or visited, per image (resnet18: 1.9e9)
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
@@ -625,7 +626,22 @@ def from_data(data, tensors, where: str) -> Program:
                           _printable(layer), _printable(layer_type, 100)))
     program = Program(tuple(nodes), data.get("output"), tensors, _extras_from_json(data.get("extras", []), where))
     check_program(program, where)
-    return program
+    return replace(program, nodes=tuple(_by_position(node) for node in program.nodes))
+
+
+def _by_position(node: Node) -> Node:
+    """A checked node with every argument of a positional parameter given by position (defaults filling the gaps), as
+    torch.export writes them: the code that reads a BatchNorm's or a Linear's arguments reads them by position."""
+    if not node.kwargs or node.op == GETITEM or node.op in SIZE_OPS:
+        return node
+    positional = [a for a in aten_op(node.op)._schema.arguments if not a.kwarg_only]
+    kwargs, args = dict(node.kwargs), list(node.args)
+    while any(a.name in kwargs for a in positional[len(args):]):
+        parameter = positional[len(args)]
+        default = parameter.default_value if parameter.name not in kwargs else None
+        args.append(kwargs.pop(parameter.name) if parameter.name in kwargs
+                    else tuple(default) if isinstance(default, list) else default)
+    return replace(node, args=tuple(args), kwargs=tuple(kwargs.items()))
 
 
 def _extras_from_json(value, where: str) -> tuple[tuple[str, str], ...]:
@@ -705,6 +721,11 @@ def _check_node_count(count: int, where: str) -> None:
 def check_program(program: Program, where: str) -> None:
     """Every node: a fresh valid name, an allow-listed op, arguments of its schema's types, refs to earlier values."""
     _check_node_count(len(program.nodes), where)
+    listed = sum(sum(1 for _ in refs_in(value)) for node in program.nodes for value in (*node.args, *(v for _, v in node.kwargs))
+                 if isinstance(value, tuple))
+    if listed > MAX_LISTED:
+        raise FcxError(f"{where}: the program's lists hold {listed:,} values of other nodes in all, fcexport takes at most "
+                       f"{MAX_LISTED:,} (checking each costs about a millisecond; densenet121's concatenations hold under 1,000)")
     kinds: dict[str, object] = {INPUT: "tensor", **{name: "tensor" for name in program.tensors}}
     for node in program.nodes:
         label = f"{where}: {node.label}"
@@ -753,6 +774,8 @@ def _check_node(node: Node, kinds: dict, label: str):
             raise FcxError(f"{label}: unknown or repeated argument {_printable(key, 40)!r}")
         given[key] = value
     for argument in arguments:
+        if argument.name == "pin_memory" and given.get("pin_memory"):  # pinning starts CUDA wherever there is a GPU
+            raise FcxError(f"{label}: argument 'pin_memory' must be false or absent")
         if argument.name == "eps" and argument.name in given:  # batch/layer/group norm: a negative eps is NaN
             eps = given["eps"]
             if type(eps) not in (int, float) or not (math.isfinite(eps) and eps >= 0):
@@ -1272,7 +1295,10 @@ def _cost(node: Node, args: list, kwargs: dict, result) -> tuple[int, int]:
     """(multiply-accumulates, elements) of one op by its opset cost model, its arguments taken by schema name."""
     schema = aten_op(node.op)._schema
     named = {a.name: v for a, v in zip([a for a in schema.arguments if not a.kwarg_only], args)}
-    return COST_MODELS[node.op]({**named, **kwargs}, result)
+    try:
+        return COST_MODELS[node.op]({**named, **kwargs}, result)
+    except ValueError as exc:  # arguments its kernel would trust without checking (opset's cost models say which)
+        raise FcxError(f"{node.label}: {exc}") from None
 
 
 def _slope(value, batch, label: str) -> int:

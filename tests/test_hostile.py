@@ -247,6 +247,8 @@ CASES = [
      "calls bytearray, which allocates what the file merely declares"),
     ("checkpoint: one mapping re-inserted 100,000 times", lambda a, s: ["export", hash_flood(s, "repeat", 100_000),
      "--artifacts", s], "took more than 15 s of CPU time"),
+    ("checkpoint: 10,000 tool versions (inspect renders each)", lambda a, s: ["inspect", with_checkpoint(a, "versions.pt", lambda p: p["spec"].setdefault("provenance", {}).update(
+        {f"tool{i}": "x" * 200 for i in range(10_000)}))], "tool versions; fcexport writes a few"),
     ("checkpoint: torch.save's format from before 1.6", lambda a, s: ["export", legacy_save(s), "--artifacts", s],
      "from before torch 1.6"),
     ("train --artifacts is a file", lambda a, s: ["train", "--data", "digits", "--artifacts", csv_file(s, "file", "x")], "a file is in the way"),

@@ -27,6 +27,7 @@ ROOT = Path(__file__).parents[1]
 ADDRESS_SPACE = 6 << 30  # a CUDA build of torch maps ~4 GB of address space just to load; the rest is 1.5 GB
 PEAK_RSS = 1536 << 20  # bytes one command may really use, imports included
 CPU_SECONDS = 30
+LARGEST_CPU_SECONDS = 120  # the 10,000-node check took 35-39 s of CPU on a shared AVX2 EPYC core (2026-12-07): over 30
 # Runs `fcx ARGS` and, as it exits, writes its peak resident memory (KiB) to the file named first.
 LAUNCHER = """
 import atexit, resource, runpy, sys
@@ -38,11 +39,11 @@ runpy.run_module("cli.main", run_name="__main__")
 SHAPE = (1, 8, 8)
 
 
-def fcx_bounded(tmp_path: Path, *args) -> subprocess.CompletedProcess:
+def fcx_bounded(tmp_path: Path, *args, cpu_seconds: int = CPU_SECONDS) -> subprocess.CompletedProcess:
     """`fcx ARGS` under RLIMIT_AS and RLIMIT_CPU; fails the test if it really used more than 1.5 GB."""
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-        resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
 
     peak_file = tmp_path / "peak"
     result = subprocess.run([sys.executable, "-c", LAUNCHER, str(peak_file), *map(str, args)], capture_output=True, text=True,
@@ -93,6 +94,15 @@ ATTACKS = {
          Node("s", "aten.sum.dim_IntList", (Ref("w"), (1, 2)))),
         r"node 'w' .*makes a tensor of shape \(1, 32769, 32768\)"),
     "full([N * N, 40000])": (N_SQUARED, r"node 'bn2' .*computes a size of N\*\*2 for a batch of N"),
+    # torch's CPU kernel sizes its filter by the scales, unchecked: 0.05 for 64 -> 63 read outside the input (SIGSEGV)
+    "antialiased bicubic whose scales disagree with its sizes": (
+        (full("v", (1, 1, 64, 64)), Node("up", "aten._upsample_bicubic2d_aa.default", (Ref("v"), (63, 63), False, 0.05, 0.05))),
+        r"node 'up' .*scales_h 0.05 disagrees with the sizes 64 -> 63"),
+    # indices (2^19, 1) and (1, 2^19) broadcast to 2^38 writes into an 8x8 tensor (counted as 2e6 before: hours of CPU)
+    "index_put with broadcast indices": (
+        (full("t", (8, 8)), full("i", (1 << 19, 1), dtype=torch.int64), full("j", (1, 1 << 19), dtype=torch.int64),
+         full("one", ()), Node("p", "aten.index_put.default", (Ref("t"), (Ref("i"), Ref("j")), Ref("one"), False))),
+        r"more memory or work per image .*at node 'p'"),
 }
 
 
@@ -117,7 +127,9 @@ def write_model(folder: Path, program: Program) -> Path:
                                            ("avg_pool2d with a 4096 kernel over an 8192^2 view", "predict"),
                                            ("1x1 convolution over a 2^30-value expanded view", "predict"),
                                            ("overlapping windows: unfold(2^16 values, size 2^15, step 1)", "predict"),
-                                           ("full([N * N, 40000])", "fuse-bn")])
+                                           ("full([N * N, 40000])", "fuse-bn"),
+                                           ("antialiased bicubic whose scales disagree with its sizes", "predict"),
+                                           ("index_put with broadcast indices", "predict")])
 def test_hostile_model_pt_is_exit_2_one_line_nothing_written(tmp_path, name, command):
     model = write_model(tmp_path / "in", classifier(*ATTACKS[name][0]))
     out = tmp_path / "out"
@@ -226,5 +238,50 @@ def test_the_largest_program_is_checked_within_the_cpu_bound(tmp_path):
     """10,000 views (the node limit; views cost the symbolic run most): checked, not killed by RLIMIT_CPU."""
     views = tuple(Node(f"v{i}", "aten.view.default", (Ref(f"v{i - 1}" if i else INPUT), (-1, 64) if i % 2 == 0 else (-1, 1, 8, 8)))
                   for i in range(MAX_NODES - 3))
-    result = fcx_bounded(tmp_path, "inspect", write_model(tmp_path / "in", classifier(*views)))
+    result = fcx_bounded(tmp_path, "inspect", write_model(tmp_path / "in", classifier(*views)), cpu_seconds=LARGEST_CPU_SECONDS)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_honest_antialiased_scales_and_index_put_pass():
+    """What torch's interpolate writes (scales that are the sizes' ratio) and indices that do not broadcast."""
+    honest = (full("v", (1, 1, 64, 64)), Node("up", "aten._upsample_bicubic2d_aa.default", (Ref("v"), (32, 32), False, 0.5, 0.5)),
+              full("t", (8, 8)), full("i", (8,), dtype=torch.int64), full("one", ()),
+              Node("p", "aten.index_put.default", (Ref("t"), (None, Ref("i")), Ref("one"), True)))
+    check_shapes(classifier(*honest), SHAPE, "test")
+    index = {"self": torch.empty(4, 8, 16, device="meta"), "values": torch.empty((), device="meta"),
+             "indices": (None, torch.empty(32, 1, dtype=torch.int64, device="meta"), torch.empty(1, 64, dtype=torch.int64, device="meta"))}
+    assert COST_MODELS["aten.index_put.default"](index, index["self"])[1] >= 4 * 32 * 64  # the broadcast grid, per row
+
+
+def test_the_check_refuses_more_listed_operands_than_it_can_afford():
+    """cat of 4,096 operands costs about 2 s to check (meta and symbolic): 20 of them took 45 s in `fcx inspect`."""
+    cats = tuple(Node(f"c{i}", "aten.cat.default", ((Ref(INPUT),) * 4096, 1)) for i in range(5))
+    with pytest.raises(FcxError, match="lists hold 20,48[01] values of other nodes"):
+        check_program(classifier(*cats), "test")
+
+
+def test_factories_may_not_pin_memory():
+    """Pinned memory starts CUDA on a machine with a GPU; the meta check ignores the flag."""
+    with pytest.raises(FcxError, match="node 'pinned' .*'pin_memory' must be false"):
+        check_program(classifier(full("pinned", (8, 8), pin_memory=True)), "test")
+
+
+def test_arguments_given_by_keyword_are_read_by_position(tmp_path):
+    """A BatchNorm's and a Linear's arguments by keyword passed the schema check, then crashed the code that reads them
+    by position (inspect, fuse-bn: exit 3). The reader binds them by position, as torch.export writes them."""
+    from fcexport.checkpoint import read_model
+
+    bn = Node("bn", "aten._native_batch_norm_legit_no_training.default", (Ref(INPUT),),
+              (("weight", Ref("g")), ("bias", Ref("b")), ("running_mean", Ref("m")), ("running_var", Ref("s")),
+               ("momentum", 0.1), ("eps", 1e-5)))
+    program = Program((bn, Node("y", "getitem", (Ref("bn"), 0)), Node("n", "aten.sym_size.int", (Ref(INPUT), 0)),
+                       Node("flat", "aten.view.default", (Ref("y"), (Ref("n"), 64))),
+                       Node("logits", "aten.linear.default", (Ref("flat"),), (("weight", Ref("fc.weight")), ("bias", Ref("fc.bias"))))),
+                      "logits", {"fc.weight": torch.randn(10, 64), "fc.bias": torch.zeros(10), "g": torch.ones(1),
+                                 "b": torch.zeros(1), "m": torch.zeros(1), "s": torch.ones(1)})
+    model = write_model(tmp_path / "in", program)
+    nodes = {node.name: node for node in read_model(model).program.nodes}
+    assert len(nodes["bn"].args) == 7 and not nodes["bn"].kwargs and nodes["logits"].args[1] == Ref("fc.weight")
+    for args in (["inspect", model], ["fuse-bn", model, "--verify", "--out", tmp_path / "out" / "model.fused.pt"]):
+        result = fcx_bounded(tmp_path, *args)
+        assert result.returncode == 0, result.stderr[-2000:]
