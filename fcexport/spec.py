@@ -338,7 +338,7 @@ class ModelSpec:
             raise FcxError(str(exc).replace("model spec", where, 1)) from exc
 
 
-MAX_VERSIONS = 32  # tool versions in a provenance: fcexport writes three; `fcx inspect` prints each
+MAX_VERSIONS = 32  # tool versions in a provenance: fcexport writes four; `fcx inspect` prints each
 
 PROVENANCE_FIELDS = {"source": str, "source_sha256": str, "fused": bool, "folds": list, "left": list, "opset": int,
                      "created": str, "exported": str}
@@ -356,7 +356,7 @@ def _provenance(data: dict, where: str) -> Provenance:
     versions = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and len(v) <= MAX_CLASS_NAME}
     if len(versions) > MAX_VERSIONS or any(len(k) > 64 for k in versions):
         raise FcxError(f"{where}: provenance lists {len(versions):,} tool versions; fcexport writes a few (torch, onnx, "
-                       f"onnxruntime) and reads at most {MAX_VERSIONS}, each named in at most 64 characters")
+                       f"onnxruntime, fcexport) and reads at most {MAX_VERSIONS}, each named in at most 64 characters")
     return Provenance(**fields, versions=frozen(versions))
 
 
