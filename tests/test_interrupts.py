@@ -28,8 +28,14 @@ TRAINING_CPU_SECONDS = 300
 
 def start(*args: str, cpu_seconds: int = CPU_SECONDS) -> subprocess.Popen:
     """`fcx ARGS` under a CPU-time limit (helpers.bounded): every wait on it below ends, however busy the machine."""
+    limit = bounded(cpu_seconds)
+
+    def child():  # a pytest-xdist worker may ignore SIGINT, and a child inherits that: Ctrl-C must reach fcx
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        limit()
+
     return subprocess.Popen([*FCX, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=bounded(cpu_seconds))
+                            preexec_fn=child)
 
 
 def wait_for(path: Path, proc: subprocess.Popen) -> None:
