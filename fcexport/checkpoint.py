@@ -100,6 +100,8 @@ def read_model(path: str | Path, data: bytes | None = None) -> StoredModel:
     if programs.returns_probabilities(program, out) != spec.probabilities:
         raise FcxError(f"{path}: its spec says the model returns {'probabilities' if spec.probabilities else 'logits'}, "
                        "which the program's last op contradicts; import the model again")
+    # what one image keeps alive is the program's, never a smaller claim (a larger one, a fused model's, only halves batches)
+    spec = replace(spec, peak_bytes=max(spec.peak_bytes, shapes.peak))
     return StoredModel(program, spec, hashlib.sha256(data).hexdigest(), shapes)
 
 

@@ -123,14 +123,17 @@ def _onnx_check_entry(digest: str) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def passed_onnx_check(digest: str) -> bool:
-    """Whether the ONNX bytes of this sha256 passed fcexport.onnx_checks.check_onnx_model on this machine, with this
-    fcexport and this onnx."""
-    return enabled() and _onnx_version() != "unknown" and _read(folder("onnx-checks") / _onnx_check_entry(digest)) is not None
+def passed_onnx_check(digest: str) -> int | None:
+    """Where the ONNX bytes of this sha256 passed fcexport.onnx_checks.check_onnx_model on this machine, with this
+    fcexport and this onnx: the bytes one image keeps alive that it found; else None."""
+    if not enabled() or _onnx_version() == "unknown":
+        return None
+    found = _read(folder("onnx-checks") / _onnx_check_entry(digest))
+    return int(found) if found is not None and found.isdigit() and len(found) <= 12 else None
 
 
-def record_onnx_check(digest: str) -> None:
-    _write("onnx-checks", _onnx_check_entry(digest), b"")
+def record_onnx_check(digest: str, peak_bytes: int) -> None:
+    _write("onnx-checks", _onnx_check_entry(digest), str(int(peak_bytes)).encode())
 
 
 # ---- float64 answers ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,9 @@ def check_onnx_model(data: bytes, path: Path):
     """Refuse an ONNX file that could hang or exhaust memory, before onnxruntime parses or folds it: ops
     outside ONNX_OPS, subgraphs, external data, sparse tensors, outsized attributes, an input that is not
     (N, C, H, W), and any tensor that shape inference at batch 1 cannot bound or finds too large.
-    Returns the parsed onnx.ModelProto, so nothing parses the bytes again. Bytes that passed before on this
-    machine (fcexport.machine_cache) skip shape inference, the check's costly part."""
+    Returns (the parsed onnx.ModelProto, so nothing parses the bytes again; the bytes one image keeps alive at
+    once, for read_onnx_spec). Bytes that passed before on this machine (fcexport.machine_cache) skip shape
+    inference, the check's costly part."""
     import hashlib
 
     import onnx
@@ -83,27 +85,30 @@ def check_onnx_model(data: bytes, path: Path):
         raise FcxError(f"{path}: the input's batch is fixed at {dims[0].dim_value:,} (fcexport writes a dynamic batch; "
                        f"a fixed one may be at most {MAX_FIXED_BATCH:,}): refused")
     digest = hashlib.sha256(data).hexdigest()
-    if not machine_cache.passed_onnx_check(digest):
-        _check_inferred_sizes(model, path)
-        machine_cache.record_onnx_check(digest)
-    return model
+    peak = machine_cache.passed_onnx_check(digest)
+    if peak is None:
+        peak = _check_inferred_sizes(model, path)
+        machine_cache.record_onnx_check(digest, peak)
+    return model, peak
 
 
-def checked_before(data: bytes) -> bool:
-    """Whether these exact bytes passed check_onnx_model on this machine: a runtime may then parse them itself."""
+def checked_before(data: bytes) -> int | None:
+    """The bytes one image keeps alive where these exact bytes passed check_onnx_model on this machine (a runtime
+    may then parse them itself), else None."""
     import hashlib
 
     from fcexport import machine_cache
 
-    return len(data) <= MAX_ONNX_BYTES and machine_cache.passed_onnx_check(hashlib.sha256(data).hexdigest())
+    return machine_cache.passed_onnx_check(hashlib.sha256(data).hexdigest()) if len(data) <= MAX_ONNX_BYTES else None
 
 
-def _check_inferred_sizes(model, path: Path) -> None:
+def _check_inferred_sizes(model, path: Path) -> int:
     """Shape inference at batch 1 (with constant propagation), then a bound for every value: its inferred
     size, or (unknown) one derived from its inputs by what the op can do (SIZE_OF_INPUT_OPS never grow their
     largest input; broadcasting ops at most the product of their inputs; Gather and friends data x indices).
     Each value must stay within MAX_ONNX_ELEMENTS, all of them together within MAX_ONNX_TOTAL, and the
-    multiply-accumulates of Conv / MatMul / Gemm within MAX_MACS (the budget of a stored model too)."""
+    multiply-accumulates of Conv / MatMul / Gemm within MAX_MACS (the budget of a stored model too). Returns the
+    bytes one image keeps alive at once (4 a value; each freed after its last reader), which sizes a call's batch."""
     import onnx
 
     probe = onnx.ModelProto()
@@ -125,7 +130,12 @@ def _check_inferred_sizes(model, path: Path) -> None:
             break
     bounds = {name: float(np.prod(shape, dtype=np.float64)) for name, shape in shapes.items()}
     total = macs = 0.0
-    for node in inferred.graph.node:
+    last_read = {name: i for i, node in enumerate(inferred.graph.node) for name in node.input}
+    last_read |= {value.name: len(inferred.graph.node) for value in inferred.graph.output}
+    first = inferred.graph.input[0].name
+    held = {first: bounds.get(first, 0.0)}  # the values alive now (weights are not: they are the model's, not an image's)
+    live = peak = held[first]
+    for i, node in enumerate(inferred.graph.node):
         where = f"{path}: node '{node.name or node.op_type}' ({node.op_type})"
         given = [bounds.get(name) for name in node.input if name]
         for output in (o for o in node.output if o):
@@ -138,11 +148,16 @@ def _check_inferred_sizes(model, path: Path) -> None:
             if bound > MAX_ONNX_ELEMENTS:
                 raise FcxError(f"{where} makes {bound:,.0f} values for one image (at most {MAX_ONNX_ELEMENTS:,})")
             total += bound
+            held[output] = held.get(output, 0.0) + bound
+            live += bound
             macs += _macs(node, shapes, bound)
+        peak = max(peak, live)
+        live -= sum(held.pop(name, 0.0) for name in {*node.input, *node.output} if last_read.get(name, i) == i)
         if total > MAX_ONNX_TOTAL:
             raise FcxError(f"{where}: the values of one image reach {total:,.0f} in all (at most {MAX_ONNX_TOTAL:,}); refused")
         if macs > MAX_MACS:
             raise FcxError(f"{where}: one image takes more than {MAX_MACS:.0e} multiply-accumulates; refused")
+    return int(4 * peak)
 
 
 # Shape inference's own data propagation stops at ops like a Reshape of a shape; these inputs of these ops decide an
@@ -357,7 +372,7 @@ def onnx_fingerprint(model) -> dict[str, str]:
 
 def describe_onnx(data: bytes, path: Path) -> tuple[ModelSpec, dict]:
     """(spec, details) of an ONNX file, checked and parsed but not run: inputs, outputs, opsets, size of its weights."""
-    model = check_onnx_model(data, path)
+    model, peak = check_onnx_model(data, path)
 
     def shape(value) -> list:
         return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value.type.tensor_type.shape.dim]
@@ -369,16 +384,18 @@ def describe_onnx(data: bytes, path: Path) -> tuple[ModelSpec, dict]:
     props = {p.key: p.value for p in model.metadata_props}
     if QUANTIZATION_KEY in props:
         details["quantization"] = json.loads(props[QUANTIZATION_KEY])
-    return read_onnx_spec(props, path), details
+    return read_onnx_spec(props, path, peak), details
 
 
-def read_onnx_spec(props: dict, path: Path) -> ModelSpec:
+def read_onnx_spec(props: dict, path: Path, peak_bytes: int = 0) -> ModelSpec:
     """The spec from ONNX metadata_props, where each field is one JSON-valued entry; other tools'
-    plain-text entries (the quantizer's `onnx.infer`) are skipped."""
+    plain-text entries (the quantizer's `onnx.infer`) are skipped. Its peak_bytes is never below `peak_bytes`,
+    what check_onnx_model found: a file may not say it keeps less alive than it does."""
     fields = {}
     for key, value in props.items():
         with contextlib.suppress(ValueError):
             fields[key] = json.loads(value)
     if "class_names" not in fields or "input_shape" not in fields:
         raise FcxError(f"{path}: ONNX model lacks fcexport metadata (class_names, input_shape)", hint="export")
-    return ModelSpec.from_dict(fields, str(path))
+    spec = ModelSpec.from_dict(fields, str(path))
+    return replace(spec, peak_bytes=max(spec.peak_bytes, min(peak_bytes, MAX_TOTAL_BYTES)))

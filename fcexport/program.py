@@ -1133,6 +1133,7 @@ class Shapes:
     of: Mapping[str, tuple]
     macs: int
     work: int
+    peak: int  # bytes of the values alive at once at the program's worst point (float32): what a batch costs per image
 
 
 def check_shapes(program: Program, input_shape, where: str) -> Shapes:
@@ -1153,19 +1154,29 @@ def _check_batch_one(program: Program, input_shape, where: str) -> Shapes:
     module = ProgramModule(_on_meta(program))
     shapes: dict[str, tuple] = {}
     totals = {"bytes": 0, "macs": 0, "work": 0}
+    frees = {node.name: freed for node, _, freed in module._steps}
+    first = 4 * math.prod(input_shape)
+    held = {INPUT: first}  # the bytes of each value still alive (every result counted as materialised)
+    live = {"now": first, "peak": first}
 
     def check(node: Node, args, kwargs, result) -> None:
         _check_ints(node, result, where)
         if isinstance(result, torch.Tensor):
             shapes[node.name] = tuple(result.shape)
-        if node.op == GETITEM or node.op in SIZE_OPS:
-            return  # picks or computes a value already counted
+        if not (node.op == GETITEM or node.op in SIZE_OPS):  # else it picks or computes a value already counted
+            count(node, args, kwargs, result)
+        live["now"] -= sum(held.pop(name, 0) for name in frees[node.name])
+
+    def count(node: Node, args, kwargs, result) -> None:
         for item in _tensors(result):
             size = item.numel() * item.element_size()
             if size > MAX_TENSOR_BYTES:
                 raise FcxError(f"{where}: {node.label} makes a tensor of shape {tuple(item.shape)} for one image "
                                f"({item.numel():,} values; at most {MAX_TENSOR_BYTES:,} bytes)")
             totals["bytes"] += size
+            held[node.name] = held.get(node.name, 0) + size
+            live["now"] += size
+        live["peak"] = max(live["peak"], live["now"])
         macs, elements = _cost(node, args, kwargs, result)
         totals["macs"] += macs
         totals["work"] += macs + elements
@@ -1174,7 +1185,7 @@ def _check_batch_one(program: Program, input_shape, where: str) -> Shapes:
     out = run_steps(module, torch.empty((1, *input_shape), device="meta"), check)
     if not isinstance(out, torch.Tensor):
         raise FcxError(f"{where}: the program must return a tensor")
-    return Shapes(MappingProxyType(shapes), totals["macs"], totals["work"])
+    return Shapes(MappingProxyType(shapes), totals["macs"], totals["work"], live["peak"])
 
 
 @torch.inference_mode()  # inference tensors keep no view records: 10,000 chained fake views would hold gigabytes

@@ -86,6 +86,7 @@ def from_module(
         output_shape=out,
         other_outputs=other_outputs(program, shapes, "the model"),
         probabilities=returns_probabilities(program, out),
+        peak_bytes=shapes.peak,
     )
     return program, spec
 

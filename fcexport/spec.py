@@ -182,6 +182,9 @@ class ModelSpec:
     other_outputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # the model's last op already makes probabilities of its output (a softmax, or a sigmoid on one logit)
     probabilities: bool = False
+    # the bytes one image keeps alive at once (fcexport.program.Shapes.peak, float32): it sizes each runtime call's
+    # batch (fcexport.targets.chunk_size); 0 where no one recorded it (a file written before it was)
+    peak_bytes: int = 0
 
     def __post_init__(self):
         shape, names = self.input_shape, self.class_names
@@ -253,6 +256,8 @@ class ModelSpec:
                            "digits and '_' (not pixels or logits) and one image's shape of positive sizes")
         if type(self.probabilities) is not bool:
             raise FcxError(f"{where}: probabilities must be true or false, got {str(self.probabilities)[:40]!r}")
+        if type(self.peak_bytes) is not int or not 0 <= self.peak_bytes <= MAX_TOTAL_BYTES:
+            raise FcxError(f"{where}: peak_bytes must be an integer from 0 to {MAX_TOTAL_BYTES:,}, got {str(self.peak_bytes)[:40]!r}")
         parts = {"preprocess": Preprocess, "architecture": Architecture, "provenance": Provenance}
         for name, kind in parts.items():
             if not isinstance(getattr(self, name), kind):
@@ -294,6 +299,8 @@ class ModelSpec:
             data["other_outputs"] = [{"name": name, "shape": list(shape)} for name, shape in self.other_outputs]
         if self.probabilities:  # a model returning logits keeps the layout it always had
             data["probabilities"] = True
+        if self.peak_bytes:
+            data["peak_bytes"] = self.peak_bytes
         return json.loads(json.dumps(data))  # plain values only (str subclasses such as torch.__version__ become str)
 
     @classmethod
@@ -333,6 +340,7 @@ class ModelSpec:
                 output_shape=tuple(data["output_shape"]) if isinstance(data.get("output_shape"), list) else data.get("output_shape"),
                 other_outputs=_other_outputs(data.get("other_outputs", []), where),
                 probabilities=data.get("probabilities", False),
+                peak_bytes=data.get("peak_bytes", 0),
             )
         except FcxError as exc:
             raise FcxError(str(exc).replace("model spec", where, 1)) from exc

@@ -318,7 +318,7 @@ def test_a_computed_shape_is_sized_before_anything_runs(factor, accepted, tmp_pa
     """An Expand whose shape is the input's own shape through a Reshape and a Mul (ops ONNX's shape inference does not
     follow): fcexport computes that shape at batch 1, so an honest one is sized and a huge one is refused, unread."""
     from fcexport.errors import FcxError
-    from fcexport.onnx_checks import check_onnx_model
+    from fcexport.onnx_checks import check_onnx_model, read_onnx_spec
 
     nodes = [helper.make_node("Shape", ["pixels"], ["s"]), helper.make_node("Reshape", ["s", "flat"], ["s2"]),
              helper.make_node("Mul", ["s2", "k"], ["s3"]), helper.make_node("Expand", ["pixels", "s3"], ["big"]),
@@ -332,7 +332,11 @@ def test_a_computed_shape_is_sized_before_anything_runs(factor, accepted, tmp_pa
     model = fcx_metadata(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), class_names=["0"])
     data = model.SerializeToString()
     if accepted:
-        check_onnx_model(data, tmp_path / "m.onnx")
+        checked, peak = check_onnx_model(data, tmp_path / "m.onnx")
+        assert 2 * 4 * 64 <= peak < 4096  # the input and its expanded copy, alive together (weights are not an image's)
+        assert check_onnx_model(data, tmp_path / "m.onnx")[1] == peak  # recalled from the machine cache alike
+        claimed = {p.key: p.value for p in checked.metadata_props} | {"peak_bytes": "1"}
+        assert read_onnx_spec(claimed, tmp_path / "m.onnx", peak).peak_bytes == peak  # a file cannot claim less
     else:
         with pytest.raises(FcxError, match="makes 128,000,000 values for one image"):
             check_onnx_model(data, tmp_path / "m.onnx")

@@ -4,6 +4,7 @@ RLIMIT_CPU (never a wall-clock limit): exit 2, one line, nothing written."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -285,3 +286,40 @@ def test_arguments_given_by_keyword_are_read_by_position(tmp_path):
     for args in (["inspect", model], ["fuse-bn", model, "--verify", "--out", tmp_path / "out" / "model.fused.pt"]):
         result = fcx_bounded(tmp_path, *args)
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+def wide_inside(values: int) -> Program:
+    """An 8x8 image made (N, 64, values) inside (a view and its copy: 512 * values bytes alive an image at once), summed
+    back into a linear classifier: small at its input, large inside."""
+    nodes = (Node("bn", "aten.sym_size.int", (Ref(INPUT), 0)), Node("f", "aten.view.default", (Ref(INPUT), (Ref("bn"), 64, 1))),
+             Node("e", "aten.expand.default", (Ref("f"), (Ref("bn"), 64, values))), Node("c", "aten.clone.default", (Ref("e"),)),
+             Node("s", "aten.sum.dim_IntList", (Ref("c"), (2,))),
+             Node("logits", "aten.linear.default", (Ref("s"), Ref("fc.weight"), Ref("fc.bias"))))
+    return Program(nodes, "logits", {"fc.weight": torch.randn(10, 64), "fc.bias": torch.zeros(10)})
+
+
+def test_the_check_finds_what_one_image_keeps_alive_and_model_pt_cannot_claim_less(tmp_path):
+    """Shapes.peak counts the values alive at once (not the sum of all, not the freed); a model.pt whose spec says it
+    keeps 1 byte alive is read with what its program keeps, which sizes every call's batch (targets.chunk_size)."""
+    from fcexport.checkpoint import read_model
+    from fcexport.targets import chunk_size
+
+    values = 1 << 16
+    peak = check_shapes(wide_inside(values), SHAPE, "test").peak
+    assert 512 * values <= peak < 512 * values + 4096
+    spec = ModelSpec(input_shape=SHAPE, class_names=tuple(str(i) for i in range(10)), peak_bytes=1)
+    (tmp_path / "in").mkdir()
+    save_program(wide_inside(values), spec, tmp_path / "in" / "model.pt")
+    stored = read_model(tmp_path / "in" / "model.pt")
+    assert stored.spec.peak_bytes == peak == stored.shapes.peak
+    assert chunk_size(SHAPE) == 256 and chunk_size(SHAPE, peak) == 4 * chunk_size(SHAPE, peak, itemsize=8) // 2 == 8
+
+
+def test_a_model_small_at_its_input_and_large_inside_is_run_in_small_batches(tmp_path):
+    """128 MiB alive for each 8x8 image: 16 images in one call took 2 GiB (batches were sized by the input alone, up
+    to 256 images); now two images a call, within the memory one command may use."""
+    model = write_model(tmp_path / "in", wide_inside(1 << 18))
+    pngs = [save_png(tmp_path / f"x{i}.png", np.full((8, 8), 16 * i, np.uint8)) for i in range(16)]
+    result = fcx_bounded(tmp_path, "predict", *pngs, "--model", model, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(json.loads(result.stdout)) == 16

@@ -233,7 +233,7 @@ def open_perturbed(files, device, checks, backend):
     computes one layer of an honest file wrongly."""
     path = files[0]
     data = checks.read(path)
-    model = check_onnx_model(data, path)
+    model, _ = check_onnx_model(data, path)
     spec = read_onnx_spec({p.key: p.value for p in model.metadata_props}, path)
     checks.vet(path, backend, spec, onnx_fingerprint(model))
 

@@ -97,7 +97,7 @@ class Predictor:
     source: Path | str  # the file it runs, or where it is served (a URL and model name)
     run: Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, ...]"]
     spec: ModelSpec
-    batch: int | None = None  # images per call; None: chunk_size(the input shape)
+    batch: int | None = None  # images per call; None: chunk_size(the spec's input shape and peak bytes)
     approximate: bool = False  # judged by top-1 agreement and accuracy, not float tolerances (int8)
     logits_only: bool = False  # asked for the logits alone (a served model): its other outputs are not compared
     precision: str = "float32"  # what it computes in, said in verify's and bench's rows
@@ -114,7 +114,7 @@ class Predictor:
     def outputs(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         """Every output for `x` (the logits first), the logits checked against the spec's shape."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        batch = self.batch or chunk_size(self.spec.input_shape)
+        batch = self.batch or chunk_size(self.spec.input_shape, self.spec.peak_bytes)
         parts = [self.run(x[i : i + batch]) for i in range(0, len(x), batch)] if len(x) else [self.run(x)]
         parts = [part if isinstance(part, tuple) else (part,) for part in parts]
         if len({len(part) for part in parts}) != 1:
@@ -129,13 +129,18 @@ class Predictor:
 
 
 CHUNK_BYTES = 8 << 20
+CALL_BYTES = 256 << 20  # the values a call keeps alive at once, in all: 224-px classifiers keep 5-11 MiB an image
 
 
-def chunk_size(input_shape) -> int:
-    """Images per runtime call: the largest power of two from 1 to 256 whose float32 input fits CHUNK_BYTES, so a
-    chunk's activations stay near the caches. Measured on resnet50 at 224 px (2 cores): torch runtimes 36 ms an image
-    at 8 a call against 76 at 128 and 175 at 256; onnxruntime and OpenVINO 24-28 either way. A 28-px MLP keeps 256."""
-    fits = max(1, min(256, CHUNK_BYTES // (4 * math.prod(input_shape))))
+def chunk_size(input_shape, peak_bytes: int = 0, itemsize: int = 4) -> int:
+    """Images per runtime call: the largest power of two from 1 to 256 whose input fits CHUNK_BYTES, so a chunk's
+    activations stay near the caches, and whose live values (`peak_bytes` an image in float32, spec.peak_bytes) fit
+    CALL_BYTES, so a model small at its input but large inside cannot make a batch take gigabytes; `itemsize` 8 for
+    a float64 run. Measured on resnet50 at 224 px (2 cores): torch runtimes 36 ms an image at 8 a call against 76 at
+    128 and 175 at 256; onnxruntime and OpenVINO 24-28 either way. A 28-px MLP keeps 256."""
+    scale = itemsize / 4
+    fits = min(256, int(CHUNK_BYTES // (itemsize * math.prod(input_shape))), int(CALL_BYTES // max(1, peak_bytes * scale)))
+    fits = max(1, fits)
     return 1 << (fits.bit_length() - 1)
 
 

@@ -45,13 +45,14 @@ def open_onnx(files: tuple[Path, ...], device: str, checks: Checks, backend: str
     check before, opened with nothing else to check (predict, serve), go straight to onnxruntime: no onnx import."""
     path = files[0]
     data = checks.read(path, MAX_ONNX_BYTES)
-    if checks.admit is None and checks.source is None and checked_before(data):
+    peak = checked_before(data) if checks.admit is None and checks.source is None else None
+    if peak is not None:
         session = _session(data, path, device)
-        spec = read_onnx_spec(dict(session.get_modelmeta().custom_metadata_map), path)
+        spec = read_onnx_spec(dict(session.get_modelmeta().custom_metadata_map), path, peak)
         model = None
     else:
-        model = check_onnx_model(data, path)
-        spec = read_onnx_spec({p.key: p.value for p in model.metadata_props}, path)
+        model, peak = check_onnx_model(data, path)
+        spec = read_onnx_spec({p.key: p.value for p in model.metadata_props}, path, peak)
         checks.vet(path, backend, spec, onnx_fingerprint(model))
         session = _session(data, path, device)
     declared = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape[1:]]

@@ -29,8 +29,8 @@ def open_openvino(files: tuple[Path, ...], device: str, checks: Checks, backend:
     `precision` (f32: exact; bf16: see openvino_bf16)."""
     path = files[0]
     data = checks.read(path, MAX_ONNX_BYTES)
-    model = check_onnx_model(data, path)
-    spec = read_onnx_spec({p.key: p.value for p in model.metadata_props}, path)
+    model, peak = check_onnx_model(data, path)
+    spec = read_onnx_spec({p.key: p.value for p in model.metadata_props}, path, peak)
     checks.vet(path, backend, spec, onnx_fingerprint(model))
     declared = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     if declared != list(spec.input_shape):  # known from the checked graph, before OpenVINO sizes anything

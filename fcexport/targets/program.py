@@ -32,20 +32,20 @@ def program_predictor(program, backend: str, device: str, source: Path, spec: Mo
     return replace(predictor, layers=(program, layers))
 
 
-def float64_logits(program, x: np.ndarray) -> np.ndarray:
+def float64_logits(program, x: np.ndarray, peak_bytes: int = 0) -> np.ndarray:
     """The reference: the program run in float64 on the CPU (every float32 tensor and op widened)."""
-    return float64_outputs(program, x)[0]
+    return float64_outputs(program, x, peak_bytes)[0]
 
 
-def float64_outputs(program, x: np.ndarray) -> tuple[np.ndarray, ...]:
-    """float64_logits and every other output (program.extras) after them, in one pass, in chunks of half what a
-    float32 call takes."""
+def float64_outputs(program, x: np.ndarray, peak_bytes: int = 0) -> tuple[np.ndarray, ...]:
+    """float64_logits and every other output (program.extras) after them, in one pass, in chunks of what a float32
+    call takes in bytes (`peak_bytes`: spec.peak_bytes)."""
     import torch
 
     from fcexport.program import ProgramModule
     from fcexport.targets import chunk_size
 
-    batch = max(1, chunk_size(x.shape[1:]) // 2)
+    batch = chunk_size(x.shape[1:], peak_bytes, itemsize=8)
     module = ProgramModule(program, every_output=True).double().eval()
     with torch.inference_mode():
         parts = [module(torch.from_numpy(x[i : i + batch]).double()) for i in range(0, len(x), batch)]
@@ -58,7 +58,8 @@ def float64_outputs(program, x: np.ndarray) -> tuple[np.ndarray, ...]:
 def every_answer(program, spec, source: Path, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """For every output, the logits first: (its float64 values for `x`, the program's own float32 max abs error per
     input there: the yardstick), as fcexport.machine_cache.answers records them; one pass in each precision."""
-    exact = float64_outputs(program, x) if program.extras else (float64_logits(program, x),)
+    exact = (float64_outputs(program, x, spec.peak_bytes) if program.extras
+             else (float64_logits(program, x, spec.peak_bytes),))
     own = program_predictor(program, "eager", "cpu", source, spec).outputs(x)
     return [(values, np.abs(mine.astype(np.float64) - values).reshape(len(x), -1).max(axis=1, initial=0.0))
             for values, mine in zip(exact, own, strict=True)]

@@ -129,13 +129,13 @@ def _served_file(platform: str, data: bytes, path: Path):
     if platform == ONNX_PLATFORM:
         if len(data) > MAX_ONNX_BYTES:
             raise FcxError(f"{path}: larger than fcexport reads")
-        proto = check_onnx_model(data, path)
+        proto, peak = check_onnx_model(data, path)
 
         def io(value):
             dims = value.type.tensor_type.shape.dim[1:]
             return value.name, tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
 
-        return read_onnx_spec({p.key: p.value for p in proto.metadata_props}, path), (io(proto.graph.input[0]), io(proto.graph.output[0]))
+        return read_onnx_spec({p.key: p.value for p in proto.metadata_props}, path, peak), (io(proto.graph.input[0]), io(proto.graph.output[0]))
     if platform == LIBTORCH_PLATFORM:
         return archive_fingerprint(data, path, f"extra/{METADATA_FILE}")[0], None
     raise FcxError(f"{path}: platform '{platform}' is not one fcexport writes")
