@@ -75,6 +75,17 @@ def _convolution(a: dict, out) -> tuple[int, int]:
     return scattered.numel() * per_value, _read_and_written(a, out)[1]
 
 
+def scratch_values(op: str, a: dict, out) -> int:
+    """Values the CPU kernel of `op` allocates beside its result and frees before it returns (COST_MODELS count what
+    ops read and write, not this): a convolution that oneDNN does not take (every float64 one, the reference's) lays
+    its input out as im2col columns, in_channels/groups x kernel values for each output position (each input position,
+    transposed). One 3x3 convolution of a 5.8 KB model.pt made 5.1 GB of them."""
+    if op != "aten.convolution.default":
+        return 0
+    positions = (a["input"] if a["transposed"] else out).shape[2:]
+    return out.shape[0] * math.prod(a["weight"].shape[1:]) * math.prod(positions)
+
+
 def _matmul(left: str):
     """mm, bmm, addmm, linear: each output value is a dot product over the last dim of `left`."""
     def cost(a: dict, out) -> tuple[int, int]:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fcexport.errors import FcxError
-from fcexport.opset import ATEN_OPS, COST_MODELS, GETITEM, SIZE_OP_NAMES, SIZE_OPS, aten_op
+from fcexport.opset import ATEN_OPS, COST_MODELS, GETITEM, SIZE_OP_NAMES, SIZE_OPS, aten_op, scratch_values
 from fcexport.spec import MAX_MACS, MAX_OTHER_OUTPUTS, MAX_TENSOR_BYTES, MAX_TOTAL_BYTES, OUTPUT_NAME, RESERVED_OUTPUT_NAMES
 
 INPUT = "x"
@@ -1176,7 +1176,12 @@ def _check_batch_one(program: Program, input_shape, where: str) -> Shapes:
             totals["bytes"] += size
             held[node.name] = held.get(node.name, 0) + size
             live["now"] += size
-        live["peak"] = max(live["peak"], live["now"])
+        named = _named(node, args, kwargs)
+        extra = scratch_values(node.op, named, result) * result.element_size() if isinstance(result, torch.Tensor) else 0
+        live["peak"] = max(live["peak"], live["now"] + extra)
+        if live["peak"] > MAX_TOTAL_BYTES:
+            raise FcxError(f"{where}: {node.label} needs {live['peak']:,} bytes alive at once for one image, its kernel's "
+                           f"scratch included (at most {MAX_TOTAL_BYTES:,})")
         macs, elements = _cost(node, args, kwargs, result)
         totals["macs"] += macs
         totals["work"] += macs + elements
@@ -1304,12 +1309,16 @@ def _check_ints(node: Node, result, where: str) -> None:
             raise FcxError(f"{where}: {node.label} computes the size {item:,}, which is out of range")
 
 
+def _named(node: Node, args: list, kwargs: dict) -> dict:
+    """An op's arguments by schema name."""
+    schema = aten_op(node.op)._schema
+    return {**{a.name: v for a, v in zip([a for a in schema.arguments if not a.kwarg_only], args)}, **kwargs}
+
+
 def _cost(node: Node, args: list, kwargs: dict, result) -> tuple[int, int]:
     """(multiply-accumulates, elements) of one op by its opset cost model, its arguments taken by schema name."""
-    schema = aten_op(node.op)._schema
-    named = {a.name: v for a, v in zip([a for a in schema.arguments if not a.kwarg_only], args)}
     try:
-        return COST_MODELS[node.op]({**named, **kwargs}, result)
+        return COST_MODELS[node.op](_named(node, args, kwargs), result)
     except ValueError as exc:  # arguments its kernel would trust without checking (opset's cost models say which)
         raise FcxError(f"{node.label}: {exc}") from None
 

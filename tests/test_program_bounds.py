@@ -104,6 +104,11 @@ ATTACKS = {
         (full("t", (8, 8)), full("i", (1 << 19, 1), dtype=torch.int64), full("j", (1, 1 << 19), dtype=torch.int64),
          full("one", ()), Node("p", "aten.index_put.default", (Ref("t"), (Ref("i"), Ref("j")), Ref("one"), False))),
         r"more memory or work per image .*at node 'p'"),
+    # 20,480 input values; torch's slow_conv2d lays them out as 20,480 x 9 x 81 x 81 im2col columns: 4.6 GB (5.1 GB RSS)
+    "a 3x3 convolution whose im2col scratch is 4.6 GB": (
+        (full("v", (1, 20480, 1, 1)), full("w", (1, 20480, 3, 3)),
+         Node("c", "aten.convolution.default", (Ref("v"), Ref("w"), None, (1, 1), (40, 40), (1, 1), False, (0, 0), 1))),
+        r"node 'c' .*needs 4,602,208,900 bytes alive at once for one image, its kernel's scratch included"),
 }
 
 
@@ -130,7 +135,8 @@ def write_model(folder: Path, program: Program) -> Path:
                                            ("overlapping windows: unfold(2^16 values, size 2^15, step 1)", "predict"),
                                            ("full([N * N, 40000])", "fuse-bn"),
                                            ("antialiased bicubic whose scales disagree with its sizes", "predict"),
-                                           ("index_put with broadcast indices", "predict")])
+                                           ("index_put with broadcast indices", "predict"),
+                                           ("a 3x3 convolution whose im2col scratch is 4.6 GB", "predict")])
 def test_hostile_model_pt_is_exit_2_one_line_nothing_written(tmp_path, name, command):
     model = write_model(tmp_path / "in", classifier(*ATTACKS[name][0]))
     out = tmp_path / "out"
