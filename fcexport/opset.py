@@ -94,10 +94,23 @@ def _matmul(left: str):
 
 
 def _per_output(a_name: str):
-    """cdist/pdist: each output value is a distance over the last dim of `a_name` (8192 points: 3.4e7 pairs)."""
+    """cdist/pdist: each output value is a distance over the last dim of `a_name` (8192 points: 3.4e7 pairs), each
+    term counted as SLOW values visited, not a multiply-accumulate: a p-norm takes a pow per term (10-29 ns here)."""
     def cost(a: dict, out) -> tuple[int, int]:
-        return out.numel() * a[a_name].shape[-1], _read_and_written(a, out)[1]
+        return 0, SLOW * out.numel() * a[a_name].shape[-1] + _read_and_written(a, out)[1]
     return cost
+
+
+# What one value costs where a contiguous float64 add costs 3 ns and a float32 one 0.2 (one thread, AMD EPYC, 2026-12-07:
+# python /tmp/calib.py times each op over its opset count): 8-17 ns for float64 transcendentals and reductions
+# along a dim, 10-40 for an argmin along a strided dim (the adversary's 65536 x 1024), 28 a p-norm term. These
+# count SLOW times each value, so that MAX_ELEMENTS bounds the time of any mix alike.
+SLOW = 16
+
+
+def _slow(a: dict, out) -> tuple[int, int]:
+    """An op whose kernel takes 8-40 ns a value (see SLOW): each value read and written counts SLOW times."""
+    return 0, SLOW * _read_and_written(a, out)[1]
 
 
 def _interpolate(taps: int):
@@ -148,30 +161,34 @@ def _sorting(a: dict, out) -> tuple[int, int]:
 
 _PLAIN = """
 _log_softmax.default _native_batch_norm_legit.no_stats _native_batch_norm_legit_no_training.default _softmax.default
-_to_copy.default abs.default acos.default acosh.default add.Scalar add.Tensor alias.default amax.default amin.default
-any.default any.dim any.dims arange.start_step argmax.default argmin.default as_strided.default asin.default
-asinh.default atan.default atan2.default atanh.default bitwise_and.Scalar bitwise_and.Tensor bitwise_not.default
+_to_copy.default abs.default add.Scalar add.Tensor alias.default amax.default amin.default any.default any.dim
+any.dims arange.start_step as_strided.default bitwise_and.Scalar bitwise_and.Tensor bitwise_not.default
 bitwise_or.Scalar bitwise_or.Tensor bitwise_xor.Scalar bitwise_xor.Tensor cat.default ceil.default clamp.Tensor
-clamp.default clone.default col2im.default constant_pad_nd.default copy.default cos.default cosh.default
-cumsum.default diagonal.default div.Scalar div.Scalar_mode div.Tensor div.Tensor_mode elu.default embedding.default
-eq.Scalar eq.Tensor erf.default exp.default expand.default expm1.default fill.Scalar flip.default floor.default
-fmod.Scalar fmod.Tensor full.default full_like.default gather.default ge.Scalar ge.Tensor gelu.default gt.Scalar
-gt.Tensor hardsigmoid.default hardswish.default hardtanh.default index.Tensor index_select.default isinf.default isnan.default le.Scalar
-le.Tensor leaky_relu.default log.default log10.default log1p.default log2.default logical_and.default
-logical_not.default logical_or.default logical_xor.default lt.Scalar lt.Tensor masked_scatter.default max.dim
-maximum.default mish.default mean.default mean.dim min.dim minimum.default mul.Scalar mul.Tensor native_group_norm.default
-native_layer_norm.default ne.Scalar ne.Tensor neg.default permute.default pow.Scalar pow.Tensor_Scalar
-pow.Tensor_Tensor prod.default prod.dim_int reciprocal.default reflection_pad1d.default reflection_pad2d.default
-reflection_pad3d.default relu.default remainder.Scalar remainder.Tensor repeat.default replication_pad2d.default
-replication_pad3d.default round.default rsqrt.default scalar_tensor.default scatter.src scatter.value
-scatter_add.default scatter_reduce.two select.int select_scatter.default sigmoid.default sign.default silu.default sin.default
-sinh.default slice.Tensor slice_scatter.default split_with_sizes.default sqrt.default squeeze.dim squeeze.dims
-sub.Scalar sub.Tensor sum.dim_IntList tan.default tanh.default trunc.default unfold.default unsqueeze.default var.correction var.dim
-view.default where.self
+clamp.default clone.default col2im.default constant_pad_nd.default copy.default cos.default diagonal.default
+div.Scalar div.Scalar_mode div.Tensor div.Tensor_mode elu.default embedding.default eq.Scalar eq.Tensor erf.default
+exp.default expand.default expm1.default fill.Scalar flip.default floor.default fmod.Scalar fmod.Tensor full.default
+full_like.default gather.default ge.Scalar ge.Tensor gelu.default gt.Scalar gt.Tensor hardsigmoid.default
+hardswish.default hardtanh.default index.Tensor index_select.default isinf.default isnan.default le.Scalar le.Tensor
+leaky_relu.default log.default log10.default log1p.default log2.default logical_and.default logical_not.default
+logical_or.default logical_xor.default lt.Scalar lt.Tensor masked_scatter.default maximum.default mish.default
+mean.default mean.dim minimum.default mul.Scalar mul.Tensor native_group_norm.default native_layer_norm.default
+ne.Scalar ne.Tensor neg.default permute.default pow.Scalar pow.Tensor_Scalar pow.Tensor_Tensor prod.default
+prod.dim_int reciprocal.default reflection_pad1d.default reflection_pad2d.default reflection_pad3d.default
+relu.default remainder.Scalar remainder.Tensor repeat.default replication_pad2d.default replication_pad3d.default
+round.default rsqrt.default scalar_tensor.default scatter.src scatter.value scatter_add.default scatter_reduce.two
+select.int select_scatter.default sigmoid.default sign.default silu.default sin.default slice.Tensor
+slice_scatter.default split_with_sizes.default sqrt.default squeeze.dim squeeze.dims sub.Scalar sub.Tensor
+sum.dim_IntList tanh.default trunc.default unfold.default unsqueeze.default view.default where.self
+""".split()
+
+_SLOW_OPS = """
+acos.default acosh.default asin.default asinh.default atan.default atan2.default atanh.default cosh.default sinh.default
+tan.default argmax.default argmin.default max.dim min.dim var.correction var.dim cumsum.default
 """.split()
 
 COST_MODELS = {
     **{f"aten.{name}": _read_and_written for name in _PLAIN},
+    **{f"aten.{name}": _slow for name in _SLOW_OPS},
     "aten.sym_size.int": _shape_only, "aten.sym_numel.default": _shape_only,
     "aten.avg_pool2d.default": _pool(2), "aten.max_pool2d_with_indices.default": _pool(2),
     "aten.avg_pool3d.default": _pool(3), "aten.max_pool3d_with_indices.default": _pool(3),

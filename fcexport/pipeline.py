@@ -685,7 +685,9 @@ def _inspect_file(path: Path, manifest: dict | None, model_sha256: str | None) -
             stored = read_model(path, data)
             spec = stored.spec
             details = {"parameters": stored.program.parameter_count(), "nodes": len(stored.program.nodes),
-                       "multiply-accumulates per image": stored.shapes.macs, "bytes alive at once per image": stored.shapes.peak}
+                       "multiply-accumulates per image": stored.shapes.macs,
+                       "values visited per image": stored.shapes.work - stored.shapes.macs,
+                       "bytes alive at once per image": stored.shapes.peak}
         else:
             spec, details = registry.exporters()[artifact].describe(data, path)
     except FcxError as exc:

@@ -37,6 +37,10 @@ MAX_LIST = 4096
 MAX_LISTED = 16_384  # node values inside lists (cat's operands), over the whole program
 MAX_INT = 1 << 40
 MAX_WORK = MAX_MACS  # multiply-accumulates plus values read, written or visited, per image (resnet18: 1.9e9)
+# values read, written or visited per image, apart (opset.SLOW weighs the slowest ops): one costs up to 8 ns where a
+# convolution's multiply-accumulate costs 0.03-0.14, so 1e11 of them took hours; honest models visit 0.02-0.16 values
+# per multiply-accumulate (resnet50 1.1e8, vit_b_16 4.0e8), which this allows up to MAX_MACS
+MAX_ELEMENTS = 2 * 10**10
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -1153,7 +1157,7 @@ def _check_batch_one(program: Program, input_shape, where: str) -> Shapes:
     """Run on the meta device at batch 1: each result's full (materialised) size, the total, and the work."""
     module = ProgramModule(_on_meta(program))
     shapes: dict[str, tuple] = {}
-    totals = {"bytes": 0, "macs": 0, "work": 0}
+    totals = {"bytes": 0, "macs": 0, "elements": 0, "work": 0}
     frees = {node.name: freed for node, _, freed in module._steps}
     first = 4 * math.prod(input_shape)
     held = {INPUT: first}  # the bytes of each value still alive (every result counted as materialised)
@@ -1184,6 +1188,7 @@ def _check_batch_one(program: Program, input_shape, where: str) -> Shapes:
                            f"scratch included (at most {MAX_TOTAL_BYTES:,})")
         macs, elements = _cost(node, args, kwargs, result)
         totals["macs"] += macs
+        totals["elements"] += elements
         totals["work"] += macs + elements
         _check_totals(totals, node, where, "")
 
@@ -1213,7 +1218,7 @@ def _check_growth(program: Program, input_shape, where: str) -> None:
     x = fake(torch.empty((2, *input_shape), device="meta"), dynamic=(0,))
     module = ProgramModule(replace(program, tensors={k: fake(v) for k, v in meta.tensors.items()}))
     batch = x.shape[0].node.expr
-    totals = {"bytes": 0, "work": 0}
+    totals = {"bytes": 0, "elements": 0, "work": 0}
 
     def slope(node: Node, value, what: str) -> int:
         if batch in shape_env.replacements:
@@ -1231,7 +1236,9 @@ def _check_growth(program: Program, input_shape, where: str) -> None:
                 raise FcxError(f"{where}: {node.label} makes a tensor of shape {tuple(item.shape)}: {extra:,} more bytes "
                                f"for each image of the batch (at most {MAX_TENSOR_BYTES:,})")
             totals["bytes"] += extra
-        totals["work"] += slope(node, sum(_cost(node, args, kwargs, result)), "does work")
+        macs, elements = (slope(node, value, "does work") for value in _cost(node, args, kwargs, result))
+        totals["elements"] += elements
+        totals["work"] += macs + elements
         _check_totals(totals, node, where, " for each image added to a batch")
 
     with mode, enable_python_dispatcher():
@@ -1292,7 +1299,9 @@ def _on_meta(program: Program) -> Program:
 def _check_totals(totals: dict, node: Node, where: str, per: str) -> None:
     """All intermediates' bytes and all ops' work so far within what one image may take; `per` says which count."""
     over = (f"{totals['bytes']:,} bytes of intermediates{per}, at most {MAX_TOTAL_BYTES:,}" if totals["bytes"] > MAX_TOTAL_BYTES
-            else f"{totals['work']:.2g} operations{per}, at most {MAX_WORK:.0e}" if totals["work"] > MAX_WORK else "")
+            else f"{totals['work']:.2g} operations{per}, at most {MAX_WORK:.0e}" if totals["work"] > MAX_WORK
+            else f"{totals['elements']:.2g} values read, written or visited{per}, at most {MAX_ELEMENTS:.0e}"
+            if totals["elements"] > MAX_ELEMENTS else "")
     if over:
         raise FcxError(f"{where}: the program needs more memory or work per image than fcexport allows (at {node.label}): {over}")
 

@@ -104,6 +104,10 @@ ATTACKS = {
         (full("t", (8, 8)), full("i", (1 << 19, 1), dtype=torch.int64), full("j", (1, 1 << 19), dtype=torch.int64),
          full("one", ()), Node("p", "aten.index_put.default", (Ref("t"), (Ref("i"), Ref("j")), Ref("one"), False))),
         r"more memory or work per image .*at node 'p'"),
+    # 2.7 s of CPU each (40 ns a value: the reduced dim is strided), counted 6.7e7 values each before (1,450 fit 1e11)
+    "24 argmins along the strided dim of a 256 MiB tensor": (
+        (full("c", (65536, 1024)), *(Node(f"r{i}", "aten.argmin.default", (Ref("c"), 0)) for i in range(24))),
+        r"node 'r18' .*values read, written or visited, at most 2e\+10"),
     # 20,480 input values; torch's slow_conv2d lays them out as 20,480 x 9 x 81 x 81 im2col columns: 4.6 GB (5.1 GB RSS)
     "a 3x3 convolution whose im2col scratch is 4.6 GB": (
         (full("v", (1, 20480, 1, 1)), full("w", (1, 20480, 3, 3)),
@@ -136,7 +140,8 @@ def write_model(folder: Path, program: Program) -> Path:
                                            ("full([N * N, 40000])", "fuse-bn"),
                                            ("antialiased bicubic whose scales disagree with its sizes", "predict"),
                                            ("index_put with broadcast indices", "predict"),
-                                           ("a 3x3 convolution whose im2col scratch is 4.6 GB", "predict")])
+                                           ("a 3x3 convolution whose im2col scratch is 4.6 GB", "predict"),
+                                           ("24 argmins along the strided dim of a 256 MiB tensor", "predict")])
 def test_hostile_model_pt_is_exit_2_one_line_nothing_written(tmp_path, name, command):
     model = write_model(tmp_path / "in", classifier(*ATTACKS[name][0]))
     out = tmp_path / "out"
