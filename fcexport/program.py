@@ -1299,8 +1299,8 @@ def _on_meta(program: Program) -> Program:
 def _check_totals(totals: dict, node: Node, where: str, per: str) -> None:
     """All intermediates' bytes and all ops' work so far within what one image may take; `per` says which count."""
     over = (f"{totals['bytes']:,} bytes of intermediates{per}, at most {MAX_TOTAL_BYTES:,}" if totals["bytes"] > MAX_TOTAL_BYTES
-            else f"{totals['work']:.2g} operations{per}, at most {MAX_WORK:.0e}" if totals["work"] > MAX_WORK
-            else f"{totals['elements']:.2g} values read, written or visited{per}, at most {MAX_ELEMENTS:.0e}"
+            else f"{totals['work']:.3g} operations{per}, at most {MAX_WORK:.0e}" if totals["work"] > MAX_WORK
+            else f"{totals['elements']:.3g} values read, written or visited{per}, at most {MAX_ELEMENTS:.0e}"
             if totals["elements"] > MAX_ELEMENTS else "")
     if over:
         raise FcxError(f"{where}: the program needs more memory or work per image than fcexport allows (at {node.label}): {over}")
