@@ -334,3 +334,20 @@ def test_a_model_small_at_its_input_and_large_inside_is_run_in_small_batches(tmp
     result = fcx_bounded(tmp_path, "predict", *pngs, "--model", model, "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(json.loads(result.stdout)) == 16
+
+
+def test_an_onnx_export_fcexport_would_refuse_to_load_is_never_published(tmp_path):
+    """index_put with broadcast indices (2^15 x 1 and 1 x 2^15) into 8x8 is within the program's bounds, but torch's
+    exporter writes the broadcast as an Expand of 2^30 values: model.onnx and its manifest were published, and only
+    export's own check then refused to load them (exit 2 beside a file no fcx command would open)."""
+    nodes = (full("t", (8, 8)), full("i1", (1 << 15, 1), dtype=torch.int64), full("i2", (1, 1 << 15), dtype=torch.int64),
+             full("v", ()), Node("ip", "aten.index_put.default", (Ref("t"), (Ref("i1"), Ref("i2")), Ref("v"), False)),
+             Node("ipv", "aten.view.default", (Ref("ip"), (1, 64))), Node("bn", "aten.sym_size.int", (Ref(INPUT), 0)),
+             Node("flat0", "aten.view.default", (Ref(INPUT), (Ref("bn"), 64))), Node("flat", "aten.add.Tensor", (Ref("flat0"), Ref("ipv"))),
+             Node("logits", "aten.linear.default", (Ref("flat"), Ref("fc.weight"), Ref("fc.bias"))))
+    model = write_model(tmp_path / "in", Program(nodes, "logits", {"fc.weight": torch.zeros(10, 64), "fc.bias": torch.zeros(10)}))
+    result = fcx_bounded(tmp_path, "export", model, "--artifacts", tmp_path / "out", "--format", "onnx")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert re.search(r"would refuse to load .*makes [\d,]+ values for one image", lines[0]), lines[0]
+    assert not any((tmp_path / "out").glob("*"))  # neither model.onnx nor a manifest vouching for it

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from fcexport.errors import FcxError
-from fcexport.onnx_checks import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, describe_onnx, onnx_fingerprint, strip_documentation
+from fcexport.onnx_checks import (INPUT_NAME, ONNX_FILE, OUTPUT_NAME, check_onnx_model, describe_onnx, onnx_fingerprint,
+                                  strip_documentation)
 from fcexport.spec import ModelSpec
 from fcexport.targets import Exporter, ExportSettings, quiet_loggers, quiet_warnings, tapped_layers
 
@@ -52,7 +53,7 @@ def _exported(module, example, dynamic_shapes, opset: int, output_names: list[st
 
     try:
         # torch.onnx and onnxscript print progress, and log notes about opset conversion on every call
-        with quiet_warnings(), quiet_loggers("torch.onnx", "onnxscript"), contextlib.redirect_stdout(io.StringIO()):
+        with quiet_warnings(), quiet_loggers("torch.onnx", "onnxscript", "onnx_ir"), contextlib.redirect_stdout(io.StringIO()):
             exported = torch.onnx.export(
                 module.eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=output_names,
                 dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False,
@@ -131,9 +132,17 @@ def _halve_last(graph) -> None:
 
 
 def write(program, spec: ModelSpec, stage: Path, settings: ExportSettings) -> None:
+    """model.onnx, only where fcexport would load it: a file its own bounds refuse (torch's exporter can widen what the
+    program bounds, e.g. broadcast index_put indices into a Concat) is never published. The check's result is cached,
+    so the loads that follow (export's own check, verify) do not repeat it."""
     from fcexport.files import write_bytes_atomic
 
-    write_bytes_atomic(stage / ONNX_FILE, onnx_bytes(program, spec, settings.opset))
+    data = onnx_bytes(program, spec, settings.opset)
+    try:
+        check_onnx_model(data, Path(ONNX_FILE))
+    except FcxError as exc:
+        raise FcxError(f"the ONNX file torch exports is one fcexport would refuse to load ({exc}); export another format") from exc
+    write_bytes_atomic(stage / ONNX_FILE, data)
 
 
 EXPORTER = Exporter(name="onnx", files=(ONNX_FILE,), format="onnx", write=write, fingerprint=onnx_fingerprint,
