@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fcexport.errors import FcxError
-from fcexport.spec import MAX_MACS, MAX_TENSOR_BYTES, MAX_TOTAL_BYTES, ModelSpec
+from fcexport.spec import MAX_ELEMENTS, MAX_MACS, MAX_TENSOR_BYTES, MAX_TOTAL_BYTES, ModelSpec
 
 QUANTIZATION_KEY = "quantization"  # ONNX metadata entry that marks the int8 model
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
@@ -129,7 +129,7 @@ def _check_inferred_sizes(model, path: Path) -> int:
         if not _fold_shape_inputs(probe, inferred, shapes):
             break
     bounds = {name: float(np.prod(shape, dtype=np.float64)) for name, shape in shapes.items()}
-    total = macs = 0.0
+    total = macs = visited = 0.0
     last_read = {name: i for i, node in enumerate(inferred.graph.node) for name in node.input}
     last_read |= {value.name: len(inferred.graph.node) for value in inferred.graph.output}
     first = inferred.graph.input[0].name
@@ -151,12 +151,19 @@ def _check_inferred_sizes(model, path: Path) -> int:
             held[output] = held.get(output, 0.0) + bound
             live += bound
             macs += _macs(node, shapes, bound)
-        peak = max(peak, live)
+            visited += bound
+            peak = max(peak, live + _scratch(node, shapes, bound, given))
+        visited += sum(b for b in given if b is not None)
         live -= sum(held.pop(name, 0.0) for name in {*node.input, *node.output} if last_read.get(name, i) == i)
         if total > MAX_ONNX_TOTAL:
             raise FcxError(f"{where}: the values of one image reach {total:,.0f} in all (at most {MAX_ONNX_TOTAL:,}); refused")
         if macs > MAX_MACS:
             raise FcxError(f"{where}: one image takes more than {MAX_MACS:.0e} multiply-accumulates; refused")
+        if visited > MAX_ELEMENTS:
+            raise FcxError(f"{where}: one image reads and writes more than {MAX_ELEMENTS:.0e} values; refused")
+        if peak > MAX_ONNX_TOTAL:
+            raise FcxError(f"{where}: one image keeps {peak:,.0f} values alive at once, its kernel's scratch included "
+                           f"(at most {MAX_ONNX_TOTAL:,}); refused")
     return int(4 * peak)
 
 
@@ -295,6 +302,17 @@ def _macs(node, shapes: dict, size: float) -> float:
         transposed = node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute)
         return size * ((first[-2] if transposed else first[-1]) if first else MAX_ONNX_ELEMENTS)
     return 0.0
+
+
+def _scratch(node, shapes: dict, size: float, inputs: list) -> float:
+    """Values a Conv's CPU kernel lays its input out in while it runs (im2col columns: in_channels/groups x kernel for
+    each output position; each input position, transposed), as opset.scratch_bytes counts them; 0 for other ops
+    (and for a weight of unknown shape, which _macs already refuses)."""
+    weight = shapes.get(node.input[1]) if node.op_type in ("Conv", "ConvTranspose", "ConvInteger") and len(node.input) > 1 else None
+    if not weight or not inputs or inputs[0] is None:
+        return 0.0
+    positions = (inputs[0] if node.op_type == "ConvTranspose" else size) / max(weight[0], 1)
+    return positions * float(np.prod(weight[1:], dtype=np.float64))
 
 
 # Ops whose output is never larger than their largest input (unary elementwise, reductions, views): an unknown

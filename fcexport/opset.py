@@ -72,24 +72,41 @@ def _convolution(a: dict, out) -> tuple[int, int]:
     """Every output value (every input value, transposed) meets a whole kernel: in_channels/groups x kernel."""
     per_value = math.prod(a["weight"].shape[1:])
     scattered = a["input"] if a["transposed"] else out
-    return scattered.numel() * per_value, _read_and_written(a, out)[1]
+    return _dense(scattered.numel() * per_value, a, out)
 
 
-def scratch_values(op: str, a: dict, out) -> int:
-    """Values the CPU kernel of `op` allocates beside its result and frees before it returns (COST_MODELS count what
-    ops read and write, not this): a convolution that oneDNN does not take (every float64 one, the reference's) lays
-    its input out as im2col columns, in_channels/groups x kernel values for each output position (each input position,
-    transposed). One 3x3 convolution of a 5.8 KB model.pt made 5.1 GB of them."""
-    if op != "aten.convolution.default":
-        return 0
-    positions = (a["input"] if a["transposed"] else out).shape[2:]
-    return out.shape[0] * math.prod(a["weight"].shape[1:]) * math.prod(positions)
+def _dense(macs: int, a: dict, out) -> tuple[int, int]:
+    """A convolution's or matrix product's count: multiply-accumulates in float32 or float64 (BLAS and oneDNN take
+    0.03-0.14 ns each); in any other dtype ATen runs a naive loop (int64 convolution 7.7 ns each, float16 1.6-2.4),
+    so they count as SLOW values visited each."""
+    import torch
+
+    if out.dtype in (torch.float32, torch.float64):
+        return macs, _read_and_written(a, out)[1]
+    return 0, SLOW * macs + _read_and_written(a, out)[1]
+
+
+def scratch_bytes(op: str, a: dict, out) -> int:
+    """Bytes the CPU kernel of `op` allocates beside its result and frees before it returns (COST_MODELS count what ops
+    read and write, not this), measured in plain torch: a convolution that oneDNN does not take (every float64 one, the
+    reference's) lays its input out as im2col columns, in_channels/groups x kernel values for each output position
+    (each input position, transposed): one 3x3 convolution of a 5.8 KB model.pt made 5.1 GB of them; topk keeps a
+    (value, int64 index) queue of each row, 16 bytes a value; sort a stable-sort buffer, 8; cdist through its matrix
+    product both operands again, twice."""
+    if op == "aten.convolution.default":
+        positions = (a["input"] if a["transposed"] else out).shape[2:]
+        return out.shape[0] * math.prod(a["weight"].shape[1:]) * math.prod(positions) * a["input"].element_size()
+    if op in ("aten.topk.default", "aten.sort.default"):
+        return (16 if op == "aten.topk.default" else 8) * a["self"].numel()
+    if op == "aten._cdist_forward.default":
+        return 2 * (a["x1"].numel() + a["x2"].numel()) * a["x1"].element_size()
+    return 0
 
 
 def _matmul(left: str):
     """mm, bmm, addmm, linear: each output value is a dot product over the last dim of `left`."""
     def cost(a: dict, out) -> tuple[int, int]:
-        return out.numel() * a[left].shape[-1], _read_and_written(a, out)[1]
+        return _dense(out.numel() * a[left].shape[-1], a, out)
     return cost
 
 

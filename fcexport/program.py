@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from fcexport.errors import FcxError
-from fcexport.opset import ATEN_OPS, COST_MODELS, GETITEM, SIZE_OP_NAMES, SIZE_OPS, aten_op, scratch_values
-from fcexport.spec import MAX_MACS, MAX_OTHER_OUTPUTS, MAX_TENSOR_BYTES, MAX_TOTAL_BYTES, OUTPUT_NAME, RESERVED_OUTPUT_NAMES
+from fcexport.opset import ATEN_OPS, COST_MODELS, GETITEM, SIZE_OP_NAMES, SIZE_OPS, aten_op, scratch_bytes
+from fcexport.spec import (MAX_ELEMENTS, MAX_MACS, MAX_OTHER_OUTPUTS, MAX_TENSOR_BYTES, MAX_TOTAL_BYTES, OUTPUT_NAME,
+                           RESERVED_OUTPUT_NAMES)
 
 INPUT = "x"
 MAX_NODES = 10_000  # torchvision's largest classifiers have under 2,000 (maxvit_t 1,745); the check costs ~2 ms a node
@@ -37,10 +38,6 @@ MAX_LIST = 4096
 MAX_LISTED = 16_384  # node values inside lists (cat's operands), over the whole program
 MAX_INT = 1 << 40
 MAX_WORK = MAX_MACS  # multiply-accumulates plus values read, written or visited, per image (resnet18: 1.9e9)
-# values read, written or visited per image, apart (opset.SLOW weighs the slowest ops): one costs up to 8 ns where a
-# convolution's multiply-accumulate costs 0.03-0.14, so 1e11 of them took hours; honest models visit 0.02-0.16 values
-# per multiply-accumulate (resnet50 1.1e8, vit_b_16 4.0e8), which this allows up to MAX_MACS
-MAX_ELEMENTS = 2 * 10**10
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -1159,32 +1156,28 @@ def _check_batch_one(program: Program, input_shape, where: str) -> Shapes:
     shapes: dict[str, tuple] = {}
     totals = {"bytes": 0, "macs": 0, "elements": 0, "work": 0}
     frees = {node.name: freed for node, _, freed in module._steps}
-    first = 4 * math.prod(input_shape)
-    held = {INPUT: first}  # the bytes of each value still alive (every result counted as materialised)
-    live = {"now": first, "peak": first}
+    alive = _Alive(4 * math.prod(input_shape))
 
     def check(node: Node, args, kwargs, result) -> None:
         _check_ints(node, result, where)
         if isinstance(result, torch.Tensor):
             shapes[node.name] = tuple(result.shape)
-        if not (node.op == GETITEM or node.op in SIZE_OPS):  # else it picks or computes a value already counted
+        if node.op == GETITEM:
+            alive.made(node, 0, 0)  # picks a value already counted, and keeps it alive
+        elif node.op not in SIZE_OPS:  # (a size op computes an int)
             count(node, args, kwargs, result)
-        live["now"] -= sum(held.pop(name, 0) for name in frees[node.name])
+        alive.freed(frees[node.name])
 
     def count(node: Node, args, kwargs, result) -> None:
-        for item in _tensors(result):
-            size = item.numel() * item.element_size()
+        sizes = [item.numel() * item.element_size() for item in _tensors(result)]
+        for item, size in zip(_tensors(result), sizes):
             if size > MAX_TENSOR_BYTES:
                 raise FcxError(f"{where}: {node.label} makes a tensor of shape {tuple(item.shape)} for one image "
                                f"({item.numel():,} values; at most {MAX_TENSOR_BYTES:,} bytes)")
-            totals["bytes"] += size
-            held[node.name] = held.get(node.name, 0) + size
-            live["now"] += size
-        named = _named(node, args, kwargs)
-        extra = scratch_values(node.op, named, result) * result.element_size() if isinstance(result, torch.Tensor) else 0
-        live["peak"] = max(live["peak"], live["now"] + extra)
-        if live["peak"] > MAX_TOTAL_BYTES:
-            raise FcxError(f"{where}: {node.label} needs {live['peak']:,} bytes alive at once for one image, its kernel's "
+        totals["bytes"] += sum(sizes)
+        alive.made(node, sum(sizes), scratch_bytes(node.op, _named(node, args, kwargs), result))
+        if alive.peak > MAX_TOTAL_BYTES:
+            raise FcxError(f"{where}: {node.label} needs {alive.peak:,} bytes alive at once for one image, its kernel's "
                            f"scratch included (at most {MAX_TOTAL_BYTES:,})")
         macs, elements = _cost(node, args, kwargs, result)
         totals["macs"] += macs
@@ -1195,7 +1188,50 @@ def _check_batch_one(program: Program, input_shape, where: str) -> Shapes:
     out = run_steps(module, torch.empty((1, *input_shape), device="meta"), check)
     if not isinstance(out, torch.Tensor):
         raise FcxError(f"{where}: the program must return a tensor")
-    return Shapes(MappingProxyType(shapes), totals["macs"], totals["work"], live["peak"])
+    return Shapes(MappingProxyType(shapes), totals["macs"], totals["work"], alive.peak)
+
+
+class _Alive:
+    """The bytes one image keeps alive as the program runs: each result counted whole (a view too) from its making
+    until the last reader of it and of every view of it is done (a view holds its base's storage: a slice of a
+    clone kept to the end keeps the whole clone), as the interpreter frees values; `peak` adds a kernel's scratch."""
+
+    def __init__(self, first: int):
+        self.root = {INPUT: INPUT}  # each live value -> the value whose storage it shares (itself, or a view's base)
+        self.members = {INPUT: {INPUT}}  # each storage -> the live values on it
+        self.held = {INPUT: first}  # each storage -> the bytes counted for it
+        self.now = self.peak = first
+
+    def made(self, node: Node, size: int, scratch: int) -> None:
+        source = _aliased(node)
+        root = node.name if source is None else self.root.get(source, source)
+        self.root[node.name] = root
+        self.members.setdefault(root, set()).add(node.name)
+        self.held[root] = self.held.get(root, 0) + size
+        self.now += size
+        self.peak = max(self.peak, self.now + scratch)
+
+    def freed(self, names) -> None:
+        for name in names:
+            root = self.root.pop(name, None)
+            if root is None:
+                continue  # an int, or a value never counted
+            self.members[root].discard(name)
+            if not self.members[root]:
+                del self.members[root]
+                self.now -= self.held.pop(root, 0)
+
+
+def _aliased(node: Node) -> str | None:
+    """The value whose storage an op's result shares, by the op's schema (`view(Tensor(a) self) -> Tensor(a)`), or
+    the tuple getitem picks from; None for a result with storage of its own."""
+    if node.op == GETITEM:
+        return node.args[0].name if isinstance(node.args[0], Ref) else None
+    schema = aten_op(node.op)._schema
+    if not schema.returns or schema.returns[0].alias_info is None:
+        return None
+    return next((value.name for argument, value in zip(schema.arguments, node.args)
+                 if argument.alias_info is not None and isinstance(value, Ref)), None)
 
 
 @torch.inference_mode()  # inference tensors keep no view records: 10,000 chained fake views would hold gigabytes

@@ -340,3 +340,42 @@ def test_a_computed_shape_is_sized_before_anything_runs(factor, accepted, tmp_pa
     else:
         with pytest.raises(FcxError, match="makes 128,000,000 values for one image"):
             check_onnx_model(data, tmp_path / "m.onnx")
+
+
+def _onnx_one_logit(nodes: list, initializers: list, opset: int = 17) -> bytes:
+    """pixels (N, 1, 8, 8) -> `nodes` -> logits (N, 1), with fcexport's metadata for one class."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1])], initializers)
+    return fcx_metadata(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), class_names=["0"]).SerializeToString()
+
+
+def test_an_onnx_convolution_whose_im2col_scratch_is_too_large_is_refused(tmp_path):
+    """4,096 channels expanded from the 8x8 input, a 3x3 Conv with padding 100: its CPU kernel's im2col columns hold
+    4096 x 9 x 206^2 = 1.6e9 values, while every value the graph names stays small."""
+    from fcexport.errors import FcxError
+    from fcexport.onnx_checks import check_onnx_model
+
+    def model(padding: int) -> bytes:
+        return _onnx_one_logit(
+            [helper.make_node("Expand", ["pixels", "wide"], ["xe"]), helper.make_node("Conv", ["xe", "w"], ["c"], pads=[padding] * 4),
+             helper.make_node("ReduceMean", ["c"], ["m"], axes=[2, 3], keepdims=0)],
+            [helper.make_tensor("wide", TensorProto.INT64, [4], [1, 4096, 8, 8]),
+             onnx.numpy_helper.from_array(np.full((1, 4096, 3, 3), 1e-3, np.float32), "w")])
+
+    assert check_onnx_model(model(1), tmp_path / "m.onnx")[1] >= 4 * 4096 * 9 * 64  # the columns count while it runs
+    with pytest.raises(FcxError, match=r"node 'Conv' .*values alive at once, its kernel's scratch included"):
+        check_onnx_model(model(100), tmp_path / "m.onnx")
+
+
+def test_onnx_reductions_that_read_too_many_values_are_refused(tmp_path):
+    """320 ReduceMax over one 2^26-value Expand: each value allowed, but 2e10 values read for one image."""
+    from fcexport.errors import FcxError
+    from fcexport.onnx_checks import check_onnx_model
+
+    nodes = [helper.make_node("ReduceMean", ["pixels"], ["one"], axes=[1, 2, 3], keepdims=1),
+             helper.make_node("Expand", ["one", "big_shape"], ["big"])]
+    nodes += [helper.make_node("ReduceMax", ["big"], [f"m{i}"], axes=[2, 3], keepdims=0) for i in range(320)]
+    nodes.append(helper.make_node("Sum", [f"m{i}" for i in range(320)], ["logits"]))
+    data = _onnx_one_logit(nodes, [helper.make_tensor("big_shape", TensorProto.INT64, [4], [1, 1, 8192, 8192])])
+    with pytest.raises(FcxError, match=r"reads and writes more than 2e\+10 values"):
+        check_onnx_model(data, tmp_path / "m.onnx")
