@@ -183,7 +183,7 @@ any.dims arange.start_step as_strided.default bitwise_and.Scalar bitwise_and.Ten
 bitwise_or.Scalar bitwise_or.Tensor bitwise_xor.Scalar bitwise_xor.Tensor cat.default ceil.default clamp.Tensor
 clamp.default clone.default col2im.default constant_pad_nd.default copy.default cos.default diagonal.default
 div.Scalar div.Scalar_mode div.Tensor div.Tensor_mode elu.default embedding.default eq.Scalar eq.Tensor erf.default
-exp.default expand.default expm1.default fill.Scalar flip.default floor.default fmod.Scalar fmod.Tensor full.default
+exp.default expand.default expm1.default fill.Scalar flip.default floor.default full.default
 full_like.default gather.default ge.Scalar ge.Tensor gelu.default gt.Scalar gt.Tensor hardsigmoid.default
 hardswish.default hardtanh.default index.Tensor index_select.default isinf.default isnan.default le.Scalar le.Tensor
 leaky_relu.default log.default log10.default log1p.default log2.default logical_and.default logical_not.default
@@ -191,7 +191,7 @@ logical_or.default logical_xor.default lt.Scalar lt.Tensor masked_scatter.defaul
 mean.default mean.dim minimum.default mul.Scalar mul.Tensor native_group_norm.default native_layer_norm.default
 ne.Scalar ne.Tensor neg.default permute.default pow.Scalar pow.Tensor_Scalar pow.Tensor_Tensor prod.default
 prod.dim_int reciprocal.default reflection_pad1d.default reflection_pad2d.default reflection_pad3d.default
-relu.default remainder.Scalar remainder.Tensor repeat.default replication_pad2d.default replication_pad3d.default
+relu.default repeat.default replication_pad2d.default replication_pad3d.default
 round.default rsqrt.default scalar_tensor.default scatter.src scatter.value scatter_add.default scatter_reduce.two
 select.int select_scatter.default sigmoid.default sign.default silu.default sin.default slice.Tensor
 slice_scatter.default split_with_sizes.default sqrt.default squeeze.dim squeeze.dims sub.Scalar sub.Tensor
@@ -200,7 +200,8 @@ sum.dim_IntList tanh.default trunc.default unfold.default unsqueeze.default view
 
 _SLOW_OPS = """
 acos.default acosh.default asin.default asinh.default atan.default atan2.default atanh.default cosh.default sinh.default
-tan.default argmax.default argmin.default max.dim min.dim var.correction var.dim cumsum.default
+tan.default argmax.default argmin.default max.dim min.dim var.correction var.dim cumsum.default fmod.Scalar fmod.Tensor
+remainder.Scalar remainder.Tensor
 """.split()
 
 COST_MODELS = {

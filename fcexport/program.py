@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -38,6 +39,11 @@ MAX_LIST = 4096
 MAX_LISTED = 16_384  # node values inside lists (cat's operands), over the whole program
 MAX_INT = 1 << 40
 MAX_WORK = MAX_MACS  # multiply-accumulates plus values read, written or visited, per image (resnet18: 1.9e9)
+# CPU seconds an image may take in the interpreter whatever its counts say: they bound what each op reads and writes,
+# not what a value costs (exp to a denormal: 38 ns, a float64 fmod: 40; counted about 1 ns). A backstop well above
+# the counted worst case (2e10 values at 8 ns) and any honest model (densenet121 in float64: 0.73 s of CPU an image
+# on a 2-core AVX2 EPYC; MAX_MACS at its rate: 25 s)
+CPU_SECONDS_PER_IMAGE = 160
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -1052,6 +1058,8 @@ def run_steps(module: ProgramModule, x: torch.Tensor, check=None, every_output: 
         return arg
 
     node = None
+    timed = not (tracing or onnx or torch.compiler.is_compiling()) and type(x) is torch.Tensor  # no SymInt in a graph
+    deadline = time.process_time() + CPU_SECONDS_PER_IMAGE * max(1, x.shape[0]) if timed else math.inf
     try:
         for node, fn, frees in module._steps:
             if tracing and node.op in _TRACEABLE:
@@ -1069,6 +1077,10 @@ def run_steps(module: ProgramModule, x: torch.Tensor, check=None, every_output: 
             env[node.name] = result
             for name in frees:
                 del env[name]
+            if time.process_time() > deadline:
+                raise FcxError(f"{node.label}: {len(x)} input(s) took more than {CPU_SECONDS_PER_IMAGE} s of CPU time "
+                               "each in fcexport's interpreter (values its counts do not see as slow: denormals, "
+                               "float64 remainders); not a model fcexport runs")
     except FcxError:
         raise
     except Exception as exc:

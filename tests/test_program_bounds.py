@@ -378,3 +378,26 @@ def test_topk_and_sort_count_the_buffers_their_kernels_keep():
     input, measured); the check counts it while topk runs."""
     nodes = (full("t", (1, 1 << 22)), Node("k", "aten.topk.default", (Ref("t"), 1, 1)), Node("v", "getitem", (Ref("k"), 0)))
     assert check_shapes(classifier(*nodes), SHAPE, "test").peak >= 16 * (1 << 22) + 4 * (1 << 22)
+
+
+def test_an_image_that_outlasts_the_cpu_backstop_stops_naming_the_node(monkeypatch):
+    """Exp to a denormal costs 38 ns a value where the counts assume about 1: the interpreter stops an input once it has
+    taken CPU_SECONDS_PER_IMAGE of CPU time (made tiny here), naming the node it reached; no wall clock involved."""
+    import fcexport.program as program
+
+    denormal = (full("t", (1 << 22,)), Node("low", "aten.mul.Scalar", (Ref("t"), -100.0)),
+                *(Node(f"e{i}", "aten.exp.default", (Ref("low"),)) for i in range(400)))
+    assert program.ProgramModule(classifier(*denormal[:4]))(torch.zeros(2, *SHAPE)).shape == (2, 10)  # 0.5 s at most
+    monkeypatch.setattr(program, "CPU_SECONDS_PER_IMAGE", 0.5)
+    with pytest.raises(FcxError, match=r"node 'e\d+' .*more than 0.5 s of CPU time each"):
+        program.ProgramModule(classifier(*denormal))(torch.zeros(1, *SHAPE))
+
+
+def test_float64_remainders_count_as_slow_values():
+    """fmod and remainder of float64 take up to 40 ns a value (1e300 by 1e-300): counted SLOW times each, like argmin."""
+    from fcexport.opset import SLOW
+
+    x = torch.ones(1000, dtype=torch.float64)
+    for op in ("aten.fmod.Tensor", "aten.remainder.Tensor"):
+        macs, elements = COST_MODELS[op]({"self": x, "other": x}, aten_op(op)(x, x))
+        assert elements >= SLOW * 1000, op
