@@ -102,14 +102,14 @@ def build(name: str, size: int):
     return model.eval(), shape, mean, std
 
 
-def reference(program, spec, x: np.ndarray) -> tuple[np.ndarray, float]:
-    """(model.pt's logits in float64, model.pt's own float32 max abs error against them): verify's reference and
-    yardstick, computed as fcexport.pipeline's _reference does."""
-    from fcexport.targets.program import float64_logits, program_predictor
+def reference(program, spec, x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(model.pt's logits in float64, model.pt's own float32 max abs error against them, by verify's own function:
+    the larger of two draws of rounding, the second on inputs moved one float32 step; the first draw's alone)."""
+    from fcexport.targets.program import float64_answers, program_predictor
 
-    exact = float64_logits(program, x)
-    own = program_predictor(program, "eager", "cpu", Path("model.pt"), spec)(x)
-    return exact, float(np.abs(own.astype(np.float64) - exact).max(initial=0.0))
+    exact, own = float64_answers(program, spec, Path("model.pt"), x)
+    first = program_predictor(program, "eager", "cpu", Path("model.pt"), spec)(x)
+    return exact, float(own.max(initial=0.0)), float(np.abs(first.astype(np.float64) - exact).max(initial=0.0))
 
 
 def judged(model: str, what: str, planted: bool, logits: np.ndarray, exact: np.ndarray, own: float, noise_scale: float,
@@ -234,12 +234,13 @@ def measure(name: str, size: int, budget: int, folder: Path) -> tuple[list[Row],
     stored = read_model(folder / "model.pt")
     probes = parity.probe_inputs(stored.program, stored.spec, parity.probe_count(budget, stored.spec))
     inputs = parity.make_inputs(stored.spec, budget, probes=probes, unavailable="no data")
-    exact, own = reference(stored.program, stored.spec, inputs.x)
+    exact, own, first = reference(stored.program, stored.spec, inputs.x)
     rows = honest_rows(name, folder, inputs.x, exact, own)
     rows += planted_rows(name, stored.program, stored.spec, inputs.x, exact, own)
     skipped = "".join(f"; {k} not exported: {v}" for k, v in exported.skipped.items())
     line = (f"{name} {'x'.join(map(str, shape))}: {len(inputs.x)} inputs ({inputs.description.split(' (')[0]}), "
-            f"own float32 error {own:.3g}, largest |logit| {np.abs(exact).max():.3g}, "
+            f"own float32 error {own:.3g} ({own / first if first else 1:.3g}x its first draw), "
+            f"largest |logit| {np.abs(exact).max():.3g}, "
             f"{time.perf_counter() - started:.0f} s{skipped}")
     return rows, line
 

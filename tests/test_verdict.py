@@ -598,3 +598,41 @@ def test_a_noise_floor_that_is_not_a_number_of_steps_is_refused(floor):
 
     with pytest.raises(FcxError, match="noise floor must be a finite number"):
         Tolerance(floor_ulps=floor)
+
+
+
+def _cancelling():
+    """logits = 1e4 x (x0 - xi) for i = 1, 2, 3: where the pixels are equal, float32 computes the differences exactly
+    (one draw of its rounding: no error), though a runtime rounding anything on the way has nothing to spare."""
+    import torch
+
+    class Cancelling(torch.nn.Module):
+        def forward(self, x):
+            flat = x.flatten(1)
+            return torch.stack([1e4 * flat[:, 0] - 1e4 * flat[:, i] for i in (1, 2, 3)], dim=1)
+
+    return Cancelling().eval()
+
+
+def test_own_error_is_two_draws_of_rounding_and_the_same_in_any_batch(tmp_path):
+    """The yardstick: the larger of model.pt's float32 errors on an input and on it moved one float32 step. An input's
+    own error is the same whatever batch or order it comes in (the verdict does not depend on history), and the second
+    draw shows what one draw hides: the cancelling model's sensitivity."""
+    import torch
+
+    from fcexport import import_model
+    from fcexport.checkpoint import read_model
+    from fcexport.program import ProgramModule
+    from fcexport.targets.program import float64_answers
+
+    import_model(_cancelling(), (1, 2, 2), artifacts=tmp_path)
+    stored = read_model(tmp_path / "model.pt", (tmp_path / "model.pt").read_bytes())
+    x = np.full((6, 1, 2, 2), 0.3, dtype=np.float32)
+    x[3:] = np.random.default_rng(1).random((3, 1, 2, 2), dtype=np.float32)
+    exact, own = float64_answers(stored.program, stored.spec, tmp_path / "model.pt", x)
+    with torch.inference_mode():
+        one_draw = np.abs(ProgramModule(stored.program)(torch.from_numpy(x)).numpy() - exact).max(axis=1)
+    assert one_draw[:3].max() == 0 and own[:3].min() > 1e-4  # 1e4 x 0.3 x 2 steps of 1.2e-7: 7e-4
+    assert (own >= one_draw).all()
+    _, reordered = float64_answers(stored.program, stored.spec, tmp_path / "model.pt", np.ascontiguousarray(x[::-1][:4]))
+    np.testing.assert_array_equal(reordered, own[::-1][:4])
