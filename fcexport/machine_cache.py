@@ -126,13 +126,18 @@ def _onnx_check_entry(digest: str) -> str:
 def passed_onnx_check(digest: str) -> int | None:
     """Where the ONNX bytes of this sha256 passed fcexport.onnx_checks.check_onnx_model on this machine, with this
     fcexport and this onnx: the bytes one image keeps alive that it found; else None."""
-    if not enabled() or _onnx_version() == "unknown":
+    if not enabled():
+        return (_this_run.get() or {}).get(("onnx check", digest))
+    if _onnx_version() == "unknown":
         return None
     found = _read(folder("onnx-checks") / _onnx_check_entry(digest))
     return int(found) if found is not None and found.isdigit() and len(found) <= 12 else None
 
 
 def record_onnx_check(digest: str, peak_bytes: int) -> None:
+    shared = _this_run.get()
+    if not enabled() and shared is not None:  # FCX_FRESH: once per command
+        shared[("onnx check", digest)] = int(peak_bytes)
     _write("onnx-checks", _onnx_check_entry(digest), str(int(peak_bytes)).encode())
 
 
@@ -143,8 +148,8 @@ _this_run: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fcx_ans
 
 @contextlib.contextmanager
 def one_command():
-    """Within it, answers computed with FCX_FRESH=1 are shared by the command's checks (computed once, not recalled
-    from an earlier command)."""
+    """Within it, answers and ONNX checks computed with FCX_FRESH=1 are shared by the command's steps (computed once,
+    not recalled from an earlier command)."""
     token = _this_run.set({})
     try:
         yield

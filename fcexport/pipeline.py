@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fcexport import artifacts as names
-from fcexport import parity, registry, verification
+from fcexport import machine_cache, parity, registry, verification
 from fcexport.compare import Tolerance
 from fcexport.errors import FcxError, check_choices
 from fcexport.results import BenchRow, ExportResult, FileReport, FuseResult, Inspection, Status, VerifyReport
@@ -381,6 +381,7 @@ def export_files(program, spec, formats, settings: ExportSettings, stage: Path, 
     return skipped
 
 
+@machine_cache.one_command()  # with FCX_FRESH=1: an ONNX file checked as it is written is not checked again when loaded
 def export(model_path: Path, artifacts: Path, formats=None, opset: int | None = None, fuse: bool = True,
            sign_key: Path | None = None, triton: TritonSettings | None = None, check: bool = True,
            on_step=None, calibration: str | None = None) -> ExportResult:
@@ -731,8 +732,6 @@ def verify(
     vouch = verification.manifest_vouch(artifacts, manifest, stored.sha256)  # what is not what was exported is never loaded
     found = verification.open_candidates(backends, devices, lambda backend, device: open_backend(
         backend, artifacts, device, model, admit=fresh.admit, vouch=vouch), on_step)
-    from fcexport import machine_cache
-
     with machine_cache.one_command():  # model.pt's float64 answers computed once for both
         parity_report = verification.numbers(stored, model.path, *found, data, data_root, tolerance, on_step, inputs)
         reference = verification.reference_check(artifacts, manifest, stored, model.path, inputs)

@@ -1187,11 +1187,12 @@ def _check_batch_one(program: Program, input_shape, where: str) -> Shapes:
                 raise FcxError(f"{where}: {node.label} makes a tensor of shape {tuple(item.shape)} for one image "
                                f"({item.numel():,} values; at most {MAX_TENSOR_BYTES:,} bytes)")
         totals["bytes"] += sum(sizes)
-        alive.made(node, sum(sizes), scratch_bytes(node.op, _named(node, args, kwargs), result))
+        named = _named(node, args, kwargs)
+        alive.made(node, sum(sizes), scratch_bytes(node.op, named, result))
         if alive.peak > MAX_TOTAL_BYTES:
             raise FcxError(f"{where}: {node.label} needs {alive.peak:,} bytes alive at once for one image, its kernel's "
                            f"scratch included (at most {MAX_TOTAL_BYTES:,})")
-        macs, elements = _cost(node, args, kwargs, result)
+        macs, elements = _cost(node, named, result)
         totals["macs"] += macs
         totals["elements"] += elements
         totals["work"] += macs + elements
@@ -1284,7 +1285,7 @@ def _check_growth(program: Program, input_shape, where: str) -> None:
                 raise FcxError(f"{where}: {node.label} makes a tensor of shape {tuple(item.shape)}: {extra:,} more bytes "
                                f"for each image of the batch (at most {MAX_TENSOR_BYTES:,})")
             totals["bytes"] += extra
-        macs, elements = (slope(node, value, "does work") for value in _cost(node, args, kwargs, result))
+        macs, elements = (slope(node, value, "does work") for value in _cost(node, _named(node, args, kwargs), result))
         totals["elements"] += elements
         totals["work"] += macs + elements
         _check_totals(totals, node, where, " for each image added to a batch")
@@ -1372,10 +1373,10 @@ def _named(node: Node, args: list, kwargs: dict) -> dict:
     return {**{a.name: v for a, v in zip([a for a in schema.arguments if not a.kwarg_only], args)}, **kwargs}
 
 
-def _cost(node: Node, args: list, kwargs: dict, result) -> tuple[int, int]:
-    """(multiply-accumulates, elements) of one op by its opset cost model, its arguments taken by schema name."""
+def _cost(node: Node, named: dict, result) -> tuple[int, int]:
+    """(multiply-accumulates, elements) of one op by its opset cost model, given its arguments by schema name."""
     try:
-        return COST_MODELS[node.op](_named(node, args, kwargs), result)
+        return COST_MODELS[node.op](named, result)
     except ValueError as exc:  # arguments its kernel would trust without checking (opset's cost models say which)
         raise FcxError(f"{node.label}: {exc}") from None
 

@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -282,3 +283,19 @@ def test_fcx_lets_torch_threads_sleep_soon_unless_the_user_says_otherwise(own):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, preexec_fn=bounded())
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [own or "10000", "True"]
+
+
+def test_fcx_fresh_export_checks_its_onnx_file_once(trained_dir, tmp_path, monkeypatch):
+    """FCX_FRESH=1 recalls nothing from earlier commands, but within one export the model.onnx checked as it is
+    written is not checked again by the loads that follow."""
+    from fcexport import export, onnx_checks
+
+    monkeypatch.setenv("FCX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FCX_FRESH", "1")
+    checked = []
+    real = onnx_checks._check_inferred_sizes
+    monkeypatch.setattr(onnx_checks, "_check_inferred_sizes", lambda *a: checked.append(1) or real(*a))
+    shutil.copy(trained_dir / "model.pt", tmp_path / "model.pt")
+    for _ in range(2):
+        export(tmp_path / "model.pt", tmp_path, formats=("onnx",))
+    assert len(checked) == 2  # once per command
