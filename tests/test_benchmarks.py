@@ -65,6 +65,7 @@ QUICK = {
     "graph_size.py": ["--quick"],
     "onnx_quality.py": ["--quick"],
     "openvino_precision.py": ["--quick"],
+    "own_draws.py": ["--quick"],
     "verify_rule.py": ["--quick"],
     "zoo.py": ["--quick"],
 }
