@@ -2,7 +2,7 @@
 
 The reference is model.pt run in float64. By default a candidate passes when its largest error is within
 `factor` times the largest error of model.pt itself in float32 on the same inputs (its own rounding
-noise): deep random-weight nets with logits of 1e3 and more pass when they compute the same function and
+noise, the larger of two draws: targets.program.every_answer): deep random-weight nets with logits of 1e3 and more pass when they compute the same function and
 fail when they do not, where a fixed atol could not tell. Explicit atol/rtol switch to Polygraphy's
 element-wise rule (within atol OR within rtol of the reference). An approximate (int8) candidate is
 judged by top-1 agreement and accuracy drop. Swap `compare` for another function freely.
@@ -63,7 +63,8 @@ class Tolerance:
     def describe(self) -> str:
         if self.elementwise:
             return f"|diff| <= atol {self.atol or 0:g} or <= rtol {self.rtol or 0:g} * |reference|"
-        return (f"max abs error <= {self.factor:g} x model.pt's own float32 error (both against model.pt in float64; "
+        return (f"max abs error <= {self.factor:g} x model.pt's own float32 error (the larger of two draws of its "
+                f"rounding; both against model.pt in float64; "
                 f"never below {self.floor_ulps:g} float32 steps of the largest logit)")
 
 
