@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fcexport.spec import ModelSpec
-from fcexport.targets import Checks, Predictor, Runtime, exact_float32, module_predictor
+from fcexport.targets import Checks, Predictor, Runtime, chunk_size, exact_float32, module_predictor
 
 
 def program_predictor(program, backend: str, device: str, source: Path, spec: ModelSpec, batch: int | None = None) -> Predictor:
@@ -43,7 +43,6 @@ def float64_outputs(program, x: np.ndarray, peak_bytes: int = 0) -> tuple[np.nda
     import torch
 
     from fcexport.program import ProgramModule
-    from fcexport.targets import chunk_size
 
     batch = chunk_size(x.shape[1:], peak_bytes, itemsize=8)
     module = ProgramModule(program, every_output=True).double().eval()
@@ -60,13 +59,18 @@ def every_answer(program, spec, source: Path, x: np.ndarray) -> list[tuple[np.nd
     input there: the yardstick), as fcexport.machine_cache.answers records them. The own error is the larger of two
     draws of float32 rounding: on `x` and on `x` moved by one float32 step (nudged). A well-conditioned model's two
     draws agree within a few percent; an ill-conditioned one's (random-weight visformer: logits of 5,000, own error
-    1.7 to 257 by the draw of its weights) differ by more than the rule's factor, which one draw would not show."""
-    exact = (float64_outputs(program, x, spec.peak_bytes) if program.extras
-             else (float64_logits(program, x, spec.peak_bytes),))
+    1.7 to 629 by the draw of its weights) differ by more than the rule's factor, which one draw would not show.
+    Every call is a whole chunk (the last filled with copies of the first input): BLAS picks its kernels by the batch
+    (a Linear's rows differ by a float32 step below 8 a call), so an input's answers are the same whatever batch it
+    comes in, and a verdict the same whatever was recorded before it."""
+    pad = -len(x) % chunk_size(spec.input_shape, spec.peak_bytes)  # whole float64 chunks too: powers of two, no larger
+    filled = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if len(x) and pad else x
+    exact = (float64_outputs(program, filled, spec.peak_bytes) if program.extras
+             else (float64_logits(program, filled, spec.peak_bytes),))
     predictor = program_predictor(program, "eager", "cpu", source, spec)
-    draws = (predictor.outputs(x), predictor.outputs(nudged(x)))
-    return [(values, np.maximum(*(np.abs(mine.astype(np.float64) - values).reshape(len(x), -1).max(axis=1, initial=0.0)
-                                  for mine in draw)))
+    draws = (predictor.outputs(filled), predictor.outputs(nudged(filled)))
+    return [(values[: len(x)], np.maximum(*(np.abs(mine[: len(x)].astype(np.float64) - values[: len(x)])
+                                            .reshape(len(x), -1).max(axis=1, initial=0.0) for mine in draw)))
             for values, *draw in zip(exact, *draws, strict=True)]
 
 
