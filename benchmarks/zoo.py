@@ -32,6 +32,8 @@ TIMM_MODELS = (
     "resnest14d", "seresnext26d_32x4d", "coat_lite_tiny", "poolformer_s12", "convmixer_768_32", "xcit_nano_12_p16_224",
     # families whose float32 kernels OpenVINO computes furthest from torch's (issue 29's false failures)
     "fastvit_t8", "ese_vovnet19b_dw", "efficientvit_b0", "tiny_vit_5m_224", "regnety_002", "ghostnetv2_100", "repghostnet_050",
+    # families first swept on 2026-12-07 (night), every default row passing
+    "xception41", "swin_tiny_patch4_window7_224", "inception_v4",
 )
 # transformers classes, built from their config class (no download); transformer widths cut to ViT-Tiny's so a sweep
 # stays affordable on a CPU (the structure, the ops and the exporters' paths are the same at any width)
