@@ -58,7 +58,7 @@ def every_answer(program, spec, source: Path, x: np.ndarray) -> list[tuple[np.nd
     """For every output, the logits first: (its float64 values for `x`, the program's own float32 max abs error per
     input there: the yardstick), as fcexport.machine_cache.answers records them. The own error is the larger of two
     draws of float32 rounding: on `x` and on `x` moved by one float32 step (nudged). A well-conditioned model's two
-    draws agree within a few percent; an ill-conditioned one's (random-weight visformer: logits of 5,000, own error
+    draws agree within half (0.96-1.41x measured); an ill-conditioned one's (random-weight visformer: logits of 5,000, own error
     1.7 to 629 by the draw of its weights) differ by more than the rule's factor, which one draw would not show.
     Every call is a whole chunk (the last filled with copies of the first input): BLAS picks its kernels by the batch
     (a Linear's rows differ by a float32 step below 8 a call), so an input's answers are the same whatever batch it
