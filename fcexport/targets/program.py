@@ -63,11 +63,15 @@ def every_answer(program, spec, source: Path, x: np.ndarray) -> list[tuple[np.nd
     Every call is a whole chunk (the last filled with copies of the first input): BLAS picks its kernels by the batch
     (a Linear's rows differ by a float32 step below 8 a call), so an input's answers are the same whatever batch it
     comes in, and a verdict the same whatever was recorded before it."""
-    pad = -len(x) % chunk_size(spec.input_shape, spec.peak_bytes)  # whole float64 chunks too: powers of two, no larger
-    filled = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if len(x) and pad else x
-    exact = (float64_outputs(program, filled, spec.peak_bytes) if program.extras
-             else (float64_logits(program, filled, spec.peak_bytes),))
+    def whole_chunks(itemsize: int) -> np.ndarray:
+        pad = -len(x) % chunk_size(spec.input_shape, spec.peak_bytes, itemsize)
+        return np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if len(x) and pad else x
+
+    wide = whole_chunks(8)
+    exact = (float64_outputs(program, wide, spec.peak_bytes) if program.extras
+             else (float64_logits(program, wide, spec.peak_bytes),))
     predictor = program_predictor(program, "eager", "cpu", source, spec)
+    filled = whole_chunks(4)
     draws = (predictor.outputs(filled), predictor.outputs(nudged(filled)))
     return [(values[: len(x)], np.maximum(*(np.abs(mine[: len(x)].astype(np.float64) - values[: len(x)])
                                             .reshape(len(x), -1).max(axis=1, initial=0.0) for mine in draw)))
