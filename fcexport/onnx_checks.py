@@ -35,7 +35,7 @@ ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize Round ScatterElements S
 Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh Tile TopK Transpose Trilu
 Unsqueeze Where Xor
 """.split())
-MAX_ONNX_BYTES = 1 << 30
+MAX_ONNX_BYTES = (1 << 31) - 1  # protobuf's own limit on one message: an ONNX file without external data
 MAX_ATTRIBUTE = 4096  # kernel sizes, pads, strides, dilations
 MAX_FIXED_BATCH = 1024  # a runtime sizes its buffers for a fixed batch when it compiles: bounded like the rest
 MAX_ONNX_ELEMENTS = MAX_TENSOR_BYTES // 4  # values of any one tensor at batch 1 (float32: a stored model's bound)

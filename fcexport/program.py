@@ -42,7 +42,7 @@ MAX_WORK = MAX_MACS  # multiply-accumulates plus values read, written or visited
 # CPU seconds an image may take in the interpreter whatever its counts say: they bound what each op reads and writes,
 # not what a value costs (exp to a denormal: 38 ns, a float64 fmod: 40; counted about 1 ns). A backstop well above
 # the counted worst case (2e10 values at 8 ns) and any honest model (densenet121 in float64: 0.73 s of CPU an image
-# on a 2-core AVX2 EPYC; MAX_MACS at its rate: 25 s)
+# on a 2-core AVX2 EPYC; MAX_MACS at its rate: 50 s)
 CPU_SECONDS_PER_IMAGE = 160
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")

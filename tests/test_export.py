@@ -114,6 +114,18 @@ def test_export_rejects_low_opset(tmp_path, runner, trained_dir):
     assert not list(tmp_path.iterdir())  # refused before anything was exported
 
 
+def test_a_model_over_one_onnx_files_limit_is_told_to_export_another_format(tmp_path, runner, trained_dir, monkeypatch):
+    """Over 2 GiB (vit_h_14, regnet_y_128gf) protobuf cannot write one ONNX file: a line saying so, exit 2, nothing
+    written; here the limit is lowered to the tiny model's size instead of building a 2.5 GB one."""
+    import fcexport.targets.onnx as onnx_target
+
+    monkeypatch.setattr(onnx_target, "MAX_ONNX_BYTES", 1000)
+    r = invoke(runner, "export", trained_dir / "model.pt", "--artifacts", tmp_path, "--format", "onnx", "--no-fuse")
+    assert r.exit_code == 2, r.output
+    assert "over the 1,000 of one ONNX file" in r.stderr and "export torchscript or pt2" in r.stderr
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_int8_brings_the_onnx_it_is_made_from(tmp_path, runner, trained_dir):
     r = invoke(runner, "export", trained_dir / "model.pt", "--artifacts", tmp_path, "--format", "torchscript", "--int8", "--json")
     assert r.exit_code == 0, r.output

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from fcexport.errors import FcxError
-from fcexport.onnx_checks import (INPUT_NAME, ONNX_FILE, OUTPUT_NAME, check_onnx_model, describe_onnx, onnx_fingerprint,
+from fcexport.onnx_checks import (INPUT_NAME, MAX_ONNX_BYTES, ONNX_FILE, OUTPUT_NAME, check_onnx_model, describe_onnx, onnx_fingerprint,
                                   strip_documentation)
 from fcexport.spec import ModelSpec
 from fcexport.targets import Exporter, ExportSettings, quiet_loggers, quiet_warnings, tapped_layers
@@ -34,6 +34,9 @@ def onnx_bytes(program, spec: ModelSpec, opset: int = ExportSettings.opset) -> b
     del proto.metadata_props[:]
     for key, value in spec.to_dict().items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
+    if proto.ByteSize() > MAX_ONNX_BYTES:  # over protobuf's limit it cannot be serialised: vit_h_14, regnet_y_128gf
+        raise FcxError(f"model.onnx would take {proto.ByteSize():,} bytes, over the {MAX_ONNX_BYTES:,} of one ONNX file "
+                       "(fcexport writes no external data); export torchscript or pt2")
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
 
