@@ -7,7 +7,8 @@
     python benchmarks/zoo.py --quick              # seconds: squeezenet1_1 at 64 px on 16 inputs (make test runs it)
 
 Weights are random (no download); BatchNorm statistics are set to non-trivial values so folding is tested
-for real (--untrained keeps torchvision's/timm's own initialisation: zero biases, unit variances).
+for real, and a Linear initialised to zeros gets random weights (--untrained keeps torchvision's/timm's own
+initialisation: zero biases, unit variances, zero heads).
 `make zoo` runs the same list as tests (tests/test_zoo.py).
 """
 
@@ -166,11 +167,15 @@ def build(name: str, untrained: bool = False):
 
 
 def randomise_batchnorm(model) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are 0/1: folding them proves nothing)."""
+    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are 0/1: folding them proves nothing), and
+    random weights for a Linear initialised to zeros (torchvision's ViT head, timm's ResMLP and Mixer): with it every
+    input gets the same output and verify can only call the numbers weak."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
     for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.detach().any():
+            module.weight.data.copy_(torch.randn(module.weight.shape, generator=generator) * 0.02)
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
             module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
             module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
