@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from zoo import randomise_batchnorm  # benchmarks/: the zoo's models are set up the same way
+from zoo import randomise_trivial_weights  # benchmarks/: the zoo's models are set up the same way
 
 DEFAULT_MODELS = ("mlp", "cnn", "resnet18", "mobilenet_v3_small", "timm:efficientnet_b0", "timm:resnet18")
 RUNTIMES = ("fused", "torchscript", "pt2", "onnxruntime", "openvino")
@@ -98,7 +98,7 @@ def build(name: str, size: int):
 
         model = torchvision.models.get_model(name, weights=None, num_classes=CLASSES)
         shape, mean, std = (3, size, size), IMAGENET_MEAN, IMAGENET_STD
-    randomise_batchnorm(model)
+    randomise_trivial_weights(model)
     return model.eval(), shape, mean, std
 
 

@@ -162,11 +162,11 @@ def build(name: str, untrained: bool = False):
 
         model = torchvision.models.get_model(name, weights=None, num_classes=CLASSES)
     if not untrained:
-        randomise_batchnorm(model)
+        randomise_trivial_weights(model)
     return model.eval()
 
 
-def randomise_batchnorm(model) -> None:
+def randomise_trivial_weights(model) -> None:
     """Non-trivial BatchNorm statistics and affine parameters (fresh ones are 0/1: folding them proves nothing), and
     random weights for a Linear initialised to zeros (torchvision's ViT head, timm's ResMLP and Mixer): with it every
     input gets the same output and verify can only call the numbers weak."""

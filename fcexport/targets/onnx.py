@@ -34,8 +34,9 @@ def onnx_bytes(program, spec: ModelSpec, opset: int = ExportSettings.opset) -> b
     del proto.metadata_props[:]
     for key, value in spec.to_dict().items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
-    if proto.ByteSize() > MAX_ONNX_BYTES:  # over protobuf's limit it cannot be serialised: vit_h_14, regnet_y_128gf
-        raise FcxError(f"model.onnx would take {proto.ByteSize():,} bytes, over the {MAX_ONNX_BYTES:,} of one ONNX file "
+    size = proto.ByteSize()
+    if size > MAX_ONNX_BYTES:  # over protobuf's limit it cannot be serialised: vit_h_14, regnet_y_128gf
+        raise FcxError(f"model.onnx would take {size:,} bytes, over the {MAX_ONNX_BYTES:,} of one ONNX file "
                        "(fcexport writes no external data); export torchscript or pt2")
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
